@@ -1,0 +1,1 @@
+"""vlplan.planner: the analytic estimator. Pure Python: importing it never imports torch."""

@@ -1,0 +1,284 @@
+"""Module inventory: every parameter of a model spec, per component, as the transformers classes build it.
+
+The inventory serves three purposes: parameter counts (held equal to the transformers classes on the meta device by
+`tests/test_params.py`), the list of `nn.Linear` modules that LoRA can target (by the last component of the module
+name, as peft matches `target_modules`), and the per-layer shapes the activation model uses.
+
+Each `*_inventory` function mirrors one transformers modeling file; the file is named in its docstring.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import VlplanError
+from .spec import ModelSpec, ProjectorSpec, TextSpec, VisionSpec
+
+VISION, PROJECTOR, LANGUAGE = "vision", "projector", "language"
+COMPONENTS = (VISION, PROJECTOR, LANGUAGE)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """`count` identical `nn.Linear(in_features, out_features, bias)` modules named `name` (the last name component)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    count: int = 1
+    # False for linears LoRA "all" never targets (lm_head)
+    lora_all: bool = True
+
+    @property
+    def params(self) -> int:
+        return self.count * (self.in_features * self.out_features + (self.out_features if self.bias else 0))
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """The parameters of one component: its linears plus everything else (norms, embeddings, convolutions)."""
+
+    linears: tuple[Linear, ...]
+    other_params: int
+    # Of `other_params`: parameters of token embeddings (kept separately: some methods treat them specially)
+    embedding_params: int = 0
+    # Linears per repeated layer (one entry per module, count 1), for the activation model
+    layer_linears: tuple[Linear, ...] = ()
+
+    @property
+    def linear_params(self) -> int:
+        return sum(linear.params for linear in self.linears)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.other_params
+
+
+def _times(linears: list[Linear], count: int) -> tuple[Linear, ...]:
+    return tuple(Linear(l.name, l.in_features, l.out_features, l.bias, l.count * count, l.lora_all) for l in linears)
+
+
+def _norm_params(norm: str, dim: int) -> int:
+    if norm == "layernorm":
+        return 2 * dim
+    if norm == "rmsnorm":
+        return dim
+    raise VlplanError(f"unknown norm type {norm!r}")
+
+
+# Language models ---------------------------------------------------------------------------------------------------
+
+
+def text_layer_linears(text: TextSpec) -> list[Linear]:
+    """Linears of one decoder layer (transformers models/{qwen2,llama,mistral,qwen3,gemma3,...}/modeling_*.py)."""
+    h, q_out, kv_out = text.hidden_size, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
+    attn = [
+        Linear("q_proj", h, q_out, text.qkv_bias),
+        Linear("k_proj", h, kv_out, text.qkv_bias),
+        Linear("v_proj", h, kv_out, text.qkv_bias),
+        Linear("o_proj", q_out, h, False),
+    ]
+    if text.arch == "phi3":
+        # Phi-3: fused qkv_proj and gate_up_proj (remote modeling_phi3_v.py)
+        attn = [Linear("qkv_proj", h, q_out + 2 * kv_out, False), Linear("o_proj", q_out, h, False)]
+        return attn + [Linear("gate_up_proj", h, 2 * text.intermediate_size, False),
+                       Linear("down_proj", text.intermediate_size, h, False)]
+    if text.is_moe:
+        # Qwen3-VL-MoE: a router plus experts stored as fused 3D parameters (not nn.Linear: LoRA cannot target them)
+        return attn + [Linear("gate", h, text.num_experts, False)]
+    return attn + [
+        Linear("gate_proj", h, text.intermediate_size, False),
+        Linear("up_proj", h, text.intermediate_size, False),
+        Linear("down_proj", text.intermediate_size, h, False),
+    ]
+
+
+def text_layer_other_params(text: TextSpec) -> int:
+    """Norms (and MoE expert weights) of one decoder layer."""
+    h = text.hidden_size
+    norms = 2 * h  # input_layernorm, post_attention_layernorm
+    if text.arch in ("gemma2", "gemma3"):
+        norms += 2 * h  # pre_feedforward_layernorm, post_feedforward_layernorm
+    if text.qk_norm:
+        norms += 2 * text.head_dim  # q_norm, k_norm over head_dim
+    experts = 0
+    if text.is_moe:
+        # Qwen3VLMoeTextExperts: gate_up_proj (E, h, 2*I) and down_proj (E, I, h)
+        experts = text.num_experts * 3 * h * text.moe_intermediate_size
+    return norms + experts
+
+
+def text_inventory(text: TextSpec) -> Inventory:
+    self_attn_layers = text.num_layers - len(text.cross_attention_layers)
+    layer = text_layer_linears(text)
+    linears = list(_times(layer, self_attn_layers))
+    other = self_attn_layers * text_layer_other_params(text)
+    if text.cross_attention_layers:
+        linears += list(_times(mllama_cross_layer_linears(text), len(text.cross_attention_layers)))
+        other += len(text.cross_attention_layers) * mllama_cross_layer_other_params(text)
+    embedding = (text.vocab_size + text.extra_embedding_rows) * text.hidden_size
+    other += embedding + text.hidden_size  # embed_tokens, final norm
+    if not text.tie_word_embeddings:
+        linears.append(Linear("lm_head", text.hidden_size, text.vocab_size, False, lora_all=False))
+    return Inventory(tuple(linears), other, embedding, tuple(layer))
+
+
+def mllama_cross_layer_linears(text: TextSpec) -> list[Linear]:
+    """MllamaCrossAttentionDecoderLayer (models/mllama/modeling_mllama.py): cross-attention plus the gated MLP."""
+    h, q_out, kv_out = text.hidden_size, text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
+    return [
+        Linear("q_proj", h, q_out, False),
+        Linear("k_proj", h, kv_out, False),
+        Linear("v_proj", h, kv_out, False),
+        Linear("o_proj", q_out, h, False),
+        Linear("gate_proj", h, text.intermediate_size, False),
+        Linear("up_proj", h, text.intermediate_size, False),
+        Linear("down_proj", text.intermediate_size, h, False),
+    ]
+
+
+def mllama_cross_layer_other_params(text: TextSpec) -> int:
+    # input_layernorm, post_attention_layernorm, q_norm, k_norm (head_dim), cross_attn_attn_gate, cross_attn_mlp_gate
+    return 2 * text.hidden_size + 2 * text.head_dim + 2
+
+
+# Vision towers -----------------------------------------------------------------------------------------------------
+
+
+def vision_layer_linears(vision: VisionSpec) -> list[Linear]:
+    d, i = vision.hidden_size, vision.intermediate_size
+    if vision.arch == "qwen2_vl":
+        # Qwen2VLVisionBlock: VisionAttention(qkv, proj) + VisionMlp(fc1, fc2), all with bias
+        return [Linear("qkv", d, 3 * d, True), Linear("proj", d, d, True),
+                Linear("fc1", d, i, True), Linear("fc2", i, d, True)]
+    if vision.arch == "qwen2_5_vl":
+        # Qwen2_5_VLVisionBlock: qkv/proj with bias + Qwen2_5_VLMLP(gate, up, down, bias=True)
+        return [Linear("qkv", d, 3 * d, True), Linear("proj", d, d, True),
+                Linear("gate_proj", d, i, True), Linear("up_proj", d, i, True), Linear("down_proj", i, d, True)]
+    if vision.arch == "qwen3_vl":
+        # Qwen3VLVisionBlock: qkv/proj with bias + Qwen3VLVisionMLP(linear_fc1, linear_fc2, bias=True)
+        return [Linear("qkv", d, 3 * d, True), Linear("proj", d, d, True),
+                Linear("linear_fc1", d, i, True), Linear("linear_fc2", i, d, True)]
+    if vision.arch in ("clip", "siglip", "idefics3"):
+        # CLIPEncoderLayer / SiglipEncoderLayer / Idefics3EncoderLayer: q/k/v/out_proj and fc1/fc2, all with bias
+        return [Linear("q_proj", d, d, True), Linear("k_proj", d, d, True), Linear("v_proj", d, d, True),
+                Linear("out_proj", d, d, True), Linear("fc1", d, i, True), Linear("fc2", i, d, True)]
+    if vision.arch == "intern_vit":
+        # InternVLVisionLayer (models/internvl/modeling_internvl.py): q/k/v (bias = qkv_bias), projection_layer, fc1/fc2
+        return [Linear("q_proj", d, d, vision.qkv_bias), Linear("k_proj", d, d, vision.qkv_bias),
+                Linear("v_proj", d, d, vision.qkv_bias), Linear("projection_layer", d, d, True),
+                Linear("fc1", d, i, True), Linear("fc2", i, d, True)]
+    if vision.arch == "pixtral":
+        # PixtralAttentionLayer: q/k/v/o_proj without bias + PixtralMLP gate/up/down without bias
+        return [Linear("q_proj", d, d, False), Linear("k_proj", d, d, False), Linear("v_proj", d, d, False),
+                Linear("o_proj", d, d, False), Linear("gate_proj", d, i, False), Linear("up_proj", d, i, False),
+                Linear("down_proj", i, d, False)]
+    if vision.arch == "mllama":
+        # MllamaVisionEncoderLayer: q/k/v/o_proj without bias + MllamaVisionMLP fc1/fc2 with bias
+        return [Linear("q_proj", d, d, False), Linear("k_proj", d, d, False), Linear("v_proj", d, d, False),
+                Linear("o_proj", d, d, False), Linear("fc1", d, i, True), Linear("fc2", i, d, True)]
+    raise VlplanError(f"no vision layer inventory for arch {vision.arch!r}")
+
+
+def vision_layer_other_params(vision: VisionSpec) -> int:
+    d = vision.hidden_size
+    other = 2 * _norm_params(vision.norm, d)
+    if vision.qk_norm:
+        other += 2 * d  # InternViT-6B q_norm/k_norm over the full width
+    if vision.layer_scale:
+        other += 2 * d  # InternViT lambda_1, lambda_2
+    return other
+
+
+def vision_inventory(vision: VisionSpec) -> Inventory:
+    layer = vision_layer_linears(vision)
+    layers = vision.num_layers + vision.num_global_layers
+    linears = list(_times(layer, layers))
+    other = layers * vision_layer_other_params(vision)
+    d, p = vision.hidden_size, vision.patch_size
+    if vision.arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        other += vision.in_channels * vision.temporal_patch_size * p * p * d  # Conv3d patch_embed, no bias
+        if vision.arch == "qwen3_vl":
+            other += d  # the Conv3d has a bias in Qwen3-VL
+            other += vision.num_position_embeddings * d  # learned pos_embed (nn.Embedding)
+    elif vision.arch == "clip":
+        other += vision.in_channels * p * p * d  # Conv2d patch_embedding, no bias
+        other += d  # class_embedding
+        other += ((vision.image_size // p) ** 2 + 1) * d  # position_embedding
+        other += 2 * _norm_params("layernorm", d)  # pre_layrnorm, post_layernorm
+    elif vision.arch in ("siglip", "idefics3"):
+        other += vision.in_channels * p * p * d + d  # Conv2d patch_embedding with bias
+        other += (vision.image_size // p) ** 2 * d  # position_embedding
+        other += _norm_params("layernorm", d)  # post_layernorm
+    elif vision.arch == "intern_vit":
+        other += vision.in_channels * p * p * d + d  # patch_embeddings Conv2d with bias
+        other += d  # cls_token
+        other += ((vision.image_size // p) ** 2 + 1) * d  # position_embeddings
+    elif vision.arch == "pixtral":
+        other += vision.in_channels * p * p * d  # patch_conv, no bias
+        other += d  # ln_pre RMSNorm
+    else:
+        raise VlplanError(f"no vision embedding inventory for arch {vision.arch!r}")
+    return Inventory(tuple(linears), other, 0, tuple(layer))
+
+
+# Projectors --------------------------------------------------------------------------------------------------------
+
+
+def projector_inventory(projector: ProjectorSpec, vision: VisionSpec) -> Inventory:
+    arch, bias = projector.arch, projector.bias
+    if arch == "qwen_merger":
+        # PatchMerger: ln_q over the vision width, Linear(4d, 4d), GELU, Linear(4d, out)
+        merged = projector.in_features
+        norm = _norm_params(projector.norm, vision.hidden_size)
+        linears = (Linear("0", merged, merged, True), Linear("2", merged, projector.out_features, True))
+        return Inventory(linears, norm, 0, linears)
+    if arch == "mlp2x_gelu":
+        # LlavaMultiModalProjector: linear_1, act, linear_2 (bias = multimodal_projector_bias)
+        linears = (Linear("linear_1", projector.in_features, projector.out_features, bias),
+                   Linear("linear_2", projector.out_features, projector.out_features, bias))
+        return Inventory(linears, 0, 0, linears)
+    raise VlplanError(f"no projector inventory for arch {arch!r}")
+
+
+# Whole model -------------------------------------------------------------------------------------------------------
+
+
+def model_inventory(spec: ModelSpec) -> dict[str, Inventory]:
+    """Inventories per component. Family-specific extras (e.g. LLaVA-NeXT's image_newline) are added here."""
+    vision = vision_inventory(spec.vision)
+    projector = projector_inventory(spec.projector, spec.vision)
+    language = text_inventory(spec.text)
+    if spec.family == "llava_next":
+        # LlavaNextModel.image_newline: one learned vector of the LM width, counted with the projector
+        projector = Inventory(projector.linears, projector.other_params + spec.text.hidden_size, 0,
+                              projector.layer_linears)
+    return {VISION: vision, PROJECTOR: projector, LANGUAGE: language}
+
+
+def param_counts(spec: ModelSpec) -> dict[str, int]:
+    counts = {name: inv.params for name, inv in model_inventory(spec).items()}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+# Where each component lives in the transformers model (module-name prefixes, most specific first). The profiler uses
+# these to freeze components and to attribute parameters; tests use them to count parameters per component.
+HF_COMPONENT_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "qwen2_vl": (("model.visual.merger", PROJECTOR), ("model.visual", VISION), ("model.language_model", LANGUAGE),
+                 ("lm_head", LANGUAGE)),
+    "llava": (("model.multi_modal_projector", PROJECTOR), ("model.vision_tower", VISION),
+              ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE)),
+    "llava_next": (("model.multi_modal_projector", PROJECTOR), ("model.image_newline", PROJECTOR),
+                   ("model.vision_tower", VISION), ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE)),
+}
+HF_COMPONENT_PREFIXES["qwen2_5_vl"] = HF_COMPONENT_PREFIXES["qwen2_vl"]
+
+
+def component_of(family: str, module_name: str) -> str:
+    """The component (vision / projector / language) a transformers parameter or module name belongs to."""
+    for prefix, component in HF_COMPONENT_PREFIXES[family]:
+        if module_name == prefix or module_name.startswith(prefix + "."):
+            return component
+    raise VlplanError(f"{module_name!r} belongs to no known component of a {family} model")

@@ -1,0 +1,228 @@
+"""Model specs: the architecture numbers of a vision-language model, as data.
+
+A `ModelSpec` describes the three components that train differently (vision tower, projector, language model)
+separately, plus the image processor's limits. Specs are frozen dataclasses; the registry (`registry/`) holds
+literal entries, each preceded by the URL of the config it came from. `ModelSpec.from_name` resolves registry names
+and hub ids, `ModelSpec.from_hf_config` reads a local `config.json` (or model directory) without transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import VlplanError
+
+# Families whose language model and vision tower code vlplan models. The keys are the transformers `model_type`s
+# (remote-code families use the name of their remote `model_type`).
+FAMILIES = (
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
+    "llava",
+    "llava_next",
+    "internvl",
+    "gemma3",
+    "mllama",
+    "idefics3",
+    "smolvlm",
+    "paligemma",
+    "minicpmv",
+    "phi3_v",
+)
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """The language model (decoder) of a VLM.
+
+    `arch` names the decoder-layer code whose memory we model: "qwen2" (Qwen2/2.5: qkv bias), "qwen3" (q/k RMSNorm,
+    no bias), "qwen3_moe", "llama" (also Vicuna, Mistral, InternLM-free LLaMA clones), "gemma2", "gemma3" (extra
+    pre/post feed-forward norms, gelu-tanh gated MLP, q/k norm), "mllama" (self-attention plus cross-attention
+    layers), "phi3" (fused qkv and gate_up projections), "qwen2_minicpm" (Qwen2 in MiniCPM-V).
+    """
+
+    arch: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    mlp: str = "gated_silu"  # gated_silu | gated_gelu_tanh
+    norm: str = "rmsnorm"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    # Mixture of experts (Qwen3-VL-MoE): every layer's MLP is `num_experts` experts of `moe_intermediate_size`
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    # Sliding-window layers (Gemma 3): None means every layer attends to the whole sequence
+    sliding_window: int | None = None
+    sliding_window_pattern: int = 0  # every N-th layer is global (Gemma 3: 6), 0: no sliding layers
+    # Mllama: indexes of the cross-attention layers among `num_layers`
+    cross_attention_layers: tuple[int, ...] = ()
+    # Rows of the embedding beyond `vocab_size` (Mllama adds 8)
+    extra_embedding_rows: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                     "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise VlplanError(f"text.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise VlplanError(
+                f"text.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.num_experts and (self.num_experts_per_tok <= 0 or self.moe_intermediate_size <= 0):
+            raise VlplanError("a MoE text spec needs num_experts_per_tok and moe_intermediate_size")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """The vision encoder.
+
+    `arch` names the encoder code: "qwen2_vl" (LayerNorm, QuickGELU MLP, full attention per image), "qwen2_5_vl"
+    (RMSNorm, gated SiLU MLP, windowed attention except `fullatt_block_indexes`), "qwen3_vl" (LayerNorm, gelu-tanh
+    MLP, learned position embedding, DeepStack mergers), "clip" (CLIP ViT with CLS token and pre-LayerNorm),
+    "siglip" (SigLIP ViT, no CLS), "intern_vit" (InternViT with layer scale), "pixtral" (RMSNorm, gated SiLU MLP,
+    2D RoPE), "mllama" (local + global tiled ViT).
+    """
+
+    arch: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    patch_size: int
+    in_channels: int = 3
+    image_size: int = 0  # fixed input resolution (CLIP 336, SigLIP 384/896); 0 for native-resolution encoders
+    temporal_patch_size: int = 1
+    spatial_merge_size: int = 1
+    mlp: str = "gelu"  # gelu | quick_gelu | gelu_tanh | gated_silu
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    qkv_bias: bool = True
+    # Qwen2.5-VL windowed attention
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
+    # Qwen3-VL
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
+    # Layers actually run for the features the projector reads (LLaVA's vision_feature_layer -2 runs all layers but
+    # only uses the second to last; transformers still runs every layer).
+    feature_layers: tuple[int, ...] = ()
+    # Mllama: global (gated) layers after the local ones
+    num_global_layers: int = 0
+    # InternViT: the 6B variant uses RMSNorm and qk-norm
+    qk_norm: bool = False
+    layer_scale: bool = False
+    has_cls_token: bool = False
+    pre_layernorm: bool = False
+    post_layernorm: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "patch_size"):
+            if getattr(self, name) <= 0:
+                raise VlplanError(f"vision.{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """The connector from vision features to language-model embeddings.
+
+    `arch`: "qwen_merger" (LayerNorm or RMSNorm, 2x2 concat, Linear-GELU-Linear), "mlp2x_gelu" (LLaVA: Linear-GELU-
+    Linear), "internvl_mlp" (pixel shuffle, LayerNorm, Linear-GELU-Linear), "gemma3" (avg-pool, RMSNorm, Linear),
+    "linear" (PaliGemma, Mllama), "idefics3" (pixel shuffle, Linear), "resampler" (MiniCPM-V perceiver),
+    "phi3v" (HD transform, Linear-GELU-Linear).
+    """
+
+    arch: str
+    in_features: int
+    out_features: int
+    hidden_features: int = 0
+    bias: bool = True
+    norm: str = ""  # "", "layernorm", "rmsnorm"
+    pixel_shuffle: int = 1  # spatial merge factor applied before the projector (2 for 2x2)
+    num_queries: int = 0  # resampler
+    num_heads: int = 0  # resampler
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """The checkpoint image processor's limits (its preprocessor_config.json, not the transformers class defaults).
+
+    `rule` selects the image-to-token rule in `tokens.py`: "qwen_smart_resize", "fixed" (one fixed-size view),
+    "llava_next_anyres", "internvl_tiles", "gemma3", "mllama_tiles", "idefics3_tiles", "pixtral", "minicpmv_slices",
+    "phi3v_crops".
+    """
+
+    rule: str
+    patch_size: int
+    merge_size: int = 1
+    min_pixels: int = 0
+    max_pixels: int = 0
+    image_size: int = 0  # fixed view / tile side
+    tokens_per_view: int = 0  # LLM tokens per fixed view or tile
+    max_tiles: int = 0
+    min_tiles: int = 1
+    use_thumbnail: bool = False
+    crop_to_patches: bool = False
+    pinpoints: tuple[tuple[int, int], ...] = ()
+    longest_edge: int = 0
+    do_pan_and_scan: bool = False
+    # special text tokens the chat template puts around each image (vision_start/end, <img></img>, ...)
+    special_tokens_per_image: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    hf_id: str
+    source_url: str
+    vision: VisionSpec
+    projector: ProjectorSpec
+    text: TextSpec
+    processor: ProcessorSpec
+    dtype: str = "bfloat16"
+    aliases: tuple[str, ...] = ()
+    # Which numbers were not read from the model's own official config (empty: all verified). Shown by `vlplan models`.
+    unverified: str = ""
+    # The transformers class that builds it ("" for remote-code families, which the tests cannot instantiate)
+    hf_class: str = ""
+    # Token ids the synthetic batches and the runner need
+    image_token_id: int = 0
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise VlplanError(f"unknown family {self.family!r}; known: {', '.join(FAMILIES)}")
+
+    # Constructors --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_name(cls, name: str) -> "ModelSpec":
+        """A registry entry by name or hub id (case-insensitive), or a local config.json / model directory."""
+        from .registry import resolve
+
+        return resolve(name)
+
+    @classmethod
+    def from_hf_config(cls, path: str | Path) -> "ModelSpec":
+        from .hf_config import spec_from_hf_config
+
+        return spec_from_hf_config(path)
+
+    def with_text_layers(self, num_layers: int) -> "ModelSpec":
+        return replace(self, text=replace(self.text, num_layers=num_layers))

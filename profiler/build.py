@@ -1,0 +1,211 @@
+"""The one place that turns a TrainSetup into the transformers/peft model as training runs it.
+
+`trace` (fake tensors on the CPU), `profile` (real GPU steps) and the runner all call `prepare_model`, so what we
+measure is what we launch. The preparation follows LLaMA-Factory's defaults (src/llamafactory/model/adapter.py,
+model_utils/checkpointing.py):
+
+- weights load in the compute dtype (bf16 for bf16 AMP and pure bf16, fp16 for fp16 AMP, fp32 for fp32);
+- frozen components get `requires_grad=False`; LoRA targets every `nn.Linear` of the LoRA-trained components
+  except `lm_head` and the projector (`find_all_linear_modules` + `patch_target_modules`);
+- trainable parameters are upcast to fp32 unless pure bf16 (adapter.py "Upcasting trainable params to float32");
+- gradient checkpointing wraps only layers that hold trainable parameters, with `use_reentrant=True`, and marks the
+  layer's hidden-state input as requiring grad (`get_custom_gradient_checkpointing_func`).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+import torch
+import transformers
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vlplan.planner.errors import VlplanError
+from vlplan.planner.hf_config import spec_to_hf_config
+from vlplan.planner.modules import HF_COMPONENT_PREFIXES, LANGUAGE, PROJECTOR, VISION, component_of
+from vlplan.planner.setup import Train, TrainSetup
+from vlplan.planner.spec import ModelSpec
+
+ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "fa2": "flash_attention_2"}
+COMPUTE_DTYPE = {"bf16": torch.bfloat16, "pure-bf16": torch.bfloat16, "fp16": torch.float16,
+                 "fp32": torch.float32}
+# Our optimizer names -> transformers TrainingArguments.optim
+HF_OPTIM = {"adamw": "adamw_torch_fused", "adamw-foreach": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit",
+            "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd", "adafactor": "adafactor"}
+
+
+def compute_dtype(setup: TrainSetup) -> torch.dtype:
+    return COMPUTE_DTYPE[setup.precision]
+
+
+def autocast_dtype(setup: TrainSetup) -> torch.dtype | None:
+    """The autocast dtype of the Trainer's forward (bf16/fp16 AMP), None when no autocast runs."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.precision)
+
+
+def hf_config(spec: ModelSpec, attn: str = "sdpa"):
+    d = dict(spec_to_hf_config(spec))
+    model_type = d.pop("model_type")
+    config = transformers.AutoConfig.for_model(model_type, **d)
+    config._attn_implementation = ATTN_IMPLEMENTATION[attn]
+    for sub in ("text_config", "vision_config"):
+        if hasattr(config, sub):
+            getattr(config, sub)._attn_implementation = ATTN_IMPLEMENTATION[attn]
+    config.use_cache = False
+    return config
+
+
+def create_model(setup: TrainSetup, spec: ModelSpec | None = None) -> nn.Module:
+    """The transformers model of `spec` (default: the setup's) with random weights, in the compute dtype.
+
+    Call it inside a FakeTensorMode to get fake parameters, or under `torch.device("cuda")` for a GPU run.
+    """
+    spec = spec or setup.model
+    config = hf_config(spec, setup.attn)
+    cls = getattr(transformers, spec.hf_class, None)
+    if cls is None:
+        raise VlplanError(f"{spec.name}: transformers {transformers.__version__} has no {spec.hf_class or 'class'} "
+                          "for this family (remote code); trace and profile need an installed model class")
+    return cls._from_config(config, dtype=compute_dtype(setup))
+
+
+def lora_target_modules(model: nn.Module, setup: TrainSetup) -> list[str]:
+    """Full module names LoRA wraps: `nn.Linear`s of LoRA-trained components, never lm_head or the projector."""
+    family = setup.model.family
+    wanted = set(setup.lora.targets)
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not name or name.startswith("lm_head"):
+            continue
+        component = component_of(family, name)
+        if component == PROJECTOR or setup.trains[component] is not Train.LORA:
+            continue
+        if "all" in wanted or name.rsplit(".", 1)[-1] in wanted:
+            names.append(name)
+    if not names:
+        raise VlplanError(f"--lora-target {','.join(setup.lora.targets)} selects no linear layer of {setup.model.name}")
+    return names
+
+
+def _freeze_layers_for_freeze_method(model: nn.Module, setup: TrainSetup) -> None:
+    """LLaMA-Factory freeze tuning: only the last `freeze_trainable_layers` language-model layers train."""
+    num_layers = setup.model.text.num_layers
+    first_trainable = max(0, num_layers - setup.freeze_trainable_layers)
+    prefix = _language_layers_prefix(setup.model.family)
+    for name, param in model.named_parameters():
+        if not name.startswith(prefix):
+            if component_of(setup.model.family, name) == LANGUAGE:
+                param.requires_grad_(False)
+            continue
+        index = int(name[len(prefix):].split(".", 1)[0])
+        param.requires_grad_(index >= first_trainable)
+
+
+def _language_layers_prefix(family: str) -> str:
+    for prefix, component in HF_COMPONENT_PREFIXES[family]:
+        if component == LANGUAGE and prefix != "lm_head":
+            return prefix + ".layers."
+    raise VlplanError(f"no language-model layers known for {family}")
+
+
+def apply_method(model: nn.Module, setup: TrainSetup) -> nn.Module:
+    """Freeze per component, wrap LoRA/DoRA with peft, upcast trainable parameters (LLaMA-Factory adapter.py)."""
+    family = setup.model.family
+    for name, param in model.named_parameters():
+        param.requires_grad_(setup.trains[component_of(family, name)] is Train.FULL)
+    if setup.method == "freeze":
+        _freeze_layers_for_freeze_method(model, setup)
+    if setup.method in ("lora", "qlora"):
+        import peft
+
+        config = peft.LoraConfig(r=setup.lora.rank, lora_alpha=setup.lora.alpha, lora_dropout=setup.lora.dropout,
+                                 target_modules=lora_target_modules(model, setup), use_dora=setup.lora.dora,
+                                 bias="none")
+        model = peft.get_peft_model(model, config)
+        # peft froze everything but the adapters; components trained in full (e.g. the projector) train again
+        base = model.get_base_model()
+        for name, param in base.named_parameters():
+            if "lora_" not in name and setup.trains[component_of(family, name)] is Train.FULL:
+                param.requires_grad_(True)
+    if setup.precision != "pure-bf16":
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.to(torch.float32)
+    return model
+
+
+def _checkpoint_trainable_only(gradient_checkpointing_func):
+    """LLaMA-Factory `get_custom_gradient_checkpointing_func`: checkpoint only layers with trainable parameters,
+    and mark the first floating-point argument (the hidden states) as requiring grad so reentrant checkpointing
+    propagates gradients."""
+
+    @functools.wraps(gradient_checkpointing_func)
+    def custom(func, *args, **kwargs):
+        module = _module_of(func)
+        if not any(param.requires_grad for param in module.parameters()):
+            return func(*args, **kwargs)
+        for arg in args:
+            if torch.is_tensor(arg) and torch.is_floating_point(arg):
+                arg.requires_grad_(True)
+                break
+        return gradient_checkpointing_func(func, *args, **kwargs)
+
+    return custom
+
+
+def _module_of(func) -> nn.Module:
+    while isinstance(func, functools.partial):
+        if func.args and isinstance(func.args[0], nn.Module):
+            return func.args[0]
+        func = func.func
+    return func.__self__
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    func = _checkpoint_trainable_only(functools.partial(checkpoint, use_reentrant=True))
+    base._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=func)
+    base.config.use_cache = False
+
+
+def prepare_model(model: nn.Module, setup: TrainSetup) -> nn.Module:
+    """Everything training does to a freshly built or loaded model before the first step."""
+    model = apply_method(model, setup)
+    if setup.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    return model
+
+
+def make_optimizer(model: nn.Module, setup: TrainSetup, *, emulate_cuda: bool = False) -> torch.optim.Optimizer:
+    """The optimizer the HF Trainer builds (Trainer.create_optimizer: weight-decay and no-decay groups).
+
+    `emulate_cuda`: AdamW without `fused` defaults to foreach only for CUDA tensors; the CPU tracer asks for it.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir="/tmp/vlplan-unused", optim=HF_OPTIM[setup.optimizer], use_cpu=True,
+                             report_to=[], weight_decay=0.0, learning_rate=1e-5)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in decay and p.requires_grad], "weight_decay": 0.0},
+        {"params": [p for n, p in model.named_parameters() if n not in decay and p.requires_grad],
+         "weight_decay": 0.0},
+    ]
+    if emulate_cuda and cls is torch.optim.AdamW and not kwargs.get("fused"):
+        kwargs = dict(kwargs, foreach=True)
+    return cls(groups, **kwargs)
+
+
+def with_layers(spec: ModelSpec, text_layers: int | None = None, vision_layers: int | None = None) -> ModelSpec:
+    """A copy of `spec` with fewer layers (for extrapolated traces), keeping each kind of layer represented."""
+    text, vision = spec.text, spec.vision
+    if text_layers is not None:
+        text = replace(text, num_layers=text_layers)
+    if vision_layers is not None:
+        full = tuple(i for i in range(vision_layers) if i % 2 == 1) if vision.fullatt_block_indexes else ()
+        vision = replace(vision, num_layers=vision_layers, fullatt_block_indexes=full)
+    return replace(spec, text=text, vision=vision)

@@ -1,0 +1,213 @@
+"""What CUDA does differently from the CPU, emulated for the tracer.
+
+The tracer runs on CPU tensors (a CPU-only torch cannot fake CUDA tensors through autograd), so the allocations
+that differ between the CUDA and CPU implementations are reproduced here:
+
+- Autocast: CUDA's op lists differ from the CPU's (norms and softmax in fp32, ...): `cuda_autocast.py`.
+- Attention: `F.scaled_dot_product_attention` on CUDA with fp16/bf16 inputs, no mask and head_dim <= 256 runs a fused
+  kernel (cuDNN attention on Hopper with torch >= 2.11, else FlashAttention-2; aten/src/ATen/native/transformers/
+  cuda/attention.cu). Its output is laid out (batch, seq, heads, dim) and returned transposed, so transformers'
+  following `.transpose(1, 2).contiguous()` copies nothing; the CPU kernel returns (batch, heads, seq, dim), which
+  costs one more copy downstream. `CudaAttention` reproduces the CUDA kernels' saved tensors and workspaces.
+- The HF Trainer's forward (accelerate `convert_outputs_to_fp32`) returns fp32 copies of half-precision outputs:
+  done with accelerate's own wrapper in `trace.py`.
+- Host-side checks: transformers validates placeholder counts with data-dependent tensor conditions
+  (`torch_compilable_check`), which fake tensors cannot evaluate; the tracer builds consistent batches, so the checks
+  are skipped.
+
+`tracker_paused` lets an emulation compute values (needed for real-tensor runs) without counting the kernel's
+internal buffers, then allocate exactly what the CUDA kernel allocates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+_ACTIVE_TRACKER = None  # set by `cuda_emulation` when a MemoryTracker is in use
+
+
+def fake_mode() -> FakeTensorMode:
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def set_tracker(tracker) -> None:
+    global _ACTIVE_TRACKER
+    _ACTIVE_TRACKER = tracker
+
+
+@contextlib.contextmanager
+def tracker_paused():
+    tracker = _ACTIVE_TRACKER
+    if tracker is None:
+        yield
+        return
+    was = tracker.paused
+    tracker.paused = True
+    try:
+        yield
+    finally:
+        tracker.paused = was
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+# Which fused kernel torch's CUDA SDPA picks for bf16/fp16 without a mask. torch >= 2.11 prefers cuDNN attention on
+# Hopper when the bundled cuDNN is newer than 9.15 (sdp_utils.cpp `check_prefer_cudnn_attention`), else FlashAttention-2.
+SDPA_KERNEL = "cudnn"
+
+
+class CudaAttention(torch.autograd.Function):
+    """torch's CUDA fused attention (cuDNN or FlashAttention-2): CPU values, CUDA allocations.
+
+    Forward (attention.cu): the output is allocated in the query's (batch, seq, heads, dim) layout and returned as a
+    (batch, heads, seq, dim) view; a fp32 logsumexp of (batch, heads, seq) (cuDNN: a trailing 1) is saved with q, k,
+    v and the output. Backward: dq, dk, dv like q, k, v, plus the kernel workspace: FlashAttention-2 `mha_bwd`
+    allocates `softmax_d` fp32 (batch, heads, seq rounded to 128) and `dq_accum` fp32 (batch, seq rounded to 128,
+    heads, dim rounded to 32/64), and with grouped-query attention dk/dv per query head before summing the groups;
+    cuDNN's backward workspace holds a fp32 dQ accumulator and a fp32 softmax sum (b*h*s*d*4 + b*h*s*4 bytes).
+    """
+
+    @staticmethod
+    def forward(ctx, query, key, value, is_causal, scale):
+        batch, heads, seq_q, _ = query.shape
+        with tracker_paused():
+            values = _original_sdpa(query, key, value, is_causal=is_causal, scale=scale,
+                                    enable_gqa=key.shape[1] != heads)
+            out = torch.empty(batch, seq_q, heads, value.shape[-1], dtype=query.dtype,
+                              device=query.device).transpose(1, 2)
+        _track(out)
+        with tracker_paused():
+            out.copy_(values)
+            del values
+        lse_shape = (batch, heads, seq_q, 1) if SDPA_KERNEL == "cudnn" else (batch, heads, seq_q)
+        logsumexp = torch.empty(lse_shape, dtype=torch.float32, device=query.device)
+        ctx.save_for_backward(query, key, value, out, logsumexp)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, logsumexp = ctx.saved_tensors
+        batch, heads, seq_q, dim = query.shape
+        kv_heads = key.shape[1]
+        device = query.device
+        if SDPA_KERNEL == "cudnn":
+            workspace = [torch.empty(batch, heads, seq_q, dim, dtype=torch.float32, device=device),
+                         torch.empty(batch, heads, seq_q, dtype=torch.float32, device=device)]
+            dq, dk, dv = (_empty_like_layout(t) for t in (query, key, value))
+        else:
+            dim_rounded = _round_up(dim, 32 if dim <= 128 else 64)
+            workspace = [torch.empty(batch, heads, _round_up(seq_q, 128), dtype=torch.float32, device=device),
+                         torch.empty(batch, _round_up(seq_q, 128), heads, dim_rounded, dtype=torch.float32,
+                                     device=device)]
+            dq = _empty_like_layout(query)
+            if kv_heads != heads:
+                seq_k = key.shape[2]
+                expanded = [torch.empty(batch, seq_k, heads, t.shape[-1], dtype=t.dtype, device=device)
+                            for t in (key, value)]
+                dk, dv = (e.view(batch, seq_k, kv_heads, heads // kv_heads, -1).sum(3).transpose(1, 2)
+                          for e in expanded)
+                del expanded
+            else:
+                dk, dv = _empty_like_layout(key), _empty_like_layout(value)
+        del workspace
+        with tracker_paused(), torch.enable_grad():
+            inputs = [t.detach().requires_grad_() for t in (query, key, value)]
+            values = _original_sdpa(*inputs, is_causal=ctx.is_causal, scale=ctx.scale,
+                                    enable_gqa=kv_heads != heads)
+            grads = torch.autograd.grad(values, inputs, grad_out)
+            for target, grad in zip((dq, dk, dv), grads):
+                target.copy_(grad)
+            del grads, values, inputs
+        return dq, dk, dv, None, None
+
+
+def _empty_like_layout(t: torch.Tensor) -> torch.Tensor:
+    """`torch.empty_like` of a (batch, heads, seq, dim) view of a (batch, seq, heads, dim) buffer keeps that layout."""
+    b, h, s, d = t.shape
+    return torch.empty(b, s, h, d, dtype=t.dtype, device=t.device).transpose(1, 2)
+
+
+def _track(tensor) -> None:
+    if _ACTIVE_TRACKER is not None:
+        _ACTIVE_TRACKER.track(tensor)
+
+
+_original_sdpa = F.scaled_dot_product_attention
+
+
+def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+              **kwargs):
+    """F.scaled_dot_product_attention with CUDA's kernel choice: a fused kernel (`SDPA_KERNEL`) for fp16/bf16, no
+    mask, no dropout and head_dim <= 256 (multiple of 8); anything else runs the original function."""
+    flash_ok = (attn_mask is None and dropout_p == 0.0 and query.dtype in (torch.float16, torch.bfloat16)
+                and query.shape[-1] <= 256 and query.shape[-1] % 8 == 0 and query.dim() == 4)
+    if not flash_ok:
+        return _original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                              scale=scale, enable_gqa=enable_gqa, **kwargs)
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    return CudaAttention.apply(query, key, value, bool(is_causal), scale)
+
+
+def _apply_by_replacing(self, fn, recurse=True):
+    """`nn.Module._apply` that replaces parameters instead of swapping them: swapping fake parameters fails while
+    FakeTensorMode holds weak references to them. Safe during model building, before anything else holds them."""
+    if recurse:
+        for module in self.children():
+            module._apply(fn)
+    for key, param in self._parameters.items():
+        if param is None:
+            continue
+        with torch.no_grad():
+            applied = fn(param)
+        if applied is not param:
+            self._parameters[key] = torch.nn.Parameter(applied, requires_grad=param.requires_grad)
+    for key, buf in self._buffers.items():
+        if buf is not None:
+            self._buffers[key] = fn(buf)
+    return self
+
+
+@contextlib.contextmanager
+def fake_module_conversions():
+    original = torch.nn.Module._apply
+    torch.nn.Module._apply = _apply_by_replacing
+    try:
+        yield
+    finally:
+        torch.nn.Module._apply = original
+
+
+def _skip_host_checks():
+    """Replace transformers' data-dependent `torch_compilable_check` in every loaded modeling module."""
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers") and hasattr(module, "torch_compilable_check"):
+            patched.append((module, module.torch_compilable_check))
+            module.torch_compilable_check = lambda *args, **kwargs: None
+    return patched
+
+
+@contextlib.contextmanager
+def cuda_emulation(setup, *, fake: bool = True):
+    """Patch torch/transformers for the duration of a trace (restored on exit)."""
+    import transformers  # noqa: F401  (modeling modules must be imported before patching their globals)
+
+    F.scaled_dot_product_attention = cuda_sdpa
+    patched = _skip_host_checks() if fake else []
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = _original_sdpa
+        for module, original in patched:
+            module.torch_compilable_check = original
+        set_tracker(None)
