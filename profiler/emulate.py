@@ -148,6 +148,11 @@ def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
               **kwargs):
     """F.scaled_dot_product_attention with CUDA's kernel choice: a fused kernel (`SDPA_KERNEL`) for fp16/bf16, no
     mask, no dropout and head_dim <= 256 (multiple of 8); anything else runs the original function."""
+    if torch.is_autocast_enabled("cpu"):
+        # scaled_dot_product_attention is in autocast's lower-precision list: the dispatcher casts q, k, v first
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = (t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
+                             for t in (query, key, value))
     flash_ok = (attn_mask is None and dropout_p == 0.0 and query.dtype in (torch.float16, torch.bfloat16)
                 and query.shape[-1] <= 256 and query.shape[-1] % 8 == 0 and query.dim() == 4)
     if not flash_ok:

@@ -40,6 +40,9 @@ class _Block:
     category: str
     module: str
     phase: str
+    op: str = ""
+    shape: tuple = ()
+    dtype: str = ""
 
 
 @dataclass
@@ -49,6 +52,8 @@ class Snapshot:
     by_category: dict[str, int] = field(default_factory=dict)
     by_module: dict[str, int] = field(default_factory=dict)
     by_phase_created: dict[str, int] = field(default_factory=dict)
+    # With `MemoryTracker(detail=True)`: every live block at the peak (category, module, op, shape, dtype, bytes)
+    blocks: list[tuple] = field(default_factory=list)
 
 
 class MemoryTracker(TorchDispatchMode):
@@ -60,8 +65,10 @@ class MemoryTracker(TorchDispatchMode):
     the breakdown at that phase's peak; `peak` is the highest of them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, detail: bool = False) -> None:
         super().__init__()
+        self.detail = detail
+        self._op = ""
         self._blocks: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._refs: dict[int, weakref.ref] = {}
         self.current_bytes = 0
@@ -110,6 +117,8 @@ class MemoryTracker(TorchDispatchMode):
         nbytes = rounded_bytes(storage.nbytes())
         module = self.module_stack[-1] if self.module_stack else ""
         block = _Block(nbytes, category or self.default_category(), module, self._phase)
+        if self.detail:
+            block.op, block.shape, block.dtype = self._op, tuple(tensor.shape), str(tensor.dtype).replace("torch.", "")
         self._blocks[storage] = block
         key = id(storage)
         self._refs[key] = weakref.ref(storage, lambda _ref, block=block, key=key: self._free(block, key))
@@ -142,16 +151,19 @@ class MemoryTracker(TorchDispatchMode):
 
     def _free(self, block: _Block, key: int) -> None:
         self._refs.pop(key, None)
-        self.snapshot_peak()
+        self.snapshot_peak(dying=block)
         self._add(block, -1)
 
-    def snapshot_peak(self) -> None:
+    def snapshot_peak(self, dying: _Block | None = None) -> None:
         """Record the breakdown of the pending phase peak (the current state is that maximum)."""
         snap = self._pending
         if snap is not None and self.current_bytes == snap.total_bytes:
             snap.by_category = {k: v for k, v in self._by_category.items() if v}
             snap.by_module = {k: v for k, v in self._by_module.items() if v}
             snap.by_phase_created = {k: v for k, v in self._by_phase.items() if v}
+            if self.detail:
+                live = list(self._blocks.values()) + ([dying] if dying is not None else [])
+                snap.blocks = [(b.category, b.module, b.op, b.shape, b.dtype, b.nbytes, b.phase) for b in live]
         self._pending = None
 
     def reset_peak(self) -> None:
@@ -167,6 +179,8 @@ class MemoryTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         if self.paused:
             return out
+        if self.detail:
+            self._op = str(func.__name__)
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 self.track(tensor)

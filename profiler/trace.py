@@ -101,7 +101,7 @@ def _phase_hooks(model, tracker: MemoryTracker) -> list:
 
 
 def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: bool = True,
-              steps: int = 2) -> StepTrace:
+              steps: int = 2, detail: bool = False) -> StepTrace:
     """Trace `steps` optimizer steps of the setup's model with `counts` layers per type (default: all)."""
     if setup.zero or setup.world_size > 1:
         raise VlplanError("trace runs one process: ZeRO and multi-GPU sharding are estimated analytically; drop "
@@ -123,7 +123,7 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
             model = build.prepare_model(model, replace(setup, model=spec))
             optimizer = build.make_optimizer(model, setup, emulate_cuda=True)
         batch = synthetic_batch(replace(setup, model=spec), model, mode if fake else None)
-        tracker = MemoryTracker()
+        tracker = MemoryTracker(detail=detail)
         emulate.set_tracker(tracker)
         handles = track_modules(model, tracker) + _phase_hooks(model, tracker)
         trainable = [p for p in model.parameters() if p.requires_grad]

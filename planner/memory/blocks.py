@@ -1,0 +1,144 @@
+"""The modeling code of each family, re-executed on symbolic tensors (see sim.py).
+
+Each function below mirrors one transformers class's `forward` line by line (named in its docstring), so the
+activations it leaves saved for backward and the temporaries it frees are those of the real code. Variable lifetimes
+matter: a symbolic tensor is freed when its last Python reference dies, as in the modeling code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..modules import LANGUAGE, PROJECTOR, VISION
+from ..setup import Train, TrainSetup
+from . import ops
+from .sim import Engine, Node, Param, T
+
+
+@dataclass
+class LinearParams:
+    weight: Param
+    out_features: int
+    bias: Param | None = None
+    lora_a: Param | None = None
+    lora_b: Param | None = None
+    rank: int = 0
+
+
+class Params:
+    """Creates the model's parameters on the engine with the dtypes training gives them (LLaMA-Factory adapter.py:
+    frozen weights in the compute dtype, trainable ones upcast to fp32 unless pure bf16)."""
+
+    def __init__(self, e: Engine, setup: TrainSetup) -> None:
+        self.e, self.setup = e, setup
+        self.compute = {"bf16": "bf16", "pure-bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[setup.precision]
+        self.trainable_dtype = "bf16" if setup.precision == "pure-bf16" else "fp32"
+
+    def _dtype(self, trainable: bool) -> str:
+        return self.trainable_dtype if trainable else self.compute
+
+    def full(self, component: str, layer_trainable: bool = True) -> bool:
+        return self.setup.trains[component] is Train.FULL and layer_trainable
+
+    def vector(self, component: str, name: str, numel: int, layer_trainable: bool = True) -> Param:
+        trainable = self.full(component, layer_trainable)
+        return self.e.param(name, numel, self._dtype(trainable), trainable, component)
+
+    def linear(self, component: str, name: str, in_features: int, out_features: int, bias: bool,
+               layer_trainable: bool = True) -> LinearParams:
+        trainable = self.full(component, layer_trainable)
+        w = self.e.param(f"{name}.weight", in_features * out_features, self._dtype(trainable), trainable, component)
+        b = self.e.param(f"{name}.bias", out_features, self._dtype(trainable), trainable, component) if bias else None
+        lp = LinearParams(w, out_features, b)
+        if self.setup.trains[component] is Train.LORA and self.lora_targets(name):
+            rank = self.setup.lora.rank
+            lp.lora_a = self.e.param(f"{name}.lora_A", rank * in_features, self.trainable_dtype, True, component)
+            lp.lora_b = self.e.param(f"{name}.lora_B", out_features * rank, self.trainable_dtype, True, component)
+            lp.rank = rank
+        return lp
+
+    def lora_targets(self, name: str) -> bool:
+        targets = self.setup.lora.targets
+        return "all" in targets or name.rsplit(".", 1)[-1] in targets
+
+
+def apply_linear(e: Engine, x: T, lp: LinearParams, name: str = "") -> T:
+    if lp.lora_a is not None:
+        return ops.lora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.out_features, lp.rank, lp.bias, name=name,
+                               dropout=False)
+    return ops.linear(e, x, lp.weight, lp.out_features, lp.bias, name=name)
+
+
+# Language model -----------------------------------------------------------------------------------------------------
+
+
+class LlamaLayer:
+    """Qwen2DecoderLayer / LlamaDecoderLayer / MistralDecoderLayer (and the Qwen2-VL/2.5-VL text layers):
+    input_layernorm -> self_attn (q/k/v_proj, RoPE, attention, o_proj) -> residual -> post_attention_layernorm ->
+    mlp down_proj(act(gate_proj(x)) * up_proj(x)) -> residual."""
+
+    def __init__(self, p: Params, index: int, trainable: bool = True) -> None:
+        t = p.setup.model.text
+        self.t = t
+        prefix = f"language.layers.{index}"
+        q_out, kv_out = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+        self.norm1 = p.vector(LANGUAGE, f"{prefix}.input_layernorm", t.hidden_size, trainable)
+        self.q = p.linear(LANGUAGE, f"{prefix}.q_proj", t.hidden_size, q_out, t.qkv_bias, trainable)
+        self.k = p.linear(LANGUAGE, f"{prefix}.k_proj", t.hidden_size, kv_out, t.qkv_bias, trainable)
+        self.v = p.linear(LANGUAGE, f"{prefix}.v_proj", t.hidden_size, kv_out, t.qkv_bias, trainable)
+        self.o = p.linear(LANGUAGE, f"{prefix}.o_proj", q_out, t.hidden_size, False, trainable)
+        self.norm2 = p.vector(LANGUAGE, f"{prefix}.post_attention_layernorm", t.hidden_size, trainable)
+        self.gate = p.linear(LANGUAGE, f"{prefix}.gate_proj", t.hidden_size, t.intermediate_size, False, trainable)
+        self.up = p.linear(LANGUAGE, f"{prefix}.up_proj", t.hidden_size, t.intermediate_size, False, trainable)
+        self.down = p.linear(LANGUAGE, f"{prefix}.down_proj", t.intermediate_size, t.hidden_size, False, trainable)
+        self.params = [x for x in (self.norm1, self.norm2) ] + [
+            q for lp in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+
+    @property
+    def has_trainable(self) -> bool:
+        return any(q.trainable for q in self.params)
+
+    def __call__(self, e: Engine, x: T, ctx: "Context") -> T:
+        t = self.t
+        tokens = ctx.tokens
+        residual = x
+        h = ops.rms_norm(e, x, self.norm1, tokens, name="input_layernorm")
+        q = apply_linear(e, h, self.q, "q_proj")
+        k = apply_linear(e, h, self.k, "k_proj")
+        v = apply_linear(e, h, self.v, "v_proj")
+        del h
+        q_rot = ops.rope(e, q, ctx.cos, ctx.sin, name="q_rope")
+        del q
+        k_rot = ops.rope(e, k, ctx.cos, ctx.sin, name="k_rope")
+        del k
+        attn = ctx.attention(e, q_rot, k_rot, v, t.num_heads, t.num_kv_heads, "self_attn")
+        del q_rot, k_rot, v
+        o = apply_linear(e, attn, self.o, "o_proj")
+        del attn
+        x = ops.add(e, residual, o, name="attn_residual")
+        del residual, o
+        residual = x
+        h = ops.rms_norm(e, x, self.norm2, tokens, name="post_attention_layernorm")
+        del x
+        gate = apply_linear(e, h, self.gate, "gate_proj")
+        act = ops.unary(e, "silu", gate, name="act")
+        del gate
+        up = apply_linear(e, h, self.up, "up_proj")
+        del h
+        prod = ops.mul(e, act, up, name="act*up")
+        del act, up
+        down = apply_linear(e, prod, self.down, "down_proj")
+        del prod
+        out = ops.add(e, residual, down, name="mlp_residual")
+        return out
+
+
+@dataclass
+class Context:
+    """Per-sequence state shared by the layers of one stack (token count, RoPE tables, attention kind)."""
+
+    tokens: int
+    cos: T | None = None
+    sin: T | None = None
+    attention: object = None

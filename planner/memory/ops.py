@@ -1,0 +1,257 @@
+"""Symbolic versions of the tensor ops the modeling code runs, with what autograd saves for each.
+
+Each function allocates its output on the engine, records an autograd node with the saved tensors that torch's
+derivative formulas keep (tools/autograd/derivatives.yaml), and applies CUDA's autocast policy (the weight-cast cache
+for trainable fp32 leaves; norms, softmax and pow in fp32). Sizes are element counts; the engine turns them into
+bytes rounded to 512-byte blocks.
+"""
+
+from __future__ import annotations
+
+from .sim import DTYPE_BYTES, Engine, Node, Param, T
+
+
+def promote(a: str, b: str) -> str:
+    return a if DTYPE_BYTES[a] >= DTYPE_BYTES[b] else b
+
+
+# Casts --------------------------------------------------------------------------------------------------------------
+
+
+def cast(e: Engine, x: T, dtype: str, name: str = "") -> T:
+    """`x.to(dtype)`: a copy when the dtype changes; ToCopyBackward saves nothing."""
+    if x.dtype == dtype:
+        return x
+    out = e.new(x.numel, dtype, name=name or f"{x.name}:{dtype}")
+    e.record(Node("to_copy", [x] if x.rg else [], [], []), out)
+    return out
+
+
+def weight_for_matmul(e: Engine, p: Param) -> T:
+    """The weight a half-precision autocast matmul uses: a bf16 copy of an fp32 weight, cached for the whole forward
+    when the weight is a trainable leaf (autocast_mode.cpp `cached_cast`), a fresh copy per use when frozen."""
+    w = p.tensor
+    if e.autocast is None or w.dtype != "fp32":
+        return w
+    if p.trainable:
+        cached = e.cast_cache.get(id(p))
+        if cached is None:
+            cached = e.new(p.numel, e.autocast, name=f"{p.name}:cast")
+            e.record(Node("to_copy", [], [], [p], param_grad_via=e.autocast), cached)
+            e.cast_cache[id(p)] = cached
+        return cached
+    return e.new(p.numel, e.autocast, name=f"{p.name}:cast")
+
+
+def input_for_matmul(e: Engine, x: T) -> T:
+    return cast(e, x, e.autocast) if e.autocast else x
+
+
+# Linear layers ------------------------------------------------------------------------------------------------------
+
+
+def linear(e: Engine, x: T, weight: Param, out_features: int, bias: Param | None = None, name: str = "") -> T:
+    """F.linear (addmm/mm): saves the input if the weight needs a gradient, the weight if the input does."""
+    xin = input_for_matmul(e, x)
+    w = weight_for_matmul(e, weight)
+    tokens = x.numel // (weight.numel // out_features)
+    out_dtype = e.autocast or promote(xin.dtype, w.dtype)
+    out = e.new(tokens * out_features, out_dtype, name=name)
+    saved, params = [], []
+    if weight.trainable:
+        saved.append(xin)
+        if w is weight.tensor:  # no autocast copy: the gradient goes straight to the parameter
+            params.append(weight)
+    if xin.rg:
+        saved.append(w)
+    if bias is not None and bias.trainable:
+        params.append(bias)
+    inputs = [xin] if xin.rg else []
+    if w is not weight.tensor and weight.trainable and w.node is not None:
+        inputs.append(w)  # the cached cast's node carries the weight gradient
+    e.record(Node(f"linear:{name}", inputs, saved, params), out)
+    return out
+
+
+def lora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, out_features: int, rank: int,
+                bias: Param | None = None, name: str = "", dropout: bool = False) -> T:
+    """peft `lora.Linear.forward`: base_layer(x) + lora_B(lora_A(dropout(x.to(lora_A.dtype)))) * scaling."""
+    result = linear(e, x, base, out_features, bias, name=f"{name}.base")
+    xa = cast(e, x, lora_a.dtype, name=f"{name}.lora_in")  # peft `_cast_input_dtype` to the adapter dtype
+    if dropout:
+        xa = dropout_op(e, xa)
+    a = linear(e, xa, lora_a, rank, name=f"{name}.lora_A")
+    b = linear(e, a, lora_b, out_features, name=f"{name}.lora_B")
+    del a
+    scaled = scale(e, b)
+    del b
+    out = add(e, result, scaled, name=name)
+    del result, scaled
+    del xa  # peft rebinds `x` to the cast input: it lives until forward returns
+    return out
+
+
+def dropout_op(e: Engine, x: T) -> T:
+    """F.dropout(p > 0) in training: output and a bool mask (saved)."""
+    mask = e.new(x.numel, "bool", name=f"{x.name}:dropout_mask")
+    out = e.new(x.numel, x.dtype, name=f"{x.name}:dropout")
+    e.record(Node("dropout", [x] if x.rg else [], [mask], []), out)
+    return out
+
+
+# Elementwise --------------------------------------------------------------------------------------------------------
+
+
+def add(e: Engine, a: T, b: T, name: str = "") -> T:
+    """a + b: saves nothing. Gradients pass through (cast to each input's dtype by the engine)."""
+    out = e.new(max(a.numel, b.numel), promote(a.dtype, b.dtype), name=name)
+    inputs = [t for t in (a, b) if t.rg]
+    node = Node("add", inputs, [], [])
+    for index, t in enumerate(inputs):
+        if t.dtype == out.dtype and t.numel == out.numel:
+            node.grad_dtype[index] = "passthrough"
+    e.record(node, out)
+    return out
+
+
+def scale(e: Engine, x: T, name: str = "") -> T:
+    """x * python_scalar: saves nothing."""
+    out = e.new(x.numel, x.dtype, name=name or f"{x.name}*s")
+    e.record(Node("mul_scalar", [x] if x.rg else [], [], []), out)
+    return out
+
+
+def mul(e: Engine, a: T, b: T, name: str = "") -> T:
+    """a * b (tensors, b may broadcast): saves b for a's gradient and a for b's."""
+    out = e.new(max(a.numel, b.numel), promote(a.dtype, b.dtype), name=name)
+    saved = ([b] if a.rg else []) + ([a] if b.rg else [])
+    e.record(Node("mul", [t for t in (a, b) if t.rg], saved, []), out)
+    return out
+
+
+def mul_param(e: Engine, p: Param, x: T, name: str = "") -> T:
+    """weight * x (norm weights): saves x if the weight trains, the weight if x needs a gradient."""
+    out = e.new(x.numel, promote(p.dtype, x.dtype), name=name)
+    saved = [x] if p.trainable else []
+    e.record(Node("mul_weight", [x] if x.rg else [], saved, [p] if p.trainable else []), out)
+    return out
+
+
+def unary(e: Engine, kind: str, x: T, name: str = "") -> T:
+    """silu / gelu / quick_gelu / gelu_tanh: saves the input (`silu_backward(grad, self)`, `gelu_backward`).
+    QuickGELU is `x * sigmoid(1.702 x)`: sigmoid saves its result, mul saves both."""
+    if kind == "quick_gelu":
+        s = e.new(x.numel, x.dtype, name=f"{name}.sigmoid_in")
+        sig = e.new(x.numel, x.dtype, name=f"{name}.sigmoid")
+        e.record(Node("mul_scalar", [x] if x.rg else [], [], []), s)
+        e.record(Node("sigmoid", [s] if s.rg else [], [sig], []), sig)
+        del s
+        return mul(e, x, sig, name=name)
+    out = e.new(x.numel, x.dtype, name=name)
+    e.record(Node(kind, [x] if x.rg else [], [x], []), out)
+    return out
+
+
+# Norms --------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(e: Engine, x: T, weight: Param, tokens: int, name: str = "") -> T:
+    """transformers `*RMSNorm.forward` (e.g. Qwen2RMSNorm): x.to(fp32); x * rsqrt(x.pow(2).mean(-1) + eps);
+    weight * x.to(input_dtype)."""
+    x32 = cast(e, x, "fp32", name=f"{name}.fp32")
+    sq = e.new(x32.numel, "fp32", name=f"{name}.pow")  # pow saves its input
+    e.record(Node("pow", [x32] if x32.rg else [], [x32], []), sq)
+    var = e.new(tokens, "fp32", name=f"{name}.mean")
+    e.record(Node("mean", [sq] if sq.rg else [], [], []), var)
+    del sq
+    var_eps = e.new(tokens, "fp32", name=f"{name}.add_eps")
+    e.record(Node("add", [var] if var.rg else [], [], []), var_eps)
+    del var
+    r = e.new(tokens, "fp32", name=f"{name}.rsqrt")
+    e.record(Node("rsqrt", [var_eps] if var_eps.rg else [], [r], []), r)  # rsqrt saves its result
+    del var_eps
+    normed = mul(e, x32, r, name=f"{name}.normed")
+    del x32, r
+    back = cast(e, normed, x.dtype, name=f"{name}.normed_cast")
+    del normed
+    return mul_param(e, weight, back, name=name)
+
+
+def layer_norm(e: Engine, x: T, weight: Param, bias: Param, tokens: int, name: str = "") -> T:
+    """nn.LayerNorm: under CUDA autocast layer_norm runs in fp32 (input cast to fp32, fp32 output); it saves its
+    input, mean and rstd ((tokens, 1) fp32 each) and the weight."""
+    xin = cast(e, x, "fp32", name=f"{name}.fp32") if e.autocast else x
+    mean = e.new(tokens, "fp32", name=f"{name}.mean")
+    rstd = e.new(tokens, "fp32", name=f"{name}.rstd")
+    out = e.new(x.numel, xin.dtype if e.autocast is None else "fp32", name=name)
+    params = [p for p in (weight, bias) if p.trainable]
+    saved = [xin, mean, rstd] if (xin.rg or params) else []
+    e.record(Node("layer_norm", [xin] if xin.rg else [], saved, params), out)
+    del mean, rstd, xin
+    return out
+
+
+# Attention ----------------------------------------------------------------------------------------------------------
+
+
+def fused_attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: str = "") -> T:
+    """torch CUDA SDPA fused kernel (cuDNN / FlashAttention-2): saves q, k, v, the output and an fp32 logsumexp of
+    (heads, tokens); its backward allocates a fp32 dq accumulator and softmax sum (b*h*s*d*4 + b*h*s*4 bytes)."""
+    out = e.new(q.numel, q.dtype, name=name)
+    lse = e.new(heads * tokens, "fp32", name=f"{name}.lse")
+    inputs = [t for t in (q, k, v) if t.rg]
+    node = Node("sdpa", inputs, [q, k, v, out, lse] if inputs else [], [], workspace=q.numel * 4 + heads * tokens * 4)
+    e.record(node, out)
+    del lse
+    return out
+
+
+def eager_attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, q_len: int, k_len: int, batch: int,
+                    causal_mask: T | None, name: str = "") -> T:
+    """transformers `eager_attention_forward`: repeat_kv, q @ k^T * scaling (+ mask), softmax in fp32, cast back,
+    @ v, then transpose(1, 2).contiguous()."""
+    groups = heads // kv_heads
+    if groups > 1:
+        k = _copy(e, k, k.numel * groups, f"{name}.k_rep")
+        v = _copy(e, v, v.numel * groups, f"{name}.v_rep")
+    scores_numel = batch * heads * q_len * k_len
+    scores = e.new(scores_numel, q.dtype, name=f"{name}.scores")
+    e.record(Node("matmul", [t for t in (q, k) if t.rg], [q, k] if (q.rg or k.rg) else [], []), scores)
+    scaled = scale(e, scores, name=f"{name}.scaled")
+    del scores
+    if causal_mask is not None:
+        masked = add(e, scaled, causal_mask, name=f"{name}.masked")
+        del scaled
+        scaled = masked
+    probs = e.new(scores_numel, "fp32", name=f"{name}.softmax")
+    e.record(Node("softmax", [scaled] if scaled.rg else [], [probs], []), probs)
+    del scaled
+    probs_cast = cast(e, probs, q.dtype, name=f"{name}.probs")
+    del probs
+    out = e.new(q.numel, q.dtype, name=f"{name}.pv")
+    e.record(Node("matmul", [t for t in (probs_cast, v) if t.rg], [probs_cast, v] if (probs_cast.rg or v.rg) else [],
+                  []), out)
+    del probs_cast
+    contiguous = e.new(out.numel, out.dtype, name=name)
+    e.record(Node("contiguous", [out] if out.rg else [], [], []), contiguous)
+    return contiguous
+
+
+def _copy(e: Engine, x: T, numel: int, name: str) -> T:
+    out = e.new(numel, x.dtype, name=name)
+    e.record(Node("copy", [x] if x.rg else [], [], []), out)
+    return out
+
+
+def rope(e: Engine, x: T, cos: T, sin: T, name: str = "") -> T:
+    """apply_rotary_pos_emb: x * cos + rotate_half(x) * sin. cos/sin need no gradient, so the muls save only them
+    (shared buffers); rotate_half's cat and the products are temporaries."""
+    a = mul(e, x, cos, name=f"{name}.xcos")
+    neg = _copy(e, x, x.numel // 2, f"{name}.neg")  # rotate_half: torch.cat((-x2, x1), dim=-1)
+    rot = _copy(e, neg, x.numel, f"{name}.rotate_half")
+    del neg
+    b = mul(e, rot, sin, name=f"{name}.rotsin")
+    del rot
+    out = add(e, a, b, name=name)
+    del a, b
+    return out

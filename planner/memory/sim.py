@@ -1,0 +1,264 @@
+"""A symbolic autograd memory simulator: the byte-level engine under the activation model.
+
+The activation model (`blocks.py`) re-executes the transformers modeling code of each family on *symbolic* tensors
+that carry only a size, a dtype and whether they require grad. This engine does what PyTorch does with memory:
+
+- every op allocates its output (rounded to the CUDA caching allocator's 512-byte blocks) and the output lives
+  while something references it: the symbolic code mirrors the modeling code's variable lifetimes, so CPython's
+  reference counting frees a symbolic tensor exactly where PyTorch frees the real one;
+- an op records an autograd node holding the tensors its backward formula needs (torch's derivatives.yaml: a
+  matmul saves an input only if the *other* operand requires grad; softmax saves its result; ...), which keeps
+  them alive until the backward pass reaches that node;
+- autocast casts follow CUDA's op lists, and casts of trainable fp32 weights are cached for the whole forward
+  (aten/src/ATen/autocast_mode.cpp `cached_cast`);
+- `backward()` walks the tape in reverse: each node allocates the gradients of its inputs and parameters (plus the
+  kernel's workspace), then releases its saved tensors and the incoming gradient, as the autograd engine does.
+
+It is pure Python (no torch) and is held to the byte-exact tracer (`vlplan trace`) by tests/test_accuracy.py.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+BLOCK_BYTES = 512  # c10/cuda/CUDACachingAllocator.cpp kMinBlockSize
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1, "nf4": 1}
+
+
+def rounded(nbytes: int) -> int:
+    return 0 if nbytes <= 0 else -(-nbytes // BLOCK_BYTES) * BLOCK_BYTES
+
+
+class Storage:
+    """One allocation. Freed (accounted) when the last tensor viewing it dies."""
+
+    __slots__ = ("engine", "nbytes", "category", "owner", "__weakref__")
+
+    def __init__(self, engine: "Engine", nbytes: int, category: str, owner: str) -> None:
+        self.engine, self.nbytes, self.category, self.owner = engine, rounded(nbytes), category, owner
+        engine._alloc(self)
+
+    def __del__(self) -> None:
+        self.engine._free(self)
+
+
+class T:
+    """A symbolic tensor: `numel` elements of `dtype` on a storage, maybe requiring grad."""
+
+    __slots__ = ("numel", "dtype", "rg", "storage", "name", "node", "__weakref__")
+
+    def __init__(self, numel: int, dtype: str, rg: bool, storage: Storage, name: str) -> None:
+        self.numel, self.dtype, self.rg, self.storage, self.name = numel, dtype, rg, storage, name
+        self.node = None  # the autograd node that produced it (None for leaves / no-grad results)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+    def view(self, numel: int | None = None, name: str | None = None) -> "T":
+        """A view: same storage, no allocation (reshape of a contiguous tensor, transpose, slice...)."""
+        out = T(self.numel if numel is None else numel, self.dtype, self.rg, self.storage, name or self.name)
+        out.node = self.node
+        return out
+
+
+@dataclass(eq=False)
+class Param:
+    """A parameter (or a group of identical ones): its storage is counted under `weights/*`."""
+
+    name: str
+    numel: int
+    dtype: str
+    trainable: bool
+    component: str
+    tensor: T | None = None
+    grad: T | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+class Edge:
+    """What a node keeps of an input: its size, dtype and producer (like an autograd edge), not its storage."""
+
+    __slots__ = ("numel", "dtype", "rg", "node", "name")
+
+    def __init__(self, t: T) -> None:
+        self.numel, self.dtype, self.rg, self.node, self.name = t.numel, t.dtype, t.rg, t.node, t.name
+
+
+@dataclass(eq=False)
+class Node:
+    """An autograd node: what its backward needs and what it produces."""
+
+    name: str
+    inputs: list  # input tensors whose gradients this node produces (those with rg)
+    saved: list  # tensors kept alive until backward reaches this node
+    params: list  # trainable parameters receiving a gradient here
+    workspace: int = 0  # extra bytes the backward kernel allocates and frees (e.g. attention dq accumulators)
+    grad_dtype: dict = field(default_factory=dict)  # input index -> dtype of the produced gradient if it differs
+    param_grad_via: str | None = None  # dtype the weight gradient is computed in before accumulating (autocast)
+    out_numel: int = 0
+    out_dtype: str = "bf16"
+    recompute: object = None  # checkpoint nodes: a callable re-running the segment on a detached input
+
+
+class Engine:
+    """Tracks live bytes per category and the peak of each phase, with a snapshot of the breakdown at each peak."""
+
+    def __init__(self, detail: bool = False) -> None:
+        self.detail = detail
+        self.live = weakref.WeakValueDictionary()
+        self.phase_blocks: dict[str, list] = {}
+        self.current = 0
+        self.by_category: dict[str, int] = {}
+        self.phase = "setup"
+        self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
+        self.tape: list[Node] = []
+        self.grad_enabled = True
+        self.autocast: str | None = None  # "bf16"/"fp16" inside the autocast region
+        self.cast_cache: dict[int, T] = {}
+        self.params: list[Param] = []
+        self.causal_mask: T | None = None
+
+    # Accounting -----------------------------------------------------------------------------------------------
+    def _alloc(self, storage: Storage) -> None:
+        self.current += storage.nbytes
+        self.by_category[storage.category] = self.by_category.get(storage.category, 0) + storage.nbytes
+        if self.detail:
+            self.live[id(storage)] = storage
+        best = self.phase_peaks.get(self.phase)
+        if best is None or self.current > best[0]:
+            self.phase_peaks[self.phase] = (self.current, dict(self.by_category))
+            if self.detail:
+                self.phase_blocks[self.phase] = [(s.category, s.owner, s.nbytes) for s in self.live.values()]
+
+    def _free(self, storage: Storage) -> None:
+        if self.detail:
+            self.live.pop(id(storage), None)
+        self.current -= storage.nbytes
+        self.by_category[storage.category] -= storage.nbytes
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
+
+    def reset_peaks(self) -> None:
+        self.phase_peaks = {}
+
+    # Tensors ----------------------------------------------------------------------------------------------------
+    def new(self, numel: int, dtype: str, rg: bool = False, name: str = "", category: str | None = None) -> T:
+        category = category or ("activations" if self.phase in ("forward", "loss") else "temporaries")
+        storage = Storage(self, numel * DTYPE_BYTES[dtype], category, name)
+        return T(numel, dtype, rg and self.grad_enabled, storage, name)
+
+    def param(self, name: str, numel: int, dtype: str, trainable: bool, component: str) -> Param:
+        p = Param(name, numel, dtype, trainable, component)
+        storage = Storage(self, numel * DTYPE_BYTES[dtype], "parameters", name)
+        p.tensor = T(numel, dtype, trainable, storage, name)
+        self.params.append(p)
+        return p
+
+    def record(self, node: Node, out: T) -> None:
+        """Attach an autograd node to `out` when grad mode is on and something needs a gradient."""
+        if self.grad_enabled and (node.inputs or node.params):
+            node.inputs = [Edge(t) for t in node.inputs]
+            out.rg = True
+            out.node = node
+            node.out_numel, node.out_dtype = out.numel, out.dtype
+            self.tape.append(node)
+        else:
+            node.saved.clear()
+
+    # Backward ----------------------------------------------------------------------------------------------------
+    def backward(self, loss: T) -> None:
+        """Run the tape backwards from `loss`: the memory the autograd engine allocates and releases."""
+        self.set_phase("backward")
+        nodes, self.tape = self.tape, []
+        grads = {id(loss.node): self.new(1, "fp32", name="grad:loss")}
+        self._run(nodes, grads)
+
+    def _run(self, nodes: list[Node], grads: dict) -> None:
+        for node in reversed(nodes):
+            out_grad = grads.pop(id(node), None)
+            if out_grad is None:
+                node.saved.clear()
+                continue
+            if node.recompute is not None:
+                self._recompute(node, out_grad, grads)
+                del out_grad
+                continue
+            work = self.new(node.workspace // 4, "fp32", name=f"workspace:{node.name}") if node.workspace else None
+            for p in node.params:
+                self._param_grad(p, node.param_grad_via)
+            for index, tensor in enumerate(node.inputs):
+                if not tensor.rg:
+                    continue
+                how = node.grad_dtype.get(index, tensor.dtype)
+                if how == "passthrough":
+                    grad = out_grad
+                else:
+                    grad = self.new(tensor.numel, how, name=f"grad:{tensor.name}")
+                self._accumulate(tensor, grad, grads)
+                del grad
+            del work
+            node.saved.clear()
+            node.inputs = []
+            del out_grad
+
+    def _accumulate(self, tensor, grad: T, grads: dict) -> None:
+        """Store the gradient for `tensor`'s producer; a second one is added in place (InputBuffer::accumulate)."""
+        producer = tensor.node
+        if isinstance(producer, Leaf):
+            producer.receive(self, grad)
+            return
+        if producer is None:
+            return
+        key = id(producer)
+        if key not in grads:
+            grads[key] = grad if grad.dtype == tensor.dtype else self.new(tensor.numel, tensor.dtype,
+                                                                          name=f"grad:{tensor.name}")
+
+    def _param_grad(self, p: Param, via: str | None) -> None:
+        """The weight gradient, computed in `via` (half precision under autocast) and accumulated into `.grad`."""
+        temp = self.new(p.numel, via, name=f"wgrad:{p.name}") if via and via != p.dtype else None
+        if p.grad is None:
+            p.grad = self.new(p.numel, p.dtype, name=f"grad:{p.name}", category="gradients")
+        else:
+            extra = self.new(p.numel, p.dtype, name=f"grad:{p.name}")  # new grad, then added in place
+            del extra
+        del temp
+
+    def _recompute(self, node: Node, out_grad: T, grads: dict) -> None:
+        """Reentrant activation checkpointing: re-run the segment with grad enabled (and a fresh autocast cast
+        cache), then back-propagate through it (torch.utils.checkpoint.CheckpointFunction.backward)."""
+        x = node.saved[0]
+        leaf = x.view(name=f"{x.name}:detached")
+        leaf.rg = True
+        leaf.node = Leaf(x, grads)
+        outer, self.tape = self.tape, []
+        was_grad, was_cache = self.grad_enabled, self.cast_cache
+        self.grad_enabled, self.cast_cache = True, {}
+        out = node.recompute(leaf)
+        self.cast_cache = was_cache
+        self.grad_enabled = was_grad
+        sub, self.tape = self.tape, outer
+        node.saved.clear()
+        del x
+        if out.node is None:
+            return
+        sub_grads = {id(out.node): out_grad}
+        del out, out_grad, leaf
+        self._run(sub, sub_grads)
+
+
+class Leaf:
+    """Stands in for a checkpointed segment's detached input: its gradient goes to the real input's producer."""
+
+    def __init__(self, target: T, grads: dict) -> None:
+        self.target, self.grads = target, grads
+
+    def receive(self, engine: Engine, grad: T) -> None:
+        engine._accumulate(self.target, grad, self.grads)
