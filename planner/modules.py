@@ -85,8 +85,10 @@ def text_layer_linears(text: TextSpec) -> list[Linear]:
         return attn + [Linear("gate_up_proj", h, 2 * text.intermediate_size, False),
                        Linear("down_proj", text.intermediate_size, h, False)]
     if text.is_moe:
-        # Qwen3-VL-MoE: a router plus experts stored as fused 3D parameters (not nn.Linear: LoRA cannot target them)
-        return attn + [Linear("gate", h, text.num_experts, False)]
+        # Qwen3-VL-MoE (transformers 5.23): the router (Qwen3VLMoeTextTopKRouter, `mlp.gate.weight`) and the experts
+        # (fused 3D parameters) are plain nn.Parameters, not nn.Linear: LoRA cannot target them. See
+        # text_layer_other_params.
+        return attn
     return attn + [
         Linear("gate_proj", h, text.intermediate_size, False),
         Linear("up_proj", h, text.intermediate_size, False),
@@ -104,8 +106,8 @@ def text_layer_other_params(text: TextSpec) -> int:
         norms += 2 * text.head_dim  # q_norm, k_norm over head_dim
     experts = 0
     if text.is_moe:
-        # Qwen3VLMoeTextExperts: gate_up_proj (E, h, 2*I) and down_proj (E, I, h)
-        experts = text.num_experts * 3 * h * text.moe_intermediate_size
+        # Qwen3VLMoeTextExperts: gate_up_proj (E, 2*I, h) and down_proj (E, h, I); the router weight (E, h)
+        experts = text.num_experts * 3 * h * text.moe_intermediate_size + text.num_experts * h
     return norms + experts
 
 
@@ -183,12 +185,21 @@ def vision_layer_linears(vision: VisionSpec) -> list[Linear]:
 
 def vision_layer_other_params(vision: VisionSpec) -> int:
     d = vision.hidden_size
-    other = 2 * _norm_params(vision.norm, d)
+    other = 2 * _norm_params(vision.norm, d)  # the two per-layer norms (layer_norm1/2, norm1/2, attention/ffn_norm)
     if vision.qk_norm:
-        other += 2 * d  # InternViT-6B q_norm/k_norm over the full width
+        other += 2 * d  # InternViT-6B q_norm/k_norm (RMSNorm over the full width)
     if vision.layer_scale:
         other += 2 * d  # InternViT lambda_1, lambda_2
     return other
+
+
+def _siglip_head(vision: VisionSpec) -> tuple[list[Linear], int]:
+    """SiglipMultiheadAttentionPoolingHead (models/siglip/modeling_siglip.py), built when vision_use_head is true."""
+    d, i = vision.hidden_size, vision.intermediate_size
+    # nn.MultiheadAttention: in_proj_weight/bias are plain parameters, out_proj is an nn.Linear subclass
+    linears = [Linear("out_proj", d, d, True), Linear("fc1", d, i, True), Linear("fc2", i, d, True)]
+    other = d + 3 * d * d + 3 * d + 2 * d  # probe, in_proj weight + bias, layernorm
+    return linears, other
 
 
 def vision_inventory(vision: VisionSpec) -> Inventory:
@@ -202,22 +213,52 @@ def vision_inventory(vision: VisionSpec) -> Inventory:
         if vision.arch == "qwen3_vl":
             other += d  # the Conv3d has a bias in Qwen3-VL
             other += vision.num_position_embeddings * d  # learned pos_embed (nn.Embedding)
+            # DeepStack mergers (Qwen3VLVisionPatchMerger, use_postshuffle_norm=True): LayerNorm over the merged
+            # width, then linear_fc1 / GELU / linear_fc2. Counted with the VISION component: they live under
+            # model.visual.deepstack_merger_list and LLaMA-Factory's composite registration lists them with the
+            # vision tower keys, so freezing the vision tower freezes them.
+            merged = d * vision.spatial_merge_size**2
+            n = len(vision.deepstack_visual_indexes)
+            if n:
+                linears += [Linear("linear_fc1", merged, merged, True, n),
+                            Linear("linear_fc2", merged, vision.out_hidden_size, True, n)]
+                other += n * _norm_params("layernorm", merged)
     elif vision.arch == "clip":
         other += vision.in_channels * p * p * d  # Conv2d patch_embedding, no bias
         other += d  # class_embedding
         other += ((vision.image_size // p) ** 2 + 1) * d  # position_embedding
         other += 2 * _norm_params("layernorm", d)  # pre_layrnorm, post_layernorm
     elif vision.arch in ("siglip", "idefics3"):
+        # SiglipVisionEmbeddings / Idefics3VisionEmbeddings (MiniCPM-V's NaViT SigLIP is the same module set)
         other += vision.in_channels * p * p * d + d  # Conv2d patch_embedding with bias
         other += (vision.image_size // p) ** 2 * d  # position_embedding
         other += _norm_params("layernorm", d)  # post_layernorm
+        if vision.use_head:
+            head_linears, head_other = _siglip_head(vision)
+            linears += head_linears
+            other += head_other
     elif vision.arch == "intern_vit":
+        # InternVLVisionEmbeddings (models/internvl/modeling_internvl.py)
         other += vision.in_channels * p * p * d + d  # patch_embeddings Conv2d with bias
         other += d  # cls_token
         other += ((vision.image_size // p) ** 2 + 1) * d  # position_embeddings
+        if vision.post_layernorm:
+            other += _norm_params("layernorm", d)  # InternVLVisionModel.layernorm unless use_mean_pooling
     elif vision.arch == "pixtral":
         other += vision.in_channels * p * p * d  # patch_conv, no bias
         other += d  # ln_pre RMSNorm
+    elif vision.arch == "mllama":
+        # MllamaVisionModel (models/mllama/modeling_mllama.py)
+        patches = (vision.image_size // p) ** 2 + 1  # per tile, with the class token
+        aspect_rows = vision.num_aspect_ratios + 1  # nn.Embedding(max_aspect_ratio_id + 1, ...)
+        other += vision.in_channels * p * p * d  # patch_embedding Conv2d, no bias
+        other += d  # class_embedding
+        # gated_positional_embedding: gate, embedding (patches, d), tile_embedding (rows, tiles * patches * d)
+        other += 1 + patches * d + aspect_rows * vision.max_num_tiles * patches * d
+        # pre_tile_positional_embedding and post_tile_positional_embedding: gate + (rows, tiles * d) each
+        other += 2 * (1 + aspect_rows * vision.max_num_tiles * d)
+        other += 2 * _norm_params("layernorm", d)  # layernorm_pre, layernorm_post
+        other += 2 * vision.num_global_layers  # gate_attn, gate_ffn of each global layer
     else:
         raise VlplanError(f"no vision embedding inventory for arch {vision.arch!r}")
     return Inventory(tuple(linears), other, 0, tuple(layer))
@@ -228,17 +269,51 @@ def vision_inventory(vision: VisionSpec) -> Inventory:
 
 def projector_inventory(projector: ProjectorSpec, vision: VisionSpec) -> Inventory:
     arch, bias = projector.arch, projector.bias
-    if arch == "qwen_merger":
-        # PatchMerger: ln_q over the vision width, Linear(4d, 4d), GELU, Linear(4d, out)
-        merged = projector.in_features
+    inp, out = projector.in_features, projector.out_features
+    if arch in ("qwen_merger", "qwen3_merger"):
+        # Qwen2-VL PatchMerger (ln_q, mlp.0, GELU, mlp.2) / Qwen3VLVisionPatchMerger (norm, linear_fc1, linear_fc2):
+        # the norm runs over the vision width before the 2x2 concat
+        names = ("0", "2") if arch == "qwen_merger" else ("linear_fc1", "linear_fc2")
         norm = _norm_params(projector.norm, vision.hidden_size)
-        linears = (Linear("0", merged, merged, True), Linear("2", merged, projector.out_features, True))
+        linears = (Linear(names[0], inp, inp, True), Linear(names[1], inp, out, True))
         return Inventory(linears, norm, 0, linears)
     if arch == "mlp2x_gelu":
         # LlavaMultiModalProjector: linear_1, act, linear_2 (bias = multimodal_projector_bias)
-        linears = (Linear("linear_1", projector.in_features, projector.out_features, bias),
-                   Linear("linear_2", projector.out_features, projector.out_features, bias))
+        linears = (Linear("linear_1", inp, out, bias), Linear("linear_2", out, out, bias))
         return Inventory(linears, 0, 0, linears)
+    if arch == "internvl_mlp":
+        # InternVLMultiModalProjector: layer_norm over the pixel-shuffled width, linear_1, GELU, linear_2
+        linears = (Linear("linear_1", inp, out, True), Linear("linear_2", out, out, True))
+        return Inventory(linears, _norm_params("layernorm", inp), 0, linears)
+    if arch == "gemma3":
+        # Gemma3MultiModalProjector: avg-pool, mm_soft_emb_norm (RMSNorm over the vision width), then a matmul with
+        # mm_input_projection_weight, a plain nn.Parameter (not an nn.Linear: LoRA cannot target it)
+        return Inventory((), inp * out + _norm_params("rmsnorm", inp), 0, ())
+    if arch == "linear":
+        # PaliGemmaMultiModalProjector.linear (vision width -> projection_dim, with bias)
+        linears = (Linear("linear", inp, out, True),)
+        return Inventory(linears, 0, 0, linears)
+    if arch == "mllama_linear":
+        # MllamaModel.multi_modal_projector is itself the nn.Linear(vision_output_dim, text hidden, bias=True)
+        linears = (Linear("multi_modal_projector", inp, out, True),)
+        return Inventory(linears, 0, 0, linears)
+    if arch == "idefics3":
+        # Idefics3Connector: pixel shuffle by scale_factor, then modality_projection.proj without bias
+        linears = (Linear("proj", inp, out, False),)
+        return Inventory(linears, 0, 0, linears)
+    if arch == "resampler":
+        # MiniCPM-V 2.6 resampler.py Resampler: query, kv_proj (no bias), nn.MultiheadAttention (in_proj weight and
+        # bias are plain parameters, out_proj an nn.Linear subclass), ln_q/ln_kv/ln_post, proj (a plain parameter)
+        linears = [Linear("out_proj", out, out, True)]
+        if inp != out:
+            linears.insert(0, Linear("kv_proj", inp, out, False))
+        other = projector.num_queries * out + 3 * out * out + 3 * out + 3 * _norm_params("layernorm", out) + out * out
+        return Inventory(tuple(linears), other, 0, tuple(linears))
+    if arch == "phi3v":
+        # Phi3ImageEmbedding (remote image_embedding_phi3_v.py): glb_GN and sub_GN separators over the 2x2-merged
+        # width, img_projection = Sequential(Linear(4*1024, H), GELU, Linear(H, H))
+        linears = (Linear("0", inp, out, True), Linear("2", out, out, True))
+        return Inventory(linears, 2 * inp, 0, linears)
     raise VlplanError(f"no projector inventory for arch {arch!r}")
 
 
@@ -265,15 +340,25 @@ def param_counts(spec: ModelSpec) -> dict[str, int]:
 
 # Where each component lives in the transformers model (module-name prefixes, most specific first). The profiler uses
 # these to freeze components and to attribute parameters; tests use them to count parameters per component.
+_LLAVA_STYLE = (("model.multi_modal_projector", PROJECTOR), ("model.vision_tower", VISION),
+                ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE))
+_QWEN_STYLE = (("model.visual.merger", PROJECTOR), ("model.visual", VISION), ("model.language_model", LANGUAGE),
+               ("lm_head", LANGUAGE))
+_IDEFICS3_STYLE = (("model.connector", PROJECTOR), ("model.vision_model", VISION), ("model.text_model", LANGUAGE),
+                   ("lm_head", LANGUAGE))
 HF_COMPONENT_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
-    "qwen2_vl": (("model.visual.merger", PROJECTOR), ("model.visual", VISION), ("model.language_model", LANGUAGE),
-                 ("lm_head", LANGUAGE)),
-    "llava": (("model.multi_modal_projector", PROJECTOR), ("model.vision_tower", VISION),
-              ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE)),
-    "llava_next": (("model.multi_modal_projector", PROJECTOR), ("model.image_newline", PROJECTOR),
-                   ("model.vision_tower", VISION), ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE)),
+    # Qwen3-VL: model.visual.deepstack_merger_list.* falls under model.visual (VISION), see vision_inventory
+    "qwen2_vl": _QWEN_STYLE, "qwen2_5_vl": _QWEN_STYLE, "qwen3_vl": _QWEN_STYLE, "qwen3_vl_moe": _QWEN_STYLE,
+    "llava": _LLAVA_STYLE, "internvl": _LLAVA_STYLE, "gemma3": _LLAVA_STYLE, "paligemma": _LLAVA_STYLE,
+    "llava_next": (("model.image_newline", PROJECTOR), *_LLAVA_STYLE),
+    "mllama": (("model.multi_modal_projector", PROJECTOR), ("model.vision_model", VISION),
+               ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE)),
+    "idefics3": _IDEFICS3_STYLE, "smolvlm": _IDEFICS3_STYLE,
+    # Remote-code families (names from their modeling files on the hub, not checked against a transformers class)
+    "minicpmv": (("resampler", PROJECTOR), ("vpm", VISION), ("llm", LANGUAGE)),  # modeling_minicpmv.py MiniCPMV
+    "phi3_v": (("model.vision_embed_tokens.img_processor", VISION), ("model.vision_embed_tokens", PROJECTOR),
+               ("model", LANGUAGE), ("lm_head", LANGUAGE)),  # modeling_phi3_v.py Phi3VForCausalLM
 }
-HF_COMPONENT_PREFIXES["qwen2_5_vl"] = HF_COMPONENT_PREFIXES["qwen2_vl"]
 
 
 def component_of(family: str, module_name: str) -> str:

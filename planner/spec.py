@@ -38,9 +38,10 @@ class TextSpec:
     """The language model (decoder) of a VLM.
 
     `arch` names the decoder-layer code whose memory we model: "qwen2" (Qwen2/2.5: qkv bias), "qwen3" (q/k RMSNorm,
-    no bias), "qwen3_moe", "llama" (also Vicuna, Mistral, InternLM-free LLaMA clones), "gemma2", "gemma3" (extra
-    pre/post feed-forward norms, gelu-tanh gated MLP, q/k norm), "mllama" (self-attention plus cross-attention
-    layers), "phi3" (fused qkv and gate_up projections), "qwen2_minicpm" (Qwen2 in MiniCPM-V).
+    no bias), "qwen3_moe", "llama" (also Vicuna, InternLM-free LLaMA clones), "mistral" (LLaMA layers, written back
+    as a MistralConfig), "gemma2", "gemma3" (extra pre/post feed-forward norms, gelu-tanh gated MLP, q/k norm),
+    "mllama" (self-attention plus cross-attention layers), "phi3" (fused qkv and gate_up projections). MiniCPM-V's
+    Qwen2 is "qwen2".
     """
 
     arch: str
@@ -93,8 +94,8 @@ class VisionSpec:
     `arch` names the encoder code: "qwen2_vl" (LayerNorm, QuickGELU MLP, full attention per image), "qwen2_5_vl"
     (RMSNorm, gated SiLU MLP, windowed attention except `fullatt_block_indexes`), "qwen3_vl" (LayerNorm, gelu-tanh
     MLP, learned position embedding, DeepStack mergers), "clip" (CLIP ViT with CLS token and pre-LayerNorm),
-    "siglip" (SigLIP ViT, no CLS), "intern_vit" (InternViT with layer scale), "pixtral" (RMSNorm, gated SiLU MLP,
-    2D RoPE), "mllama" (local + global tiled ViT).
+    "siglip" (SigLIP ViT, no CLS), "idefics3" (the same SigLIP modules in Idefics3/SmolVLM), "intern_vit" (InternViT
+    with layer scale), "pixtral" (RMSNorm, gated SiLU MLP, 2D RoPE), "mllama" (local + global tiled ViT).
     """
 
     arch: str
@@ -127,6 +128,15 @@ class VisionSpec:
     has_cls_token: bool = False
     pre_layernorm: bool = False
     post_layernorm: bool = False
+    # Qwen3-VL: the LM width the DeepStack mergers project to (vision_config.out_hidden_size)
+    out_hidden_size: int = 0
+    # SigLIP attention-pooling head (vision_use_head); every VLM here builds its SigLIP without it
+    use_head: bool = False
+    # Mllama: tiles per image, supported aspect ratios (rows of the tile embeddings minus one) and the local layers
+    # whose outputs are concatenated to the final one (vision_output_dim = hidden * (1 + len(...)))
+    max_num_tiles: int = 0
+    num_aspect_ratios: int = 0
+    intermediate_layers_indices: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "patch_size"):
@@ -142,10 +152,11 @@ class VisionSpec:
 class ProjectorSpec:
     """The connector from vision features to language-model embeddings.
 
-    `arch`: "qwen_merger" (LayerNorm or RMSNorm, 2x2 concat, Linear-GELU-Linear), "mlp2x_gelu" (LLaVA: Linear-GELU-
-    Linear), "internvl_mlp" (pixel shuffle, LayerNorm, Linear-GELU-Linear), "gemma3" (avg-pool, RMSNorm, Linear),
-    "linear" (PaliGemma, Mllama), "idefics3" (pixel shuffle, Linear), "resampler" (MiniCPM-V perceiver),
-    "phi3v" (HD transform, Linear-GELU-Linear).
+    `arch`: "qwen_merger" (LayerNorm or RMSNorm, 2x2 concat, Linear-GELU-Linear), "qwen3_merger" (the same with
+    linear_fc1/linear_fc2 names), "mlp2x_gelu" (LLaVA: Linear-GELU-Linear), "internvl_mlp" (pixel shuffle, LayerNorm,
+    Linear-GELU-Linear), "gemma3" (avg-pool, RMSNorm, matmul with a plain weight), "linear" (PaliGemma),
+    "mllama_linear" (Mllama: one Linear named multi_modal_projector), "idefics3" (pixel shuffle, Linear),
+    "resampler" (MiniCPM-V perceiver), "phi3v" (HD transform, Linear-GELU-Linear).
     """
 
     arch: str
@@ -182,6 +193,9 @@ class ProcessorSpec:
     pinpoints: tuple[tuple[int, int], ...] = ()
     longest_edge: int = 0
     do_pan_and_scan: bool = False
+    # Gemma 3 pan & scan (Gemma3ImageProcessor call defaults): crops no smaller than this, only above this aspect ratio
+    pan_and_scan_min_crop_size: int = 0
+    pan_and_scan_min_ratio: float = 0.0
     # special text tokens the chat template puts around each image (vision_start/end, <img></img>, ...)
     special_tokens_per_image: int = 0
 

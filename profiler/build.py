@@ -53,7 +53,12 @@ def hf_config(spec: ModelSpec, attn: str = "sdpa"):
     for sub in ("text_config", "vision_config"):
         if hasattr(config, sub):
             getattr(config, sub)._attn_implementation = ATTN_IMPLEMENTATION[attn]
+    # Training never uses the KV cache (LLaMA-Factory patch_config sets use_cache False when trainable). Left on,
+    # transformers builds a DynamicCache in every training forward without checkpointing: a copy of K and V per
+    # layer, promoted to fp32 by its empty initial tensor, alive until the outputs are dropped.
     config.use_cache = False
+    if hasattr(config, "text_config"):
+        config.text_config.use_cache = False
     return config
 
 

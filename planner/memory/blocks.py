@@ -103,11 +103,11 @@ class LlamaLayer:
         t = self.t
         tokens = ctx.tokens
         residual = x
+        # `hidden_states = self.input_layernorm(hidden_states)`: the normed input lives until self_attn returns
         h = ops.rms_norm(e, x, self.norm1, tokens, name="input_layernorm")
         q = apply_linear(e, h, self.q, "q_proj")
         k = apply_linear(e, h, self.k, "k_proj")
         v = apply_linear(e, h, self.v, "v_proj")
-        del h
         q_rot = ops.rope(e, q, ctx.cos, ctx.sin, name="q_rope")
         del q
         k_rot = ops.rope(e, k, ctx.cos, ctx.sin, name="k_rope")
@@ -115,7 +115,7 @@ class LlamaLayer:
         attn = ctx.attention(e, q_rot, k_rot, v, t.num_heads, t.num_kv_heads, "self_attn")
         del q_rot, k_rot, v
         o = apply_linear(e, attn, self.o, "o_proj")
-        del attn
+        del attn, h
         x = ops.add(e, residual, o, name="attn_residual")
         del residual, o
         residual = x
@@ -125,11 +125,10 @@ class LlamaLayer:
         act = ops.unary(e, "silu", gate, name="act")
         del gate
         up = apply_linear(e, h, self.up, "up_proj")
-        del h
         prod = ops.mul(e, act, up, name="act*up")
         del act, up
         down = apply_linear(e, prod, self.down, "down_proj")
-        del prod
+        del prod, h  # the mlp's argument lives until mlp returns
         out = ops.add(e, residual, down, name="mlp_residual")
         return out
 

@@ -223,9 +223,11 @@ def eager_attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, q_le
         masked = add(e, scaled, causal_mask, name=f"{name}.masked")
         del scaled
         scaled = masked
+    # softmax(dtype=float32) casts its input first (a transient fp32 copy), then saves its result
+    scaled32 = cast(e, scaled, "fp32", name=f"{name}.scores_fp32")
     probs = e.new(scores_numel, "fp32", name=f"{name}.softmax")
-    e.record(Node("softmax", [scaled] if scaled.rg else [], [probs], []), probs)
-    del scaled
+    e.record(Node("softmax", [scaled32] if scaled32.rg else [], [probs], []), probs)
+    del scaled, scaled32
     probs_cast = cast(e, probs, q.dtype, name=f"{name}.probs")
     del probs
     out = e.new(q.numel, q.dtype, name=f"{name}.pv")

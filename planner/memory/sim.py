@@ -165,6 +165,11 @@ class Engine:
         """Attach an autograd node to `out` when grad mode is on and something needs a gradient."""
         if self.grad_enabled and (node.inputs or node.params):
             node.inputs = [Edge(t) for t in node.inputs]
+            # a node saving its own output keeps only the data (torch's SavedVariable for outputs avoids the cycle)
+            node.saved = [t.view() if t is out else t for t in node.saved]
+            for t in node.saved:
+                if t.storage is out.storage:
+                    t.node = None
             out.rg = True
             out.node = node
             node.out_numel, node.out_dtype = out.numel, out.dtype
@@ -242,6 +247,7 @@ class Engine:
         was_grad, was_cache = self.grad_enabled, self.cast_cache
         self.grad_enabled, self.cast_cache = True, {}
         out = node.recompute(leaf)
+        node.recompute = None  # the saved forward arguments (masks, RoPE tables) go with the checkpoint's ctx
         self.cast_cache = was_cache
         self.grad_enabled = was_grad
         sub, self.tape = self.tape, outer

@@ -7,6 +7,7 @@ quantities the tracer measures on the real modeling code.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 
 from ..errors import VlplanError
@@ -34,18 +35,24 @@ class SimResult:
 # Attention callables (sdpa -> CUDA fused kernel, eager -> transformers eager_attention_forward) -----------------------
 
 
-def _lm_attention(setup: TrainSetup, batch: int, seq: int):
-    def attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, name: str) -> T:
-        if setup.attn == "eager":
-            mask = e.causal_mask
-            return ops.eager_attention(e, q, k, v, heads, kv_heads, seq, seq, batch, mask, name=name)
+class _LMAttention:
+    """Attention of the language model: sdpa -> the CUDA fused kernel, eager -> transformers
+    eager_attention_forward with the (batch, 1, seq, seq) causal mask."""
+
+    def __init__(self, setup: TrainSetup, batch: int, seq: int) -> None:
+        self.setup, self.batch, self.seq = setup, batch, seq
+        self.mask: T | None = None
+
+    def __call__(self, e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, name: str) -> T:
+        if self.setup.attn == "eager":
+            return ops.eager_attention(e, q, k, v, heads, kv_heads, self.seq, self.seq, self.batch, self.mask,
+                                       name=name)
         if e.autocast:
             q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
         if q.dtype == "fp32":
             # fp32 without autocast: no fused kernel takes fp32 with GQA; torch falls back to the math kernel
-            return ops.eager_attention(e, q, k, v, heads, kv_heads, seq, seq, batch, None, name=name)
-        return ops.fused_attention(e, q, k, v, heads, batch * seq, name=name)
-    return attention
+            return ops.eager_attention(e, q, k, v, heads, kv_heads, self.seq, self.seq, self.batch, None, name=name)
+        return ops.fused_attention(e, q, k, v, heads, self.batch * self.seq, name=name)
 
 
 def _segment_attention(setup: TrainSetup):
@@ -78,6 +85,16 @@ def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bo
     builder = _FAMILIES.get(family)
     if builder is None:
         raise VlplanError(f"no activation model for family {family!r} yet")
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the simulation frees by reference counting alone, as deterministically as torch does
+    try:
+        return _simulate(builder, setup, counts, detail)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e = Engine(detail)
     model = builder(e, setup, counts)
     states = _optimizer_states(e, setup, model)
@@ -194,16 +211,17 @@ class _Model:
         return cos, sin
 
     def language(self, e: Engine, x: T) -> T:
-        ctx = Context(tokens=self.tokens, attention=_lm_attention(self.setup, self.batch, self.seq))
+        ctx = Context(tokens=self.tokens, attention=_LMAttention(self.setup, self.batch, self.seq))
         ctx.cos, ctx.sin = self.rotary(e, x)
         if self.setup.attn == "eager":
-            e.causal_mask = e.new(self.batch * self.seq * self.seq, x.dtype if x.dtype != "int64" else "bf16",
-                                  name="causal_mask")
+            # masking_utils.create_causal_mask for eager: a (batch, 1, seq, seq) additive mask in the hidden dtype;
+            # checkpointed layers keep it (and the RoPE tables) in their saved forward arguments until backward
+            ctx.attention.mask = e.new(self.batch * self.seq * self.seq, x.dtype, name="causal_mask")
         for layer in self.layers:
             x = self._run_layer(e, layer, x, ctx)
-        e.causal_mask = None
         del ctx
-        return x
+        # `hidden_states = self.norm(hidden_states)`: the last layer's output dies here unless saved
+        return ops.rms_norm(e, x, self.norm, self.tokens, name="norm")
 
     def _run_layer(self, e: Engine, layer, x: T, ctx) -> T:
         """A layer, checkpointed (reentrant, only layers with trainable parameters; LLaMA-Factory's
@@ -222,15 +240,14 @@ class _Model:
         return out
 
     def loss(self, e: Engine, hidden: T) -> T:
-        """final norm; lm_head; ForCausalLMLoss: logits.float(), cross_entropy (log_softmax + nll_loss); then
+        """lm_head; ForCausalLMLoss: logits.float(), cross_entropy (log_softmax + nll_loss); then
         accelerate's convert_outputs_to_fp32 makes an fp32 copy of the logits at the end of forward."""
         t = self.setup.model.text
-        h = ops.rms_norm(e, hidden, self.norm, self.tokens, name="norm")
+        h = hidden  # outputs.last_hidden_state: alive until the outputs are dropped
         del hidden
         e.set_phase("loss")
         head = self.lm_head or self.embed
         logits = ops.linear(e, h, head, t.vocab_size, name="logits")
-        del h
         logits32 = ops.cast(e, logits, "fp32", name="logits.float")
         labels = e.new(self.tokens + self.batch, "int64", name="labels_pad")
         shifted = e.new(self.tokens, "int64", name="shift_labels")
@@ -245,15 +262,16 @@ class _Model:
         if e.autocast:
             converted = e.new(logits.numel, "fp32", name="logits:fp32_output")
             del converted
-        del logits
+        del logits, h  # the model output (last_hidden_state, logits) is dropped after compute_loss
         return loss
 
     def forward(self, e: Engine, inputs: dict[str, T]) -> T:
         e.autocast = {"bf16": "bf16", "fp16": "fp16"}.get(self.setup.precision)
         e.cast_cache = {}
         hidden = self.encode(e, inputs)
-        hidden = self.language(e, hidden)
+        hidden = self.language(e, hidden)  # Qwen2VLModel.forward keeps inputs_embeds referenced meanwhile
         loss = self.loss(e, hidden)
+        del hidden
         e.cast_cache = {}
         e.autocast = None
         return loss

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from ..errors import VlplanError
 from ..spec import ModelSpec
-from . import llava, qwen2_5_vl, qwen2_vl
+from . import (gemma3, idefics3, internvl, llava, llava_next, minicpmv, mllama, paligemma, phi3_v, qwen2_5_vl,
+               qwen2_vl, qwen3_vl, qwen3_vl_moe)
 
-_FAMILY_MODULES = (qwen2_vl, qwen2_5_vl, llava)
+_FAMILY_MODULES = (qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llava, llava_next, internvl, gemma3, mllama,
+                   idefics3, paligemma, minicpmv, phi3_v)
 
 
 @lru_cache(maxsize=1)

@@ -3,6 +3,10 @@ projector and a LLaMA-family language model (models/llava/modeling_llava.py).
 
 llava-hf configs omit every value equal to the LlamaConfig / CLIPVisionConfig class defaults, so the text numbers
 of llava-1.5-7b are LlamaConfig's defaults (4096/11008/32 layers/32 heads).
+
+Pixtral-12B (mistral-community/pixtral-12b) is a `llava` config with a `pixtral` vision tower (RMSNorm, gated MLP,
+2D RoPE, patch 16, native resolution up to 1024 px on the longest edge; models/pixtral/modeling_pixtral.py), the same
+2-layer projector, vision_feature_layer -1 with strategy "full", and a Mistral-NeMo language model.
 """
 
 from ..spec import ModelSpec, ProcessorSpec, ProjectorSpec, TextSpec, VisionSpec
@@ -16,21 +20,29 @@ CLIP_VIT_L_336 = VisionSpec(
 CLIP_336_PROCESSOR = ProcessorSpec(
     rule="fixed", patch_size=14, image_size=336, tokens_per_view=576,  # 24x24 patches, CLS dropped ("default")
 )
+# Pixtral-ViT of Pixtral-12B (PixtralVisionConfig defaults plus the checkpoint's patch 16 / image 1024)
+PIXTRAL_VISION = VisionSpec(
+    arch="pixtral", num_layers=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+    image_size=1024, mlp="gated_silu", norm="rmsnorm", qkv_bias=False, feature_layers=(-1,),
+)
+# PixtralImageProcessor: longest edge 1024, patch 16; rows of [IMG] tokens each closed by [IMG_BREAK] / [IMG_END]
+PIXTRAL_PROCESSOR = ProcessorSpec(rule="pixtral", patch_size=16, image_size=1024, longest_edge=1024)
 
 
-def _llava_text(*, hidden, inter, layers, heads, kv, vocab, max_pos, arch="llama"):
+def _llava_text(*, hidden, inter, layers, heads, kv, vocab, max_pos, arch="llama", head_dim=0):
     return TextSpec(arch=arch, num_layers=layers, hidden_size=hidden, intermediate_size=inter, num_heads=heads,
-                    num_kv_heads=kv, head_dim=hidden // heads, vocab_size=vocab, tie_word_embeddings=False,
-                    max_position_embeddings=max_pos)
+                    num_kv_heads=kv, head_dim=head_dim or hidden // heads, vocab_size=vocab,
+                    tie_word_embeddings=False, max_position_embeddings=max_pos)
 
 
-def _llava(name, hf_id, url, text, *, image_token_id, dtype="float16", unverified="", aliases=()):
+def _llava(name, hf_id, url, text, *, image_token_id, dtype="float16", unverified="", aliases=(),
+           vision=CLIP_VIT_L_336, processor=CLIP_336_PROCESSOR):
     return ModelSpec(
         name=name, family="llava", hf_id=hf_id, source_url=url, hf_class="LlavaForConditionalGeneration",
-        vision=CLIP_VIT_L_336,
-        projector=ProjectorSpec(arch="mlp2x_gelu", in_features=1024, hidden_features=text.hidden_size,
+        vision=vision,
+        projector=ProjectorSpec(arch="mlp2x_gelu", in_features=vision.hidden_size, hidden_features=text.hidden_size,
                                 out_features=text.hidden_size),
-        text=text, processor=CLIP_336_PROCESSOR, image_token_id=image_token_id, dtype=dtype,
+        text=text, processor=processor, image_token_id=image_token_id, dtype=dtype,
         unverified=unverified, aliases=aliases,
     )
 
@@ -46,4 +58,23 @@ SPECS = [
            "https://huggingface.co/llava-hf/llava-1.5-13b-hf/blob/main/config.json",
            _llava_text(hidden=5120, inter=13824, layers=40, heads=40, kv=40, vocab=32064, max_pos=4096),
            image_token_id=32000, aliases=("liuhaotian/llava-v1.5-13b",)),
+    # https://huggingface.co/xtuner/llava-llama-3-8b-v1_1-transformers/blob/main/config.json
+    # Llama-3-8B-Instruct with the vocabulary padded to 128320 rows (128256 + added tokens, multiple of 64);
+    # <image> is 128257, <pad> 128258. Not the older xtuner/llava-llama-3-8b-v1_1-hf (vocab 128256, silu projector).
+    _llava("llava-llama-3-8b", "xtuner/llava-llama-3-8b-v1_1-transformers",
+           "https://huggingface.co/xtuner/llava-llama-3-8b-v1_1-transformers/blob/main/config.json",
+           _llava_text(hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=128320, max_pos=8192),
+           image_token_id=128257, aliases=("xtuner/llava-llama-3-8b-v1_1",),
+           unverified="config.json read from two copies naming this checkpoint (not the original file); "
+                      "hidden/layers/heads are LlamaConfig defaults the file omits"),
+    # https://huggingface.co/mistral-community/pixtral-12b/blob/main/config.json
+    _llava("pixtral-12b", "mistral-community/pixtral-12b",
+           "https://huggingface.co/mistral-community/pixtral-12b/blob/main/config.json",
+           _llava_text(hidden=5120, inter=14336, layers=40, heads=32, kv=8, vocab=131072, max_pos=1024000,
+                       arch="mistral", head_dim=128),
+           image_token_id=10, dtype="bfloat16", vision=PIXTRAL_VISION, processor=PIXTRAL_PROCESSOR,
+           aliases=("mistralai/Pixtral-12B-2409",),
+           unverified="config.json read from copies (saujasv/pixtral-12b, DewEfresh/pixtral-12b-8bit) that agree "
+                      "with Mistral's params.json; vision hidden_act is silu in some copies and gelu in others "
+                      "(no effect on memory); preprocessor_config.json not read (PixtralImageProcessor defaults)"),
 ]
