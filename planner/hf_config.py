@@ -453,6 +453,13 @@ def _sub_config(cfg: dict, key: str, defaults_by_type: dict, default_type: str, 
     return model_type, _with_defaults(sub, defaults_by_type[model_type])
 
 
+def _feature_layer(cfg: dict, default: int) -> int:
+    layer = cfg.get("vision_feature_layer", default)
+    if not isinstance(layer, int):
+        raise VlplanError(f"vision_feature_layer {layer!r}: only a single feature layer is supported")
+    return layer
+
+
 def _image_token(cfg: dict, default: int) -> int:
     """`image_token_index` or its attribute_map alias `image_token_id` (either name appears in saved files)."""
     return cfg.get("image_token_index", cfg.get("image_token_id", default))
@@ -601,9 +608,7 @@ def _read_llava(cfg: dict, *, name: str, url: str) -> ModelSpec:
         vision_types["pixtral"] = PIXTRAL_VISION_DEFAULTS
     vision_type, vc = _sub_config(cfg, "vision_config", vision_types, "clip_vision_model", "vision tower",
                                   fallback=LLAVA_VISION_FALLBACK)
-    feature_layer = cfg.get("vision_feature_layer", -2)
-    if not isinstance(feature_layer, int):
-        raise VlplanError(f"vision_feature_layer {feature_layer!r}: only a single feature layer is supported")
+    feature_layer = _feature_layer(cfg, -2)
     strategy = cfg.get("vision_feature_select_strategy", "default")
     image_size, patch = _side(vc["image_size"]), _side(vc["patch_size"])
     base = PIXTRAL_VISION if vision_type == "pixtral" else CLIP_VIT_L_336
@@ -656,7 +661,7 @@ def _read_internvl(cfg: dict, *, name: str, url: str) -> ModelSpec:
                      norm="rmsnorm" if vc["norm_type"] == "rms_norm" else "layernorm",
                      qkv_bias=bool(vc["attention_bias"]), qk_norm=bool(vc["use_qk_norm"]),
                      post_layernorm=not vc["use_mean_pooling"], mlp=_vision_mlp(vc["hidden_act"]),
-                     feature_layers=(cfg.get("vision_feature_layer", -1),))
+                     feature_layers=(_feature_layer(cfg, -1),))
     # TRAP (registry/internvl.py): transformers 5.23 defaults the top-level tie to True, but the InternVL3 checkpoints
     # are untied and their -hf configs carry no tie key; an explicit key is honoured, a missing one means untied.
     text = _text_spec(dict(t, tie_word_embeddings=_tie(cfg, False)), "qwen2", qkv_bias=True)
@@ -764,7 +769,7 @@ def _read_mllama(cfg: dict, *, name: str, url: str) -> ModelSpec:
 
 def _read_idefics3(cfg: dict, *, name: str, url: str) -> ModelSpec:
     """`idefics3` (Idefics3-8B, SmolVLM-Instruct) and `smolvlm` (SmolVLM2, SmolVLM-256M/500M): same module set."""
-    from .registry.idefics3 import _siglip
+    from .registry.idefics3 import idefics3_vision
 
     family = cfg["model_type"]
     # Idefics3Config / SmolVLMConfig build LlamaConfig(rms_norm_eps=1e-5) when text_config is missing
@@ -772,7 +777,7 @@ def _read_idefics3(cfg: dict, *, name: str, url: str) -> ModelSpec:
     _, vc = _sub_config(cfg, "vision_config", {f"{family}_vision": IDEFICS3_VISION_DEFAULTS, family:
                                                IDEFICS3_VISION_DEFAULTS}, f"{family}_vision", "vision tower")
     scale = cfg.get("scale_factor", 2)
-    vision = _siglip_vision(vc, _siglip(_side(vc["image_size"])), arch="idefics3")
+    vision = _siglip_vision(vc, idefics3_vision(_side(vc["image_size"])), arch="idefics3")
     text = _llama_family_text(t, text_type, tie=_tie(cfg, False))
     tokens = (vision.image_size // vision.patch_size) ** 2 // scale**2
     return ModelSpec(

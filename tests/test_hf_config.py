@@ -173,6 +173,10 @@ def test_unmodelled_options_are_refused(tmp_path):
     config["text_config"]["attention_bias"] = True
     write_config(tmp_path, config)
     assert "attention_bias/mlp_bias is not supported" in _error(tmp_path)
+    config = spec_to_hf_config(resolve("internvl3-2b"))
+    config["vision_feature_layer"] = [-1, -2]
+    write_config(tmp_path, config)
+    assert "only a single feature layer is supported" in _error(tmp_path)
     config = spec_to_hf_config(resolve("minicpm-v-2.6"))
     config["version"] = 2.5
     write_config(tmp_path, config)

@@ -14,14 +14,14 @@ wrapped in <fake_token_around_image><row_r_col_c>.
 from ..spec import ModelSpec, ProcessorSpec, ProjectorSpec, TextSpec, VisionSpec
 
 
-def _siglip(image_size):
+def idefics3_vision(image_size: int) -> VisionSpec:
     # Idefics3VisionConfig with the checkpoint numbers (the class defaults are 12 layers / patch 32 / 224 px)
     return VisionSpec(arch="idefics3", num_layers=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
                       patch_size=14, image_size=image_size, mlp="gelu_tanh", norm="layernorm", post_layernorm=True)
 
 
 def _idefics3(name, hf_id, url, *, image_size, scale, longest_edge, text, image_token_id, aliases=(), unverified=""):
-    vision = _siglip(image_size)
+    vision = idefics3_vision(image_size)
     return ModelSpec(
         name=name, family="idefics3", hf_id=hf_id, source_url=url, hf_class="Idefics3ForConditionalGeneration",
         vision=vision,
