@@ -207,11 +207,18 @@ def cuda_emulation(setup, *, fake: bool = True):
     """Patch torch/transformers for the duration of a trace (restored on exit)."""
     import transformers  # noqa: F401  (modeling modules must be imported before patching their globals)
 
+    from torch._subclasses import fake_tensor
+
     F.scaled_dot_product_attention = cuda_sdpa
     patched = _skip_host_checks() if fake else []
+    # Fake tensors propagate constants only up to one element; the vision index tensors (cu_seqlens of windows,
+    # split sizes) are read on the host with .tolist(), so keep small integer results constant too.
+    numel_limit = fake_tensor.CONSTANT_NUMEL_LIMIT
+    fake_tensor.CONSTANT_NUMEL_LIMIT = 1 << 16
     try:
         yield
     finally:
+        fake_tensor.CONSTANT_NUMEL_LIMIT = numel_limit
         F.scaled_dot_product_attention = _original_sdpa
         for module, original in patched:
             module.torch_compilable_check = original

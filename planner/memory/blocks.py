@@ -51,9 +51,10 @@ class Params:
         b = self.e.param(f"{name}.bias", out_features, self._dtype(trainable), trainable, component) if bias else None
         lp = LinearParams(w, out_features, b)
         if self.setup.trains[component] is Train.LORA and self.lora_targets(name):
+            # peft creates adapters in fp32 (get_peft_model autocast_adapter_dtype=True), pure bf16 included
             rank = self.setup.lora.rank
-            lp.lora_a = self.e.param(f"{name}.lora_A", rank * in_features, self.trainable_dtype, True, component)
-            lp.lora_b = self.e.param(f"{name}.lora_B", out_features * rank, self.trainable_dtype, True, component)
+            lp.lora_a = self.e.param(f"{name}.lora_A", rank * in_features, "fp32", True, component)
+            lp.lora_b = self.e.param(f"{name}.lora_B", out_features * rank, "fp32", True, component)
             lp.rank = rank
         return lp
 

@@ -85,8 +85,10 @@ def lora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, out_
     del a
     scaled = scale(e, b)
     del b
+    result_dtype = result.dtype
     out = add(e, result, scaled, name=name)
     del result, scaled
+    out = cast(e, out, result_dtype, name=name)  # `result = result.to(torch_result_dtype)`
     del xa  # peft rebinds `x` to the cast input: it lives until forward returns
     return out
 
