@@ -79,6 +79,9 @@ class TrainSetup:
     zero: int = 0
     offload: str = "none"
     max_grad_norm: float = 1.0
+    # DeepSpeed buffers (None: the HF integration's "auto" values, hidden_size**2 elements)
+    ds_reduce_bucket_size: int | None = None
+    ds_overlap_comm: bool = False
 
     def __post_init__(self) -> None:
         self._validate_choices()

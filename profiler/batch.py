@@ -16,6 +16,7 @@ from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
 from vlplan.planner.tokens import ImageTokens
 
+
 TEXT_TOKEN_ID = 100  # an ordinary text token in every family's vocabulary
 
 
@@ -27,7 +28,7 @@ class Batch:
     keepalive: list = field(default_factory=list)
 
 
-def _place_images(setup: TrainSetup, tokens: list[ImageTokens], image_token_id: int,
+def place_images(setup: TrainSetup, tokens: list[ImageTokens], image_token_id: int,
                   special: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids (batch, seq) with each image's placeholder run (wrapped in `special` start/end ids if given) and the
     mm_token_type_ids marking image tokens with 1."""
@@ -49,55 +50,6 @@ def _place_images(setup: TrainSetup, tokens: list[ImageTokens], image_token_id: 
     return ids.repeat(setup.batch_size, 1), types.repeat(setup.batch_size, 1)
 
 
-def qwen_vl_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
-    """Qwen2-VL / Qwen2.5-VL: pixel_values (sum of patches, C*T*P*P) fp32 as Qwen2VLImageProcessor returns them,
-    image_grid_thw, rope position_ids from the model's own `get_rope_index`, and the vision helper tensors."""
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
-
-    spec = setup.model
-    vision = spec.vision
-    tokens = setup.image_tokens()
-    config = model.config
-    ids, types = _place_images(setup, tokens, spec.image_token_id,
-                               (config.vision_start_token_id, config.vision_end_token_id))
-    # No attention_mask: an all-ones mask is what the collator gives unpadded samples, and transformers drops it
-    # for sdpa (masking_utils._ignore_causal_mask_sdpa); fake tensors cannot evaluate that data-dependent check.
-    batch = {"input_ids": ids, "labels": ids.clone(), "mm_token_type_ids": types}
-    if tokens:
-        grids = [[1, t.resized_height // vision.patch_size, t.resized_width // vision.patch_size] for t in tokens]
-        grid = torch.tensor(grids * setup.batch_size, dtype=torch.long)
-        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        patches = int(grid.prod(-1).sum())
-        batch["pixel_values"] = torch.empty(patches, patch_dim, dtype=torch.float32)
-        batch["image_grid_thw"] = grid
-        batch["image_position_ids"] = get_vision_position_ids(grid, vision.spatial_merge_size)
-        batch["image_cu_seqlens"] = get_vision_cu_seqlens(grid)
-        if vision.window_size:
-            index, cu_window = get_vision_window_index(grid, vision.spatial_merge_size, vision.window_size,
-                                                       vision.patch_size)
-            batch["image_window_index"] = index
-            batch["image_cu_window_seqlens"] = cu_window
-        rope_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        position_ids, _ = rope_model.model.get_rope_index(ids, types, image_grid_thw=grid)
-        batch["position_ids"] = position_ids
-    return batch
-
-
-def llava_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
-    """LLaVA-1.5: pixel_values (images, 3, 336, 336) fp32 as CLIPImageProcessor returns them."""
-    spec = setup.model
-    tokens = setup.image_tokens()
-    ids, _ = _place_images(setup, tokens, spec.image_token_id, None)
-    batch = {"input_ids": ids, "labels": ids.clone()}
-    if tokens:
-        size = spec.vision.image_size
-        batch["pixel_values"] = torch.empty(len(tokens) * setup.batch_size, spec.vision.in_channels, size, size,
-                                            dtype=torch.float32)
-    return batch
-
-
-BATCH_BUILDERS = {"qwen2_vl": qwen_vl_batch, "qwen2_5_vl": qwen_vl_batch, "llava": llava_batch}
-
 # Integer tensors whose values the model reads on the host (.tolist(), .item()): they must be constant fakes
 CONSTANT_KEYS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "image_grid_thw", "position_ids",
                  "image_position_ids", "image_cu_seqlens", "image_window_index", "image_cu_window_seqlens")
@@ -105,7 +57,11 @@ CONSTANT_KEYS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "
 
 def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
     """The batch as real CPU tensors, or as fake tensors of `fake_mode` (integer index tensors kept constant)."""
-    builder = BATCH_BUILDERS.get(setup.model.family)
+    from . import batches
+
+    if not batches.BUILDERS:
+        batches._load()
+    builder = batches.BUILDERS.get(setup.model.family)
     if builder is None:
         raise VlplanError(f"no synthetic batch for family {setup.model.family!r}")
     real = builder(setup, model)

@@ -23,7 +23,6 @@ import torch
 
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
-from vlplan.planner.spec import ModelSpec
 
 from . import build, cuda_autocast, emulate
 from .batch import synthetic_batch
@@ -57,33 +56,9 @@ class TraceResult:
     seconds: float = 0.0
 
 
-# Layer types ---------------------------------------------------------------------------------------------------------
+# Layer types: the planner's family modules define them (planner/memory/families) ----------------------------
 
-
-def layer_counts(spec: ModelSpec) -> dict[str, int]:
-    """How many layers of each type the full model has."""
-    counts = {"text": spec.text.num_layers}
-    vision = spec.vision
-    if vision.fullatt_block_indexes:
-        full = len([i for i in vision.fullatt_block_indexes if i < vision.num_layers])
-        counts["vision_window"] = vision.num_layers - full
-        counts["vision_full"] = full
-    else:
-        counts["vision"] = vision.num_layers
-    return counts
-
-
-def spec_with_layers(spec: ModelSpec, counts: dict[str, int]) -> ModelSpec:
-    """A spec with the given number of layers per type. Windowed Qwen2.5-VL blocks come first (block 0 is windowed in
-    the real model), full-attention blocks after them."""
-    text = replace(spec.text, num_layers=counts["text"])
-    vision = spec.vision
-    if "vision_full" in counts:
-        window, full = counts["vision_window"], counts["vision_full"]
-        vision = replace(vision, num_layers=window + full, fullatt_block_indexes=tuple(range(window, window + full)))
-    else:
-        vision = replace(vision, num_layers=counts["vision"])
-    return replace(spec, text=text, vision=vision)
+from vlplan.planner.memory.families import layer_counts, spec_with_layers  # noqa: E402
 
 
 # One traced run ------------------------------------------------------------------------------------------------------

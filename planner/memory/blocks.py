@@ -23,6 +23,8 @@ class LinearParams:
     lora_a: Param | None = None
     lora_b: Param | None = None
     rank: int = 0
+    in_features: int = 0
+    quant_bits: int | None = None  # QLoRA: the frozen base weight is a bitsandbytes 4/8-bit weight
 
 
 class Params:
@@ -33,7 +35,12 @@ class Params:
         self.e, self.setup = e, setup
         self.compute = {"bf16": "bf16", "pure-bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[setup.precision]
         self.trainable_dtype = "bf16" if setup.precision == "pure-bf16" else "fp32"
-
+        self.adapter_dtype = "fp32"
+        self.quant_state: list[Param] = []
+        if setup.zero:
+            # DeepSpeed (bf16/fp16 config) casts the whole module, adapters included, to the half dtype and keeps
+            # the fp32 master copy in its optimizer (runtime/engine.py `_configure_distributed_model`)
+            self.trainable_dtype = self.adapter_dtype = self.compute
     def _dtype(self, trainable: bool) -> str:
         return self.trainable_dtype if trainable else self.compute
 
@@ -47,16 +54,44 @@ class Params:
     def linear(self, component: str, name: str, in_features: int, out_features: int, bias: bool,
                layer_trainable: bool = True) -> LinearParams:
         trainable = self.full(component, layer_trainable)
-        w = self.e.param(f"{name}.weight", in_features * out_features, self._dtype(trainable), trainable, component)
+        bits = self.setup.quant_bits if (self.setup.method == "qlora" and component == LANGUAGE) else None
+        if bits:
+            w = self._quantized(component, name, in_features, out_features, bits)
+        else:
+            w = self.e.param(f"{name}.weight", in_features * out_features, self._dtype(trainable), trainable,
+                             component)
         b = self.e.param(f"{name}.bias", out_features, self._dtype(trainable), trainable, component) if bias else None
-        lp = LinearParams(w, out_features, b)
+        lp = LinearParams(w, out_features, b, in_features=in_features, quant_bits=bits)
         if self.setup.trains[component] is Train.LORA and self.lora_targets(name):
             # peft creates adapters in fp32 (get_peft_model autocast_adapter_dtype=True), pure bf16 included
             rank = self.setup.lora.rank
-            lp.lora_a = self.e.param(f"{name}.lora_A", rank * in_features, "fp32", True, component)
-            lp.lora_b = self.e.param(f"{name}.lora_B", out_features * rank, "fp32", True, component)
+            dtype = self.adapter_dtype
+            lp.lora_a = self.e.param(f"{name}.lora_A", rank * in_features, dtype, True, component, kind="adapters")
+            lp.lora_b = self.e.param(f"{name}.lora_B", out_features * rank, dtype, True, component, kind="adapters")
             lp.rank = rank
         return lp
+
+    def _quantized(self, component: str, name: str, in_features: int, out_features: int, bits: int) -> Param:
+        """A bitsandbytes quantized weight (LLaMA-Factory: NF4 with double quantization, or int8).
+
+        4-bit (bitsandbytes functional.quantize_4bit, Params4bit): packed uint8 of numel/2 bytes; absmax per 64
+        weights, itself quantized to uint8 with an fp32 absmax per 256 blocks (double quantization); a 16-entry fp32
+        NF4 code and a 256-entry fp32 code for the nested absmax. 8-bit (Int8Params): int8 weight plus an fp32 scale
+        per output row (SCB).
+        """
+        numel = in_features * out_features
+        e = self.e
+        if bits == 4:
+            w = e.param(f"{name}.weight", numel // 2, "uint8", False, component)
+            blocks = -(-numel // 64)
+            self.quant_state.append(e.param(f"{name}.absmax", blocks, "uint8", False, component))
+            self.quant_state.append(e.param(f"{name}.nested_absmax", -(-blocks // 256), "fp32", False, component))
+            self.quant_state.append(e.param(f"{name}.code", 16, "fp32", False, component))
+            self.quant_state.append(e.param(f"{name}.nested_code", 256, "fp32", False, component))
+        else:
+            w = e.param(f"{name}.weight", numel, "uint8", False, component)
+            self.quant_state.append(e.param(f"{name}.SCB", out_features, "fp32", False, component))
+        return w
 
     def lora_targets(self, name: str) -> bool:
         targets = self.setup.lora.targets
@@ -64,6 +99,11 @@ class Params:
 
 
 def apply_linear(e: Engine, x: T, lp: LinearParams, name: str = "") -> T:
+    if lp.quant_bits:
+        if lp.lora_a is None:
+            return ops.quant_linear(e, x, lp.weight, lp.in_features, lp.out_features, lp.quant_bits, name=name)
+        return ops.qlora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.in_features, lp.out_features, lp.rank,
+                                lp.quant_bits, name=name)
     if lp.lora_a is not None:
         return ops.lora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.out_features, lp.rank, lp.bias, name=name,
                                dropout=False)

@@ -93,6 +93,63 @@ def lora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, out_
     return out
 
 
+def quant_linear(e: Engine, x: T, weight: Param, in_features: int, out_features: int, bits: int,
+                 name: str = "") -> T:
+    """bitsandbytes `MatMul4Bit` / `MatMul8bitLt` on a frozen quantized weight (bitsandbytes/autograd/_functions.py).
+
+    4-bit: the weight is dequantized to the compute dtype for the matmul (a transient of in*out elements) and
+    nothing is saved; backward dequantizes it again. 8-bit: the input is cast to fp16 and quantized to int8, the
+    int32 matmul result (tokens*out*4 bytes) is dequantized; the input is saved for backward, which dequantizes the
+    weight to the input dtype.
+    """
+    tokens = x.numel // in_features
+    dtype = e.autocast or x.dtype
+    if bits == 4:
+        dequantized = e.new(in_features * out_features, dtype, name=f"{name}.dequantized")
+        out = e.new(tokens * out_features, dtype, name=name)
+        del dequantized
+        node = Node(f"matmul4bit:{name}", [x] if x.rg else [], [], [],
+                    workspace=in_features * out_features * DTYPE_BYTES[dtype])
+    else:
+        half = e.new(x.numel, "fp16", name=f"{name}.fp16") if x.dtype != "fp16" else x
+        quantized = e.new(x.numel, "uint8", name=f"{name}.int8")
+        scale_a = e.new(tokens, "fp32", name=f"{name}.SCA")
+        out32 = e.new(tokens * out_features, "int32", name=f"{name}.int32")
+        del quantized, scale_a
+        out16 = e.new(tokens * out_features, "fp16", name=f"{name}.fp16_out")
+        del out32
+        out = cast(e, out16, x.dtype, name=name) if x.dtype != "fp16" else out16
+        del out16, half
+        node = Node(f"matmul8bit:{name}", [x] if x.rg else [], [x] if x.rg else [], [],
+                    workspace=in_features * out_features * DTYPE_BYTES[x.dtype])
+    e.record(node, out)
+    return out
+
+
+def qlora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, in_features: int,
+                 out_features: int, rank: int, bits: int, name: str = "") -> T:
+    """peft `lora.bnb.Linear4bit.forward` / `Linear8bitLt.forward`: result = base_layer(x) (cloned for 4-bit);
+    under autocast the adapters see x as is (`requires_conversion = not torch.is_autocast_enabled()`), otherwise x
+    is cast to the adapter dtype and the output cast back."""
+    result = quant_linear(e, x, base, in_features, out_features, bits, name=f"{name}.base")
+    if bits == 4:
+        cloned = _copy(e, result, result.numel, f"{name}.clone")
+        del result
+        result = cloned
+    convert = e.autocast is None
+    xa = cast(e, x, lora_a.dtype, name=f"{name}.lora_in") if convert else x
+    a = linear(e, xa, lora_a, rank, name=f"{name}.lora_A")
+    b = linear(e, a, lora_b, out_features, name=f"{name}.lora_B")
+    del a
+    scaled = scale(e, b)
+    del b
+    if convert:
+        scaled = cast(e, scaled, result.dtype, name=f"{name}.lora_out")
+    out = add(e, result, scaled, name=name)
+    del result, scaled, xa
+    return out
+
+
 def dropout_op(e: Engine, x: T) -> T:
     """F.dropout(p > 0) in training: output and a bool mask (saved)."""
     mask = e.new(x.numel, "bool", name=f"{x.name}:dropout_mask")

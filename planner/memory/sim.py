@@ -104,6 +104,7 @@ class Node:
     out_numel: int = 0
     out_dtype: str = "bf16"
     recompute: object = None  # checkpoint nodes: a callable re-running the segment on a detached input
+    scope: str = "language"
 
 
 class Engine:
@@ -122,7 +123,8 @@ class Engine:
         self.autocast: str | None = None  # "bf16"/"fp16" inside the autocast region
         self.cast_cache: dict[int, T] = {}
         self.params: list[Param] = []
-        self.causal_mask: T | None = None
+        self.scope = "language"  # the component whose code runs now: names activation/temporary categories
+        self.reduce_grads = False  # DeepSpeed ZeRO: gradients are reduced into buckets as they are produced
 
     # Accounting -----------------------------------------------------------------------------------------------
     def _alloc(self, storage: Storage) -> None:
@@ -150,13 +152,16 @@ class Engine:
 
     # Tensors ----------------------------------------------------------------------------------------------------
     def new(self, numel: int, dtype: str, rg: bool = False, name: str = "", category: str | None = None) -> T:
-        category = category or ("activations" if self.phase in ("forward", "loss") else "temporaries")
+        if category is None:
+            kind = "activations" if self.phase in ("forward", "loss") else "temporaries"
+            category = f"{kind}/{self.scope}"
         storage = Storage(self, numel * DTYPE_BYTES[dtype], category, name)
         return T(numel, dtype, rg and self.grad_enabled, storage, name)
 
-    def param(self, name: str, numel: int, dtype: str, trainable: bool, component: str) -> Param:
+    def param(self, name: str, numel: int, dtype: str, trainable: bool, component: str,
+              kind: str = "weights") -> Param:
         p = Param(name, numel, dtype, trainable, component)
-        storage = Storage(self, numel * DTYPE_BYTES[dtype], "parameters", name)
+        storage = Storage(self, numel * DTYPE_BYTES[dtype], f"{kind}/{component}", name)
         p.tensor = T(numel, dtype, trainable, storage, name)
         self.params.append(p)
         return p
@@ -164,6 +169,7 @@ class Engine:
     def record(self, node: Node, out: T) -> None:
         """Attach an autograd node to `out` when grad mode is on and something needs a gradient."""
         if self.grad_enabled and (node.inputs or node.params):
+            node.scope = self.scope
             node.inputs = [Edge(t) for t in node.inputs]
             # a node saving its own output keeps only the data (torch's SavedVariable for outputs avoids the cycle)
             node.saved = [t.view() if t is out else t for t in node.saved]
@@ -191,6 +197,7 @@ class Engine:
             if out_grad is None:
                 node.saved.clear()
                 continue
+            self.scope = node.scope
             if node.recompute is not None:
                 self._recompute(node, out_grad, grads)
                 del out_grad
@@ -229,8 +236,12 @@ class Engine:
     def _param_grad(self, p: Param, via: str | None) -> None:
         """The weight gradient, computed in `via` (half precision under autocast) and accumulated into `.grad`."""
         temp = self.new(p.numel, via, name=f"wgrad:{p.name}") if via and via != p.dtype else None
+        if self.reduce_grads:
+            grad = self.new(p.numel, p.dtype, name=f"grad:{p.name}")  # reduced into the IPG bucket, then freed
+            del grad, temp
+            return
         if p.grad is None:
-            p.grad = self.new(p.numel, p.dtype, name=f"grad:{p.name}", category="gradients")
+            p.grad = self.new(p.numel, p.dtype, name=f"grad:{p.name}", category=f"gradients/{p.component}")
         else:
             extra = self.new(p.numel, p.dtype, name=f"grad:{p.name}")  # new grad, then added in place
             del extra

@@ -1,0 +1,120 @@
+"""Qwen2-VL and Qwen2.5-VL (transformers models/qwen2_vl, models/qwen2_5_vl)."""
+
+from __future__ import annotations
+
+from ...modules import VISION
+from ...setup import TrainSetup
+from .. import ops
+from ..model import BaseModel, segment_attention
+from ..sim import Engine, Node, T
+from ..vision import QwenMerger, QwenVisionBlock
+
+
+class QwenVLModel(BaseModel):
+    """Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration."""
+
+    def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
+        super().__init__(e, setup, counts)
+        v = setup.model.vision
+        self.images = setup.image_tokens()
+        if counts and "vision_full" in counts:
+            window, full = counts["vision_window"], counts["vision_full"]
+            kinds = [False] * window + [True] * full
+        elif counts and "vision" in counts:
+            kinds = [True] * counts["vision"]
+        else:
+            kinds = [(not v.fullatt_block_indexes) or i in v.fullatt_block_indexes for i in range(v.num_layers)]
+        self.patch_embed = e.param("vision.patch_embed", v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+                                   * v.hidden_size, self.p._dtype(self.p.full(VISION)), self.p.full(VISION), VISION)
+        self.blocks = [QwenVisionBlock(self.p, i, full) for i, full in enumerate(kinds)]
+        self.merger = QwenMerger(self.p)
+
+    def inputs(self, e: Engine) -> dict[str, T]:
+        v = self.setup.model.vision
+        inputs = self.text_inputs(e)
+        inputs["mm_token_type_ids"] = e.new(self.tokens, "int32", name="mm_token_type_ids", category="inputs/batch")
+        patches = sum(t.vision_patches for t in self.images) * self.batch
+        if patches:
+            patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+            inputs["pixel_values"] = e.new(patches * patch_dim, "fp32", name="pixel_values", category="inputs/batch")
+            n = len(self.images) * self.batch
+            inputs["image_grid_thw"] = e.new(n * 3, "int64", name="image_grid_thw", category="inputs/batch")
+            inputs["position_ids"] = e.new(3 * self.tokens, "int64", name="position_ids", category="inputs/batch")
+            inputs["image_position_ids"] = e.new(patches * 2, "int64", name="vision_position_ids",
+                                                 category="inputs/batch")
+            inputs["image_cu_seqlens"] = e.new(n + 1, "int32", name="cu_seqlens", category="inputs/batch")
+            if v.window_size:
+                windows = window_segments(self.images, v, self.batch)
+                inputs["image_window_index"] = e.new(patches // 4, "int64", name="window_index", category="inputs/batch")
+                inputs["image_cu_window_seqlens"] = e.new(len(windows) + 1, "int32", name="cu_window_seqlens",
+                                                          category="inputs/batch")
+        return inputs
+
+    def encode(self, e: Engine, inputs: dict[str, T]) -> T:
+        x = self.embed_tokens(e)
+        if not self.images:
+            return x
+        e.scope = "vision"
+        v = self.setup.model.vision
+        patches = sum(t.vision_patches for t in self.images) * self.batch
+        # get_image_features: pixel_values.type(self.visual.dtype); PatchEmbed casts to the conv weight dtype
+        pixels = ops.cast(e, inputs["pixel_values"], self.patch_embed.dtype, name="pixel_values:cast")
+        hidden = e.new(patches * v.hidden_size, e.autocast or self.patch_embed.dtype, name="patch_embed")
+        saved = [ops.input_for_matmul(e, pixels)] if self.patch_embed.trainable else []
+        e.record(Node("conv3d", [], saved, [self.patch_embed] if self.patch_embed.trainable else []), hidden)
+        del pixels, saved
+        ctx = VisionContext(patches, self.images, v, self.batch, segment_attention(self.setup))
+        ctx.cos = e.new(patches * v.head_dim, "fp32", name="vision.cos")
+        ctx.sin = e.new(patches * v.head_dim, "fp32", name="vision.sin")
+        for block in self.blocks:
+            hidden = self._run_layer(e, block, hidden, ctx)
+        del ctx
+        e.scope = "projector"
+        merged = self.merger(e, hidden, patches)
+        # get_image_features splits per image; forward cats them and casts to the text embeddings' dtype
+        cat = e.new(merged.numel, merged.dtype, name="image_embeds")
+        e.record(Node("cat", [merged] if merged.rg else [], [], []), cat)
+        image_embeds = ops.cast(e, cat, x.dtype, name="image_embeds:cast")
+        e.scope = "language"
+        mask = e.new(self.tokens, "bool", name="image_mask")
+        out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
+        inputs_ = [t for t in (x, image_embeds) if t.rg]
+        e.record(Node("masked_scatter", inputs_, [mask] if inputs_ else [], []), out)
+        # The vision outputs (last_hidden_state, pooler_output) and image_embeds stay referenced until the
+        # language model returns (mm_encoder_outputs / image_embeds locals of Qwen2VLModel.forward)
+        self._keep = (hidden, merged, cat, image_embeds)
+        del mask
+        return out
+
+    def language(self, e: Engine, x: T) -> T:
+        out = super().language(e, x)
+        self._keep = None
+        return out
+
+
+class VisionContext:
+    def __init__(self, tokens: int, images, v, batch: int, attention) -> None:
+        self.tokens = tokens
+        self.segments = [t.vision_patches for t in images] * batch
+        self.window_segments = window_segments(images, v, batch) if v.window_size else self.segments
+        self.attention_segments = attention
+        self.cos = self.sin = None
+
+
+def window_segments(images, v, batch: int) -> list[int]:
+    """transformers vision_utils.get_vision_window_index: windows of window_size // merge // patch merged units,
+    the grid padded up to whole windows; each window holds up to (8x8) patches of one image."""
+    unit = v.window_size // v.spatial_merge_size // v.patch_size
+    merge = v.spatial_merge_size ** 2
+    segments = []
+    for image in images:
+        gh = image.resized_height // v.patch_size // v.spatial_merge_size
+        gw = image.resized_width // v.patch_size // v.spatial_merge_size
+        rows = [min(unit, gh - r) for r in range(0, gh, unit)]
+        cols = [min(unit, gw - c) for c in range(0, gw, unit)]
+        segments += [r * c * merge for r in rows for c in cols]
+    return segments * batch
+
+
+
+MODELS = {"qwen2_vl": QwenVLModel, "qwen2_5_vl": QwenVLModel}

@@ -1,0 +1,198 @@
+"""What every family shares: token embedding, the language-model stack (with LLaMA-Factory's gradient
+checkpointing), the final norm, lm_head and the loss as the HF Trainer computes it (see sim.py for the engine)."""
+
+from __future__ import annotations
+
+from ..modules import LANGUAGE, VISION
+from ..setup import Train, TrainSetup
+from ..spec import ModelSpec
+from . import ops
+from .blocks import Context, LlamaLayer, Params
+from .sim import Engine, Node, T
+
+
+# Attention callables (sdpa -> CUDA fused kernel, eager -> transformers eager_attention_forward) -----------------------
+
+
+class LMAttention:
+    """Attention of the language model: sdpa -> the CUDA fused kernel, eager -> transformers
+    eager_attention_forward with the (batch, 1, seq, seq) causal mask."""
+
+    def __init__(self, setup: TrainSetup, batch: int, seq: int) -> None:
+        self.setup, self.batch, self.seq = setup, batch, seq
+        self.mask: T | None = None
+
+    def __call__(self, e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, name: str) -> T:
+        if self.setup.attn == "eager":
+            return ops.eager_attention(e, q, k, v, heads, kv_heads, self.seq, self.seq, self.batch, self.mask,
+                                       name=name)
+        if e.autocast:
+            q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
+        if q.dtype == "fp32":
+            # fp32 without autocast: no fused kernel takes fp32 with GQA; torch falls back to the math kernel
+            return ops.eager_attention(e, q, k, v, heads, kv_heads, self.seq, self.seq, self.batch, None, name=name)
+        return ops.fused_attention(e, q, k, v, heads, self.batch * self.seq, name=name)
+
+
+def segment_attention(setup: TrainSetup):
+    """Vision attention over packed images: one attention call per image (or window), outputs concatenated."""
+
+    def attention(e: Engine, q: T, k: T, v: T, heads: int, segments: list[int], name: str) -> T:
+        d = q.numel // sum(segments)
+        outs = []
+        if e.autocast:
+            q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
+        for length in segments:
+            qs, ks, vs = (t.view(length * d) for t in (q, k, v))
+            if setup.attn == "eager" or qs.dtype == "fp32":
+                outs.append(ops.eager_attention(e, qs, ks, vs, heads, heads, length, length, 1, None, name=name))
+            else:
+                out = ops.fused_attention(e, qs, ks, vs, heads, length, name=name)
+                outs.append(out)
+        del qs, ks, vs
+        cat = e.new(q.numel, q.dtype, name=f"{name}.cat")
+        e.record(Node("cat", [o for o in outs if o.rg], [], []), cat)
+        return cat
+    return attention
+
+
+class BaseModel:
+    """Shared pieces: token embedding, language stack with optional checkpointing, final norm, lm_head and loss."""
+
+    def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
+        self.e, self.setup = e, setup
+        self.p = Params(e, setup)
+        spec = setup.model
+        t = spec.text
+        text_layers = (counts or {}).get("text", t.num_layers)
+        self.batch, self.seq = setup.batch_size, setup.seq_len
+        self.tokens = self.batch * self.seq
+        first_trainable = text_layers - setup.freeze_trainable_layers if setup.method == "freeze" else 0
+        lm_full = setup.trains[LANGUAGE] is Train.FULL and setup.method != "freeze"
+        self.embed = e.param("language.embed_tokens", (t.vocab_size + t.extra_embedding_rows) * t.hidden_size,
+                             self.p._dtype(lm_full), lm_full, LANGUAGE)
+        self.layers = [LlamaLayer(self.p, i, trainable=i >= first_trainable) for i in range(text_layers)]
+        self.norm = self.p.vector(LANGUAGE, "language.norm", t.hidden_size, lm_full)
+        self.lm_head = None
+        if not t.tie_word_embeddings:
+            self.lm_head = e.param("lm_head.weight", t.vocab_size * t.hidden_size, self.p._dtype(lm_full), lm_full,
+                                   LANGUAGE)
+
+    # Inputs -------------------------------------------------------------------------------------------------------
+    def text_inputs(self, e: Engine) -> dict[str, T]:  # noqa: D401
+        """input_ids and labels (int64), as the collator gives them; no attention mask (see profiler/batch.py)."""
+        return {"input_ids": e.new(self.tokens, "int64", name="input_ids", category="inputs/batch"),
+                "labels": e.new(self.tokens, "int64", name="labels", category="inputs/batch")}
+
+    # Language model -------------------------------------------------------------------------------------------------
+    def embed_tokens(self, e: Engine) -> T:
+        """nn.Embedding: saves the indices (already an input)."""
+        out = e.new(self.tokens * self.setup.model.text.hidden_size, self.embed.dtype, name="inputs_embeds")
+        e.record(Node("embedding", [], [], [self.embed] if self.embed.trainable else []), out)
+        return out
+
+    def rotary(self, e: Engine, x: T) -> tuple[T, T]:
+        """Rotary embedding tables: cos and sin of (batch, seq, head_dim), cast to the hidden states' dtype."""
+        hd = self.setup.model.text.head_dim
+        cos = e.new(self.tokens * hd, x.dtype, name="cos")
+        sin = e.new(self.tokens * hd, x.dtype, name="sin")
+        return cos, sin
+
+    def language(self, e: Engine, x: T) -> T:
+        ctx = Context(tokens=self.tokens, attention=LMAttention(self.setup, self.batch, self.seq))
+        ctx.cos, ctx.sin = self.rotary(e, x)
+        if self.setup.attn == "eager":
+            # masking_utils.create_causal_mask for eager: a (batch, 1, seq, seq) additive mask in the hidden dtype;
+            # checkpointed layers keep it (and the RoPE tables) in their saved forward arguments until backward
+            ctx.attention.mask = e.new(self.batch * self.seq * self.seq, x.dtype, name="causal_mask")
+        for layer in self.layers:
+            x = self._run_layer(e, layer, x, ctx)
+        del ctx
+        # `hidden_states = self.norm(hidden_states)`: the last layer's output dies here unless saved
+        return ops.rms_norm(e, x, self.norm, self.tokens, name="norm")
+
+    def _run_layer(self, e: Engine, layer, x: T, ctx) -> T:
+        """A layer, checkpointed (reentrant, only layers with trainable parameters; LLaMA-Factory's
+        `get_custom_gradient_checkpointing_func`) when gradient checkpointing is on."""
+        if not (self.setup.gradient_checkpointing and layer.has_trainable):
+            return layer(e, x, ctx)
+        x.rg = True  # `arg.requires_grad_(True)` on the hidden states
+        was = e.grad_enabled
+        e.grad_enabled = False
+        out = layer(e, x, ctx)
+        e.grad_enabled = was
+        out.rg = False
+        node = Node("checkpoint", [x], [x], [])
+        node.recompute = lambda leaf, layer=layer, ctx=ctx: layer(e, leaf, ctx)
+        e.record(node, out)
+        return out
+
+    def loss(self, e: Engine, hidden: T) -> T:
+        """lm_head; ForCausalLMLoss: logits.float(), cross_entropy (log_softmax + nll_loss); then
+        accelerate's convert_outputs_to_fp32 makes an fp32 copy of the logits at the end of forward."""
+        t = self.setup.model.text
+        h = hidden  # outputs.last_hidden_state: alive until the outputs are dropped
+        del hidden
+        e.set_phase("loss")
+        e.scope = "loss"
+        head = self.lm_head or self.embed
+        logits = ops.linear(e, h, head, t.vocab_size, name="logits")
+        logits32 = ops.cast(e, logits, "fp32", name="logits.float")
+        labels = e.new(self.tokens + self.batch, "int64", name="labels_pad")
+        shifted = e.new(self.tokens, "int64", name="shift_labels")
+        del labels
+        logp = e.new(logits32.numel, "fp32", name="log_softmax")
+        e.record(Node("log_softmax", [logits32] if logits32.rg else [], [logp], []), logp)
+        del logits32
+        loss = e.new(1, "fp32", name="loss")
+        total_weight = e.new(1, "fp32", name="total_weight")
+        e.record(Node("nll_loss", [logp] if logp.rg else [], [shifted, total_weight], []), loss)
+        del logp, shifted, total_weight
+        if e.autocast:
+            converted = e.new(logits.numel, "fp32", name="logits:fp32_output")
+            del converted
+        del logits, h  # the model output (last_hidden_state, logits) is dropped after compute_loss
+        e.scope = "language"
+        return loss
+
+    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
+        # accelerate autocasts the forward for bf16/fp16 AMP; under DeepSpeed the module itself is half precision
+        e.autocast = None if self.setup.zero else {"bf16": "bf16", "fp16": "fp16"}.get(self.setup.precision)
+        e.cast_cache = {}
+        hidden = self.encode(e, inputs)
+        hidden = self.language(e, hidden)  # Qwen2VLModel.forward keeps inputs_embeds referenced meanwhile
+        loss = self.loss(e, hidden)
+        del hidden
+        e.cast_cache = {}
+        e.autocast = None
+        return loss
+
+
+
+
+def layer_counts(spec: ModelSpec) -> dict[str, int]:
+    """Layers of each type in the full model (the tracer extrapolates from a few of each)."""
+    counts = {"text": spec.text.num_layers}
+    vision = spec.vision
+    if vision.fullatt_block_indexes:
+        full = len([i for i in vision.fullatt_block_indexes if i < vision.num_layers])
+        counts["vision_window"] = vision.num_layers - full
+        counts["vision_full"] = full
+    else:
+        counts["vision"] = vision.num_layers
+    return counts
+
+
+def spec_with_layers(spec: ModelSpec, counts: dict[str, int]) -> ModelSpec:
+    """A spec with the given number of layers per type. Windowed Qwen2.5-VL blocks come first (block 0 is windowed in
+    the real model), full-attention blocks after them."""
+    from dataclasses import replace
+
+    text = replace(spec.text, num_layers=counts["text"])
+    vision = spec.vision
+    if "vision_full" in counts:
+        window, full = counts["vision_window"], counts["vision_full"]
+        vision = replace(vision, num_layers=window + full, fullatt_block_indexes=tuple(range(window, window + full)))
+    else:
+        vision = replace(vision, num_layers=counts["vision"])
+    return replace(spec, text=text, vision=vision)
