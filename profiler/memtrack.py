@@ -77,6 +77,7 @@ class MemoryTracker(TorchDispatchMode):
         self._pending: Snapshot | None = None  # the phase snapshot whose maximum is the current state
         self.module_stack: list[str] = []
         self.paused = False  # emulations compute values without counting the CPU kernels' buffers
+        self.scope_of = None  # module name -> scope name for default categories
         self._by_category: dict[str, int] = defaultdict(int)
         self._by_module: dict[str, int] = defaultdict(int)
         self._by_phase: dict[str, int] = defaultdict(int)
@@ -99,7 +100,14 @@ class MemoryTracker(TorchDispatchMode):
 
     # Registration ---------------------------------------------------------------------------------------------
     def default_category(self) -> str:
-        return "activations" if self._phase in ("forward", "loss") else "temporaries"
+        """activations/<scope> in forward and loss, temporaries/<scope> in backward and the optimizer step; the scope
+        is `scope_of(module)` (e.g. the component owning the running module) or the phase."""
+        kind = "activations" if self._phase in ("forward", "loss") else "temporaries"
+        if self._phase == "loss":
+            return f"{kind}/loss"
+        module = self.module_stack[-1] if self.module_stack else ""
+        scope = self.scope_of(module) if (module and self.scope_of) else self._phase
+        return f"{kind}/{scope}"
 
     def track(self, tensor: torch.Tensor, category: str | None = None) -> None:
         """Register (or re-tag, when `category` is given) the storage behind `tensor`."""

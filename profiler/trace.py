@@ -16,6 +16,7 @@ traces of small models.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field, replace
 
@@ -46,14 +47,55 @@ class StepTrace:
 
 @dataclass
 class TraceResult:
+    """The same fields as the estimator's `Estimate`, measured: live-tensor bytes per phase and category."""
+
+    setup: TrainSetup
     allocated_peak_bytes: int
+    peak_bytes: int
     peak_phase: str
+    breakdown_bytes: dict[str, int]
     by_category: dict[str, int]
     by_module: dict[str, int]
-    phase_peaks_bytes: dict[str, int]
+    phase_allocated_bytes: dict[str, int]
     layers_traced: list[dict[str, int]] = field(default_factory=list)
     extrapolated: bool = False
     seconds: float = 0.0
+
+    @classmethod
+    def from_snapshots(cls, setup, phases: dict[str, Snapshot], layers_traced, extrapolated, seconds):
+        from vlplan.planner.memory import overheads
+
+        allocated = {phase: snap.total_bytes for phase, snap in phases.items()}
+        peak_phase = max(allocated, key=allocated.get)
+        snap = phases[peak_phase]
+        breakdown = {k: v for k, v in snap.by_category.items() if v}
+        transient = sum(v for k, v in breakdown.items() if k.startswith(("activations/", "temporaries/")))
+        breakdown["cuda/context"] = overheads.CUDA_CONTEXT_BYTES
+        breakdown["cuda/cublas_workspace"] = overheads.cublas_workspace_bytes(setup.gpu.name)
+        breakdown["cuda/allocator_reserve"] = int(transient * overheads.ALLOCATOR_FRAGMENTATION)
+        by_category: dict[str, int] = {}
+        for key, value in snap.by_category.items():
+            by_category[key.split("/")[0]] = by_category.get(key.split("/")[0], 0) + value
+        return cls(setup, snap.total_bytes, sum(breakdown.values()), peak_phase, breakdown, by_category,
+                   dict(snap.by_module), allocated, layers_traced, extrapolated, seconds)
+
+    def to_dict(self) -> dict:
+        from vlplan.planner.memory.estimate import param_summary
+
+        params, trainable = param_summary(self.setup)
+        return {
+            "model": self.setup.model.name, "settings": self.setup.describe(), "params": params,
+            "trainable_params": trainable,
+            "tokens": {"vision_tokens_per_sample": self.setup.vision_tokens_per_sample,
+                       "vision_patches_per_sample": self.setup.vision_patches_per_sample,
+                       "seq_len": self.setup.seq_len},
+            "peak_bytes": self.peak_bytes, "allocated_peak_bytes": self.allocated_peak_bytes,
+            "peak_phase": self.peak_phase, "phase_allocated_bytes": self.phase_allocated_bytes,
+            "breakdown_bytes": self.breakdown_bytes, "by_category": self.by_category, "by_module": self.by_module,
+            "gpu": {"name": self.setup.gpu.name, "memory_bytes": self.setup.gpu.memory_bytes},
+            "fits": self.peak_bytes <= self.setup.gpu.memory_bytes,
+            "layers_traced": self.layers_traced, "extrapolated": self.extrapolated, "seconds": self.seconds,
+        }
 
 
 # Layer types: the planner's family modules define them (planner/memory/families) ----------------------------
@@ -62,6 +104,19 @@ from vlplan.planner.memory.families import layer_counts, spec_with_layers  # noq
 
 
 # One traced run ------------------------------------------------------------------------------------------------------
+
+
+def _component(family: str, name: str) -> str:
+    """vision / projector / language for a (peft-wrapped) transformers module or parameter name."""
+    from vlplan.planner.modules import component_of
+
+    name = name.removeprefix("base_model.model.")
+    for marker in (".base_layer", ".lora_A", ".lora_B", ".lora_magnitude_vector"):
+        name = name.split(marker)[0]
+    try:
+        return component_of(family, name)
+    except Exception:  # the top-level model (embedding lookup, image-feature scatter) belongs to the language side
+        return "language"
 
 
 def _phase_hooks(model, tracker: MemoryTracker) -> list:
@@ -99,12 +154,15 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
             optimizer = build.make_optimizer(model, setup, emulate_cuda=True)
         batch = synthetic_batch(replace(setup, model=spec), model, mode if fake else None)
         tracker = MemoryTracker(detail=detail)
+        tracker.scope_of = functools.partial(_component, setup.model.family)
         emulate.set_tracker(tracker)
         handles = track_modules(model, tracker) + _phase_hooks(model, tracker)
         trainable = [p for p in model.parameters() if p.requires_grad]
+        names = {id(p): n for n, p in model.named_parameters()}
         for param in trainable:
+            category = f"gradients/{_component(setup.model.family, names[id(param)])}"
             handles.append(param.register_post_accumulate_grad_hook(
-                lambda p: tracker.track(p.grad, "gradients")))
+                lambda p, category=category: tracker.track(p.grad, category)))
         phase_peaks = _run_steps(setup, model, optimizer, batch, tracker, trainable, steps, mode)
         for handle in handles:
             handle.remove()
@@ -131,9 +189,13 @@ def _run_steps(setup, model, optimizer, batch, tracker, trainable, steps, mode) 
     forward = _trainer_forward(model, autocast)
     micro_steps = min(setup.gradient_accumulation_steps, 2)
     with mode, tracker:
-        tracker.tag(model.parameters(), "parameters")
-        tracker.tag(model.buffers(), "parameters")
-        tracker.tag(batch.tensors.values(), "inputs")
+        family = setup.model.family
+        for name, param in model.named_parameters():
+            kind = "adapters" if "lora_" in name else "weights"
+            tracker.track(param, f"{kind}/{_component(family, name)}")
+        for name, buf in model.named_buffers():
+            tracker.track(buf, f"weights/{_component(family, name)}")
+        tracker.tag(batch.tensors.values(), "inputs/batch")
         for step in range(steps):
             if step == steps - 1:
                 tracker.reset_peak()  # report the steady state: optimizer states exist from the first step on
@@ -148,7 +210,53 @@ def _run_steps(setup, model, optimizer, batch, tracker, trainable, steps, mode) 
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for state in optimizer.state.values():
-                tracker.tag([v for v in state.values() if isinstance(v, torch.Tensor)], "optimizer_states")
+                for value in state.values():
+                    if isinstance(value, torch.Tensor):
+                        kind = "step_counters" if value.dim() == 0 else "adam_states"
+                        tracker.track(value, f"optimizer/{kind}")
             tracker.phase = "idle"
         tracker.snapshot_peak()
         return {phase: snap for phase, snap in tracker.phase_snapshots.items() if phase in PHASES}
+
+
+# Extrapolated traces ---------------------------------------------------------------------------------------------------
+
+BASE_LAYERS = {"text": 2, "vision": 2, "vision_window": 2, "vision_full": 1}
+
+
+def _base_counts(full: dict[str, int], base: int | None) -> dict[str, int]:
+    counts = {}
+    for kind, n in full.items():
+        wanted = base if base is not None else BASE_LAYERS.get(kind, 2)
+        counts[kind] = min(n, max(wanted, 1))
+    return counts
+
+
+def trace(setup: TrainSetup, *, layers: int | None = None, full: bool = False) -> "TraceResult":
+    """Trace the setup's training step; unless `full`, run `layers` (default 2) layers of each type plus one more of
+    each type, and extrapolate every phase's peak and breakdown linearly to the real layer counts."""
+    start = time.perf_counter()
+    real = layer_counts(setup.model)
+    base = real if full else _base_counts(real, layers)
+    runs = [run_trace(setup, base)]
+    slopes = {}
+    for kind, n in real.items():
+        if n > base[kind]:
+            bigger = dict(base, **{kind: base[kind] + 1})
+            slopes[kind] = (n - base[kind], run_trace(setup, bigger))
+    phase_snaps = {}
+    for phase, snap in runs[0].phase_peaks.items():
+        total, categories, modules = snap.total_bytes, dict(snap.by_category), dict(snap.by_module)
+        for kind, (extra, run) in slopes.items():
+            other = run.phase_peaks[phase]
+            total += extra * (other.total_bytes - snap.total_bytes)
+            for key in set(categories) | set(other.by_category):
+                categories[key] = categories.get(key, 0) + extra * (other.by_category.get(key, 0)
+                                                                    - snap.by_category.get(key, 0))
+            for key in set(modules) | set(other.by_module):
+                modules[key] = modules.get(key, 0) + extra * (other.by_module.get(key, 0) - snap.by_module.get(key, 0))
+        phase_snaps[phase] = Snapshot(total, phase, {k: v for k, v in categories.items() if v},
+                                      {k: v for k, v in modules.items() if v})
+    layers_traced = [runs[0].layers] + [run.layers for _, run in slopes.values()]
+    return TraceResult.from_snapshots(setup, phase_snaps, layers_traced, bool(slopes),
+                                      time.perf_counter() - start)

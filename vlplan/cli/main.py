@@ -1,0 +1,22 @@
+"""The `vlplan` command: thin wrappers that parse, call one library function and render."""
+
+from __future__ import annotations
+
+import typer
+
+from .estimate import estimate_command
+from .gpus import gpus_command
+from .models import models_command
+from .tokens import tokens_command
+from .trace import trace_command
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Plan, prove and launch vision-language model fine-tunes.")
+app.command("estimate")(estimate_command)
+app.command("trace")(trace_command)
+app.command("tokens")(tokens_command)
+app.command("models")(models_command)
+app.command("gpus")(gpus_command)
+
+if __name__ == "__main__":
+    app()
