@@ -93,6 +93,24 @@ def _fixed(p: ProcessorSpec, width: int, height: int) -> tuple[int, int, int, in
 
 
 _RULES = {"qwen_smart_resize": _qwen, "fixed": _fixed}
+
+
+def _rules() -> dict:
+    """The built-in rules plus those of planner/token_rules/*.py (each module exports `RULES = {name: fn}` with
+    fn(processor_spec, width, height) -> (resized_width, resized_height, vision_patches, llm_tokens, views))."""
+    if not _LOADED:
+        import importlib
+        import pkgutil
+
+        from . import token_rules
+
+        for info in pkgutil.iter_modules(token_rules.__path__):
+            _RULES.update(importlib.import_module(f"{token_rules.__name__}.{info.name}").RULES)
+        _LOADED.append(True)
+    return _RULES
+
+
+_LOADED: list = []
 # Families whose LLaMA-Factory plugin applies the Qwen pre-resize on top of the generic one
 _QWEN_PLUGIN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
@@ -102,7 +120,7 @@ def image_tokens(spec: ModelSpec, width: int, height: int, *, image_max_pixels: 
     """Patches and tokens of one W x H image after LLaMA-Factory's pre-resize (pass None to skip it)."""
     if width <= 0 or height <= 0:
         raise VlplanError(f"image size must be positive, got {width}x{height}")
-    rule = _RULES.get(spec.processor.rule)
+    rule = _rules().get(spec.processor.rule)
     if rule is None:
         raise VlplanError(f"no image-token rule {spec.processor.rule!r} for {spec.name}")
     w, h = llamafactory_preresize(width, height, image_max_pixels, image_min_pixels)
