@@ -116,16 +116,20 @@ _QWEN_PLUGIN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def image_tokens(spec: ModelSpec, width: int, height: int, *, image_max_pixels: int | None = LF_IMAGE_MAX_PIXELS,
-                 image_min_pixels: int | None = LF_IMAGE_MIN_PIXELS) -> ImageTokens:
-    """Patches and tokens of one W x H image after LLaMA-Factory's pre-resize (pass None to skip it)."""
+                 image_min_pixels: int | None = LF_IMAGE_MIN_PIXELS, llamafactory: bool = True) -> ImageTokens:
+    """Patches and tokens of one W x H image after LLaMA-Factory's preprocessing (its pre-resize to
+    `image_max_pixels`/`image_min_pixels` and the plugin's own fixes), then the processor's rule.
+    `llamafactory=False`: the transformers processor alone, as in plain transformers training."""
     if width <= 0 or height <= 0:
         raise VlplanError(f"image size must be positive, got {width}x{height}")
     rule = _rules().get(spec.processor.rule)
     if rule is None:
         raise VlplanError(f"no image-token rule {spec.processor.rule!r} for {spec.name}")
-    w, h = llamafactory_preresize(width, height, image_max_pixels, image_min_pixels)
-    if spec.family in _QWEN_PLUGIN_FAMILIES:
-        w, h = qwen_plugin_preresize(w, h)
+    w, h = width, height
+    if llamafactory:
+        w, h = llamafactory_preresize(width, height, image_max_pixels, image_min_pixels)
+        if spec.family in _QWEN_PLUGIN_FAMILIES:
+            w, h = qwen_plugin_preresize(w, h)
     rw, rh, patches, tokens, views = rule(spec.processor, w, h)
     return ImageTokens(width, height, rw, rh, patches, tokens, spec.processor.special_tokens_per_image, views)
 
