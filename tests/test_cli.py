@@ -129,7 +129,7 @@ def test_vision_tokens_over_seq_len_suggests_fix():
     result = run("estimate", "--model", "qwen2.5-vl-7b", "--seq-len", "1024", "--images", "4", "--image-size",
                  "1920x1080")
     assert result.exit_code == 2
-    assert "3116 tokens" in result.stderr and "image_max_pixels" in result.stderr
+    assert "3116 tokens" in result.stderr and "--image-max-pixels" in result.stderr
 
 
 def test_bad_local_config(tmp_path):
