@@ -97,7 +97,8 @@ _RULES = {"qwen_smart_resize": _qwen, "fixed": _fixed}
 
 def _rules() -> dict:
     """The built-in rules plus those of planner/token_rules/*.py (each module exports `RULES = {name: fn}` with
-    fn(processor_spec, width, height) -> (resized_width, resized_height, vision_patches, llm_tokens, views))."""
+    fn(processor_spec, width, height) -> (resized_width, resized_height, vision_patches, llm_tokens, views), or with a
+    sixth value, the special tokens of that image, when they depend on its size)."""
     if not _LOADED:
         import importlib
         import pkgutil
@@ -130,8 +131,10 @@ def image_tokens(spec: ModelSpec, width: int, height: int, *, image_max_pixels: 
         w, h = llamafactory_preresize(width, height, image_max_pixels, image_min_pixels)
         if spec.family in _QWEN_PLUGIN_FAMILIES:
             w, h = qwen_plugin_preresize(w, h)
-    rw, rh, patches, tokens, views = rule(spec.processor, w, h)
-    return ImageTokens(width, height, rw, rh, patches, tokens, spec.processor.special_tokens_per_image, views)
+    rw, rh, patches, tokens, views, *special = rule(spec.processor, w, h)
+    # a rule may return a sixth value: the special tokens of this image when they depend on its size (tile tags)
+    special_tokens = special[0] if special else spec.processor.special_tokens_per_image
+    return ImageTokens(width, height, rw, rh, patches, tokens, special_tokens, views)
 
 
 def parse_size(text: str) -> tuple[int, int]:

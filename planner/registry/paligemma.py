@@ -16,7 +16,7 @@ SIGLIP_448 = VisionSpec(
     arch="siglip", num_layers=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=14,
     image_size=448, mlp="gelu_tanh", norm="layernorm", post_layernorm=True,
 )
-PALIGEMMA_448_PROCESSOR = ProcessorSpec(rule="fixed", patch_size=14, image_size=448, tokens_per_view=1024)
+PALIGEMMA_448_PROCESSOR = ProcessorSpec(rule="siglip_fixed", patch_size=14, image_size=448, tokens_per_view=1024)
 
 
 def _paligemma2(name, hf_id, url, *, hidden, inter, layers, heads, kv, unverified=""):
