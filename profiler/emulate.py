@@ -211,6 +211,14 @@ def cuda_emulation(setup, *, fake: bool = True):
 
     F.scaled_dot_product_attention = cuda_sdpa
     patched = _skip_host_checks() if fake else []
+    if fake:
+        # masking_utils.find_packed_sequence_indices looks for packed sequences in position_ids and, on fake tensors,
+        # cannot tell there are none, so LLaMA-style models (position_ids from an arange) would get a dense
+        # (batch, 1, seq, seq) mask that the real run skips (is_causal). Synthetic batches hold one sequence per row.
+        from transformers import masking_utils
+
+        find_packed = masking_utils.find_packed_sequence_indices
+        masking_utils.find_packed_sequence_indices = lambda position_ids: None
     # Fake tensors propagate constants only up to one element; the vision index tensors (cu_seqlens of windows,
     # split sizes) are read on the host with .tolist(), so keep small integer results constant too.
     numel_limit = fake_tensor.CONSTANT_NUMEL_LIMIT
@@ -222,4 +230,6 @@ def cuda_emulation(setup, *, fake: bool = True):
         F.scaled_dot_product_attention = _original_sdpa
         for module, original in patched:
             module.torch_compilable_check = original
+        if fake:
+            masking_utils.find_packed_sequence_indices = find_packed
         set_tracker(None)
