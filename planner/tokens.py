@@ -95,23 +95,26 @@ def _fixed(p: ProcessorSpec, width: int, height: int) -> tuple[int, int, int, in
 _RULES = {"qwen_smart_resize": _qwen, "fixed": _fixed}
 
 
-def _rules() -> dict:
-    """The built-in rules plus those of planner/token_rules/*.py (each module exports `RULES = {name: fn}` with
-    fn(processor_spec, width, height) -> (resized_width, resized_height, vision_patches, llm_tokens, views), or with a
-    sixth value, the special tokens of that image, when they depend on its size)."""
-    if not _LOADED:
-        import importlib
-        import pkgutil
-
-        from . import token_rules
-
-        for info in pkgutil.iter_modules(token_rules.__path__):
-            _RULES.update(importlib.import_module(f"{token_rules.__name__}.{info.name}").RULES)
-        _LOADED.append(True)
-    return _RULES
+# Rules of the tiling / fixed-view families live in planner/token_rules/<module>.py (`RULES = {name: fn}`, fn(processor,
+# width, height) -> (resized_width, resized_height, vision_patches, llm_tokens, views)), imported on demand.
+RULE_MODULES = {
+    "llava_next_anyres": "llava_next", "pixtral": "pixtral", "internvl_tiles": "internvl", "gemma3": "gemma3",
+    "mllama_tiles": "mllama", "idefics3_tiles": "idefics3", "minicpmv_slices": "minicpmv", "phi3v_crops": "phi3v",
+}
 
 
-_LOADED: list = []
+def _rule(name: str):
+    if name in _RULES:
+        return _RULES[name]
+    module = RULE_MODULES.get(name)
+    if module is None:
+        return None
+    import importlib
+
+    _RULES.update(importlib.import_module(f"{__package__}.token_rules.{module}").RULES)
+    return _RULES.get(name)
+
+
 # Families whose LLaMA-Factory plugin applies the Qwen pre-resize on top of the generic one
 _QWEN_PLUGIN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
@@ -123,7 +126,7 @@ def image_tokens(spec: ModelSpec, width: int, height: int, *, image_max_pixels: 
     `llamafactory=False`: the transformers processor alone, as in plain transformers training."""
     if width <= 0 or height <= 0:
         raise VlplanError(f"image size must be positive, got {width}x{height}")
-    rule = _rules().get(spec.processor.rule)
+    rule = _rule(spec.processor.rule)
     if rule is None:
         raise VlplanError(f"no image-token rule {spec.processor.rule!r} for {spec.name}")
     w, h = width, height

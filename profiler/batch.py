@@ -58,11 +58,9 @@ CONSTANT_KEYS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "
 
 def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
     """The batch as real CPU tensors, or as fake tensors of `fake_mode` (integer index tensors kept constant)."""
-    from . import batches
+    from .batches import builder_for
 
-    if not batches.BUILDERS:
-        batches._load()
-    builder = batches.BUILDERS.get(setup.model.family)
+    builder = builder_for(setup.model.family)
     if builder is None:
         raise VlplanError(f"no synthetic batch for family {setup.model.family!r}")
     real = builder(setup, model)

@@ -73,7 +73,9 @@ class MemoryTracker(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         self.current_bytes = 0
         self._phase = "setup"
+        self._subphase = ""
         self.phase_snapshots: dict[str, Snapshot] = {}
+        self._segments: dict[str, Snapshot] = {}
         self._pending: Snapshot | None = None  # the phase snapshot whose maximum is the current state
         self.module_stack: list[str] = []
         self.paused = False  # emulations compute values without counting the CPU kernels' buffers
@@ -90,6 +92,22 @@ class MemoryTracker(TorchDispatchMode):
     def phase(self, value: str) -> None:
         self.snapshot_peak()
         self._phase = value
+        self._subphase = ""
+
+    @property
+    def subphase(self) -> str:
+        return self._subphase
+
+    @subphase.setter
+    def subphase(self, value: str) -> None:
+        """A segment of the phase (the component running): peaks are also kept per (phase, segment), because each
+        segment's peak is affine in the number of layers while their maximum is not."""
+        self.snapshot_peak()
+        self._subphase = value
+
+    def segment_snapshots(self) -> dict[str, Snapshot]:
+        self.snapshot_peak()
+        return dict(self._segments)
 
     @property
     def peak(self) -> Snapshot:
@@ -145,12 +163,17 @@ class MemoryTracker(TorchDispatchMode):
         self._by_module[_module_group(block.module)] += delta
         self._by_phase[block.phase] += delta
         if sign > 0:
-            snap = self.phase_snapshots.get(self._phase)
-            if snap is None:
-                snap = self.phase_snapshots[self._phase] = Snapshot(phase=self._phase)
-            if self.current_bytes > snap.total_bytes:
-                snap.total_bytes = self.current_bytes
-                self._pending = snap
+            key = f"{self._phase}/{self._subphase}" if self._subphase else self._phase
+            pending = []
+            for table, name in ((self.phase_snapshots, self._phase), (self._segments, key)):
+                snap = table.get(name)
+                if snap is None:
+                    snap = table[name] = Snapshot(phase=name)
+                if self.current_bytes > snap.total_bytes:
+                    snap.total_bytes = self.current_bytes
+                    pending.append(snap)
+            if pending:
+                self._pending = pending
 
     def _move(self, block: _Block, category: str) -> None:
         self._by_category[block.category] -= block.nbytes
@@ -163,9 +186,10 @@ class MemoryTracker(TorchDispatchMode):
         self._add(block, -1)
 
     def snapshot_peak(self, dying: _Block | None = None) -> None:
-        """Record the breakdown of the pending phase peak (the current state is that maximum)."""
-        snap = self._pending
-        if snap is not None and self.current_bytes == snap.total_bytes:
+        """Record the breakdown of the pending phase/segment peaks (the current state is their maximum)."""
+        for snap in self._pending or ():
+            if self.current_bytes != snap.total_bytes:
+                continue
             snap.by_category = {k: v for k, v in self._by_category.items() if v}
             snap.by_module = {k: v for k, v in self._by_module.items() if v}
             snap.by_phase_created = {k: v for k, v in self._by_phase.items() if v}
@@ -178,6 +202,7 @@ class MemoryTracker(TorchDispatchMode):
         """Forget earlier peaks (e.g. of a warm-up step)."""
         self.snapshot_peak()
         self.phase_snapshots = {}
+        self._segments = {}
 
     def live_by_category(self) -> dict[str, int]:
         return {k: v for k, v in self._by_category.items() if v}

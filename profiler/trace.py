@@ -34,11 +34,13 @@ PHASES = ("forward", "loss", "backward", "optimizer")
 
 @dataclass
 class StepTrace:
-    """What one traced run saw: per-phase peaks with their breakdowns (bytes)."""
+    """What one traced run saw: per-phase peaks with their breakdowns (bytes), and the peaks of each segment
+    (phase/component) of which the phase peak is the largest."""
 
     phase_peaks: dict[str, Snapshot]
     layers: dict[str, int]
     seconds: float = 0.0
+    segments: dict[str, Snapshot] = field(default_factory=dict)
 
     @property
     def peak(self) -> Snapshot:
@@ -119,15 +121,44 @@ def _component(family: str, name: str) -> str:
         return "language"
 
 
-def _phase_hooks(model, tracker: MemoryTracker) -> list:
-    """Switch the tracker to the 'loss' phase when the LM head starts: logits and the loss belong to it."""
+def _phase_hooks(model, tracker: MemoryTracker, family: str) -> list:
+    """Switch the tracker to the 'loss' phase when the LM head starts (logits and the loss belong to it), and mark
+    segments: which component's forward runs, and in backward when the gradient reaches the language model's output
+    (loss backward done) and its input (language model done)."""
+    from vlplan.planner.modules import HF_COMPONENT_PREFIXES, LANGUAGE
+
     handles = []
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         if name.endswith("lm_head") and not name.endswith("lm_head.base_layer"):
             def pre(_module, _args):
                 tracker.phase = "loss"
             handles.append(module.register_forward_pre_hook(pre))
+    prefix = "base_model.model." if any(n.startswith("base_model.model.") for n in modules) else ""
+    for path, component in HF_COMPONENT_PREFIXES[family]:
+        module = modules.get(prefix + path)
+        if module is None or path == "lm_head":
+            continue
+
+        def enter(_module, _args, component=component):
+            if tracker.phase == "forward":
+                tracker.subphase = component
+        handles.append(module.register_forward_pre_hook(enter))
+        if component == LANGUAGE:
+            def mark_backward(_module, args, kwargs, output):
+                hidden = getattr(output, "last_hidden_state", None)
+                if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                    hidden.register_hook(lambda grad: _set_subphase(tracker, "language"))
+                embeds = kwargs.get("inputs_embeds")
+                if isinstance(embeds, torch.Tensor) and embeds.requires_grad:
+                    embeds.register_hook(lambda grad: _set_subphase(tracker, "encoder"))
+            handles.append(module.register_forward_hook(mark_backward, with_kwargs=True))
     return handles
+
+
+def _set_subphase(tracker: MemoryTracker, name: str) -> None:
+    if tracker.phase == "backward":
+        tracker.subphase = name
 
 
 def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: bool = True,
@@ -156,7 +187,7 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
         tracker = MemoryTracker(detail=detail)
         tracker.scope_of = functools.partial(_component, setup.model.family)
         emulate.set_tracker(tracker)
-        handles = track_modules(model, tracker) + _phase_hooks(model, tracker)
+        handles = track_modules(model, tracker) + _phase_hooks(model, tracker, setup.model.family)
         trainable = [p for p in model.parameters() if p.requires_grad]
         names = {id(p): n for n, p in model.named_parameters()}
         for param in trainable:
@@ -164,9 +195,10 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
             handles.append(param.register_post_accumulate_grad_hook(
                 lambda p, category=category: tracker.track(p.grad, category)))
         phase_peaks = _run_steps(setup, model, optimizer, batch, tracker, trainable, steps, mode)
+        segments = {k: v for k, v in tracker.segment_snapshots().items() if k.split("/")[0] in PHASES}
         for handle in handles:
             handle.remove()
-    return StepTrace(phase_peaks, counts, time.perf_counter() - start)
+    return StepTrace(phase_peaks, counts, time.perf_counter() - start, segments)
 
 
 def _trainer_forward(model, autocast: torch.dtype | None):
@@ -203,6 +235,7 @@ def _run_steps(setup, model, optimizer, batch, tracker, trainable, steps, mode) 
                 tracker.phase = "forward"
                 loss = forward(**batch.tensors)["loss"]
                 tracker.phase = "backward"
+                tracker.subphase = "loss"
                 loss.backward()
                 del loss
             tracker.phase = "optimizer"
@@ -244,19 +277,25 @@ def trace(setup: TrainSetup, *, layers: int | None = None, full: bool = False) -
         if n > base[kind]:
             bigger = dict(base, **{kind: base[kind] + 1})
             slopes[kind] = (n - base[kind], run_trace(setup, bigger))
-    phase_snaps = {}
-    for phase, snap in runs[0].phase_peaks.items():
+    segment_snaps = {}
+    for phase, snap in runs[0].segments.items():
         total, categories, modules = snap.total_bytes, dict(snap.by_category), dict(snap.by_module)
         for kind, (extra, run) in slopes.items():
-            other = run.phase_peaks[phase]
+            other = run.segments[phase]
             total += extra * (other.total_bytes - snap.total_bytes)
             for key in set(categories) | set(other.by_category):
                 categories[key] = categories.get(key, 0) + extra * (other.by_category.get(key, 0)
                                                                     - snap.by_category.get(key, 0))
             for key in set(modules) | set(other.by_module):
                 modules[key] = modules.get(key, 0) + extra * (other.by_module.get(key, 0) - snap.by_module.get(key, 0))
-        phase_snaps[phase] = Snapshot(total, phase, {k: v for k, v in categories.items() if v},
-                                      {k: v for k, v in modules.items() if v})
+        segment_snaps[phase] = Snapshot(total, phase, {k: v for k, v in categories.items() if v},
+                                        {k: v for k, v in modules.items() if v})
+    # each segment's peak is affine in the layer counts; a phase's peak is the largest of its segments
+    phase_snaps = {}
+    for key, snap in segment_snaps.items():
+        phase = key.split("/")[0]
+        if phase not in phase_snaps or snap.total_bytes > phase_snaps[phase].total_bytes:
+            phase_snaps[phase] = Snapshot(snap.total_bytes, phase, snap.by_category, snap.by_module)
     layers_traced = [runs[0].layers] + [run.layers for _, run in slopes.values()]
     return TraceResult.from_snapshots(setup, phase_snaps, layers_traced, bool(slopes),
                                       time.perf_counter() - start)

@@ -73,6 +73,9 @@ class BaseModel:
                              self.p._dtype(lm_full), lm_full, LANGUAGE)
         self.layers = [LlamaLayer(self.p, i, trainable=i >= first_trainable) for i in range(text_layers)]
         self.norm = self.p.vector(LANGUAGE, "language.norm", t.hidden_size, lm_full)
+        # rotary embedding buffers: inv_freq and original_inv_freq, head_dim/2 fp32 each
+        self.buffers = [e.param(f"language.rotary_emb.{n}", t.head_dim // 2, "fp32", False, LANGUAGE)
+                        for n in ("inv_freq", "original_inv_freq")]
         self.lm_head = None
         if not t.tie_word_embeddings:
             self.lm_head = e.param("lm_head.weight", t.vocab_size * t.hidden_size, self.p._dtype(lm_full), lm_full,
@@ -124,6 +127,7 @@ class BaseModel:
         out.rg = False
         node = Node("checkpoint", [x], [x], [])
         node.recompute = lambda leaf, layer=layer, ctx=ctx: layer(e, leaf, ctx)
+        node.autocast = e.autocast
         e.record(node, out)
         return out
 

@@ -104,6 +104,7 @@ class Node:
     out_numel: int = 0
     out_dtype: str = "bf16"
     recompute: object = None  # checkpoint nodes: a callable re-running the segment on a detached input
+    autocast: str | None = None  # checkpoint nodes: the autocast state the recompute re-enters
     scope: str = "language"
 
 
@@ -118,6 +119,8 @@ class Engine:
         self.by_category: dict[str, int] = {}
         self.phase = "setup"
         self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
+        self.segment_peaks: dict[str, int] = {}
+        self.segment_blocks: dict[str, list] = {}
         self.tape: list[Node] = []
         self.grad_enabled = True
         self.autocast: str | None = None  # "bf16"/"fp16" inside the autocast region
@@ -132,6 +135,11 @@ class Engine:
         self.by_category[storage.category] = self.by_category.get(storage.category, 0) + storage.nbytes
         if self.detail:
             self.live[id(storage)] = storage
+        segment = f"{self.phase}/{self.scope}"
+        if self.current > self.segment_peaks.get(segment, -1):
+            self.segment_peaks[segment] = self.current
+            if self.detail:
+                self.segment_blocks[segment] = [(s.category, s.owner, s.nbytes) for s in self.live.values()]
         best = self.phase_peaks.get(self.phase)
         if best is None or self.current > best[0]:
             self.phase_peaks[self.phase] = (self.current, dict(self.by_category))
@@ -255,12 +263,12 @@ class Engine:
         leaf.rg = True
         leaf.node = Leaf(x, grads)
         outer, self.tape = self.tape, []
-        was_grad, was_cache = self.grad_enabled, self.cast_cache
-        self.grad_enabled, self.cast_cache = True, {}
+        was_grad, was_cache, was_autocast = self.grad_enabled, self.cast_cache, self.autocast
+        # torch.utils.checkpoint re-enters the forward's autocast state (with a fresh weight-cast cache)
+        self.grad_enabled, self.cast_cache, self.autocast = True, {}, node.autocast
         out = node.recompute(leaf)
         node.recompute = None  # the saved forward arguments (masks, RoPE tables) go with the checkpoint's ctx
-        self.cast_cache = was_cache
-        self.grad_enabled = was_grad
+        self.cast_cache, self.grad_enabled, self.autocast = was_cache, was_grad, was_autocast
         sub, self.tape = self.tape, outer
         node.saved.clear()
         del x

@@ -14,7 +14,7 @@ from ..errors import VlplanError
 from ..modules import LANGUAGE, VISION
 from ..setup import Train, TrainSetup
 from . import ops
-from .families import MODELS
+from .families import model_for
 from .sim import Engine, T
 
 PHASES = ("forward", "loss", "backward", "optimizer")
@@ -36,9 +36,7 @@ class SimResult:
 
 def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bool = False) -> SimResult:
     family = setup.model.family
-    builder = MODELS.get(family)
-    if builder is None:
-        raise VlplanError(f"no activation model for family {family!r} yet")
+    builder = model_for(family)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the simulation frees by reference counting alone, as deterministically as torch does
     try:
@@ -72,6 +70,8 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     breakdown = {phase: {k: v for k, v in e.phase_peaks[phase][1].items() if v} for phase in peaks}
     result = SimResult(peaks, breakdown)
     result.blocks = e.phase_blocks
+    result.segment_peaks = dict(e.segment_peaks)
+    result.segment_blocks = e.segment_blocks
     return result
 
 

@@ -56,15 +56,14 @@ class QwenVisionBlock:
         tokens, d = ctx.tokens, v.hidden_size
         h = self._norm(e, x, self.norm1, tokens, "norm1")
         qkv = apply_linear(e, h, self.qkv, "qkv")
-        del h
-        q, k = _vision_rope(e, qkv, ctx, d), _vision_rope(e, qkv, ctx, d)
+        q, k = vision_rope(e, qkv, ctx, d)
         value = qkv.view(tokens * d, name="v")  # a view of the qkv output: saving it keeps qkv alive
         del qkv
         segments = ctx.segments if self.full_attention else ctx.window_segments
         attn = ctx.attention_segments(e, q, k, value, v.num_heads, segments, "attn")
         del q, k, value
         o = apply_linear(e, attn, self.proj, "proj")
-        del attn
+        del attn, h  # the normed input is the attention's argument until it returns
         x = ops.add(e, x, o, name="attn_residual")
         del o
         h = self._norm(e, x, self.norm2, tokens, "norm2")
@@ -88,14 +87,18 @@ class QwenVisionBlock:
         return ops.add(e, x, mlp, name="mlp_residual")
 
 
-def _vision_rope(e: Engine, qkv: T, ctx, d: int) -> T:
-    """apply_rotary_pos_emb_vision on q or k (a view of qkv): .float(), x*cos + rotate_half(x)*sin, cast back."""
-    part = qkv.view(ctx.tokens * d)
-    x32 = ops.cast(e, part, "fp32", name="rope.fp32")
-    del part
-    rotated = ops.rope(e, x32, ctx.cos, ctx.sin, name="rope")
-    del x32
-    return ops.cast(e, rotated, qkv.dtype, name="rope.cast")
+def vision_rope(e: Engine, qkv: T, ctx, d: int) -> tuple[T, T]:
+    """apply_rotary_pos_emb_vision(q, k, cos, sin) on views of qkv: q.float() and k.float() (both alive until it
+    returns), q*cos + rotate_half(q)*sin and the same for k in fp32, then each cast back to qkv's dtype."""
+    q32 = ops.cast(e, qkv.view(ctx.tokens * d), "fp32", name="rope.q_fp32")
+    k32 = ops.cast(e, qkv.view(ctx.tokens * d), "fp32", name="rope.k_fp32")
+    q_embed = ops.rope(e, q32, ctx.cos, ctx.sin, name="rope.q")
+    k_embed = ops.rope(e, k32, ctx.cos, ctx.sin, name="rope.k")
+    q_out = ops.cast(e, q_embed, qkv.dtype, name="rope.q_cast")
+    del q_embed
+    k_out = ops.cast(e, k_embed, qkv.dtype, name="rope.k_cast")
+    del k_embed, q32, k32
+    return q_out, k_out
 
 
 class QwenMerger:

@@ -1,36 +1,46 @@
-"""One module per family: a `BaseModel` subclass mirroring the transformers forward, registered in `MODELS`.
+"""One module per family: a `BaseModel` subclass mirroring the transformers forward, exported as `MODELS`.
 
-Modules are discovered automatically: a new family is a new file defining `MODELS = {model_type: class}`.
+Modules are imported on demand (`model_for(family)`), so one family's module never affects another's.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 
-MODELS: dict = {}
-for _info in pkgutil.iter_modules(__path__):
-    MODELS.update(importlib.import_module(f"{__name__}.{_info.name}").MODELS)
+from ...errors import VlplanError
+
+# family (transformers model_type) -> module of this package
+FAMILY_MODULES = {
+    "qwen2_vl": "qwen_vl", "qwen2_5_vl": "qwen_vl", "qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl",
+    "llava": "llava", "llava_next": "llava_next", "internvl": "internvl", "gemma3": "gemma3", "mllama": "mllama",
+    "idefics3": "idefics3", "smolvlm": "idefics3", "paligemma": "paligemma", "minicpmv": "minicpmv",
+    "phi3_v": "phi3_v",
+}
 
 
 def family_module(family: str):
-    """The module modelling `family` (for its optional `layer_counts` / `spec_with_layers` overrides)."""
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        if family in module.MODELS:
-            return module
-    return None
+    name = FAMILY_MODULES.get(family)
+    if name is None:
+        raise VlplanError(f"no activation model for family {family!r}")
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as err:
+        if err.name == f"{__name__}.{name}":
+            raise VlplanError(f"no activation model for family {family!r} yet") from None
+        raise
+
+
+def model_for(family: str):
+    return family_module(family).MODELS[family]
 
 
 def layer_counts(spec):
     from ..model import layer_counts as default
 
-    module = family_module(spec.family)
-    return getattr(module, "layer_counts", default)(spec)
+    return getattr(family_module(spec.family), "layer_counts", default)(spec)
 
 
 def spec_with_layers(spec, counts):
     from ..model import spec_with_layers as default
 
-    module = family_module(spec.family)
-    return getattr(module, "spec_with_layers", default)(spec, counts)
+    return getattr(family_module(spec.family), "spec_with_layers", default)(spec, counts)

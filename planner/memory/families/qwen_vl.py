@@ -27,6 +27,9 @@ class QwenVLModel(BaseModel):
         self.patch_embed = e.param("vision.patch_embed", v.in_channels * v.temporal_patch_size * v.patch_size ** 2
                                    * v.hidden_size, self.p._dtype(self.p.full(VISION)), self.p.full(VISION), VISION)
         self.blocks = [QwenVisionBlock(self.p, i, full) for i, full in enumerate(kinds)]
+        # vision rotary buffers: inv_freq and original_inv_freq, head_dim/4 fp32 each
+        self.vision_buffers = [e.param(f"vision.rotary_pos_emb.{n}", v.head_dim // 4, "fp32", False, VISION)
+                               for n in ("inv_freq", "original_inv_freq")]
         self.merger = QwenMerger(self.p)
 
     def inputs(self, e: Engine) -> dict[str, T]:
@@ -62,15 +65,24 @@ class QwenVLModel(BaseModel):
         hidden = e.new(patches * v.hidden_size, e.autocast or self.patch_embed.dtype, name="patch_embed")
         saved = [ops.input_for_matmul(e, pixels)] if self.patch_embed.trainable else []
         e.record(Node("conv3d", [], saved, [self.patch_embed] if self.patch_embed.trainable else []), hidden)
-        del pixels, saved
+        del saved  # `pixel_values = pixel_values.type(self.visual.dtype)` lives until get_image_features returns
+        if v.window_size:
+            # permute_input_for_window_attn: hidden_states[window_index] (a gathered copy)
+            hidden = _gather(e, hidden, "window_permute")
         ctx = VisionContext(patches, self.images, v, self.batch, segment_attention(self.setup))
-        ctx.cos = e.new(patches * v.head_dim, "fp32", name="vision.cos")
-        ctx.sin = e.new(patches * v.head_dim, "fp32", name="vision.sin")
+        ctx.cos, ctx.sin = _vision_rotary(e, patches, v.head_dim)
+        if v.window_size:
+            ctx.cos, ctx.sin = _gather(e, ctx.cos, "cos_permute"), _gather(e, ctx.sin, "sin_permute")
         for block in self.blocks:
             hidden = self._run_layer(e, block, hidden, ctx)
         del ctx
         e.scope = "projector"
         merged = self.merger(e, hidden, patches)
+        if v.window_size:
+            reverse = e.new(patches // 4, "int64", name="reverse_indices")  # torch.argsort(window_index)
+            merged = _gather(e, merged, "unpermute")
+            del reverse
+        del pixels
         # get_image_features splits per image; forward cats them and casts to the text embeddings' dtype
         cat = e.new(merged.numel, merged.dtype, name="image_embeds")
         e.record(Node("cat", [merged] if merged.rg else [], [], []), cat)
@@ -90,6 +102,29 @@ class QwenVLModel(BaseModel):
         out = super().language(e, x)
         self._keep = None
         return out
+
+
+def _gather(e: Engine, x: T, name: str) -> T:
+    """x[index] along the first dimension: a copy; IndexBackward saves only the index."""
+    out = e.new(x.numel, x.dtype, name=name)
+    e.record(Node("index", [x] if x.rg else [], [], []), out)
+    return out
+
+
+def _vision_rotary(e: Engine, patches: int, head_dim: int) -> tuple[T, T]:
+    """Qwen2VLVisionRotaryEmbedding.forward: freqs (patches, 2, head_dim/4) fp32, cos/sin scaled, then
+    recomposition_frequencies concatenates to (patches, head_dim) fp32."""
+    freqs = e.new(patches * head_dim // 2, "fp32", name="vision.freqs")
+    out = []
+    for name in ("cos", "sin"):
+        scaled = e.new(patches * head_dim // 2, "fp32", name=f"vision.{name}_scaled")
+        hw = e.new(patches * head_dim // 2, "fp32", name=f"vision.{name}_hw")
+        out.append(e.new(patches * head_dim, "fp32", name=f"vision.{name}"))
+        del hw
+        out.append(scaled)
+    cos, cos_scaled, sin, sin_scaled = out
+    del out, freqs, cos_scaled, sin_scaled
+    return cos, sin
 
 
 class VisionContext:

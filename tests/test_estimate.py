@@ -1,0 +1,91 @@
+"""The estimate's structure and its ZeRO model states against DeepSpeed's own estimator functions."""
+
+import pytest
+
+from vlplan.planner.memory.estimate import _largest_module_params, estimate, param_summary
+from vlplan.planner.memory.zero import deepspeed_model_states
+from vlplan.planner.registry import resolve
+from vlplan.planner.setup import make_setup
+
+deepspeed = pytest.importorskip("deepspeed")
+
+
+def full_all(model="qwen2.5-vl-7b", **kw):
+    return make_setup(resolve(model), method="full", train_vision=True, train_projector=True, **kw)
+
+
+@pytest.mark.parametrize("gpus,offload", [(1, "none"), (4, "none"), (8, "none"), (4, "optimizer"), (8, "optimizer")])
+def test_zero2_model_states_equal_deepspeed(gpus, offload):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    setup = full_all(num_gpus=gpus, zero=2, offload=offload)
+    params, trainable = param_summary(setup)
+    assert trainable["total"] == params["total"]
+    ds_cpu, ds_gpu = estimate_zero2_model_states_mem_needs(params["total"], num_gpus_per_node=gpus, num_nodes=1,
+                                                           cpu_offload=offload != "none")
+    ours = deepspeed_model_states(setup, params["total"], trainable["total"], _largest_module_params(setup))
+    assert sum(ours.gpu.values()) == pytest.approx(ds_gpu, abs=gpus)  # integer division per term
+    if offload != "none":
+        assert sum(ours.cpu_per_node.values()) == pytest.approx(ds_cpu, rel=1e-12)
+
+
+@pytest.mark.parametrize("gpus,offload", [(2, "none"), (8, "none"), (8, "optimizer"), (8, "all")])
+def test_zero3_model_states_equal_deepspeed(gpus, offload):
+    """DeepSpeed counts the largest module from the model itself: build it on the meta device."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
+    from hf_oracle import hf_param_counts, meta_model
+
+    setup = full_all(num_gpus=gpus, zero=3, offload=offload)
+    params, trainable = param_summary(setup)
+    # model_to_params de-duplicates by data_ptr, which is 0 for every meta tensor: take only its largest module
+    _, largest = model_to_params(meta_model(setup.model))
+    total = hf_param_counts(setup.model)["total"]
+    assert (total, largest) == (params["total"], _largest_module_params(setup))
+    ds_cpu, ds_gpu, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, num_gpus_per_node=gpus, num_nodes=1, cpu_offload=offload != "none",
+        cpu_offload_params=offload == "all", zero_init=True)
+    ours = deepspeed_model_states(setup, params["total"], trainable["total"], largest)
+    assert sum(ours.gpu.values()) == pytest.approx(ds_gpu, abs=gpus)
+    if offload != "none":
+        assert sum(ours.cpu_per_node.values()) == pytest.approx(ds_cpu, rel=1e-12)
+
+
+def test_lora_zero_counts_only_trainable_states():
+    """DeepSpeed's estimators count frozen parameters as trainable (DeepSpeed #5304); vlplan does not."""
+    lora = make_setup(resolve("qwen2.5-vl-7b"), method="lora", num_gpus=4, zero=2)
+    params, trainable = param_summary(lora)
+    states = deepspeed_model_states(lora, params["total"], trainable["total"], _largest_module_params(lora))
+    assert states.gpu["optimizer/fp32_grads_master_adam"] == 16 * trainable["total"] // 4
+    assert states.gpu["weights/half"] == 2 * params["total"]
+
+
+@pytest.mark.parametrize("kw", [dict(method="lora"), dict(method="qlora"), dict(method="full"),
+                                dict(method="full", num_gpus=2), dict(method="full", zero=3, num_gpus=8),
+                                dict(method="lora", zero=2, num_gpus=4, offload="optimizer"),
+                                dict(method="freeze"), dict(method="lora", train_vision=True, train_projector=True)])
+def test_breakdown_sums_to_peak(kw):
+    result = estimate(make_setup(resolve("qwen2-vl-7b"), **kw))
+    assert sum(result.breakdown_bytes.values()) == result.peak_bytes
+    assert result.allocated_peak_bytes == max(result.phase_allocated_bytes.values())
+    assert result.peak_phase in result.phase_allocated_bytes
+    assert all(v > 0 for v in result.breakdown_bytes.values())
+
+
+def test_memory_orders_of_methods():
+    spec = resolve("qwen2.5-vl-7b")
+    peak = {m: estimate(make_setup(spec, method=m)).peak_bytes for m in ("qlora", "lora", "full")}
+    assert peak["qlora"] < peak["lora"] < peak["full"]
+    pure = estimate(make_setup(spec, method="full", precision="pure-bf16")).peak_bytes
+    assert pure < peak["full"]
+    no_gc = estimate(make_setup(spec, method="lora", gradient_checkpointing=False)).peak_bytes
+    assert no_gc > peak["lora"]
+
+
+def test_trainable_counts():
+    setup = make_setup(resolve("qwen2.5-vl-7b"), method="lora")
+    _, trainable = param_summary(setup)
+    # rank 8 on q,k,v,o,gate,up,down of 28 layers: 8 * (in + out) summed
+    t = setup.model.text
+    per_layer = 8 * ((3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584) + 2 * (3584 + 18944) + (18944 + 3584))
+    assert trainable["language"] == per_layer * t.num_layers
+    assert trainable["vision"] == trainable["projector"] == 0

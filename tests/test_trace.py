@@ -1,0 +1,56 @@
+"""The tracer: faithful to a real (non-fake) CPU training step, and its layer extrapolation equals a full trace."""
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from tiny import tiny_spec  # noqa: E402
+
+from vlplan.planner.setup import make_setup  # noqa: E402
+from vlplan.profiler.trace import run_trace, trace  # noqa: E402
+
+CASES = [
+    ("qwen2-vl-2b", dict(method="lora", seq_len=512, image_size=(224, 224))),
+    ("qwen2.5-vl-3b", dict(method="full", train_vision=True, train_projector=True, seq_len=512,
+                           image_size=(224, 224), gradient_checkpointing=False)),
+    ("llava-1.5-7b", dict(method="lora", train_vision=True, seq_len=256, attn="eager")),
+]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+def test_fake_trace_equals_real_cpu_step(name, kw):
+    """The same tracker on real tensors (a real CPU training step of a tiny model) and on fake tensors agree."""
+    setup = make_setup(tiny_spec(name), **kw)
+    fake = run_trace(setup, fake=True)
+    real = run_trace(setup, fake=False)
+    for phase, snap in real.phase_peaks.items():
+        assert fake.phase_peaks[phase].total_bytes == pytest.approx(snap.total_bytes, rel=0.01), phase
+    assert fake.peak.phase == real.peak.phase
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("qwen2.5-vl-3b", dict(method="lora", seq_len=512, image_size=(448, 448))),
+    ("qwen2-vl-2b", dict(method="full", seq_len=512, image_size=(224, 224), gradient_checkpointing=False)),
+    ("llava-1.5-7b", dict(method="lora", train_vision=True, train_projector=True, seq_len=256)),
+], ids=["qwen2.5-vl-lora", "qwen2-vl-full-nogc", "llava-vision-lora"])
+def test_extrapolated_trace_equals_full_trace(name, kw):
+    setup = make_setup(tiny_spec(name, text_layers=5, vision_layers=5), **kw)
+    extrapolated = trace(setup, layers=2)
+    full = trace(setup, full=True)
+    assert extrapolated.extrapolated and not full.extrapolated
+    assert extrapolated.phase_allocated_bytes == full.phase_allocated_bytes
+    assert extrapolated.peak_phase == full.peak_phase
+    assert extrapolated.breakdown_bytes == full.breakdown_bytes
+
+
+def test_trace_refuses_what_it_cannot_run():
+    from vlplan.planner.errors import VlplanError
+
+    setup = make_setup(tiny_spec("qwen2-vl-2b"), method="lora", num_gpus=2, zero=2, seq_len=512,
+                       image_size=(224, 224))
+    with pytest.raises(VlplanError, match="ZeRO"):
+        run_trace(setup)
+    setup = make_setup(tiny_spec("qwen2-vl-2b"), method="qlora", seq_len=512, image_size=(224, 224))
+    with pytest.raises(VlplanError, match="bitsandbytes"):
+        run_trace(setup)
