@@ -100,6 +100,7 @@ _RULES = {"qwen_smart_resize": _qwen, "fixed": _fixed}
 RULE_MODULES = {
     "llava_next_anyres": "llava_next", "pixtral": "pixtral", "internvl_tiles": "internvl", "gemma3": "gemma3",
     "mllama_tiles": "mllama", "idefics3_tiles": "idefics3", "minicpmv_slices": "minicpmv", "phi3v_crops": "phi3v",
+    "siglip_fixed": "paligemma",
 }
 
 
