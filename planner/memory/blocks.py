@@ -25,6 +25,7 @@ class LinearParams:
     rank: int = 0
     in_features: int = 0
     quant_bits: int | None = None  # QLoRA: the frozen base weight is a bitsandbytes 4/8-bit weight
+    magnitude: Param | None = None  # DoRA magnitude vector (out_features)
 
 
 class Params:
@@ -59,16 +60,21 @@ class Params:
             w = self._quantized(component, name, in_features, out_features, bits)
         else:
             w = self.e.param(f"{name}.weight", in_features * out_features, self._dtype(trainable), trainable,
-                             component)
+                             component, shape=(out_features, in_features))
         b = self.e.param(f"{name}.bias", out_features, self._dtype(trainable), trainable, component) if bias else None
         lp = LinearParams(w, out_features, b, in_features=in_features, quant_bits=bits)
         if self.setup.trains[component] is Train.LORA and self.lora_targets(name):
             # peft creates adapters in fp32 (get_peft_model autocast_adapter_dtype=True), pure bf16 included
             rank = self.setup.lora.rank
             dtype = self.adapter_dtype
-            lp.lora_a = self.e.param(f"{name}.lora_A", rank * in_features, dtype, True, component, kind="adapters")
-            lp.lora_b = self.e.param(f"{name}.lora_B", out_features * rank, dtype, True, component, kind="adapters")
+            lp.lora_a = self.e.param(f"{name}.lora_A", rank * in_features, dtype, True, component, kind="adapters",
+                                     shape=(rank, in_features))
+            lp.lora_b = self.e.param(f"{name}.lora_B", out_features * rank, dtype, True, component, kind="adapters",
+                                     shape=(out_features, rank))
             lp.rank = rank
+            if self.setup.lora.dora:
+                lp.magnitude = self.e.param(f"{name}.lora_magnitude_vector", out_features, dtype, True, component,
+                                            kind="adapters")
         return lp
 
     def _quantized(self, component: str, name: str, in_features: int, out_features: int, bits: int) -> Param:
@@ -104,6 +110,9 @@ def apply_linear(e: Engine, x: T, lp: LinearParams, name: str = "") -> T:
             return ops.quant_linear(e, x, lp.weight, lp.in_features, lp.out_features, lp.quant_bits, name=name)
         return ops.qlora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.in_features, lp.out_features, lp.rank,
                                 lp.quant_bits, name=name)
+    if lp.magnitude is not None:
+        return ops.dora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.magnitude, lp.out_features, lp.rank, lp.bias,
+                               name=name)
     if lp.lora_a is not None:
         return ops.lora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.out_features, lp.rank, lp.bias, name=name,
                                dropout=False)

@@ -93,6 +93,60 @@ def lora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, out_
     return out
 
 
+def dora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, magnitude: Param, out_features: int,
+                rank: int, bias: Param | None = None, name: str = "") -> T:
+    """peft DoRA (`DoraLinearVariant.forward` -> `DoraLinearLayer.forward`, peft tuners/lora/dora.py):
+
+    lora_weight = lora_B(lora_A(eye(in))).T            (the identity and its cast are saved by lora_A)
+    weight = base weight .to(x.dtype); norm = ||weight + scaling * lora_weight.detach()||_row  (out x in temps)
+    result = base(x) + ((m / norm - 1) * base(x) + (m / norm) * lora_B(lora_A(x)) * scaling)
+    with x already cast to the adapter dtype (fp32) by `lora.Linear.forward`.
+    """
+    in_features = lora_a.numel // rank
+    result = linear(e, x, base, out_features, bias, name=f"{name}.base")
+    xa = cast(e, x, lora_a.dtype, name=f"{name}.lora_in")
+    # get_lora_weight: eye(in) in the adapter dtype through lora_A and lora_B
+    eye = e.new(in_features * in_features, lora_a.dtype, name=f"{name}.eye")
+    ea = linear(e, eye, lora_a, rank, name=f"{name}.eye_A")
+    del eye
+    lw = linear(e, ea, lora_b, out_features, name=f"{name}.eye_B")
+    del ea
+    lora_weight = cast(e, lw, xa.dtype, name=f"{name}.lora_weight")
+    del lw
+    weight = e.new(base.numel, xa.dtype, name=f"{name}.weight_cast") if base.dtype != xa.dtype else base.tensor
+    scaled = e.new(base.numel, xa.dtype, name=f"{name}.scaled_lora_weight")
+    total = e.new(base.numel, xa.dtype, name=f"{name}.weight_plus_lora")
+    del scaled
+    norm32 = e.new(out_features, "fp32", name=f"{name}.weight_norm")  # linalg.norm (fp32 under CUDA autocast)
+    del total
+    norm = cast(e, norm32, xa.dtype, name=f"{name}.weight_norm_cast")
+    del norm32
+    mag_scale = e.new(out_features, magnitude.dtype, name=f"{name}.mag_norm_scale")
+    e.record(Node("div", [], [norm], [magnitude]), mag_scale)
+    del norm
+    a = linear(e, xa, lora_a, rank, name=f"{name}.lora_A")
+    lora_result = linear(e, a, lora_b, out_features, name=f"{name}.lora_B")
+    del a
+    base_result = result
+    if bias is not None:
+        base_result = add(e, result, e.new(out_features, result.dtype, name="bias"), name=f"{name}.minus_bias")
+    minus_one = scale(e, mag_scale, name=f"{name}.mag_minus_one")
+    term1 = mul(e, minus_one, base_result, name=f"{name}.dora_base")
+    del minus_one, base_result
+    term2 = mul(e, mag_scale, lora_result, name=f"{name}.dora_lora")
+    del lora_result, mag_scale
+    term2s = scale(e, term2, name=f"{name}.dora_lora_scaled")
+    del term2
+    dora = add(e, term1, term2s, name=f"{name}.dora")
+    del term1, term2s, lora_weight, weight
+    result_dtype = result.dtype
+    out = add(e, result, dora, name=name)
+    del result, dora
+    out = cast(e, out, result_dtype, name=name)
+    del xa
+    return out
+
+
 def quant_linear(e: Engine, x: T, weight: Param, in_features: int, out_features: int, bits: int,
                  name: str = "") -> T:
     """bitsandbytes `MatMul4Bit` / `MatMul8bitLt` on a frozen quantized weight (bitsandbytes/autograd/_functions.py).

@@ -75,6 +75,7 @@ class Param:
     component: str
     tensor: T | None = None
     grad: T | None = None
+    shape: tuple[int, int] | None = None  # (rows, cols) of matrices (factored optimizers); None for vectors
 
     @property
     def nbytes(self) -> int:
@@ -121,7 +122,9 @@ class Engine:
         self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
         self.segment_peaks: dict[str, int] = {}
         self.segment_blocks: dict[str, list] = {}
-        self.tape: list[Node] = []
+        # Nodes in creation order, held weakly: a node lives as long as a tensor or a later node references it, so a
+        # graph no loss depends on (e.g. built from a detached value) is freed with its tensors, as in autograd.
+        self.tape: list[weakref.ref] = []
         self.grad_enabled = True
         self.autocast: str | None = None  # "bf16"/"fp16" inside the autocast region
         self.cast_cache: dict[int, T] = {}
@@ -167,8 +170,8 @@ class Engine:
         return T(numel, dtype, rg and self.grad_enabled, storage, name)
 
     def param(self, name: str, numel: int, dtype: str, trainable: bool, component: str,
-              kind: str = "weights") -> Param:
-        p = Param(name, numel, dtype, trainable, component)
+              kind: str = "weights", shape: tuple[int, int] | None = None) -> Param:
+        p = Param(name, numel, dtype, trainable, component, shape=shape)
         storage = Storage(self, numel * DTYPE_BYTES[dtype], f"{kind}/{component}", name)
         p.tensor = T(numel, dtype, trainable, storage, name)
         self.params.append(p)
@@ -187,7 +190,7 @@ class Engine:
             out.rg = True
             out.node = node
             node.out_numel, node.out_dtype = out.numel, out.dtype
-            self.tape.append(node)
+            self.tape.append(weakref.ref(node))
         else:
             node.saved.clear()
 
@@ -195,12 +198,15 @@ class Engine:
     def backward(self, loss: T) -> None:
         """Run the tape backwards from `loss`: the memory the autograd engine allocates and releases."""
         self.set_phase("backward")
-        nodes, self.tape = self.tape, []
+        refs, self.tape = self.tape, []
+        nodes = [node for node in (ref() for ref in refs) if node is not None]
         grads = {id(loss.node): self.new(1, "fp32", name="grad:loss")}
+        del loss
         self._run(nodes, grads)
 
     def _run(self, nodes: list[Node], grads: dict) -> None:
-        for node in reversed(nodes):
+        while nodes:
+            node = nodes.pop()
             out_grad = grads.pop(id(node), None)
             if out_grad is None:
                 node.saved.clear()
@@ -237,9 +243,16 @@ class Engine:
         if producer is None:
             return
         key = id(producer)
-        if key not in grads:
-            grads[key] = grad if grad.dtype == tensor.dtype else self.new(tensor.numel, tensor.dtype,
-                                                                          name=f"grad:{tensor.name}")
+        if grad.dtype != tensor.dtype:  # the engine casts a gradient to its input's dtype (validate_outputs)
+            grad = self.new(tensor.numel, tensor.dtype, name=f"grad:{tensor.name}")
+        previous = grads.get(key)
+        if previous is None:
+            grads[key] = grad
+        else:
+            # InputBuffer::accumulate: `old_var + var` out of place (can_accumulate_inplace needs the buffer to hold
+            # the only reference, which the engine's own bookkeeping prevents in practice)
+            grads[key] = self.new(max(previous.numel, grad.numel), previous.dtype, name=previous.name)
+            del previous
 
     def _param_grad(self, p: Param, via: str | None) -> None:
         """The weight gradient, computed in `via` (half precision under autocast) and accumulated into `.grad`."""
@@ -251,8 +264,13 @@ class Engine:
         if p.grad is None:
             p.grad = self.new(p.numel, p.dtype, name=f"grad:{p.name}", category=f"gradients/{p.component}")
         else:
-            extra = self.new(p.numel, p.dtype, name=f"grad:{p.name}")  # new grad, then added in place
-            del extra
+            # a second gradient for the same parameter (tied embeddings, gradient accumulation): summed out of place
+            # (InputBuffer::accumulate for two uses in one graph; AccumulateGrad `variable_grad + new_grad` when the
+            # existing .grad cannot be updated in place)
+            extra = self.new(p.numel, p.dtype, name=f"grad:{p.name}")
+            summed = self.new(p.numel, p.dtype, name=f"grad:{p.name}", category=f"gradients/{p.component}")
+            p.grad = summed
+            del extra, summed
         del temp
 
     def _recompute(self, node: Node, out_grad: T, grads: dict) -> None:
@@ -267,16 +285,17 @@ class Engine:
         # torch.utils.checkpoint re-enters the forward's autocast state (with a fresh weight-cast cache)
         self.grad_enabled, self.cast_cache, self.autocast = True, {}, node.autocast
         out = node.recompute(leaf)
+        sub_nodes = [n for n in (ref() for ref in self.tape) if n is not None]
         node.recompute = None  # the saved forward arguments (masks, RoPE tables) go with the checkpoint's ctx
         self.cast_cache, self.grad_enabled, self.autocast = was_cache, was_grad, was_autocast
-        sub, self.tape = self.tape, outer
+        self.tape = outer
         node.saved.clear()
         del x
         if out.node is None:
             return
         sub_grads = {id(out.node): out_grad}
         del out, out_grad, leaf
-        self._run(sub, sub_grads)
+        self._run(sub_nodes, sub_grads)
 
 
 class Leaf:

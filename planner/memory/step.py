@@ -76,14 +76,23 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
 
 
 def _trainable(model) -> list:
-    return [p for p in model.e.params if p.trainable]
+    """Trainable parameters that receive a gradient. A family lists in `unused_params` those the loss never reaches
+    (LLaVA's CLIP layers after `vision_feature_layer`, its post_layernorm): no gradient, so no optimizer state."""
+    unused = {id(p) for p in getattr(model, "unused_params", ())}
+    return [p for p in model.e.params if p.trainable and id(p) not in unused]
 
 
 def _optimizer_states(e: Engine, setup: TrainSetup, model) -> list[T]:
     """Persistent optimizer state (steady state: created at the first step and kept).
 
-    torch AdamW (optim/adam.py `_init_group`): exp_avg and exp_avg_sq in the parameter's dtype, plus a `step`
-    counter per parameter that lives on the device for fused/capturable (a 0-d fp32 tensor: one 512-byte block).
+    - torch AdamW (optim/adam.py `_init_group`): exp_avg and exp_avg_sq in the parameter's dtype, and with fused a
+      0-d fp32 `step` per parameter on the device (one 512-byte block each).
+    - bitsandbytes AdamW8bit (optim/optimizer.py `Optimizer2State.init_state`): parameters under 4096 elements
+      keep two fp32 states; larger ones two uint8 states plus an fp32 absmax per 256-element block (bnb >= 0.44).
+      The paged variant allocates the same bytes in CUDA unified memory, which the driver can page out to the host.
+    - transformers Adafactor (beta1=None, factored second moment): an fp32 row and column vector for each matrix,
+      a full fp32 exp_avg_sq for vectors.
+    - SGD (momentum 0): nothing.
     """
     states = []
     for p in _trainable(model):
@@ -92,11 +101,28 @@ def _optimizer_states(e: Engine, setup: TrainSetup, model) -> list[T]:
                 states.append(e.new(p.numel, p.dtype, name=f"{state}:{p.name}", category="optimizer/adam_states"))
             if setup.optimizer == "adamw":
                 states.append(e.new(1, "fp32", name=f"step:{p.name}", category="optimizer/step_counters"))
-        elif setup.optimizer == "sgd":
-            pass
-        else:
-            raise VlplanError(f"no optimizer-state model for {setup.optimizer!r} yet")
+        elif setup.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
+            category = "optimizer/paged_8bit_states" if setup.optimizer.startswith("paged") else \
+                "optimizer/8bit_states"
+            if p.numel < 4096:
+                states += [e.new(p.numel, "fp32", name=f"state:{p.name}", category=category) for _ in range(2)]
+            else:
+                blocks = -(-p.numel // 256)
+                states += [e.new(p.numel, "uint8", name=f"state:{p.name}", category=category) for _ in range(2)]
+                states += [e.new(blocks, "fp32", name=f"absmax:{p.name}", category=category) for _ in range(2)]
+        elif setup.optimizer == "adafactor":
+            rows, cols = _matrix_shape(p)
+            if cols:
+                states.append(e.new(rows, "fp32", name=f"exp_avg_sq_row:{p.name}", category="optimizer/adafactor"))
+                states.append(e.new(cols, "fp32", name=f"exp_avg_sq_col:{p.name}", category="optimizer/adafactor"))
+            else:
+                states.append(e.new(p.numel, "fp32", name=f"exp_avg_sq:{p.name}", category="optimizer/adafactor"))
     return states
+
+
+def _matrix_shape(p) -> tuple[int, int]:
+    """(rows, cols) of a 2-D parameter as the symbolic inventory knows it: (numel, 0) for vectors."""
+    return p.shape if p.shape else (p.numel, 0)
 
 
 def _optimizer_step(e: Engine, setup: TrainSetup, model) -> None:
@@ -114,6 +140,12 @@ def _optimizer_step(e: Engine, setup: TrainSetup, model) -> None:
         for group in _param_groups(trainable):
             temp = [e.new(p.numel, p.dtype, name="exp_avg_sq_sqrt") for p in group]
             del temp
+    elif setup.optimizer == "adafactor" and trainable:
+        # Adafactor.step, one parameter at a time: update = grad**2 + eps and the factored approximation, fp32
+        largest = max(trainable, key=lambda p: p.numel)
+        update = e.new(largest.numel, "fp32", name="adafactor_update")
+        approx = e.new(largest.numel, "fp32", name="adafactor_approx_sq_grad")
+        del update, approx
     for p in trainable:
         p.grad = None
 
