@@ -54,6 +54,7 @@ def linear(e: Engine, x: T, weight: Param, out_features: int, bias: Param | None
     """F.linear (addmm/mm): saves the input if the weight needs a gradient, the weight if the input does."""
     xin = input_for_matmul(e, x)
     w = weight_for_matmul(e, weight)
+    b = weight_for_matmul(e, bias) if bias is not None else None  # autocast casts the bias like the weight
     tokens = x.numel // (weight.numel // out_features)
     out_dtype = e.autocast or promote(xin.dtype, w.dtype)
     out = e.new(tokens * out_features, out_dtype, name=name)
@@ -64,11 +65,13 @@ def linear(e: Engine, x: T, weight: Param, out_features: int, bias: Param | None
             params.append(weight)
     if xin.rg:
         saved.append(w)
-    if bias is not None and bias.trainable:
+    if bias is not None and bias.trainable and b is bias.tensor:
         params.append(bias)
     inputs = [xin] if xin.rg else []
     if w is not weight.tensor and weight.trainable and w.node is not None:
         inputs.append(w)  # the cached cast's node carries the weight gradient
+    if b is not None and b is not bias.tensor and bias.trainable and b.node is not None:
+        inputs.append(b)
     e.record(Node(f"linear:{name}", inputs, saved, params), out)
     return out
 
