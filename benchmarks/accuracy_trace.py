@@ -1,0 +1,173 @@
+"""Estimate vs trace over a matrix of configurations: the estimator's live-tensor peak (`allocated_peak_bytes`) and
+peak phase against the tracer's (fake tensors, real transformers/peft code, extrapolated from a few layers).
+
+    python benchmarks/accuracy_trace.py                 # the full matrix (~50 configurations, minutes on 2 cores)
+    python benchmarks/accuracy_trace.py --quick         # a handful, for a smoke run
+    python benchmarks/accuracy_trace.py --write         # also rewrite the table in docs/accuracy.md
+
+Results go to benchmarks/results/accuracy_trace.json; --write replaces the block between the markers in
+docs/accuracy.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- accuracy_trace:begin -->", "<!-- accuracy_trace:end -->"
+
+SQ448, SQ1024, HD = (448, 448), (1024, 1024), (1920, 1080)
+
+# (model, settings): families qwen2-vl, qwen2.5-vl, llava-1.5 and more; methods full (language only and with vision +
+# projector), freeze, LoRA, LoRA on the vision encoder; checkpointing on/off; sdpa and eager; seq 512-8192; 0, 1 and 4
+# images of 448^2, 1024^2 and 1920x1080; batch 1 and 4; bf16 AMP and pure bf16.
+MATRIX = [
+    ("qwen2.5-vl-7b", dict(method="lora")),
+    ("qwen2.5-vl-7b", dict(method="lora", image_size=HD)),
+    ("qwen2.5-vl-7b", dict(method="lora", num_images=4, image_size=SQ448, seq_len=4096)),
+    ("qwen2.5-vl-7b", dict(method="lora", gradient_checkpointing=False, seq_len=1024, image_size=SQ448)),
+    ("qwen2.5-vl-7b", dict(method="lora", train_vision=True, image_size=SQ1024)),
+    ("qwen2.5-vl-7b", dict(method="lora", train_vision=True, gradient_checkpointing=False, seq_len=1024,
+                           image_size=SQ448)),
+    ("qwen2.5-vl-7b", dict(method="lora", attn="eager", seq_len=1024, image_size=SQ448)),
+    ("qwen2.5-vl-7b", dict(method="lora", batch_size=4, seq_len=1024, image_size=SQ448)),
+    ("qwen2.5-vl-7b", dict(method="lora", seq_len=8192, num_images=4, image_size=SQ1024)),
+    ("qwen2.5-vl-7b", dict(method="full", image_size=SQ448)),
+    ("qwen2.5-vl-7b", dict(method="full", train_vision=True, train_projector=True, image_size=SQ1024)),
+    ("qwen2.5-vl-7b", dict(method="full", precision="pure-bf16", image_size=SQ448)),
+    ("qwen2.5-vl-7b", dict(method="freeze", image_size=HD)),
+    ("qwen2.5-vl-7b", dict(method="lora", num_images=0, seq_len=512)),
+    ("qwen2.5-vl-3b", dict(method="lora", batch_size=4, num_images=4, image_size=SQ448, seq_len=4096)),
+    ("qwen2.5-vl-3b", dict(method="full", train_vision=True, train_projector=True, gradient_checkpointing=False,
+                           seq_len=1024, image_size=SQ448)),
+    ("qwen2.5-vl-3b", dict(method="lora", precision="pure-bf16", image_size=HD)),
+    ("qwen2.5-vl-3b", dict(method="lora", attn="eager", gradient_checkpointing=False, seq_len=512,
+                           image_size=SQ448)),
+    ("qwen2-vl-7b", dict(method="lora")),
+    ("qwen2-vl-7b", dict(method="lora", image_size=HD, seq_len=4096)),
+    ("qwen2-vl-7b", dict(method="lora", gradient_checkpointing=False, seq_len=1024, image_size=SQ448)),
+    ("qwen2-vl-7b", dict(method="lora", train_vision=True, image_size=SQ448)),
+    ("qwen2-vl-7b", dict(method="lora", attn="eager", image_size=SQ448, seq_len=1024)),
+    ("qwen2-vl-7b", dict(method="full", image_size=SQ1024)),
+    ("qwen2-vl-7b", dict(method="full", train_vision=True, train_projector=True, batch_size=4, seq_len=1024,
+                         image_size=SQ448)),
+    ("qwen2-vl-7b", dict(method="freeze", seq_len=8192, num_images=4, image_size=HD)),
+    ("qwen2-vl-2b", dict(method="lora", batch_size=4, image_size=SQ1024)),
+    ("qwen2-vl-2b", dict(method="full", precision="pure-bf16", gradient_checkpointing=False, seq_len=1024,
+                         image_size=SQ448)),
+    ("qwen2-vl-2b", dict(method="full", train_vision=True, train_projector=True, num_images=4, image_size=SQ448,
+                         seq_len=2048)),
+    ("qwen2-vl-2b", dict(method="lora", num_images=0, seq_len=8192)),
+    ("llava-1.5-7b", dict(method="lora", seq_len=1024)),
+    ("llava-1.5-7b", dict(method="lora", seq_len=2048, num_images=0)),
+    ("llava-1.5-7b", dict(method="lora", gradient_checkpointing=False, seq_len=1024)),
+    ("llava-1.5-7b", dict(method="lora", train_vision=True, train_projector=True, seq_len=1024)),
+    ("llava-1.5-7b", dict(method="lora", train_vision=True, gradient_checkpointing=False, seq_len=1024)),
+    ("llava-1.5-7b", dict(method="lora", attn="eager", seq_len=1024)),
+    ("llava-1.5-7b", dict(method="lora", batch_size=4, seq_len=2048)),
+    ("llava-1.5-7b", dict(method="full", seq_len=1024)),
+    ("llava-1.5-7b", dict(method="full", train_vision=True, train_projector=True, seq_len=2048)),
+    ("llava-1.5-7b", dict(method="full", precision="pure-bf16", seq_len=1024)),
+    ("llava-1.5-7b", dict(method="freeze", seq_len=4096, num_images=4)),
+    ("llava-1.5-13b", dict(method="lora", seq_len=4096)),
+    ("llava-1.5-13b", dict(method="lora", train_vision=True, attn="eager", gradient_checkpointing=False,
+                           seq_len=1024)),
+    ("llava-1.5-13b", dict(method="full", batch_size=4, seq_len=1024)),
+]
+QUICK = [0, 3, 10, 18, 30, 33]
+
+
+def run(models: list[tuple[str, dict]]) -> list[dict]:
+    from vlplan.planner.errors import VlplanError
+    from vlplan.planner.memory.estimate import estimate
+    from vlplan.planner.registry import resolve
+    from vlplan.planner.setup import make_setup
+    from vlplan.profiler.trace import trace
+
+    rows = []
+    for index, (model, settings) in enumerate(models, 1):
+        try:
+            setup = make_setup(resolve(model), **settings)
+        except VlplanError as err:
+            print(f"[{index}/{len(models)}] {model} {settings}: skipped ({err})", file=sys.stderr)
+            continue
+        start = time.perf_counter()
+        est = estimate(setup)
+        estimate_s = time.perf_counter() - start
+        traced = trace(setup)
+        error = (est.allocated_peak_bytes - traced.allocated_peak_bytes) / traced.allocated_peak_bytes
+        row = {"model": model, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+               "estimate_allocated_peak_bytes": est.allocated_peak_bytes,
+               "trace_allocated_peak_bytes": traced.allocated_peak_bytes,
+               "error": error, "estimate_phase": est.peak_phase, "trace_phase": traced.peak_phase,
+               "estimate_s": estimate_s, "trace_s": traced.seconds,
+               "vision_tokens": setup.vision_tokens_per_sample}
+        rows.append(row)
+        print(f"[{index}/{len(models)}] {model} {describe(settings)}: estimate {gib(est.allocated_peak_bytes)} "
+              f"trace {gib(traced.allocated_peak_bytes)} error {100 * error:+.2f}% phase "
+              f"{est.peak_phase}/{traced.peak_phase} ({traced.seconds:.1f} s)", file=sys.stderr)
+    return rows
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def describe(settings: dict) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+                     for k, v in settings.items())
+
+
+def summary(rows: list[dict]) -> dict:
+    errors = [abs(r["error"]) for r in rows]
+    return {"configurations": len(rows), "median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
+            "phase_agreement": sum(r["estimate_phase"] == r["trace_phase"] for r in rows) / len(rows)}
+
+
+def markdown(rows: list[dict], stats: dict, versions: dict) -> str:
+    lines = [BEGIN,
+             f"Measured {time.strftime('%Y-%m-%d')} with {versions}; {stats['configurations']} configurations: "
+             f"median |error| **{100 * stats['median_abs_error']:.3f}%**, worst **{100 * stats['max_abs_error']:.3f}%**"
+             f", peak phase agrees in **{100 * stats['phase_agreement']:.0f}%**.",
+             "",
+             "| model | settings (LLaMA-Factory defaults otherwise) | vision tokens | estimate | trace | error | phase "
+             "(estimate / trace) |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {describe(r['settings'])} | {r['vision_tokens']} | "
+                     f"{gib(r['estimate_allocated_peak_bytes'])} | {gib(r['trace_allocated_peak_bytes'])} | "
+                     f"{100 * r['error']:+.3f}% | {r['estimate_phase']} / {r['trace_phase']} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="run a handful of configurations")
+    parser.add_argument("--write", action="store_true", help="rewrite the table in docs/accuracy.md")
+    args = parser.parse_args()
+    import torch
+    import transformers
+
+    matrix = [MATRIX[i] for i in QUICK] if args.quick else MATRIX
+    rows = run(matrix)
+    stats = summary(rows)
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    out = ROOT / "benchmarks" / "results" / "accuracy_trace.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"versions": versions, "summary": stats, "rows": rows}, indent=2) + "\n")
+    print(json.dumps(stats))
+    if args.write:
+        doc = ROOT / "docs" / "accuracy.md"
+        text = doc.read_text()
+        start, end = text.index(BEGIN), text.index(END) + len(END)
+        doc.write_text(text[:start] + markdown(rows, stats, versions) + text[end:])
+
+
+if __name__ == "__main__":
+    main()
