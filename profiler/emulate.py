@@ -73,13 +73,15 @@ class CudaAttention(torch.autograd.Function):
     allocates `softmax_d` fp32 (batch, heads, seq rounded to 128) and `dq_accum` fp32 (batch, seq rounded to 128,
     heads, dim rounded to 32/64), and with grouped-query attention dk/dv per query head before summing the groups;
     cuDNN's backward workspace holds a fp32 dQ accumulator and a fp32 softmax sum (b*h*s*d*4 + b*h*s*4 bytes).
+    With a mask, cuDNN takes it as an additive bias (`attn_bias`), which the backward keeps with q, k, v
+    (derivatives.yaml `_scaled_dot_product_cudnn_attention`: attn_bias is an argument of the backward).
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, is_causal, scale):
+    def forward(ctx, query, key, value, is_causal, scale, attn_bias=None):
         batch, heads, seq_q, _ = query.shape
         with tracker_paused():
-            values = _original_sdpa(query, key, value, is_causal=is_causal, scale=scale,
+            values = _original_sdpa(query, key, value, attn_mask=attn_bias, is_causal=is_causal, scale=scale,
                                     enable_gqa=key.shape[1] != heads)
             out = torch.empty(batch, seq_q, heads, value.shape[-1], dtype=query.dtype,
                               device=query.device).transpose(1, 2)
@@ -89,13 +91,13 @@ class CudaAttention(torch.autograd.Function):
             del values
         lse_shape = (batch, heads, seq_q, 1) if SDPA_KERNEL == "cudnn" else (batch, heads, seq_q)
         logsumexp = torch.empty(lse_shape, dtype=torch.float32, device=query.device)
-        ctx.save_for_backward(query, key, value, out, logsumexp)
+        ctx.save_for_backward(query, key, value, out, logsumexp, attn_bias)
         ctx.is_causal, ctx.scale = is_causal, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out, logsumexp = ctx.saved_tensors
+        query, key, value, out, logsumexp, attn_bias = ctx.saved_tensors
         batch, heads, seq_q, dim = query.shape
         kv_heads = key.shape[1]
         device = query.device
@@ -121,13 +123,13 @@ class CudaAttention(torch.autograd.Function):
         del workspace
         with tracker_paused(), torch.enable_grad():
             inputs = [t.detach().requires_grad_() for t in (query, key, value)]
-            values = _original_sdpa(*inputs, is_causal=ctx.is_causal, scale=ctx.scale,
+            values = _original_sdpa(*inputs, attn_mask=attn_bias, is_causal=ctx.is_causal, scale=ctx.scale,
                                     enable_gqa=kv_heads != heads)
             grads = torch.autograd.grad(values, inputs, grad_out)
             for target, grad in zip((dq, dk, dv), grads):
                 target.copy_(grad)
             del grads, values, inputs
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def _empty_like_layout(t: torch.Tensor) -> torch.Tensor:
@@ -155,12 +157,32 @@ def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                              for t in (query, key, value))
     flash_ok = (attn_mask is None and dropout_p == 0.0 and query.dtype in (torch.float16, torch.bfloat16)
                 and query.shape[-1] <= 256 and query.shape[-1] % 8 == 0 and query.dim() == 4)
+    if attn_mask is not None and SDPA_KERNEL == "cudnn" and attn_mask.dim() == 4 and (
+            dropout_p == 0.0 and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
+            and query.shape[-1] % 8 == 0 and query.dim() == 4):
+        return _cudnn_masked_sdpa(query, key, value, attn_mask, is_causal, scale)
     if not flash_ok:
         return _original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, enable_gqa=enable_gqa, **kwargs)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     return CudaAttention.apply(query, key, value, bool(is_causal), scale)
+
+
+def _cudnn_masked_sdpa(query, key, value, attn_mask, is_causal, scale):
+    """CUDA SDPA with a mask (Gemma 3's sliding-window and image-bidirectional masks): no FlashAttention; cuDNN
+    attention takes masks (sdp_utils.cpp `can_use_cudnn_attention` checks only the mask's shape) and is first in the
+    priority order on Hopper (`SDPA_KERNEL`). attention.cpp `convert_boolean_attn_mask_cudnn` turns a bool mask into
+    an additive bias of the query dtype, `where(mask.logical_not(), -65504, 0)` (a transient bool tensor, then the
+    bias, both of the mask's shape); under autocast a float mask is cast like q, k and v. transformers passes no
+    `enable_gqa` with a mask (`use_gqa_in_sdpa`), so K and V arrive already expanded by `repeat_kv`."""
+    if attn_mask.dtype == torch.bool:
+        bias = torch.where(attn_mask.logical_not(), -65504.0, torch.scalar_tensor(0.0, dtype=query.dtype))
+    else:
+        bias = attn_mask.to(query.dtype) if torch.is_autocast_enabled("cpu") else attn_mask
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    return CudaAttention.apply(query, key, value, bool(is_causal), scale, bias)
 
 
 def _apply_by_replacing(self, fn, recurse=True):
@@ -182,14 +204,24 @@ def _apply_by_replacing(self, fn, recurse=True):
     return self
 
 
+def _trunc_normal_without_host_sync(tensor, mean, std, a, b, generator=None):
+    """torch.nn.init's truncated normal resamples until `mask.any()` is false, a host read fake tensors cannot do
+    (SigLIP's `lecun_normal_` init); the values of fake weights do not matter, only that the init allocates nothing."""
+    with torch.no_grad():
+        return tensor.normal_(mean, std, generator=generator)
+
+
 @contextlib.contextmanager
 def fake_module_conversions():
     original = torch.nn.Module._apply
     torch.nn.Module._apply = _apply_by_replacing
+    trunc_normal = torch.nn.init._no_grad_trunc_normal_
+    torch.nn.init._no_grad_trunc_normal_ = _trunc_normal_without_host_sync
     try:
         yield
     finally:
         torch.nn.Module._apply = original
+        torch.nn.init._no_grad_trunc_normal_ = trunc_normal
 
 
 def _skip_host_checks():

@@ -1,0 +1,307 @@
+"""InternVL3 in the transformers-native format (transformers models/internvl/modeling_internvl.py): InternViT with
+layer scale (and, for the 6B tower, RMSNorm and q/k-norm), 0.5 pixel shuffle, a LayerNorm + Linear-GELU-Linear
+projector and a Qwen2 language model (the shared `LlamaLayer`)."""
+
+from __future__ import annotations
+
+from ...modules import PROJECTOR, VISION
+from ...setup import TrainSetup
+from .. import ops
+from ..blocks import Params, apply_linear
+from ..model import BaseModel
+from ..sim import Engine, Node, T
+
+
+def layer_norm(e: Engine, x: T, weight, bias, tokens: int, name: str = "") -> T:
+    """nn.LayerNorm as CUDA autocast runs it (layer_norm is on the fp32 list): the input, then the weight and the
+    bias unless they are fp32 already, are cast to fp32; native_layer_norm saves input, weight, bias, mean and rstd
+    (derivatives.yaml), so half-precision weights' fp32 casts live until backward when it runs. Outside autocast:
+    `ops.layer_norm`."""
+    if e.autocast is None:
+        return ops.layer_norm(e, x, weight, bias, tokens, name=name)
+    xin = ops.cast(e, x, "fp32", name=f"{name}.fp32")
+    w = weight.tensor if weight.dtype == "fp32" else e.new(weight.numel, "fp32", name=f"{name}.weight_fp32")
+    b = bias.tensor if bias.dtype == "fp32" else e.new(bias.numel, "fp32", name=f"{name}.bias_fp32")
+    mean = e.new(tokens, "fp32", name=f"{name}.mean")
+    rstd = e.new(tokens, "fp32", name=f"{name}.rstd")
+    out = e.new(x.numel, "fp32", name=name)
+    params = [p for p in (weight, bias) if p.trainable]
+    saved = [xin, mean, rstd, w, b] if (xin.rg or params) else []
+    e.record(Node("layer_norm", [xin] if xin.rg else [], saved, params), out)
+    del xin, w, b, mean, rstd, saved
+    return out
+
+
+def patch_conv(e: Engine, pixels: T, weight, bias, out_numel: int, name: str, valid_padding: bool = False) -> T:
+    """A patch-embedding nn.Conv2d: under autocast (conv2d is on the lower-precision list) the input, weight and
+    bias are cast, trainable fp32 weights through the cached cast. ConvolutionBackward has one formula for input,
+    weight and bias, so it saves both the input and the weight whenever it exists (derivatives.yaml
+    `convolution`). `valid_padding` (SigLIP's `padding="valid"`): `conv2d.padding` is not on the autocast list and
+    its implementation adds the bias after the convolution, so the bias is cast only transiently and not cached."""
+    conv_in = ops.input_for_matmul(e, pixels)
+    w = ops.weight_for_matmul(e, weight)
+    b = bias.tensor if valid_padding else ops.weight_for_matmul(e, bias)
+    out = e.new(out_numel, e.autocast or weight.dtype, name=name)
+    inputs = [t for t, p in ((w, weight), (b, bias)) if t is not p.tensor and t.node is not None]
+    params = [p for p, t in ((weight, w), (bias, b)) if p.trainable and t is p.tensor]
+    e.record(Node("conv2d", inputs, [conv_in, w], params), out)
+    if valid_padding and e.autocast and bias.dtype != e.autocast:
+        transient = e.new(bias.numel, e.autocast, name=f"{name}.bias_cast")
+        del transient
+    return out
+
+
+def keep_checkpoint_arguments(model: BaseModel, out: T, ctx) -> None:
+    """A reentrant checkpoint keeps its non-tensor arguments (`ctx.run_function`, the partial holding the layer's
+    keyword arguments: masks, RoPE tables, position_ids) as a Python attribute of its graph node, which lives until
+    the graph does, i.e. until the loss tensor is dropped after backward (torch/utils/checkpoint.py
+    CheckpointFunction; only saved tensors are released as each node runs). Collect the contexts of checkpointed
+    layers for `attach_checkpoint_arguments`."""
+    if out.node is not None and out.node.recompute is not None:
+        refs = model.__dict__.setdefault("_checkpoint_arguments", [])
+        if not any(ref is ctx for ref in refs):
+            refs.append(ctx)
+
+
+def attach_checkpoint_arguments(model: BaseModel, loss: T) -> None:
+    """Hand the collected checkpoint arguments to the loss's graph node: they die with the loss tensor."""
+    refs = model.__dict__.pop("_checkpoint_arguments", [])
+    if loss.node is not None and refs:
+        loss.node.checkpoint_arguments = refs
+
+
+class InternVitLayer:
+    """InternVLVisionLayer: x + lambda_1 * attention(layernorm_before(x)); then
+    h + lambda_2 * mlp(layernorm_after(h)). InternVLVisionAttention: q/k/v_proj, q_norm/k_norm (RMSNorm over the
+    whole width, 6B tower only), attention over each tile, projection_layer."""
+
+    def __init__(self, p: Params, index: int) -> None:
+        v = p.setup.model.vision
+        self.v = v
+        d, prefix = v.hidden_size, f"vision.layer.{index}"
+        self.norms = {}
+        for name in ("layernorm_before", "layernorm_after"):
+            weight = p.vector(VISION, f"{prefix}.{name}.weight", d)
+            bias = p.vector(VISION, f"{prefix}.{name}.bias", d) if v.norm == "layernorm" else None
+            self.norms[name] = (weight, bias)
+        self.q = p.linear(VISION, f"{prefix}.attention.q_proj", d, d, v.qkv_bias)
+        self.k = p.linear(VISION, f"{prefix}.attention.k_proj", d, d, v.qkv_bias)
+        self.v_proj = p.linear(VISION, f"{prefix}.attention.v_proj", d, d, v.qkv_bias)
+        self.o = p.linear(VISION, f"{prefix}.attention.projection_layer", d, d, True)
+        self.q_norm = p.vector(VISION, f"{prefix}.attention.q_norm.weight", d) if v.qk_norm else None
+        self.k_norm = p.vector(VISION, f"{prefix}.attention.k_norm.weight", d) if v.qk_norm else None
+        self.fc1 = p.linear(VISION, f"{prefix}.mlp.fc1", d, v.intermediate_size, True)
+        self.fc2 = p.linear(VISION, f"{prefix}.mlp.fc2", v.intermediate_size, d, True)
+        self.lambda_1 = p.vector(VISION, f"{prefix}.lambda_1", d)
+        self.lambda_2 = p.vector(VISION, f"{prefix}.lambda_2", d)
+        self.params = [q for pair in self.norms.values() for q in pair if q is not None] + [
+            q for q in (self.q_norm, self.k_norm, self.lambda_1, self.lambda_2) if q is not None] + [
+            q for lp in (self.q, self.k, self.v_proj, self.o, self.fc1, self.fc2)
+            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+
+    @property
+    def has_trainable(self) -> bool:
+        return any(q.trainable for q in self.params)
+
+    def _norm(self, e: Engine, x: T, name: str, tokens: int) -> T:
+        weight, bias = self.norms[name]
+        if bias is not None:
+            return layer_norm(e, x, weight, bias, tokens, name=name)
+        return ops.rms_norm(e, x, weight, tokens, name=name)
+
+    def __call__(self, e: Engine, x: T, ctx) -> T:
+        v = self.v
+        tokens = ctx.tokens
+        # `self.attention(self.layernorm_before(hidden_states))`: the normed input lives until attention returns
+        h = self._norm(e, x, "layernorm_before", tokens)
+        q = apply_linear(e, h, self.q, "q_proj")
+        k = apply_linear(e, h, self.k, "k_proj")
+        value = apply_linear(e, h, self.v_proj, "v_proj")
+        if self.q_norm is not None:
+            q_normed = ops.rms_norm(e, q, self.q_norm, tokens, name="q_norm")
+            del q
+            k_normed = ops.rms_norm(e, k, self.k_norm, tokens, name="k_norm")
+            del k
+            q, k = q_normed, k_normed
+            del q_normed, k_normed
+        attn = ctx.attention(e, q, k, value, v.num_heads, "attention")
+        del q, k, value
+        o = apply_linear(e, attn, self.o, "projection_layer")
+        del attn, h
+        # `attention_output = self.lambda_1 * attention_output` stays referenced until the layer returns
+        scaled = ops.mul_param(e, self.lambda_1, o, name="lambda_1*attn")
+        del o
+        x = ops.add(e, scaled, x, name="attn_residual")
+        h = self._norm(e, x, "layernorm_after", tokens)
+        f = apply_linear(e, h, self.fc1, "fc1")
+        del h
+        a = ops.unary(e, v.mlp, f, name="act")
+        del f
+        m = apply_linear(e, a, self.fc2, "fc2")
+        del a
+        scaled_mlp = ops.mul_param(e, self.lambda_2, m, name="lambda_2*mlp")
+        del m
+        out = ops.add(e, scaled_mlp, x, name="mlp_residual")
+        del scaled_mlp, x, scaled
+        return out
+
+
+class TileAttention:
+    """Attention over a batch of tiles, one kernel call (tiles are the batch dimension): sdpa -> the CUDA fused
+    kernel, eager -> transformers' InternVL `eager_attention_forward` (softmax without a dtype: under autocast it runs
+    in fp32, like the upcast of the shared eager path)."""
+
+    def __init__(self, setup: TrainSetup, tiles: int, length: int) -> None:
+        self.setup, self.tiles, self.length = setup, tiles, length
+
+    def __call__(self, e: Engine, q: T, k: T, v: T, heads: int, name: str) -> T:
+        if e.autocast:
+            q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
+        if self.setup.attn == "eager" or q.dtype == "fp32":
+            if e.autocast is None and q.dtype != "fp32":
+                return _eager_same_dtype(e, q, k, v, heads, self.tiles, self.length, name)
+            return ops.eager_attention(e, q, k, v, heads, heads, self.length, self.length, self.tiles, None,
+                                       name=name)
+        return ops.fused_attention(e, q, k, v, heads, self.tiles * self.length, name=name)
+
+
+def _eager_same_dtype(e: Engine, q: T, k: T, v: T, heads: int, batch: int, length: int, name: str) -> T:
+    """InternVL eager attention without autocast in half precision: softmax in the input dtype (no upcast)."""
+    scores_numel = batch * heads * length * length
+    scores = e.new(scores_numel, q.dtype, name=f"{name}.scores")
+    e.record(Node("matmul", [t for t in (q, k) if t.rg], [q, k] if (q.rg or k.rg) else [], []), scores)
+    scaled = ops.scale(e, scores, name=f"{name}.scaled")
+    del scores
+    probs = e.new(scores_numel, q.dtype, name=f"{name}.softmax")
+    e.record(Node("softmax", [scaled] if scaled.rg else [], [probs], []), probs)
+    del scaled
+    out = e.new(q.numel, q.dtype, name=f"{name}.pv")
+    e.record(Node("matmul", [t for t in (probs, v) if t.rg], [probs, v] if (probs.rg or v.rg) else [], []), out)
+    del probs
+    contiguous = e.new(out.numel, out.dtype, name=name)
+    e.record(Node("contiguous", [out] if out.rg else [], [], []), contiguous)
+    return contiguous
+
+
+class VisionContext:
+    def __init__(self, tokens: int, attention) -> None:
+        self.tokens = tokens
+        self.attention = attention
+
+
+class InternVLModel(BaseModel):
+    """InternVLForConditionalGeneration: InternViT over every tile, the CLS token dropped ("default" strategy),
+    pixel shuffle, the projector, then the Qwen2 language model."""
+
+    def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
+        super().__init__(e, setup, counts)
+        spec = setup.model
+        v, proj = spec.vision, spec.projector
+        layers = (counts or {}).get("vision", v.num_layers)
+        full = self.p.full(VISION)
+        dt = self.p._dtype(full)
+        d = v.hidden_size
+        # InternVLVisionEmbeddings: cls_token, patch conv (with bias), absolute position embeddings (CLS included)
+        self.cls = e.param("vision.embeddings.cls_token", d, dt, full, VISION)
+        self.patch = e.param("vision.embeddings.patch_embeddings.projection.weight",
+                             v.in_channels * v.patch_size ** 2 * d, dt, full, VISION)
+        self.patch_bias = e.param("vision.embeddings.patch_embeddings.projection.bias", d, dt, full, VISION)
+        self.grid = (v.image_size // v.patch_size) ** 2
+        self.pos = e.param("vision.embeddings.position_embeddings", (self.grid + 1) * d, dt, full, VISION)
+        self.vision_layers = [InternVitLayer(self.p, i) for i in range(layers)]
+        # InternVLMultiModalProjector
+        self.proj_norm = (self.p.vector(PROJECTOR, "multi_modal_projector.layer_norm.weight", proj.in_features),
+                          self.p.vector(PROJECTOR, "multi_modal_projector.layer_norm.bias", proj.in_features))
+        self.linear_1 = self.p.linear(PROJECTOR, "multi_modal_projector.linear_1", proj.in_features,
+                                      proj.out_features, True)
+        self.linear_2 = self.p.linear(PROJECTOR, "multi_modal_projector.linear_2", proj.out_features,
+                                      proj.out_features, True)
+        self.tiles = sum(t.views for t in setup.image_tokens()) * self.batch
+
+    def inputs(self, e: Engine) -> dict[str, T]:
+        v = self.setup.model.vision
+        inputs = self.text_inputs(e)
+        if self.tiles:
+            inputs["pixel_values"] = e.new(self.tiles * v.in_channels * v.image_size ** 2, "fp32",
+                                           name="pixel_values", category="inputs/batch")
+        return inputs
+
+    def encode(self, e: Engine, inputs: dict[str, T]) -> T:
+        x = self.embed_tokens(e)
+        if not self.tiles:
+            return x
+        e.scope = "vision"
+        v, proj = self.setup.model.vision, self.setup.model.projector
+        d = v.hidden_size
+        length = self.grid + 1
+        tokens = self.tiles * length
+        # get_image_features: `pixel_values.to(dtype=self.dtype)` (the dtype of the first parameter, the CLS token);
+        # the local keeps the copy alive until the projector returns
+        pixels = ops.cast(e, inputs["pixel_values"], self.cls.dtype, name="pixel_values:cast")
+        patches = patch_conv(e, pixels, self.patch, self.patch_bias, self.tiles * self.grid * d, "patch_embeddings")
+        # torch.cat((cls_tokens, embeddings), dim=1): autocast promotes to the widest dtype
+        cat = e.new(tokens * d, ops.promote(patches.dtype, self.cls.dtype), name="embeddings.cat")
+        e.record(Node("cat", [patches] if patches.rg else [], [], [self.cls] if self.cls.trainable else []), cat)
+        del patches
+        # + position_embeddings (the parameter itself: no interpolation at the native size)
+        hidden = e.new(cat.numel, ops.promote(cat.dtype, self.pos.dtype), name="embeddings")
+        e.record(Node("add", [cat] if cat.rg else [], [], [self.pos] if self.pos.trainable else []), hidden)
+        del cat
+        ctx = VisionContext(tokens, TileAttention(self.setup, self.tiles, length))
+        embedding_output = hidden  # InternVLVisionModel.forward keeps it referenced until the encoder returns
+        for layer in self.vision_layers:
+            hidden = self._run_layer(e, layer, hidden, ctx)
+        del ctx, embedding_output
+        # vision_features[:, 1:, :] and the reshape to (tiles, 32, 32, d) are views; pixel_shuffle makes two
+        # contiguous copies (permute(0, 2, 1, 3).contiguous() twice), the first dies with the second
+        features = hidden.view(self.tiles * self.grid * d, name="vision_features")
+        first = ops._copy(e, features, features.numel, "pixel_shuffle.permute1")
+        del features
+        shuffled = ops._copy(e, first, first.numel, "pixel_shuffle.permute2")
+        del first
+        e.scope = "projector"
+        merged = self.tiles * self.grid // proj.pixel_shuffle ** 2
+        normed = layer_norm(e, shuffled, self.proj_norm[0], self.proj_norm[1], merged,
+                                name="multi_modal_projector.layer_norm")
+        del shuffled
+        a = apply_linear(e, normed, self.linear_1, "linear_1")
+        del normed
+        g = ops.unary(e, "gelu", a, name="act")
+        del a
+        image_features = apply_linear(e, g, self.linear_2, "linear_2")
+        del g, pixels
+        e.scope = "language"
+        # InternVLModel.forward: image_features.to(inputs_embeds.dtype), masked_scatter; the vision outputs
+        # (last_hidden_state, pooler_output), the cast features and the placeholder mask stay referenced until the
+        # language model returns
+        cast = ops.cast(e, image_features, x.dtype, name="image_features:cast")
+        mask = e.new(self.tokens, "bool", name="special_image_mask")
+        out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
+        scatter_inputs = [t for t in (x, cast) if t.rg]
+        e.record(Node("masked_scatter", scatter_inputs, [mask] if scatter_inputs else [], []), out)
+        self._keep = (hidden, image_features, cast, mask)
+        return out
+
+    def language(self, e: Engine, x: T) -> T:
+        # Qwen2Model.forward: position_ids = torch.arange(seq).unsqueeze(0), alive until the model returns
+        self._position_ids = e.new(self.seq, "int64", name="position_ids")
+        out = super().language(e, x)
+        self._position_ids = None
+        self._keep = self._keep[2]  # image_hidden_states: part of the model output until the loss is computed
+        return out
+
+    def _run_layer(self, e: Engine, layer, x: T, ctx) -> T:
+        if not isinstance(ctx, VisionContext):
+            ctx.position_ids = self._position_ids  # the decoder layers get position_ids as a keyword argument
+        out = super()._run_layer(e, layer, x, ctx)
+        keep_checkpoint_arguments(self, out, ctx)
+        return out
+
+    def loss(self, e: Engine, hidden: T) -> T:
+        loss = super().loss(e, hidden)
+        self._keep = None
+        attach_checkpoint_arguments(self, loss)
+        return loss
+
+
+MODELS = {"internvl": InternVLModel}
