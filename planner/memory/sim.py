@@ -122,6 +122,7 @@ class Engine:
         self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
         self.segment_peaks: dict[str, int] = {}
         self.segment_blocks: dict[str, list] = {}
+        self.kept_until_backward_end: list = []  # checkpoint forward arguments (see _recompute)
         # Nodes in creation order, held weakly: a node lives as long as a tensor or a later node references it, so a
         # graph no loss depends on (e.g. built from a detached value) is freed with its tensors, as in autograd.
         self.tape: list[weakref.ref] = []
@@ -203,6 +204,7 @@ class Engine:
         grads = {id(loss.node): self.new(1, "fp32", name="grad:loss")}
         del loss
         self._run(nodes, grads)
+        self.kept_until_backward_end = []  # the graph goes with `loss` after backward
 
     def _run(self, nodes: list[Node], grads: dict) -> None:
         while nodes:
@@ -286,7 +288,10 @@ class Engine:
         self.grad_enabled, self.cast_cache, self.autocast = True, {}, node.autocast
         out = node.recompute(leaf)
         sub_nodes = [n for n in (ref() for ref in self.tape) if n is not None]
-        node.recompute = None  # the saved forward arguments (masks, RoPE tables) go with the checkpoint's ctx
+        # CheckpointFunction keeps ctx.run_function (the layer's keyword arguments: masks, RoPE tables, position ids)
+        # until the autograd graph is freed after backward, not just until its own backward runs
+        self.kept_until_backward_end.append(node.recompute)
+        node.recompute = None
         self.cast_cache, self.grad_enabled, self.autocast = was_cache, was_grad, was_autocast
         self.tape = outer
         node.saved.clear()
@@ -294,8 +299,10 @@ class Engine:
         if out.node is None:
             return
         sub_grads = {id(out.node): out_grad}
-        del out, out_grad, leaf
+        # CheckpointFunction.backward holds the recomputed outputs, the incoming gradients (`args`) and the detached
+        # inputs until torch.autograd.backward(outputs, args) returns
         self._run(sub_nodes, sub_grads)
+        del out, out_grad, leaf
 
 
 class Leaf:
