@@ -201,10 +201,13 @@ class Engine:
         self.set_phase("backward")
         refs, self.tape = self.tape, []
         nodes = [node for node in (ref() for ref in refs) if node is not None]
-        grads = {id(loss.node): self.new(1, "fp32", name="grad:loss")}
+        # torch.autograd.backward holds the ones_like gradient of the loss (`grad_tensors_`) until it returns
+        grad_loss = self.new(1, "fp32", name="grad:loss")
+        grads = {id(loss.node): grad_loss}
         del loss
         self._run(nodes, grads)
         self.kept_until_backward_end = []  # the graph goes with `loss` after backward
+        del grad_loss
 
     def _run(self, nodes: list[Node], grads: dict) -> None:
         while nodes:
