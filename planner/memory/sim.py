@@ -313,6 +313,12 @@ class Leaf:
 
     def __init__(self, target: T, grads: dict) -> None:
         self.target, self.grads = target, grads
+        self.grad = None
 
     def receive(self, engine: Engine, grad: T) -> None:
+        if self.target.node is None and self.grad is None:
+            # the detached input's .grad (AccumulateGrad; later gradients are added in place) lives until
+            # CheckpointFunction.backward returns it, also when the real input has no producer to pass it to (the
+            # first layer's inputs_embeds under LoRA)
+            self.grad = grad
         engine._accumulate(self.target, grad, self.grads)
