@@ -257,11 +257,13 @@ def _run_steps(setup, model, optimizer, batch, tracker, trainable, steps, mode) 
 BASE_LAYERS = {"text": 2, "vision": 2, "vision_window": 2, "vision_full": 1}
 
 
-def _base_counts(full: dict[str, int], base: int | None) -> dict[str, int]:
-    counts = {}
+def _base_counts(setup: TrainSetup, full: dict[str, int], base: int | None) -> dict[str, int]:
+    from vlplan.planner.memory.families import base_layer_counts
+
+    counts = base_layer_counts(setup, full, base or 2)
     for kind, n in full.items():
-        wanted = base if base is not None else BASE_LAYERS.get(kind, 2)
-        counts[kind] = min(n, max(wanted, 1))
+        if base is None and kind in BASE_LAYERS:
+            counts[kind] = max(counts[kind], min(n, BASE_LAYERS[kind]))
     return counts
 
 
@@ -270,7 +272,7 @@ def trace(setup: TrainSetup, *, layers: int | None = None, full: bool = False) -
     each type, and extrapolate every phase's peak and breakdown linearly to the real layer counts."""
     start = time.perf_counter()
     real = layer_counts(setup.model)
-    base = real if full else _base_counts(real, layers)
+    base = real if full else _base_counts(setup, real, layers)
     runs = [run_trace(setup, base)]
     slopes = {}
     for kind, n in real.items():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from ..modules import LANGUAGE, PROJECTOR, VISION, model_inventory
 from ..setup import Train, TrainSetup
 from . import overheads
-from .step import PHASES, simulate
+from .step import PHASES, simulate_extrapolated
 from .zero import ddp_bucket_bytes, deepspeed_model_states, reduce_bucket_bytes
 
 PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradients/", "zero", "ddp/")
@@ -114,7 +114,7 @@ def _largest_module_params(setup: TrainSetup) -> int:
 
 def estimate(setup: TrainSetup) -> Estimate:
     params, trainable = param_summary(setup)
-    sim = simulate(setup)
+    sim = simulate_extrapolated(setup)
     explanations: dict[str, str] = {}
     phases = {}
     for phase in PHASES:

@@ -120,7 +120,8 @@ class Engine:
         self.by_category: dict[str, int] = {}
         self.phase = "setup"
         self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
-        self.segment_peaks: dict[str, int] = {}
+        # peaks per (phase, scope) segment with their breakdowns: each is affine in the layer counts
+        self.segment_peaks: dict[str, tuple[int, dict[str, int]]] = {}
         self.segment_blocks: dict[str, list] = {}
         self.kept_until_backward_end: list = []  # checkpoint forward arguments (see _recompute)
         # Nodes in creation order, held weakly: a node lives as long as a tensor or a later node references it, so a
@@ -140,8 +141,9 @@ class Engine:
         if self.detail:
             self.live[id(storage)] = storage
         segment = f"{self.phase}/{self.scope}"
-        if self.current > self.segment_peaks.get(segment, -1):
-            self.segment_peaks[segment] = self.current
+        best = self.segment_peaks.get(segment)
+        if best is None or self.current > best[0]:
+            self.segment_peaks[segment] = (self.current, dict(self.by_category))
             if self.detail:
                 self.segment_blocks[segment] = [(s.category, s.owner, s.nbytes) for s in self.live.values()]
         best = self.phase_peaks.get(self.phase)

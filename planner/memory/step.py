@@ -34,6 +34,46 @@ class SimResult:
 # The step ---------------------------------------------------------------------------------------------------------
 
 
+BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first layer of a stack is special)
+
+
+def simulate_extrapolated(setup: TrainSetup) -> SimResult:
+    """`simulate` at a few layers per type plus one more per type, extrapolated linearly per segment to the real
+    layer counts (each segment's peak and breakdown is affine in the counts; their maximum is not). Equal to the
+    full simulation (tests/test_memory_sim.py) and an order of magnitude faster for deep models."""
+    from .families import base_layer_counts, layer_counts
+
+    real = layer_counts(setup.model)
+    base = base_layer_counts(setup, real, BASE_LAYERS)
+    if all(n <= base[kind] + 1 for kind, n in real.items()):
+        return simulate(setup)
+    first = simulate(setup, base)
+    segments = {k: (v[0], dict(v[1])) for k, v in first.segments.items()}
+    for kind, n in real.items():
+        if n <= base[kind]:
+            continue
+        extra = n - base[kind]
+        other = simulate(setup, dict(base, **{kind: base[kind] + 1})).segments
+        for key, (total, categories) in list(segments.items()):
+            o_total, o_categories = other[key]
+            b_total, b_categories = first.segments[key]
+            total += extra * (o_total - b_total)
+            for cat in set(categories) | set(o_categories):
+                categories[cat] = categories.get(cat, 0) + extra * (o_categories.get(cat, 0)
+                                                                    - b_categories.get(cat, 0))
+            segments[key] = (total, categories)
+    peaks: dict[str, int] = {}
+    breakdown: dict[str, dict[str, int]] = {}
+    for key, (total, categories) in segments.items():
+        phase = key.split("/")[0]
+        if phase not in peaks or total > peaks[phase]:
+            peaks[phase] = total
+            breakdown[phase] = {k: v for k, v in categories.items() if v}
+    result = SimResult({p: peaks[p] for p in PHASES if p in peaks}, breakdown)
+    result.segments = segments
+    return result
+
+
 def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bool = False) -> SimResult:
     family = setup.model.family
     builder = model_for(family)
@@ -70,7 +110,8 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     breakdown = {phase: {k: v for k, v in e.phase_peaks[phase][1].items() if v} for phase in peaks}
     result = SimResult(peaks, breakdown)
     result.blocks = e.phase_blocks
-    result.segment_peaks = dict(e.segment_peaks)
+    result.segment_peaks = {k: v[0] for k, v in e.segment_peaks.items()}
+    result.segments = {k: v for k, v in e.segment_peaks.items() if k.split("/")[0] in PHASES}
     result.segment_blocks = e.segment_blocks
     return result
 

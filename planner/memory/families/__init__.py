@@ -44,3 +44,12 @@ def spec_with_layers(spec, counts):
     from ..model import spec_with_layers as default
 
     return getattr(family_module(spec.family), "spec_with_layers", default)(spec, counts)
+
+
+def base_layer_counts(setup, real: dict[str, int], base: int = 2) -> dict[str, int]:
+    """The fewest layers per type whose structure matches the full model's, for extrapolation: `base` of each type,
+    and with `--method freeze` one frozen language-model layer before the trainable ones."""
+    counts = {kind: min(n, base) for kind, n in real.items()}
+    if setup.method == "freeze" and "text" in real:
+        counts["text"] = min(real["text"], max(base, setup.freeze_trainable_layers + 1))
+    return counts
