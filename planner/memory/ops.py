@@ -37,7 +37,9 @@ def weight_for_matmul(e: Engine, p: Param) -> T:
         cached = e.cast_cache.get(id(p))
         if cached is None:
             cached = e.new(p.numel, e.autocast, name=f"{p.name}:cast")
-            e.record(Node("to_copy", [], [], [p], param_grad_via=e.autocast), cached)
+            # ToCopyBackward: the half-precision weight gradient arrives as this node's incoming gradient (allocated
+            # by the matmul's backward); it is converted to the parameter's dtype and accumulated, nothing more
+            e.record(Node("to_copy", [], [], [p]), cached)
             e.cast_cache[id(p)] = cached
         return cached
     return e.new(p.numel, e.autocast, name=f"{p.name}:cast")
