@@ -287,12 +287,20 @@ class LlavaBase(BaseModel):
         return ops.layer_norm(e, cls, self.post_ln[0], self.post_ln[1], images, name="post_layernorm")
 
     # Image features into the sequence ------------------------------------------------------------------------------
-    def _scatter(self, e: Engine, x: T, image_features: T) -> T:
+    def _scatter(self, e: Engine, x: T, pooler_output: list[T], narrow: bool = False) -> T:
         """forward: torch.cat(pooler_output).to(inputs_embeds.dtype); special_image_mask = input_ids == image_token_id
         (a local alive until the model returns); inputs_embeds.masked_scatter(mask, image_features) saves the
-        mask. The cat is the output's image_hidden_states."""
-        cat = e.new(image_features.numel, image_features.dtype, name="image_features.cat")
-        e.record(Node("cat", [image_features] if image_features.rg else [], [], []), cat)
+        mask. The cat is the output's image_hidden_states. Its backward hands each part a narrowed view of the
+        gradient (`narrow`); LLaVA passes the projector output whole, whose per-image views `list()` made
+        (UnbindBackward stacks their gradients into one new tensor)."""
+        dtype = pooler_output[0].dtype
+        cat = e.new(sum(t.numel for t in pooler_output), dtype, name="image_features.cat")
+        inputs = [t for t in pooler_output if t.rg]
+        node = Node("cat", inputs, [], [])
+        if narrow:
+            node.grad_dtype = {index: "passthrough" for index in range(len(inputs))}
+        e.record(node, cat)
+        del inputs, pooler_output
         cast = ops.cast(e, cat, x.dtype, name="image_features:cast")
         del cat
         e.scope = "language"
@@ -423,7 +431,7 @@ class LlavaModel(LlavaBase):
         # by mm_encoder_outputs until LlavaModel.forward returns
         self._keep = (hidden, selected, image_features)
         del hidden, selected
-        return self._scatter(e, x, image_features)
+        return self._scatter(e, x, [image_features])
 
     # Pixtral --------------------------------------------------------------------------------------------------------
     def _pixtral_params(self) -> None:
