@@ -7,6 +7,7 @@ import typer
 from .estimate import estimate_command
 from .gpus import gpus_command
 from .models import models_command
+from .plan import plan_command
 from .tokens import tokens_command
 from .trace import trace_command
 
@@ -14,6 +15,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Plan, prove and launch vision-language model fine-tunes.")
 app.command("estimate")(estimate_command)
 app.command("trace")(trace_command)
+app.command("plan")(plan_command)
 app.command("tokens")(tokens_command)
 app.command("models")(models_command)
 app.command("gpus")(gpus_command)

@@ -1,0 +1,312 @@
+"""`plan(setup, global_batch_size=...)`: the launch settings for a GPU budget.
+
+Searches micro-batch, gradient accumulation, gradient checkpointing, ZeRO stage and CPU offload (and the attention
+kernel among those allowed), keeping micro-batch x accumulation x data-parallel ranks = the global batch exactly,
+keeping the estimated `peak_bytes` within capacity x (1 - margin), and picks the fastest by the FLOPs model of
+`throughput.py`. Every choice carries its reason; when nothing fits, `NothingFits` says why and what would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+
+from .errors import VlplanError
+from .memory.estimate import Estimate, estimate
+from .setup import TrainSetup
+from .throughput import StepTime, step_time
+
+GIB = 2**30
+
+
+class NothingFits(VlplanError):
+    """No setting fits the GPUs; the message lists what would."""
+
+
+@dataclass
+class Candidate:
+    setup: TrainSetup
+    estimate: Estimate
+    time: StepTime
+
+    def summary(self) -> dict:
+        s = self.setup
+        return {"micro_batch_size": s.batch_size, "gradient_accumulation_steps": s.gradient_accumulation_steps,
+                "zero_stage": s.zero, "offload": s.offload, "gradient_checkpointing": s.gradient_checkpointing,
+                "attn": s.attn, "peak_bytes": self.estimate.peak_bytes, "step_time_s": self.time.seconds}
+
+
+@dataclass
+class Plan:
+    chosen: Candidate
+    global_batch_size: int
+    requested_global_batch_size: int
+    margin: float
+    capacity_bytes: int
+    reasons: list[str]
+    alternatives: list[Candidate]
+    num_samples: int | None = None
+    epochs: float = 1.0
+    explored: int = 0
+    assumptions: dict = field(default_factory=dict)
+
+    @property
+    def setup(self) -> TrainSetup:
+        return self.chosen.setup
+
+    @property
+    def step_time_s(self) -> float:
+        return self.chosen.time.seconds
+
+    @property
+    def epoch_time_s(self) -> float | None:
+        if not self.num_samples:
+            return None
+        return self.num_samples / self.global_batch_size * self.step_time_s
+
+    def to_dict(self) -> dict:
+        s = self.setup
+        epoch = self.epoch_time_s
+        gpu_hours = epoch * self.epochs * s.world_size / 3600 if epoch is not None else None
+        return {
+            "micro_batch_size": s.batch_size, "gradient_accumulation_steps": s.gradient_accumulation_steps,
+            "num_gpus": s.num_gpus, "num_nodes": s.num_nodes, "global_batch_size": self.global_batch_size,
+            "requested_global_batch_size": self.requested_global_batch_size, "zero_stage": s.zero,
+            "offload": s.offload, "gradient_checkpointing": s.gradient_checkpointing, "attn": s.attn,
+            "settings": s.describe(), "estimate": self.chosen.estimate.to_dict(), "step_time_s": self.step_time_s,
+            "step_time_breakdown_s": self.chosen.time.parts, "mfu": self.chosen.time.mfu,
+            "epoch_time_s": epoch, "gpu_hours": gpu_hours, "num_samples": self.num_samples, "epochs": self.epochs,
+            "margin": self.margin, "capacity_bytes": self.capacity_bytes,
+            "budget_bytes": int(self.capacity_bytes * (1 - self.margin)), "reasons": self.reasons,
+            "alternatives": [c.summary() for c in self.alternatives], "candidates_explored": self.explored,
+            "assumptions": self.assumptions,
+        }
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _strategies(setup: TrainSetup) -> list[tuple[int, str]]:
+    """(ZeRO stage, offload) pairs the frameworks accept for this setup."""
+    pairs = [(0, "none")]
+    multi = setup.world_size > 1
+    for zero in (1, 2, 3):
+        if zero == 3 and (setup.method == "qlora" or setup.precision == "pure-bf16"):
+            continue
+        if multi:
+            pairs.append((zero, "none"))
+        if setup.optimizer not in ("adamw-8bit", "paged-adamw-8bit"):
+            if zero in (2, 3):
+                pairs.append((zero, "optimizer"))
+            if zero == 3:
+                pairs.append((zero, "all"))
+    return pairs
+
+
+def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num_samples: int | None = None,
+         epochs: float = 1.0, mfu: float | None = None, attns: tuple[str, ...] | None = None,
+         checkpointing: tuple[bool, ...] = (False, True)) -> Plan:
+    """The fastest settings whose estimated peak stays within capacity x (1 - margin); see module docstring."""
+    if global_batch_size <= 0:
+        raise VlplanError(f"--global-batch-size must be positive, got {global_batch_size}")
+    if not 0 <= margin < 1:
+        raise VlplanError(f"--margin must be in [0, 1), got {margin}")
+    reasons: list[str] = []
+    dp = setup.world_size
+    requested = global_batch_size
+    if global_batch_size % dp:
+        global_batch_size = max(dp, round(global_batch_size / dp) * dp)
+        reasons.append(f"global batch {requested} is not a multiple of the {dp} data-parallel ranks; using "
+                       f"{global_batch_size} (micro-batch x accumulation x ranks must equal it)")
+    per_rank = global_batch_size // dp
+    capacity = setup.gpu.memory_bytes
+    budget = int(capacity * (1 - margin))
+    attns = attns or (setup.attn,)
+    fits: list[Candidate] = []
+    largest_tried: dict = {}
+    explored = 0
+    for attn in attns:
+        for gc in checkpointing:
+            for zero, offload in _strategies(setup):
+                micro, tried = _largest_micro(setup, per_rank, budget, attn=attn, gradient_checkpointing=gc,
+                                              zero=zero, offload=offload)
+                explored += tried
+                largest_tried[(attn, gc, zero, offload)] = micro
+                if micro is None:
+                    continue
+                chosen = _candidate(replace(setup, batch_size=micro, gradient_accumulation_steps=per_rank // micro,
+                                            attn=attn, gradient_checkpointing=gc, zero=zero, offload=offload), mfu)
+                fits.append(chosen)
+    if not fits:
+        raise NothingFits(_nothing_fits_message(setup, budget, margin, per_rank))
+    fits.sort(key=lambda c: (c.time.seconds, c.estimate.peak_bytes))
+    best = fits[0]
+    reasons += _reasons(best, fits, budget, capacity, margin, per_rank)
+    return Plan(best, global_batch_size, requested, margin, capacity, reasons, fits[1:6], num_samples, epochs,
+                explored, _assumptions(best))
+
+
+def _candidate(setup: TrainSetup, mfu: float | None) -> Candidate:
+    return Candidate(setup, _cached_estimate(setup), step_time(setup, mfu))
+
+
+@lru_cache(maxsize=4096)
+def _cached_estimate(setup: TrainSetup) -> Estimate:
+    return estimate(setup)
+
+
+def _fits(setup: TrainSetup, budget: int) -> bool:
+    try:
+        return _cached_estimate(setup).peak_bytes <= budget
+    except VlplanError:
+        return False
+
+
+def _largest_micro(setup: TrainSetup, per_rank: int, budget: int, **changes) -> tuple[int | None, int]:
+    """The largest micro-batch dividing the per-rank batch that fits (memory grows with the micro-batch: binary
+    search), and how many estimates it took."""
+    options = _divisors(per_rank)
+    low, high, best, tried = 0, len(options) - 1, None, 0
+    while low <= high:
+        mid = (low + high) // 2
+        micro = options[mid]
+        try:
+            candidate = replace(setup, batch_size=micro, gradient_accumulation_steps=per_rank // micro, **changes)
+        except VlplanError:
+            return None, tried
+        tried += 1
+        if _fits(candidate, budget):
+            best, low = micro, mid + 1
+        else:
+            high = mid - 1
+    return best, tried
+
+
+def _reasons(best: Candidate, fits: list[Candidate], budget: int, capacity: int, margin: float,
+             per_rank: int) -> list[str]:
+    s, e = best.setup, best.estimate
+    reasons = [f"micro-batch {s.batch_size} x accumulation {s.gradient_accumulation_steps} x {s.world_size} ranks = "
+               f"global batch {s.batch_size * s.gradient_accumulation_steps * s.world_size}"]
+    larger = [d for d in _divisors(per_rank) if d > s.batch_size]
+    if larger:
+        bigger = replace(s, batch_size=larger[0], gradient_accumulation_steps=per_rank // larger[0])
+        try:
+            need = _cached_estimate(bigger).peak_bytes
+            reasons.append(f"micro-batch {s.batch_size} is the largest that fits: peak {e.peak_bytes / GIB:.2f} GiB "
+                           f"of the {budget / GIB:.2f} GiB budget ({100 * (1 - margin):.0f}% of "
+                           f"{capacity / GIB:.2f} GiB); {larger[0]} would need {need / GIB:.2f} GiB")
+        except VlplanError:
+            pass
+    else:
+        reasons.append(f"micro-batch {s.batch_size} takes the whole per-rank batch; peak {e.peak_bytes / GIB:.2f} "
+                       f"GiB of the {budget / GIB:.2f} GiB budget")
+    alt_gc = [c for c in fits if c.setup.gradient_checkpointing != s.gradient_checkpointing]
+    if s.gradient_checkpointing:
+        if not any(not c.setup.gradient_checkpointing for c in fits):
+            reasons.append("gradient checkpointing on: without it nothing fits")
+        else:
+            faster = min(alt_gc, key=lambda c: c.time.seconds)
+            reasons.append(f"gradient checkpointing on: it allows micro-batch {s.batch_size} (without it "
+                           f"{faster.setup.batch_size}), {faster.time.seconds / best.time.seconds:.2f}x the step time")
+    else:
+        reasons.append("gradient checkpointing off: it fits without, saving the recomputation "
+                       f"(~{100 * _recompute_share(s):.0f}% more compute with it)")
+    if s.zero:
+        reasons.append(f"ZeRO-{s.zero}{' with ' + s.offload + ' offload' if s.offload != 'none' else ''}: "
+                       f"{_zero_reason(best, fits)}")
+    elif s.world_size > 1:
+        reasons.append("plain DDP (ZeRO 0): the model states fit on every GPU, so no partitioning traffic")
+    if s.offload != "none":
+        reasons.append(f"offload needs {e.cpu_ram_bytes / GIB:.0f} GiB of host RAM per node "
+                       f"({', '.join(f'{k} {v / GIB:.0f} GiB' for k, v in e.cpu_breakdown_bytes.items())})")
+    reasons.append(f"estimated step {best.time.seconds:.2f} s at {100 * best.time.mfu:.0f}% MFU "
+                   f"({', '.join(f'{k} {v:.2f} s' for k, v in best.time.parts.items() if v > 0.005)})")
+    return reasons
+
+
+def _recompute_share(setup: TrainSetup) -> float:
+    on = step_time(replace(setup, gradient_checkpointing=True)).parts
+    return on.get("recompute", 0.0) / max(on.get("compute", 1e-9), 1e-9)
+
+
+def _zero_reason(best: Candidate, fits: list[Candidate]) -> str:
+    ddp = [c for c in fits if c.setup.zero == 0]
+    if not ddp:
+        return "without partitioning the model states nothing fits"
+    fastest_ddp = min(ddp, key=lambda c: c.time.seconds)
+    return (f"partitioning frees memory for micro-batch {best.setup.batch_size} (ZeRO 0: "
+            f"{fastest_ddp.setup.batch_size}) and is faster overall ({best.time.seconds:.2f} s vs "
+            f"{fastest_ddp.time.seconds:.2f} s per step)")
+
+
+def _assumptions(best: Candidate) -> dict:
+    from . import throughput
+
+    return {"mfu": best.time.mfu, "micro_step_overhead_s": throughput.MICRO_STEP_OVERHEAD_S,
+            "internode_gbps": throughput.INTERNODE_GBPS, "intranode_gbps": best.setup.gpu.link_gbps,
+            "pcie_gbps": throughput.PCIE_GBPS, "cpu_adam_params_per_s": throughput.CPU_ADAM_PARAMS_PER_S,
+            "overlap": "none (upper bound on step time)"}
+
+
+def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_rank: int) -> str:
+    """Why nothing fits (the smallest peak found) and which changes would fit."""
+    smallest = None
+    for zero, offload in _strategies(setup):
+        try:
+            e = _cached_estimate(replace(setup, batch_size=1, gradient_accumulation_steps=per_rank,
+                                         gradient_checkpointing=True, zero=zero, offload=offload))
+        except VlplanError:
+            continue
+        if smallest is None or e.peak_bytes < smallest.peak_bytes:
+            smallest = e
+    parts = [f"nothing fits {setup.world_size} x {setup.gpu.name} within {budget / GIB:.1f} GiB "
+             f"({100 * (1 - margin):.0f}% of capacity)"]
+    if smallest is not None:
+        s = smallest.setup
+        parts.append(f"the smallest setting (micro-batch 1, checkpointing, ZeRO-{s.zero}, offload {s.offload}) needs "
+                     f"{smallest.peak_bytes / GIB:.1f} GiB")
+    suggestions = _suggestions(setup, budget, per_rank)
+    if suggestions:
+        parts.append("would fit: " + "; ".join(suggestions))
+    else:
+        parts.append("nothing tried fits: a larger GPU or a smaller model")
+    return ". ".join(parts)
+
+
+def _suggestions(setup: TrainSetup, budget: int, per_rank: int) -> list[str]:
+    tries: list[tuple[str, TrainSetup]] = []
+    base = replace(setup, batch_size=1, gradient_accumulation_steps=per_rank, gradient_checkpointing=True)
+    for gpus in (2, 4, 8):
+        if gpus > setup.num_gpus and setup.method != "qlora" and setup.precision != "pure-bf16":
+            tries.append((f"--num-gpus {gpus} with ZeRO-3", replace(base, num_gpus=gpus, zero=3, offload="none")))
+    if setup.method != "qlora" and setup.precision != "pure-bf16":
+        tries.append(("ZeRO-3 with full CPU offload (--zero 3 --offload all)", replace(base, zero=3, offload="all")))
+    if setup.method in ("lora", "full") and setup.zero != 3:
+        tries.append(("QLoRA 4-bit (--method qlora)", _qlora(base)))
+    if setup.images and setup.image_max_pixels:
+        pixels = setup.image_max_pixels // 4
+        tries.append((f"--image-max-pixels {pixels}", replace(base, image_max_pixels=pixels)))
+    if setup.seq_len >= 1024:
+        tries.append((f"--seq-len {setup.seq_len // 2}", replace(base, seq_len=setup.seq_len // 2)))
+    found = []
+    for label, candidate in tries:
+        if candidate is None:
+            continue
+        try:
+            if _fits(candidate, budget):
+                found.append(label)
+        except VlplanError:
+            continue
+    return found
+
+
+def _qlora(setup: TrainSetup) -> TrainSetup | None:
+    from .setup import Train
+
+    try:
+        return replace(setup, method="qlora", quant_bits=4, language=Train.LORA,
+                       vision=Train.LORA if setup.vision is not Train.FROZEN else Train.FROZEN, zero=0,
+                       offload="none")
+    except VlplanError:
+        return None
