@@ -68,7 +68,17 @@ def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
         return Batch(real)
     converter = fake_mode.fake_tensor_converter
     tensors = {}
+    # A builder may name more constant inputs (`builder.constant_keys`), e.g. pixel values the model inspects on the
+    # host (Idefics3 drops all-zero padding images by boolean indexing): fake tensors then propagate their values
+    # through ops up to their size, so the constant-propagation limit is raised to it for this trace (cuda_emulation
+    # restores it on exit).
+    extra = getattr(builder, "constant_keys", ())
+    if extra:
+        from torch._subclasses import fake_tensor
+
+        largest = max(real[key].numel() for key in extra if key in real)
+        fake_tensor.CONSTANT_NUMEL_LIMIT = max(fake_tensor.CONSTANT_NUMEL_LIMIT, largest)
     for key, tensor in real.items():
-        constant = key in CONSTANT_KEYS
+        constant = key in CONSTANT_KEYS or key in extra
         tensors[key] = converter.from_real_tensor(fake_mode, tensor, make_constant=constant)
     return Batch(tensors, keepalive=list(real.values()))

@@ -53,6 +53,7 @@ def hf_config(spec: ModelSpec, attn: str = "sdpa"):
     for sub in ("text_config", "vision_config"):
         if hasattr(config, sub):
             getattr(config, sub)._attn_implementation = ATTN_IMPLEMENTATION[attn]
+    _eager_where_no_sdpa(config)
     # Training never uses the KV cache (LLaMA-Factory patch_config sets use_cache False when trainable). Left on,
     # transformers builds a DynamicCache in every training forward without checkpointing: a copy of K and V per
     # layer, promoted to fp32 by its empty initial tensor, alive until the outputs are dropped.
@@ -60,6 +61,21 @@ def hf_config(spec: ModelSpec, attn: str = "sdpa"):
     if hasattr(config, "text_config"):
         config.text_config.use_cache = False
     return config
+
+
+def _eager_where_no_sdpa(config) -> None:
+    """A sub-model whose class has no SDPA path (Gemma 2, `_supports_sdpa = False`: SDPA has no logit soft-capping)
+    runs eager: transformers resolves its default attention to eager and refuses an explicit "sdpa"
+    (modeling_utils `_sdpa_can_dispatch`), so eager is what training with the default attention runs."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    for sub in ("text_config", "vision_config"):
+        sub_config = getattr(config, sub, None)
+        if sub_config is None or sub_config._attn_implementation != "sdpa":
+            continue
+        cls = MODEL_MAPPING.get(type(sub_config), None)
+        if cls is not None and not getattr(cls, "_supports_sdpa", True):
+            sub_config._attn_implementation = "eager"
 
 
 def create_model(setup: TrainSetup, spec: ModelSpec | None = None) -> nn.Module:

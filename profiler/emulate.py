@@ -251,6 +251,12 @@ def cuda_emulation(setup, *, fake: bool = True):
 
         find_packed = masking_utils.find_packed_sequence_indices
         masking_utils.find_packed_sequence_indices = lambda position_ids: None
+        # masking_utils reads padding masks on the host to skip an all-ones mask (`padding_mask.all()`), but never on
+        # a fake tensor (`is_tracing`). A constant fake (e.g. Idefics3's patch mask, from constant pixel masks) has
+        # known values: read them, as the real run does, so no (batch, 1, n, n) mask appears that the run skips.
+        tracing = masking_utils.is_tracing
+        masking_utils.is_tracing = lambda tensor=None: tracing(
+            None if getattr(tensor, "constant", None) is not None else tensor)
     # Fake tensors propagate constants only up to one element; the vision index tensors (cu_seqlens of windows,
     # split sizes) are read on the host with .tolist(), so keep small integer results constant too.
     numel_limit = fake_tensor.CONSTANT_NUMEL_LIMIT
@@ -264,4 +270,5 @@ def cuda_emulation(setup, *, fake: bool = True):
             module.torch_compilable_check = original
         if fake:
             masking_utils.find_packed_sequence_indices = find_packed
+            masking_utils.is_tracing = tracing
         set_tracker(None)

@@ -1,0 +1,513 @@
+"""PaliGemma 2: SigLIP vision tower, one Linear projector, Gemma 2 language model with the image prefix attending
+bidirectionally (transformers models/paligemma/modeling_paligemma.py, models/siglip/modeling_siglip.py,
+models/gemma2/modeling_gemma2.py).
+
+What differs from the LLaMA-style models of model.py:
+- Gemma 2 has no SDPA path (`Gemma2PreTrainedModel._supports_sdpa = False`: SDPA cannot soft-cap the logits), so its
+  attention is eager whatever `--attn` says (sdpa is what transformers refuses / resolves to eager; the tracer does the
+  same, profiler/build.py `_eager_where_no_sdpa`): scores are soft-capped (/50, tanh, *50) and a (batch, 1, seq, seq)
+  additive mask is added. PaliGemmaModel builds two masks, full and sliding-window, in the embeddings' dtype; with
+  LLaMA-Factory's `token_type_ids` (0 on the image tokens) both let the image prefix attend bidirectionally.
+- Gemma2RMSNorm computes in fp32 and multiplies by (1 + weight) before casting back; each decoder layer has four.
+- The embeddings are scaled by sqrt(hidden) and the logits soft-capped (/30, tanh, *30) before the loss.
+The SigLIP classes here (`SiglipVision`) are shared with Idefics3's encoder.
+"""
+
+from __future__ import annotations
+
+from ...modules import LANGUAGE, PROJECTOR, VISION
+from ...setup import Train, TrainSetup
+from .. import ops
+from ..blocks import Params, apply_linear
+from ..model import BaseModel
+from ..sim import Engine, Node, T
+
+# Gemma2Config defaults (PaliGemma 2 configs keep them): attn_logit_softcapping, final_logit_softcapping
+ATTN_SOFTCAP, FINAL_SOFTCAP = 50.0, 30.0
+
+
+# Building blocks ----------------------------------------------------------------------------------------------------
+
+
+def gemma_rms_norm(e: Engine, x: T, weight, tokens: int, name: str = "") -> T:
+    """Gemma2RMSNorm.forward: `output = self._norm(x.float())` (x * rsqrt(x.pow(2).mean(-1) + eps), all fp32), then
+    `output * (1.0 + self.weight.float())` in fp32 and `.type_as(x)`."""
+    x32 = ops.cast(e, x, "fp32", name=f"{name}.fp32")
+    sq = e.new(x32.numel, "fp32", name=f"{name}.pow")
+    e.record(Node("pow", [x32] if x32.rg else [], [x32], []), sq)
+    var = e.new(tokens, "fp32", name=f"{name}.mean")
+    e.record(Node("mean", [sq] if sq.rg else [], [], []), var)
+    del sq
+    var_eps = e.new(tokens, "fp32", name=f"{name}.add_eps")
+    e.record(Node("add", [var] if var.rg else [], [], []), var_eps)
+    del var
+    r = e.new(tokens, "fp32", name=f"{name}.rsqrt")
+    e.record(Node("rsqrt", [var_eps] if var_eps.rg else [], [r], []), r)
+    del var_eps
+    normed = ops.mul(e, x32, r, name=f"{name}.normed")
+    del x32, r  # `_norm`'s argument dies when it returns
+    # `1.0 + self.weight.float()`: .float() copies a bf16 weight (no copy for an fp32 one); the gradient reaches a
+    # trainable weight through that copy or straight from the add
+    if weight.dtype != "fp32":
+        w32 = e.new(weight.numel, "fp32", name=f"{name}.weight_fp32")
+        e.record(Node("to_copy", [], [], [weight] if weight.trainable else []), w32)
+        one_plus = e.new(weight.numel, "fp32", name=f"{name}.one_plus_weight")
+        e.record(Node("add_scalar", [w32] if w32.rg else [], [], []), one_plus)
+        del w32
+    else:
+        one_plus = e.new(weight.numel, "fp32", name=f"{name}.one_plus_weight")
+        e.record(Node("add_scalar", [], [], [weight] if weight.trainable else []), one_plus)
+    out = ops.mul(e, normed, one_plus, name=f"{name}.scaled")
+    del normed, one_plus
+    return ops.cast(e, out, x.dtype, name=name)
+
+
+def conv2d(e: Engine, x: T, weight, bias, out_numel: int, name: str = "") -> T:
+    """nn.Conv2d(padding="valid") under autocast. `conv2d.padding` has no autocast kernel of its own: it decomposes
+    to `convolution`, whose autocast kernel casts input, weight and bias to the half dtype. The tracer's CPU autocast
+    (profiler/cuda_autocast.py) casts them without the weight-cast cache, so the bias copy is transient and the weight
+    copy lives as long as the backward keeps it: ConvolutionBackward saves the (cast) input and weight whenever one of
+    input, weight or bias needs a gradient (one backward formula for all three)."""
+    xin = ops.input_for_matmul(e, x)
+    casts = []
+    for p in (weight, bias):
+        if p is None or e.autocast is None or p.dtype == e.autocast:
+            casts.append(p.tensor if p is not None else None)
+            continue
+        cast = e.new(p.numel, e.autocast, name=f"{p.name}:cast")
+        e.record(Node("to_copy", [], [], [p] if p.trainable else []), cast)
+        casts.append(cast)
+    w, b = casts
+    out = e.new(out_numel, e.autocast or ops.promote(xin.dtype, w.dtype), name=name)
+    pairs = [(weight, w)] + ([(bias, b)] if bias is not None else [])
+    needed = xin.rg or any(p.trainable for p, _ in pairs)
+    inputs = ([xin] if xin.rg else []) + [t for p, t in pairs if p.trainable and t is not p.tensor]
+    params = [p for p, t in pairs if p.trainable and t is p.tensor]
+    e.record(Node(f"conv2d:{name}", inputs, [xin, w] if needed else [], params), out)
+    return out
+
+
+def _gelu_tanh_mlp(e: Engine, h: T, gate, up, down) -> T:
+    """Gemma2MLP / Idefics-style gated MLP: down_proj(gelu_tanh(gate_proj(x)) * up_proj(x))."""
+    g = apply_linear(e, h, gate, "gate_proj")
+    act = ops.unary(e, "gelu_tanh", g, name="act")
+    del g
+    u = apply_linear(e, h, up, "up_proj")
+    prod = ops.mul(e, act, u, name="act*up")
+    del act, u
+    return apply_linear(e, prod, down, "down_proj")
+
+
+def softcapped_eager_attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, q_len: int, k_len: int,
+                               batch: int, mask: T | None, softcap: float | None, name: str = "") -> tuple[T, T]:
+    """gemma2 `eager_attention_forward`: repeat_kv, q @ k^T * scaling, soft-capping (/cap, tanh, *cap), + mask,
+    softmax in fp32 (a bf16 input is converted first), `.to(query.dtype)`, @ v, transpose(1, 2).contiguous().
+    Under autocast both matmuls cast fp32 operands to the half dtype (with fp32 hidden states, full training, the
+    RoPE'd q/k and the fp32 mask make q, k, the scores and the weights fp32). Returns the output and the attention
+    weights (the caller keeps them: `hidden_states, _ = self.self_attn(...)`)."""
+    groups = heads // kv_heads
+    key = ops._copy(e, k, k.numel * groups, f"{name}.k_rep") if groups > 1 else k
+    value = ops._copy(e, v, v.numel * groups, f"{name}.v_rep") if groups > 1 else v
+    scores_numel = batch * heads * q_len * k_len
+    qa, ka = ops.input_for_matmul(e, q), ops.input_for_matmul(e, key)
+    scores = e.new(scores_numel, e.autocast or ops.promote(q.dtype, key.dtype), name=f"{name}.scores")
+    e.record(Node("matmul", [t for t in (qa, ka) if t.rg], [qa, ka] if (qa.rg or ka.rg) else [], []), scores)
+    del qa, ka
+    weights = ops.scale(e, scores, name=f"{name}.scaled")
+    del scores
+    if softcap is not None:
+        divided = ops.scale(e, weights, name=f"{name}.softcap_div")
+        del weights
+        capped = e.new(scores_numel, divided.dtype, name=f"{name}.tanh")
+        e.record(Node("tanh", [divided] if divided.rg else [], [capped], []), capped)
+        del divided
+        weights = ops.scale(e, capped, name=f"{name}.softcap_mul")
+        del capped
+    if mask is not None:
+        masked = ops.add(e, weights, mask, name=f"{name}.masked")
+        del weights
+        weights = masked
+        del masked
+    as32 = ops.cast(e, weights, "fp32", name=f"{name}.scores_fp32")  # softmax(dtype=float32) converts its input
+    probs = e.new(scores_numel, "fp32", name=f"{name}.softmax")
+    e.record(Node("softmax", [as32] if as32.rg else [], [probs], []), probs)
+    del as32
+    probs_cast = ops.cast(e, probs, q.dtype, name=f"{name}.probs")
+    del weights, probs
+    pa, va = ops.input_for_matmul(e, probs_cast), ops.input_for_matmul(e, value)
+    out = e.new(q.numel, e.autocast or ops.promote(pa.dtype, va.dtype), name=f"{name}.pv")
+    e.record(Node("matmul", [t for t in (pa, va) if t.rg], [pa, va] if (pa.rg or va.rg) else [], []), out)
+    del pa, va
+    contiguous = e.new(out.numel, out.dtype, name=name)
+    e.record(Node("contiguous", [out] if out.rg else [], [], []), contiguous)
+    del out, key, value
+    return contiguous, probs_cast
+
+
+# SigLIP vision tower ------------------------------------------------------------------------------------------------
+
+
+class SiglipLayer:
+    """SiglipEncoderLayer (Idefics3EncoderLayer is a copy): layer_norm1 -> self_attn (q/k/v_proj, attention,
+    out_proj) -> residual -> layer_norm2 -> mlp (fc1, gelu-tanh, fc2) -> residual. The normed input is the
+    attention's argument until it returns, and the MLP's until the MLP returns."""
+
+    def __init__(self, p: Params, index: int) -> None:
+        v = p.setup.model.vision
+        self.v = v
+        d, prefix = v.hidden_size, f"vision.layers.{index}"
+        self.ln1 = (p.vector(VISION, f"{prefix}.layer_norm1.weight", d), p.vector(VISION, f"{prefix}.layer_norm1.bias", d))
+        self.ln2 = (p.vector(VISION, f"{prefix}.layer_norm2.weight", d), p.vector(VISION, f"{prefix}.layer_norm2.bias", d))
+        self.q = p.linear(VISION, f"{prefix}.q_proj", d, d, True)
+        self.k = p.linear(VISION, f"{prefix}.k_proj", d, d, True)
+        self.v_proj = p.linear(VISION, f"{prefix}.v_proj", d, d, True)
+        self.o = p.linear(VISION, f"{prefix}.out_proj", d, d, True)
+        self.fc1 = p.linear(VISION, f"{prefix}.fc1", d, v.intermediate_size, True)
+        self.fc2 = p.linear(VISION, f"{prefix}.fc2", v.intermediate_size, d, True)
+        self.params = [*self.ln1, *self.ln2] + [
+            q for lp in (self.q, self.k, self.v_proj, self.o, self.fc1, self.fc2)
+            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+
+    @property
+    def has_trainable(self) -> bool:
+        return any(q.trainable for q in self.params)
+
+    def __call__(self, e: Engine, x: T, ctx) -> T:
+        residual = x
+        h = ops.layer_norm(e, x, self.ln1[0], self.ln1[1], ctx.tokens, name="layer_norm1")
+        q = apply_linear(e, h, self.q, "q_proj")
+        k = apply_linear(e, h, self.k, "k_proj")
+        value = apply_linear(e, h, self.v_proj, "v_proj")
+        attn = ctx.attention(e, q, k, value, self.v.num_heads, ctx.tokens, "self_attn")
+        o = apply_linear(e, attn, self.o, "out_proj")
+        del q, k, value, attn, h  # SiglipAttention.forward returns
+        x = ops.add(e, residual, o, name="attn_residual")
+        del residual, o
+        residual = x
+        h = ops.layer_norm(e, x, self.ln2[0], self.ln2[1], ctx.tokens, name="layer_norm2")
+        del x
+        f = apply_linear(e, h, self.fc1, "fc1")
+        a = ops.unary(e, self.v.mlp, f, name="act")
+        del f
+        m = apply_linear(e, a, self.fc2, "fc2")
+        del a, h  # SiglipMLP.forward returns
+        return ops.add(e, residual, m, name="mlp_residual")
+
+
+class VisionContext:
+    def __init__(self, tokens: int, attention) -> None:
+        self.tokens, self.attention = tokens, attention
+
+
+def batched_sdpa(setup: TrainSetup, length: int):
+    """Bidirectional attention of a batch of sequences of `length` tokens in one call, no mask: sdpa -> the CUDA
+    fused kernel (emulate.py CudaAttention), eager (or fp32 without autocast) -> eager_attention_forward."""
+
+    def attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: str) -> T:
+        if e.autocast:
+            q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
+        if setup.attn == "eager" or q.dtype == "fp32":
+            return ops.eager_attention(e, q, k, v, heads, heads, length, length, tokens // length, None, name=name)
+        return ops.fused_attention(e, q, k, v, heads, tokens, name=name)
+
+    return attention
+
+
+class SiglipVision:
+    """SiglipVisionModel without head (vision_use_head false): SiglipVisionEmbeddings (patch Conv2d on
+    `pixel_values.to(weight dtype)`, + position_embedding(position_ids)), the encoder layers, post_layernorm."""
+
+    position_ids_buffer = True  # SiglipVisionEmbeddings.position_ids (int64, one row of positions)
+
+    def __init__(self, model: BaseModel, layers: int) -> None:
+        p, e = model.p, model.e
+        v = p.setup.model.vision
+        full = p.full(VISION)
+        dt = p._dtype(full)
+        d = v.hidden_size
+        self.v = v
+        self.patch = e.param("vision.patch_embedding.weight", v.in_channels * v.patch_size ** 2 * d, dt, full, VISION)
+        self.patch_bias = e.param("vision.patch_embedding.bias", d, dt, full, VISION)
+        self.positions = (v.image_size // v.patch_size) ** 2
+        self.pos = e.param("vision.position_embedding", self.positions * d, dt, full, VISION)
+        if self.position_ids_buffer:
+            self.position_ids = e.param("vision.position_ids", self.positions, "int64", False, VISION)
+        self.layers = [SiglipLayer(p, i) for i in range(layers)]
+        self.post_ln = (p.vector(VISION, "vision.post_layernorm.weight", d),
+                        p.vector(VISION, "vision.post_layernorm.bias", d))
+
+    def embeddings(self, e: Engine, pixel_values: T, images: int) -> T:
+        v = self.v
+        pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
+        patches = conv2d(e, pixels, self.patch, self.patch_bias, images * self.positions * v.hidden_size,
+                         name="patch_embeds")
+        del pixels
+        pos = e.new(self.positions * v.hidden_size, self.pos.dtype, name="position_embedding")
+        e.record(Node("embedding", [], [], [self.pos] if self.pos.trainable else []), pos)
+        out = ops.add(e, patches, pos, name="embeddings")
+        del patches, pos
+        return out
+
+    def __call__(self, model: BaseModel, e: Engine, pixel_values: T, images: int, attention=None) -> T:
+        tokens = images * self.positions
+        embedded = self.embeddings(e, pixel_values, images)
+        ctx = VisionContext(tokens, attention or batched_sdpa(model.setup, self.positions))
+        hidden = embedded
+        for layer in self.layers:
+            hidden = model._run_layer(e, layer, hidden, ctx)
+        del ctx, embedded  # the encoder returns: its `inputs_embeds` argument goes
+        return ops.layer_norm(e, hidden, self.post_ln[0], self.post_ln[1], tokens, name="post_layernorm")
+
+
+# Gemma 2 language model ---------------------------------------------------------------------------------------------
+
+
+class Gemma2Layer:
+    """Gemma2DecoderLayer: input_layernorm -> self_attn -> post_attention_layernorm -> residual ->
+    pre_feedforward_layernorm -> mlp -> post_feedforward_layernorm -> residual."""
+
+    def __init__(self, p: Params, index: int, trainable: bool = True) -> None:
+        t = p.setup.model.text
+        self.t = t
+        prefix = f"language.layers.{index}"
+        h, q_out, kv_out = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+        self.norms = {name: p.vector(LANGUAGE, f"{prefix}.{name}", h, trainable) for name in (
+            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")}
+        self.q = p.linear(LANGUAGE, f"{prefix}.q_proj", h, q_out, t.qkv_bias, trainable)
+        self.k = p.linear(LANGUAGE, f"{prefix}.k_proj", h, kv_out, t.qkv_bias, trainable)
+        self.v = p.linear(LANGUAGE, f"{prefix}.v_proj", h, kv_out, t.qkv_bias, trainable)
+        self.o = p.linear(LANGUAGE, f"{prefix}.o_proj", q_out, h, t.qkv_bias, trainable)
+        self.gate = p.linear(LANGUAGE, f"{prefix}.gate_proj", h, t.intermediate_size, False, trainable)
+        self.up = p.linear(LANGUAGE, f"{prefix}.up_proj", h, t.intermediate_size, False, trainable)
+        self.down = p.linear(LANGUAGE, f"{prefix}.down_proj", t.intermediate_size, h, False, trainable)
+        self.params = list(self.norms.values()) + [
+            q for lp in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
+            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+
+    @property
+    def has_trainable(self) -> bool:
+        return any(q.trainable for q in self.params)
+
+    def __call__(self, e: Engine, x: T, ctx: "GemmaContext") -> T:
+        t, tokens = self.t, ctx.tokens
+        residual = x
+        h = gemma_rms_norm(e, x, self.norms["input_layernorm"], tokens, name="input_layernorm")
+        # Gemma2Attention.forward
+        q = apply_linear(e, h, self.q, "q_proj")
+        k = apply_linear(e, h, self.k, "k_proj")
+        v = apply_linear(e, h, self.v, "v_proj")
+        q_rot = ops.rope(e, q, ctx.cos, ctx.sin, name="q_rope")
+        k_rot = ops.rope(e, k, ctx.cos, ctx.sin, name="k_rope")
+        del q, k  # `query_states, key_states = apply_rotary_pos_emb(...)`
+        if ctx.fused:
+            attn, weights = ops.fused_attention(e, q_rot, k_rot, v, t.num_heads, tokens, name="self_attn"), None
+        else:
+            attn, weights = softcapped_eager_attention(e, q_rot, k_rot, v, t.num_heads, t.num_kv_heads, ctx.seq,
+                                                       ctx.seq, ctx.batch, ctx.mask, ATTN_SOFTCAP, name="self_attn")
+        o = apply_linear(e, attn, self.o, "o_proj")
+        del q_rot, k_rot, v, attn, h
+        h = gemma_rms_norm(e, o, self.norms["post_attention_layernorm"], tokens, name="post_attention_layernorm")
+        del o
+        x = ops.add(e, residual, h, name="attn_residual")
+        del residual, h
+        residual = x
+        h = gemma_rms_norm(e, x, self.norms["pre_feedforward_layernorm"], tokens, name="pre_feedforward_layernorm")
+        del x
+        m = _gelu_tanh_mlp(e, h, self.gate, self.up, self.down)
+        del h
+        h = gemma_rms_norm(e, m, self.norms["post_feedforward_layernorm"], tokens, name="post_feedforward_layernorm")
+        del m
+        out = ops.add(e, residual, h, name="mlp_residual")
+        del residual, h, weights  # `hidden_states, _ = self.self_attn(...)`: the weights live until the layer returns
+        return out
+
+
+class GemmaContext:
+    """What a Gemma 2 layer gets: token counts, RoPE tables, its mask (full or sliding), the attention kind."""
+
+    def __init__(self, tokens: int, batch: int, seq: int, cos: T, sin: T, mask: T | None, fused: bool) -> None:
+        self.tokens, self.batch, self.seq = tokens, batch, seq
+        self.cos, self.sin, self.mask, self.fused = cos, sin, mask, fused
+
+
+# The model ----------------------------------------------------------------------------------------------------------
+
+
+class PaliGemmaModel(BaseModel):
+    """PaliGemmaForConditionalGeneration with a Gemma 2 language model."""
+
+    def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
+        # BaseModel.__init__ builds LLaMA layers; the parameters are created here instead, in the same spirit
+        self.e, self.setup = e, setup
+        self.p = Params(e, setup)
+        spec = setup.model
+        t = spec.text
+        text_layers = (counts or {}).get("text", t.num_layers)
+        vision_layers = (counts or {}).get("vision", spec.vision.num_layers)
+        self.batch, self.seq = setup.batch_size, setup.seq_len
+        self.tokens = self.batch * self.seq
+        first_trainable = text_layers - setup.freeze_trainable_layers if setup.method == "freeze" else 0
+        lm_full = setup.trains[LANGUAGE] is Train.FULL and setup.method != "freeze"
+        self.vision = SiglipVision(self, vision_layers)
+        proj = spec.projector
+        self.projector = self.p.linear(PROJECTOR, "multi_modal_projector.linear", proj.in_features,
+                                       proj.out_features, proj.bias)
+        self.embed = e.param("language.embed_tokens", (t.vocab_size + t.extra_embedding_rows) * t.hidden_size,
+                             self.p._dtype(lm_full), lm_full, LANGUAGE)
+        # Gemma2TextScaledWordEmbedding.embed_scale: a 0-d buffer, in the dtype the model was built in
+        self.embed_scale = e.param("language.embed_scale", 1, self.p.compute, False, LANGUAGE)
+        self.layers = [Gemma2Layer(self.p, i, trainable=i >= first_trainable) for i in range(text_layers)]
+        self.norm = self.p.vector(LANGUAGE, "language.norm", t.hidden_size, lm_full)
+        self.inv_freq = [e.param(f"language.rotary_emb.{n}", t.head_dim // 2, "fp32", False, LANGUAGE)
+                         for n in ("inv_freq", "original_inv_freq")]  # buffers
+        self.lm_head = None  # tied to the embedding
+        self.n_images = len(setup.images) * self.batch
+
+    def inputs(self, e: Engine) -> dict[str, T]:
+        v = self.setup.model.vision
+        inputs = self.text_inputs(e)
+        inputs["token_type_ids"] = e.new(self.tokens, "int64", name="token_type_ids", category="inputs/batch")
+        if self.n_images:
+            inputs["pixel_values"] = e.new(self.n_images * v.in_channels * v.image_size ** 2, "fp32",
+                                           name="pixel_values", category="inputs/batch")
+        return inputs
+
+    def embed_tokens(self, e: Engine) -> T:
+        """Gemma2TextScaledWordEmbedding: embedding(ids) * embed_scale.to(weight dtype)."""
+        raw = super().embed_tokens(e)
+        scale = ops.cast(e, self.embed_scale.tensor, self.embed.dtype, name="embed_scale")
+        out = e.new(raw.numel, raw.dtype, name="inputs_embeds_scaled")
+        e.record(Node("mul", [raw] if raw.rg else [], [scale] if raw.rg else [], []), out)
+        del raw, scale
+        return out
+
+    def encode(self, e: Engine, inputs: dict[str, T]) -> T:
+        """PaliGemmaModel.forward up to the language model: embeddings, 1-based position_ids, the image features
+        scattered into the image placeholders; the vision outputs stay referenced (mm_encoder_outputs) until the
+        forward returns, the projected features (image_hidden_states) until the outputs are dropped."""
+        t = self.setup.model.text
+        x = self.embed_tokens(e)
+        # position_ids: arange(seq) + 0, then .unsqueeze(0) + 1; the forward passes them to every layer
+        self._position_ids = e.new(self.seq, "int64", name="position_ids")
+        if not self.n_images:
+            self._keep = ()
+            return x
+        e.scope = "vision"
+        last = self.vision(self, e, inputs["pixel_values"], self.n_images)
+        e.scope = "projector"
+        projected = apply_linear(e, last, self.projector, "multi_modal_projector.linear")
+        e.scope = "language"
+        features = ops.cast(e, projected, x.dtype, name="image_features")  # .to(inputs_embeds.dtype)
+        mask = e.new(self.tokens, "bool", name="special_image_mask")
+        count = e.new(1, "int64", name="n_image_tokens")
+        del count
+        out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
+        sources = [q for q in (x, features) if q.rg]
+        e.record(Node("masked_scatter", sources, [mask] if sources else [], []), out)
+        # mm_encoder_outputs["image"] (last_hidden_state, pooler_output = the projected features) and the mask live
+        # until PaliGemmaModel.forward returns; image_features (image_hidden_states) until the outputs are dropped
+        self._keep = (features, last, projected, mask)
+        del projected, features, last, mask
+        return out
+
+    def language(self, e: Engine, x: T) -> T:
+        """PaliGemmaModel.forward from the masks on, then Gemma2Model.forward: block_sequence_ids from
+        token_type_ids, the full and sliding-window masks (eager: additive, (batch, 1, seq, seq) in the embeddings'
+        dtype), RoPE tables (1, seq, head_dim), the layers (alternating sliding / full), the final norm."""
+        t = self.setup.model.text
+        block_ids = e.new(self.tokens, "int64", name="block_sequence_ids")  # torch.where(token_type_ids == 0, 0, -1)
+        fused = self.setup.attn == "fa2"
+        masks = {}
+        for kind in ("full", "sliding"):
+            if fused:
+                masks[kind] = None
+                continue
+            built = e.new(self.batch * self.seq * self.seq, "bool", name=f"{kind}_mask_bool")
+            masks[kind] = e.new(self.batch * self.seq * self.seq, x.dtype, name=f"{kind}_mask")  # torch.where
+            del built
+        cos = e.new(self.seq * t.head_dim, x.dtype, name="cos")
+        sin = e.new(self.seq * t.head_dim, x.dtype, name="sin")
+        contexts = {kind: GemmaContext(self.tokens, self.batch, self.seq, cos, sin, masks[kind], fused)
+                    for kind in masks}
+        for ctx in contexts.values():
+            ctx.position_ids = self._position_ids  # checkpointed layers keep their arguments until backward
+        self._position_ids = None
+        del cos, sin, masks, ctx
+        pattern = t.sliding_window_pattern or 1
+        for index, layer in enumerate(self.layers):
+            # Gemma2Config.layer_types: every `pattern`-th layer (index % 2 == 1 for Gemma 2) is full attention
+            kind = "full" if (index + 1) % pattern == 0 else "sliding"
+            x = self._run_layer(e, layer, x, contexts[kind])
+        del layer
+        out = gemma_rms_norm(e, x, self.norm, self.tokens, name="norm")
+        del x, block_ids, contexts  # PaliGemmaModel.forward returns: its masks and position_ids go
+        self._keep = self._keep[:1]  # PaliGemmaModel.forward returns: only image_hidden_states stays (outputs)
+        return out
+
+    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
+        return forward_dropping_hidden(self, e, inputs)
+
+    def loss(self, e: Engine, box: list) -> T:
+        loss = causal_lm_loss(self, e, box, self.embed, FINAL_SOFTCAP, self._keep)
+        self._keep = None
+        return loss
+
+
+def forward_dropping_hidden(model: BaseModel, e: Engine, inputs: dict[str, T]) -> T:
+    """BaseModel.forward, except that the last hidden state is handed to the loss in a box the loss empties: the
+    *ForConditionalGeneration forward holds it (a local) only until it returns, before accelerate converts the
+    outputs to fp32."""
+    e.autocast = None if model.setup.zero else {"bf16": "bf16", "fp16": "fp16"}.get(model.setup.precision)
+    e.cast_cache = {}
+    hidden = model.encode(e, inputs)
+    hidden = model.language(e, hidden)  # the model keeps inputs_embeds referenced meanwhile
+    box = [hidden]
+    del hidden
+    loss = model.loss(e, box)
+    e.cast_cache = {}
+    e.autocast = None
+    return loss
+
+
+def causal_lm_loss(model: BaseModel, e: Engine, box: list, head, softcap: float | None, outputs) -> T:
+    """lm_head, the optional final logit soft-capping (Gemma 2: /30, tanh, *30), ForCausalLMLoss (logits.float(),
+    labels padded by one and shifted (a view for one sample), log_softmax, nll_loss); accelerate's
+    convert_outputs_to_fp32 then copies every half-precision tensor of the model output (the logits and `outputs`,
+    e.g. image_hidden_states) to fp32, all alive together. `box` holds the last hidden state (see
+    forward_dropping_hidden)."""
+    t = model.setup.model.text
+    h = box.pop()
+    e.set_phase("loss")
+    e.scope = "loss"
+    logits = ops.linear(e, h, head, t.vocab_size, name="logits")
+    if softcap is not None:
+        divided = ops.scale(e, logits, name="logits/softcap")
+        del logits
+        capped = e.new(divided.numel, divided.dtype, name="logits.tanh")
+        e.record(Node("tanh", [divided] if divided.rg else [], [capped], []), capped)
+        del divided
+        logits = ops.scale(e, capped, name="logits*softcap")
+        del capped
+    logits32 = ops.cast(e, logits, "fp32", name="logits.float")
+    labels = e.new(model.tokens + model.batch, "int64", name="labels_pad")  # F.pad(labels, (0, 1))
+    # labels[..., 1:].contiguous(): already contiguous (a view) for one sample, a copy otherwise
+    shifted = labels.view(model.tokens) if model.batch == 1 else e.new(model.tokens, "int64", name="shift_labels")
+    del labels
+    logp = e.new(logits32.numel, "fp32", name="log_softmax")
+    e.record(Node("log_softmax", [logits32] if logits32.rg else [], [logp], []), logp)
+    del logits32
+    loss = e.new(1, "fp32", name="loss")
+    total_weight = e.new(1, "fp32", name="total_weight")
+    e.record(Node("nll_loss", [logp] if logp.rg else [], [shifted, total_weight], []), loss)
+    del logp, shifted, total_weight, h  # forward returns: the last hidden state (a local there) goes
+    if e.autocast:
+        e.cast_cache = {}  # leaving the autocast region frees its weight-cast cache, before accelerate converts
+        converted = [e.new(q.numel, "fp32", name=f"{q.name}:fp32_output") for q in (logits, *outputs)
+                     if q.dtype != "fp32"]
+        del converted
+    del logits, outputs
+    e.scope = "language"
+    return loss
+
+
+MODELS = {"paligemma": PaliGemmaModel}
