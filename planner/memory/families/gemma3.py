@@ -26,7 +26,7 @@ from .. import ops
 from ..blocks import Params, apply_linear
 from ..model import BaseModel
 from ..sim import Engine, Node, T
-from .internvl import attach_checkpoint_arguments, keep_checkpoint_arguments, layer_norm, patch_conv
+from .internvl import ConditionalGenerationStep, keep_checkpoint_arguments, layer_norm, patch_conv
 
 
 def gemma_rms_norm(e: Engine, x: T, weight, rows: int, name: str = "") -> T:
@@ -77,14 +77,20 @@ def batched_attention(e: Engine, setup: TrainSetup, q: T, k: T, v: T, heads: int
     return eager_attention(e, q, k, v, heads, heads, length, batch, None, name)
 
 
+def repeat_kv(e: Engine, x: T, heads: int, kv_heads: int, name: str) -> T:
+    """transformers `repeat_kv`: `x[:, :, None].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)`, a copy to
+    every query head, except with a single K/V head (the reshape is then a stride-0 view)."""
+    if heads == kv_heads or kv_heads == 1:
+        return x if heads == kv_heads else x.view(x.numel * heads, name=f"{name}.{x.name}_rep")
+    return ops._copy(e, x, x.numel * (heads // kv_heads), f"{name}.{x.name}_rep")
+
+
 def eager_attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, length: int, batch: int,
                     mask: T | None, name: str) -> tuple[T, T]:
     """eager_attention_forward of siglip and gemma3: repeat_kv, q @ k^T * scaling, (+ mask), softmax(dtype=fp32)
     (its input converted first) and `.to(query.dtype)`, @ v, transpose(1, 2).contiguous(); returns the output and
     the attention weights."""
-    groups = heads // kv_heads
-    key = ops._copy(e, k, k.numel * groups, f"{name}.k_rep") if groups > 1 else k
-    value = ops._copy(e, v, v.numel * groups, f"{name}.v_rep") if groups > 1 else v
+    key, value = repeat_kv(e, k, heads, kv_heads, name), repeat_kv(e, v, heads, kv_heads, name)
     scores_numel = batch * heads * length * length
     scores = e.new(scores_numel, q.dtype, name=f"{name}.scores")
     e.record(Node("matmul", [t for t in (q, key) if t.rg], [q, key] if (q.rg or key.rg) else [], []), scores)
@@ -257,9 +263,7 @@ class Gemma3Attention:
     def __call__(self, e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, name: str) -> tuple[T, T | None]:
         if self.setup.attn == "eager":
             return eager_attention(e, q, k, v, heads, kv_heads, self.seq, self.batch, self.mask, name)
-        groups = heads // kv_heads
-        key = ops._copy(e, k, k.numel * groups, f"{name}.k_rep") if groups > 1 else k
-        value = ops._copy(e, v, v.numel * groups, f"{name}.v_rep") if groups > 1 else v
+        key, value = repeat_kv(e, k, heads, kv_heads, name), repeat_kv(e, v, heads, kv_heads, name)
         if e.autocast:
             q, key, value = (ops.cast(e, t, e.autocast) for t in (q, key, value))
         if q.dtype == "fp32":
@@ -299,7 +303,7 @@ def layer_types(num_layers: int, pattern: int) -> list[str]:
 # The model ----------------------------------------------------------------------------------------------------------
 
 
-class Gemma3Model(BaseModel):
+class Gemma3Model(ConditionalGenerationStep, BaseModel):
     """Gemma3ForConditionalGeneration."""
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
@@ -405,8 +409,8 @@ class Gemma3Model(BaseModel):
         placeholders; the vision outputs stay referenced (mm_encoder_outputs) until the forward returns, the cast
         features (image_hidden_states) until the outputs are dropped."""
         x = self.embed_tokens(e)
+        self._keep, self._outputs = (), ()
         if not self.views:
-            self._keep = ()
             return x
         e.scope = "vision"
         last, features = self.vision(e, inputs["pixel_values"])
@@ -416,7 +420,8 @@ class Gemma3Model(BaseModel):
         out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
         sources = [q for q in (x, cast) if q.rg]
         e.record(Node("masked_scatter", sources, [mask] if sources else [], []), out)
-        self._keep = (last, features, mask, cast)
+        self._keep = (last, features, mask)
+        self._outputs = (cast,)  # image_hidden_states
         return out
 
     def language(self, e: Engine, x: T) -> T:
@@ -451,19 +456,13 @@ class Gemma3Model(BaseModel):
         out = gemma_rms_norm(e, x, self.norm, self.tokens, name="norm")
         # the text model returns (position_ids, RoPE tables), then Gemma3Model.forward (masks, block ids)
         del x, contexts, masks, block_ids, position_ids
-        self._keep = self._keep[3:]  # Gemma3Model.forward returns: image_hidden_states stays with the outputs
+        self._keep = ()  # Gemma3Model.forward returns: the vision outputs and the placeholder mask die
         return out
 
     def _run_layer(self, e: Engine, layer, x: T, ctx) -> T:
         out = super()._run_layer(e, layer, x, ctx)
         keep_checkpoint_arguments(self, out, ctx)
         return out
-
-    def loss(self, e: Engine, hidden: T) -> T:
-        loss = super().loss(e, hidden)
-        self._keep = None
-        attach_checkpoint_arguments(self, loss)
-        return loss
 
 
 MODELS = {"gemma3": Gemma3Model}

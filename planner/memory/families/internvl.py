@@ -70,6 +70,54 @@ def attach_checkpoint_arguments(model: BaseModel, loss: T) -> None:
         loss.node.checkpoint_arguments = refs
 
 
+class ConditionalGenerationStep:
+    """The Trainer's step around a `...ForConditionalGeneration` whose output carries `image_hidden_states` (a mixin
+    for BaseModel subclasses; `self._outputs` holds those tensors from `encode` on)."""
+
+    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
+        """The model under accelerate's autocast, then the output's fp32 conversion outside it. The last hidden state
+        goes to `loss` in a list so that it dies where the model's forward returns."""
+        e.autocast = None if self.setup.zero else {"bf16": "bf16", "fp16": "fp16"}.get(self.setup.precision)
+        e.cast_cache = {}
+        x = self.encode(e, inputs)
+        hidden = [self.language(e, x)]  # the model's forward keeps inputs_embeds referenced meanwhile
+        del x
+        loss = self.loss(e, hidden)
+        e.autocast = None
+        return loss
+
+    def loss(self, e: Engine, hidden: list) -> T:
+        """lm_head; ForCausalLMLoss (logits.float(); labels padded by one, `labels[..., 1:].contiguous()` a view for
+        batch 1; cross_entropy = log_softmax + nll_loss), whose locals die when it returns. The forward then returns
+        (the last hidden state goes), the autocast region ends (its weight-cast cache is cleared), and accelerate's
+        convert_outputs_to_fp32 copies every half-precision tensor of the output (logits, image_hidden_states) to
+        fp32 while the originals live. Checkpointed layers' arguments go with the graph (`loss`)."""
+        t = self.setup.model.text
+        h = hidden.pop()
+        e.set_phase("loss")
+        e.scope = "loss"
+        logits = ops.linear(e, h, self.lm_head or self.embed, t.vocab_size, name="logits")
+        logits32 = ops.cast(e, logits, "fp32", name="logits.float")
+        labels = e.new(self.tokens + self.batch, "int64", name="labels_pad")
+        shifted = labels if self.batch == 1 else e.new(self.tokens, "int64", name="shift_labels")
+        logp = e.new(logits32.numel, "fp32", name="log_softmax")
+        e.record(Node("log_softmax", [logits32] if logits32.rg else [], [logp], []), logp)
+        loss = e.new(1, "fp32", name="loss")
+        total_weight = e.new(1, "fp32", name="total_weight")
+        e.record(Node("nll_loss", [logp] if logp.rg else [], [shifted, total_weight], []), loss)
+        del logp, shifted, total_weight, logits32, labels, h
+        outputs = [logits, *self._outputs]
+        self._outputs = ()
+        e.cast_cache = {}
+        if e.autocast:
+            converted = [e.new(o.numel, "fp32", name=f"{o.name}:fp32_output") for o in outputs if o.dtype != "fp32"]
+            del converted
+        del logits, outputs
+        e.scope = "language"
+        attach_checkpoint_arguments(self, loss)
+        return loss
+
+
 class InternVitLayer:
     """InternVLVisionLayer: x + lambda_1 * attention(layernorm_before(x)); then
     h + lambda_2 * mlp(layernorm_after(h)). InternVLVisionAttention: q/k/v_proj, q_norm/k_norm (RMSNorm over the
@@ -124,7 +172,7 @@ class InternVitLayer:
             del k
             q, k = q_normed, k_normed
             del q_normed, k_normed
-        attn = ctx.attention(e, q, k, value, v.num_heads, "attention")
+        attn, weights = ctx.attention(e, q, k, value, v.num_heads, "attention")
         del q, k, value
         o = apply_linear(e, attn, self.o, "projection_layer")
         del attn, h
@@ -142,45 +190,44 @@ class InternVitLayer:
         scaled_mlp = ops.mul_param(e, self.lambda_2, m, name="lambda_2*mlp")
         del m
         out = ops.add(e, scaled_mlp, x, name="mlp_residual")
-        del scaled_mlp, x, scaled
+        # `attention_output, _ = self.attention(...)`: the weights (eager) live until the layer returns
+        del scaled_mlp, x, scaled, weights
         return out
 
 
 class TileAttention:
-    """Attention over a batch of tiles, one kernel call (tiles are the batch dimension): sdpa -> the CUDA fused
-    kernel, eager -> transformers' InternVL `eager_attention_forward` (softmax without a dtype: under autocast it runs
-    in fp32, like the upcast of the shared eager path)."""
+    """Attention over a batch of tiles, one kernel call (tiles are the batch dimension). sdpa: the CUDA fused
+    kernel. eager: InternVL's `eager_attention_forward`, whose softmax takes no dtype (under autocast it runs in fp32,
+    its input converted first, and the matmul with V casts the weights back); it returns the attention weights."""
 
     def __init__(self, setup: TrainSetup, tiles: int, length: int) -> None:
         self.setup, self.tiles, self.length = setup, tiles, length
 
-    def __call__(self, e: Engine, q: T, k: T, v: T, heads: int, name: str) -> T:
-        if e.autocast:
-            q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
-        if self.setup.attn == "eager" or q.dtype == "fp32":
-            if e.autocast is None and q.dtype != "fp32":
-                return _eager_same_dtype(e, q, k, v, heads, self.tiles, self.length, name)
-            return ops.eager_attention(e, q, k, v, heads, heads, self.length, self.length, self.tiles, None,
-                                       name=name)
-        return ops.fused_attention(e, q, k, v, heads, self.tiles * self.length, name=name)
-
-
-def _eager_same_dtype(e: Engine, q: T, k: T, v: T, heads: int, batch: int, length: int, name: str) -> T:
-    """InternVL eager attention without autocast in half precision: softmax in the input dtype (no upcast)."""
-    scores_numel = batch * heads * length * length
-    scores = e.new(scores_numel, q.dtype, name=f"{name}.scores")
-    e.record(Node("matmul", [t for t in (q, k) if t.rg], [q, k] if (q.rg or k.rg) else [], []), scores)
-    scaled = ops.scale(e, scores, name=f"{name}.scaled")
-    del scores
-    probs = e.new(scores_numel, q.dtype, name=f"{name}.softmax")
-    e.record(Node("softmax", [scaled] if scaled.rg else [], [probs], []), probs)
-    del scaled
-    out = e.new(q.numel, q.dtype, name=f"{name}.pv")
-    e.record(Node("matmul", [t for t in (probs, v) if t.rg], [probs, v] if (probs.rg or v.rg) else [], []), out)
-    del probs
-    contiguous = e.new(out.numel, out.dtype, name=name)
-    e.record(Node("contiguous", [out] if out.rg else [], [], []), contiguous)
-    return contiguous
+    def __call__(self, e: Engine, q: T, k: T, v: T, heads: int, name: str) -> tuple[T, T | None]:
+        if self.setup.attn != "eager" and (q.dtype != "fp32" or e.autocast):
+            if e.autocast:
+                q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
+            return ops.fused_attention(e, q, k, v, heads, self.tiles * self.length, name=name), None
+        scores_numel = self.tiles * heads * self.length * self.length
+        if e.autocast:  # matmul is on the lower-precision list
+            q, k = (ops.cast(e, t, e.autocast) for t in (q, k))
+        scores = e.new(scores_numel, q.dtype, name=f"{name}.scores")
+        e.record(Node("matmul", [t for t in (q, k) if t.rg], [q, k] if (q.rg or k.rg) else [], []), scores)
+        scaled = ops.scale(e, scores, name=f"{name}.scaled")
+        del scores
+        softmax_in = ops.cast(e, scaled, "fp32", name=f"{name}.scores_fp32") if e.autocast else scaled
+        probs = e.new(scores_numel, softmax_in.dtype, name=f"{name}.softmax")
+        e.record(Node("softmax", [softmax_in] if softmax_in.rg else [], [probs], []), probs)
+        del scaled, softmax_in
+        weights = ops.cast(e, probs, e.autocast, name=f"{name}.probs") if e.autocast else probs
+        value = ops.cast(e, v, e.autocast, name=f"{name}.v_cast") if e.autocast else v
+        out = e.new(q.numel, weights.dtype, name=f"{name}.pv")
+        e.record(Node("matmul", [t for t in (weights, value) if t.rg],
+                      [weights, value] if (weights.rg or value.rg) else [], []), out)
+        del weights, value
+        contiguous = e.new(out.numel, out.dtype, name=name)
+        e.record(Node("contiguous", [out] if out.rg else [], [], []), contiguous)
+        return contiguous, probs
 
 
 class VisionContext:
@@ -189,7 +236,7 @@ class VisionContext:
         self.attention = attention
 
 
-class InternVLModel(BaseModel):
+class InternVLModel(ConditionalGenerationStep, BaseModel):
     """InternVLForConditionalGeneration: InternViT over every tile, the CLS token dropped ("default" strategy),
     pixel shuffle, the projector, then the Qwen2 language model."""
 
@@ -228,6 +275,7 @@ class InternVLModel(BaseModel):
 
     def encode(self, e: Engine, inputs: dict[str, T]) -> T:
         x = self.embed_tokens(e)
+        self._keep, self._outputs = (), ()
         if not self.tiles:
             return x
         e.scope = "vision"
@@ -279,7 +327,8 @@ class InternVLModel(BaseModel):
         out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
         scatter_inputs = [t for t in (x, cast) if t.rg]
         e.record(Node("masked_scatter", scatter_inputs, [mask] if scatter_inputs else [], []), out)
-        self._keep = (hidden, image_features, cast, mask)
+        self._keep = (hidden, image_features, mask)
+        self._outputs = (cast,)  # image_hidden_states
         return out
 
     def language(self, e: Engine, x: T) -> T:
@@ -287,7 +336,7 @@ class InternVLModel(BaseModel):
         self._position_ids = e.new(self.seq, "int64", name="position_ids")
         out = super().language(e, x)
         self._position_ids = None
-        self._keep = self._keep[2]  # image_hidden_states: part of the model output until the loss is computed
+        self._keep = ()  # InternVLModel.forward returns: the vision outputs and the placeholder mask die
         return out
 
     def _run_layer(self, e: Engine, layer, x: T, ctx) -> T:
@@ -296,12 +345,6 @@ class InternVLModel(BaseModel):
         out = super()._run_layer(e, layer, x, ctx)
         keep_checkpoint_arguments(self, out, ctx)
         return out
-
-    def loss(self, e: Engine, hidden: T) -> T:
-        loss = super().loss(e, hidden)
-        self._keep = None
-        attach_checkpoint_arguments(self, loss)
-        return loss
 
 
 MODELS = {"internvl": InternVLModel}
