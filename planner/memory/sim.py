@@ -133,26 +133,43 @@ class Engine:
         self.params: list[Param] = []
         self.scope = "language"  # the component whose code runs now: names activation/temporary categories
         self.reduce_grads = False  # DeepSpeed ZeRO: gradients are reduced into buckets as they are produced
+        self._pending: list = []
+        self._pending_key = ""
 
     # Accounting -----------------------------------------------------------------------------------------------
     def _alloc(self, storage: Storage) -> None:
+        segment = f"{self.phase}/{self.scope}"
+        if self._pending and self._pending_key != segment:
+            self._flush()
         self.current += storage.nbytes
         self.by_category[storage.category] = self.by_category.get(storage.category, 0) + storage.nbytes
         if self.detail:
             self.live[id(storage)] = storage
-        segment = f"{self.phase}/{self.scope}"
         best = self.segment_peaks.get(segment)
         if best is None or self.current > best[0]:
-            self.segment_peaks[segment] = (self.current, dict(self.by_category))
-            if self.detail:
-                self.segment_blocks[segment] = [(s.category, s.owner, s.nbytes) for s in self.live.values()]
+            self.segment_peaks[segment] = (self.current, None)
+            self._pending.append((self.segment_peaks, segment, self.segment_blocks))
         best = self.phase_peaks.get(self.phase)
         if best is None or self.current > best[0]:
-            self.phase_peaks[self.phase] = (self.current, dict(self.by_category))
-            if self.detail:
-                self.phase_blocks[self.phase] = [(s.category, s.owner, s.nbytes) for s in self.live.values()]
+            self.phase_peaks[self.phase] = (self.current, None)
+            self._pending.append((self.phase_peaks, self.phase, self.phase_blocks))
+        if self._pending:
+            self._pending_key = segment
+
+    def _flush(self) -> None:
+        """Record the breakdown of the peaks reached since the last free: the current state is their maximum (the
+        breakdown is copied once per local maximum, not once per allocation)."""
+        for table, key, blocks in self._pending:
+            total, breakdown = table[key]
+            if breakdown is None and total == self.current:
+                table[key] = (total, dict(self.by_category))
+                if self.detail:
+                    blocks[key] = [(s.category, s.owner, s.nbytes) for s in self.live.values()]
+        self._pending = []
 
     def _free(self, storage: Storage) -> None:
+        if self._pending:
+            self._flush()
         if self.detail:
             self.live.pop(id(storage), None)
         self.current -= storage.nbytes

@@ -106,6 +106,7 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     else:
         e.new(1, "fp32", name="ds_step")  # the optimizer phase exists; DeepSpeed's own step works in place
     del states
+    e._flush()
     peaks = {phase: e.phase_peaks[phase][0] for phase in PHASES if phase in e.phase_peaks}
     breakdown = {phase: {k: v for k, v in e.phase_peaks[phase][1].items() if v} for phase in peaks}
     result = SimResult(peaks, breakdown)
