@@ -294,10 +294,29 @@ class LayerContext:
         self.position_ids = position_ids
 
 
+def reduced_pattern(num_layers: int, pattern: int) -> int:
+    """The sliding-window pattern of a copy with `num_layers` layers (traces and extrapolated simulations run a few
+    layers): fewer layers than the pattern make the last one global, so both layer types (each with its RoPE tables
+    and inv_freq buffers) are present, as in the full model; a sliding and a global layer cost the same otherwise."""
+    return num_layers if pattern and num_layers < pattern else pattern
+
+
 def layer_types(num_layers: int, pattern: int) -> list[str]:
     """Gemma3TextConfig.layer_types: every `pattern`-th layer is full attention, the others sliding-window."""
+    pattern = reduced_pattern(num_layers, pattern)
     return ["full_attention" if pattern and (i + 1) % pattern == 0 else "sliding_attention"
             for i in range(num_layers)]
+
+
+def spec_with_layers(spec, counts: dict[str, int]):
+    """`model.spec_with_layers`, with the reduced spec's sliding-window pattern from `reduced_pattern`."""
+    from dataclasses import replace
+
+    from ..model import spec_with_layers as default
+
+    reduced = default(spec, counts)
+    pattern = reduced_pattern(reduced.text.num_layers, spec.text.sliding_window_pattern)
+    return replace(reduced, text=replace(reduced.text, sliding_window_pattern=pattern))
 
 
 # The model ----------------------------------------------------------------------------------------------------------
