@@ -39,10 +39,22 @@ def pan_and_scan_crops(p: ProcessorSpec, width: int, height: int) -> int:
     return columns * rows
 
 
-def _gemma3(p: ProcessorSpec, width: int, height: int) -> tuple[int, int, int, int, int]:
-    views = 1 + pan_and_scan_crops(p, width, height)
+# Gemma3Processor.replace_image_token (processing_gemma3.py) with crops: "Here is the original image {view} and here
+# are some crops to help you see better " + " ".join([view] * crops). 15 words; the Gemma tokenizer is not available
+# offline, so the prose counts one token per word plus one per joining space (unverified estimate).
+PAN_AND_SCAN_PROSE_WORDS = 15
+
+
+def _gemma3(p: ProcessorSpec, width: int, height: int) -> tuple:
+    crops = pan_and_scan_crops(p, width, height)
+    views = 1 + crops
     per_view = (p.image_size // p.patch_size) ** 2
-    return p.image_size, p.image_size, views * per_view, views * p.tokens_per_view, views
+    size = (p.image_size, p.image_size, views * per_view, views * p.tokens_per_view, views)
+    if not crops:
+        return size
+    # every view is a full_image_sequence ("\n\n", <start_of_image>, tokens, <end_of_image>, "\n\n"), plus the prose
+    special = views * p.special_tokens_per_image + PAN_AND_SCAN_PROSE_WORDS + crops - 1
+    return (*size, special)
 
 
 RULES = {"gemma3": _gemma3}
