@@ -224,6 +224,20 @@ def fake_module_conversions():
         torch.nn.init._no_grad_trunc_normal_ = trunc_normal
 
 
+_original_masked_scatter = torch.Tensor.masked_scatter
+
+
+def cuda_masked_scatter(self, mask, source):
+    """Tensor.masked_scatter as CUDA runs it (IndexKernel.cu `masked_scatter__cuda`): besides the output, an int64
+    prefix sum over the mask expanded to self's shape and a contiguous copy of that mask live during the kernel."""
+    out = _original_masked_scatter(self, mask, source)
+    with torch.no_grad():
+        prefix_sum = torch.empty(self.shape, dtype=torch.int64, device=self.device)
+        mask_contiguous = torch.empty(self.shape, dtype=torch.bool, device=self.device)
+        del prefix_sum, mask_contiguous
+    return out
+
+
 def _skip_host_checks():
     """Replace transformers' data-dependent `torch_compilable_check` in every loaded modeling module."""
     patched = []
@@ -234,6 +248,30 @@ def _skip_host_checks():
     return patched
 
 
+def _grouped_mm_meta(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+    """aten::_grouped_mm's output for any float dtype. torch's meta kernel accepts bf16 only, but CUDA's
+    `_grouped_mm_cuda` (aten/src/ATen/native/cuda/GroupedBlas.cpp) runs other dtypes through `_grouped_mm_fallback`
+    (one mm per group into the output, of the inputs' dtype): transformers' grouped_mm experts (Qwen3-VL-MoE) upcast to
+    fp32 for full fine-tuning take that path."""
+    from torch._meta_registrations import _create_grouped_mm_output_tensor
+
+    return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype or mat_a.dtype)
+
+
+@contextlib.contextmanager
+def _grouped_mm_any_float():
+    import warnings
+
+    lib = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+        lib.impl("_grouped_mm", _grouped_mm_meta, "Meta")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
 @contextlib.contextmanager
 def cuda_emulation(setup, *, fake: bool = True):
     """Patch torch/transformers for the duration of a trace (restored on exit)."""
@@ -242,6 +280,7 @@ def cuda_emulation(setup, *, fake: bool = True):
     from torch._subclasses import fake_tensor
 
     F.scaled_dot_product_attention = cuda_sdpa
+    torch.Tensor.masked_scatter = cuda_masked_scatter
     patched = _skip_host_checks() if fake else []
     if fake:
         # masking_utils.find_packed_sequence_indices looks for packed sequences in position_ids and, on fake tensors,
@@ -261,11 +300,14 @@ def cuda_emulation(setup, *, fake: bool = True):
     # split sizes) are read on the host with .tolist(), so keep small integer results constant too.
     numel_limit = fake_tensor.CONSTANT_NUMEL_LIMIT
     fake_tensor.CONSTANT_NUMEL_LIMIT = 1 << 16
+    grouped_mm = _grouped_mm_any_float() if fake else contextlib.nullcontext()
     try:
-        yield
+        with grouped_mm:
+            yield
     finally:
         fake_tensor.CONSTANT_NUMEL_LIMIT = numel_limit
         F.scaled_dot_product_attention = _original_sdpa
+        torch.Tensor.masked_scatter = _original_masked_scatter
         for module, original in patched:
             module.torch_compilable_check = original
         if fake:

@@ -209,6 +209,19 @@ def qlora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, in_
     return out
 
 
+def masked_scatter(e: Engine, x: T, mask: T, source: T, name: str = "") -> T:
+    """x.masked_scatter(mask, source) on CUDA (aten/src/ATen/native/cuda/IndexKernel.cu `masked_scatter__cuda`):
+    the output (a clone of x), then while the kernel runs an int64 prefix sum over the mask expanded to x's shape
+    and a contiguous copy of that expanded bool mask: 9 bytes per element of x. Saves the mask for backward."""
+    out = e.new(x.numel, x.dtype, name=name or "masked_scatter")
+    prefix_sum = e.new(x.numel, "int64", name=f"{out.name}.maskPrefixSum")
+    mask_cont = e.new(x.numel, "bool", name=f"{out.name}.mask_contiguous")
+    del prefix_sum, mask_cont
+    inputs = [t for t in (x, source) if t.rg]
+    e.record(Node("masked_scatter", inputs, [mask] if inputs else [], []), out)
+    return out
+
+
 def dropout_op(e: Engine, x: T) -> T:
     """F.dropout(p > 0) in training: output and a bool mask (saved)."""
     mask = e.new(x.numel, "bool", name=f"{x.name}:dropout_mask")
@@ -284,28 +297,33 @@ def rms_norm(e: Engine, x: T, weight: Param, tokens: int, name: str = "") -> T:
     del sq
     var_eps = e.new(tokens, "fp32", name=f"{name}.add_eps")
     e.record(Node("add", [var] if var.rg else [], [], []), var_eps)
-    del var
     r = e.new(tokens, "fp32", name=f"{name}.rsqrt")
     e.record(Node("rsqrt", [var_eps] if var_eps.rg else [], [r], []), r)  # rsqrt saves its result
     del var_eps
     normed = mul(e, x32, r, name=f"{name}.normed")
     del x32, r
     back = cast(e, normed, x.dtype, name=f"{name}.normed_cast")
-    del normed
-    return mul_param(e, weight, back, name=name)
+    out = mul_param(e, weight, back, name=name)
+    del back, normed, var  # `variance` and the fp32 `hidden_states` are locals until forward returns
+    return out
 
 
 def layer_norm(e: Engine, x: T, weight: Param, bias: Param, tokens: int, name: str = "") -> T:
     """nn.LayerNorm: under CUDA autocast layer_norm runs in fp32 (input cast to fp32, fp32 output); it saves its
     input, mean and rstd ((tokens, 1) fp32 each) and the weight."""
     xin = cast(e, x, "fp32", name=f"{name}.fp32") if e.autocast else x
+    # autocast casts the weight and bias as well: a fresh fp32 copy of half-precision (frozen) ones, which
+    # native_layer_norm saves with the input when the input needs a gradient
+    w = cast(e, weight.tensor, "fp32", name=f"{name}.weight_fp32") if e.autocast else weight.tensor
+    b = cast(e, bias.tensor, "fp32", name=f"{name}.bias_fp32") if e.autocast else bias.tensor
     mean = e.new(tokens, "fp32", name=f"{name}.mean")
     rstd = e.new(tokens, "fp32", name=f"{name}.rstd")
     out = e.new(x.numel, xin.dtype if e.autocast is None else "fp32", name=name)
     params = [p for p in (weight, bias) if p.trainable]
-    saved = [xin, mean, rstd] if (xin.rg or params) else []
+    casts = [t for t, p in ((w, weight), (b, bias)) if t is not p.tensor]
+    saved = [xin, mean, rstd] + casts if (xin.rg or params) else []
     e.record(Node("layer_norm", [xin] if xin.rg else [], saved, params), out)
-    del mean, rstd, xin
+    del mean, rstd, xin, w, b, casts
     return out
 
 

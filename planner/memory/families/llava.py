@@ -305,9 +305,7 @@ class LlavaBase(BaseModel):
         del cat
         e.scope = "language"
         mask = e.new(self.tokens, "bool", name="image_mask")
-        out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
-        inputs_ = [t for t in (x, cast) if t.rg]
-        e.record(Node("masked_scatter", inputs_, [mask] if inputs_ else [], []), out)
+        out = ops.masked_scatter(e, x, mask, cast, name="inputs_embeds:scatter")
         self._outputs = (cast,)
         self._mask = mask
         return out

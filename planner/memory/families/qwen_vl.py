@@ -89,9 +89,7 @@ class QwenVLModel(BaseModel):
         image_embeds = ops.cast(e, cat, x.dtype, name="image_embeds:cast")
         e.scope = "language"
         mask = e.new(self.tokens, "bool", name="image_mask")
-        out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
-        inputs_ = [t for t in (x, image_embeds) if t.rg]
-        e.record(Node("masked_scatter", inputs_, [mask] if inputs_ else [], []), out)
+        out = ops.masked_scatter(e, x, mask, image_embeds, name="inputs_embeds:scatter")
         # The vision outputs (last_hidden_state, pooler_output) and image_embeds stay referenced until the
         # language model returns (mm_encoder_outputs / image_embeds locals of Qwen2VLModel.forward)
         self._keep = (hidden, merged, cat, image_embeds)
