@@ -21,12 +21,12 @@ The language model has no logit soft-capping (Gemma3ForConditionalGeneration app
 from __future__ import annotations
 
 from ...modules import LANGUAGE, PROJECTOR, VISION
-from ...setup import Train, TrainSetup
+from ...setup import TrainSetup
 from .. import ops
 from ..blocks import Params, apply_linear
 from ..model import BaseModel
 from ..sim import Engine, Node, T
-from .internvl import ConditionalGenerationStep, keep_checkpoint_arguments, layer_norm, patch_conv
+from .internvl import ConditionalGenerationStep, keep_checkpoint_arguments, layer_norm, masked_scatter, patch_conv
 
 
 def gemma_rms_norm(e: Engine, x: T, weight, rows: int, name: str = "") -> T:
@@ -334,13 +334,11 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
         first_trainable = text_layers - setup.freeze_trainable_layers if setup.method == "freeze" else 0
         self.layers = [Gemma3Layer(self.p, i, trainable=i >= first_trainable) for i in range(text_layers)]
         self.types = layer_types(text_layers, t.sliding_window_pattern)
-        lm_full = setup.trains[LANGUAGE] is Train.FULL and setup.method != "freeze"
         # Gemma3TextScaledWordEmbedding.embed_scale (a 0-d buffer, in the load dtype); Gemma3RotaryEmbedding keeps
         # inv_freq and original_inv_freq (fp32) per layer type present (BaseModel made one pair)
         self.embed_scale = e.param("language.embed_scale", 1, self.p.compute, False, LANGUAGE)  # cast with the model
         self.buffers += [e.param(f"language.rotary_emb.{kind}.{n}", t.head_dim // 2, "fp32", False, LANGUAGE)
                          for kind in sorted(set(self.types))[1:] for n in ("inv_freq", "original_inv_freq")]
-        del lm_full
         # SiglipVisionModel (no head)
         full = self.p.full(VISION)
         dt = self.p._dtype(full)
@@ -436,9 +434,7 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
         e.scope = "language"
         cast = ops.cast(e, features, x.dtype, name="image_features")  # pooler_output.to(inputs_embeds.dtype)
         mask = e.new(self.tokens, "bool", name="special_image_mask")
-        out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
-        sources = [q for q in (x, cast) if q.rg]
-        e.record(Node("masked_scatter", sources, [mask] if sources else [], []), out)
+        out = masked_scatter(e, x, mask, cast, "inputs_embeds:scatter")
         self._keep = (last, features, mask)
         self._outputs = (cast,)  # image_hidden_states
         return out

@@ -1,15 +1,16 @@
 """InternVL3 in the transformers-native format (transformers models/internvl/modeling_internvl.py): InternViT with
 layer scale (and, for the 6B tower, RMSNorm and q/k-norm), 0.5 pixel shuffle, a LayerNorm + Linear-GELU-Linear
-projector and a Qwen2 language model (the shared `LlamaLayer`)."""
+projector and a Qwen2 language model (the shared `LlamaLayer`, with LLaVA's dtype-faithful eager attention)."""
 
 from __future__ import annotations
 
 from ...modules import PROJECTOR, VISION
 from ...setup import TrainSetup
 from .. import ops
-from ..blocks import Params, apply_linear
+from ..blocks import Context, Params, apply_linear
 from ..model import BaseModel
 from ..sim import Engine, Node, T
+from .llava import LlamaAttention
 
 
 def layer_norm(e: Engine, x: T, weight, bias, tokens: int, name: str = "") -> T:
@@ -48,6 +49,19 @@ def patch_conv(e: Engine, pixels: T, weight, bias, out_numel: int, name: str, va
     if valid_padding and e.autocast and bias.dtype != e.autocast:
         transient = e.new(bias.numel, e.autocast, name=f"{name}.bias_cast")
         del transient
+    return out
+
+
+def masked_scatter(e: Engine, x: T, mask: T, source: T, name: str) -> T:
+    """`inputs_embeds.masked_scatter(special_image_mask, image_features)` on CUDA (IndexKernel.cu
+    `masked_scatter__cuda`): the output (a clone of x), and while the kernel runs an int64 prefix sum over the mask
+    expanded to x's shape and a contiguous copy of that expanded bool mask. Saves the mask for backward."""
+    out = e.new(x.numel, x.dtype, name=name)
+    prefix_sum = e.new(x.numel, "int64", name=f"{name}.mask_prefix_sum")
+    mask_contiguous = e.new(x.numel, "bool", name=f"{name}.mask_contiguous")
+    del prefix_sum, mask_contiguous
+    inputs = [t for t in (x, source) if t.rg]
+    e.record(Node("masked_scatter", inputs, [mask] if inputs else [], []), out)
     return out
 
 
@@ -324,24 +338,34 @@ class InternVLModel(ConditionalGenerationStep, BaseModel):
         # language model returns
         cast = ops.cast(e, image_features, x.dtype, name="image_features:cast")
         mask = e.new(self.tokens, "bool", name="special_image_mask")
-        out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
-        scatter_inputs = [t for t in (x, cast) if t.rg]
-        e.record(Node("masked_scatter", scatter_inputs, [mask] if scatter_inputs else [], []), out)
+        out = masked_scatter(e, x, mask, cast, "inputs_embeds:scatter")
         self._keep = (hidden, image_features, mask)
         self._outputs = (cast,)  # image_hidden_states
         return out
 
     def language(self, e: Engine, x: T) -> T:
-        # Qwen2Model.forward: position_ids = torch.arange(seq).unsqueeze(0), alive until the model returns
-        self._position_ids = e.new(self.seq, "int64", name="position_ids")
-        out = super().language(e, x)
-        self._position_ids = None
+        """Qwen2Model.forward: position_ids = arange(seq).unsqueeze(0) (alive until it returns, and in checkpointed
+        layers' keyword arguments), the causal mask (eager only: (batch, 1, seq, seq) in the embeddings' dtype), RoPE
+        tables of one row, the decoder layers (eager attention dtype-faithful, as LLaVA's LLaMA), the final norm."""
+        ctx = Context(tokens=self.tokens, attention=LlamaAttention(self.setup, self.batch, self.seq))
+        ctx.position_ids = e.new(self.seq, "int64", name="position_ids")
+        if self.setup.attn == "eager":
+            ctx.attention.mask = e.new(self.batch * self.seq * self.seq, x.dtype, name="causal_mask")
+        ctx.cos, ctx.sin = self.rotary(e, x)
+        for layer in self.layers:
+            x = self._run_layer(e, layer, x, ctx)
+        out = ops.rms_norm(e, x, self.norm, self.tokens, name="norm")
+        del x, ctx  # the mask, RoPE tables and position ids are locals of the forward until it returns
         self._keep = ()  # InternVLModel.forward returns: the vision outputs and the placeholder mask die
         return out
 
+    def rotary(self, e: Engine, x: T) -> tuple[T, T]:
+        """Qwen2RotaryEmbedding on position_ids of shape (1, seq): cos and sin of (1, seq, head_dim) whatever the
+        batch, cast to the hidden states' dtype."""
+        hd = self.setup.model.text.head_dim
+        return e.new(self.seq * hd, x.dtype, name="cos"), e.new(self.seq * hd, x.dtype, name="sin")
+
     def _run_layer(self, e: Engine, layer, x: T, ctx) -> T:
-        if not isinstance(ctx, VisionContext):
-            ctx.position_ids = self._position_ids  # the decoder layers get position_ids as a keyword argument
         out = super()._run_layer(e, layer, x, ctx)
         keep_checkpoint_arguments(self, out, ctx)
         return out
