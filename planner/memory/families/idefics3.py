@@ -162,9 +162,8 @@ class Idefics3Model(BaseModel):
         ctx.sin = e.new(self.seq * hd, x.dtype, name="sin")
         for layer in self.layers:
             x = self._run_layer(e, layer, x, ctx)
-        del ctx
         out = ops.rms_norm(e, x, self.norm, self.tokens, name="norm")
-        del x
+        del x, ctx  # LlamaModel.forward returns: position_ids (and the eager mask) go
         self._keep = self._keep[2:]
         return out
 

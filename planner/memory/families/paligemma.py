@@ -492,13 +492,12 @@ def causal_lm_loss(model: BaseModel, e: Engine, box: list, head, softcap: float 
     labels = e.new(model.tokens + model.batch, "int64", name="labels_pad")  # F.pad(labels, (0, 1))
     # labels[..., 1:].contiguous(): already contiguous (a view) for one sample, a copy otherwise
     shifted = labels.view(model.tokens) if model.batch == 1 else e.new(model.tokens, "int64", name="shift_labels")
-    del labels
     logp = e.new(logits32.numel, "fp32", name="log_softmax")
     e.record(Node("log_softmax", [logits32] if logits32.rg else [], [logp], []), logp)
-    del logits32
     loss = e.new(1, "fp32", name="loss")
     total_weight = e.new(1, "fp32", name="total_weight")
     e.record(Node("nll_loss", [logp] if logp.rg else [], [shifted, total_weight], []), loss)
+    del logits32, labels  # the fp32 logits and padded labels are locals of ForCausalLMLoss until it returns
     del logp, shifted, total_weight, h  # forward returns: the last hidden state (a local there) goes
     if e.autocast:
         e.cast_cache = {}  # leaving the autocast region frees its weight-cast cache, before accelerate converts
