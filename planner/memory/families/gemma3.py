@@ -26,7 +26,7 @@ from .. import ops
 from ..blocks import Params, apply_linear
 from ..model import BaseModel
 from ..sim import Engine, Node, T
-from .internvl import ConditionalGenerationStep, keep_checkpoint_arguments, layer_norm, masked_scatter, patch_conv
+from .internvl import ConditionalGenerationStep, keep_checkpoint_arguments, patch_conv
 
 
 def gemma_rms_norm(e: Engine, x: T, weight, rows: int, name: str = "") -> T:
@@ -145,7 +145,7 @@ class SiglipLayer:
 
     def __call__(self, e: Engine, x: T, ctx) -> T:
         residual = x
-        h = layer_norm(e, x, self.ln1[0], self.ln1[1], ctx.tokens, name="layer_norm1")
+        h = ops.layer_norm(e, x, self.ln1[0], self.ln1[1], ctx.tokens, name="layer_norm1")
         q = apply_linear(e, h, self.q, "q_proj")
         k = apply_linear(e, h, self.k, "k_proj")
         value = apply_linear(e, h, self.v_proj, "v_proj")
@@ -157,7 +157,7 @@ class SiglipLayer:
         x = ops.add(e, residual, o, name="attn_residual")
         del residual, o
         residual = x
-        h = layer_norm(e, x, self.ln2[0], self.ln2[1], ctx.tokens, name="layer_norm2")
+        h = ops.layer_norm(e, x, self.ln2[0], self.ln2[1], ctx.tokens, name="layer_norm2")
         del x
         f = apply_linear(e, h, self.fc1, "fc1")
         a = ops.unary(e, self.v.mlp, f, name="act")
@@ -397,7 +397,7 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
         for layer in self.vision_layers:
             hidden = self._run_layer(e, layer, hidden, ctx)
         del ctx, embeddings
-        last = layer_norm(e, hidden, self.post_ln[0], self.post_ln[1], tokens, name="post_layernorm")
+        last = ops.layer_norm(e, hidden, self.post_ln[0], self.post_ln[1], tokens, name="post_layernorm")
         del hidden
         e.scope = "projector"
         return last, self.project(e, last)
@@ -434,7 +434,7 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
         e.scope = "language"
         cast = ops.cast(e, features, x.dtype, name="image_features")  # pooler_output.to(inputs_embeds.dtype)
         mask = e.new(self.tokens, "bool", name="special_image_mask")
-        out = masked_scatter(e, x, mask, cast, "inputs_embeds:scatter")
+        out = ops.masked_scatter(e, x, mask, cast, "inputs_embeds:scatter")
         self._keep = (last, features, mask)
         self._outputs = (cast,)  # image_hidden_states
         return out

@@ -13,26 +13,6 @@ from ..sim import Engine, Node, T
 from .llava import LlamaAttention
 
 
-def layer_norm(e: Engine, x: T, weight, bias, tokens: int, name: str = "") -> T:
-    """nn.LayerNorm as CUDA autocast runs it (layer_norm is on the fp32 list): the input, then the weight and the
-    bias unless they are fp32 already, are cast to fp32; native_layer_norm saves input, weight, bias, mean and rstd
-    (derivatives.yaml), so half-precision weights' fp32 casts live until backward when it runs. Outside autocast:
-    `ops.layer_norm`."""
-    if e.autocast is None:
-        return ops.layer_norm(e, x, weight, bias, tokens, name=name)
-    xin = ops.cast(e, x, "fp32", name=f"{name}.fp32")
-    w = weight.tensor if weight.dtype == "fp32" else e.new(weight.numel, "fp32", name=f"{name}.weight_fp32")
-    b = bias.tensor if bias.dtype == "fp32" else e.new(bias.numel, "fp32", name=f"{name}.bias_fp32")
-    mean = e.new(tokens, "fp32", name=f"{name}.mean")
-    rstd = e.new(tokens, "fp32", name=f"{name}.rstd")
-    out = e.new(x.numel, "fp32", name=name)
-    params = [p for p in (weight, bias) if p.trainable]
-    saved = [xin, mean, rstd, w, b] if (xin.rg or params) else []
-    e.record(Node("layer_norm", [xin] if xin.rg else [], saved, params), out)
-    del xin, w, b, mean, rstd, saved
-    return out
-
-
 def patch_conv(e: Engine, pixels: T, weight, bias, out_numel: int, name: str, valid_padding: bool = False) -> T:
     """A patch-embedding nn.Conv2d: under autocast (conv2d is on the lower-precision list) the input, weight and
     bias are cast, trainable fp32 weights through the cached cast. ConvolutionBackward has one formula for input,
@@ -49,19 +29,6 @@ def patch_conv(e: Engine, pixels: T, weight, bias, out_numel: int, name: str, va
     if valid_padding and e.autocast and bias.dtype != e.autocast:
         transient = e.new(bias.numel, e.autocast, name=f"{name}.bias_cast")
         del transient
-    return out
-
-
-def masked_scatter(e: Engine, x: T, mask: T, source: T, name: str) -> T:
-    """`inputs_embeds.masked_scatter(special_image_mask, image_features)` on CUDA (IndexKernel.cu
-    `masked_scatter__cuda`): the output (a clone of x), and while the kernel runs an int64 prefix sum over the mask
-    expanded to x's shape and a contiguous copy of that expanded bool mask. Saves the mask for backward."""
-    out = e.new(x.numel, x.dtype, name=name)
-    prefix_sum = e.new(x.numel, "int64", name=f"{name}.mask_prefix_sum")
-    mask_contiguous = e.new(x.numel, "bool", name=f"{name}.mask_contiguous")
-    del prefix_sum, mask_contiguous
-    inputs = [t for t in (x, source) if t.rg]
-    e.record(Node("masked_scatter", inputs, [mask] if inputs else [], []), out)
     return out
 
 
@@ -168,7 +135,7 @@ class InternVitLayer:
     def _norm(self, e: Engine, x: T, name: str, tokens: int) -> T:
         weight, bias = self.norms[name]
         if bias is not None:
-            return layer_norm(e, x, weight, bias, tokens, name=name)
+            return ops.layer_norm(e, x, weight, bias, tokens, name=name)
         return ops.rms_norm(e, x, weight, tokens, name=name)
 
     def __call__(self, e: Engine, x: T, ctx) -> T:
@@ -323,7 +290,7 @@ class InternVLModel(ConditionalGenerationStep, BaseModel):
         del first
         e.scope = "projector"
         merged = self.tiles * self.grid // proj.pixel_shuffle ** 2
-        normed = layer_norm(e, shuffled, self.proj_norm[0], self.proj_norm[1], merged,
+        normed = ops.layer_norm(e, shuffled, self.proj_norm[0], self.proj_norm[1], merged,
                                 name="multi_modal_projector.layer_norm")
         del shuffled
         a = apply_linear(e, normed, self.linear_1, "linear_1")
@@ -338,7 +305,7 @@ class InternVLModel(ConditionalGenerationStep, BaseModel):
         # language model returns
         cast = ops.cast(e, image_features, x.dtype, name="image_features:cast")
         mask = e.new(self.tokens, "bool", name="special_image_mask")
-        out = masked_scatter(e, x, mask, cast, "inputs_embeds:scatter")
+        out = ops.masked_scatter(e, x, mask, cast, "inputs_embeds:scatter")
         self._keep = (hidden, image_features, mask)
         self._outputs = (cast,)  # image_hidden_states
         return out
