@@ -17,6 +17,13 @@ from .modules import LANGUAGE, PROJECTOR, VISION, model_inventory
 from .spec import ModelSpec
 from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS, ImageTokens, image_tokens
 
+# LLaMA-Factory video defaults (src/llamafactory/hparams/model_args.py, ProcessorArguments; video_maxlen was 64 up to
+# v0.9.1)
+LF_VIDEO_MAX_PIXELS = 256 * 256
+LF_VIDEO_MIN_PIXELS = 16 * 16
+LF_VIDEO_FPS = 2.0
+LF_VIDEO_MAXLEN = 128
+
 
 class Train(str, Enum):
     """How one component trains."""
@@ -82,6 +89,13 @@ class TrainSetup:
     # DeepSpeed buffers (None: the HF integration's "auto" values, hidden_size**2 elements)
     ds_reduce_bucket_size: int | None = None
     ds_overlap_comm: bool = False
+    # Recorded for the launch configs (LLaMA-Factory keys); the memory model does not read them yet
+    packing: bool = False  # LLaMA-Factory packing / neat_packing: sequences filled to seq_len
+    liger_kernel: bool = False  # LLaMA-Factory enable_liger_kernel (fused linear cross-entropy, fused norms)
+    video_max_pixels: int = LF_VIDEO_MAX_PIXELS
+    video_min_pixels: int = LF_VIDEO_MIN_PIXELS
+    video_fps: float = LF_VIDEO_FPS
+    video_maxlen: int = LF_VIDEO_MAXLEN
 
     def __post_init__(self) -> None:
         self._validate_choices()
@@ -112,6 +126,10 @@ class TrainSetup:
         for value, flag in ((self.image_max_pixels, "--image-max-pixels"), (self.image_min_pixels,
                                                                              "--image-min-pixels")):
             if value is not None and value <= 0:
+                raise VlplanError(f"{flag} must be positive, got {value}")
+        for value, flag in ((self.video_max_pixels, "video_max_pixels"), (self.video_min_pixels, "video_min_pixels"),
+                            (self.video_fps, "video_fps"), (self.video_maxlen, "video_maxlen")):
+            if value <= 0:
                 raise VlplanError(f"{flag} must be positive, got {value}")
 
     def _validate_combinations(self) -> None:
@@ -234,6 +252,7 @@ def suggest_max_pixels(setup: TrainSetup) -> int:
 def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | None = None,
                train_projector: bool | None = None, freeze_llm: bool = False, lora_rank: int = 8,
                lora_alpha: int | None = None, lora_target: str | list[str] = "all", dora: bool = False,
+               lora_dropout: float = 0.0,
                quant_bits: int | None = None, num_images: int | None = None,
                image_size: tuple[int, int] | None = None, images: list[tuple[int, int]] | None = None,
                gpu: GPU | str = "h100-80g", **settings) -> TrainSetup:
@@ -259,7 +278,7 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
     targets = tuple(t.strip() for t in (lora_target.split(",") if isinstance(lora_target, str) else lora_target)
                     if t.strip())
     lora = LoraSettings(rank=lora_rank, alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
-                        targets=targets, dora=dora)
+                        targets=targets, dora=dora, dropout=lora_dropout)
     if images is None:
         count = 1 if num_images is None else num_images
         if count < 0:
