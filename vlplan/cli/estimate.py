@@ -12,18 +12,24 @@ from .render import console, gib, print_json, table
 
 
 @setup_command
-def estimate_command(setup, json_: bool = typer.Option(False, "--json", help="Print JSON."),
+def estimate_command(setup, resolved, json_: bool = typer.Option(False, "--json", help="Print JSON."),
                      explain: bool = typer.Option(False, "--explain", help="Explain every term with its source.")):
     """Estimate per-GPU peak VRAM (and host RAM) of one training step.
 
     Defaults follow LLaMA-Factory: vision tower and projector frozen, LoRA rank 8 on every language-model linear,
     gradient checkpointing on, sdpa, bf16 AMP, seq 2048, batch 1, one image at the image_max_pixels cap, one H100.
+    The setup can come from a LLaMA-Factory YAML (--from-llamafactory), a DeepSpeed JSON (--deepspeed) and a
+    dataset's longest sample (--dataset); flags given on the command line override them.
     """
     with errors():
         result = estimate(setup)
     if json_:
-        print_json(result.to_dict())
+        print_json({**result.to_dict(), **resolved.json_extras()})
         return
+    if resolved.scan is not None:
+        longest = resolved.scan.to_dict()["longest"]
+        console.print(f"dataset {resolved.scan.path}: {resolved.scan.samples} samples; planning for sample "
+                      f"#{resolved.sample} ({setup.seq_len} tokens; the longest has {longest['total_tokens']})")
     render_estimate(result, explain)
 
 

@@ -7,6 +7,7 @@ import typer
 from .estimate import estimate_command
 from .gpus import gpus_command
 from .models import models_command
+from .scan import scan_command
 from .plan import plan_command
 from .tokens import tokens_command
 from .trace import trace_command
@@ -19,6 +20,7 @@ app.command("plan")(plan_command)
 app.command("tokens")(tokens_command)
 app.command("models")(models_command)
 app.command("gpus")(gpus_command)
+app.command("scan")(scan_command)
 
 if __name__ == "__main__":
     app()

@@ -2,12 +2,22 @@
 
 Declared once (`SETUP_OPTIONS`) and attached to each command by `@setup_command`, which turns them into the one
 `TrainSetup` the command receives. Defaults follow LLaMA-Factory's.
+
+The setup can also come from files: `--from-llamafactory train.yaml` (a LLaMA-Factory training config),
+`--deepspeed ds.json` (a DeepSpeed config) and `--dataset data.json` (the images and sequence length of the longest
+sample, or of `--percentile`). Precedence, lowest first: flag defaults, the YAML, the DeepSpeed JSON, the dataset
+(images and seq_len), flags given on the command line. A flag given with its default value cannot be told from an
+absent one, so it does not override the files (e.g. `--method lora` over a YAML with `finetuning_type: full`);
+`resolve_options` is the one function that applies this, for every command.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import typer
 
@@ -16,14 +26,18 @@ from vlplan.planner.errors import VlplanError
 K = inspect.Parameter.KEYWORD_ONLY
 
 
-def _opt(name: str, default, annotation, *flags: str, help: str):
-    return inspect.Parameter(name, K, default=typer.Option(default, *flags, help=help, show_default=True),
-                             annotation=annotation)
+def _opt(name: str, default, annotation, *flags: str, help: str, panel: str | None = None):
+    return inspect.Parameter(name, K, default=typer.Option(default, *flags, help=help, show_default=True,
+                                                           rich_help_panel=panel), annotation=annotation)
+
+
+FILES_PANEL = "Config files and data"
 
 
 SETUP_OPTIONS = [
-    _opt("model", ..., str, "--model", "-m",
-         help="Registry name (see `vlplan models`), hub id, or a local config.json / model directory."),
+    _opt("model", None, str | None, "--model", "-m",
+         help="Registry name (see `vlplan models`), hub id, or a local config.json / model directory. Required "
+              "unless --from-llamafactory names one (model_name_or_path)."),
     _opt("method", "lora", str, "--method", help="full | freeze | lora | qlora."),
     _opt("lora_rank", 8, int, "--lora-rank", help="LoRA rank."),
     _opt("lora_alpha", None, int | None, "--lora-alpha", help="LoRA alpha (default: 2 x rank, as LLaMA-Factory)."),
@@ -43,7 +57,8 @@ SETUP_OPTIONS = [
     _opt("quant_bits", None, int | None, "--quant-bits", help="QLoRA weight bits: 4 (default for qlora) or 8."),
     _opt("optimizer", "adamw", str, "--optimizer",
          help="adamw (torch fused, HF default) | adamw-foreach | adamw-8bit | paged-adamw-8bit | sgd | adafactor."),
-    _opt("seq_len", 2048, int, "--seq-len", help="Tokens per sample (LLaMA-Factory cutoff_len), image tokens included."),
+    _opt("seq_len", 2048, int, "--seq-len", "--cutoff-len",
+         help="Tokens per sample (LLaMA-Factory cutoff_len), image tokens included."),
     _opt("batch_size", 1, int, "--batch-size", help="Micro-batch per GPU."),
     _opt("gradient_accumulation_steps", 1, int, "--gradient-accumulation-steps", help="Gradient accumulation."),
     _opt("images", 1, int, "--images", help="Images per sample."),
@@ -61,53 +76,181 @@ SETUP_OPTIONS = [
     _opt("num_nodes", 1, int, "--num-nodes", help="Nodes."),
     _opt("zero", 0, int, "--zero", help="DeepSpeed ZeRO stage 0-3 (0: plain DDP)."),
     _opt("offload", "none", str, "--offload", help="none | optimizer | all (DeepSpeed CPU offload)."),
+    # Files --------------------------------------------------------------------------------------------------------
+    _opt("from_llamafactory", None, Path | None, "--from-llamafactory", panel=FILES_PANEL,
+         help="A LLaMA-Factory training YAML (v0.9.1 to current keys); flags given on the command line override it."),
+    _opt("deepspeed", None, Path | None, "--deepspeed", panel=FILES_PANEL,
+         help="A DeepSpeed JSON config: ZeRO stage, offload, buckets (overrides the YAML's deepspeed: key)."),
+    _opt("dataset", None, Path | None, "--dataset", panel=FILES_PANEL,
+         help="A LLaMA-Factory dataset (JSON/JSONL): plan for its longest sample (images and seq_len from the data)."),
+    _opt("percentile", None, float | None, "--percentile", panel=FILES_PANEL,
+         help="With --dataset: plan for the sample at this percentile of total tokens instead of the longest."),
+    _opt("dataset_dir", None, Path | None, "--dataset-dir", panel=FILES_PANEL,
+         help="Folder of dataset_info.json's files (default: dataset_info's folder)."),
+    _opt("media_dir", None, Path | None, "--media-dir", panel=FILES_PANEL,
+         help="Folder that relative image/video paths are under (default: --dataset-dir, else the data file's)."),
+    _opt("dataset_info", None, Path | None, "--dataset-info", panel=FILES_PANEL,
+         help="LLaMA-Factory dataset_info.json describing the dataset's columns and tags."),
+    _opt("tokenizer", None, Path | None, "--tokenizer", panel=FILES_PANEL,
+         help="Tokenizer (tokenizer.json or a model folder) for text tokens (default: --model when it is a local "
+              "folder; else approximate)."),
 ]
 SETUP_OPTION_NAMES = [p.name for p in SETUP_OPTIONS]
+OPTION_DEFAULTS = {p.name: p.default.default for p in SETUP_OPTIONS}
+FILE_OPTIONS = ("from_llamafactory", "deepspeed", "dataset", "percentile", "dataset_dir", "media_dir", "dataset_info",
+                "tokenizer")
+
+
+@dataclass
+class ResolvedSetup:
+    """The setup of a command line, with the warnings met on the way and what the files said."""
+
+    setup: object  # TrainSetup
+    warnings: list[str] = field(default_factory=list)
+    scan: object | None = None  # ScanResult of --dataset
+    sample: int | None = None  # the dataset sample the setup plans for
+    percentile: float | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def json_extras(self) -> dict:
+        """What a command adds to its JSON: `warnings`, `sources` and, with --dataset, the scan's summary."""
+        extras: dict = {"warnings": self.warnings, "sources": self.sources}
+        if self.scan is not None:
+            data = self.scan.to_dict()
+            extras["dataset"] = {key: data[key] for key in ("path", "samples", "text_tokens_method", "vision_tokens",
+                                                              "total_tokens", "longest", "over_cutoff")}
+            extras["dataset"].update(planned_sample=self.sample, percentile=self.percentile)
+        return extras
+
+
+def _cli_choices(options: dict) -> dict:
+    """`make_setup` arguments of the shared flags (model left as a name, resolved later)."""
+    from vlplan.planner.hardware import custom_gpu, find_gpu
+    from vlplan.planner.tokens import parse_size
+
+    choices: dict = {}
+    if "gpu" in options or "gpu_memory_gib" in options:
+        memory = options.get("gpu_memory_gib")
+        choices["gpu"] = custom_gpu(memory) if memory else find_gpu(options.get("gpu", OPTION_DEFAULTS["gpu"]))
+    if "image_size" in options or "images" in options:
+        sizes = [parse_size(s) for s in options.get("image_size") or []]
+        count = options.get("images", OPTION_DEFAULTS["images"])
+        if len(sizes) > 1:
+            if count not in (1, len(sizes)):
+                raise VlplanError(f"--images {count} contradicts {len(sizes)} --image-size values; give one "
+                                  "--image-size per image or one size with --images N")
+            choices["images"] = sizes
+        else:
+            choices.update(num_images=count, image_size=sizes[0] if sizes else None, images=None)
+    renamed = {"images", "image_size", "gpu", "gpu_memory_gib"}
+    for name, value in options.items():
+        if name not in renamed and name not in FILE_OPTIONS:
+            choices[name] = value
+    return choices
+
+
+def resolve_options(progress=None, **options) -> ResolvedSetup:
+    """The TrainSetup of the shared flags and files (library call; errors are VlplanError). See the module
+    docstring for the precedence of flags, YAML, DeepSpeed JSON and dataset. `progress(done, total)` is called
+    while a --dataset is scanned."""
+    from vlplan.planner.io.deepspeed import read_deepspeed
+    from vlplan.planner.io.llamafactory import build_setup, deepspeed_consistency, llamafactory_choices
+
+    options = {**OPTION_DEFAULTS, **options}
+    explicit = {name: value for name, value in options.items()
+                if name not in FILE_OPTIONS and value != OPTION_DEFAULTS[name]}
+    resolved = ResolvedSetup(setup=None)
+    choices = _cli_choices({k: v for k, v in options.items() if k not in FILE_OPTIONS})
+    if options["from_llamafactory"]:
+        path = options["from_llamafactory"]
+        yaml_choices, warnings = llamafactory_choices(path)
+        resolved.warnings += warnings
+        resolved.sources["llamafactory"] = str(path)
+        choices.update(yaml_choices)
+    if options["deepspeed"]:
+        path = options["deepspeed"]
+        ds, warnings = read_deepspeed(path)
+        resolved.warnings += warnings
+        resolved.sources["deepspeed"] = str(path)
+        choices.update(ds.setup_fields())
+        # numbers the JSON pins (not "auto") hold where no flag or YAML sets them
+        for value, key in ((ds.micro_batch_size, "batch_size"), (ds.gradient_accumulation_steps,
+                                                                 "gradient_accumulation_steps"),
+                           (ds.gradient_clipping, "max_grad_norm")):
+            if value is not None and not options["from_llamafactory"] and key not in explicit:
+                choices[key] = value
+        if not options["from_llamafactory"] and "precision" not in explicit:
+            if ds.fp16 or ds.bf16:
+                choices["precision"] = "fp16" if ds.fp16 else "bf16"
+            elif ds.fp16 is False and ds.bf16 is False:
+                choices["precision"] = "fp32"  # both switched off: DeepSpeed trains in fp32
+        resolved.warnings += deepspeed_consistency(ds, {**choices, **_cli_choices(explicit)}, str(path))
+    choices.update(_cli_choices(explicit))
+    if not choices.get("model"):
+        raise VlplanError("no model: pass --model NAME (see `vlplan models`) or --from-llamafactory with "
+                          "model_name_or_path")
+    if options["dataset"] is None:
+        if options["percentile"] is not None:
+            raise VlplanError("--percentile needs --dataset")
+        resolved.setup = build_setup(choices)
+        return resolved
+    resolved.sources["dataset"] = str(options["dataset"])
+    if {"images", "image_size"} & set(explicit):
+        resolved.warnings.append("--images/--image-size are ignored: the images come from --dataset")
+    base = build_setup({**choices, "images": [], "num_images": None, "image_size": None})
+    resolved.setup, resolved.scan, warnings = _dataset_setup(base, options, choices, progress)
+    resolved.sample, resolved.percentile = resolved.scan.pick(options["percentile"]), options["percentile"]
+    resolved.warnings += warnings
+    return resolved
+
+
+def _dataset_setup(base, options: dict, choices: dict, progress):
+    from vlplan.planner.dataset import scan_dataset, setup_for_dataset
+
+    tokenizer = options["tokenizer"]
+    model = choices.get("model")
+    if tokenizer is None and isinstance(model, str) and Path(model).expanduser().is_dir():
+        tokenizer = Path(model).expanduser()
+    scan = scan_dataset(options["dataset"], base.model, dataset_dir=options["dataset_dir"],
+                        media_dir=options["media_dir"], dataset_info=options["dataset_info"],
+                        image_max_pixels=base.image_max_pixels, image_min_pixels=base.image_min_pixels,
+                        cutoff_len=base.seq_len + 1 if base.packing else base.seq_len, tokenizer=tokenizer,
+                        progress=progress)
+    setup, warnings = setup_for_dataset(base, scan, options["percentile"])
+    return setup, scan, warnings
 
 
 def setup_from_options(**options):
     """The TrainSetup of the shared flags (library call; errors are VlplanError)."""
-    from vlplan.planner.hardware import custom_gpu, find_gpu
-    from vlplan.planner.registry import resolve
-    from vlplan.planner.setup import make_setup
-    from vlplan.planner.tokens import parse_size
-
-    gpu = custom_gpu(options["gpu_memory_gib"]) if options["gpu_memory_gib"] else find_gpu(options["gpu"])
-    sizes = [parse_size(s) for s in options["image_size"] or []]
-    images = None
-    if len(sizes) > 1:
-        if options["images"] not in (1, len(sizes)):
-            raise VlplanError(f"--images {options['images']} contradicts {len(sizes)} --image-size values; give one "
-                              "--image-size per image or one size with --images N")
-        images = sizes
-    return make_setup(
-        resolve(options["model"]), method=options["method"], train_vision=options["train_vision"],
-        train_projector=options["train_projector"], freeze_llm=options["freeze_llm"],
-        lora_rank=options["lora_rank"], lora_alpha=options["lora_alpha"], lora_target=options["lora_target"],
-        dora=options["dora"], quant_bits=options["quant_bits"], num_images=options["images"],
-        image_size=sizes[0] if len(sizes) == 1 else None, images=images, gpu=gpu,
-        freeze_trainable_layers=options["freeze_trainable_layers"], precision=options["precision"],
-        optimizer=options["optimizer"], seq_len=options["seq_len"], batch_size=options["batch_size"],
-        gradient_accumulation_steps=options["gradient_accumulation_steps"],
-        image_max_pixels=options["image_max_pixels"], image_min_pixels=options["image_min_pixels"],
-        attn=options["attn"], gradient_checkpointing=options["gradient_checkpointing"],
-        num_gpus=options["num_gpus"], num_nodes=options["num_nodes"], zero=options["zero"],
-        offload=options["offload"])
+    return resolve_options(**options).setup
 
 
-def setup_command(fn):
-    """Give `fn(setup, ...)` the shared flags; it receives the resolved TrainSetup as `setup`."""
+def setup_command(fn=None, *, dataset_argument: str | None = None, progress=None):
+    """Give `fn(setup, ...)` the shared flags; it receives the resolved TrainSetup as `setup`, and the
+    `ResolvedSetup` (warnings, sources, dataset scan) as `resolved` when it has such a parameter. Warnings go to
+    stderr. `dataset_argument` names a parameter of `fn` (a positional DATA argument) that stands for --dataset;
+    `progress(kwargs)` returns a context manager giving a `progress(done, total)` callback (or None) for the scan."""
+    if fn is None:
+        return functools.partial(setup_command, dataset_argument=dataset_argument, progress=progress)
     signature = inspect.signature(fn)
-    own = [p for p in signature.parameters.values() if p.name != "setup"]
+    own = [p for p in signature.parameters.values() if p.name not in ("setup", "resolved")]
+    wants_resolved = "resolved" in signature.parameters
+    shared = [p for p in SETUP_OPTIONS if not (dataset_argument and p.name == "dataset")]
 
     @functools.wraps(fn)
     def wrapper(**kwargs):
-        options = {name: kwargs.pop(name) for name in SETUP_OPTION_NAMES}
-        with errors():
-            setup = setup_from_options(**options)
-        return fn(setup=setup, **kwargs)
+        options = {p.name: kwargs.pop(p.name) for p in shared}
+        if dataset_argument:
+            options["dataset"] = kwargs[dataset_argument]
+        with (progress(kwargs) if progress else contextlib.nullcontext()) as callback, errors():
+            resolved = resolve_options(progress=callback, **options)
+        for warning in resolved.warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        if wants_resolved:
+            kwargs["resolved"] = resolved
+        return fn(setup=resolved.setup, **kwargs)
 
-    wrapper.__signature__ = signature.replace(parameters=own + SETUP_OPTIONS)
+    wrapper.__signature__ = signature.replace(parameters=own + shared)
     return wrapper
 
 

@@ -1,0 +1,94 @@
+"""`vlplan scan DATA.json`: tokens per sample of a LLaMA-Factory dataset, over-long samples, bad images, worst case."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import typer
+
+from vlplan.planner.memory.estimate import estimate
+
+from .options import errors, setup_command
+from .render import console, gib, print_json, table
+
+PROGRESS_MIN_SAMPLES = 5000  # smaller datasets scan in well under a second
+SHOW_INDICES = 20
+
+
+@contextlib.contextmanager
+def _progress(kwargs):
+    """A rich progress bar on stderr for large datasets, only for humans (not --json, stderr a terminal)."""
+    if kwargs.get("json_") or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    task = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if total < PROGRESS_MIN_SAMPLES:
+            return
+        if task is None:
+            bar.start()
+            task = bar.add_task("scan", total=total)
+        bar.update(task, completed=done)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
+@setup_command(dataset_argument="data", progress=_progress)
+def scan_command(setup, resolved,
+                 data: Path = typer.Argument(..., help="LLaMA-Factory dataset file (JSON or JSONL), a folder of "
+                                                       "them, or a dataset name in --dataset-info."),
+                 json_: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Scan a dataset: vision, text and total tokens per sample (p50/p90/p99/max), samples over --cutoff-len,
+    missing and corrupt images, placeholder mismatches, and the estimate for its longest sample.
+
+    Image sizes come from the file headers (no decoding); vision tokens follow --model's image processor after
+    LLaMA-Factory's pre-resize to --image-max-pixels; text tokens use the model's tokenizer when --model (or
+    --tokenizer) is a local folder with one, else an approximation the output names. The method, precision and
+    parallelism flags (or --from-llamafactory) decide the worst-case estimate.
+    """
+    scan = resolved.scan
+    with errors():
+        result = estimate(setup)
+    data_dict = scan.to_dict()
+    if json_:
+        print_json({**data_dict, "worst_case": {"sample": resolved.sample, "percentile": resolved.percentile,
+                                                "estimate": result.to_dict()},
+                    "warnings": resolved.warnings, "sources": resolved.sources})
+        return
+    console.print(f"[bold]{scan.path}[/bold]: {scan.samples} samples, {data_dict['images']} images, "
+                  f"{scan.videos} videos; {scan.model}, image_max_pixels {scan.image_max_pixels}, "
+                  f"cutoff_len {scan.cutoff_len}")
+    console.print(f"text tokens: {scan.text_tokens_method}")
+    rows = [[name, *(data_dict[key][q] for q in ("p50", "p90", "p99", "max"))]
+            for name, key in (("vision", "vision_tokens"), ("text", "text_tokens"), ("total", "total_tokens"))]
+    console.print(table("tokens per sample", ["tokens", "p50", "p90", "p99", "max"], rows, {1, 2, 3, 4}))
+    over = scan.over_cutoff
+    if over:
+        shown = ", ".join(str(i) for i in over[:SHOW_INDICES]) + (" ..." if len(over) > SHOW_INDICES else "")
+        console.print(f"[red]{len(over)} samples exceed cutoff_len {scan.cutoff_len}[/red] (LLaMA-Factory would cut "
+                      f"their image tokens and crash): {shown}")
+    else:
+        console.print(f"[green]every sample fits cutoff_len {scan.cutoff_len}[/green]")
+    for label, names in (("missing images", scan.missing_images), ("corrupt images", list(scan.corrupt_images))):
+        if names:
+            shown = ", ".join(names[:SHOW_INDICES]) + (" ..." if len(names) > SHOW_INDICES else "")
+            console.print(f"[red]{len(names)} {label}[/red]: {shown}")
+    if scan.placeholder_mismatches:
+        console.print(f"[red]{len(scan.placeholder_mismatches)} samples[/red] whose <image>/<video> placeholders do "
+                      f"not match their media: {', '.join(map(str, scan.placeholder_mismatches[:SHOW_INDICES]))}")
+    verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
+    console.print(f"worst case (sample #{resolved.sample}, {setup.seq_len} tokens, images "
+                  f"{', '.join(f'{w}x{h}' for w, h in setup.images) or 'none'}): peak {gib(result.peak_bytes)} on "
+                  f"{setup.gpu.name} ({setup.method}, {setup.precision}, batch {setup.batch_size}): {verdict}")
