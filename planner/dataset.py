@@ -432,7 +432,7 @@ class ScanResult:
             "path": self.path,
             "model": self.model,
             "samples": self.samples,
-            "images": sum(len(s) for s in self.image_sizes),
+            "images": sum(len(s) for s in self.image_sizes),  # readable ones; see missing/corrupt/remote
             "videos": self.videos,
             "text_tokens_method": self.text_tokens_method,
             "image_max_pixels": self.image_max_pixels,
@@ -452,6 +452,10 @@ class ScanResult:
             "placeholder_mismatches": self.placeholder_mismatches,
             "warnings": self.warnings,
         }
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def percentile_of(values: list[int], percentile: float) -> int:
@@ -543,16 +547,17 @@ def scan_dataset(path: str | Path, spec: ModelSpec, *, dataset_dir: str | Path |
         if progress is not None:
             progress(min(start + step, len(samples)), len(samples))
     if videos:
-        warnings.append(f"{videos} videos are not counted in the vision tokens (video headers are not read); "
-                        "their frames add tokens on top")
+        warnings.append(f"{_plural(videos, 'video')} not counted in the vision tokens (video headers are not "
+                        "read); their frames add tokens on top")
     if mismatches:
-        warnings.append(f"{len(mismatches)} samples have a different number of <image>/<video> placeholders than "
-                        "media: LLaMA-Factory stops with 'The number of images does not match the number of <image> "
-                        "tokens'")
+        warnings.append(f"{_plural(len(mismatches), 'sample')} with a different number of <image>/<video> "
+                        "placeholders than media: LLaMA-Factory stops with 'The number of images does not match the "
+                        "number of <image> tokens'")
     if missing or corrupt:
-        warnings.append(f"{len(missing)} missing and {len(corrupt)} corrupt images: their tokens are not counted")
+        warnings.append(f"{_plural(len(missing), 'missing image')} and {_plural(len(corrupt), 'corrupt image')}: "
+                        "their tokens are not counted")
     if remote:
-        warnings.append(f"{len(remote)} remote images (URLs) are not fetched: their tokens are not counted")
+        warnings.append(f"{_plural(len(remote), 'remote image')} (URLs) not fetched: their tokens are not counted")
     return ScanResult(path=str(path), model=spec.name, text_tokens_method=counter.method,
                       image_max_pixels=image_max_pixels, image_min_pixels=image_min_pixels, cutoff_len=cutoff_len,
                       text_tokens=text_tokens, vision_tokens=vision_tokens, special_tokens=special_tokens,
@@ -568,18 +573,26 @@ def setup_for_dataset(setup, scan: ScanResult, percentile: float | None = None):
     totals = scan.total_tokens
     seq_len = totals[index]
     warnings = []
+    if setup.packing:
+        # packed sequences fill seq_len whatever the samples' lengths; the planned sample's images sit inside one
+        warnings.append(f"packing: sequences are filled to {setup.seq_len} tokens; planning with sample #{index}'s "
+                        "images inside one packed sequence")
+        seq_len = max(seq_len, setup.seq_len)
     if percentile is not None:
         longer = sum(1 for t in totals if t > seq_len)
-        warnings.append(f"planning for the p{percentile:g} sample #{index} ({seq_len} tokens): {longer} samples "
-                        f"({longer / len(totals):.1%}) are longer and need more memory than this estimate")
-    if seq_len > scan.cutoff_len:
+        warnings.append(f"planning for the p{percentile:g} sample #{index} ({totals[index]} tokens): "
+                        f"{_plural(longer, 'sample')} ({longer / len(totals):.1%}) are longer and need more memory "
+                        "than this estimate")
+    if totals[index] > scan.cutoff_len:
         over = len(scan.over_cutoff)
-        warnings.append(f"sample #{index} needs {seq_len} tokens, above cutoff_len {scan.cutoff_len}; the estimate "
-                        f"uses {seq_len}: raise cutoff_len to at least {seq_len} or drop the {over} over-cutoff "
-                        "samples (LLaMA-Factory would cut their image tokens and crash)")
+        warnings.append(f"sample #{index} needs {totals[index]} tokens, above cutoff_len {scan.cutoff_len}; the "
+                        f"estimate uses {seq_len}: raise cutoff_len to at least {totals[index]} or drop the "
+                        f"{_plural(over, 'over-cutoff sample')} (LLaMA-Factory would cut their image tokens and "
+                        "crash)")
     elif scan.over_cutoff:
-        warnings.append(f"{len(scan.over_cutoff)} samples exceed cutoff_len {scan.cutoff_len}: LLaMA-Factory would "
-                        "cut their image tokens and crash with 'Image features and image tokens do not match'")
+        warnings.append(f"{_plural(len(scan.over_cutoff), 'sample')} exceed cutoff_len {scan.cutoff_len}: "
+                        "LLaMA-Factory would cut their image tokens and crash with 'Image features and image tokens "
+                        "do not match'")
     warnings += scan.warnings
     if (setup.image_max_pixels, setup.image_min_pixels) != (scan.image_max_pixels, scan.image_min_pixels):
         raise VlplanError("the scan used other image_max_pixels/image_min_pixels than the setup; scan again with "

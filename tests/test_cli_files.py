@@ -59,6 +59,26 @@ def test_deepspeed_alone_and_over_the_yaml():
     assert data["settings"]["zero"] == 3  # the explicit flag wins over both files
 
 
+def test_new_modules_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, vlplan.planner.io.llamafactory, vlplan.planner.io.deepspeed, vlplan.planner.io.hf_args, "
+            "vlplan.planner.dataset, vlplan.cli.scan; "
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy', 'PIL') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_deepspeed_flag_replaces_an_unresolvable_yaml_path(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("model_name_or_path: qwen2-vl-2b\nfinetuning_type: full\nper_device_train_batch_size: 1\n"
+                      "bf16: true\ndeepspeed: /cluster/configs/my_config.json\n")
+    ds = FIXTURES / "deepspeed" / "ds_z3_config.json"
+    data, _ = run_json("estimate", "--from-llamafactory", config, "--deepspeed", ds)
+    assert data["settings"]["zero"] == 3 and data["warnings"] == []
+
+
 def test_warnings_go_to_stderr_and_json(tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("model_name_or_path: qwen2-vl-2b\nbf16: true\nenable_liger_kernel: true\n")
@@ -105,7 +125,7 @@ def test_scan_json_and_render(dataset):
     assert data["worst_case"]["estimate"]["settings"]["seq_len"] == data["total_tokens"]["max"]
     human = run("scan", dataset, "--model", "qwen2.5-vl-7b", "--cutoff-len", "200")
     assert human.exit_code == 0, human.output
-    assert "exceed cutoff_len 200" in human.stdout and "missing images" in human.stdout
+    assert "2 samples over cutoff_len 200" in human.stdout and "1 missing image" in human.stdout
     assert "worst case" in human.stdout
 
 

@@ -307,12 +307,14 @@ class _Reader:
 
 
 def llamafactory_choices(source: str | Path | dict, *, version: str | None = None,
-                         base_dir: str | Path | None = None) -> tuple[dict, list[str]]:
+                         base_dir: str | Path | None = None, read_deepspeed_key: bool = True
+                         ) -> tuple[dict, list[str]]:
     """The `make_setup` arguments a LLaMA-Factory YAML (path or dict) asks for, and warnings.
 
     `version` forces the LLaMA-Factory version whose defaults fill missing keys (default: detected from the keys).
     `base_dir` is where a relative `deepspeed:` path is looked up besides the working directory (default: the YAML's
-    folder and its parents, since LLaMA-Factory runs from its repository root).
+    folder and its parents, since LLaMA-Factory runs from its repository root). `read_deepspeed_key=False` skips
+    the `deepspeed:` key (a --deepspeed file replaces it).
     """
     if isinstance(source, dict):
         config, name, yaml_dir = dict(source), "llamafactory config", None
@@ -486,7 +488,7 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
     choices["batch_size"] = r.int("per_device_train_batch_size", 8)
     choices["gradient_accumulation_steps"] = r.int("gradient_accumulation_steps", 1)
     choices["max_grad_norm"] = r.float("max_grad_norm", 1.0)
-    if config.get("deepspeed") is not None:
+    if config.get("deepspeed") is not None and read_deepspeed_key:
         ds, ds_warnings = _deepspeed(config["deepspeed"], name, yaml_dir, base_dir)
         warnings += ds_warnings
         warnings += deepspeed_consistency(ds, choices, name)

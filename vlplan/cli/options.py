@@ -163,7 +163,7 @@ def resolve_options(progress=None, **options) -> ResolvedSetup:
     choices = _cli_choices({k: v for k, v in options.items() if k not in FILE_OPTIONS})
     if options["from_llamafactory"]:
         path = options["from_llamafactory"]
-        yaml_choices, warnings = llamafactory_choices(path)
+        yaml_choices, warnings = llamafactory_choices(path, read_deepspeed_key=not options["deepspeed"])
         resolved.warnings += warnings
         resolved.sources["llamafactory"] = str(path)
         choices.update(yaml_choices)

@@ -17,6 +17,10 @@ PROGRESS_MIN_SAMPLES = 5000  # smaller datasets scan in well under a second
 SHOW_INDICES = 20
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 @contextlib.contextmanager
 def _progress(kwargs):
     """A rich progress bar on stderr for large datasets, only for humans (not --json, stderr a terminal)."""
@@ -77,17 +81,18 @@ def scan_command(setup, resolved,
     over = scan.over_cutoff
     if over:
         shown = ", ".join(str(i) for i in over[:SHOW_INDICES]) + (" ..." if len(over) > SHOW_INDICES else "")
-        console.print(f"[red]{len(over)} samples exceed cutoff_len {scan.cutoff_len}[/red] (LLaMA-Factory would cut "
-                      f"their image tokens and crash): {shown}")
+        console.print(f"[red]{_plural(len(over), 'sample')} over cutoff_len {scan.cutoff_len}[/red] (LLaMA-Factory "
+                      f"would cut their image tokens and crash): {shown}")
     else:
         console.print(f"[green]every sample fits cutoff_len {scan.cutoff_len}[/green]")
-    for label, names in (("missing images", scan.missing_images), ("corrupt images", list(scan.corrupt_images))):
+    for label, names in (("missing image", scan.missing_images), ("corrupt image", list(scan.corrupt_images))):
         if names:
             shown = ", ".join(names[:SHOW_INDICES]) + (" ..." if len(names) > SHOW_INDICES else "")
-            console.print(f"[red]{len(names)} {label}[/red]: {shown}")
+            console.print(f"[red]{_plural(len(names), label)}[/red]: {shown}")
     if scan.placeholder_mismatches:
-        console.print(f"[red]{len(scan.placeholder_mismatches)} samples[/red] whose <image>/<video> placeholders do "
-                      f"not match their media: {', '.join(map(str, scan.placeholder_mismatches[:SHOW_INDICES]))}")
+        console.print(f"[red]{_plural(len(scan.placeholder_mismatches), 'sample')}[/red] whose <image>/<video> "
+                      "placeholders do not match their media: "
+                      f"{', '.join(map(str, scan.placeholder_mismatches[:SHOW_INDICES]))}")
     verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
     console.print(f"worst case (sample #{resolved.sample}, {setup.seq_len} tokens, images "
                   f"{', '.join(f'{w}x{h}' for w, h in setup.images) or 'none'}): peak {gib(result.peak_bytes)} on "
