@@ -82,11 +82,12 @@ def main() -> None:
                "over_cutoff": len(data["over_cutoff"]), "total_tokens": data["total_tokens"]}
     print(json.dumps(summary, indent=2))
     if args.write:
-        lines = [BEGIN, textwrap.fill(f"Measured {time.strftime('%Y-%m-%d')}, Python {summary['python']}, {summary['cpus']} CPUs "
-                 f"(`python benchmarks/scan_speed.py --write`): a sharegpt JSONL of {summary['samples']:,} samples "
-                 f"({summary['jsonl_mib']} MiB, {summary['image_references']:,} readable image references to "
-                 f"{summary['image_files']} JPEG/PNG/WebP files, plus {summary['missing']} missing and "
-                 f"{summary['corrupt']} truncated ones), `--model qwen2.5-vl-7b`, approximate text tokens.", 118), "",
+        measured = (f"Measured {time.strftime('%Y-%m-%d')}, Python {summary['python']}, {summary['cpus']} CPUs "
+                    f"(`python benchmarks/scan_speed.py --write`): a sharegpt JSONL of {summary['samples']:,} samples "
+                    f"({summary['jsonl_mib']} MiB, {summary['image_references']:,} readable image references to "
+                    f"{summary['image_files']} JPEG/PNG/WebP files, plus {summary['missing']} missing and "
+                    f"{summary['corrupt']} truncated ones), `--model qwen2.5-vl-7b`, approximate text tokens.")
+        lines = [BEGIN, textwrap.fill(measured, 118), "",
                  "| command (fresh process) | wall time | target |", "|---|---:|---:|",
                  f"| `vlplan scan train.jsonl --model qwen2.5-vl-7b --json` | {summary['scan_s']:.2f} s | "
                  f"< {TARGET_S:.0f} s |", END]

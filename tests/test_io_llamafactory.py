@@ -257,7 +257,7 @@ def test_setup_export_import_is_identity(name, version, tmp_path):
     assert exported["per_device_train_batch_size"] == setup.batch_size
 
 
-# Exported keys are keys LLaMA-Factory accepts --------------------------------------------------------------------------
+# Exported keys are keys LLaMA-Factory accepts -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def training_arguments_fields():
     with warnings.catch_warnings():

@@ -27,9 +27,9 @@ from .deepspeed import DeepSpeedSettings, deepspeed_from_name, read_deepspeed
 # training_args}.py in the llamafactory 0.9.5 wheel (PyPI, 2026-05; read with `ast`, every field checked present
 # here), united with those of hiyouga/LLaMA-Factory commit 00577a85775a (2026: KTransformers and Ray fields) and the
 # v0.9.1 / v0.9.3 tags quoted in shared/reference/llamafactory.md. Fields declared `init=False` (compute_dtype,
-# device_map, model_max_length, block_diag_attn) are not accepted from a YAML and are left out. Every key belongs to one of these dataclasses or to
-# transformers' Seq2SeqTrainingArguments; anything else makes HfArgumentParser raise "Some specified arguments are not
-# used by the HfArgumentParser" (unless ALLOW_EXTRA_ARGS=1).
+# device_map, model_max_length, block_diag_attn) are not accepted from a YAML and are left out.
+# Every key belongs to one of these dataclasses or to transformers' Seq2SeqTrainingArguments; anything else makes
+# HfArgumentParser raise "Some specified arguments are not used by the HfArgumentParser" (unless ALLOW_EXTRA_ARGS=1).
 # ---------------------------------------------------------------------------------------------------------------------
 LLAMAFACTORY_SOURCE = ("llamafactory 0.9.5 (PyPI) and hiyouga/LLaMA-Factory @ 00577a85775a: "
                        "src/llamafactory/hparams/*.py; v0.9.1 and v0.9.3 per shared/reference/llamafactory.md")
@@ -631,7 +631,8 @@ def deepspeed_consistency(ds: DeepSpeedSettings, choices: dict, name: str) -> li
     precision = choices.get("precision")
     if precision is not None:
         wants_bf16 = precision in ("bf16", "pure-bf16")
-        if (ds.bf16 is not None and ds.bf16 != wants_bf16) or (ds.fp16 is not None and ds.fp16 != (precision == "fp16")):
+        wants_fp16 = precision == "fp16"
+        if (ds.bf16 is not None and ds.bf16 != wants_bf16) or (ds.fp16 is not None and ds.fp16 != wants_fp16):
             warnings.append(f"{name}: the DeepSpeed config's bf16/fp16 'enabled' values contradict precision "
                             f"{precision}; set them to \"auto\"")
     return warnings
@@ -692,7 +693,7 @@ def setup_from_llamafactory(source: str | Path | dict, *, version: str | None = 
     return build_setup(choices), warnings
 
 
-# Export ----------------------------------------------------------------------------------------------------------------
+# Export ---------------------------------------------------------------------------------------------------------------
 def llamafactory_yaml(setup: TrainSetup, *, version: str = "latest", model_name_or_path: str | None = None,
                       deepspeed_path: str | None = None, extra: dict | None = None) -> dict:
     """A LLaMA-Factory training YAML (as a dict) for `setup`, with only keys `version` accepts.
