@@ -10,6 +10,7 @@ from .models import models_command
 from .scan import scan_command
 from .tiny_model import tiny_model_command
 from .plan import plan_command
+from .run import run_command
 from .tokens import tokens_command
 from .trace import trace_command
 
@@ -22,6 +23,7 @@ app.command("tokens")(tokens_command)
 app.command("models")(models_command)
 app.command("gpus")(gpus_command)
 app.command("scan")(scan_command)
+app.command("run")(run_command)
 app.command("tiny-model")(tiny_model_command)
 
 if __name__ == "__main__":

@@ -1,0 +1,625 @@
+"""One training process: the transformers Trainer on the model `profiler.build.prepare_model` prepares.
+
+What the planner estimated is what runs here: the model is loaded in the setup's compute dtype with its attention
+kernel, `prepare_model` freezes per component, wraps LoRA/DoRA with peft, upcasts trainable parameters and turns on
+LLaMA-Factory's gradient checkpointing (so the Trainer is told not to turn it on again), and the training arguments
+carry the setup's micro-batch, accumulation, precision, optimizer and DeepSpeed config.
+
+The process keeps a record (`OUT/vlplan_run.json`: plan, estimate, settings, per-step losses, steps, measured CUDA
+peaks) and its safety rules: checkpoints are written to a staging directory and renamed into place; SIGINT/SIGTERM
+finish the current step, save a checkpoint and stop; a CUDA out-of-memory error is reported with the phase it hit,
+the estimate's term that was too low and the next setup to try.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import re
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from vlplan.planner.errors import VlplanError
+from vlplan.planner.memory.estimate import estimate
+from vlplan.planner.setup import TrainSetup
+
+from .job import RunOptions
+
+RECORD_NAME = "vlplan_run.json"
+STATE_DIR = ".vlplan"  # inside the output directory: staging area and the out-of-memory report
+STAGING_NAME = "staging"
+OOM_REPORT_NAME = "oom.json"
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# A measured peak further than this from the estimate gets a warning in the record
+ESTIMATE_TOLERANCE = 0.10
+OOM_EXIT_CODE = 3
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM before training started: nothing to save."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class RunOutOfMemory(Exception):
+    """CUDA ran out of memory; `report` says where, why and what to try next."""
+
+    def __init__(self, report: dict):
+        super().__init__(report["message"])
+        self.report = report
+
+
+# Out-of-memory analysis ---------------------------------------------------------------------------------------------
+# Breakdown terms that live for the whole run (the rest are the step's activations and temporaries)
+PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "gradients/", "zero", "ddp/", "cuda/", "inputs/")
+
+
+def next_setup(setup: TrainSetup) -> tuple[TrainSetup | None, str]:
+    """The setup to try after an out-of-memory error, keeping the global batch: the micro-batch split by its
+    smallest factor with the accumulation multiplied by it, else gradient checkpointing turned on."""
+    micro = setup.batch_size
+    if micro > 1:
+        factor = next(f for f in range(2, micro + 1) if micro % f == 0)
+        return (replace(setup, batch_size=micro // factor,
+                        gradient_accumulation_steps=setup.gradient_accumulation_steps * factor),
+                f"micro-batch {micro} -> {micro // factor}, accumulation {setup.gradient_accumulation_steps} -> "
+                f"{setup.gradient_accumulation_steps * factor} (same global batch)")
+    if not setup.gradient_checkpointing:
+        return replace(setup, gradient_checkpointing=True), "gradient checkpointing on (same global batch)"
+    return None, ("micro-batch 1 with gradient checkpointing is the smallest step; try `vlplan plan` with ZeRO / "
+                  "offload, more GPUs, a lower --seq-len or --image-max-pixels")
+
+
+def states_at_start(setup: TrainSetup) -> tuple[str, ...]:
+    """The breakdown terms allocated before the first step (when `on_train_begin` measures): the weights and
+    adapters; with DeepSpeed also the optimizer partitions and buffers it allocates in `deepspeed.initialize`
+    (torch optimizers create their states at the first step)."""
+    return ("weights/", "adapters/", "optimizer/", "gradients/", "zero") if setup.zero else ("weights/", "adapters/")
+
+
+def suspect_term(setup: TrainSetup, result, phase: str, measured_start_bytes: int | None) -> tuple[str, int]:
+    """The estimate's term most likely too low: the largest model-state term when the memory measured before the
+    first step exceeds their estimate by more than the tolerance, else the optimizer states (optimizer step) or the
+    largest activation/temporary term (forward, backward)."""
+    breakdown = result.breakdown_bytes
+    at_start = {k: v for k, v in breakdown.items() if k.startswith(states_at_start(setup))}
+    if measured_start_bytes is not None and at_start and \
+            measured_start_bytes > sum(at_start.values()) * (1 + ESTIMATE_TOLERANCE):
+        name = max(at_start, key=at_start.get)
+        return name, at_start[name]
+    if phase == "optimizer":
+        optimizer = {k: v for k, v in breakdown.items() if k.startswith("optimizer/")}
+        if optimizer:
+            name = max(optimizer, key=optimizer.get)
+            return name, optimizer[name]
+    transient = {k: v for k, v in breakdown.items() if not k.startswith(PERSISTENT_PREFIXES)} or breakdown
+    name = max(transient, key=transient.get)
+    return name, transient[name]
+
+
+def oom_report(setup: TrainSetup, result, phase: str, error: BaseException, measured_start_bytes: int | None) -> dict:
+    gib = 2**30
+    term, term_bytes = suspect_term(setup, result, phase, measured_start_bytes)
+    follow, why = next_setup(setup)
+    requested = re.search(r"Tried to allocate ([\d.]+ [GMK]iB)", str(error))
+    message = (f"CUDA out of memory in the {phase} phase"
+               + (f" (tried to allocate {requested.group(1)})" if requested else "")
+               + f"; estimated peak {result.peak_bytes / gib:.2f} GiB ({result.peak_phase}); the term most likely "
+               f"too low: {term} ({term_bytes / gib:.2f} GiB estimated); next: {why}")
+    return {
+        "message": message, "phase": phase, "error": str(error).strip().splitlines()[0] if str(error) else "",
+        "estimate_peak_bytes": result.peak_bytes, "estimate_phase_allocated_bytes": result.phase_allocated_bytes,
+        "suspect_term": term, "suspect_term_bytes": term_bytes,
+        "measured_start_bytes": measured_start_bytes,
+        "next_settings": follow.describe() if follow else None, "next": why,
+    }
+
+
+# Output directory ---------------------------------------------------------------------------------------------------
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The output directory's checkpoint-N with the highest N (a complete one: renamed into place by the trainer)."""
+    if not output_dir.is_dir():
+        return None
+    steps = [(int(m.group(1)), path) for path in output_dir.iterdir()
+             if (m := CHECKPOINT_PATTERN.match(path.name)) and (path / "trainer_state.json").is_file()]
+    return max(steps)[1] if steps else None
+
+
+def prepare_output_dir(options: RunOptions) -> Path | None:
+    """Check the output directory before anything is written; the checkpoint a --resume continues from.
+
+    A non-empty directory is refused unless --resume (continue its last checkpoint) or --overwrite (replace what an
+    earlier vlplan run wrote there: its checkpoints, record and staging area; nothing else is deleted).
+    """
+    out = options.output_path
+    if out.exists() and not out.is_dir():
+        raise VlplanError(f"--output-dir {out} is a file; pass a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if options.resume:
+        checkpoint = last_checkpoint(out)
+        if checkpoint is None:
+            raise VlplanError(f"--resume: {out} holds no checkpoint-N directory to continue from")
+        return checkpoint
+    if entries and not options.overwrite:
+        raise VlplanError(f"--output-dir {out} is not empty ({len(entries)} entries); pass --resume to continue its "
+                          "last checkpoint, --overwrite to replace it, or a new directory")
+    if options.overwrite:
+        for entry in entries:
+            path = out / entry
+            if (CHECKPOINT_PATTERN.match(entry) and path.is_dir()) or entry == STATE_DIR:
+                shutil.rmtree(path)
+            elif entry == RECORD_NAME:
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_record(output_dir: Path) -> dict | None:
+    path = output_dir / RECORD_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+# Model --------------------------------------------------------------------------------------------------------------
+def load_model(setup: TrainSetup, options: RunOptions):
+    """The transformers model of the run: `from_pretrained` of the directory in the compute dtype with the setup's
+    attention kernel (QLoRA: bitsandbytes-quantized), or `--random-init` from the directory's / the registry's
+    config."""
+    import transformers
+
+    from vlplan.profiler.build import ATTN_IMPLEMENTATION, compute_dtype, hf_config
+
+    cls = getattr(transformers, setup.model.hf_class or "", None)
+    if cls is None:
+        raise VlplanError(f"{setup.model.name}: transformers {transformers.__version__} has no model class for the "
+                          f"{setup.model.family} family; vlplan run needs an installed model class")
+    attn = ATTN_IMPLEMENTATION[setup.attn]
+    path = Path(options.model)
+    if options.random_init:
+        if setup.method == "qlora":
+            raise VlplanError("--random-init builds unquantized weights; QLoRA quantizes while loading a checkpoint")
+        if path.is_dir():
+            config = transformers.AutoConfig.from_pretrained(path)
+        else:
+            config = hf_config(random_init_spec(setup), setup.attn)
+        model = cls._from_config(config, dtype=compute_dtype(setup), attn_implementation=attn)
+    else:
+        kwargs = dict(dtype=compute_dtype(setup), attn_implementation=attn)
+        if setup.method == "qlora":
+            kwargs.update(quantization_config=bnb_config(setup),
+                          device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
+        model = cls.from_pretrained(path, **kwargs)
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.use_cache = False  # LLaMA-Factory patch_config: no KV cache in training
+    return model
+
+
+def bnb_config(setup: TrainSetup):
+    """LLaMA-Factory's bitsandbytes config (model_utils/quantization.py) for QLoRA."""
+    if not torch.cuda.is_available():
+        raise VlplanError("QLoRA quantizes with bitsandbytes, which needs a CUDA GPU; use --method lora on this "
+                          "machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise VlplanError("QLoRA needs bitsandbytes; pip install bitsandbytes") from None
+    import transformers
+
+    from vlplan.profiler.build import compute_dtype
+
+    if setup.quant_bits == 8:
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype(setup),
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_quant_storage=compute_dtype(setup))
+
+
+def random_init_spec(setup: TrainSetup):
+    """A registry model built from its config for --random-init: the family's tiny tokenizer names the special
+    tokens, so the config's image token id is the tokenizer's."""
+    from .tiny import image_token_of, make_tokenizer, tiny_family_for
+
+    family = tiny_family_for(setup.model.family)
+    tokenizer = make_tokenizer(family)
+    return replace(setup.model, image_token_id=tokenizer.convert_tokens_to_ids(image_token_of(family)))
+
+
+def load_processor_for(setup: TrainSetup, options: RunOptions):
+    from .processor import load_processor
+
+    path = Path(options.model)
+    if path.is_dir():
+        return load_processor(path, setup.model.family)
+    if not options.random_init:
+        raise VlplanError(f"--model {options.model} is not a local directory; download the checkpoint (e.g. "
+                          f"`huggingface-cli download {setup.model.hf_id} --local-dir DIR`) and pass DIR, or pass "
+                          "--random-init to train random weights of its architecture")
+    from .tiny import make_processor, make_tokenizer, tiny_family_for
+
+    family = tiny_family_for(setup.model.family)
+    return make_processor(family, random_init_spec(setup), make_tokenizer(family))
+
+
+# Trainer ------------------------------------------------------------------------------------------------------------
+@dataclass
+class RunState:
+    """What the callbacks share with the trainer and the record."""
+
+    phase: str = "load"
+    signal: int | None = None
+    training: bool = False
+    losses: list[dict] = field(default_factory=list)
+    nvml_peak_bytes: int = 0
+    start_bytes: int | None = None  # CUDA memory allocated when training begins (before the first step)
+
+
+def make_trainer_class():
+    """The HF Trainer with atomic checkpoints and phase tracking (built lazily: transformers imports are slow)."""
+    from transformers import Trainer
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class VlplanTrainer(Trainer):
+        run_state: RunState
+        _staging: Path | None = None
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            self.run_state.phase = "forward"
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            self.run_state.phase = "backward"  # Trainer.training_step calls backward right after
+            return loss
+
+        def _get_output_dir(self, trial):
+            return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            """Write the checkpoint into OUT/.vlplan/staging, then rename it to OUT/checkpoint-N (atomic on one
+            filesystem): a checkpoint-N directory is always complete."""
+            out = Path(self.args.output_dir)
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            staging = out / STATE_DIR / STAGING_NAME
+            if self.args.should_save and (staging / name).exists():
+                shutil.rmtree(staging / name)  # a save this run began and never finished
+            self.accelerator.wait_for_everyone()
+            self._staging = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                final = out / name
+                if final.exists():
+                    shutil.rmtree(final)  # the same step saved by an earlier attempt of this run
+                os.replace(staging / name, final)
+                _fsync_dir(out)
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(output_dir=str(out), save_total_limit=self.args.save_total_limit,
+                                   best_model_checkpoint=None, use_mtime=False)
+            self.accelerator.wait_for_everyone()
+
+    return VlplanTrainer
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def make_callbacks(state: RunState, on_event, write_record):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """Per-step losses into the record; phase tracking; CUDA memory sampling."""
+
+        def on_train_begin(self, args, train_state, control, **kwargs):
+            state.training = True
+            state.phase = "forward"
+            if torch.cuda.is_available():
+                state.start_bytes = torch.cuda.memory_allocated()
+
+        def on_pre_optimizer_step(self, args, train_state, control, **kwargs):
+            state.phase = "optimizer"
+
+        def on_optimizer_step(self, args, train_state, control, **kwargs):
+            state.phase = "forward"
+
+        def on_step_end(self, args, train_state, control, **kwargs):
+            if torch.cuda.is_available():
+                state.nvml_peak_bytes = max(state.nvml_peak_bytes, nvml_used_bytes() or 0)
+
+        def on_log(self, args, train_state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and train_state.is_world_process_zero:
+                entry = {"step": train_state.global_step, "loss": logs["loss"]}
+                for key in ("learning_rate", "grad_norm"):
+                    if key in logs:
+                        entry[key] = logs[key]
+                state.losses.append(entry)
+                on_event("step", dict(entry, max_steps=train_state.max_steps))
+
+        def on_save(self, args, train_state, control, **kwargs):
+            if train_state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{train_state.global_step}"
+                write_record("running", checkpoint=str(checkpoint))
+                on_event("checkpoint", {"path": str(checkpoint), "step": train_state.global_step})
+
+    class StopOnSignal(TrainerCallback):
+        """SIGINT/SIGTERM: finish the step, save a checkpoint, stop. All ranks agree on the step to stop at."""
+
+        def on_step_end(self, args, train_state, control, **kwargs):
+            requested = torch.tensor([state.signal or 0], device=args.device)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(requested, op=torch.distributed.ReduceOp.MAX)
+            if requested.item():
+                state.signal = state.signal or int(requested.item())
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return [Progress(), StopOnSignal()]
+
+
+def nvml_used_bytes() -> int | None:
+    """The device memory NVML sees in use on this process's GPU (CUDA context included; other processes' too)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()  # reference-counted: cheap after the first call
+        index = torch.cuda.current_device()
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible:
+            index = int(visible.split(",")[index])
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+    except (pynvml.NVMLError, ValueError, IndexError):
+        return None
+
+
+def training_arguments(setup: TrainSetup, options: RunOptions):
+    """transformers TrainingArguments: the setup's own keys (planner.io.hf_args) and the run's."""
+    from transformers import TrainingArguments
+
+    from vlplan.planner.io.deepspeed import deepspeed_config
+    from vlplan.planner.io.hf_args import training_arguments as setup_arguments
+    from vlplan.profiler.build import HF_OPTIM
+
+    cuda = torch.cuda.is_available()
+    args = setup_arguments(setup, output_dir=str(options.output_path))
+    args.pop("deepspeed", None)
+    # build.prepare_model already turned on LLaMA-Factory's checkpointing (trainable layers only); the Trainer would
+    # wrap every layer again with its own: leave its switch at the default (off)
+    args.pop("gradient_checkpointing", None)
+    args.pop("gradient_checkpointing_kwargs", None)
+    args.update(
+        optim=HF_OPTIM[setup.optimizer],
+        learning_rate=options.learning_rate_for(setup),
+        lr_scheduler_type="cosine",  # LLaMA-Factory's examples
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        seed=options.seed,
+        data_seed=options.seed,
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+    )
+    if options.max_steps is not None:
+        args["max_steps"] = options.max_steps
+    else:
+        args["num_train_epochs"] = options.epochs
+    if not cuda and setup.world_size > 1:
+        args["ddp_backend"] = "gloo"
+    if setup.zero > 0:
+        args["deepspeed"] = deepspeed_config(setup)
+    try:
+        return TrainingArguments(**args)
+    except (ValueError, ImportError) as err:
+        raise VlplanError(f"transformers refuses the training arguments: {str(err).strip().splitlines()[0]}") from None
+
+
+# The run ------------------------------------------------------------------------------------------------------------
+def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: None) -> dict:
+    """Train in this process (one rank of a launch, or the only process) and return the run record.
+
+    Raises Interrupted (a signal before training started) and RunOutOfMemory (CUDA OOM, after writing the report).
+    """
+    import transformers
+    from transformers.trainer_callback import PrinterCallback
+
+    from vlplan.planner.dataset import read_dataset
+    from vlplan.profiler.build import prepare_model
+
+    from .data import Collator, SupervisedDataset
+
+    state = RunState()
+    out = options.output_path
+    rank = int(os.environ.get("RANK", "0"))
+    main = rank == 0
+    resume_from = last_checkpoint(out) if options.resume else None
+    previous = read_record(out) if options.resume else None
+    result = estimate(setup)
+    started = time.time()
+    record = {
+        "status": "running", "model": options.model, "dataset": options.dataset, "output_dir": str(out),
+        "plan": options.plan, "estimate": result.to_dict(), "settings": setup.describe(),
+        "run": {"learning_rate": options.learning_rate_for(setup), "cutoff_len": options.cutoff_for(setup),
+                "max_steps": options.max_steps,
+                "epochs": None if options.max_steps else options.epochs, "seed": options.seed,
+                "save_steps": options.save_steps, "random_init": options.random_init, "smoke_test": options.smoke_test,
+                "world_size": setup.world_size},
+        "losses": [], "steps": 0, "checkpoint": None, "resumed_from": str(resume_from) if resume_from else None,
+        "measured": None, "warnings": [], "oom": None,
+    }
+    kept_losses: list[dict] = []
+    if previous and resume_from is not None:
+        step = int(CHECKPOINT_PATTERN.match(resume_from.name).group(1))
+        kept_losses = [e for e in previous.get("losses", []) if e.get("step", 0) <= step]
+        if previous.get("retries"):
+            record["retries"] = previous["retries"]
+
+    def write_record(status: str, **changes) -> None:
+        if not main:
+            return
+        record.update(status=status, losses=_merged(kept_losses, state.losses),
+                      elapsed_s=round(time.time() - started, 3), **changes)
+        write_json_atomic(out / RECORD_NAME, record)
+
+    previous_handlers = {}
+
+    def on_signal(signum, frame):
+        if not state.training:
+            raise Interrupted(signum)
+        if state.signal:  # a second signal: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        state.signal = signum
+        if main:
+            on_event("note", {"message": f"{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                                         "(send it again to stop now, without one)"})
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous_handlers[signum] = signal.signal(signum, on_signal)
+    trainer = None
+    try:
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        args = training_arguments(setup, options)  # before the model: ZeRO-3 partitions weights as they load
+        processor = load_processor_for(setup, options)
+        samples = read_dataset(options.dataset, dataset_dir=options.dataset_dir, media_dir=options.media_dir,
+                               dataset_info=options.dataset_info)
+        dataset = SupervisedDataset(samples, processor, setup, options.cutoff_for(setup))
+        record["dataset_stats"] = dataset.stats.to_dict()
+        if main:
+            on_event("dataset", dataset.stats.to_dict())
+        write_record("running")
+        # the seed before any weights exist: random init, LoRA's A matrices (the Trainer seeds only later)
+        transformers.set_seed(options.seed)
+        model = load_model(setup, options)
+        model = prepare_model(model, setup)
+        tokenizer = processor.tokenizer
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        trainer = make_trainer_class()(model=model, args=args, data_collator=Collator(pad), train_dataset=dataset,
+                                       callbacks=make_callbacks(state, on_event, write_record))
+        trainer.run_state = state
+        trainer.remove_callback(PrinterCallback)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except torch.OutOfMemoryError as err:
+            report = oom_report(setup, result, state.phase, err, state.start_bytes)
+            record["oom"] = report
+            record["steps"] = trainer.state.global_step
+            write_record("oom")
+            (out / STATE_DIR).mkdir(exist_ok=True)
+            write_json_atomic(out / STATE_DIR / OOM_REPORT_NAME, report)
+            raise RunOutOfMemory(report) from None
+        record["steps"] = trainer.state.global_step
+        record["run"]["processes"] = trainer.args.world_size
+        record["checkpoint"] = str(last_checkpoint(out)) if main and last_checkpoint(out) else None
+        record["measured"] = measured_peaks(result, record["warnings"], state)
+        if state.signal:
+            write_record("interrupted", signal=signal.Signals(state.signal).name)
+            if main:
+                on_event("interrupted", {"signal": signal.Signals(state.signal).name, "step": record["steps"],
+                                         "checkpoint": record["checkpoint"]})
+            return record
+        save_final(trainer, processor, out)
+        write_record("completed")
+        return record
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        if trainer is not None:
+            del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _merged(old: list[dict], new: list[dict]) -> list[dict]:
+    steps = {e["step"] for e in new}
+    return [e for e in old if e["step"] not in steps] + list(new)
+
+
+def save_final(trainer, processor, out: Path) -> None:
+    """The trained weights (LoRA: the adapter; else the model) and the processor files, into the output directory;
+    each file is written to the staging area and renamed into place."""
+    from .processor import save_processor
+
+    staging = out / STATE_DIR / STAGING_NAME / "final"
+    if trainer.args.should_save and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if trainer.args.should_save:
+        save_processor(processor, staging)
+        for path in sorted(staging.iterdir()):
+            target = out / path.name
+            if path.is_dir() and target.exists():
+                shutil.rmtree(target)
+            os.replace(path, target)
+        for done in (staging, staging.parent, staging.parent.parent):  # the staging area, once empty
+            try:
+                done.rmdir()
+            except OSError:
+                break
+        _fsync_dir(out)
+    trainer.accelerator.wait_for_everyone()
+
+
+def measured_peaks(result, warnings: list[str], state: RunState) -> dict | None:
+    """CUDA peaks (the max over ranks when distributed) against the estimate: the allocator's live-tensor peak
+    against the estimated live-tensor peak, its reserved peak against the estimated peak less the CUDA context, and
+    NVML's device memory in use (sampled at step ends, when the caching allocator still holds the step's peak)
+    against the estimated peak."""
+    if not torch.cuda.is_available():
+        return None
+    peaks = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved(), state.nvml_peak_bytes],
+                         dtype=torch.long, device="cuda")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
+    allocated, reserved, nvml = (int(v) for v in peaks.tolist())
+    context = result.breakdown_bytes.get("cuda/context", 0)
+    comparisons = {"allocated": (allocated, result.allocated_peak_bytes),
+                   "reserved": (reserved, result.peak_bytes - context)}
+    if nvml:
+        comparisons["nvml_used"] = (nvml, result.peak_bytes)
+    measured = {"device": torch.cuda.get_device_name(), "max_memory_allocated_bytes": allocated,
+                "max_memory_reserved_bytes": reserved, "nvml_used_peak_bytes": nvml or None,
+                "estimate_peak_bytes": result.peak_bytes, "estimate_allocated_peak_bytes": result.allocated_peak_bytes,
+                "relative_error": {}}
+    for name, (value, estimated) in comparisons.items():
+        error = (value - estimated) / estimated
+        measured["relative_error"][name] = round(error, 4)
+        if abs(error) > ESTIMATE_TOLERANCE:
+            warnings.append(f"measured peak ({name}) {value / 2**30:.2f} GiB is {100 * error:+.0f}% off the estimate "
+                            f"{estimated / 2**30:.2f} GiB")
+    return measured

@@ -1,0 +1,322 @@
+"""`vlplan run` end to end on the CPU with tiny models: training, saving and reloading, resume, interrupts,
+refusals, out-of-memory retries, a 2-process gloo launch through torchrun and the dry run of a ZeRO-3 launch."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from test_runner_data import write_dataset  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from vlplan.cli.main import app  # noqa: E402
+from vlplan.planner.registry import resolve  # noqa: E402
+from vlplan.planner.setup import make_setup  # noqa: E402
+from vlplan.runner import train as train_module  # noqa: E402
+from vlplan.runner.tiny import write_tiny_model  # noqa: E402
+from vlplan.runner.train import next_setup, oom_report  # noqa: E402
+
+runner = CliRunner()
+CLI = [sys.executable, "-m", "vlplan.cli.main"]
+# fp32 keeps CPU steps fast and exact; one run keeps the default bf16 AMP
+FAST = ["--seq-len", "256", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner")
+    for family in ("qwen2.5-vl", "llava"):
+        write_tiny_model(family, root / family)
+    return {"root": root, "qwen": str(root / "qwen2.5-vl"), "llava": str(root / "llava"),
+            "data": write_dataset(root / "data"), "pair": write_dataset(root / "pair", count=2)}
+
+
+def run_cli(*args):
+    result = runner.invoke(app, ["run", *map(str, args)])
+    return result
+
+
+def record_of(out):
+    return json.loads((out / "vlplan_run.json").read_text())
+
+
+def test_lora_trains_saves_and_reloads_with_peft(env, tmp_path):
+    import peft
+
+    out = tmp_path / "out"
+    result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, "--max-steps", 3,
+                     "--batch-size", 2, "--seq-len", 256, "--json")  # bf16 AMP (the default precision)
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record == record_of(out)
+    assert record["status"] == "completed" and record["steps"] == 3
+    assert [e["step"] for e in record["losses"]] == [1, 2, 3]
+    assert all(math.isfinite(e["loss"]) for e in record["losses"])
+    assert record["settings"]["batch_size"] == 2 and record["settings"]["precision"] == "bf16"
+    assert record["estimate"]["peak_bytes"] > 0 and record["dataset_stats"]["kept"] == 8
+    assert record["measured"] is None  # no CUDA here
+    # the adapter reloads with peft onto the base model and holds the trained weights
+    base = transformers.AutoModelForImageTextToText.from_pretrained(env["qwen"], dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, out)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in saved.items())
+    state = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
+    assert len(state) == sum(1 for k in saved if "lora_B" in k)
+    assert (out / "checkpoint-3" / "optimizer.pt").is_file()
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == "<|im_end|>"
+    assert not (out / ".vlplan").exists()  # the staging area is gone once the run is complete
+
+
+def test_full_fine_tuning_saves_weights_that_reload(env, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("--model", env["llava"], "--dataset", env["data"], "--output-dir", out, "--method", "full",
+                     "--train-projector", "--max-steps", 2, *FAST)
+    assert result.exit_code == 0, result.output
+    record = record_of(out)
+    assert record["steps"] == 2 and all(math.isfinite(e["loss"]) for e in record["losses"])
+    trained = transformers.AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    original = transformers.AutoModelForImageTextToText.from_pretrained(env["llava"], dtype=torch.float32)
+    name = "model.multi_modal_projector.linear_1.weight"
+    changed = dict(trained.named_parameters())[name]
+    assert not torch.equal(changed, dict(original.named_parameters())[name])  # trained
+    frozen = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(dict(trained.named_parameters())[frozen], dict(original.named_parameters())[frozen])
+
+
+def test_loss_goes_down_on_a_repeated_batch(env, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("--model", env["qwen"], "--dataset", env["pair"], "--output-dir", out, "--batch-size", 2,
+                     "--max-steps", 6, "--learning-rate", 3e-3, *FAST)
+    assert result.exit_code == 0, result.output
+    losses = [e["loss"] for e in record_of(out)["losses"]]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5
+
+
+def test_resume_continues_with_the_same_data_order(env, tmp_path, monkeypatch):
+    """A run interrupted after step 2 (SIGTERM, in this process) and resumed sees the batches, learning rates and
+    losses of an uninterrupted run."""
+    from transformers import TrainerCallback
+
+    make_callbacks = train_module.make_callbacks
+
+    class Interrupt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    first, whole = tmp_path / "first", tmp_path / "whole"
+    args = ["--model", env["llava"], "--dataset", env["data"], *FAST, "--learning-rate", 1e-3, "--max-steps", 4]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "make_callbacks", lambda *a: [*make_callbacks(*a), Interrupt()])
+        result = run_cli(*args, "--output-dir", first)
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert record_of(first)["status"] == "interrupted" and record_of(first)["steps"] == 2
+    result = run_cli(*args, "--output-dir", first, "--resume")
+    assert result.exit_code == 0, result.output
+    assert run_cli(*args, "--output-dir", whole).exit_code == 0
+    resumed, straight = record_of(first), record_of(whole)
+    assert resumed["resumed_from"] == str(first / "checkpoint-2") and resumed["steps"] == 4
+    assert [e["step"] for e in resumed["losses"]] == [1, 2, 3, 4]
+    for key in ("loss", "learning_rate"):
+        assert [e[key] for e in resumed["losses"]] == pytest.approx([e[key] for e in straight["losses"]], rel=1e-5)
+
+
+def test_a_second_run_into_the_same_directory_is_refused(env, tmp_path):
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, *FAST)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --output-dir {out} is not empty (1 entries); pass --resume to continue its last checkpoint, "
+        "--overwrite to replace it, or a new directory"]
+    assert (out / "notes.txt").read_text() == "mine"
+    result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, "--resume", *FAST)
+    assert result.exit_code == 2 and "holds no checkpoint-N directory" in result.stderr
+    result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, "--resume",
+                     "--overwrite", *FAST)
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(env, tmp_path):
+    out = tmp_path / "out"
+    args = [*CLI, "run", "--model", env["qwen"], "--dataset", env["data"], "--output-dir", str(out), *FAST,
+            "--save-steps", "1000"]
+    process = subprocess.Popen([*args, "--max-steps", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 180
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("step 2/") or time.time() > deadline:
+            break
+    process.send_signal(signal.SIGTERM)
+    stdout, rest = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, "".join(lines) + rest + stdout
+    record = record_of(out)
+    assert record["status"] == "interrupted" and record["signal"] == "SIGTERM"
+    step = record["steps"]
+    checkpoint = out / f"checkpoint-{step}"
+    assert record["checkpoint"] == str(checkpoint)
+    for name in ("adapter_model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state.pth"):
+        assert (checkpoint / name).is_file(), name
+    assert not list((out / ".vlplan" / "staging").glob("checkpoint-*"))  # nothing half-written left behind
+    result = run_cli(*args[4:], "--max-steps", step + 1, "--resume")
+    assert result.exit_code == 0, result.output
+    assert record_of(out)["steps"] == step + 1
+
+
+def test_two_processes_through_torchrun_with_gloo(env, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([*CLI, "run", "--model", env["llava"], "--dataset", env["data"], "--output-dir", str(out),
+                           "--num-gpus", "2", "--max-steps", "2", *FAST, "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" in done.stderr
+    record = json.loads(done.stdout)
+    assert record["run"]["processes"] == 2 and record["settings"]["world_size"] == 2
+    assert record["steps"] == 2 and all(math.isfinite(e["loss"]) for e in record["losses"])
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_dry_run_of_zero3_on_four_gpus(env, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, "--num-gpus", 4,
+                     "--zero", 3, "--batch-size", 2, "--gradient-accumulation-steps", 3, "--seq-len", 256,
+                     "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    launch = json.loads(result.stdout)
+    command = launch["command"]
+    assert os.path.basename(command[0]) == "torchrun" or command[1:3] == ["-m", "torch.distributed.run"]
+    assert command[command.index("--nproc_per_node") + 1] == "4" and command[-2:] == ["-m", "vlplan.cli.run"]
+    assert launch["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    job = json.loads(launch["env"]["VLPLAN_JOB"])
+    assert job["settings"]["zero"] == 3 and job["options"]["output_dir"] == str(out)
+    assert not out.exists()  # nothing written
+    config = launch["configs"]["deepspeed"]
+    assert config["train_batch_size"] == 2 * 3 * 4 and config["zero_optimization"]["stage"] == 3
+    # DeepSpeed's own config class accepts it for a 4-rank data-parallel group
+    check = ("import json, sys, deepspeed; from types import SimpleNamespace;"
+             "from deepspeed.runtime.config import DeepSpeedConfig;"
+             "deepspeed.init_distributed(dist_backend='gloo');"
+             "c = DeepSpeedConfig(json.loads(sys.stdin.read()), mpu=SimpleNamespace("
+             "get_data_parallel_world_size=lambda: 4));"
+             "print(c.zero_optimization_stage, c.train_batch_size, c.train_micro_batch_size_per_gpu, "
+             "c.gradient_accumulation_steps, c.world_size)")
+    from vlplan.runner.launch import free_port
+
+    done = subprocess.run([sys.executable, "-c", check], input=json.dumps(config), capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                                            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                                            "DS_ACCELERATOR": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-5:] == ["3", "24", "2", "3", "4"]
+    # the DeepSpeed launcher: 4 GPUs on the node, the same worker module
+    result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, "--num-gpus", 4,
+                     "--zero", 3, "--seq-len", 256, "--dry-run", "--json", "--launcher", "deepspeed")
+    command = json.loads(result.stdout)["command"]
+    assert command[command.index("--num_gpus") + 1] == "4" and command[-2:] == ["--module", "vlplan.cli.run"]
+    assert "--no_local_rank" in command
+
+
+def test_a_saved_plan_and_a_global_batch_set_the_batch(env, tmp_path):
+    from vlplan.planner.plan import plan
+
+    spec = resolve(env["qwen"])
+    setup = make_setup(spec, method="lora", seq_len=256, image_size=(120, 80), num_gpus=2, gpu="a10g-24g")
+    saved = plan(setup, global_batch_size=8)
+    (tmp_path / "plan.json").write_text(json.dumps(saved.to_dict()))
+    base = ["--model", env["qwen"], "--dataset", env["data"], "--output-dir", tmp_path / "out", "--seq-len", 256,
+            "--num-gpus", 2, "--dry-run", "--json"]
+    result = run_cli(*base, "--plan", tmp_path / "plan.json")
+    assert result.exit_code == 0, result.output
+    job = json.loads(json.loads(result.stdout)["env"]["VLPLAN_JOB"])
+    assert job["settings"]["batch_size"] == saved.setup.batch_size
+    assert job["settings"]["gradient_accumulation_steps"] == saved.setup.gradient_accumulation_steps
+    assert job["options"]["plan"]["global_batch_size"] == 8
+    result = run_cli(*base, "--global-batch-size", 8)
+    job = json.loads(json.loads(result.stdout)["env"]["VLPLAN_JOB"])
+    settings = job["settings"]
+    assert settings["batch_size"] * settings["gradient_accumulation_steps"] * 2 == 8 and job["options"]["plan"]
+    (tmp_path / "bad.json").write_text("{not json")
+    result = run_cli(*base, "--plan", tmp_path / "bad.json")
+    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --plan")
+
+
+def test_auto_retry_after_out_of_memory_halves_the_micro_batch(env, tmp_path, monkeypatch):
+    """A CUDA OOM (raised here on the CPU at the first step of micro-batch 2) reports the phase and the next plan;
+    --auto-retry continues with micro-batch 1 and accumulation 2."""
+    from transformers import TrainerCallback
+
+    make_callbacks = train_module.make_callbacks
+
+    class OutOfMemory(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if args.per_device_train_batch_size > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "make_callbacks", lambda *a: [*make_callbacks(*a), OutOfMemory()])
+    out = tmp_path / "out"
+    args = ["--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, "--batch-size", 2, "--max-steps",
+            2, *FAST]
+    result = run_cli(*args)
+    assert result.exit_code == 3
+    report = record_of(out)["oom"]
+    assert report["phase"] == "forward" and report["next_settings"]["batch_size"] == 1
+    assert report["next_settings"]["gradient_accumulation_steps"] == 2
+    assert "tried to allocate 2.00 GiB" in report["message"] and report["suspect_term"]
+    result = run_cli(*args[:-len(FAST)], *FAST, "--auto-retry", "--overwrite")
+    assert result.exit_code == 0, result.output
+    record = record_of(out)
+    assert record["status"] == "completed" and record["settings"]["batch_size"] == 1
+    assert record["settings"]["gradient_accumulation_steps"] == 2
+    assert [r["change"] for r in record["retries"]] == ["micro-batch 2 -> 1, accumulation 1 -> 2 (same global batch)"]
+
+
+def test_next_setup_keeps_the_global_batch():
+    setup = make_setup(resolve("qwen2.5-vl-7b"), batch_size=6, gradient_accumulation_steps=2, seq_len=1024,
+                       image_size=(448, 448))
+    follow, _ = next_setup(setup)
+    assert (follow.batch_size, follow.gradient_accumulation_steps) == (3, 4)
+    follow, _ = next_setup(follow)
+    assert (follow.batch_size, follow.gradient_accumulation_steps) == (1, 12)
+    follow, why = next_setup(make_setup(resolve("qwen2.5-vl-7b"), gradient_checkpointing=False))
+    assert follow.gradient_checkpointing and "checkpointing" in why
+    follow, why = next_setup(make_setup(resolve("qwen2.5-vl-7b")))
+    assert follow is None and "vlplan plan" in why
+
+
+def test_oom_report_blames_the_model_states_when_they_measure_high():
+    from vlplan.planner.memory.estimate import estimate
+
+    setup = make_setup(resolve("qwen2.5-vl-7b"), method="full", batch_size=2)
+    result = estimate(setup)
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+    weights = sum(v for k, v in result.breakdown_bytes.items() if k.startswith(("weights/", "adapters/")))
+    report = oom_report(setup, result, "backward", error, measured_start_bytes=int(weights * 2))
+    assert report["suspect_term"] == "weights/language"
+    report = oom_report(setup, result, "backward", error, measured_start_bytes=None)
+    assert not report["suspect_term"].startswith(("weights/", "cuda/"))
+    assert report["next_settings"]["batch_size"] == 1 and "backward phase" in report["message"]
+
+
+def test_smoke_test_runs_a_tiny_model_of_the_family(env, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("--model", "qwen2.5-vl-7b", "--dataset", env["data"], "--output-dir", out, "--smoke-test",
+                     "--seq-len", 256)
+    assert result.exit_code == 0, result.output
+    assert "smoke test: tiny qwen2.5-vl model" in result.stderr
+    record = record_of(out)
+    assert record["steps"] == 3 and record["run"]["smoke_test"] and record["model"] == str(out / "tiny-model")
+    assert record["settings"]["model"] == "tiny-model" and record["settings"]["precision"] == "bf16"

@@ -1,0 +1,178 @@
+"""`vlplan run`: launch the real fine-tune with the planned settings (and the entry point of its launched ranks)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+from vlplan.planner.errors import VlplanError
+
+from .options import errors, setup_command
+from .render import print_json
+
+
+@setup_command
+def run_command(
+    ctx: typer.Context,
+    setup,
+    resolved,
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where checkpoints, the trained weights and "
+                                                                   "vlplan_run.json go (must be empty unless "
+                                                                   "--resume or --overwrite)."),
+    plan_file: Path = typer.Option(None, "--plan", help="A plan saved with `vlplan plan ... --json > plan.json`: "
+                                                        "train with its settings."),
+    global_batch_size: int = typer.Option(None, "--global-batch-size", "-g",
+                                          help="Plan micro-batch, accumulation, checkpointing and ZeRO for this "
+                                               "global batch before training."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (default: --epochs epochs)."),
+    epochs: float = typer.Option(3.0, "--epochs", help="Epochs when --max-steps is not given."),
+    learning_rate: float = typer.Option(None, "--learning-rate", "--lr",
+                                        help="Peak learning rate (default: 1e-4 LoRA, 1e-5 full/freeze, as "
+                                             "LLaMA-Factory's examples)."),
+    seed: int = typer.Option(42, "--seed", help="Seed of the weights' init, dropout and the data order."),
+    save_steps: int = typer.Option(500, "--save-steps", help="Save a checkpoint every N steps (and at the end)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the output directory's last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in the output directory "
+                                                              "(its checkpoints and record; nothing else)."),
+    random_init: bool = typer.Option(False, "--random-init", help="Random weights from the model's config instead "
+                                                                  "of loading them."),
+    smoke_test: bool = typer.Option(False, "--smoke-test", help="A few steps of the same pipeline with a tiny model "
+                                                                "of the model's family."),
+    auto_retry: bool = typer.Option(False, "--auto-retry", help="After a CUDA out-of-memory error, retry with the "
+                                                                "next plan (half the micro-batch, same global batch)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the command, environment and generated configs; "
+                                                          "run nothing."),
+    launcher: str = typer.Option("torchrun", "--launcher", help="torchrun | deepspeed | accelerate (more than one "
+                                                                "GPU or node)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (multi-node)."),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Rank 0's address (multi-node)."),
+    master_port: int = typer.Option(None, "--master-port", help="Rank 0's port (default: a free port on one node, "
+                                                                "29500 across nodes)."),
+    json_: bool = typer.Option(False, "--json", help="Print the run record (or with --dry-run the launch) as JSON."),
+):
+    """Fine-tune with the planned settings: transformers Trainer, peft, DeepSpeed, torchrun.
+
+    Loads the model directory (or --random-init weights), its processor and chat template, and the LLaMA-Factory
+    dataset (--dataset; images pre-resized to --image-max-pixels, labels on assistant turns, samples over the cutoff
+    dropped), prepares the model as `vlplan estimate` models it, and trains with the setup's micro-batch,
+    accumulation, precision, optimizer, attention and ZeRO stage. Writes OUTPUT_DIR/vlplan_run.json (plan,
+    estimate, settings, per-step losses, measured CUDA peaks). Exit codes: 0 done, 2 bad input, 3 out of memory,
+    128 + signal when interrupted (a checkpoint is saved; continue with --resume).
+    """
+    from vlplan.runner.job import RunOptions, load_plan, setup_from_settings
+    from vlplan.runner.launch import run
+
+    params = ctx.params  # the shared file flags (--dataset, --dataset-dir, --media-dir, --dataset-info) as given
+    with errors():
+        if params.get("dataset") is None:
+            raise VlplanError("--dataset is required: a LLaMA-Factory dataset file (JSON/JSONL) to train on")
+        if params.get("model") is None:
+            raise VlplanError("--model is required: a local model directory (or a registry name with --random-init)")
+        plan_dict = None
+        if plan_file is not None and global_batch_size is not None:
+            raise VlplanError("--plan already fixes the batch settings; drop --global-batch-size or --plan")
+        if plan_file is not None:
+            plan_dict = load_plan(plan_file)
+            setup = setup_from_settings(plan_dict["settings"], setup.model, f"--plan {plan_file}")
+        elif global_batch_size is not None:
+            from vlplan.planner.plan import plan
+
+            planned = plan(setup, global_batch_size=global_batch_size)
+            plan_dict, setup = planned.to_dict(), planned.setup
+        scan = getattr(resolved, "scan", None)
+        options = RunOptions(
+            model=str(params["model"]), dataset=str(params["dataset"]), output_dir=str(output_dir),
+            cutoff_len=scan.cutoff_len if scan is not None else None,
+            dataset_dir=_str(params.get("dataset_dir")), media_dir=_str(params.get("media_dir")),
+            dataset_info=_str(params.get("dataset_info")), max_steps=max_steps, epochs=epochs,
+            learning_rate=learning_rate, seed=seed, save_steps=save_steps, resume=resume, overwrite=overwrite,
+            random_init=random_init, smoke_test=smoke_test, auto_retry=auto_retry, launcher=launcher,
+            node_rank=node_rank, master_addr=master_addr, master_port=master_port, plan=plan_dict)
+        result, code = run(setup, options, dry_run=dry_run, on_event=render_event)
+    if json_:
+        print_json(result)
+    elif dry_run:
+        render_launch(result)
+    else:
+        render_record(result, options)
+    if code:
+        raise typer.Exit(code)
+
+
+def _str(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def render_event(kind: str, data: dict) -> None:
+    """Progress of the run, on stderr (stdout holds the result: the summary, or the JSON with --json)."""
+    if kind == "step":
+        parts = [f"step {data['step']}/{data['max_steps']}", f"loss {data['loss']:.4f}"]
+        if "learning_rate" in data:
+            parts.append(f"lr {data['learning_rate']:.2e}")
+        line = "  ".join(parts)
+    elif kind == "dataset":
+        dropped = ", ".join(f"{n} {why}" for why, n in data["dropped"].items())
+        line = (f"dataset: {data['kept']} of {data['samples']} samples (longest {data['longest_tokens']} tokens)"
+                + (f"; dropped {dropped}" if dropped else ""))
+    elif kind == "checkpoint":
+        line = f"saved {data['path']}"
+    elif kind == "launch":
+        line = (f"launching {data['processes_per_node']} x {data['nodes']} processes: {shlex.join(data['command'])} "
+                "(the job in VLPLAN_JOB)")
+    elif kind == "retry":
+        line = f"{data['message']}\nretrying: {data['change']}"
+    elif kind == "interrupted":
+        line = (f"interrupted by {data['signal']} at step {data['step']}; checkpoint {data['checkpoint']}; continue "
+                "with --resume")
+    else:
+        line = data.get("message", json.dumps(data))
+    print(line, file=sys.stderr, flush=True)
+
+
+def render_launch(launch: dict) -> None:
+    print(f"launcher: {launch['launcher']}, {launch['processes_per_node']} process(es) per node x {launch['nodes']} "
+          "node(s)")
+    for note in launch["notes"]:
+        print(f"note: {note}")
+    print("environment:")
+    for key, value in launch["env"].items():
+        print(f"  {key}={value}")
+    print("command (in that environment):")
+    print(f"  {shlex.join(launch['command'])}")
+    for name, config in launch["configs"].items():
+        print(f"{name} config:")
+        print(json.dumps(config, indent=2))
+
+
+def render_record(record: dict, options) -> None:
+    if not record:
+        return
+    losses = record.get("losses") or []
+    trend = f"; loss {losses[0]['loss']:.4f} -> {losses[-1]['loss']:.4f}" if losses else ""
+    status = record.get("status")
+    print(f"{status}: {record.get('steps', 0)} steps{trend}; record {Path(options.output_dir) / 'vlplan_run.json'}")
+    if status == "completed":
+        print(f"trained weights and processor saved to {options.output_dir}")
+    if record.get("oom"):
+        print(f"error: {record['oom']['message']}", file=sys.stderr)
+    for warning in record.get("warnings") or []:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def worker_main() -> int:
+    """A rank started by `vlplan run`'s launcher (torchrun / deepspeed / accelerate): train the job it was handed."""
+    from vlplan.runner.launch import worker_main as train_job
+
+    try:
+        return train_job(on_event=render_event)
+    except VlplanError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
