@@ -26,8 +26,10 @@ from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
 
 from .job import JOB_ENV, SMOKE_TEST_STEPS, RunOptions, job_json
-from .train import (OOM_EXIT_CODE, OOM_REPORT_NAME, RECORD_NAME, STATE_DIR, Interrupted, RunOutOfMemory,
-                    last_checkpoint, next_setup, prepare_output_dir, read_record, train, write_json_atomic)
+from .oom import next_setup
+from .record import (OOM_REPORT_NAME, RECORD_NAME, STATE_DIR, last_checkpoint, prepare_output_dir, read_record,
+                     write_json_atomic)
+from .train import OOM_EXIT_CODE, Interrupted, RunOutOfMemory, train
 
 WORKER_MODULE = "vlplan.cli.run"
 # LLaMA-Factory launcher.py (OPTIM_TORCH, on by default since v0.9.3) sets these on its torchrun path
@@ -144,19 +146,14 @@ def filled_deepspeed_config(setup: TrainSetup, options: RunOptions) -> dict:
 
 
 # The run ------------------------------------------------------------------------------------------------------------
-def smoke_test_job(setup: TrainSetup, options: RunOptions, cuda: bool) -> tuple[TrainSetup, RunOptions, list[str]]:
-    """The same pipeline on a tiny model of the setup's family (written into the output directory), for a few
-    steps; on a machine without CUDA, what needs CUDA is swapped for its CPU equivalent (each swap noted)."""
-    from vlplan.planner.registry import resolve
+def smoke_test_setup(setup: TrainSetup, cuda: bool) -> tuple[TrainSetup, list[str]]:
+    """The setup of a smoke test: the same, except that on a machine without CUDA what needs CUDA is swapped for
+    its CPU equivalent (each swap noted). The model is swapped for the tiny one by `smoke_test_model`."""
+    from .tiny import tiny_family_for
 
-    from .tiny import tiny_family_for, write_tiny_model
-
-    family = tiny_family_for(setup.model.family)
-    tiny_dir = options.output_path / TINY_MODEL_DIR
-    if not (tiny_dir / "config.json").is_file():
-        write_tiny_model(family, tiny_dir)
+    family = tiny_family_for(setup.model)
     changes: dict = {}
-    notes = [f"smoke test: tiny {family} model in {tiny_dir}"]
+    notes = [f"smoke test: a tiny {family} model, {SMOKE_TEST_STEPS} steps unless --max-steps"]
     if not cuda:
         if setup.attn == "fa2":
             changes["attn"] = "sdpa"
@@ -173,10 +170,23 @@ def smoke_test_job(setup: TrainSetup, options: RunOptions, cuda: bool) -> tuple[
         if setup.num_nodes > 1:
             changes["num_nodes"] = 1
             notes.append("no CUDA: one node")
-    setup = replace(setup, model=resolve(str(tiny_dir)), **changes)
+    return replace(setup, **changes), notes
+
+
+def smoke_test_model(setup: TrainSetup, options: RunOptions) -> tuple[TrainSetup, RunOptions]:
+    """The tiny model of the setup's family, written into the output directory (kept for --resume and for loading
+    the trained adapter), in place of the setup's model."""
+    from vlplan.planner.registry import resolve
+
+    from .tiny import tiny_family_for, write_tiny_model
+
+    tiny_dir = options.output_path / TINY_MODEL_DIR
+    if not (tiny_dir / "config.json").is_file():
+        write_tiny_model(tiny_family_for(setup.model), tiny_dir)
+    setup = replace(setup, model=resolve(str(tiny_dir)))
     options = replace(options, model=str(tiny_dir), random_init=False,
                       max_steps=options.max_steps or SMOKE_TEST_STEPS)
-    return setup, options, notes
+    return setup, options
 
 
 def run(setup: TrainSetup, options: RunOptions, *, dry_run: bool = False,
@@ -197,19 +207,21 @@ def run(setup: TrainSetup, options: RunOptions, *, dry_run: bool = False,
             launch.notes.append(f"this machine has no CUDA device: the launch shown is the one on a node with "
                                 f"{setup.num_gpus} GPU(s)")
         return launch.to_dict(), 0
+    if options.smoke_test:
+        if _inside_launch():
+            raise VlplanError("--smoke-test starts its own processes; run it without torchrun")
+        setup, notes = smoke_test_setup(setup, cuda=devices > 0)
     _check_devices(setup, devices)
     if _inside_launch():
         if int(os.environ["WORLD_SIZE"]) != setup.world_size:
             raise VlplanError(f"this launch has {os.environ['WORLD_SIZE']} processes but the setup has "
                               f"{setup.world_size} ranks (--num-gpus x --num-nodes); make them agree")
-        if options.smoke_test:
-            raise VlplanError("--smoke-test starts its own processes; run it without torchrun")
         if os.environ.get("RANK", "0") == "0":
             prepare_output_dir(options)
     else:
         prepare_output_dir(options)
     if options.smoke_test:
-        setup, options, notes = smoke_test_job(setup, options, cuda=devices > 0)
+        setup, options = smoke_test_model(setup, options)
         for note in notes:
             on_event("note", {"message": note})
     retries: list[dict] = []

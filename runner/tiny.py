@@ -10,7 +10,7 @@ fixed corpus (deterministic), with the family's special tokens at the ids the co
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from vlplan.planner.errors import VlplanError
@@ -67,26 +67,18 @@ Yes. No. The answer is one, two, three, four, five, six, seven, eight, nine or t
 """
 
 
-@dataclass(frozen=True)
-class TinyFamily:
-    base: str  # the registry spec the tiny model shrinks
-
-
-TINY_FAMILIES = {
-    "qwen2.5-vl": TinyFamily("qwen2.5-vl-3b"),
-    "qwen2-vl": TinyFamily("qwen2-vl-2b"),
-    "llava": TinyFamily("llava-1.5-7b"),
-}
-# transformers model_type -> tiny family name
+# Tiny family -> the registry spec it shrinks
+TINY_FAMILIES = {"qwen2.5-vl": "qwen2.5-vl-3b", "qwen2-vl": "qwen2-vl-2b", "llava": "llava-1.5-7b"}
+# transformers model_type -> tiny family
 FAMILY_OF_MODEL_TYPE = {"qwen2_5_vl": "qwen2.5-vl", "qwen2_vl": "qwen2-vl", "llava": "llava"}
 
 
-def tiny_family_for(model_type: str) -> str:
-    """The tiny family of a transformers model_type (for `vlplan run --smoke-test`)."""
-    family = FAMILY_OF_MODEL_TYPE.get(model_type)
-    if family is None:
-        raise VlplanError(f"no tiny model for the {model_type} family; tiny models exist for "
-                          f"{', '.join(TINY_FAMILIES)}")
+def tiny_family_for(spec: ModelSpec) -> str:
+    """The tiny family with the same model class, processor and vision tower as `spec` (`--smoke-test`)."""
+    family = FAMILY_OF_MODEL_TYPE.get(spec.family)
+    if family is None or spec.vision.arch != resolve(TINY_FAMILIES[family]).vision.arch:
+        raise VlplanError(f"no tiny model for {spec.name} ({spec.family}, {spec.vision.arch} vision tower); tiny "
+                          f"models exist for {', '.join(TINY_FAMILIES)}")
     return family
 
 
@@ -94,7 +86,7 @@ def image_token_of(family: str) -> str:
     return "<|image_pad|>" if family.startswith("qwen") else "<image>"
 
 
-def _check_family(family: str) -> TinyFamily:
+def _base_of(family: str) -> str:
     if family not in TINY_FAMILIES:
         raise VlplanError(f"--family {family!r} is not one of {', '.join(TINY_FAMILIES)}")
     return TINY_FAMILIES[family]
@@ -130,7 +122,7 @@ def train_tokenizer(family: str):
 
 def tiny_spec(family: str, image_token_id: int, text_layers: int = 2, vision_layers: int = 2) -> ModelSpec:
     """The registry spec of `family`, shrunk; the image token at `image_token_id` of the tiny tokenizer."""
-    spec = resolve(_check_family(family).base)
+    spec = resolve(_base_of(family))
     text = replace(spec.text, num_layers=text_layers, **TINY_TEXT)
     vision = replace(spec.vision, num_layers=vision_layers, **TINY_VISION)
     if spec.family in ("qwen2_vl", "qwen2_5_vl"):
@@ -213,7 +205,7 @@ def write_tiny_model(family: str, out: str | Path, *, text_layers: int = 2, visi
 
     from .processor import save_processor
 
-    _check_family(family)
+    _base_of(family)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise VlplanError(f"{out} exists and is not an empty directory; choose a new path")

@@ -14,9 +14,7 @@ the estimate's term that was too low and the next setup to try.
 from __future__ import annotations
 
 import gc
-import json
 import os
-import re
 import shutil
 import signal
 import time
@@ -31,14 +29,10 @@ from vlplan.planner.memory.estimate import estimate
 from vlplan.planner.setup import TrainSetup
 
 from .job import RunOptions
+from .oom import oom_report
+from .record import (CHECKPOINT_PATTERN, OOM_REPORT_NAME, RECORD_NAME, STAGING_NAME, STATE_DIR, fsync_dir,
+                     last_checkpoint, measured_peaks, nvml_used_bytes, read_record, write_json_atomic)
 
-RECORD_NAME = "vlplan_run.json"
-STATE_DIR = ".vlplan"  # inside the output directory: staging area and the out-of-memory report
-STAGING_NAME = "staging"
-OOM_REPORT_NAME = "oom.json"
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# A measured peak further than this from the estimate gets a warning in the record
-ESTIMATE_TOLERANCE = 0.10
 OOM_EXIT_CODE = 3
 
 
@@ -56,127 +50,6 @@ class RunOutOfMemory(Exception):
     def __init__(self, report: dict):
         super().__init__(report["message"])
         self.report = report
-
-
-# Out-of-memory analysis ---------------------------------------------------------------------------------------------
-# Breakdown terms that live for the whole run (the rest are the step's activations and temporaries)
-PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "gradients/", "zero", "ddp/", "cuda/", "inputs/")
-
-
-def next_setup(setup: TrainSetup) -> tuple[TrainSetup | None, str]:
-    """The setup to try after an out-of-memory error, keeping the global batch: the micro-batch split by its
-    smallest factor with the accumulation multiplied by it, else gradient checkpointing turned on."""
-    micro = setup.batch_size
-    if micro > 1:
-        factor = next(f for f in range(2, micro + 1) if micro % f == 0)
-        return (replace(setup, batch_size=micro // factor,
-                        gradient_accumulation_steps=setup.gradient_accumulation_steps * factor),
-                f"micro-batch {micro} -> {micro // factor}, accumulation {setup.gradient_accumulation_steps} -> "
-                f"{setup.gradient_accumulation_steps * factor} (same global batch)")
-    if not setup.gradient_checkpointing:
-        return replace(setup, gradient_checkpointing=True), "gradient checkpointing on (same global batch)"
-    return None, ("micro-batch 1 with gradient checkpointing is the smallest step; try `vlplan plan` with ZeRO / "
-                  "offload, more GPUs, a lower --seq-len or --image-max-pixels")
-
-
-def states_at_start(setup: TrainSetup) -> tuple[str, ...]:
-    """The breakdown terms allocated before the first step (when `on_train_begin` measures): the weights and
-    adapters; with DeepSpeed also the optimizer partitions and buffers it allocates in `deepspeed.initialize`
-    (torch optimizers create their states at the first step)."""
-    return ("weights/", "adapters/", "optimizer/", "gradients/", "zero") if setup.zero else ("weights/", "adapters/")
-
-
-def suspect_term(setup: TrainSetup, result, phase: str, measured_start_bytes: int | None) -> tuple[str, int]:
-    """The estimate's term most likely too low: the largest model-state term when the memory measured before the
-    first step exceeds their estimate by more than the tolerance, else the optimizer states (optimizer step) or the
-    largest activation/temporary term (forward, backward)."""
-    breakdown = result.breakdown_bytes
-    at_start = {k: v for k, v in breakdown.items() if k.startswith(states_at_start(setup))}
-    if measured_start_bytes is not None and at_start and \
-            measured_start_bytes > sum(at_start.values()) * (1 + ESTIMATE_TOLERANCE):
-        name = max(at_start, key=at_start.get)
-        return name, at_start[name]
-    if phase == "optimizer":
-        optimizer = {k: v for k, v in breakdown.items() if k.startswith("optimizer/")}
-        if optimizer:
-            name = max(optimizer, key=optimizer.get)
-            return name, optimizer[name]
-    transient = {k: v for k, v in breakdown.items() if not k.startswith(PERSISTENT_PREFIXES)} or breakdown
-    name = max(transient, key=transient.get)
-    return name, transient[name]
-
-
-def oom_report(setup: TrainSetup, result, phase: str, error: BaseException, measured_start_bytes: int | None) -> dict:
-    gib = 2**30
-    term, term_bytes = suspect_term(setup, result, phase, measured_start_bytes)
-    follow, why = next_setup(setup)
-    requested = re.search(r"Tried to allocate ([\d.]+ [GMK]iB)", str(error))
-    message = (f"CUDA out of memory in the {phase} phase"
-               + (f" (tried to allocate {requested.group(1)})" if requested else "")
-               + f"; estimated peak {result.peak_bytes / gib:.2f} GiB ({result.peak_phase}); the term most likely "
-               f"too low: {term} ({term_bytes / gib:.2f} GiB estimated); next: {why}")
-    return {
-        "message": message, "phase": phase, "error": str(error).strip().splitlines()[0] if str(error) else "",
-        "estimate_peak_bytes": result.peak_bytes, "estimate_phase_allocated_bytes": result.phase_allocated_bytes,
-        "suspect_term": term, "suspect_term_bytes": term_bytes,
-        "measured_start_bytes": measured_start_bytes,
-        "next_settings": follow.describe() if follow else None, "next": why,
-    }
-
-
-# Output directory ---------------------------------------------------------------------------------------------------
-def last_checkpoint(output_dir: Path) -> Path | None:
-    """The output directory's checkpoint-N with the highest N (a complete one: renamed into place by the trainer)."""
-    if not output_dir.is_dir():
-        return None
-    steps = [(int(m.group(1)), path) for path in output_dir.iterdir()
-             if (m := CHECKPOINT_PATTERN.match(path.name)) and (path / "trainer_state.json").is_file()]
-    return max(steps)[1] if steps else None
-
-
-def prepare_output_dir(options: RunOptions) -> Path | None:
-    """Check the output directory before anything is written; the checkpoint a --resume continues from.
-
-    A non-empty directory is refused unless --resume (continue its last checkpoint) or --overwrite (replace what an
-    earlier vlplan run wrote there: its checkpoints, record and staging area; nothing else is deleted).
-    """
-    out = options.output_path
-    if out.exists() and not out.is_dir():
-        raise VlplanError(f"--output-dir {out} is a file; pass a directory")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if options.resume:
-        checkpoint = last_checkpoint(out)
-        if checkpoint is None:
-            raise VlplanError(f"--resume: {out} holds no checkpoint-N directory to continue from")
-        return checkpoint
-    if entries and not options.overwrite:
-        raise VlplanError(f"--output-dir {out} is not empty ({len(entries)} entries); pass --resume to continue its "
-                          "last checkpoint, --overwrite to replace it, or a new directory")
-    if options.overwrite:
-        for entry in entries:
-            path = out / entry
-            if (CHECKPOINT_PATTERN.match(entry) and path.is_dir()) or entry == STATE_DIR:
-                shutil.rmtree(path)
-            elif entry == RECORD_NAME:
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return None
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def read_record(output_dir: Path) -> dict | None:
-    path = output_dir / RECORD_NAME
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
 
 
 # Model --------------------------------------------------------------------------------------------------------------
@@ -239,7 +112,7 @@ def random_init_spec(setup: TrainSetup):
     tokens, so the config's image token id is the tokenizer's."""
     from .tiny import image_token_of, make_tokenizer, tiny_family_for
 
-    family = tiny_family_for(setup.model.family)
+    family = tiny_family_for(setup.model)
     tokenizer = make_tokenizer(family)
     return replace(setup.model, image_token_id=tokenizer.convert_tokens_to_ids(image_token_of(family)))
 
@@ -256,7 +129,7 @@ def load_processor_for(setup: TrainSetup, options: RunOptions):
                           "--random-init to train random weights of its architecture")
     from .tiny import make_processor, make_tokenizer, tiny_family_for
 
-    family = tiny_family_for(setup.model.family)
+    family = tiny_family_for(setup.model)
     return make_processor(family, random_init_spec(setup), make_tokenizer(family))
 
 
@@ -311,7 +184,7 @@ def make_trainer_class():
                 if final.exists():
                     shutil.rmtree(final)  # the same step saved by an earlier attempt of this run
                 os.replace(staging / name, final)
-                _fsync_dir(out)
+                fsync_dir(out)
                 from transformers.trainer_utils import rotate_checkpoints
 
                 rotate_checkpoints(output_dir=str(out), save_total_limit=self.args.save_total_limit,
@@ -319,19 +192,6 @@ def make_trainer_class():
             self.accelerator.wait_for_everyone()
 
     return VlplanTrainer
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def make_callbacks(state: RunState, on_event, write_record):
@@ -385,23 +245,6 @@ def make_callbacks(state: RunState, on_event, write_record):
             return control
 
     return [Progress(), StopOnSignal()]
-
-
-def nvml_used_bytes() -> int | None:
-    """The device memory NVML sees in use on this process's GPU (CUDA context included; other processes' too)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()  # reference-counted: cheap after the first call
-        index = torch.cuda.current_device()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible:
-            index = int(visible.split(",")[index])
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
-    except (pynvml.NVMLError, ValueError, IndexError):
-        return None
 
 
 def training_arguments(setup: TrainSetup, options: RunOptions):
@@ -544,7 +387,7 @@ def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: No
         record["steps"] = trainer.state.global_step
         record["run"]["processes"] = trainer.args.world_size
         record["checkpoint"] = str(last_checkpoint(out)) if main and last_checkpoint(out) else None
-        record["measured"] = measured_peaks(result, record["warnings"], state)
+        record["measured"] = measured_peaks(result, record["warnings"], state.nvml_peak_bytes)
         if state.signal:
             write_record("interrupted", signal=signal.Signals(state.signal).name)
             if main:
@@ -591,35 +434,7 @@ def save_final(trainer, processor, out: Path) -> None:
                 done.rmdir()
             except OSError:
                 break
-        _fsync_dir(out)
+        fsync_dir(out)
     trainer.accelerator.wait_for_everyone()
 
 
-def measured_peaks(result, warnings: list[str], state: RunState) -> dict | None:
-    """CUDA peaks (the max over ranks when distributed) against the estimate: the allocator's live-tensor peak
-    against the estimated live-tensor peak, its reserved peak against the estimated peak less the CUDA context, and
-    NVML's device memory in use (sampled at step ends, when the caching allocator still holds the step's peak)
-    against the estimated peak."""
-    if not torch.cuda.is_available():
-        return None
-    peaks = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved(), state.nvml_peak_bytes],
-                         dtype=torch.long, device="cuda")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(peaks, op=torch.distributed.ReduceOp.MAX)
-    allocated, reserved, nvml = (int(v) for v in peaks.tolist())
-    context = result.breakdown_bytes.get("cuda/context", 0)
-    comparisons = {"allocated": (allocated, result.allocated_peak_bytes),
-                   "reserved": (reserved, result.peak_bytes - context)}
-    if nvml:
-        comparisons["nvml_used"] = (nvml, result.peak_bytes)
-    measured = {"device": torch.cuda.get_device_name(), "max_memory_allocated_bytes": allocated,
-                "max_memory_reserved_bytes": reserved, "nvml_used_peak_bytes": nvml or None,
-                "estimate_peak_bytes": result.peak_bytes, "estimate_allocated_peak_bytes": result.allocated_peak_bytes,
-                "relative_error": {}}
-    for name, (value, estimated) in comparisons.items():
-        error = (value - estimated) / estimated
-        measured["relative_error"][name] = round(error, 4)
-        if abs(error) > ESTIMATE_TOLERANCE:
-            warnings.append(f"measured peak ({name}) {value / 2**30:.2f} GiB is {100 * error:+.0f}% off the estimate "
-                            f"{estimated / 2**30:.2f} GiB")
-    return measured

@@ -25,7 +25,7 @@ from vlplan.planner.registry import resolve  # noqa: E402
 from vlplan.planner.setup import make_setup  # noqa: E402
 from vlplan.runner import train as train_module  # noqa: E402
 from vlplan.runner.tiny import write_tiny_model  # noqa: E402
-from vlplan.runner.train import next_setup, oom_report  # noqa: E402
+from vlplan.runner.oom import next_setup, oom_report  # noqa: E402
 
 runner = CliRunner()
 CLI = [sys.executable, "-m", "vlplan.cli.main"]
@@ -314,9 +314,63 @@ def test_oom_report_blames_the_model_states_when_they_measure_high():
 def test_smoke_test_runs_a_tiny_model_of_the_family(env, tmp_path):
     out = tmp_path / "out"
     result = run_cli("--model", "qwen2.5-vl-7b", "--dataset", env["data"], "--output-dir", out, "--smoke-test",
-                     "--seq-len", 256)
+                     "--seq-len", 256, "--zero", 3, "--num-gpus", 2)
     assert result.exit_code == 0, result.output
-    assert "smoke test: tiny qwen2.5-vl model" in result.stderr
+    assert "smoke test: a tiny qwen2.5-vl model" in result.stderr
     record = record_of(out)
     assert record["steps"] == 3 and record["run"]["smoke_test"] and record["model"] == str(out / "tiny-model")
     assert record["settings"]["model"] == "tiny-model" and record["settings"]["precision"] == "bf16"
+    assert record["settings"]["zero"] == 0 and record["run"]["processes"] == 2  # no CUDA: DDP over gloo
+    assert "no CUDA: DeepSpeed ZeRO -> plain data parallel" in result.stderr
+
+
+def test_random_init_builds_the_architecture_from_the_config(env, tmp_path):
+    from vlplan.profiler.build import hf_config
+    from vlplan.runner.job import RunOptions
+    from vlplan.runner.train import load_model, load_processor_for, random_init_spec
+
+    out = tmp_path / "out"
+    result = run_cli("--model", env["llava"], "--dataset", env["data"], "--output-dir", out, "--random-init",
+                     "--max-steps", 1, *FAST)
+    assert result.exit_code == 0, result.output
+    assert record_of(out)["run"]["random_init"] and math.isfinite(record_of(out)["losses"][0]["loss"])
+    setup = make_setup(resolve(env["llava"]), seq_len=256, image_size=(64, 64), precision="fp32")
+    torch.manual_seed(1)
+    model = load_model(setup, RunOptions(model=env["llava"], dataset=env["data"], output_dir=str(out),
+                                         random_init=True))
+    loaded = transformers.AutoModelForImageTextToText.from_pretrained(env["llava"], dtype=torch.float32)
+    name = "model.multi_modal_projector.linear_1.weight"
+    assert not torch.equal(dict(model.named_parameters())[name], dict(loaded.named_parameters())[name])
+    # a registry model without a directory: its config names the image token of the family's tokenizer
+    setup = make_setup(resolve("qwen2.5-vl-3b"))
+    options = RunOptions(model="qwen2.5-vl-3b", dataset=env["data"], output_dir=str(out), random_init=True)
+    processor = load_processor_for(setup, options)
+    config = hf_config(random_init_spec(setup))
+    assert processor.image_token_id == config.image_token_id
+    assert processor.tokenizer.convert_tokens_to_ids("<|vision_start|>") == config.vision_start_token_id
+    from vlplan.planner.errors import VlplanError
+
+    with pytest.raises(VlplanError, match="not a local directory"):
+        load_processor_for(setup, RunOptions(model="qwen2.5-vl-3b", dataset=env["data"], output_dir=str(out)))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--zero", "2", "--num-gpus", "2"], "error: DeepSpeed ZeRO needs CUDA GPUs and this machine has none"),
+    (["--launcher", "mpirun"], "error: --launcher 'mpirun' is not one of torchrun, deepspeed, accelerate"),
+    (["--max-steps", "0"], "error: --max-steps must be positive, got 0"),
+    (["--plan", "missing.json"], "error: cannot read --plan missing.json"),
+], ids=["zero-without-cuda", "launcher", "max-steps", "plan-file"])
+def test_bad_input_is_one_line(env, tmp_path, args, message):
+    result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", tmp_path / "out", *FAST, *args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_smoke_test_needs_a_family_with_a_tiny_model(env, tmp_path):
+    result = run_cli("--model", "internvl3-1b", "--dataset", env["data"], "--output-dir", tmp_path / "out",
+                     "--smoke-test", "--seq-len", 2048)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: no tiny model for internvl3-1b")
+    assert not (tmp_path / "out").exists()
