@@ -7,7 +7,8 @@ model_utils/checkpointing.py):
 - weights load in the compute dtype (bf16 for bf16 AMP and pure bf16, fp16 for fp16 AMP, fp32 for fp32);
 - frozen components get `requires_grad=False`; LoRA targets every `nn.Linear` of the LoRA-trained components
   except `lm_head` and the projector (`find_all_linear_modules` + `patch_target_modules`);
-- trainable parameters are upcast to fp32 unless pure bf16 (adapter.py "Upcasting trainable params to float32");
+- trainable parameters are upcast to fp32 unless pure bf16 or ZeRO-3 (adapter.py "Upcasting trainable params to
+  float32"; "DeepSpeed ZeRO3 detected, remaining trainable params in float32": its partitions stay as loaded);
 - gradient checkpointing wraps only layers that hold trainable parameters, with `use_reentrant=True`, and marks the
   layer's hidden-state input as requiring grad (`get_custom_gradient_checkpointing_func`).
 """
@@ -150,7 +151,7 @@ def apply_method(model: nn.Module, setup: TrainSetup) -> nn.Module:
         for name, param in base.named_parameters():
             if "lora_" not in name and setup.trains[component_of(family, name)] is Train.FULL:
                 param.requires_grad_(True)
-    if setup.precision != "pure-bf16":
+    if setup.precision != "pure-bf16" and setup.zero != 3:
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.to(torch.float32)
