@@ -260,6 +260,7 @@ def _attempt(setup: TrainSetup, options: RunOptions, devices: int, on_event) -> 
         try:
             record = train(setup, options, on_event)
         except Interrupted as err:
+            on_event("note", {"message": f"interrupted by {err} before training started; nothing to save"})
             return read_record(options.output_path), 128 + err.signum
         except RunOutOfMemory:
             return read_record(options.output_path), OOM_EXIT_CODE
@@ -268,7 +269,7 @@ def _attempt(setup: TrainSetup, options: RunOptions, devices: int, on_event) -> 
     on_event("launch", launch.to_dict())
     record_path = options.output_path / RECORD_NAME
     before = record_path.stat().st_mtime_ns if record_path.exists() else None
-    code = _launch(launch)
+    code, forwarded = _launch(launch)
     if report_path.exists():
         record = dict(read_record(options.output_path) or {}, status="oom", oom=json.loads(report_path.read_text()))
         write_json_atomic(record_path, record)
@@ -276,6 +277,10 @@ def _attempt(setup: TrainSetup, options: RunOptions, devices: int, on_event) -> 
     record = read_record(options.output_path)
     written = record is not None and record_path.stat().st_mtime_ns != before
     if not written or record.get("status") == "running":
+        if forwarded:
+            on_event("note", {"message": f"interrupted by {signal.Signals(forwarded).name} before a checkpoint; "
+                                         "nothing to save"})
+            return (record if written else None), 128 + forwarded
         raise VlplanError(f"the launched processes stopped (exit code {code}) before finishing the run; their "
                           "output above says why")
     return record, _exit_code(record)
@@ -292,16 +297,34 @@ def _inside_launch() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _launch(launch: Launch) -> int:
-    """Start the launcher and wait; SIGINT/SIGTERM are passed on (the ranks save a checkpoint and stop)."""
-    process = subprocess.Popen(launch.command, env={**os.environ, **launch.env})
+def _launch(launch: Launch) -> tuple[int, int | None]:
+    """Start the launcher and wait. SIGINT/SIGTERM go to the ranks themselves, which finish the step, save a
+    checkpoint and stop: the launcher runs in its own session (a terminal's Ctrl-C reaches only this process), since
+    torchrun answers a signal by killing its ranks 30 s later, which a large checkpoint may not survive.
+    Returns the launcher's exit code and the signal passed on, if any."""
+    import psutil  # an accelerate dependency
+
+    process = subprocess.Popen(launch.command, env={**os.environ, **launch.env}, start_new_session=True)
+    forwarded: list[int] = []
 
     def forward(signum, frame):
-        process.send_signal(signum)
+        forwarded.append(signum)
+        try:
+            ranks = [p for p in psutil.Process(process.pid).children(recursive=True)
+                     if WORKER_MODULE in " ".join(p.cmdline())]
+        except psutil.Error:
+            ranks = []
+        for rank in ranks:
+            try:
+                rank.send_signal(signum)
+            except psutil.Error:
+                pass
+        if not ranks:  # not started yet (or gone): the launcher stops them
+            process.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return process.wait()
+        return process.wait(), (forwarded[0] if forwarded else None)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -178,15 +178,33 @@ def test_sigterm_saves_a_checkpoint_that_resumes(env, tmp_path):
 
 
 def test_two_processes_through_torchrun_with_gloo(env, tmp_path):
+    """`--num-gpus 2` on the CPU: torchrun starts 2 gloo ranks that train; SIGTERM to vlplan reaches the ranks, which
+    agree on a step, save a checkpoint and stop; --resume continues under torchrun to the end."""
     out = tmp_path / "out"
-    done = subprocess.run([*CLI, "run", "--model", env["llava"], "--dataset", env["data"], "--output-dir", str(out),
-                           "--num-gpus", "2", "--max-steps", "2", *FAST, "--json"], capture_output=True, text=True,
-                          timeout=300)
+    args = [*CLI, "run", "--model", env["llava"], "--dataset", env["data"], "--output-dir", str(out), "--num-gpus",
+            "2", *FAST, "--save-steps", "1000"]
+    process = subprocess.Popen([*args, "--max-steps", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("step 2/"):
+            break
+    process.send_signal(signal.SIGTERM)
+    stdout, rest = process.communicate(timeout=180)
+    assert process.returncode == 128 + signal.SIGTERM, "".join(lines) + rest + stdout
+    assert any("torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" in line for line in lines)
+    record = record_of(out)
+    assert record["status"] == "interrupted" and record["run"]["processes"] == 2
+    step = record["steps"]
+    assert step >= 2 and (out / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
+    done = subprocess.run([*args, "--max-steps", str(step + 1), "--resume", "--json"], capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" in done.stderr
     record = json.loads(done.stdout)
-    assert record["run"]["processes"] == 2 and record["settings"]["world_size"] == 2
-    assert record["steps"] == 2 and all(math.isfinite(e["loss"]) for e in record["losses"])
+    assert record["status"] == "completed" and record["steps"] == step + 1 and record["settings"]["world_size"] == 2
+    assert [e["step"] for e in record["losses"]] == list(range(1, step + 2))
+    assert all(math.isfinite(e["loss"]) for e in record["losses"])
     assert (out / "adapter_model.safetensors").is_file()
 
 
