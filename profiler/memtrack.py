@@ -13,12 +13,13 @@ a local maximum equals the state just before the next free), so the snapshot cos
 from __future__ import annotations
 
 import re
+import sys
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -67,6 +68,7 @@ class MemoryTracker(TorchDispatchMode):
 
     def __init__(self, detail: bool = False) -> None:
         super().__init__()
+        _calibrate_sole_refs()
         self.detail = detail
         self._op = ""
         self._blocks: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -214,10 +216,88 @@ class MemoryTracker(TorchDispatchMode):
             return out
         if self.detail:
             self._op = str(func.__name__)
+        self._undo_out_of_place(func, args, kwargs, out)  # before the output counts, so no false peak
         for tensor in tree_flatten(out)[0]:
             if isinstance(tensor, torch.Tensor):
                 self.track(tensor)
         return out
+
+    def _undo_out_of_place(self, func, args, kwargs, out) -> None:
+        """Count as in place what the autograd engine does out of place only because a dispatch mode is active.
+
+        With any TorchDispatchMode (this tracker, FakeTensorMode) torch's `isTensorSubclassLike` is true, which
+        switches two engine paths out of place: InputBuffer::accumulate (`old + new` instead of `old.add_(new)`) and
+        index_backward (`new_zeros(...).index_put(...)` instead of the in-place `_index_put_impl_` into the zeros).
+        A plain GPU run accumulates in place when `can_accumulate_inplace(old)` holds (input_buffer.cpp): the
+        buffer holds the last reference to `old` and to its storage. A gradient that something else still holds
+        (the incoming gradient a reentrant checkpoint keeps for its inner backward, a view) is summed out of place
+        there too. The engine runs both with grad mode off and outside any module (recomputed forwards have grad
+        mode on), which tells them from model code.
+        """
+        if (self._phase != "backward" or self.module_stack or torch.is_grad_enabled()
+                or not isinstance(out, torch.Tensor)):
+            return
+        if func is torch.ops.aten.add.Tensor:
+            if len(args) != 2 or (kwargs or {}).get("alpha", 1) != 1 or not isinstance(args[1], torch.Tensor):
+                return
+        elif func is not torch.ops.aten.index_put.default:
+            return
+        first = args[0]
+        if not isinstance(first, torch.Tensor) or first.shape != out.shape or first.dtype != out.dtype:
+            return
+        if func is torch.ops.aten.add.Tensor and not _sole_reference(first):
+            return
+        source = self._blocks.get(first.untyped_storage())
+        if source is None or source.nbytes != rounded_bytes(out.untyped_storage().nbytes()):
+            return
+        if self._blocks.get(out.untyped_storage()) is not None:  # the output aliases an existing storage
+            return
+        if not source.category.startswith(("temporaries", "gradients")):
+            return
+        # the output now owns the bytes; the first input's block counts nothing from here on
+        self._add(source, -1)
+        source.nbytes = 0
+
+
+_SOLE_REFS: int | None = None  # sys.getrefcount of a gradient only the engine's InputBuffer holds (calibrated)
+
+
+def _sole_reference(tensor: torch.Tensor) -> bool:
+    """Whether `tensor`, as seen from `_undo_out_of_place`, is held by nothing but the engine: no other Python
+    reference (counted against a calibration in the same call path) and no other tensor on its storage."""
+    storage_refs = torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)  # this call's storage object + 1
+    return sys.getrefcount(tensor) <= _SOLE_REFS and storage_refs <= 2
+
+
+def _calibrate_sole_refs() -> None:
+    """Run one accumulation the engine would do in place (two fresh gradients of one tensor) through the same call
+    path and record the reference count it shows there (outside any active mode, with grad enabled)."""
+    global _SOLE_REFS
+    if _SOLE_REFS is not None:
+        return
+    seen: list[int] = []
+
+    class _Probe(MemoryTracker):
+        def _undo_out_of_place(self, func, args, kwargs, out) -> None:
+            if func is torch.ops.aten.add.Tensor and not torch.is_grad_enabled():
+                first = args[0]  # the same references as in MemoryTracker._undo_out_of_place
+                seen.append(_probe_refs(first))
+
+    _SOLE_REFS = -1  # the probe's own construction must not calibrate again
+    with _disable_current_modes(), torch.enable_grad():
+        x = torch.ones(4, requires_grad=True)
+        y = x.exp()
+        with _Probe() as probe:
+            probe.phase = "backward"
+            (y * 2 + y * 3).sum().backward()
+    if not seen:
+        _SOLE_REFS = None
+        raise RuntimeError("the memory tracker could not calibrate the autograd engine's gradient accumulation")
+    _SOLE_REFS = min(seen)
+
+
+def _probe_refs(tensor: torch.Tensor) -> int:
+    return sys.getrefcount(tensor)  # counted in a frame like _sole_reference's
 
 
 def _is_fake(tensor: torch.Tensor) -> bool:

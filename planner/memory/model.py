@@ -69,8 +69,9 @@ class BaseModel:
         self.tokens = self.batch * self.seq
         first_trainable = text_layers - setup.freeze_trainable_layers if setup.method == "freeze" else 0
         lm_full = setup.trains[LANGUAGE] is Train.FULL and setup.method != "freeze"
-        self.embed = e.param("language.embed_tokens", (t.vocab_size + t.extra_embedding_rows) * t.hidden_size,
-                             self.p._dtype(lm_full), lm_full, LANGUAGE)
+        rows = t.vocab_size + t.extra_embedding_rows
+        self.embed = e.param("language.embed_tokens", rows * t.hidden_size, self.p._dtype(lm_full), lm_full,
+                             LANGUAGE, shape=(rows, t.hidden_size))
         self.layers = [LlamaLayer(self.p, i, trainable=i >= first_trainable) for i in range(text_layers)]
         self.norm = self.p.vector(LANGUAGE, "language.norm", t.hidden_size, lm_full)
         # rotary embedding buffers: inv_freq and original_inv_freq, head_dim/2 fp32 each
@@ -79,7 +80,7 @@ class BaseModel:
         self.lm_head = None
         if not t.tie_word_embeddings:
             self.lm_head = e.param("lm_head.weight", t.vocab_size * t.hidden_size, self.p._dtype(lm_full), lm_full,
-                                   LANGUAGE)
+                                   LANGUAGE, shape=(t.vocab_size, t.hidden_size))
 
     # Inputs -------------------------------------------------------------------------------------------------------
     def text_inputs(self, e: Engine) -> dict[str, T]:  # noqa: D401

@@ -49,6 +49,28 @@ def input_for_matmul(e: Engine, x: T) -> T:
     return cast(e, x, e.autocast) if e.autocast else x
 
 
+def patch_conv(e: Engine, pixels: T, weight: Param, bias: Param | None, out_numel: int, name: str,
+               valid_padding: bool = False) -> T:
+    """A patch-embedding convolution (nn.Conv2d / nn.Conv3d): under autocast (conv2d is on the lower-precision list) the input, weight and
+    bias are cast, trainable fp32 weights through the cached cast. ConvolutionBackward has one formula for input,
+    weight and bias, so it saves both the input and the weight whenever it exists (derivatives.yaml
+    `convolution`). `valid_padding` (SigLIP's `padding="valid"`): `conv2d.padding` is not on the autocast list and
+    its implementation adds the bias after the convolution, so the bias is cast only transiently and not cached."""
+    conv_in = input_for_matmul(e, pixels)
+    w = weight_for_matmul(e, weight)
+    pairs = [(w, weight)]
+    if bias is not None:
+        pairs.append((bias.tensor if valid_padding else weight_for_matmul(e, bias), bias))
+    out = e.new(out_numel, e.autocast or weight.dtype, name=name)
+    inputs = [t for t, p in pairs if t is not p.tensor and t.node is not None]
+    params = [p for t, p in pairs if p.trainable and t is p.tensor]
+    e.record(Node(f"conv:{name}", inputs, [conv_in, w], params), out)
+    if bias is not None and valid_padding and e.autocast and bias.dtype != e.autocast:
+        transient = e.new(bias.numel, e.autocast, name=f"{name}.bias_cast")
+        del transient
+    return out
+
+
 # Linear layers ------------------------------------------------------------------------------------------------------
 
 
@@ -113,9 +135,8 @@ def dora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, magn
     # get_lora_weight: eye(in) in the adapter dtype through lora_A and lora_B
     eye = e.new(in_features * in_features, lora_a.dtype, name=f"{name}.eye")
     ea = linear(e, eye, lora_a, rank, name=f"{name}.eye_A")
-    del eye
     lw = linear(e, ea, lora_b, out_features, name=f"{name}.eye_B")
-    del ea
+    del ea, eye  # `x_eye` is get_lora_weight's local: it lives until lora_B has run
     lora_weight = cast(e, lw, xa.dtype, name=f"{name}.lora_weight")
     del lw
     weight = e.new(base.numel, xa.dtype, name=f"{name}.weight_cast") if base.dtype != xa.dtype else base.tensor

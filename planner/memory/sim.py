@@ -135,6 +135,8 @@ class Engine:
         self.reduce_grads = False  # DeepSpeed ZeRO: gradients are reduced into buckets as they are produced
         self._pending: list = []
         self._pending_key = ""
+        self._param_uses: dict[int, int] = {}  # parameters used by several nodes of the graph being run backward
+        self._param_buffers: dict[int, tuple] = {}  # their gradients summed so far (the AccumulateGrad InputBuffer)
 
     # Accounting -----------------------------------------------------------------------------------------------
     def _alloc(self, storage: Storage) -> None:
@@ -225,10 +227,18 @@ class Engine:
         grads = {id(loss.node): grad_loss}
         del loss
         self._run(nodes, grads)
+        leftovers, self._param_buffers, self._param_uses = self._param_buffers, {}, {}
+        while leftovers:  # uses the loss did not reach: the engine never counted them
+            self._accumulate_grad(*leftovers.popitem()[1])
         self.kept_until_backward_end = []  # the graph goes with `loss` after backward
         del grad_loss
 
     def _run(self, nodes: list[Node], grads: dict) -> None:
+        uses: dict[int, int] = {}
+        for node in nodes:
+            for p in node.params:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+        self._param_uses.update({key: n for key, n in uses.items() if n > 1})
         while nodes:
             node = nodes.pop()
             out_grad = grads.pop(id(node), None)
@@ -272,30 +282,54 @@ class Engine:
         previous = grads.get(key)
         if previous is None:
             grads[key] = grad
-        else:
-            # InputBuffer::accumulate: `old_var + var` out of place (can_accumulate_inplace needs the buffer to hold
-            # the only reference, which the engine's own bookkeeping prevents in practice)
-            grads[key] = self.new(max(previous.numel, grad.numel), previous.dtype, name=previous.name)
-            del previous
+        # else: InputBuffer::accumulate adds the new gradient into the buffered one in place (`old_var.add_(var)`;
+        # out of place only for tensor subclasses or while a dispatch mode is active) and the new one dies
 
     def _param_grad(self, p: Param, via: str | None) -> None:
-        """The weight gradient, computed in `via` (half precision under autocast) and accumulated into `.grad`."""
+        """The weight gradient, computed in `via` (half precision under autocast) and accumulated into `.grad`.
+
+        A parameter used by several nodes of one graph (tied embeddings) has one AccumulateGrad node: the engine
+        sums the gradients in its InputBuffer (in place) and runs it once, after the last use, so the first gradient
+        is held as a temporary until then and only then added into an existing `.grad`."""
         temp = self.new(p.numel, via, name=f"wgrad:{p.name}") if via and via != p.dtype else None
         if self.reduce_grads:
             grad = self.new(p.numel, p.dtype, name=f"grad:{p.name}")  # reduced into the IPG bucket, then freed
             del grad, temp
             return
-        if p.grad is None:
-            p.grad = self.new(p.numel, p.dtype, name=f"grad:{p.name}", category=f"gradients/{p.component}")
-        else:
-            # a second gradient for the same parameter (tied embeddings, gradient accumulation): summed out of place
-            # (InputBuffer::accumulate for two uses in one graph; AccumulateGrad `variable_grad + new_grad` when the
-            # existing .grad cannot be updated in place)
-            extra = self.new(p.numel, p.dtype, name=f"grad:{p.name}")
-            summed = self.new(p.numel, p.dtype, name=f"grad:{p.name}", category=f"gradients/{p.component}")
-            p.grad = summed
-            del extra, summed
-        del temp
+        uses = self._param_uses.get(id(p), 1)
+        if uses > 1:
+            self._param_uses[id(p)] = uses - 1
+            if id(p) not in self._param_buffers:
+                self._param_buffers[id(p)] = (p, self.new(p.numel, p.dtype, name=f"grad:{p.name}"))
+            else:  # InputBuffer::accumulate: `old_var.add_(var)`, the new gradient dies
+                extra = self.new(p.numel, p.dtype, name=f"grad:{p.name}")
+                del extra
+            del temp
+            return
+        self._param_uses.pop(id(p), None)
+        buffered = self._param_buffers.pop(id(p), (None, None))[1]
+        category = f"gradients/{p.component}" if p.grad is None and buffered is None else None
+        incoming = self.new(p.numel, p.dtype, name=f"grad:{p.name}", category=category)
+        if buffered is not None:  # added into the buffer in place
+            del incoming
+            incoming = buffered
+        del temp, buffered
+        self._accumulate_grad(p, incoming)
+
+    def _accumulate_grad(self, p: Param, incoming: T) -> None:
+        if p.grad is None:  # AccumulateGrad steals the incoming gradient as `.grad`
+            if incoming.storage.category != f"gradients/{p.component}":
+                self._recategorize(incoming.storage, f"gradients/{p.component}")
+            p.grad = incoming
+        # else: AccumulateGrad `variable_grad += new_grad` in place (gradient accumulation); the incoming one dies
+        del incoming
+
+    def _recategorize(self, storage: Storage, category: str) -> None:
+        if self._pending:
+            self._flush()
+        self.by_category[storage.category] -= storage.nbytes
+        self.by_category[category] = self.by_category.get(category, 0) + storage.nbytes
+        storage.category = category
 
     def _recompute(self, node: Node, out_grad: T, grads: dict) -> None:
         """Reentrant activation checkpointing: re-run the segment with grad enabled (and a fresh autocast cast

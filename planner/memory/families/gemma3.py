@@ -26,7 +26,7 @@ from .. import ops
 from ..blocks import Params, apply_linear
 from ..model import BaseModel
 from ..sim import Engine, Node, T
-from .internvl import ConditionalGenerationStep, keep_checkpoint_arguments, patch_conv
+from .internvl import ConditionalGenerationStep, keep_checkpoint_arguments
 
 
 def gemma_rms_norm(e: Engine, x: T, weight, rows: int, name: str = "") -> T:
@@ -386,7 +386,7 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
         d = v.hidden_size
         tokens = self.views * self.positions
         pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
-        patches = patch_conv(e, pixels, self.patch, self.patch_bias, tokens * d, "patch_embeds", valid_padding=True)
+        patches = ops.patch_conv(e, pixels, self.patch, self.patch_bias, tokens * d, "patch_embeds", valid_padding=True)
         del pixels
         pos = e.new(self.positions * d, self.pos.dtype, name="position_embedding")
         e.record(Node("embedding", [], [], [self.pos] if self.pos.trainable else []), pos)

@@ -13,25 +13,6 @@ from ..sim import Engine, Node, T
 from .llava import LlamaAttention
 
 
-def patch_conv(e: Engine, pixels: T, weight, bias, out_numel: int, name: str, valid_padding: bool = False) -> T:
-    """A patch-embedding nn.Conv2d: under autocast (conv2d is on the lower-precision list) the input, weight and
-    bias are cast, trainable fp32 weights through the cached cast. ConvolutionBackward has one formula for input,
-    weight and bias, so it saves both the input and the weight whenever it exists (derivatives.yaml
-    `convolution`). `valid_padding` (SigLIP's `padding="valid"`): `conv2d.padding` is not on the autocast list and
-    its implementation adds the bias after the convolution, so the bias is cast only transiently and not cached."""
-    conv_in = ops.input_for_matmul(e, pixels)
-    w = ops.weight_for_matmul(e, weight)
-    b = bias.tensor if valid_padding else ops.weight_for_matmul(e, bias)
-    out = e.new(out_numel, e.autocast or weight.dtype, name=name)
-    inputs = [t for t, p in ((w, weight), (b, bias)) if t is not p.tensor and t.node is not None]
-    params = [p for p, t in ((weight, w), (bias, b)) if p.trainable and t is p.tensor]
-    e.record(Node("conv2d", inputs, [conv_in, w], params), out)
-    if valid_padding and e.autocast and bias.dtype != e.autocast:
-        transient = e.new(bias.numel, e.autocast, name=f"{name}.bias_cast")
-        del transient
-    return out
-
-
 def keep_checkpoint_arguments(model: BaseModel, out: T, ctx) -> None:
     """A reentrant checkpoint keeps its non-tensor arguments (`ctx.run_function`, the partial holding the layer's
     keyword arguments: masks, RoPE tables, position_ids) as a Python attribute of its graph node, which lives until
@@ -267,7 +248,7 @@ class InternVLModel(ConditionalGenerationStep, BaseModel):
         # get_image_features: `pixel_values.to(dtype=self.dtype)` (the dtype of the first parameter, the CLS token);
         # the local keeps the copy alive until the projector returns
         pixels = ops.cast(e, inputs["pixel_values"], self.cls.dtype, name="pixel_values:cast")
-        patches = patch_conv(e, pixels, self.patch, self.patch_bias, self.tiles * self.grid * d, "patch_embeddings")
+        patches = ops.patch_conv(e, pixels, self.patch, self.patch_bias, self.tiles * self.grid * d, "patch_embeddings")
         # torch.cat((cls_tokens, embeddings), dim=1): autocast promotes to the widest dtype
         cat = e.new(tokens * d, ops.promote(patches.dtype, self.cls.dtype), name="embeddings.cat")
         e.record(Node("cat", [patches] if patches.rg else [], [], [self.cls] if self.cls.trainable else []), cat)

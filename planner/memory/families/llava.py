@@ -28,20 +28,6 @@ from ..vision import ClipLayer, LlavaProjector
 # Ops of the vision towers ---------------------------------------------------------------------------------------------
 
 
-def patch_conv(e: Engine, pixels: T, weight: Param, out_numel: int, name: str) -> T:
-    """nn.Conv2d patch embedding (no bias) on pixels already cast to the weight's dtype: under autocast the input and
-    the weight are cast to the half dtype (the weight's cast cached for the forward when it trains); the convolution
-    node saves both input and weight when the weight trains (derivatives.yaml `convolution`)."""
-    xin = ops.input_for_matmul(e, pixels)
-    w = ops.weight_for_matmul(e, weight)
-    out = e.new(out_numel, e.autocast or weight.dtype, name=name)
-    if weight.trainable:
-        via_cast = w is not weight.tensor
-        node = Node(f"conv2d:{name}", [w] if via_cast else [], [xin, w], [] if via_cast else [weight])
-        e.record(node, out)
-    return out
-
-
 def batched_attention(setup: TrainSetup, batch: int, length: int):
     """Attention of a ViT run on `batch` equal-length images (CLIP views): one kernel call with the images as the
     batch dimension. sdpa -> the CUDA fused kernel; eager -> CLIP's eager_attention_forward."""
@@ -243,7 +229,7 @@ class LlavaBase(BaseModel):
         tokens = images * self.positions
         # CLIPVisionEmbeddings: patch_embedding(pixel_values.to(dtype=weight dtype)), flatten/transpose (views)
         pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
-        patches = patch_conv(e, pixels, self.patch, images * grid * d, "patch_embeds")
+        patches = ops.patch_conv(e, pixels, self.patch, None, images * grid * d, "patch_embeds")
         del pixels
         # torch.cat([class_embedding.expand(n, 1, -1), patch_embeds], dim=1)
         cat = e.new(tokens * d, ops.promote(patches.dtype, self.cls.dtype), name="embeddings.cat")
@@ -456,7 +442,7 @@ class LlavaModel(LlavaBase):
         width = max(t.resized_width for t in self.images) // v.patch_size
         tokens = sum(t.vision_patches for t in self.images) * self.batch
         pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
-        conv = patch_conv(e, pixels, self.patch, self.n_images * height * width * d, "patch_conv")
+        conv = ops.patch_conv(e, pixels, self.patch, None, self.n_images * height * width * d, "patch_conv")
         del pixels
         # p.flatten(1).T per image: a copy for a cropped (padded-batch) image, a view for a full one
         pieces = [e.new(t.vision_patches * d, conv.dtype, name="patch.flatten")

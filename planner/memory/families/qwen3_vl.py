@@ -330,13 +330,11 @@ class SparseMoe:
 
 def _index_node(source: T, index: T) -> Node:
     """IndexBackward of `source[index]`: saves the index; its backward, index_backward (FunctionsManual.cpp), fills
-    `grad.new_zeros(source)` and scatters the gradient into it. The tracer sees that scatter out of place
-    (`index_put`, a second source-sized buffer), the branch torch takes for tensor subclasses and whenever a
-    dispatch mode is active (isTensorSubclassLike); a plain CUDA run scatters in place (`_index_put_impl_`) into the
-    zeros, which then is the gradient. The zeros are the workspace here, the gradient the engine's allocation."""
+    `grad.new_zeros(source)` and scatters the gradient into it in place (`_index_put_impl_`): the zeros are the
+    gradient, the engine's one allocation. (Under a dispatch mode torch takes the out-of-place `index_put` branch;
+    the tracer counts it in place, as a plain CUDA run does.)"""
     inputs = [source] if source.rg else []
-    return Node("index", inputs, [index] if inputs else [], [],
-                workspace=source.numel * DTYPE_BYTES[source.dtype] if inputs else 0)
+    return Node("index", inputs, [index] if inputs else [], [])
 
 
 def _grouped_mm(e: Engine, x: T, weight, offsets: T, in_features: int, out_features: int, name: str) -> T:
@@ -460,21 +458,10 @@ class Qwen3VLModel(BaseModel):
         return hidden, merged, features
 
     def _patch_embed(self, e: Engine, pixels: T) -> T:
-        """Qwen3VLVisionPatchEmbed: Conv3d (with bias) under autocast: input, weight and bias cast to bf16 (the
-        trainable fp32 weight's and bias's casts cached), output (patches, d)."""
+        """Qwen3VLVisionPatchEmbed: Conv3d with bias, output (patches, d)."""
         v = self.setup.model.vision
-        w = ops.weight_for_matmul(e, self.patch_embed)
-        b = ops.weight_for_matmul(e, self.patch_bias)
-        xin = ops.input_for_matmul(e, pixels)
-        hidden = e.new(self.patches * v.hidden_size, e.autocast or self.patch_embed.dtype, name="patch_embed")
-        trainable = self.patch_embed.trainable
-        inputs = [t for t, p in ((w, self.patch_embed), (b, self.patch_bias))
-                  if p.trainable and t is not p.tensor and t.node is not None]
-        params = [p for t, p in ((w, self.patch_embed), (b, self.patch_bias)) if p.trainable and t is p.tensor]
-        # derivatives.yaml `convolution`: one formula for input, weight and bias saves the input and the weight
-        e.record(Node("conv3d", inputs, [xin, w] if trainable else [], params), hidden)
-        del xin, w, b
-        return hidden
+        return ops.patch_conv(e, pixels, self.patch_embed, self.patch_bias, self.patches * v.hidden_size,
+                              "patch_embed")
 
     def encode(self, e: Engine, inputs: dict[str, T]) -> T:
         """Qwen3VLModel.forward up to the language model: embeddings, image features scattered into the image

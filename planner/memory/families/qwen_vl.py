@@ -62,10 +62,9 @@ class QwenVLModel(BaseModel):
         patches = sum(t.vision_patches for t in self.images) * self.batch
         # get_image_features: pixel_values.type(self.visual.dtype); PatchEmbed casts to the conv weight dtype
         pixels = ops.cast(e, inputs["pixel_values"], self.patch_embed.dtype, name="pixel_values:cast")
-        hidden = e.new(patches * v.hidden_size, e.autocast or self.patch_embed.dtype, name="patch_embed")
-        saved = [ops.input_for_matmul(e, pixels)] if self.patch_embed.trainable else []
-        e.record(Node("conv3d", [], saved, [self.patch_embed] if self.patch_embed.trainable else []), hidden)
-        del saved  # `pixel_values = pixel_values.type(self.visual.dtype)` lives until get_image_features returns
+        # nn.Conv3d (no bias); `pixel_values = pixel_values.type(self.visual.dtype)` lives until get_image_features
+        # returns
+        hidden = ops.patch_conv(e, pixels, self.patch_embed, None, patches * v.hidden_size, "patch_embed")
         if v.window_size:
             # permute_input_for_window_attn: hidden_states[window_index] (a gathered copy)
             hidden = _gather(e, hidden, "window_permute")
