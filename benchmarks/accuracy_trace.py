@@ -5,8 +5,8 @@ peak phase against the tracer's (fake tensors, real transformers/peft code, extr
     python benchmarks/accuracy_trace.py --quick         # a handful, for a smoke run
     python benchmarks/accuracy_trace.py --write         # also rewrite the table in docs/accuracy.md
 
-Results go to benchmarks/results/accuracy_trace.json; --write replaces the block between the markers in
-docs/accuracy.md.
+Results go to benchmarks/results/accuracy_trace.json (accuracy_trace_quick.json for --quick, so a smoke run never
+replaces the full results); --write replaces the block between the markers in docs/accuracy.md (full matrix only).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ BEGIN, END = "<!-- accuracy_trace:begin -->", "<!-- accuracy_trace:end -->"
 
 SQ448, SQ1024, HD = (448, 448), (1024, 1024), (1920, 1080)
 
-# (model, settings): families qwen2-vl, qwen2.5-vl, llava-1.5 and more; methods full (language only and with vision +
-# projector), freeze, LoRA, LoRA on the vision encoder; checkpointing on/off; sdpa and eager; seq 512-8192; 0, 1 and 4
-# images of 448^2, 1024^2 and 1920x1080; batch 1 and 4; bf16 AMP and pure bf16.
+# (model, settings): every traced family (Qwen2/2.5/3-VL incl. MoE, LLaVA-1.5/NeXT, Pixtral, InternVL3, Gemma 3,
+# Llama 3.2 Vision, Idefics3/SmolVLM, PaliGemma 2); methods full (language only and with vision + projector), freeze,
+# LoRA, DoRA, LoRA on the vision encoder; checkpointing on/off; sdpa and eager; seq 512-8192; 0, 1 and 4 images of
+# 448^2 to 1920x1080; batch 1 and 4; bf16 AMP and pure bf16; AdamW and Adafactor; gradient accumulation.
 MATRIX = [
     ("qwen2.5-vl-7b", dict(method="lora")),
     ("qwen2.5-vl-7b", dict(method="lora", image_size=HD)),
@@ -78,8 +79,25 @@ MATRIX = [
     ("llava-1.5-13b", dict(method="lora", train_vision=True, attn="eager", gradient_checkpointing=False,
                            seq_len=1024)),
     ("llava-1.5-13b", dict(method="full", batch_size=4, seq_len=1024)),
+    ("qwen2-vl-2b", dict(method="lora", dora=True, gradient_checkpointing=False, seq_len=1024, image_size=SQ448)),
+    ("qwen2-vl-2b", dict(method="full", gradient_accumulation_steps=2, seq_len=1024, image_size=SQ448)),
+    ("qwen2-vl-2b", dict(method="full", optimizer="adafactor", seq_len=1024, image_size=SQ448)),
+    ("qwen3-vl-8b", dict(method="lora", image_size=SQ1024)),
+    ("qwen3-vl-4b", dict(method="full", train_vision=True, train_projector=True, seq_len=1024, image_size=SQ448)),
+    ("qwen3-vl-30b-a3b", dict(method="lora", seq_len=1024, image_size=SQ448)),
+    ("llava-v1.6-mistral-7b", dict(method="lora", image_size=(672, 672))),
+    ("llava-llama-3-8b", dict(method="lora", seq_len=1024)),
+    ("pixtral-12b", dict(method="lora", image_size=SQ1024)),
+    ("internvl3-8b", dict(method="lora", image_size=SQ1024)),
+    ("internvl3-2b", dict(method="full", train_vision=True, train_projector=True, image_size=SQ448)),
+    ("gemma-3-4b", dict(method="lora", seq_len=1024)),
+    ("gemma-3-12b", dict(method="lora", attn="eager", seq_len=1024)),
+    ("llama-3.2-11b-vision", dict(method="lora", seq_len=1024, image_size=SQ448)),
+    ("idefics3-8b", dict(method="lora", seq_len=4096, image_size=SQ1024)),
+    ("smolvlm", dict(method="full", seq_len=2048, image_size=SQ448)),
+    ("paligemma2-3b", dict(method="lora", seq_len=1024)),
 ]
-QUICK = [0, 3, 10, 18, 30, 33]
+QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 
 
 def run(models: list[tuple[str, dict]]) -> list[dict]:
@@ -158,7 +176,9 @@ def main() -> None:
     rows = run(matrix)
     stats = summary(rows)
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
-    out = ROOT / "benchmarks" / "results" / "accuracy_trace.json"
+    if args.quick and args.write:
+        parser.error("--write publishes the full matrix: drop --quick")
+    out = ROOT / "benchmarks" / "results" / ("accuracy_trace_quick.json" if args.quick else "accuracy_trace.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"versions": versions, "summary": stats, "rows": rows}, indent=2) + "\n")
     print(json.dumps(stats))
