@@ -140,9 +140,7 @@ class Idefics3Model(BaseModel):
         cat = ops.cast(e, cat, self._model_dtype(), name="image_hidden_states:dtype")
         mask = e.new(self.tokens, "bool", name="special_image_mask")
         merged_in = ops.cast(e, cat, x.dtype, name="image_hidden_states:embeds_dtype")
-        out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
-        sources = [q for q in (x, merged_in) if q.rg]
-        e.record(Node("masked_scatter", sources, [mask] if sources else [], []), out)
+        out = ops.masked_scatter(e, x, mask, merged_in, name="inputs_embeds:scatter")
         del merged_in, mask, x
         # mm_encoder_outputs (vision last_hidden_state, the connector output behind pooler_output) lives until
         # Idefics3Model.forward returns; image_hidden_states until the outputs are dropped

@@ -401,9 +401,7 @@ class PaliGemmaModel(BaseModel):
         mask = e.new(self.tokens, "bool", name="special_image_mask")
         count = e.new(1, "int64", name="n_image_tokens")
         del count
-        out = e.new(x.numel, x.dtype, name="inputs_embeds:scatter")
-        sources = [q for q in (x, features) if q.rg]
-        e.record(Node("masked_scatter", sources, [mask] if sources else [], []), out)
+        out = ops.masked_scatter(e, x, mask, features, name="inputs_embeds:scatter")
         # mm_encoder_outputs["image"] (last_hidden_state, pooler_output = the projected features) and the mask live
         # until PaliGemmaModel.forward returns; image_features (image_hidden_states) until the outputs are dropped
         self._keep = (features, last, projected, mask)
