@@ -30,3 +30,26 @@ def test_extrapolated_simulation_equals_full(model, kw):
     assert fast.peak_phase == peak
     for key, value in full.phase_breakdown[peak].items():
         assert fast.phase_breakdown[peak].get(key, 0) == pytest.approx(value, rel=1e-6, abs=4096), key
+
+
+def test_simulation_ignores_the_cluster():
+    """The memo key leaves out the settings the simulated step never reads: simulating without the memo under
+    other values of each of them gives the same result, so plans and tables can share one simulation."""
+    from dataclasses import replace
+
+    from vlplan.planner.hardware import find_gpu
+    from vlplan.planner.memory import step
+
+    base = make_setup(resolve("qwen2-vl-2b"), method="full", seq_len=1024, image_size=(448, 448), num_gpus=2,
+                      zero=2)
+    reference = simulate(base)
+    variants = dict(gpu=find_gpu("a100-40g"), num_gpus=8, num_nodes=2, offload="optimizer", zero=3,
+                    ds_reduce_bucket_size=10**6, ds_overlap_comm=True, packing=True, liger_kernel=True,
+                    video_max_pixels=1024, video_min_pixels=128, video_fps=1.0, video_maxlen=8)
+    assert set(variants) - {"zero"} == set(step.SIMULATION_IGNORES)
+    for name, value in variants.items():
+        other = replace(base, **{name: value})
+        assert step.simulation_key(other) == step.simulation_key(base), name
+        assert simulate(other).phase_peaks == reference.phase_peaks, name
+    assert step.simulation_key(replace(base, zero=0, num_gpus=2)) != step.simulation_key(base)
+    assert simulate_extrapolated(base) is simulate_extrapolated(replace(base, num_gpus=4))

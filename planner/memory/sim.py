@@ -19,6 +19,7 @@ It is pure Python (no torch) and is held to the byte-exact tracer (`vlplan trace
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass, field
 
@@ -282,8 +283,13 @@ class Engine:
         previous = grads.get(key)
         if previous is None:
             grads[key] = grad
-        # else: InputBuffer::accumulate adds the new gradient into the buffered one in place (`old_var.add_(var)`;
-        # out of place only for tensor subclasses or while a dispatch mode is active) and the new one dies
+        elif sys.getrefcount(previous) > 3 or sys.getrefcount(previous.storage) > 2:
+            # InputBuffer::accumulate sums out of place (`old_var + var`) when the buffered gradient is not its last
+            # reference (can_accumulate_inplace): a gradient passed through to another pending input, the incoming
+            # gradient a reentrant checkpoint holds for its inner backward, a view. (References counted: the dict,
+            # `previous` and getrefcount's argument; the storage: `previous` and the argument.)
+            grads[key] = self.new(max(previous.numel, grad.numel), previous.dtype, name=previous.name)
+        # else: added into the buffered gradient in place (`old_var.add_(var)`); the new one dies
 
     def _param_grad(self, p: Param, via: str | None) -> None:
         """The weight gradient, computed in `via` (half precision under autocast) and accumulated into `.grad`.

@@ -8,7 +8,7 @@ quantities the tracer measures on the real modeling code.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..errors import VlplanError
 from ..modules import LANGUAGE, VISION
@@ -37,10 +37,39 @@ class SimResult:
 BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first layer of a stack is special)
 
 
+# Settings the simulated step does not read: the cluster (GPU type and count, what DeepSpeed offloads and its
+# buffers: zero.py and estimate.py add those analytically), and what is recorded only for launch configs. ZeRO
+# matters to the simulation only as on/off (gradients reduced into buckets instead of kept).
+SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_bucket_size", "ds_overlap_comm",
+                      "packing", "liger_kernel", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen")
+
+
+def simulation_key(setup: TrainSetup) -> tuple:
+    """What the simulation of `setup` depends on: setups with equal keys have equal simulations."""
+    return tuple((f.name, bool(setup.zero) if f.name == "zero" else getattr(setup, f.name))
+                 for f in fields(setup) if f.name not in SIMULATION_IGNORES)
+
+
 def simulate_extrapolated(setup: TrainSetup) -> SimResult:
     """`simulate` at a few layers per type plus one more per type, extrapolated linearly per segment to the real
     layer counts (each segment's peak and breakdown is affine in the counts; their maximum is not). Equal to the
-    full simulation (tests/test_memory_sim.py) and an order of magnitude faster for deep models."""
+    full simulation (tests/test_memory_sim.py) and an order of magnitude faster for deep models. Memoized on
+    `simulation_key`, so estimates that differ only in the cluster (plans, tables) simulate once."""
+    key = simulation_key(setup)
+    result = _MEMO.get(key)
+    if result is None:
+        result = _simulate_extrapolated(setup)
+        if len(_MEMO) >= _MEMO_SIZE:
+            _MEMO.pop(next(iter(_MEMO)))
+        _MEMO[key] = result
+    return result
+
+
+_MEMO: dict[tuple, SimResult] = {}
+_MEMO_SIZE = 8192
+
+
+def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
     from .families import base_layer_counts, layer_counts
 
     real = layer_counts(setup.model)
