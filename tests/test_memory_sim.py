@@ -53,3 +53,23 @@ def test_simulation_ignores_the_cluster():
         assert simulate(other).phase_peaks == reference.phase_peaks, name
     assert step.simulation_key(replace(base, zero=0, num_gpus=2)) != step.simulation_key(base)
     assert simulate_extrapolated(base) is simulate_extrapolated(replace(base, num_gpus=4))
+
+
+@pytest.mark.parametrize("model,kw", [
+    ("qwen2.5-vl-7b", dict(method="lora", batch_size=4, images=[(448, 448), (1344, 1344), (200, 1000)])),
+    ("qwen2.5-vl-7b", dict(method="full", batch_size=3, image_size=(1920, 1080))),
+    ("qwen2-vl-2b", dict(method="lora", num_images=4, image_size=(448, 448), batch_size=2)),
+    ("qwen3-vl-8b", dict(method="lora", batch_size=2, image_size=(1024, 768))),
+])
+def test_grouped_vision_attention_equals_one_call_per_segment(model, kw, monkeypatch):
+    """A frozen vision tower's per-image/per-window attention calls, grouped by length, give the same peaks and
+    breakdowns as simulating every call."""
+    from vlplan.planner.memory import model as model_module
+
+    setup = make_setup(resolve(model), **kw)
+    grouped = simulate(setup)
+    assert any(calls > 1 for _, calls in model_module._grouped_calls([4, 4, 9, 4], lambda n: 512 * n, lambda n: n))
+    monkeypatch.setattr(model_module, "_grouped_calls", lambda lengths, *_: [(n, 1) for n in lengths])
+    separate = simulate(setup)
+    assert grouped.phase_peaks == separate.phase_peaks
+    assert grouped.phase_breakdown == separate.phase_breakdown

@@ -8,7 +8,7 @@ from ..setup import Train, TrainSetup
 from ..spec import ModelSpec
 from . import ops
 from .blocks import Context, LlamaLayer, Params
-from .sim import Engine, Node, T
+from .sim import DTYPE_BYTES, Engine, Node, T, rounded
 
 
 # Attention callables (sdpa -> CUDA fused kernel, eager -> transformers eager_attention_forward) -----------------------
@@ -42,18 +42,46 @@ def segment_attention(setup: TrainSetup):
         outs = []
         if e.autocast:
             q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
-        for length in segments:
-            qs, ks, vs = (t.view(length * d) for t in (q, k, v))
-            if setup.attn == "eager" or qs.dtype == "fp32":
-                outs.append(ops.eager_attention(e, qs, ks, vs, heads, heads, length, length, 1, None, name=name))
+        fused = setup.attn != "eager" and q.dtype != "fp32"
+        frozen = not (q.rg or k.rg or v.rg)
+        if fused and frozen:
+            calls_by_length = _grouped_calls(segments, lambda n: n * d * DTYPE_BYTES[q.dtype],
+                                             lambda n: n * heads * DTYPE_BYTES["fp32"])
+        else:
+            calls_by_length = [(length, 1) for length in segments]
+        for length, calls in calls_by_length:
+            # runs of equal segments without gradient: one grouped call, the same memory as `calls` separate ones
+            qs, ks, vs = (t.view(length * calls * d) for t in (q, k, v))
+            if fused:
+                outs.append(ops.fused_attention(e, qs, ks, vs, heads, length, name=name, calls=calls))
             else:
-                out = ops.fused_attention(e, qs, ks, vs, heads, length, name=name)
-                outs.append(out)
+                outs.append(ops.eager_attention(e, qs, ks, vs, heads, heads, length, length, 1, None, name=name))
         del qs, ks, vs
         cat = e.new(q.numel, q.dtype, name=f"{name}.cat")
         e.record(Node("cat", [o for o in outs if o.rg], [], []), cat)
         return cat
     return attention
+
+
+def _grouped_calls(lengths: list[int], out_bytes, lse_bytes) -> list[tuple[int, int]]:
+    """(length, calls) groups that reproduce the peak of calling attention once per segment in order, when no input
+    needs a gradient: each call keeps its output and drops its logsumexp. If every output block outweighs every
+    logsumexp, the running total only grows, so the peak is all outputs plus the last call's logsumexp, whatever
+    the order: segments are grouped by length and the last one stays last. Otherwise only consecutive equal
+    lengths are grouped (the same sequence of totals)."""
+    if len(lengths) > 1 and min(rounded(out_bytes(n)) for n in set(lengths)) >= max(
+            rounded(lse_bytes(n)) for n in set(lengths)):
+        counts: dict[int, int] = {}
+        for length in lengths[:-1]:
+            counts[length] = counts.get(length, 0) + 1
+        return list(counts.items()) + [(lengths[-1], 1)]
+    runs: list[list[int]] = []
+    for length in lengths:
+        if runs and runs[-1][0] == length:
+            runs[-1][1] += 1
+        else:
+            runs.append([length, 1])
+    return [(length, count) for length, count in runs]
 
 
 class BaseModel:

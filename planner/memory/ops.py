@@ -351,12 +351,18 @@ def layer_norm(e: Engine, x: T, weight: Param, bias: Param, tokens: int, name: s
 # Attention ----------------------------------------------------------------------------------------------------------
 
 
-def fused_attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: str = "") -> T:
+def fused_attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: str = "", calls: int = 1) -> T:
     """torch CUDA SDPA fused kernel (cuDNN / FlashAttention-2): saves q, k, v, the output and an fp32 logsumexp of
-    (heads, tokens); its backward allocates a fp32 dq accumulator and softmax sum (b*h*s*d*4 + b*h*s*4 bytes)."""
-    out = e.new(q.numel, q.dtype, name=name)
-    lse = e.new(heads * tokens, "fp32", name=f"{name}.lse")
+    (heads, tokens); its backward allocates a fp32 dq accumulator and softmax sum (b*h*s*d*4 + b*h*s*4 bytes).
+
+    `calls` > 1: that many back-to-back calls on equal slices of q, k, v that need no gradient (a frozen vision
+    tower's images or windows). Each call's output is kept and its logsumexp dropped at once, so the memory is the
+    outputs as `calls` blocks plus one transient logsumexp: exactly the sequence of separate calls at its maximum."""
     inputs = [t for t in (q, k, v) if t.rg]
+    if calls > 1 and inputs:
+        raise ValueError("grouped attention calls are for inputs without gradient")
+    out = e.new(q.numel, q.dtype, name=name, blocks=calls)
+    lse = e.new(heads * tokens, "fp32", name=f"{name}.lse")
     node = Node("sdpa", inputs, [q, k, v, out, lse] if inputs else [], [], workspace=q.numel * 4 + heads * tokens * 4)
     e.record(node, out)
     del lse

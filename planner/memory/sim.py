@@ -33,12 +33,14 @@ def rounded(nbytes: int) -> int:
 
 
 class Storage:
-    """One allocation. Freed (accounted) when the last tensor viewing it dies."""
+    """One allocation (or `blocks` equal ones made back to back and freed together). Freed (accounted) when the last
+    tensor viewing it dies."""
 
     __slots__ = ("engine", "nbytes", "category", "owner", "__weakref__")
 
-    def __init__(self, engine: "Engine", nbytes: int, category: str, owner: str) -> None:
-        self.engine, self.nbytes, self.category, self.owner = engine, rounded(nbytes), category, owner
+    def __init__(self, engine: "Engine", nbytes: int, category: str, owner: str, blocks: int = 1) -> None:
+        self.engine, self.category, self.owner = engine, category, owner
+        self.nbytes = blocks * rounded(nbytes // blocks)
         engine._alloc(self)
 
     def __del__(self) -> None:
@@ -185,11 +187,13 @@ class Engine:
         self.phase_peaks = {}
 
     # Tensors ----------------------------------------------------------------------------------------------------
-    def new(self, numel: int, dtype: str, rg: bool = False, name: str = "", category: str | None = None) -> T:
+    def new(self, numel: int, dtype: str, rg: bool = False, name: str = "", category: str | None = None,
+            blocks: int = 1) -> T:
+        """A fresh tensor of `numel` elements; `blocks` > 1: that many equal allocations of numel / blocks each."""
         if category is None:
             kind = "activations" if self.phase in ("forward", "loss") else "temporaries"
             category = f"{kind}/{self.scope}"
-        storage = Storage(self, numel * DTYPE_BYTES[dtype], category, name)
+        storage = Storage(self, numel * DTYPE_BYTES[dtype], category, name, blocks)
         return T(numel, dtype, rg and self.grad_enabled, storage, name)
 
     def param(self, name: str, numel: int, dtype: str, trainable: bool, component: str,
