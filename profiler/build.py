@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.hf_config import spec_to_hf_config
-from vlplan.planner.modules import HF_COMPONENT_PREFIXES, LANGUAGE, PROJECTOR, VISION, component_of
+from vlplan.planner.modules import HF_COMPONENT_PREFIXES, LANGUAGE, PROJECTOR, component_of
 from vlplan.planner.setup import Train, TrainSetup
 from vlplan.planner.spec import ModelSpec
 

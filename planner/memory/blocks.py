@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..modules import LANGUAGE, PROJECTOR, VISION
+from ..modules import LANGUAGE
 from ..setup import Train, TrainSetup
 from . import ops
-from .sim import Engine, Node, Param, T
+from .sim import Engine, Param, T
 
 
 @dataclass

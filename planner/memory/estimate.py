@@ -7,9 +7,9 @@ re-partitioned for ZeRO and DDP (`zero.py`); the device overheads outside live t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from ..modules import LANGUAGE, PROJECTOR, VISION, model_inventory
+from ..modules import LANGUAGE, model_inventory
 from ..setup import Train, TrainSetup
 from . import overheads
 from .step import PHASES, simulate_extrapolated

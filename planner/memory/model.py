@@ -3,7 +3,7 @@ checkpointing), the final norm, lm_head and the loss as the HF Trainer computes 
 
 from __future__ import annotations
 
-from ..modules import LANGUAGE, VISION
+from ..modules import LANGUAGE
 from ..setup import Train, TrainSetup
 from ..spec import ModelSpec
 from . import ops

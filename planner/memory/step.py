@@ -10,10 +10,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass, field, fields
 
-from ..errors import VlplanError
-from ..modules import LANGUAGE, VISION
-from ..setup import Train, TrainSetup
-from . import ops
+from ..setup import TrainSetup
 from .families import model_for
 from .sim import Engine, T
 

@@ -4,7 +4,7 @@ Vision: 32 blocks, hidden 1280, gated SiLU MLP of 3420, RMSNorm, patch 14, tempo
 (8x8 patches) except the full-attention blocks 7, 15, 23, 31 (models/qwen2_5_vl/modeling_qwen2_5_vl.py).
 """
 
-from ..spec import ModelSpec, ProcessorSpec, ProjectorSpec, TextSpec, VisionSpec
+from ..spec import ModelSpec, ProjectorSpec, TextSpec, VisionSpec
 from .qwen2_vl import QWEN2_VL_PROCESSOR
 
 QWEN2_5_VL_VISION = VisionSpec(

@@ -17,7 +17,7 @@ copy per layer. profiler/emulate.py `_cudnn_masked_sdpa` emulates the same kerne
 
 from __future__ import annotations
 
-from ...modules import LANGUAGE, VISION
+from ...modules import VISION
 from ...setup import TrainSetup
 from .. import ops
 from ..blocks import Context, Params, apply_linear

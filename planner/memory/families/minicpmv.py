@@ -15,7 +15,7 @@ symbolic ops as the trace-validated families.
 
 from __future__ import annotations
 
-from ...modules import PROJECTOR, VISION
+from ...modules import PROJECTOR
 from ...setup import TrainSetup
 from ...token_rules import minicpmv as slicing
 from ...tokens import llamafactory_preresize

@@ -361,7 +361,7 @@ class MllamaCrossLayer:
 
     def __call__(self, e: Engine, x: T, ctx: Context) -> T:
         t, tokens = self.t, ctx.tokens
-        heads, kv_heads, hd = t.num_heads, t.num_kv_heads, t.head_dim
+        heads, kv_heads = t.num_heads, t.num_kv_heads
         residual = x
         h = ops.rms_norm(e, x, self.norm1, tokens, name="input_layernorm")
         # MllamaTextCrossAttention.forward

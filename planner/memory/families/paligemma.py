@@ -385,7 +385,6 @@ class PaliGemmaModel(BaseModel):
         """PaliGemmaModel.forward up to the language model: embeddings, 1-based position_ids, the image features
         scattered into the image placeholders; the vision outputs stay referenced (mm_encoder_outputs) until the
         forward returns, the projected features (image_hidden_states) until the outputs are dropped."""
-        t = self.setup.model.text
         x = self.embed_tokens(e)
         # position_ids: arange(seq) + 0, then .unsqueeze(0) + 1; the forward passes them to every layer
         self._position_ids = e.new(self.seq, "int64", name="position_ids")

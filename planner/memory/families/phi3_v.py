@@ -192,7 +192,6 @@ class Phi3VModel(BaseModel):
         x = self.embed_tokens(e)
         if not self.images:
             return x
-        v, proj = self.setup.model.vision, self.setup.model.projector
         e.scope = "vision"
         views = len(self.images) * self.batch * self.slots
         features = self.clip.features(self, e, inputs["pixel_values"], views)
