@@ -329,6 +329,41 @@ def rms_norm(e: Engine, x: T, weight: Param, tokens: int, name: str = "") -> T:
     return out
 
 
+def gemma_rms_norm(e: Engine, x: T, weight: Param, rows: int, name: str = "") -> T:
+    """Gemma2RMSNorm.forward / Gemma3RMSNorm.forward (models/gemma2/modeling_gemma2.py,
+    models/gemma3/modeling_gemma3.py, the same code): `output = self._norm(x.float())` (x * rsqrt(x.pow(2).mean(-1) +
+    eps), all fp32), then `output * (1.0 + self.weight.float())` in fp32 and `.type_as(x)`. Unlike `rms_norm`, the
+    variance is a temporary of `_norm` and the weight multiplies before the cast back."""
+    x32 = cast(e, x, "fp32", name=f"{name}.fp32")
+    sq = e.new(x32.numel, "fp32", name=f"{name}.pow")
+    e.record(Node("pow", [x32] if x32.rg else [], [x32], []), sq)
+    var = e.new(rows, "fp32", name=f"{name}.mean")
+    e.record(Node("mean", [sq] if sq.rg else [], [], []), var)
+    del sq
+    var_eps = e.new(rows, "fp32", name=f"{name}.add_eps")
+    e.record(Node("add", [var] if var.rg else [], [], []), var_eps)
+    del var
+    r = e.new(rows, "fp32", name=f"{name}.rsqrt")
+    e.record(Node("rsqrt", [var_eps] if var_eps.rg else [], [r], []), r)
+    del var_eps
+    normed = mul(e, x32, r, name=f"{name}.normed")
+    del x32, r  # `_norm`'s argument dies when it returns
+    # `1.0 + self.weight.float()`: .float() copies a half-precision weight (no copy for an fp32 one); the gradient
+    # reaches a trainable weight through that copy or straight from the add
+    if weight.dtype != "fp32":
+        w32 = e.new(weight.numel, "fp32", name=f"{name}.weight_fp32")
+        e.record(Node("to_copy", [], [], [weight] if weight.trainable else []), w32)
+        one_plus = e.new(weight.numel, "fp32", name=f"{name}.one_plus_weight")
+        e.record(Node("add_scalar", [w32] if w32.rg else [], [], []), one_plus)
+        del w32
+    else:
+        one_plus = e.new(weight.numel, "fp32", name=f"{name}.one_plus_weight")
+        e.record(Node("add_scalar", [], [], [weight] if weight.trainable else []), one_plus)
+    out = mul(e, normed, one_plus, name=f"{name}.scaled")
+    del normed, one_plus
+    return cast(e, out, x.dtype, name=name)
+
+
 def layer_norm(e: Engine, x: T, weight: Param, bias: Param, tokens: int, name: str = "") -> T:
     """nn.LayerNorm: under CUDA autocast layer_norm runs in fp32 (input cast to fp32, fp32 output); it saves its
     input, mean and rstd ((tokens, 1) fp32 each) and the weight."""

@@ -29,39 +29,6 @@ from ..sim import Engine, Node, T
 from .internvl import ConditionalGenerationStep, keep_checkpoint_arguments
 
 
-def gemma_rms_norm(e: Engine, x: T, weight, rows: int, name: str = "") -> T:
-    """Gemma3RMSNorm.forward: `output = self._norm(x.float())` (x * rsqrt(x.pow(2).mean(-1) + eps), in fp32), then
-    `output * (1.0 + self.weight.float())` in fp32 and `.type_as(x)`."""
-    x32 = ops.cast(e, x, "fp32", name=f"{name}.fp32")
-    sq = e.new(x32.numel, "fp32", name=f"{name}.pow")
-    e.record(Node("pow", [x32] if x32.rg else [], [x32], []), sq)
-    var = e.new(rows, "fp32", name=f"{name}.mean")
-    e.record(Node("mean", [sq] if sq.rg else [], [], []), var)
-    del sq
-    var_eps = e.new(rows, "fp32", name=f"{name}.add_eps")
-    e.record(Node("add", [var] if var.rg else [], [], []), var_eps)
-    del var
-    r = e.new(rows, "fp32", name=f"{name}.rsqrt")
-    e.record(Node("rsqrt", [var_eps] if var_eps.rg else [], [r], []), r)
-    del var_eps
-    normed = ops.mul(e, x32, r, name=f"{name}.normed")
-    del x32, r  # `_norm`'s argument dies when it returns
-    # `1.0 + self.weight.float()`: .float() copies a half-precision weight; the gradient of a trainable fp32 weight
-    # comes straight from the add
-    if weight.dtype != "fp32":
-        w32 = e.new(weight.numel, "fp32", name=f"{name}.weight_fp32")
-        e.record(Node("to_copy", [], [], [weight] if weight.trainable else []), w32)
-        one_plus = e.new(weight.numel, "fp32", name=f"{name}.one_plus_weight")
-        e.record(Node("add_scalar", [w32] if w32.rg else [], [], []), one_plus)
-        del w32
-    else:
-        one_plus = e.new(weight.numel, "fp32", name=f"{name}.one_plus_weight")
-        e.record(Node("add_scalar", [], [], [weight] if weight.trainable else []), one_plus)
-    out = ops.mul(e, normed, one_plus, name=f"{name}.scaled")
-    del normed, one_plus
-    return ops.cast(e, out, x.dtype, name=name)
-
-
 # SigLIP vision tower ------------------------------------------------------------------------------------------------
 
 
@@ -210,14 +177,14 @@ class Gemma3Layer:
     def __call__(self, e: Engine, x: T, ctx: "LayerContext") -> T:
         t, tokens = self.t, ctx.tokens
         residual = x
-        h = gemma_rms_norm(e, x, self.norms["input_layernorm"], tokens, name="input_layernorm")
+        h = ops.gemma_rms_norm(e, x, self.norms["input_layernorm"], tokens, name="input_layernorm")
         # Gemma3Attention.forward
         q = apply_linear(e, h, self.q, "q_proj")
         k = apply_linear(e, h, self.k, "k_proj")
         v = apply_linear(e, h, self.v, "v_proj")
-        q_normed = gemma_rms_norm(e, q, self.q_norm, tokens * t.num_heads, name="q_norm")
+        q_normed = ops.gemma_rms_norm(e, q, self.q_norm, tokens * t.num_heads, name="q_norm")
         del q
-        k_normed = gemma_rms_norm(e, k, self.k_norm, tokens * t.num_kv_heads, name="k_norm")
+        k_normed = ops.gemma_rms_norm(e, k, self.k_norm, tokens * t.num_kv_heads, name="k_norm")
         del k
         q_rot = ops.rope(e, q_normed, ctx.cos, ctx.sin, name="q_rope")
         k_rot = ops.rope(e, k_normed, ctx.cos, ctx.sin, name="k_rope")
@@ -225,12 +192,12 @@ class Gemma3Layer:
         attn, weights = ctx.attention(e, q_rot, k_rot, v, t.num_heads, t.num_kv_heads, "self_attn")
         o = apply_linear(e, attn, self.o, "o_proj")
         del q_rot, k_rot, v, attn, h  # Gemma3Attention.forward returns
-        n = gemma_rms_norm(e, o, self.norms["post_attention_layernorm"], tokens, name="post_attention_layernorm")
+        n = ops.gemma_rms_norm(e, o, self.norms["post_attention_layernorm"], tokens, name="post_attention_layernorm")
         del o
         x = ops.add(e, residual, n, name="attn_residual")
         del residual, n
         residual = x
-        h = gemma_rms_norm(e, x, self.norms["pre_feedforward_layernorm"], tokens, name="pre_feedforward_layernorm")
+        h = ops.gemma_rms_norm(e, x, self.norms["pre_feedforward_layernorm"], tokens, name="pre_feedforward_layernorm")
         del x
         # Gemma3MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x))
         g = apply_linear(e, h, self.gate, "gate_proj")
@@ -241,7 +208,8 @@ class Gemma3Layer:
         del act, u
         m = apply_linear(e, prod, self.down, "down_proj")
         del prod, h  # the MLP's argument lives until it returns
-        n = gemma_rms_norm(e, m, self.norms["post_feedforward_layernorm"], tokens, name="post_feedforward_layernorm")
+        n = ops.gemma_rms_norm(e, m, self.norms["post_feedforward_layernorm"], tokens,
+                               name="post_feedforward_layernorm")
         del m
         out = ops.add(e, residual, n, name="mlp_residual")
         del residual, n, weights  # `hidden_states, _ = self.self_attn(...)`: the weights live until the layer returns
@@ -414,7 +382,7 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
         e.record(Node("avg_pool2d", [contiguous] if contiguous.rg else [], [contiguous] if contiguous.rg else [],
                       []), pooled)
         del contiguous
-        normed = gemma_rms_norm(e, pooled, self.soft_emb_norm, rows, name="mm_soft_emb_norm")
+        normed = ops.gemma_rms_norm(e, pooled, self.soft_emb_norm, rows, name="mm_soft_emb_norm")
         del pooled
         projected = ops.linear(e, normed, self.projection, out_features, name="mm_input_projection")
         del normed
@@ -468,7 +436,7 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
             del cos, sin
         for layer, kind in zip(self.layers, self.types):
             x = self._run_layer(e, layer, x, contexts[kind])
-        out = gemma_rms_norm(e, x, self.norm, self.tokens, name="norm")
+        out = ops.gemma_rms_norm(e, x, self.norm, self.tokens, name="norm")
         # the text model returns (position_ids, RoPE tables), then Gemma3Model.forward (masks, block ids)
         del x, contexts, masks, block_ids, position_ids
         self._keep = ()  # Gemma3Model.forward returns: the vision outputs and the placeholder mask die

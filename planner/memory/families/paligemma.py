@@ -29,39 +29,6 @@ ATTN_SOFTCAP, FINAL_SOFTCAP = 50.0, 30.0
 # Building blocks ----------------------------------------------------------------------------------------------------
 
 
-def gemma_rms_norm(e: Engine, x: T, weight, tokens: int, name: str = "") -> T:
-    """Gemma2RMSNorm.forward: `output = self._norm(x.float())` (x * rsqrt(x.pow(2).mean(-1) + eps), all fp32), then
-    `output * (1.0 + self.weight.float())` in fp32 and `.type_as(x)`."""
-    x32 = ops.cast(e, x, "fp32", name=f"{name}.fp32")
-    sq = e.new(x32.numel, "fp32", name=f"{name}.pow")
-    e.record(Node("pow", [x32] if x32.rg else [], [x32], []), sq)
-    var = e.new(tokens, "fp32", name=f"{name}.mean")
-    e.record(Node("mean", [sq] if sq.rg else [], [], []), var)
-    del sq
-    var_eps = e.new(tokens, "fp32", name=f"{name}.add_eps")
-    e.record(Node("add", [var] if var.rg else [], [], []), var_eps)
-    del var
-    r = e.new(tokens, "fp32", name=f"{name}.rsqrt")
-    e.record(Node("rsqrt", [var_eps] if var_eps.rg else [], [r], []), r)
-    del var_eps
-    normed = ops.mul(e, x32, r, name=f"{name}.normed")
-    del x32, r  # `_norm`'s argument dies when it returns
-    # `1.0 + self.weight.float()`: .float() copies a bf16 weight (no copy for an fp32 one); the gradient reaches a
-    # trainable weight through that copy or straight from the add
-    if weight.dtype != "fp32":
-        w32 = e.new(weight.numel, "fp32", name=f"{name}.weight_fp32")
-        e.record(Node("to_copy", [], [], [weight] if weight.trainable else []), w32)
-        one_plus = e.new(weight.numel, "fp32", name=f"{name}.one_plus_weight")
-        e.record(Node("add_scalar", [w32] if w32.rg else [], [], []), one_plus)
-        del w32
-    else:
-        one_plus = e.new(weight.numel, "fp32", name=f"{name}.one_plus_weight")
-        e.record(Node("add_scalar", [], [], [weight] if weight.trainable else []), one_plus)
-    out = ops.mul(e, normed, one_plus, name=f"{name}.scaled")
-    del normed, one_plus
-    return ops.cast(e, out, x.dtype, name=name)
-
-
 def conv2d(e: Engine, x: T, weight, bias, out_numel: int, name: str = "") -> T:
     """nn.Conv2d(padding="valid") under autocast. `conv2d.padding` has no autocast kernel of its own: it decomposes
     to `convolution`, whose autocast kernel casts input, weight and bias to the half dtype. The tracer's CPU autocast
@@ -291,7 +258,7 @@ class Gemma2Layer:
     def __call__(self, e: Engine, x: T, ctx: "GemmaContext") -> T:
         t, tokens = self.t, ctx.tokens
         residual = x
-        h = gemma_rms_norm(e, x, self.norms["input_layernorm"], tokens, name="input_layernorm")
+        h = ops.gemma_rms_norm(e, x, self.norms["input_layernorm"], tokens, name="input_layernorm")
         # Gemma2Attention.forward
         q = apply_linear(e, h, self.q, "q_proj")
         k = apply_linear(e, h, self.k, "k_proj")
@@ -306,16 +273,17 @@ class Gemma2Layer:
                                                        ctx.seq, ctx.batch, ctx.mask, ATTN_SOFTCAP, name="self_attn")
         o = apply_linear(e, attn, self.o, "o_proj")
         del q_rot, k_rot, v, attn, h
-        h = gemma_rms_norm(e, o, self.norms["post_attention_layernorm"], tokens, name="post_attention_layernorm")
+        h = ops.gemma_rms_norm(e, o, self.norms["post_attention_layernorm"], tokens, name="post_attention_layernorm")
         del o
         x = ops.add(e, residual, h, name="attn_residual")
         del residual, h
         residual = x
-        h = gemma_rms_norm(e, x, self.norms["pre_feedforward_layernorm"], tokens, name="pre_feedforward_layernorm")
+        h = ops.gemma_rms_norm(e, x, self.norms["pre_feedforward_layernorm"], tokens, name="pre_feedforward_layernorm")
         del x
         m = _gelu_tanh_mlp(e, h, self.gate, self.up, self.down)
         del h
-        h = gemma_rms_norm(e, m, self.norms["post_feedforward_layernorm"], tokens, name="post_feedforward_layernorm")
+        h = ops.gemma_rms_norm(e, m, self.norms["post_feedforward_layernorm"], tokens,
+                               name="post_feedforward_layernorm")
         del m
         out = ops.add(e, residual, h, name="mlp_residual")
         del residual, h, weights  # `hidden_states, _ = self.self_attn(...)`: the weights live until the layer returns
@@ -436,7 +404,7 @@ class PaliGemmaModel(BaseModel):
             kind = "full" if (index + 1) % pattern == 0 else "sliding"
             x = self._run_layer(e, layer, x, contexts[kind])
         del layer
-        out = gemma_rms_norm(e, x, self.norm, self.tokens, name="norm")
+        out = ops.gemma_rms_norm(e, x, self.norm, self.tokens, name="norm")
         del x, block_ids, contexts  # PaliGemmaModel.forward returns: its masks and position_ids go
         self._keep = self._keep[:1]  # PaliGemmaModel.forward returns: only image_hidden_states stays (outputs)
         return out
