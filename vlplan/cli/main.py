@@ -10,6 +10,7 @@ from .models import models_command
 from .scan import scan_command
 from .tiny_model import tiny_model_command
 from .plan import plan_command
+from .profile import profile_command
 from .run import run_command
 from .tokens import tokens_command
 from .trace import trace_command
@@ -19,6 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 app.command("estimate")(estimate_command)
 app.command("trace")(trace_command)
 app.command("plan")(plan_command)
+app.command("profile")(profile_command)
 app.command("tokens")(tokens_command)
 app.command("models")(models_command)
 app.command("gpus")(gpus_command)

@@ -37,13 +37,19 @@ def plan_command(
     llamafactory_version: str = typer.Option("latest", "--llamafactory-version",
                                              help="LLaMA-Factory version the YAML is for (0.9.0 ... latest)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing export files."),
+    confirm: bool = typer.Option(False, "--confirm", help="After planning, measure the chosen micro-batch (and the "
+                                                          "next one up) in short `vlplan profile` runs on the GPU."),
+    confirm_backend: str = typer.Option("cuda", "--confirm-backend", help="With --confirm: cuda | cpu (the profile's "
+                                                                          "test/dev backend)."),
     json_: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Choose micro-batch, accumulation, checkpointing, ZeRO stage and offload for a global batch on your GPUs.
 
     Keeps micro-batch x accumulation x data-parallel GPUs = the global batch, keeps the estimated peak within
     the margin, and maximizes estimated throughput (FLOPs model: stated MFU, recomputation, ZeRO communication,
-    offload bandwidth). Exits 1 with what would fit when nothing does.
+    offload bandwidth). Exits 1 with what would fit when nothing does. With --confirm, two short GPU runs of the
+    profile code check the chosen micro-batch and the next one up against the margin (exit 1 if the chosen one
+    does not hold, or no CUDA GPU is there to check it).
     """
     from vlplan.planner.plan import NothingFits
 
@@ -58,6 +64,12 @@ def plan_command(
             raise typer.Exit(1) from None
         written = write_exports(result.setup, llamafactory=export_llamafactory, deepspeed=export_deepspeed,
                                 hf_args=export_hf_args, version=llamafactory_version, overwrite=overwrite)
+    if confirm:
+        from .profile import confirm_and_render
+
+        confirm_and_render(result, explain, confirm_backend, json_,
+                           {**resolved.json_extras(), "exported": [str(p) for p in written]}, written)
+        return
     if json_:
         print_json({**result.to_dict(), **resolved.json_extras(), "exported": [str(p) for p in written]})
         return
