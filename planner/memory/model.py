@@ -87,6 +87,10 @@ def _grouped_calls(lengths: list[int], out_bytes, lse_bytes) -> list[tuple[int, 
 class BaseModel:
     """Shared pieces: token embedding, language stack with optional checkpointing, final norm, lm_head and loss."""
 
+    # Checkpointed layers' non-tensor arguments live until the loss is dropped (`keep_checkpoint_arguments`); the
+    # families whose traces show it set this (with ConditionalGenerationStep, whose loss hands them on)
+    keeps_checkpoint_arguments = False
+
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         self.e, self.setup = e, setup
         self.p = Params(e, setup)
@@ -158,6 +162,8 @@ class BaseModel:
         node.recompute = lambda leaf, layer=layer, ctx=ctx: layer(e, leaf, ctx)
         node.autocast = e.autocast
         e.record(node, out)
+        if self.keeps_checkpoint_arguments:
+            keep_checkpoint_arguments(self, out, ctx)
         return out
 
     def loss(self, e: Engine, hidden: T) -> T:
@@ -201,6 +207,87 @@ class BaseModel:
         return loss
 
 
+
+
+def keep_checkpoint_arguments(model: BaseModel, out: T, ctx) -> None:
+    """A reentrant checkpoint keeps its non-tensor arguments (`ctx.run_function`, the partial holding the layer's
+    keyword arguments: masks, RoPE tables, position_ids) as a Python attribute of its graph node, which lives until
+    the graph does, i.e. until the loss tensor is dropped after backward (torch/utils/checkpoint.py
+    CheckpointFunction; only saved tensors are released as each node runs). Collect the contexts of checkpointed
+    layers for `attach_checkpoint_arguments`."""
+    if out.node is not None and out.node.recompute is not None:
+        refs = model.__dict__.setdefault("_checkpoint_arguments", [])
+        if not any(ref is ctx for ref in refs):
+            refs.append(ctx)
+
+
+def attach_checkpoint_arguments(model: BaseModel, loss: T) -> None:
+    """Hand the collected checkpoint arguments to the loss's graph node: they die with the loss tensor."""
+    refs = model.__dict__.pop("_checkpoint_arguments", [])
+    if loss.node is not None and refs:
+        loss.node.checkpoint_arguments = refs
+
+
+class ConditionalGenerationStep:
+    """The Trainer's step around a `...ForConditionalGeneration` (a mixin before BaseModel): the last hidden state
+    dies where the model's forward returns, and accelerate's fp32 conversion copies the whole output, whose
+    `image_hidden_states` the family leaves in `self._outputs` (from `encode` or `language` on)."""
+
+    # Gemma 2 `final_logit_softcapping` (logits / cap, tanh, * cap before the loss); None: no soft-capping
+    final_logit_softcapping: float | None = None
+    _outputs: tuple = ()
+
+    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
+        """The model under accelerate's autocast, then the output's fp32 conversion outside it. The last hidden state
+        goes to `loss` in a list so that it dies where the model's forward returns."""
+        e.autocast = None if self.setup.zero else {"bf16": "bf16", "fp16": "fp16"}.get(self.setup.precision)
+        e.cast_cache = {}
+        x = self.encode(e, inputs)
+        hidden = [self.language(e, x)]  # the model's forward keeps inputs_embeds referenced meanwhile
+        del x
+        loss = self.loss(e, hidden)
+        e.autocast = None
+        return loss
+
+    def loss(self, e: Engine, hidden: list) -> T:
+        """lm_head, the optional final logit soft-capping (Gemma 2: /30, tanh, *30), ForCausalLMLoss (logits.float();
+        labels padded by one, `labels[..., 1:].contiguous()` a view for batch 1; cross_entropy = log_softmax +
+        nll_loss), whose locals die when it returns. The forward then returns (the last hidden state goes), the
+        autocast region ends (its weight-cast cache is cleared), and accelerate's convert_outputs_to_fp32 copies every
+        half-precision tensor of the output (logits, image_hidden_states) to fp32 while the originals live.
+        Checkpointed layers' arguments go with the graph (`loss`)."""
+        t = self.setup.model.text
+        h = hidden.pop()
+        e.set_phase("loss")
+        e.scope = "loss"
+        logits = ops.linear(e, h, self.lm_head or self.embed, t.vocab_size, name="logits")
+        if self.final_logit_softcapping is not None:
+            divided = ops.scale(e, logits, name="logits/softcap")
+            del logits
+            capped = e.new(divided.numel, divided.dtype, name="logits.tanh")
+            e.record(Node("tanh", [divided] if divided.rg else [], [capped], []), capped)
+            del divided
+            logits = ops.scale(e, capped, name="logits*softcap")
+            del capped
+        logits32 = ops.cast(e, logits, "fp32", name="logits.float")
+        labels = e.new(self.tokens + self.batch, "int64", name="labels_pad")
+        shifted = labels if self.batch == 1 else e.new(self.tokens, "int64", name="shift_labels")
+        logp = e.new(logits32.numel, "fp32", name="log_softmax")
+        e.record(Node("log_softmax", [logits32] if logits32.rg else [], [logp], []), logp)
+        loss = e.new(1, "fp32", name="loss")
+        total_weight = e.new(1, "fp32", name="total_weight")
+        e.record(Node("nll_loss", [logp] if logp.rg else [], [shifted, total_weight], []), loss)
+        del logp, shifted, total_weight, logits32, labels, h
+        outputs = [logits, *self._outputs]
+        self._outputs = ()
+        e.cast_cache = {}
+        if e.autocast:
+            converted = [e.new(o.numel, "fp32", name=f"{o.name}:fp32_output") for o in outputs if o.dtype != "fp32"]
+            del converted
+        del logits, outputs
+        e.scope = "language"
+        attach_checkpoint_arguments(self, loss)
+        return loss
 
 
 def layer_counts(spec: ModelSpec) -> dict[str, int]:

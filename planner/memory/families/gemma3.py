@@ -24,9 +24,8 @@ from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...setup import TrainSetup
 from .. import ops
 from ..blocks import Params, apply_linear
-from ..model import BaseModel
+from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
-from .internvl import ConditionalGenerationStep, keep_checkpoint_arguments
 
 
 # SigLIP vision tower ------------------------------------------------------------------------------------------------
@@ -293,6 +292,8 @@ def spec_with_layers(spec, counts: dict[str, int]):
 class Gemma3Model(ConditionalGenerationStep, BaseModel):
     """Gemma3ForConditionalGeneration."""
 
+    keeps_checkpoint_arguments = True
+
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         super().__init__(e, setup, dict(counts or {}, text=0))  # embedding, final norm; Gemma 3 layers below
         spec = setup.model
@@ -440,11 +441,6 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
         # the text model returns (position_ids, RoPE tables), then Gemma3Model.forward (masks, block ids)
         del x, contexts, masks, block_ids, position_ids
         self._keep = ()  # Gemma3Model.forward returns: the vision outputs and the placeholder mask die
-        return out
-
-    def _run_layer(self, e: Engine, layer, x: T, ctx) -> T:
-        out = super()._run_layer(e, layer, x, ctx)
-        keep_checkpoint_arguments(self, out, ctx)
         return out
 
 

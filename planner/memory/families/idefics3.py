@@ -16,9 +16,9 @@ from ...modules import PROJECTOR
 from ...setup import TrainSetup
 from .. import ops
 from ..blocks import Context, apply_linear
-from ..model import BaseModel, LMAttention
+from ..model import BaseModel, ConditionalGenerationStep, LMAttention
 from ..sim import Engine, Node, T
-from .paligemma import SiglipVision, batched_sdpa, causal_lm_loss, conv2d, forward_dropping_hidden
+from .paligemma import SiglipVision, batched_sdpa, conv2d
 
 
 class Idefics3Vision(SiglipVision):
@@ -61,7 +61,7 @@ class Idefics3Vision(SiglipVision):
         return out
 
 
-class Idefics3Model(BaseModel):
+class Idefics3Model(ConditionalGenerationStep, BaseModel):
     """Idefics3ForConditionalGeneration (Idefics3-8B-Llama3, SmolVLM-Instruct)."""
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
@@ -162,16 +162,8 @@ class Idefics3Model(BaseModel):
             x = self._run_layer(e, layer, x, ctx)
         out = ops.rms_norm(e, x, self.norm, self.tokens, name="norm")
         del x, ctx  # LlamaModel.forward returns: position_ids (and the eager mask) go
-        self._keep = self._keep[2:]
+        self._outputs, self._keep = self._keep[2:], None  # image_hidden_states stays with the outputs
         return out
-
-    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
-        return forward_dropping_hidden(self, e, inputs)
-
-    def loss(self, e: Engine, box: list) -> T:
-        loss = causal_lm_loss(self, e, box, self.lm_head or self.embed, None, self._keep)
-        self._keep = None
-        return loss
 
 
 MODELS = {"idefics3": Idefics3Model, "smolvlm": Idefics3Model}

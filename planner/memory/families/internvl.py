@@ -8,76 +8,9 @@ from ...modules import PROJECTOR, VISION
 from ...setup import TrainSetup
 from .. import ops
 from ..blocks import Context, Params, apply_linear
-from ..model import BaseModel
+from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
 from .llava import LlamaAttention
-
-
-def keep_checkpoint_arguments(model: BaseModel, out: T, ctx) -> None:
-    """A reentrant checkpoint keeps its non-tensor arguments (`ctx.run_function`, the partial holding the layer's
-    keyword arguments: masks, RoPE tables, position_ids) as a Python attribute of its graph node, which lives until
-    the graph does, i.e. until the loss tensor is dropped after backward (torch/utils/checkpoint.py
-    CheckpointFunction; only saved tensors are released as each node runs). Collect the contexts of checkpointed
-    layers for `attach_checkpoint_arguments`."""
-    if out.node is not None and out.node.recompute is not None:
-        refs = model.__dict__.setdefault("_checkpoint_arguments", [])
-        if not any(ref is ctx for ref in refs):
-            refs.append(ctx)
-
-
-def attach_checkpoint_arguments(model: BaseModel, loss: T) -> None:
-    """Hand the collected checkpoint arguments to the loss's graph node: they die with the loss tensor."""
-    refs = model.__dict__.pop("_checkpoint_arguments", [])
-    if loss.node is not None and refs:
-        loss.node.checkpoint_arguments = refs
-
-
-class ConditionalGenerationStep:
-    """The Trainer's step around a `...ForConditionalGeneration` whose output carries `image_hidden_states` (a mixin
-    for BaseModel subclasses; `self._outputs` holds those tensors from `encode` on)."""
-
-    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
-        """The model under accelerate's autocast, then the output's fp32 conversion outside it. The last hidden state
-        goes to `loss` in a list so that it dies where the model's forward returns."""
-        e.autocast = None if self.setup.zero else {"bf16": "bf16", "fp16": "fp16"}.get(self.setup.precision)
-        e.cast_cache = {}
-        x = self.encode(e, inputs)
-        hidden = [self.language(e, x)]  # the model's forward keeps inputs_embeds referenced meanwhile
-        del x
-        loss = self.loss(e, hidden)
-        e.autocast = None
-        return loss
-
-    def loss(self, e: Engine, hidden: list) -> T:
-        """lm_head; ForCausalLMLoss (logits.float(); labels padded by one, `labels[..., 1:].contiguous()` a view for
-        batch 1; cross_entropy = log_softmax + nll_loss), whose locals die when it returns. The forward then returns
-        (the last hidden state goes), the autocast region ends (its weight-cast cache is cleared), and accelerate's
-        convert_outputs_to_fp32 copies every half-precision tensor of the output (logits, image_hidden_states) to
-        fp32 while the originals live. Checkpointed layers' arguments go with the graph (`loss`)."""
-        t = self.setup.model.text
-        h = hidden.pop()
-        e.set_phase("loss")
-        e.scope = "loss"
-        logits = ops.linear(e, h, self.lm_head or self.embed, t.vocab_size, name="logits")
-        logits32 = ops.cast(e, logits, "fp32", name="logits.float")
-        labels = e.new(self.tokens + self.batch, "int64", name="labels_pad")
-        shifted = labels if self.batch == 1 else e.new(self.tokens, "int64", name="shift_labels")
-        logp = e.new(logits32.numel, "fp32", name="log_softmax")
-        e.record(Node("log_softmax", [logits32] if logits32.rg else [], [logp], []), logp)
-        loss = e.new(1, "fp32", name="loss")
-        total_weight = e.new(1, "fp32", name="total_weight")
-        e.record(Node("nll_loss", [logp] if logp.rg else [], [shifted, total_weight], []), loss)
-        del logp, shifted, total_weight, logits32, labels, h
-        outputs = [logits, *self._outputs]
-        self._outputs = ()
-        e.cast_cache = {}
-        if e.autocast:
-            converted = [e.new(o.numel, "fp32", name=f"{o.name}:fp32_output") for o in outputs if o.dtype != "fp32"]
-            del converted
-        del logits, outputs
-        e.scope = "language"
-        attach_checkpoint_arguments(self, loss)
-        return loss
 
 
 class InternVitLayer:
@@ -202,6 +135,8 @@ class InternVLModel(ConditionalGenerationStep, BaseModel):
     """InternVLForConditionalGeneration: InternViT over every tile, the CLS token dropped ("default" strategy),
     pixel shuffle, the projector, then the Qwen2 language model."""
 
+    keeps_checkpoint_arguments = True
+
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         super().__init__(e, setup, counts)
         spec = setup.model
@@ -312,11 +247,6 @@ class InternVLModel(ConditionalGenerationStep, BaseModel):
         batch, cast to the hidden states' dtype."""
         hd = self.setup.model.text.head_dim
         return e.new(self.seq * hd, x.dtype, name="cos"), e.new(self.seq * hd, x.dtype, name="sin")
-
-    def _run_layer(self, e: Engine, layer, x: T, ctx) -> T:
-        out = super()._run_layer(e, layer, x, ctx)
-        keep_checkpoint_arguments(self, out, ctx)
-        return out
 
 
 MODELS = {"internvl": InternVLModel}

@@ -21,7 +21,7 @@ from ...modules import VISION
 from ...setup import TrainSetup
 from .. import ops
 from ..blocks import Context, Params, apply_linear
-from ..model import BaseModel, LMAttention
+from ..model import BaseModel, ConditionalGenerationStep, LMAttention
 from ..sim import Engine, Node, Param, T
 from ..vision import ClipLayer, LlavaProjector
 
@@ -187,7 +187,7 @@ class PixtralLayer:
 # The shared LLaVA model -------------------------------------------------------------------------------------------
 
 
-class LlavaBase(BaseModel):
+class LlavaBase(ConditionalGenerationStep, BaseModel):
     """What LlavaForConditionalGeneration and LlavaNextForConditionalGeneration share: the CLIP tower's parameters
     and forward, the language model as LlamaModel/MistralModel run it, and the output's image_hidden_states."""
 
@@ -315,53 +315,6 @@ class LlavaBase(BaseModel):
         # LlavaModel.forward returns: the vision outputs, the pooler features and the placeholder mask die
         self._keep = self._mask = None
         return out
-
-    # Step -------------------------------------------------------------------------------------------------------------
-    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
-        """The Trainer's forward: the model under accelerate's autocast (as BaseModel.forward), then the output's fp32
-        conversion outside it. The last hidden state is handed to `loss` in a list so that it dies where the model's
-        forward returns."""
-        e.autocast = None if self.setup.zero else {"bf16": "bf16", "fp16": "fp16"}.get(self.setup.precision)
-        e.cast_cache = {}
-        x = self.encode(e, inputs)
-        hidden = [self.language(e, x)]
-        del x
-        loss = self.loss(e, hidden)
-        e.autocast = None
-        return loss
-
-    def loss(self, e: Engine, hidden: list[T]) -> T:
-        """LlavaForConditionalGeneration.forward after the model: lm_head, ForCausalLMLoss (logits.float(); labels
-        padded by one; `labels[..., 1:].contiguous()` is a view for batch 1; cross_entropy = log_softmax + nll_loss).
-        The forward then returns, dropping the last hidden state, and the autocast region ends (its weight-cast cache
-        is cleared); accelerate's convert_outputs_to_fp32 copies every half-precision tensor of the output (logits and
-        image_hidden_states) to fp32 while the originals live."""
-        t = self.setup.model.text
-        h = hidden.pop()
-        e.set_phase("loss")
-        e.scope = "loss"
-        head = self.lm_head or self.embed
-        logits = ops.linear(e, h, head, t.vocab_size, name="logits")
-        logits32 = ops.cast(e, logits, "fp32", name="logits.float")
-        labels = e.new(self.tokens + self.batch, "int64", name="labels_pad")
-        shifted = labels if self.batch == 1 else e.new(self.tokens, "int64", name="shift_labels")
-        logp = e.new(logits32.numel, "fp32", name="log_softmax")
-        e.record(Node("log_softmax", [logits32] if logits32.rg else [], [logp], []), logp)
-        loss = e.new(1, "fp32", name="loss")
-        total_weight = e.new(1, "fp32", name="total_weight")
-        e.record(Node("nll_loss", [logp] if logp.rg else [], [shifted, total_weight], []), loss)
-        del logp, shifted, total_weight
-        del logits32, labels  # ForCausalLMLoss returns: the fp32 logits and the padded labels die
-        del h
-        outputs = [logits, *self._outputs]
-        self._outputs = ()
-        e.cast_cache = {}
-        if e.autocast:
-            converted = [e.new(o.numel, "fp32", name=f"{o.name}:fp32_output") for o in outputs if o.dtype != "fp32"]
-            del converted
-        del logits, outputs
-        e.scope = "language"
-        return loss
 
 
 class LlavaModel(LlavaBase):

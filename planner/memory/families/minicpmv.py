@@ -20,9 +20,9 @@ from ...setup import TrainSetup
 from ...token_rules import minicpmv as slicing
 from ...tokens import llamafactory_preresize
 from .. import ops
-from ..model import BaseModel
+from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
-from .paligemma import SiglipVision, causal_lm_loss, conv2d, forward_dropping_hidden
+from .paligemma import SiglipVision, conv2d
 
 # config.json vision_batch_size: views per chunk through the vision tower
 VISION_BATCH_SIZE = 16
@@ -166,7 +166,7 @@ def _in_proj(e: Engine, x: T, weight, bias, d: int, name: str) -> T:
     return out
 
 
-class MiniCPMVModel(BaseModel):
+class MiniCPMVModel(ConditionalGenerationStep, BaseModel):
     """MiniCPMV (openbmb/MiniCPM-V-2_6): `vpm` NaViT SigLIP, `resampler`, `llm` Qwen2ForCausalLM. Analytic, not
     trace-validated (see the module docstring)."""
 
@@ -190,9 +190,6 @@ class MiniCPMVModel(BaseModel):
                                            category="inputs/batch")
             inputs["tgt_sizes"] = e.new(self.views * 2, "int32", name="tgt_sizes", category="inputs/batch")
         return inputs
-
-    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
-        return forward_dropping_hidden(self, e, inputs)
 
     def encode(self, e: Engine, inputs: dict[str, T]) -> T:
         """get_vllm_embedding: the padded pixel batch (pad_sequence, permute + reshape: a copy, `.type(dtype)`), the
@@ -235,9 +232,6 @@ class MiniCPMVModel(BaseModel):
         out = super().language(e, x)
         self._keep = ()  # get_vllm_embedding's vision_hidden_states go when MiniCPMV.forward returns
         return out
-
-    def loss(self, e: Engine, box: list) -> T:
-        return causal_lm_loss(self, e, box, self.lm_head or self.embed, None, ())
 
 
 MODELS = {"minicpmv": MiniCPMVModel}

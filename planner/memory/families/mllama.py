@@ -32,9 +32,9 @@ from ...spec import ModelSpec
 from ...token_rules import mllama as tile_rule
 from .. import ops
 from ..blocks import Context, LlamaLayer, Params, apply_linear
-from ..model import BaseModel, LMAttention
+from ..model import BaseModel, ConditionalGenerationStep, LMAttention
 from ..sim import Engine, Node, T
-from .paligemma import causal_lm_loss, conv2d, forward_dropping_hidden
+from .paligemma import conv2d
 
 
 # Layer counts -------------------------------------------------------------------------------------------------------
@@ -421,7 +421,7 @@ class MllamaCrossLayer:
 # The model ----------------------------------------------------------------------------------------------------------
 
 
-class MllamaModel(BaseModel):
+class MllamaModel(ConditionalGenerationStep, BaseModel):
     """MllamaForConditionalGeneration."""
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
@@ -454,9 +454,6 @@ class MllamaModel(BaseModel):
             inputs["cross_attention_mask"] = e.new(self.tokens * self.n_images * tiles, "int64",
                                                    name="cross_attention_mask", category="inputs/batch")
         return inputs
-
-    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
-        return forward_dropping_hidden(self, e, inputs)
 
     def encode(self, e: Engine, inputs: dict[str, T]) -> T:
         """MllamaModel.forward up to the language model: the vision tower, the projector (its output, reshaped to
@@ -523,9 +520,6 @@ class MllamaModel(BaseModel):
         del x, ctx  # MllamaTextModel/MllamaModel.forward return: position ids, masks and image features go
         self._keep = ()
         return out
-
-    def loss(self, e: Engine, box: list) -> T:
-        return causal_lm_loss(self, e, box, self.lm_head or self.embed, None, ())
 
 
 MODELS = {"mllama": MllamaModel}

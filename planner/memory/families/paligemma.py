@@ -19,7 +19,7 @@ from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...setup import Train, TrainSetup
 from .. import ops
 from ..blocks import Params, apply_linear
-from ..model import BaseModel
+from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
 
 # Gemma2Config defaults (PaliGemma 2 configs keep them): attn_logit_softcapping, final_logit_softcapping
@@ -301,8 +301,10 @@ class GemmaContext:
 # The model ----------------------------------------------------------------------------------------------------------
 
 
-class PaliGemmaModel(BaseModel):
+class PaliGemmaModel(ConditionalGenerationStep, BaseModel):
     """PaliGemmaForConditionalGeneration with a Gemma 2 language model."""
+
+    final_logit_softcapping = FINAL_SOFTCAP
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         # BaseModel.__init__ builds LLaMA layers; the parameters are created here instead, in the same spirit
@@ -406,72 +408,9 @@ class PaliGemmaModel(BaseModel):
         del layer
         out = ops.gemma_rms_norm(e, x, self.norm, self.tokens, name="norm")
         del x, block_ids, contexts  # PaliGemmaModel.forward returns: its masks and position_ids go
-        self._keep = self._keep[:1]  # PaliGemmaModel.forward returns: only image_hidden_states stays (outputs)
+        # PaliGemmaModel.forward returns: only image_hidden_states stays (outputs)
+        self._outputs, self._keep = self._keep[:1], None
         return out
-
-    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
-        return forward_dropping_hidden(self, e, inputs)
-
-    def loss(self, e: Engine, box: list) -> T:
-        loss = causal_lm_loss(self, e, box, self.embed, FINAL_SOFTCAP, self._keep)
-        self._keep = None
-        return loss
-
-
-def forward_dropping_hidden(model: BaseModel, e: Engine, inputs: dict[str, T]) -> T:
-    """BaseModel.forward, except that the last hidden state is handed to the loss in a box the loss empties: the
-    *ForConditionalGeneration forward holds it (a local) only until it returns, before accelerate converts the
-    outputs to fp32."""
-    e.autocast = None if model.setup.zero else {"bf16": "bf16", "fp16": "fp16"}.get(model.setup.precision)
-    e.cast_cache = {}
-    hidden = model.encode(e, inputs)
-    hidden = model.language(e, hidden)  # the model keeps inputs_embeds referenced meanwhile
-    box = [hidden]
-    del hidden
-    loss = model.loss(e, box)
-    e.cast_cache = {}
-    e.autocast = None
-    return loss
-
-
-def causal_lm_loss(model: BaseModel, e: Engine, box: list, head, softcap: float | None, outputs) -> T:
-    """lm_head, the optional final logit soft-capping (Gemma 2: /30, tanh, *30), ForCausalLMLoss (logits.float(),
-    labels padded by one and shifted (a view for one sample), log_softmax, nll_loss); accelerate's
-    convert_outputs_to_fp32 then copies every half-precision tensor of the model output (the logits and `outputs`,
-    e.g. image_hidden_states) to fp32, all alive together. `box` holds the last hidden state (see
-    forward_dropping_hidden)."""
-    t = model.setup.model.text
-    h = box.pop()
-    e.set_phase("loss")
-    e.scope = "loss"
-    logits = ops.linear(e, h, head, t.vocab_size, name="logits")
-    if softcap is not None:
-        divided = ops.scale(e, logits, name="logits/softcap")
-        del logits
-        capped = e.new(divided.numel, divided.dtype, name="logits.tanh")
-        e.record(Node("tanh", [divided] if divided.rg else [], [capped], []), capped)
-        del divided
-        logits = ops.scale(e, capped, name="logits*softcap")
-        del capped
-    logits32 = ops.cast(e, logits, "fp32", name="logits.float")
-    labels = e.new(model.tokens + model.batch, "int64", name="labels_pad")  # F.pad(labels, (0, 1))
-    # labels[..., 1:].contiguous(): already contiguous (a view) for one sample, a copy otherwise
-    shifted = labels.view(model.tokens) if model.batch == 1 else e.new(model.tokens, "int64", name="shift_labels")
-    logp = e.new(logits32.numel, "fp32", name="log_softmax")
-    e.record(Node("log_softmax", [logits32] if logits32.rg else [], [logp], []), logp)
-    loss = e.new(1, "fp32", name="loss")
-    total_weight = e.new(1, "fp32", name="total_weight")
-    e.record(Node("nll_loss", [logp] if logp.rg else [], [shifted, total_weight], []), loss)
-    del logits32, labels  # the fp32 logits and padded labels are locals of ForCausalLMLoss until it returns
-    del logp, shifted, total_weight, h  # forward returns: the last hidden state (a local there) goes
-    if e.autocast:
-        e.cast_cache = {}  # leaving the autocast region frees its weight-cast cache, before accelerate converts
-        converted = [e.new(q.numel, "fp32", name=f"{q.name}:fp32_output") for q in (logits, *outputs)
-                     if q.dtype != "fp32"]
-        del converted
-    del logits, outputs
-    e.scope = "language"
-    return loss
 
 
 MODELS = {"paligemma": PaliGemmaModel}

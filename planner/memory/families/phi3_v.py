@@ -21,9 +21,9 @@ from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...setup import TrainSetup
 from .. import ops
 from ..blocks import Params, apply_linear
-from ..model import BaseModel
+from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
-from .paligemma import SiglipLayer, batched_sdpa, causal_lm_loss, conv2d, forward_dropping_hidden
+from .paligemma import SiglipLayer, batched_sdpa, conv2d
 
 
 class ClipTower:
@@ -153,7 +153,7 @@ class _TextCtx:
         self.tokens, self.seq, self.mask, self.fused = tokens, seq, mask, fused
 
 
-class Phi3VModel(BaseModel):
+class Phi3VModel(ConditionalGenerationStep, BaseModel):
     """Phi3VForCausalLM (microsoft/Phi-3.5-vision-instruct). Analytic, not trace-validated (see the module
     docstring)."""
 
@@ -183,9 +183,6 @@ class Phi3VModel(BaseModel):
             inputs["image_sizes"] = e.new(len(self.images) * self.batch * 2, "int64", name="image_sizes",
                                           category="inputs/batch")
         return inputs
-
-    def forward(self, e: Engine, inputs: dict[str, T]) -> T:
-        return forward_dropping_hidden(self, e, inputs)
 
     def encode(self, e: Engine, inputs: dict[str, T]) -> T:
         """Phi3ImageEmbedding.forward: wte(input_ids), CLIP features, the HD transform and projection, index_put."""
@@ -249,9 +246,6 @@ class Phi3VModel(BaseModel):
         out = ops.rms_norm(e, x, self.norm, self.tokens, name="norm")
         del x, ctx
         return out
-
-    def loss(self, e: Engine, box: list) -> T:
-        return causal_lm_loss(self, e, box, self.lm_head or self.embed, None, ())
 
 
 MODELS = {"phi3_v": Phi3VModel}
