@@ -119,6 +119,19 @@ def apply_linear(e: Engine, x: T, lp: LinearParams, name: str = "") -> T:
     return ops.linear(e, x, lp.weight, lp.out_features, lp.bias, name=name)
 
 
+def gated_mlp(e: Engine, h: T, gate: LinearParams, up: LinearParams, down: LinearParams, act: str = "silu") -> T:
+    """`down_proj(act_fn(gate_proj(x)) * up_proj(x))`: LlamaMLP, MistralMLP, Qwen2MLP, Qwen3VLTextMLP, PixtralMLP and
+    MllamaTextMLP (SiLU), Gemma2MLP and Gemma3MLP (gelu-tanh). The gate dies once activated; the product is a local
+    until down_proj returns."""
+    g = apply_linear(e, h, gate, "gate_proj")
+    a = ops.unary(e, act, g, name="act")
+    del g
+    u = apply_linear(e, h, up, "up_proj")
+    prod = ops.mul(e, a, u, name="act*up")
+    del a, u
+    return apply_linear(e, prod, down, "down_proj")
+
+
 # Language model -----------------------------------------------------------------------------------------------------
 
 
@@ -171,14 +184,8 @@ class LlamaLayer:
         residual = x
         h = ops.rms_norm(e, x, self.norm2, tokens, name="post_attention_layernorm")
         del x
-        gate = apply_linear(e, h, self.gate, "gate_proj")
-        act = ops.unary(e, "silu", gate, name="act")
-        del gate
-        up = apply_linear(e, h, self.up, "up_proj")
-        prod = ops.mul(e, act, up, name="act*up")
-        del act, up
-        down = apply_linear(e, prod, self.down, "down_proj")
-        del prod, h  # the mlp's argument lives until mlp returns
+        down = gated_mlp(e, h, self.gate, self.up, self.down)
+        del h  # the mlp's argument lives until mlp returns
         out = ops.add(e, residual, down, name="mlp_residual")
         return out
 

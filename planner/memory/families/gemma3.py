@@ -23,7 +23,7 @@ from __future__ import annotations
 from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...setup import TrainSetup
 from .. import ops
-from ..blocks import Params, apply_linear
+from ..blocks import Params, apply_linear, gated_mlp
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
 
@@ -198,15 +198,8 @@ class Gemma3Layer:
         residual = x
         h = ops.gemma_rms_norm(e, x, self.norms["pre_feedforward_layernorm"], tokens, name="pre_feedforward_layernorm")
         del x
-        # Gemma3MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x))
-        g = apply_linear(e, h, self.gate, "gate_proj")
-        act = ops.unary(e, "gelu_tanh", g, name="act")
-        del g
-        u = apply_linear(e, h, self.up, "up_proj")
-        prod = ops.mul(e, act, u, name="act*up")
-        del act, u
-        m = apply_linear(e, prod, self.down, "down_proj")
-        del prod, h  # the MLP's argument lives until it returns
+        m = gated_mlp(e, h, self.gate, self.up, self.down, "gelu_tanh")  # Gemma3MLP
+        del h  # the MLP's argument lives until it returns
         n = ops.gemma_rms_norm(e, m, self.norms["post_feedforward_layernorm"], tokens,
                                name="post_feedforward_layernorm")
         del m

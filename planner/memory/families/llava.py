@@ -20,7 +20,7 @@ from __future__ import annotations
 from ...modules import VISION
 from ...setup import TrainSetup
 from .. import ops
-from ..blocks import Context, Params, apply_linear
+from ..blocks import Context, Params, apply_linear, gated_mlp
 from ..model import BaseModel, ConditionalGenerationStep, LMAttention
 from ..sim import Engine, Node, Param, T
 from ..vision import ClipLayer, LlavaProjector
@@ -173,14 +173,8 @@ class PixtralLayer:
         residual = x
         h = ops.rms_norm(e, x, self.ffn_norm, tokens, name="ffn_norm")
         del x
-        gate = apply_linear(e, h, self.gate, "gate_proj")
-        act = ops.unary(e, "silu", gate, name="act")
-        del gate
-        up = apply_linear(e, h, self.up, "up_proj")
-        prod = ops.mul(e, act, up, name="act*up")
-        del act, up
-        down = apply_linear(e, prod, self.down, "down_proj")
-        del prod, h
+        down = gated_mlp(e, h, self.gate, self.up, self.down)
+        del h
         return ops.add(e, residual, down, name="mlp_residual")
 
 

@@ -31,7 +31,7 @@ from ...setup import Train, TrainSetup
 from ...spec import ModelSpec
 from ...token_rules import mllama as tile_rule
 from .. import ops
-from ..blocks import Context, LlamaLayer, Params, apply_linear
+from ..blocks import Context, LlamaLayer, Params, apply_linear, gated_mlp
 from ..model import BaseModel, ConditionalGenerationStep, LMAttention
 from ..sim import Engine, Node, T
 from .paligemma import conv2d
@@ -384,14 +384,8 @@ class MllamaCrossLayer:
         residual = x
         h = ops.rms_norm(e, x, self.norm2, tokens, name="post_attention_layernorm")
         del x
-        gate = apply_linear(e, h, self.gate, "gate_proj")
-        act = ops.unary(e, "silu", gate, name="act")
-        del gate
-        up = apply_linear(e, h, self.up, "up_proj")
-        prod = ops.mul(e, act, up, name="act*up")
-        del act, up
-        m = apply_linear(e, prod, self.down, "down_proj")
-        del prod, h
+        m = gated_mlp(e, h, self.gate, self.up, self.down)
+        del h
         masked = ops.mul(e, ctx.row_mask, m, name="full_text_row_masked_out_mask*mlp")
         del m
         g = gate_tanh(e, self.mlp_gate)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...setup import Train, TrainSetup
 from .. import ops
-from ..blocks import Params, apply_linear
+from ..blocks import Params, apply_linear, gated_mlp
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
 
@@ -52,17 +52,6 @@ def conv2d(e: Engine, x: T, weight, bias, out_numel: int, name: str = "") -> T:
     params = [p for p, t in pairs if p.trainable and t is p.tensor]
     e.record(Node(f"conv2d:{name}", inputs, [xin, w] if needed else [], params), out)
     return out
-
-
-def _gelu_tanh_mlp(e: Engine, h: T, gate, up, down) -> T:
-    """Gemma2MLP / Idefics-style gated MLP: down_proj(gelu_tanh(gate_proj(x)) * up_proj(x))."""
-    g = apply_linear(e, h, gate, "gate_proj")
-    act = ops.unary(e, "gelu_tanh", g, name="act")
-    del g
-    u = apply_linear(e, h, up, "up_proj")
-    prod = ops.mul(e, act, u, name="act*up")
-    del act, u
-    return apply_linear(e, prod, down, "down_proj")
 
 
 def softcapped_eager_attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, q_len: int, k_len: int,
@@ -280,7 +269,7 @@ class Gemma2Layer:
         residual = x
         h = ops.gemma_rms_norm(e, x, self.norms["pre_feedforward_layernorm"], tokens, name="pre_feedforward_layernorm")
         del x
-        m = _gelu_tanh_mlp(e, h, self.gate, self.up, self.down)
+        m = gated_mlp(e, h, self.gate, self.up, self.down, "gelu_tanh")  # Gemma2MLP
         del h
         h = ops.gemma_rms_norm(e, m, self.norms["post_feedforward_layernorm"], tokens,
                                name="post_feedforward_layernorm")

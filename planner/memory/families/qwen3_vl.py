@@ -18,7 +18,7 @@ from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...setup import TrainSetup
 from ...spec import ModelSpec
 from .. import ops
-from ..blocks import Context, Params, apply_linear
+from ..blocks import Context, Params, apply_linear, gated_mlp
 from ..model import BaseModel, LMAttention, segment_attention
 from ..sim import DTYPE_BYTES, Engine, Node, T
 
@@ -234,15 +234,7 @@ class DenseMlp:
         self.params = _params_of(self.gate, self.up, self.down)
 
     def __call__(self, e: Engine, h: T, tokens: int) -> T:
-        gate = apply_linear(e, h, self.gate, "gate_proj")
-        act = ops.unary(e, "silu", gate, name="act")
-        del gate
-        up = apply_linear(e, h, self.up, "up_proj")
-        prod = ops.mul(e, act, up, name="act*up")
-        del act, up
-        down = apply_linear(e, prod, self.down, "down_proj")
-        del prod
-        return down
+        return gated_mlp(e, h, self.gate, self.up, self.down)
 
 
 class SparseMoe:
