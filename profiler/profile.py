@@ -70,6 +70,9 @@ class ProfileOptions:
             raise VlplanError(f"--memory-limit-gib must be positive, got {self.memory_limit_bytes / GIB:g}")
         if self.snapshot and self.backend != "cuda":
             raise VlplanError("--snapshot records torch.cuda's allocator history; it needs --backend cuda")
+        if self.weights is not None and not (Path(self.weights).expanduser() / "config.json").is_file():
+            raise VlplanError(f"--weights {self.weights}: no config.json there; pass a model directory "
+                              "(from_pretrained layout)")
         if self.sample_interval_s <= 0:
             raise VlplanError(f"sample interval must be positive, got {self.sample_interval_s}")
 
@@ -550,11 +553,7 @@ def load_model(setup: TrainSetup, weights: str | None, backend: Backend):
     from vlplan.runner.job import RunOptions
     from vlplan.runner.train import load_model as runner_load_model
 
-    path = Path(weights).expanduser()
-    if not (path / "config.json").is_file():
-        raise VlplanError(f"--weights {weights}: no config.json there; pass a model directory (from_pretrained "
-                          "layout)")
-    model = runner_load_model(setup, RunOptions(model=str(path), dataset="", output_dir=""))
+    model = runner_load_model(setup, RunOptions(model=str(Path(weights).expanduser()), dataset="", output_dir=""))
     return model if setup.method == "qlora" else model.to(backend.device)
 
 
