@@ -16,7 +16,8 @@ from ..planner.hardware import GPU
 from ..planner.memory.estimate import Estimate, estimate
 from ..planner.plan import _strategies
 from ..planner.registry import resolve
-from ..planner.setup import TrainSetup, make_setup
+from ..planner.setup import ATTENTIONS, TrainSetup, make_setup
+from ..planner.tokens import LF_IMAGE_MAX_PIXELS
 
 METHODS = ("full", "freeze", "lora", "qlora")
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64)  # fewest-GPU search: whole nodes of 8 beyond 8
@@ -34,9 +35,25 @@ class Conditions:
     attn: str = "sdpa"
     lora_rank: int = 8
     quant_bits: int = 4  # QLoRA
+    image_max_pixels: int = LF_IMAGE_MAX_PIXELS  # LLaMA-Factory pre-resizes larger images down to this many pixels
+
+    def __post_init__(self):
+        if self.images < 0:
+            raise VlplanError(f"--images must be 0 or more, got {self.images}")
+        if not 0 <= self.margin < 1:
+            raise VlplanError(f"--margin must be in [0, 1), got {self.margin}")
+        if self.attn not in ATTENTIONS:
+            raise VlplanError(f"--attn {self.attn!r} is not one of {', '.join(ATTENTIONS)}")
+        if self.lora_rank <= 0:
+            raise VlplanError(f"--lora-rank must be positive, got {self.lora_rank}")
+        if self.quant_bits not in (4, 8):
+            raise VlplanError(f"--quant-bits must be 4 or 8, got {self.quant_bits}")
+        if self.image_max_pixels <= 0:
+            raise VlplanError(f"--image-max-pixels must be positive, got {self.image_max_pixels}")
 
     def describe(self) -> str:
-        return (f"{self.images} image(s) per sample; LLaMA-Factory defaults (vision tower and projector frozen, LoRA "
+        return (f"{self.images} image(s) per sample, pre-resized to at most {self.image_max_pixels:,} pixels "
+                f"(LLaMA-Factory image_max_pixels); LLaMA-Factory defaults (vision tower and projector frozen, LoRA "
                 f"rank {self.lora_rank} on all language-model linears, QLoRA {self.quant_bits}-bit, freeze: last 2 "
                 f"layers); bf16 AMP (fp16 on GPUs without bf16); AdamW; {self.attn} attention; gradient "
                 f"checkpointing {'on' if self.gradient_checkpointing else 'off'}; fits = peak <= "
@@ -75,7 +92,7 @@ def row_setup(model: str, method: str, seq_len: int, image_size: tuple[int, int]
     return make_setup(resolve(model), method=method, seq_len=seq_len, num_images=images,
                       image_size=image_size if images else None, gpu=gpu, precision=precision,
                       gradient_checkpointing=conditions.gradient_checkpointing, attn=conditions.attn,
-                      lora_rank=conditions.lora_rank,
+                      lora_rank=conditions.lora_rank, image_max_pixels=conditions.image_max_pixels,
                       quant_bits=conditions.quant_bits if method == "qlora" else None, **changes)
 
 
