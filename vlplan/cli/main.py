@@ -12,6 +12,7 @@ from .tiny_model import tiny_model_command
 from .plan import plan_command
 from .profile import profile_command
 from .run import run_command
+from .tables import tables_command
 from .tokens import tokens_command
 from .trace import trace_command
 
@@ -27,6 +28,7 @@ app.command("gpus")(gpus_command)
 app.command("scan")(scan_command)
 app.command("run")(run_command)
 app.command("tiny-model")(tiny_model_command)
+app.command("tables")(tables_command)
 
 if __name__ == "__main__":
     app()
