@@ -102,7 +102,7 @@ def confirm_plan(plan, *, backend: str = "cuda", timeout_s: float = 600.0, on_ev
     from vlplan.planner.memory.estimate import estimate
 
     from .profile import ProfileOptions, check_profilable
-    from .sweep import SweepConfig, run_isolated, sweep_device
+    from .sweep import SweepConfig, run_isolated, sweep_device, terminate_as_exit
 
     setup = plan.setup
     budget = int(plan.capacity_bytes * (1 - plan.margin))
@@ -122,7 +122,7 @@ def confirm_plan(plan, *, backend: str = "cuda", timeout_s: float = 600.0, on_ev
     device = sweep_device(backend)
     measure = "NVML used peak" if backend == "cuda" else "live-tensor peak + the estimate's device overheads"
     confirmation = Confirmation(backend, device, measure)
-    with tempfile.TemporaryDirectory(prefix="vlplan-confirm-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vlplan-confirm-") as tmp, terminate_as_exit():
         for index, (role, candidate) in enumerate(setups):
             on_event("confirm", {"role": role, "batch_size": candidate.batch_size})
             config = SweepConfig(index, {"role": role}, candidate, options, timeout_s)

@@ -157,7 +157,8 @@ def _resolve(index: int, raw: dict, path, backend: str, timeout_s: float) -> Swe
         resolved = resolve_options(**options)
         limit = raw.get("memory_limit_gib")
         profile_options = ProfileOptions(steps=int(raw.get("steps", 3)), backend=backend,
-                                         weights=str(raw["weights"]) if raw.get("weights") else None,
+                                         weights=str(Path(raw["weights"]).expanduser().resolve())
+                                         if raw.get("weights") else None,
                                          memory_limit_bytes=int(float(limit) * 2**30) if limit else None)
         check_profilable(resolved.setup, profile_options)
         timeout = float(raw.get("timeout_s", timeout_s))
@@ -300,16 +301,21 @@ def run_isolated(config: SweepConfig, device: str, workdir: Path) -> dict:
     with job.open("wb") as f:
         pickle.dump({"setup": config.setup, "options": config.options}, f)
     command = [sys.executable, "-m", "vlplan.profiler.sweep", str(job), str(out)]
+    # its own session, so a timeout kills whatever it started too; the working directory is the job's, so a
+    # `vlplan` folder in the caller's directory (a source checkout) cannot shadow the installed package
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, cwd=workdir)
     error = None
     try:
         _, stderr = process.communicate(timeout=config.timeout_s)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_group(process)
         _, stderr = process.communicate()
         error = f"timed out after {config.timeout_s:g} s (killed)"
+    except BaseException:  # interrupted (SIGINT, SIGTERM): the worker must not outlive the sweep on the GPU
+        _kill_group(process)
+        process.wait()
+        raise
     tail = "\n".join(stderr.strip().splitlines()[-STDERR_TAIL_LINES:])
     if error is None and out.is_file():
         record = json.loads(out.read_text())
@@ -321,6 +327,29 @@ def run_isolated(config: SweepConfig, device: str, workdir: Path) -> dict:
         last = tail.splitlines()[-1] if tail else "no output"
         error = f"the profile process {how} without a record: {last}"
     return failure_record(config, device, error, process.returncode, tail)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def terminate_as_exit():
+    """SIGTERM (a `timeout`, a scheduler) ends the sweep like Ctrl-C does: through the clean-up that kills the
+    running worker, keeping every record appended so far."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -355,7 +384,7 @@ def run_sweep(configs: list[SweepConfig], *, backend: str, output: Path | None =
         else:
             todo.append(config)
     on_event("start", {"path": str(path), "total": len(todo), "skipped": summary.skipped})
-    with tempfile.TemporaryDirectory(prefix="vlplan-sweep-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="vlplan-sweep-") as tmp, terminate_as_exit():
         for config in todo:
             on_event("config", {"index": config.index, "label": config.label})
             record = run_isolated(config, device, Path(tmp) / f"config-{config.index}")

@@ -164,3 +164,41 @@ def test_plan_confirm_measures_the_chosen_and_the_next_micro_batch(tiny_dir):
     assert confirmation["next_breaks_margin"] is True and bigger["within_budget"] is False
     assert bigger["oom"] or bigger["measured_bytes"] > bigger["budget_bytes"]
     assert chosen["budget_bytes"] == data["budget_bytes"]
+
+
+def test_sigterm_ends_the_sweep_and_its_running_worker(tiny_dir, tmp_path):
+    """A sweep stopped by SIGTERM (e.g. `timeout`) kills the worker it started in its own session: nothing keeps
+    running on the device after the sweep."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = write_sweep(tmp_path / "sweep.yaml", tiny_dir, ["{method: lora, steps: 100}"])
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the worker's job files, and so its command line, under tmp_path
+    process = subprocess.Popen([sys.executable, "-m", "vlplan.cli.main", "profile", "--sweep", str(sweep),
+                                "--backend", "cpu", "--output", str(tmp_path / "r.json")], env=env,
+                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+
+    def workers():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline").read()
+            except OSError:
+                continue
+            if "vlplan.profiler.sweep" in cmdline and str(tmp_path) in cmdline:
+                found.append(int(pid))
+        return found
+
+    deadline = time.time() + 60
+    while not workers() and time.time() < deadline:
+        time.sleep(0.2)
+    assert workers(), "the worker did not start"
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    assert workers() == []
+    assert not (tmp_path / "r.json").exists()  # no record for the interrupted configuration
