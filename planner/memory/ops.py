@@ -71,6 +71,32 @@ def patch_conv(e: Engine, pixels: T, weight: Param, bias: Param | None, out_nume
     return out
 
 
+def conv2d(e: Engine, x: T, weight: Param, bias: Param | None, out_numel: int, name: str = "") -> T:
+    """nn.Conv2d (SigLIP's `padding="valid"`, Mllama's, CLIP's) as the tracer's CPU autocast runs it
+    (profiler/cuda_autocast.py). `conv2d.padding` has no autocast kernel of its own: it decomposes to `convolution`,
+    whose autocast kernel casts input, weight and bias to the half dtype. Unlike `patch_conv`, the casts bypass the
+    weight-cast cache, so the bias copy is transient and the weight copy lives as long as the backward keeps it:
+    ConvolutionBackward saves the (cast) input and weight whenever one of input, weight or bias needs a gradient (one
+    backward formula for all three)."""
+    xin = input_for_matmul(e, x)
+    casts = []
+    for p in (weight, bias):
+        if p is None or e.autocast is None or p.dtype == e.autocast:
+            casts.append(p.tensor if p is not None else None)
+            continue
+        copy = e.new(p.numel, e.autocast, name=f"{p.name}:cast")
+        e.record(Node("to_copy", [], [], [p] if p.trainable else []), copy)
+        casts.append(copy)
+    w, b = casts
+    out = e.new(out_numel, e.autocast or promote(xin.dtype, w.dtype), name=name)
+    pairs = [(weight, w)] + ([(bias, b)] if bias is not None else [])
+    needed = xin.rg or any(p.trainable for p, _ in pairs)
+    inputs = ([xin] if xin.rg else []) + [t for p, t in pairs if p.trainable and t is not p.tensor]
+    params = [p for p, t in pairs if p.trainable and t is p.tensor]
+    e.record(Node(f"conv2d:{name}", inputs, [xin, w] if needed else [], params), out)
+    return out
+
+
 # Linear layers ------------------------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..modules import PROJECTOR, VISION
+from ..setup import TrainSetup
 from . import ops
 from .blocks import Params, apply_linear
 from .sim import Engine, T
@@ -127,16 +128,42 @@ class QwenMerger:
         return apply_linear(e, g, self.fc2, "merger.mlp.2")
 
 
-class ClipLayer:
-    """CLIPEncoderLayer: layer_norm1 -> q/k/v_proj -> attention -> out_proj -> residual -> layer_norm2 -> fc1 ->
-    QuickGELU -> fc2 -> residual (models/clip/modeling_clip.py)."""
+class VisionContext:
+    """What the layers of a ViT run on one batch share: the token count and the attention callable
+    (`attention(e, q, k, v, heads, tokens, name)` for `batched_attention`)."""
+
+    def __init__(self, tokens: int, attention) -> None:
+        self.tokens, self.attention = tokens, attention
+
+
+def batched_attention(setup: TrainSetup, length: int):
+    """Bidirectional attention of a ViT over a batch of sequences of `length` tokens (views or tiles as the batch
+    dimension), one kernel call, no mask: sdpa -> the CUDA fused kernel (emulate.py CudaAttention), eager (or fp32
+    without autocast) -> CLIP's / SigLIP's eager_attention_forward."""
+
+    def attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: str) -> T:
+        if e.autocast:
+            q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
+        if setup.attn == "eager" or q.dtype == "fp32":
+            return ops.eager_attention(e, q, k, v, heads, heads, length, length, tokens // length, None, name=name)
+        return ops.fused_attention(e, q, k, v, heads, tokens, name=name)
+
+    return attention
+
+
+class EncoderLayerParams:
+    """The parameters of CLIPEncoderLayer and SiglipEncoderLayer (models/clip/modeling_clip.py; modeling_siglip.py
+    and Idefics3EncoderLayer copy it): layer_norm1, self_attn q/k/v_proj and out_proj, layer_norm2, mlp fc1 and fc2,
+    all with bias. Subclasses give the forward."""
 
     def __init__(self, p: Params, index: int) -> None:
         v = p.setup.model.vision
         self.v = v
         d, prefix = v.hidden_size, f"vision.layers.{index}"
-        self.ln1 = (p.vector(VISION, f"{prefix}.layer_norm1.weight", d), p.vector(VISION, f"{prefix}.layer_norm1.bias", d))
-        self.ln2 = (p.vector(VISION, f"{prefix}.layer_norm2.weight", d), p.vector(VISION, f"{prefix}.layer_norm2.bias", d))
+        self.ln1 = (p.vector(VISION, f"{prefix}.layer_norm1.weight", d),
+                    p.vector(VISION, f"{prefix}.layer_norm1.bias", d))
+        self.ln2 = (p.vector(VISION, f"{prefix}.layer_norm2.weight", d),
+                    p.vector(VISION, f"{prefix}.layer_norm2.bias", d))
         self.q = p.linear(VISION, f"{prefix}.q_proj", d, d, True)
         self.k = p.linear(VISION, f"{prefix}.k_proj", d, d, True)
         self.v_proj = p.linear(VISION, f"{prefix}.v_proj", d, d, True)
@@ -151,7 +178,12 @@ class ClipLayer:
     def has_trainable(self) -> bool:
         return any(q.trainable for q in self.params)
 
-    def __call__(self, e: Engine, x: T, ctx) -> T:
+
+class ClipLayer(EncoderLayerParams):
+    """CLIPEncoderLayer: layer_norm1 -> q/k/v_proj -> attention -> out_proj -> residual -> layer_norm2 -> fc1 ->
+    QuickGELU -> fc2 -> residual (models/clip/modeling_clip.py)."""
+
+    def __call__(self, e: Engine, x: T, ctx: VisionContext) -> T:
         v = self.v
         residual = x
         h = ops.layer_norm(e, x, self.ln1[0], self.ln1[1], ctx.tokens, name="layer_norm1")
@@ -159,7 +191,7 @@ class ClipLayer:
         k = apply_linear(e, h, self.k, "k_proj")
         value = apply_linear(e, h, self.v_proj, "v_proj")
         del h
-        attn = ctx.attention_segments(e, q, k, value, v.num_heads, ctx.segments, "self_attn")
+        attn = ctx.attention(e, q, k, value, v.num_heads, ctx.tokens, "self_attn")
         del q, k, value
         o = apply_linear(e, attn, self.o, "out_proj")
         del attn

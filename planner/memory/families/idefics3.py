@@ -18,7 +18,8 @@ from .. import ops
 from ..blocks import Context, apply_linear
 from ..model import BaseModel, ConditionalGenerationStep, LMAttention
 from ..sim import Engine, Node, T
-from .paligemma import SiglipVision, batched_sdpa, conv2d
+from ..vision import batched_attention
+from .paligemma import SiglipVision
 
 
 class Idefics3Vision(SiglipVision):
@@ -31,7 +32,7 @@ class Idefics3Vision(SiglipVision):
         v = self.v
         grid = v.image_size // v.patch_size
         tokens = images * self.positions
-        patches = conv2d(e, pixel_values, self.patch, self.patch_bias, tokens * v.hidden_size, name="patch_embeds")
+        patches = ops.conv2d(e, pixel_values, self.patch, self.patch_bias, tokens * v.hidden_size, name="patch_embeds")
         # position ids: boundaries, full((views, P), 0), per-view patch counts and steps, fractional coordinates,
         # bucketize, pos_ids = bucket_h * grid + bucket_w, torch.where(mask, pos_ids, position_ids)
         boundaries = e.new(grid - 1, "fp32", name="boundaries")
@@ -108,7 +109,7 @@ class Idefics3Model(ConditionalGenerationStep, BaseModel):
         del summed
         e.scope = "vision"
         # an all-ones patch mask: create_bidirectional_mask returns no mask (sdpa and eager alike)
-        last = self.vision(self, e, gathered, views, batched_sdpa(self.setup, length=grid * grid))
+        last = self.vision(self, e, gathered, views, batched_attention(self.setup, length=grid * grid))
         e.scope = "projector"
         shuffled = self.pixel_shuffle(e, last)
         features = apply_linear(e, shuffled, self.proj, "modality_projection.proj")

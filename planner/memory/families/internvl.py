@@ -10,6 +10,7 @@ from .. import ops
 from ..blocks import Context, Params, apply_linear
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
+from ..vision import VisionContext
 from .llava import LlamaAttention
 
 
@@ -123,12 +124,6 @@ class TileAttention:
         contiguous = e.new(out.numel, out.dtype, name=name)
         e.record(Node("contiguous", [out] if out.rg else [], [], []), contiguous)
         return contiguous, probs
-
-
-class VisionContext:
-    def __init__(self, tokens: int, attention) -> None:
-        self.tokens = tokens
-        self.attention = attention
 
 
 class InternVLModel(ConditionalGenerationStep, BaseModel):

@@ -23,23 +23,10 @@ from .. import ops
 from ..blocks import Context, Params, apply_linear, gated_mlp
 from ..model import BaseModel, ConditionalGenerationStep, LMAttention
 from ..sim import Engine, Node, Param, T
+from .. import vision
 from ..vision import ClipLayer, LlavaProjector
 
 # Ops of the vision towers ---------------------------------------------------------------------------------------------
-
-
-def batched_attention(setup: TrainSetup, batch: int, length: int):
-    """Attention of a ViT run on `batch` equal-length images (CLIP views): one kernel call with the images as the
-    batch dimension. sdpa -> the CUDA fused kernel; eager -> CLIP's eager_attention_forward."""
-
-    def attention(e: Engine, q: T, k: T, v: T, heads: int, segments, name: str) -> T:
-        if e.autocast:
-            q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
-        if setup.attn == "eager" or q.dtype == "fp32":
-            return ops.eager_attention(e, q, k, v, heads, heads, length, length, batch, None, name=name)
-        return ops.fused_attention(e, q, k, v, heads, batch * length, name=name)
-
-    return attention
 
 
 def masked_attention(setup: TrainSetup, mask: T, heads: int, length: int):
@@ -114,14 +101,13 @@ class LlamaAttention(LMAttention):
         return super().__call__(e, q, k, v, heads, kv_heads, name)
 
 
-class VisionContext:
-    """What a vision tower's layers share: token count, attention callable, RoPE tables and mask (Pixtral)."""
+class VisionContext(vision.VisionContext):
+    """What a vision tower's layers share: token count, attention callable (CLIP: `batched_attention`; Pixtral:
+    `masked_attention`), and Pixtral's RoPE tables and mask."""
 
     def __init__(self, tokens: int, attention) -> None:
-        self.tokens = tokens
-        self.segments = None
-        self.attention_segments = attention
-        self.cos = self.sin = self.mask = self.attention = None
+        super().__init__(tokens, attention)
+        self.cos = self.sin = self.mask = None
 
 
 # Pixtral vision tower -----------------------------------------------------------------------------------------------
@@ -236,8 +222,7 @@ class LlavaBase(ConditionalGenerationStep, BaseModel):
         del cat, pos
         hidden = ops.layer_norm(e, emb, self.pre_ln[0], self.pre_ln[1], tokens, name="pre_layrnorm")
         del emb
-        ctx = VisionContext(tokens, batched_attention(self.setup, images, self.positions))
-        ctx.segments = [self.positions] * images
+        ctx = VisionContext(tokens, vision.batched_attention(self.setup, self.positions))
         selected_index = self._clip_selected_index()
         selected = hidden if selected_index == 0 else None
         for index, layer in enumerate(self.vision_layers):

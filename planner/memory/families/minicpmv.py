@@ -22,7 +22,8 @@ from ...tokens import llamafactory_preresize
 from .. import ops
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
-from .paligemma import SiglipVision, conv2d
+from ..vision import VisionContext
+from .paligemma import SiglipVision
 
 # config.json vision_batch_size: views per chunk through the vision tower
 VISION_BATCH_SIZE = 16
@@ -49,7 +50,7 @@ class NavitSiglip(SiglipVision):
         v = self.v
         d = v.hidden_size
         tokens = views * length
-        patches = conv2d(e, pixels, self.patch, self.patch_bias, tokens * d, name="patch_embeds")
+        patches = ops.conv2d(e, pixels, self.patch, self.patch_bias, tokens * d, name="patch_embeds")
         position_ids = e.new(tokens, "int64", name="position_ids")
         pos = e.new(tokens * d, self.pos.dtype, name="position_embedding")
         e.record(Node("embedding", [], [position_ids] if self.pos.trainable else [],
@@ -60,16 +61,11 @@ class NavitSiglip(SiglipVision):
         mask = None
         if padded:  # _prepare_4d_attention_mask: (views, 1, L, L) in the hidden dtype
             mask = e.new(views * length * length, hidden.dtype, name="vision_mask")
-        ctx = _VisionCtx(tokens, _eager(model.setup, mask, length))
+        ctx = VisionContext(tokens, _eager(model.setup, mask, length))
         for layer in self.layers:
             hidden = model._run_layer(e, layer, hidden, ctx)
         del ctx, mask
         return ops.layer_norm(e, hidden, self.post_ln[0], self.post_ln[1], tokens, name="post_layernorm")
-
-
-class _VisionCtx:
-    def __init__(self, tokens: int, attention) -> None:
-        self.tokens, self.attention = tokens, attention
 
 
 def _eager(setup: TrainSetup, mask: T | None, length: int):

@@ -34,7 +34,6 @@ from .. import ops
 from ..blocks import Context, LlamaLayer, Params, apply_linear, gated_mlp
 from ..model import BaseModel, ConditionalGenerationStep, LMAttention
 from ..sim import Engine, Node, T
-from .paligemma import conv2d
 
 
 # Layer counts -------------------------------------------------------------------------------------------------------
@@ -239,7 +238,7 @@ class MllamaVision:
         length = tiles * padded
         # patch_embedding(pixel_values.to(weight dtype)); `patch_embeds` is a local until forward returns
         pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
-        patch_embeds = conv2d(e, pixels, self.patch, None, slots * tiles * grid * d, name="patch_embeds")
+        patch_embeds = ops.conv2d(e, pixels, self.patch, None, slots * tiles * grid * d, name="patch_embeds")
         del pixels
         # flatten(2).transpose(1, 2) then reshape to (slots, tiles, patches, d): a copy of the transposed view
         x = ops._copy(e, patch_embeds, patch_embeds.numel, "patch_embeds.reshape")

@@ -21,37 +21,13 @@ from .. import ops
 from ..blocks import Params, apply_linear, gated_mlp
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
+from ..vision import EncoderLayerParams, VisionContext, batched_attention
 
 # Gemma2Config defaults (PaliGemma 2 configs keep them): attn_logit_softcapping, final_logit_softcapping
 ATTN_SOFTCAP, FINAL_SOFTCAP = 50.0, 30.0
 
 
 # Building blocks ----------------------------------------------------------------------------------------------------
-
-
-def conv2d(e: Engine, x: T, weight, bias, out_numel: int, name: str = "") -> T:
-    """nn.Conv2d(padding="valid") under autocast. `conv2d.padding` has no autocast kernel of its own: it decomposes
-    to `convolution`, whose autocast kernel casts input, weight and bias to the half dtype. The tracer's CPU autocast
-    (profiler/cuda_autocast.py) casts them without the weight-cast cache, so the bias copy is transient and the weight
-    copy lives as long as the backward keeps it: ConvolutionBackward saves the (cast) input and weight whenever one of
-    input, weight or bias needs a gradient (one backward formula for all three)."""
-    xin = ops.input_for_matmul(e, x)
-    casts = []
-    for p in (weight, bias):
-        if p is None or e.autocast is None or p.dtype == e.autocast:
-            casts.append(p.tensor if p is not None else None)
-            continue
-        cast = e.new(p.numel, e.autocast, name=f"{p.name}:cast")
-        e.record(Node("to_copy", [], [], [p] if p.trainable else []), cast)
-        casts.append(cast)
-    w, b = casts
-    out = e.new(out_numel, e.autocast or ops.promote(xin.dtype, w.dtype), name=name)
-    pairs = [(weight, w)] + ([(bias, b)] if bias is not None else [])
-    needed = xin.rg or any(p.trainable for p, _ in pairs)
-    inputs = ([xin] if xin.rg else []) + [t for p, t in pairs if p.trainable and t is not p.tensor]
-    params = [p for p, t in pairs if p.trainable and t is p.tensor]
-    e.record(Node(f"conv2d:{name}", inputs, [xin, w] if needed else [], params), out)
-    return out
 
 
 def softcapped_eager_attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, q_len: int, k_len: int,
@@ -103,30 +79,10 @@ def softcapped_eager_attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads
 # SigLIP vision tower ------------------------------------------------------------------------------------------------
 
 
-class SiglipLayer:
+class SiglipLayer(EncoderLayerParams):
     """SiglipEncoderLayer (Idefics3EncoderLayer is a copy): layer_norm1 -> self_attn (q/k/v_proj, attention,
     out_proj) -> residual -> layer_norm2 -> mlp (fc1, gelu-tanh, fc2) -> residual. The normed input is the
     attention's argument until it returns, and the MLP's until the MLP returns."""
-
-    def __init__(self, p: Params, index: int) -> None:
-        v = p.setup.model.vision
-        self.v = v
-        d, prefix = v.hidden_size, f"vision.layers.{index}"
-        self.ln1 = (p.vector(VISION, f"{prefix}.layer_norm1.weight", d), p.vector(VISION, f"{prefix}.layer_norm1.bias", d))
-        self.ln2 = (p.vector(VISION, f"{prefix}.layer_norm2.weight", d), p.vector(VISION, f"{prefix}.layer_norm2.bias", d))
-        self.q = p.linear(VISION, f"{prefix}.q_proj", d, d, True)
-        self.k = p.linear(VISION, f"{prefix}.k_proj", d, d, True)
-        self.v_proj = p.linear(VISION, f"{prefix}.v_proj", d, d, True)
-        self.o = p.linear(VISION, f"{prefix}.out_proj", d, d, True)
-        self.fc1 = p.linear(VISION, f"{prefix}.fc1", d, v.intermediate_size, True)
-        self.fc2 = p.linear(VISION, f"{prefix}.fc2", v.intermediate_size, d, True)
-        self.params = [*self.ln1, *self.ln2] + [
-            q for lp in (self.q, self.k, self.v_proj, self.o, self.fc1, self.fc2)
-            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
-
-    @property
-    def has_trainable(self) -> bool:
-        return any(q.trainable for q in self.params)
 
     def __call__(self, e: Engine, x: T, ctx) -> T:
         residual = x
@@ -148,25 +104,6 @@ class SiglipLayer:
         m = apply_linear(e, a, self.fc2, "fc2")
         del a, h  # SiglipMLP.forward returns
         return ops.add(e, residual, m, name="mlp_residual")
-
-
-class VisionContext:
-    def __init__(self, tokens: int, attention) -> None:
-        self.tokens, self.attention = tokens, attention
-
-
-def batched_sdpa(setup: TrainSetup, length: int):
-    """Bidirectional attention of a batch of sequences of `length` tokens in one call, no mask: sdpa -> the CUDA
-    fused kernel (emulate.py CudaAttention), eager (or fp32 without autocast) -> eager_attention_forward."""
-
-    def attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: str) -> T:
-        if e.autocast:
-            q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
-        if setup.attn == "eager" or q.dtype == "fp32":
-            return ops.eager_attention(e, q, k, v, heads, heads, length, length, tokens // length, None, name=name)
-        return ops.fused_attention(e, q, k, v, heads, tokens, name=name)
-
-    return attention
 
 
 class SiglipVision:
@@ -195,7 +132,7 @@ class SiglipVision:
     def embeddings(self, e: Engine, pixel_values: T, images: int) -> T:
         v = self.v
         pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
-        patches = conv2d(e, pixels, self.patch, self.patch_bias, images * self.positions * v.hidden_size,
+        patches = ops.conv2d(e, pixels, self.patch, self.patch_bias, images * self.positions * v.hidden_size,
                          name="patch_embeds")
         del pixels
         pos = e.new(self.positions * v.hidden_size, self.pos.dtype, name="position_embedding")
@@ -207,7 +144,7 @@ class SiglipVision:
     def __call__(self, model: BaseModel, e: Engine, pixel_values: T, images: int, attention=None) -> T:
         tokens = images * self.positions
         embedded = self.embeddings(e, pixel_values, images)
-        ctx = VisionContext(tokens, attention or batched_sdpa(model.setup, self.positions))
+        ctx = VisionContext(tokens, attention or batched_attention(model.setup, self.positions))
         hidden = embedded
         for layer in self.layers:
             hidden = model._run_layer(e, layer, hidden, ctx)

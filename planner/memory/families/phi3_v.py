@@ -23,7 +23,8 @@ from .. import ops
 from ..blocks import Params, apply_linear
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
-from .paligemma import SiglipLayer, batched_sdpa, conv2d
+from ..vision import VisionContext, batched_attention
+from .paligemma import SiglipLayer
 
 
 class ClipTower:
@@ -54,7 +55,7 @@ class ClipTower:
         d, grid = v.hidden_size, (v.image_size // v.patch_size) ** 2
         tokens = views * self.positions
         pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
-        patches = conv2d(e, pixels, self.patch, None, views * grid * d, name="patch_embeds")
+        patches = ops.conv2d(e, pixels, self.patch, None, views * grid * d, name="patch_embeds")
         del pixels
         cat = e.new(tokens * d, ops.promote(patches.dtype, self.cls.dtype), name="embeddings.cat")
         e.record(Node("cat", [patches] if patches.rg else [], [], [self.cls] if self.cls.trainable else []), cat)
@@ -66,7 +67,7 @@ class ClipTower:
         hidden = ops.layer_norm(e, emb, *self.pre_ln, tokens, name="pre_layrnorm")
         del emb
         states = [hidden]
-        ctx = _Ctx(tokens, batched_sdpa(model.setup, self.positions))
+        ctx = VisionContext(tokens, batched_attention(model.setup, self.positions))
         for layer in self.layers:
             hidden = model._run_layer(e, layer, hidden, ctx)
             states.append(hidden)
@@ -76,11 +77,6 @@ class ClipTower:
         chosen = states[-2] if len(states) > 1 else states[-1]
         del states  # CLIPVisionModel's output goes; the chosen state stays behind the `[:, 1:]` view
         return chosen
-
-
-class _Ctx:
-    def __init__(self, tokens: int, attention) -> None:
-        self.tokens, self.attention = tokens, attention
 
 
 class Phi3Layer:
