@@ -20,27 +20,31 @@ The language model has no logit soft-capping (Gemma3ForConditionalGeneration app
 
 from __future__ import annotations
 
-from ...modules import LANGUAGE, PROJECTOR, VISION
+from ...modules import LANGUAGE, PROJECTOR
 from ...setup import TrainSetup
 from .. import ops
 from ..blocks import Params, apply_linear, gated_mlp
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
+from .siglip import SiglipLayer, SiglipVision
 
 
-# SigLIP vision tower ------------------------------------------------------------------------------------------------
+# SigLIP vision tower (families/siglip.py), as the Gemma 3 estimate runs it ------------------------------------------
 
 
-def batched_attention(e: Engine, setup: TrainSetup, q: T, k: T, v: T, heads: int, batch: int, length: int,
-                      name: str) -> tuple[T, T | None]:
-    """Bidirectional attention over `batch` equal-length sequences in one call, no mask. sdpa: the CUDA fused
-    kernel; eager: siglip `eager_attention_forward` (scores * scale, softmax in fp32 with its input converted
+def siglip_attention(setup: TrainSetup, length: int):
+    """Bidirectional attention over a batch of sequences of `length` tokens in one call, no mask. sdpa: the CUDA
+    fused kernel; eager: siglip `eager_attention_forward` (scores * scale, softmax in fp32 with its input converted
     first, cast back, @ v, transpose(1, 2).contiguous()), which also returns the attention weights."""
-    if e.autocast:
-        q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
-    if setup.attn != "eager" and q.dtype != "fp32":
-        return ops.fused_attention(e, q, k, v, heads, batch * length, name=name), None
-    return eager_attention(e, q, k, v, heads, heads, length, batch, None, name)
+
+    def attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: str) -> tuple[T, T | None]:
+        if e.autocast:
+            q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
+        if setup.attn != "eager" and q.dtype != "fp32":
+            return ops.fused_attention(e, q, k, v, heads, tokens, name=name), None
+        return eager_attention(e, q, k, v, heads, heads, length, tokens // length, None, name)
+
+    return attention
 
 
 def repeat_kv(e: Engine, x: T, heads: int, kv_heads: int, name: str) -> T:
@@ -82,32 +86,11 @@ def eager_attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, leng
     return contiguous, probs_cast
 
 
-class SiglipLayer:
-    """SiglipEncoderLayer: layer_norm1 -> self_attn (q/k/v_proj, attention, out_proj) -> residual -> layer_norm2 ->
-    mlp (fc1, gelu-tanh, fc2) -> residual. The normed input is the attention's argument until it returns, and the
-    MLP's until the MLP returns."""
-
-    def __init__(self, p: Params, index: int) -> None:
-        v = p.setup.model.vision
-        self.v = v
-        d, prefix = v.hidden_size, f"vision.layers.{index}"
-        self.ln1 = (p.vector(VISION, f"{prefix}.layer_norm1.weight", d),
-                    p.vector(VISION, f"{prefix}.layer_norm1.bias", d))
-        self.ln2 = (p.vector(VISION, f"{prefix}.layer_norm2.weight", d),
-                    p.vector(VISION, f"{prefix}.layer_norm2.bias", d))
-        self.q = p.linear(VISION, f"{prefix}.q_proj", d, d, True)
-        self.k = p.linear(VISION, f"{prefix}.k_proj", d, d, True)
-        self.v_proj = p.linear(VISION, f"{prefix}.v_proj", d, d, True)
-        self.o = p.linear(VISION, f"{prefix}.out_proj", d, d, True)
-        self.fc1 = p.linear(VISION, f"{prefix}.fc1", d, v.intermediate_size, True)
-        self.fc2 = p.linear(VISION, f"{prefix}.fc2", v.intermediate_size, d, True)
-        self.params = [*self.ln1, *self.ln2] + [
-            q for lp in (self.q, self.k, self.v_proj, self.o, self.fc1, self.fc2)
-            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
-
-    @property
-    def has_trainable(self) -> bool:
-        return any(q.trainable for q in self.params)
+class Gemma3SiglipLayer(SiglipLayer):
+    """SiglipEncoderLayer as the Gemma 3 estimate runs it: `ctx.attention` returns the output and the attention
+    weights, which (eager) live until the layer returns (`hidden_states, _ = self.self_attn(...)`); q, k and v go
+    as soon as the attention returns. The normed input is the attention's argument until it returns, and the MLP's
+    until the MLP returns."""
 
     def __call__(self, e: Engine, x: T, ctx) -> T:
         residual = x
@@ -115,8 +98,7 @@ class SiglipLayer:
         q = apply_linear(e, h, self.q, "q_proj")
         k = apply_linear(e, h, self.k, "k_proj")
         value = apply_linear(e, h, self.v_proj, "v_proj")
-        attn, weights = batched_attention(e, ctx.setup, q, k, value, self.v.num_heads, ctx.views, ctx.length,
-                                          "self_attn")
+        attn, weights = ctx.attention(e, q, k, value, self.v.num_heads, ctx.tokens, "self_attn")
         del q, k, value
         o = apply_linear(e, attn, self.o, "out_proj")
         del attn, h  # SiglipAttention.forward returns
@@ -135,9 +117,14 @@ class SiglipLayer:
         return out
 
 
-class VisionContext:
-    def __init__(self, setup: TrainSetup, views: int, length: int) -> None:
-        self.setup, self.views, self.length, self.tokens = setup, views, length, views * length
+class Gemma3Siglip(SiglipVision):
+    """SiglipVisionModel (no head) with `Gemma3SiglipLayer` and the patch Conv2d as CUDA autocast runs it
+    (`ops.patch_conv` with `valid_padding`)."""
+
+    layer = Gemma3SiglipLayer
+
+    def patch_embeds(self, e: Engine, pixels: T, out_numel: int) -> T:
+        return ops.patch_conv(e, pixels, self.patch, self.patch_bias, out_numel, "patch_embeds", valid_padding=True)
 
 
 # Gemma 3 language model ---------------------------------------------------------------------------------------------
@@ -301,19 +288,8 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
         self.embed_scale = e.param("language.embed_scale", 1, self.p.compute, False, LANGUAGE)  # cast with the model
         self.buffers += [e.param(f"language.rotary_emb.{kind}.{n}", t.head_dim // 2, "fp32", False, LANGUAGE)
                          for kind in sorted(set(self.types))[1:] for n in ("inv_freq", "original_inv_freq")]
-        # SiglipVisionModel (no head)
-        full = self.p.full(VISION)
-        dt = self.p._dtype(full)
+        self.vision_tower = Gemma3Siglip(self, vision_layers)  # SiglipVisionModel (no head)
         d = v.hidden_size
-        self.patch = e.param("vision.patch_embedding.weight", v.in_channels * v.patch_size ** 2 * d, dt, full,
-                             VISION)
-        self.patch_bias = e.param("vision.patch_embedding.bias", d, dt, full, VISION)
-        self.positions = (v.image_size // v.patch_size) ** 2
-        self.pos = e.param("vision.position_embedding", self.positions * d, dt, full, VISION)
-        self.position_ids = e.param("vision.position_ids", self.positions, "int64", False, VISION)  # a buffer
-        self.vision_layers = [SiglipLayer(self.p, i) for i in range(vision_layers)]
-        self.post_ln = (self.p.vector(VISION, "vision.post_layernorm.weight", d),
-                        self.p.vector(VISION, "vision.post_layernorm.bias", d))
         # Gemma3MultiModalProjector: mm_soft_emb_norm and the plain mm_input_projection_weight (never LoRA)
         self.soft_emb_norm = self.p.vector(PROJECTOR, "multi_modal_projector.mm_soft_emb_norm.weight", d)
         self.projection = self.p.vector(PROJECTOR, "multi_modal_projector.mm_input_projection_weight",
@@ -341,26 +317,10 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
 
     # Vision tower and projector ---------------------------------------------------------------------------------
     def vision(self, e: Engine, pixel_values: T) -> tuple[T, T]:
-        """SiglipVisionModel.forward: embeddings (patch conv on `pixel_values.to(weight dtype)`, + the position
-        embedding), the encoder layers (the embeddings output stays referenced until the encoder returns),
-        post_layernorm. Returns the last hidden state and the projected features (Gemma3MultiModalProjector)."""
-        v = self.setup.model.vision
-        d = v.hidden_size
-        tokens = self.views * self.positions
-        pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
-        patches = ops.patch_conv(e, pixels, self.patch, self.patch_bias, tokens * d, "patch_embeds", valid_padding=True)
-        del pixels
-        pos = e.new(self.positions * d, self.pos.dtype, name="position_embedding")
-        e.record(Node("embedding", [], [], [self.pos] if self.pos.trainable else []), pos)
-        embeddings = ops.add(e, patches, pos, name="embeddings")
-        del patches, pos
-        ctx = VisionContext(self.setup, self.views, self.positions)
-        hidden = embeddings
-        for layer in self.vision_layers:
-            hidden = self._run_layer(e, layer, hidden, ctx)
-        del ctx, embeddings
-        last = ops.layer_norm(e, hidden, self.post_ln[0], self.post_ln[1], tokens, name="post_layernorm")
-        del hidden
+        """SiglipVisionModel.forward (`Gemma3Siglip`); returns the last hidden state and the projected features
+        (Gemma3MultiModalProjector)."""
+        tower = self.vision_tower
+        last = tower(self, e, pixel_values, self.views, siglip_attention(self.setup, tower.positions))
         e.scope = "projector"
         return last, self.project(e, last)
 

@@ -19,7 +19,7 @@ from ..blocks import Context, apply_linear
 from ..model import BaseModel, ConditionalGenerationStep, LMAttention
 from ..sim import Engine, Node, T
 from ..vision import batched_attention
-from .paligemma import SiglipVision
+from .siglip import SiglipVision
 
 
 class Idefics3Vision(SiglipVision):

@@ -23,7 +23,7 @@ from .. import ops
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
 from ..vision import VisionContext
-from .paligemma import SiglipVision
+from .siglip import SiglipVision
 
 # config.json vision_batch_size: views per chunk through the vision tower
 VISION_BATCH_SIZE = 16

@@ -24,7 +24,7 @@ from ..blocks import Params, apply_linear
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
 from ..vision import VisionContext, batched_attention
-from .paligemma import SiglipLayer
+from .siglip import SiglipLayer
 
 
 class ClipTower:
