@@ -1,0 +1,40 @@
+"""`vlplan plan --confirm` end to end on the cpu backend: the chosen micro-batch and the next one up profiled in
+their own processes and held against the plan's budget."""
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from tiny import tiny_spec  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from vlplan.cli.main import app  # noqa: E402
+from vlplan.planner.hf_config import spec_to_hf_config  # noqa: E402
+
+runner = CliRunner()
+
+
+def test_plan_confirm_measures_the_chosen_and_the_next_micro_batch(tmp_path):
+    """A GPU of 712 MiB: with a 10% margin micro-batch 2 fits (estimate 669.99 MB of a 671.93 MB budget) and 4 does
+    not (685.6 MB), on the estimate and on the measurement."""
+    (tmp_path / "config.json").write_text(json.dumps(spec_to_hf_config(tiny_spec("qwen2-vl-2b"))))
+    args = ["plan", "--model", str(tmp_path), "--seq-len", "128", "--image-size", "224x224", "--precision", "fp32",
+            "-g", "4", "--gpu-memory-gib", "0.6953125"]
+    result = runner.invoke(app, [*args, "--confirm", "--confirm-backend", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    confirmation = data["confirmation"]
+    assert data["micro_batch_size"] == 2 and confirmation["confirmed"] is True
+    chosen, bigger = confirmation["runs"]
+    assert (chosen["micro_batch_size"], bigger["micro_batch_size"]) == (2, 4)
+    assert chosen["within_budget"] is True and chosen["measured_bytes"] <= chosen["budget_bytes"]
+    assert chosen["measured_allocated_peak_bytes"] > 0 and chosen["step_time_s"] > 0
+    assert confirmation["next_breaks_margin"] is True and bigger["within_budget"] is False
+    assert bigger["oom"] or bigger["measured_bytes"] > bigger["budget_bytes"]
+    assert chosen["budget_bytes"] == data["budget_bytes"]
+    # without --confirm the plan is the same
+    plain = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert {k: v for k, v in data.items() if k != "confirmation"} == plain
