@@ -303,7 +303,10 @@ class ProfileResult:
 
     def term_rows(self) -> list[dict]:
         """Per estimate term: persistent tensors (weights, adapters, optimizer states, inputs) measured by adding up
-        their storages; the rest of the live-tensor peak as one step term; the CUDA terms measured by the backend."""
+        their storages; the rest of the live-tensor peak as one step term; the CUDA terms measured by the backend.
+        Empty after an out-of-memory error (the steps did not complete)."""
+        if self.oom is not None:
+            return []
         e = self.estimate
         rows = []
         names = sorted({k for k in list(e.breakdown_bytes) + list(self.terms_bytes) if k.startswith(PERSISTENT_TERMS)})
@@ -312,7 +315,7 @@ class ProfileResult:
             rows.append({"term": name, "estimate_bytes": estimated, "measured_bytes": measured,
                          "error": relative_error(estimated, measured)})
         peak = self.allocated_peak_bytes
-        if peak is not None and self.oom is None:
+        if peak is not None:
             workspace = self.overheads.get("cublas_workspace_bytes") or 0
             persistent = sum(v for k, v in self.terms_bytes.items() if k.startswith(PERSISTENT_TERMS))
             estimated = e.allocated_peak_bytes - sum(v for k, v in e.breakdown_bytes.items()
@@ -336,7 +339,7 @@ class ProfileResult:
         if self.options.backend == "cuda":
             terms["cuda/cublas_workspace"] = self.overheads.get("cublas_workspace_bytes") or 0
         phase = self.peak_phase
-        if phase is not None and self.phases[phase].reserved_peak_bytes is not None and self.oom is None:
+        if phase is not None and self.phases[phase].reserved_peak_bytes is not None:
             terms["cuda/allocator_reserve"] = (self.phases[phase].reserved_peak_bytes
                                                - self.phases[phase].allocated_peak_bytes)
         return terms
