@@ -57,7 +57,7 @@ class QwenVisionBlock:
         tokens, d = ctx.tokens, v.hidden_size
         h = self._norm(e, x, self.norm1, tokens, "norm1")
         qkv = apply_linear(e, h, self.qkv, "qkv")
-        q, k = vision_rope(e, qkv, ctx, d)
+        q, k = vision_rope(e, qkv.view(tokens * d), qkv.view(tokens * d), ctx)
         value = qkv.view(tokens * d, name="v")  # a view of the qkv output: saving it keeps qkv alive
         del qkv
         segments = ctx.segments if self.full_attention else ctx.window_segments
@@ -88,16 +88,17 @@ class QwenVisionBlock:
         return ops.add(e, x, mlp, name="mlp_residual")
 
 
-def vision_rope(e: Engine, qkv: T, ctx, d: int) -> tuple[T, T]:
-    """apply_rotary_pos_emb_vision(q, k, cos, sin) on views of qkv: q.float() and k.float() (both alive until it
-    returns), q*cos + rotate_half(q)*sin and the same for k in fp32, then each cast back to qkv's dtype."""
-    q32 = ops.cast(e, qkv.view(ctx.tokens * d), "fp32", name="rope.q_fp32")
-    k32 = ops.cast(e, qkv.view(ctx.tokens * d), "fp32", name="rope.k_fp32")
+def vision_rope(e: Engine, q: T, k: T, ctx) -> tuple[T, T]:
+    """apply_rotary_pos_emb_vision(q, k, cos, sin) of Qwen2-VL, Qwen2.5-VL and Qwen3-VL (q and k are views of the
+    qkv output): q.float() and k.float() (both alive until it returns), q*cos + rotate_half(q)*sin and the same for
+    k in fp32, then each cast back to the input dtype."""
+    q32 = ops.cast(e, q, "fp32", name="rope.q_fp32")
+    k32 = ops.cast(e, k, "fp32", name="rope.k_fp32")
     q_embed = ops.rope(e, q32, ctx.cos, ctx.sin, name="rope.q")
     k_embed = ops.rope(e, k32, ctx.cos, ctx.sin, name="rope.k")
-    q_out = ops.cast(e, q_embed, qkv.dtype, name="rope.q_cast")
+    q_out = ops.cast(e, q_embed, q.dtype, name="rope.q_cast")
     del q_embed
-    k_out = ops.cast(e, k_embed, qkv.dtype, name="rope.k_cast")
+    k_out = ops.cast(e, k_embed, k.dtype, name="rope.k_cast")
     del k_embed, q32, k32
     return q_out, k_out
 

@@ -21,6 +21,7 @@ from .. import ops
 from ..blocks import Context, Params, apply_linear, gated_mlp
 from ..model import BaseModel, LMAttention, segment_attention
 from ..sim import DTYPE_BYTES, Engine, Node, T
+from ..vision import vision_rope
 
 # Layer types ---------------------------------------------------------------------------------------------------------
 
@@ -102,26 +103,12 @@ class VisionBlock:
         # .reshape(tokens, 3, heads, -1).permute(1, 0, 2, 3).unbind(0): views; value_states keeps qkv alive
         query, key, value = _chunks(e, qkv, 3, ("q", "k", "v"))
         del qkv
-        q, k = _vision_rope(e, query, key, ctx)
+        q, k = vision_rope(e, query, key, ctx)
         del query, key
         attn = ctx.attention_segments(e, q, k, value, v.num_heads, ctx.segments, "attn")
         out = apply_linear(e, attn, self.proj, "proj")
         del attn, q, k, value  # locals of the attention forward until it returns
         return out
-
-
-def _vision_rope(e: Engine, q: T, k: T, ctx) -> tuple[T, T]:
-    """apply_rotary_pos_emb_vision: q.float() and k.float() first, then q*cos + rotate_half(q)*sin for each, then
-    both cast back to the input dtype; the fp32 copies die when the function returns."""
-    q32 = ops.cast(e, q, "fp32", name="rope.q_fp32")
-    k32 = ops.cast(e, k, "fp32", name="rope.k_fp32")
-    q_embed = ops.rope(e, q32, ctx.cos, ctx.sin, name="rope.q")
-    k_embed = ops.rope(e, k32, ctx.cos, ctx.sin, name="rope.k")
-    q_out = ops.cast(e, q_embed, q.dtype, name="rope.q_cast")
-    del q_embed
-    k_out = ops.cast(e, k_embed, k.dtype, name="rope.k_cast")
-    del k_embed, q32, k32
-    return q_out, k_out
 
 
 class PatchMerger:
