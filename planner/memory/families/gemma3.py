@@ -26,6 +26,7 @@ from .. import ops
 from ..blocks import Params, apply_linear, gated_mlp
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
+from .gemma import GemmaInputs
 from .siglip import SiglipLayer, SiglipVision
 
 
@@ -269,7 +270,7 @@ def spec_with_layers(spec, counts: dict[str, int]):
 # The model ----------------------------------------------------------------------------------------------------------
 
 
-class Gemma3Model(ConditionalGenerationStep, BaseModel):
+class Gemma3Model(GemmaInputs, ConditionalGenerationStep, BaseModel):
     """Gemma3ForConditionalGeneration."""
 
     keeps_checkpoint_arguments = True
@@ -295,25 +296,6 @@ class Gemma3Model(ConditionalGenerationStep, BaseModel):
         self.projection = self.p.vector(PROJECTOR, "multi_modal_projector.mm_input_projection_weight",
                                         proj.in_features * proj.out_features)
         self.views = sum(image.views for image in setup.image_tokens()) * self.batch
-
-    # Inputs -----------------------------------------------------------------------------------------------------
-    def inputs(self, e: Engine) -> dict[str, T]:
-        v = self.setup.model.vision
-        inputs = self.text_inputs(e)
-        inputs["token_type_ids"] = e.new(self.tokens, "int64", name="token_type_ids", category="inputs/batch")
-        if self.views:
-            inputs["pixel_values"] = e.new(self.views * v.in_channels * v.image_size ** 2, "fp32",
-                                           name="pixel_values", category="inputs/batch")
-        return inputs
-
-    def embed_tokens(self, e: Engine) -> T:
-        """Gemma3TextScaledWordEmbedding: embedding(ids) * embed_scale.to(weight dtype)."""
-        raw = super().embed_tokens(e)
-        scale = ops.cast(e, self.embed_scale.tensor, self.embed.dtype, name="embed_scale")
-        out = e.new(raw.numel, raw.dtype, name="inputs_embeds_scaled")
-        e.record(Node("mul", [raw] if raw.rg else [], [scale] if raw.rg else [], []), out)
-        del raw, scale
-        return out
 
     # Vision tower and projector ---------------------------------------------------------------------------------
     def vision(self, e: Engine, pixel_values: T) -> tuple[T, T]:

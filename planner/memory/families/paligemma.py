@@ -21,6 +21,7 @@ from .. import ops
 from ..blocks import Params, apply_linear, gated_mlp
 from ..model import BaseModel, ConditionalGenerationStep
 from ..sim import Engine, Node, T
+from .gemma import GemmaInputs
 from .siglip import SiglipVision
 
 # Gemma2Config defaults (PaliGemma 2 configs keep them): attn_logit_softcapping, final_logit_softcapping
@@ -151,7 +152,7 @@ class GemmaContext:
 # The model ----------------------------------------------------------------------------------------------------------
 
 
-class PaliGemmaModel(ConditionalGenerationStep, BaseModel):
+class PaliGemmaModel(GemmaInputs, ConditionalGenerationStep, BaseModel):
     """PaliGemmaForConditionalGeneration with a Gemma 2 language model."""
 
     final_logit_softcapping = FINAL_SOFTCAP
@@ -181,25 +182,7 @@ class PaliGemmaModel(ConditionalGenerationStep, BaseModel):
         self.inv_freq = [e.param(f"language.rotary_emb.{n}", t.head_dim // 2, "fp32", False, LANGUAGE)
                          for n in ("inv_freq", "original_inv_freq")]  # buffers
         self.lm_head = None  # tied to the embedding
-        self.n_images = len(setup.images) * self.batch
-
-    def inputs(self, e: Engine) -> dict[str, T]:
-        v = self.setup.model.vision
-        inputs = self.text_inputs(e)
-        inputs["token_type_ids"] = e.new(self.tokens, "int64", name="token_type_ids", category="inputs/batch")
-        if self.n_images:
-            inputs["pixel_values"] = e.new(self.n_images * v.in_channels * v.image_size ** 2, "fp32",
-                                           name="pixel_values", category="inputs/batch")
-        return inputs
-
-    def embed_tokens(self, e: Engine) -> T:
-        """Gemma2TextScaledWordEmbedding: embedding(ids) * embed_scale.to(weight dtype)."""
-        raw = super().embed_tokens(e)
-        scale = ops.cast(e, self.embed_scale.tensor, self.embed.dtype, name="embed_scale")
-        out = e.new(raw.numel, raw.dtype, name="inputs_embeds_scaled")
-        e.record(Node("mul", [raw] if raw.rg else [], [scale] if raw.rg else [], []), out)
-        del raw, scale
-        return out
+        self.views = len(setup.images) * self.batch  # one view per image
 
     def encode(self, e: Engine, inputs: dict[str, T]) -> T:
         """PaliGemmaModel.forward up to the language model: embeddings, 1-based position_ids, the image features
@@ -208,11 +191,11 @@ class PaliGemmaModel(ConditionalGenerationStep, BaseModel):
         x = self.embed_tokens(e)
         # position_ids: arange(seq) + 0, then .unsqueeze(0) + 1; the forward passes them to every layer
         self._position_ids = e.new(self.seq, "int64", name="position_ids")
-        if not self.n_images:
+        if not self.views:
             self._keep = ()
             return x
         e.scope = "vision"
-        last = self.vision(self, e, inputs["pixel_values"], self.n_images)
+        last = self.vision(self, e, inputs["pixel_values"], self.views)
         e.scope = "projector"
         projected = apply_linear(e, last, self.projector, "multi_modal_projector.linear")
         e.scope = "language"
