@@ -441,7 +441,7 @@ def profile(setup: TrainSetup, options: ProfileOptions = ProfileOptions(), *, ba
             run.steps(on_event)
         except torch.OutOfMemoryError as err:
             backend.on_oom()
-            oom = _oom_report(setup, expected, backend, err)
+            oom = _oom_report(setup, expected, backend, err, run.start_bytes)
         finally:
             backend.end()
             run.remove_hooks()
@@ -460,10 +460,12 @@ def profile(setup: TrainSetup, options: ProfileOptions = ProfileOptions(), *, ba
                          backend.warnings + run.warnings, date)
 
 
-def _oom_report(setup, expected, backend: Backend, err: BaseException) -> dict:
+def _oom_report(setup, expected, backend: Backend, err: BaseException, start_bytes: int | None) -> dict:
+    """The runner's out-of-memory report (runner/oom.py): the phase, the estimate, the term most likely too low
+    (judged from the memory measured before the first step, as `vlplan run` does) and the next setup to try."""
     from vlplan.runner.oom import oom_report
 
-    report = oom_report(setup, expected, backend.phase or "load", err, None)
+    report = oom_report(setup, expected, backend.phase or "load", err, start_bytes)
     report["step"] = backend.step
     report["message"] = report["message"].replace("CUDA out of memory", f"out of memory ({backend.name})", 1)
     report.update(backend.oom_detail())
@@ -480,6 +482,7 @@ class _Run:
         self.terms: dict[str, int] = {}
         self.step_times: list[float] = []
         self.warnings: list[str] = []
+        self.start_bytes: int | None = None  # allocated once everything is loaded, before the first step
 
     def load(self, on_event) -> None:
         setup, backend = self.setup, self.backend
@@ -498,6 +501,7 @@ class _Run:
         self.handles = backend.watch(model, setup, self.batch) + self._loss_phase_hooks(model)
         self.terms.update(model_terms(model, setup))
         self.terms["inputs/batch"] = storage_bytes(self.batch.values())
+        self.start_bytes = backend.allocated_bytes()
 
     def _loss_phase_hooks(self, model) -> list:
         """The loss phase starts when the LM head runs (the logits and the loss belong to it), as in the tracer."""

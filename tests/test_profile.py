@@ -127,6 +127,8 @@ def test_memory_limit_runs_out_of_memory_reports_and_frees(lora_run):
     assert r.oom["estimate_peak_bytes"] == r.estimate.peak_bytes and r.oom["suspect_term"]
     assert r.oom["live_bytes"] > limit >= r.oom["live_bytes"] - r.oom["requested_bytes"]
     assert r.oom["allocated_after_free_bytes"] < 64 * 1024  # model, optimizer, batch and activations freed
+    loaded = sum(v for k, v in r.terms_bytes.items() if k.startswith(("weights/", "adapters/", "inputs/")))
+    assert loaded <= r.oom["measured_start_bytes"] <= loaded + 64 * 1024  # what was live before the first step
     assert r.records[-1].phase == "backward" and r.to_record()["oom"] is True
     assert r.term_rows() == []  # the steps did not complete: no per-term comparison
 
