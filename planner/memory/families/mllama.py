@@ -104,9 +104,11 @@ def gate_tanh(e: Engine, gate) -> T:
     return out
 
 
-def gated(e: Engine, gate_value: T, x: T, name: str) -> T:
-    """`gate.tanh() * x`: the one-element gate (shape (1,), not a 0-d scalar) takes part in type promotion."""
-    return ops.mul(e, gate_value, x, name=name)
+def gated(e: Engine, gate, x: T, name: str) -> T:
+    """`gate.tanh() * x` for a one-element gate parameter: the tanh (shape (1,), not a 0-d scalar, so it takes part
+    in type promotion) is a temporary of the expression."""
+    value = gate_tanh(e, gate)
+    return ops.mul(e, value, x, name=name)
 
 
 # Vision tower -------------------------------------------------------------------------------------------------------
@@ -151,11 +153,7 @@ class MllamaVisionLayer:
         o = apply_linear(e, attn, self.o, "o_proj")
         del q, k, value, attn, h  # MllamaVisionAttention.forward returns
         if self.is_gated:
-            g = gate_tanh(e, self.gates[0])
-            scaled = gated(e, g, o, "gate_attn*attn")
-            del g, o
-            o = scaled
-            del scaled
+            o = gated(e, self.gates[0], o, "gate_attn*attn")
         x = ops.add(e, residual, o, name="attn_residual")
         del residual, o
         residual = x
@@ -167,11 +165,7 @@ class MllamaVisionLayer:
         m = apply_linear(e, a, self.fc2, "fc2")
         del a, h
         if self.is_gated:
-            g = gate_tanh(e, self.gates[1])
-            scaled = gated(e, g, m, "gate_ffn*mlp")
-            del g, m
-            m = scaled
-            del scaled
+            m = gated(e, self.gates[1], m, "gate_ffn*mlp")
         return ops.add(e, residual, m, name="mlp_residual")
 
 
@@ -223,9 +217,8 @@ class MllamaVision:
         v = self.v
         emb = e.new(slots * v.max_num_tiles * v.hidden_size, table.dtype, name=f"{name}.embedding")
         e.record(Node("embedding", [], [], [table] if table.trainable else []), emb)
-        g = gate_tanh(e, gate)
-        scaled = gated(e, g, emb, f"{name}.gated")
-        del emb, g
+        scaled = gated(e, gate, emb, f"{name}.gated")
+        del emb
         out = ops.add(e, x, scaled, name=name)
         del scaled
         return out
@@ -301,9 +294,7 @@ class MllamaVision:
         tile = e.new(slots * v.max_num_tiles * self.positions * v.hidden_size, self.tile_embedding.dtype,
                      name="tile_position_embedding")
         e.record(Node("embedding", [], [], [self.tile_embedding] if self.tile_embedding.trainable else []), tile)
-        g = gate_tanh(e, self.pos_gate)
-        gated_tile = gated(e, g, tile, "gated_tile_position_embedding")
-        del g
+        gated_tile = gated(e, self.pos_gate, tile, "gated_tile_position_embedding")
         out = ops.add(e, x, gated_tile, name="tile_positions")
         del x, tile, gated_tile  # the module's forward returns
         return out
@@ -375,9 +366,8 @@ class MllamaCrossLayer:
         attn = self._attention(e, q_normed, k_normed, value, ctx, kv_rows)
         o = apply_linear(e, attn, self.o, "o_proj")
         del q_normed, k_normed, value, attn, h
-        g = gate_tanh(e, self.attn_gate)
-        scaled = gated(e, g, o, "attn_gate*attn")
-        del g, o
+        scaled = gated(e, self.attn_gate, o, "attn_gate*attn")
+        del o
         x = ops.add(e, residual, scaled, name="attn_residual")
         del residual, scaled
         residual = x
@@ -387,9 +377,8 @@ class MllamaCrossLayer:
         del h
         masked = ops.mul(e, ctx.row_mask, m, name="full_text_row_masked_out_mask*mlp")
         del m
-        g = gate_tanh(e, self.mlp_gate)
-        scaled = gated(e, g, masked, "mlp_gate*mlp")
-        del g, masked
+        scaled = gated(e, self.mlp_gate, masked, "mlp_gate*mlp")
+        del masked
         out = ops.add(e, residual, scaled, name="mlp_residual")
         return out
 
