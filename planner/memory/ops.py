@@ -430,6 +430,25 @@ def fused_attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: 
     return out
 
 
+def masked_fused_attention(e: Engine, q: T, k: T, v: T, mask: T, heads: int, tokens: int, name: str = "") -> T:
+    """torch CUDA SDPA with an additive float mask (Mllama's aspect-ratio and cross-attention masks, Pixtral's block
+    mask): FlashAttention takes no mask, so on Hopper cuDNN attention runs, first in the priority order and accepting
+    masks (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp `can_use_cudnn_attention`; the tracer's
+    profiler/emulate.py `_cudnn_masked_sdpa`). q, k and v come in the kernel's dtype; under autocast a mask of another
+    dtype is cast to the query's (a copy per call). Its backward needs the bias (derivatives.yaml
+    `_scaled_dot_product_cudnn_attention` passes `attn_bias`), so the kernel saves q, k, v, the output, an fp32
+    logsumexp of (heads, tokens) and the bias; the backward allocates the same fp32 workspace as without a mask."""
+    bias = cast(e, mask, q.dtype, name=f"{name}.bias") if e.autocast else mask
+    out = e.new(q.numel, q.dtype, name=name)
+    lse = e.new(heads * tokens, "fp32", name=f"{name}.lse")
+    inputs = [t for t in (q, k, v) if t.rg]
+    node = Node("sdpa_masked", inputs, [q, k, v, out, lse, bias] if inputs else [], [],
+                workspace=q.numel * 4 + heads * tokens * 4)
+    e.record(node, out)
+    del lse, bias
+    return out
+
+
 def eager_attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, q_len: int, k_len: int, batch: int,
                     causal_mask: T | None, name: str = "") -> T:
     """transformers `eager_attention_forward`: repeat_kv, q @ k^T * scaling (+ mask), softmax in fp32, cast back,

@@ -31,7 +31,7 @@ from ..vision import ClipLayer, LlavaProjector
 
 def masked_attention(setup: TrainSetup, mask: T, heads: int, length: int):
     """Attention over one packed sequence with an additive (1, 1, L, L) mask (Pixtral). sdpa: cuDNN attention with
-    the mask as a saved bias (module docstring); eager: Pixtral's eager_attention_forward, `matmul(q, k^T) * scaling
+    the mask as a saved bias (`ops.masked_fused_attention`); eager: Pixtral's eager_attention_forward, `matmul(q, k^T) * scaling
     + mask`, softmax in fp32, `.to(query.dtype)`, `matmul(., v)`, transpose(1, 2).contiguous(), where autocast casts
     the matmul operands and the mask's dtype promotes the masked scores."""
 
@@ -40,15 +40,7 @@ def masked_attention(setup: TrainSetup, mask: T, heads: int, length: int):
             return eager_attention(e, q, k, v, heads, heads, length, 1, mask, name)
         if e.autocast:
             q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
-            bias = ops.cast(e, mask, e.autocast, name=f"{name}.bias")
-        else:
-            bias = mask
-        out = e.new(q.numel, q.dtype, name=name)
-        lse = e.new(heads * length, "fp32", name=f"{name}.lse")
-        inputs = [t for t in (q, k, v) if t.rg]
-        saved = [q, k, v, out, lse, bias] if inputs else []
-        e.record(Node("sdpa_cudnn_bias", inputs, saved, [], workspace=q.numel * 4 + heads * length * 4), out)
-        return out
+        return ops.masked_fused_attention(e, q, k, v, mask, heads, length, name=name)
 
     return attention
 

@@ -82,21 +82,6 @@ def check_setup(setup: TrainSetup) -> None:
 # Shared pieces ------------------------------------------------------------------------------------------------------
 
 
-def masked_fused_attention(e: Engine, q: T, k: T, v: T, mask: T, heads: int, tokens: int, name: str = "") -> T:
-    """CUDA SDPA with an additive mask: cuDNN attention (emulate.py `_cudnn_masked_sdpa`). Under autocast a mask of
-    another dtype is cast to the query's (a copy); the kernel saves q, k, v, the output, an fp32 logsumexp of
-    (heads, tokens) and the bias; its backward allocates the same fp32 workspace as without a mask."""
-    bias = ops.cast(e, mask, q.dtype, name=f"{name}.bias") if e.autocast else mask
-    out = e.new(q.numel, q.dtype, name=name)
-    lse = e.new(heads * tokens, "fp32", name=f"{name}.lse")
-    inputs = [t for t in (q, k, v) if t.rg]
-    node = Node("sdpa_masked", inputs, [q, k, v, out, lse, bias] if inputs else [], [],
-                workspace=q.numel * 4 + heads * tokens * 4)
-    e.record(node, out)
-    del lse, bias
-    return out
-
-
 def gate_tanh(e: Engine, gate) -> T:
     """`gate.tanh()` of a one-element gate parameter; TanhBackward keeps the result when the gate trains."""
     out = e.new(1, gate.dtype, name=f"{gate.name}.tanh")
@@ -149,7 +134,7 @@ class MllamaVisionLayer:
             attn = ops.eager_attention(e, q, k, value, v.num_heads, v.num_heads, ctx.length, ctx.length, ctx.slots,
                                        ctx.mask, name="self_attn")
         else:
-            attn = masked_fused_attention(e, q, k, value, ctx.mask, v.num_heads, tokens, name="self_attn")
+            attn = ops.masked_fused_attention(e, q, k, value, ctx.mask, v.num_heads, tokens, name="self_attn")
         o = apply_linear(e, attn, self.o, "o_proj")
         del q, k, value, attn, h  # MllamaVisionAttention.forward returns
         if self.is_gated:
@@ -395,7 +380,7 @@ class MllamaCrossLayer:
         value = ops._copy(e, v, v.numel * groups, "cross_attn.v_rep") if groups > 1 else v
         if e.autocast:
             q, key, value = (ops.cast(e, x, e.autocast) for x in (q, key, value))
-        out = masked_fused_attention(e, q, key, value, ctx.cross_mask, t.num_heads, ctx.tokens, name="cross_attn")
+        out = ops.masked_fused_attention(e, q, key, value, ctx.cross_mask, t.num_heads, ctx.tokens, name="cross_attn")
         del key, value
         return out
 
