@@ -349,3 +349,71 @@ def test_bad_input_exits_2_with_one_line(args, message):
     err = result.stderr.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in result.output
     assert re.search(message, err), err
+
+
+def committed_csv_rows():
+    text = (COMMITTED_DIR / "sizing.csv").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    return {(r["model"], r["method"], r["seq_len"], r["image_size"], r["gpu"]): r for r in csv.DictReader(lines)}
+
+
+CITATION = re.compile(r"`([\w.\-]+)/(full|freeze|lora|qlora)/(\d+)/(\d+x\d+|-)/([\w\-]+)`")
+
+
+def test_docs_cite_the_committed_rows():
+    """docs/tables.md: every `model/method/seq/image/gpu` citation, the excerpt and the breakdown table are the numbers
+    the committed tables (and the estimator) give."""
+    from pathlib import Path
+
+    rows = committed_csv_rows()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "tables.md").read_text()
+    cited = 0
+    for paragraph in text.split("\n\n"):
+        paragraph = " ".join(paragraph.split("\n"))
+        matches = list(CITATION.finditer(paragraph))
+        for match, following in zip(matches, matches[1:] + [None]):
+            row = rows[match.groups()]
+            after = paragraph[match.end():following.start() if following else len(paragraph)]
+            peak = re.search(r"(\d+\.\d\d) GiB", after)
+            assert peak and peak.group(1) == f"{float(row['peak_gib']):.2f}", (match.group(0), after)
+            batch = re.match(r"[^`|]*?mb (\d+)", after)
+            if batch:
+                assert batch.group(1) == row["max_micro_batch"], (match.group(0), after)
+            gpus = re.match(r"[^`|]*?(\d+) x (ZeRO-\d|DDP)", after)
+            if gpus:
+                assert (gpus.group(1), gpus.group(2)) == (row["fewest_gpus"], row["strategy"]), match.group(0)
+            cited += 1
+    assert cited >= 20
+
+    def table_after(marker):
+        """The body cells of the markdown table right after `marker` (header and separator skipped)."""
+        lines = text[text.index(marker):].splitlines()[3:]
+        body = lines[:next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines))]
+        return [[c.strip().strip("*`") for c in line.strip("|").split("|")] for line in body]
+
+    methods = ("full", "freeze", "lora", "qlora")
+    excerpt = table_after("<!-- excerpt: seq=2048 image=768x768 gpu=h100-80g -->")
+    assert len(excerpt) == len(preset("committed").table.models)
+    for model, *peaks in excerpt:
+        assert peaks == [f"{float(rows[(model, m, '2048', '768x768', 'h100-80g')]['peak_gib']):.2f}" for m in methods]
+    breakdown = table_after("<!-- breakdown: model=qwen2.5-vl-7b seq=2048 image=768x768 gpu=h100-80g -->")
+    conditions = preset("committed").table.conditions
+    results = {m: estimate(row_setup("qwen2.5-vl-7b", m, 2048, (768, 768), find_gpu("h100-80g"), conditions))
+               for m in methods}
+    for term, *cells in breakdown:
+        for method, cell in zip(methods, cells):
+            value = results[method].peak_bytes if term == "peak" else results[method].breakdown_bytes.get(term, 0)
+            assert cell == (f"{value / 2**30:.2f}" if value >= 0.005 * 2**30 else "-"), (term, method)
+    shown = {term for term, *_ in breakdown}
+    assert all(term in shown for r in results.values() for term, v in r.breakdown_bytes.items() if v >= 0.005 * 2**30)
+
+
+@pytest.mark.parametrize("model,method,seq_len,gpu", [("qwen2.5-vl-7b", "lora", 2048, "rtx4090-24g"),
+                                                      ("internvl3-8b", "full", 4096, "h100-80g"),
+                                                      ("llama-3.2-11b-vision", "qlora", 8192, "a100-40g")])
+def test_committed_768_rows_are_default_estimates(model, method, seq_len, gpu):
+    """The committed tables raise image_max_pixels to 1920x1080; rows with 768x768 images are what `vlplan estimate`
+    gives with LLaMA-Factory's default cap (docs/tables.md says so)."""
+    row = committed_csv_rows()[(model, method, str(seq_len), "768x768", gpu)]
+    setup = row_setup(model, method, seq_len, (768, 768), find_gpu(gpu), Conditions())
+    assert int(row["peak_bytes"]) == estimate(setup).peak_bytes
