@@ -113,8 +113,8 @@ def write(summary: dict) -> None:
                 f"(`python benchmarks/tables_speed.py --write`), each run a fresh process timing `compute_rows` "
                 f"alone: {table}.")
     lines = [BEGIN, textwrap.fill(measured, 118), "",
-             "| workers | rows | `compute_rows` | rows/s | 10,000 rows | target (10,000 rows) | process wall "
-             "| CPU time | cores busy |",
+             ("| workers | rows | `compute_rows` | rows/s | 10,000 rows | target (10,000 rows) | process wall "
+              "| CPU time | cores busy |"),
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in summary["runs"]:
         per_10k = 10_000 / run["rows_per_s"]
