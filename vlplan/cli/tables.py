@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -155,64 +156,80 @@ def tables_command(
     with errors():
         selection = {"models": models, "methods": methods, "gpus": gpus, "seq_lens": seq_lens,
                      "image_sizes": image_sizes}
-        condition_flags = {"images": images, "image_max_pixels": image_max_pixels, "margin": margin, "attn": attn,
-                           "lora_rank": lora_rank, "quant_bits": quant_bits,
-                           "gradient_checkpointing": gradient_checkpointing}
+        conditions = {"images": images, "image_max_pixels": image_max_pixels, "margin": margin, "attn": attn,
+                      "lora_rank": lora_rank, "quant_bits": quant_bits,
+                      "gradient_checkpointing": gradient_checkpointing}
         workers = default_workers() if workers is None else workers
         if workers < 1:
             raise VlplanError(f"--workers must be 1 or more, got {workers}")
-        if json_ and format_ not in (None, "json") and out is None and not check:
-            raise VlplanError(f"--json is --format json; drop --format {format_}")
-        if check and preset_name is None and not any(v is not None for v in selection.values()):
-            preset_name = "committed"  # `vlplan tables --check`: the committed tables
-        if preset_name is not None:
-            given = [f"--{k.replace('_', '-')}" for k, v in {**selection, **condition_flags}.items() if v is not None]
-            if given:
-                raise VlplanError(f"--preset {preset_name} fixes the table; drop {', '.join(given)}")
-            chosen = preset(preset_name)
-            table = chosen.table
-            directory = out if out is not None else (chosen.directory if check else None)
-            if directory is not None and format_ is None:
-                formats, plot = chosen.formats, plot or chosen.plot
-            regenerate = chosen.regenerate if out is None else f"vlplan tables --preset {preset_name} --out {out}"
-        else:
-            table = _user_table(selection, condition_flags)
-            directory = out
-            regenerate = ""
-        if directory is None:
-            formats = ("json",) if json_ else _formats(format_ or "md", several=False)
-        elif preset_name is None or format_ is not None:
-            formats = _formats(format_ or "md", several=True)
-        if preset_name is None and directory is not None:
-            regenerate = f"{table.command} --format {','.join(formats)}{' --plot' if plot else ''} --out {out}"
-        if plot and directory is None:
-            raise VlplanError("--plot writes PNG files: add --out DIR")
-        if check and directory is None:
-            raise VlplanError("--check compares the files of a folder: add --out DIR")
-        if plot and not check:
-            from vlplan.tables.plots import require_matplotlib
-
-            require_matplotlib()
-        with _progress(table.row_count, enabled=not json_ and not (directory is None and formats == ("json",))) \
-                as progress:
-            rows = table.rows(workers=workers, progress=progress)
+        job = _job(selection, conditions, format_, json_, out, plot, preset_name, check)
+        to_stdout_json = job.directory is None and job.formats == ("json",)
+        with _progress(job.table.row_count, enabled=not json_ and not to_stdout_json) as progress:
+            rows = job.table.rows(workers=workers, progress=progress)
         if check:
-            stale = check_table(directory, table, rows, formats, plot)
-        elif directory is not None:
-            written = write_table(directory, table, rows, formats, plot)
+            stale = check_table(job.directory, job.table, rows, job.formats, job.plot)
+        elif job.directory is not None:
+            written = write_table(job.directory, job.table, rows, job.formats, job.plot)
     if check:
-        _report_check(directory, stale, regenerate, len(rows), json_)
-    elif directory is not None:
+        _report_check(job.directory, stale, job.regenerate, len(rows), json_)
+    elif job.directory is not None:
         if json_:
             print_json({"written": [str(p) for p in written], "rows": len(rows)})
         else:
             for path in written:
                 typer.echo(f"wrote {path}")
     else:
-        sys.stdout.write(render(formats[0], table, rows))
+        sys.stdout.write(render(job.formats[0], job.table, rows))
+
+
+@dataclass(frozen=True)
+class _Job:
+    table: Table
+    formats: tuple[str, ...]
+    plot: bool
+    directory: Path | None  # None: print the one format to stdout
+    regenerate: str  # the command that rewrites `directory`'s files (named by --check)
+
+
+def _job(selection: dict, conditions: dict, format_: str | None, json_: bool, out: Path | None, plot: bool,
+         preset_name: str | None, check: bool) -> _Job:
+    """What the flags ask for: the table, its formats and plots, and where they go (or are checked)."""
+    if json_ and format_ not in (None, "json") and out is None and not check:
+        raise VlplanError(f"--json is --format json; drop --format {format_}")
+    if check and preset_name is None and all(v is None for v in selection.values()):
+        preset_name = "committed"  # `vlplan tables --check`: the committed tables
+    formats = None
+    if preset_name is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in {**selection, **conditions}.items() if v is not None]
+        if given:
+            raise VlplanError(f"--preset {preset_name} fixes the table; drop {', '.join(given)}")
+        chosen = preset(preset_name)
+        table = chosen.table
+        directory = out if out is not None else (chosen.directory if check else None)
+        if directory is not None and format_ is None:
+            formats, plot = chosen.formats, plot or chosen.plot
+        regenerate = chosen.regenerate if out is None else f"vlplan tables --preset {preset_name} --out {out}"
+    else:
+        table = _user_table(selection, conditions)
+        directory = out
+    if formats is None:
+        formats = ("json",) if json_ and directory is None else _formats(format_ or "md", several=directory is not None)
+    if preset_name is None:
+        regenerate = f"{table.command} --format {','.join(formats)}{' --plot' if plot else ''} --out {out}" \
+            if out is not None else ""
+    if plot and directory is None:
+        raise VlplanError("--plot writes PNG files: add --out DIR")
+    if check and directory is None:
+        raise VlplanError("--check compares the files of a folder: add --out DIR")
+    if plot and not check:
+        from vlplan.tables.plots import require_matplotlib
+
+        require_matplotlib()
+    return _Job(table, formats, plot, directory, regenerate)
 
 
 def _user_table(selection: dict, condition_flags: dict) -> Table:
+    """The table of the selection flags (the defaults where absent) under the condition flags given."""
     if selection["models"] is None:
         raise VlplanError("pass --models NAME,NAME (see `vlplan models`, or all), or --preset committed")
     conditions = Conditions(**{k: v for k, v in condition_flags.items() if v is not None})
