@@ -54,3 +54,12 @@ def test_trace_refuses_what_it_cannot_run():
     setup = make_setup(tiny_spec("qwen2-vl-2b"), method="qlora", seq_len=512, image_size=(224, 224))
     with pytest.raises(VlplanError, match="bitsandbytes"):
         run_trace(setup)
+
+
+def test_transformers_outside_the_modeled_releases_is_named_in_one_line():
+    from vlplan.profiler.build import transformers_warning
+
+    assert transformers_warning("5.23.0") is None and transformers_warning("5.0.1") is None
+    for version in ("5.24.0", "5.25.0", "4.57.1", "6.0.0.dev0"):
+        warning = transformers_warning(version)
+        assert warning and "\n" not in warning and "transformers<5.24" in warning
