@@ -222,6 +222,9 @@ def _reasons(best: Candidate, fits: list[Candidate], budget: int, capacity: int,
                        f"({', '.join(f'{k} {v / GIB:.0f} GiB' for k, v in e.cpu_breakdown_bytes.items())})")
     reasons.append(f"estimated step {best.time.seconds:.2f} s at {100 * best.time.mfu:.0f}% MFU "
                    f"({', '.join(f'{k} {v:.2f} s' for k, v in best.time.parts.items() if v > 0.005)})")
+    if best.time.assumed_throughput_of:
+        reasons.append(f"the GPU's throughput is unknown (given by its memory only): step times assume the tensor "
+                       f"rate of a {best.time.assumed_throughput_of} (use --gpu NAME for a catalog GPU)")
     return reasons
 
 
@@ -246,7 +249,8 @@ def _assumptions(best: Candidate) -> dict:
     return {"mfu": best.time.mfu, "micro_step_overhead_s": throughput.MICRO_STEP_OVERHEAD_S,
             "internode_gbps": throughput.INTERNODE_GBPS, "intranode_gbps": best.setup.gpu.link_gbps,
             "pcie_gbps": throughput.PCIE_GBPS, "cpu_adam_params_per_s": throughput.CPU_ADAM_PARAMS_PER_S,
-            "overlap": "none (upper bound on step time)"}
+            "overlap": "none (upper bound on step time)",
+            "tensor_rate_of": best.time.assumed_throughput_of or best.setup.gpu.name}
 
 
 def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_rank: int) -> str:

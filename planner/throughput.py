@@ -9,6 +9,8 @@ Assumptions (named, printed by `vlplan plan --explain`):
 - Collective bandwidth per GPU: the catalog's link (NVLink/PCIe) within a node, 25 GB/s between nodes; ring
   algorithms move (N-1)/N of the buffer per rank for reduce-scatter and all-gather, twice that for all-reduce.
 - CPU offload: PCIe at 25 GB/s each way, DeepSpeedCPUAdam at 1e9 parameters/s per process.
+- A GPU given only by its memory (`--gpu-memory-gib`) has no known throughput: its step times are computed at the
+  reference GPU's tensor rate (REFERENCE_GPU) so candidates can still be ranked, and `assumed_throughput_of` says so.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ MICRO_STEP_OVERHEAD_S = 0.010
 INTERNODE_GBPS = 25.0
 PCIE_GBPS = 25.0
 CPU_ADAM_PARAMS_PER_S = 1e9
+REFERENCE_GPU = "a100-80g"  # the tensor rate assumed for GPUs of unknown throughput
 
 
 @dataclass
@@ -32,6 +35,7 @@ class StepTime:
     parts: dict[str, float] = field(default_factory=dict)
     flops: float = 0.0
     mfu: float = 0.0
+    assumed_throughput_of: str | None = None  # the catalog GPU whose tensor rate stood in for an unknown one
 
 
 def _linear_flops_per_token(inventory, exclude=("lm_head",)) -> float:
@@ -74,9 +78,13 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
     if mfu is None:
         mfu = MFU_EAGER if setup.attn == "eager" else MFU_FUSED
     peak = setup.gpu.tflops_bf16 * 1e12
-    parts = {}
+    assumed = None
     if peak <= 0:
-        return StepTime(float("nan"), {"unknown GPU throughput": float("nan")}, micro_flops, mfu)
+        from .hardware import find_gpu
+
+        assumed = REFERENCE_GPU
+        peak = find_gpu(REFERENCE_GPU).tflops_bf16 * 1e12
+    parts = {}
     micro_steps = setup.gradient_accumulation_steps
     parts["compute"] = micro_steps * (micro_flops - recompute) / (peak * mfu)
     parts["recompute"] = micro_steps * recompute / (peak * mfu)
@@ -108,7 +116,7 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
         parts["cpu_adam"] = shard / CPU_ADAM_PARAMS_PER_S
         if setup.offload == "all":
             parts["offload_parameters"] = micro_steps * 2 * half * total / n / (PCIE_GBPS * 1e9)
-    return StepTime(sum(parts.values()), parts, micro_flops * micro_steps, mfu)
+    return StepTime(sum(parts.values()), parts, micro_flops * micro_steps, mfu, assumed)
 
 
 def _trainable_params(setup: TrainSetup) -> int:

@@ -98,3 +98,34 @@ def test_plan_cli(tmp_path):
     assert result.exit_code == 1 and result.stderr.startswith("error: nothing fits")
     result = runner.invoke(app, ["plan", "--model", "qwen2-vl-2b", "--global-batch-size", "0"])
     assert result.exit_code == 2
+
+
+def test_plan_for_a_gpu_given_by_memory_only_ranks_at_a_stated_tensor_rate():
+    """--gpu-memory-gib has no throughput: the plan still ranks (finite times, strict JSON) and says what it assumed;
+    the ranking equals the one on the reference GPU with the same memory."""
+    import json
+    import math
+
+    from typer.testing import CliRunner
+
+    from vlplan.cli.main import app
+    from vlplan.planner.hardware import custom_gpu, find_gpu
+    from vlplan.planner.throughput import REFERENCE_GPU
+
+    args = ["plan", "--model", "qwen2.5-vl-7b", "--num-gpus", "2", "--global-batch-size", "16"]
+    result = CliRunner().invoke(app, [*args, "--gpu-memory-gib", "80", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert math.isfinite(data["step_time_s"]) and all(math.isfinite(a["step_time_s"]) for a in data["alternatives"])
+    assert data["assumptions"]["tensor_rate_of"] == REFERENCE_GPU
+    assert any("throughput is unknown" in r and REFERENCE_GPU in r for r in data["reasons"])
+    text = CliRunner().invoke(app, [*args, "--gpu-memory-gib", "80"])
+    assert text.exit_code == 0 and "nan" not in text.stdout
+
+    reference = find_gpu(REFERENCE_GPU)
+    custom = replace(custom_gpu(reference.memory_mib / 1024), link_gbps=reference.link_gbps)
+    setup = make_setup(resolve("qwen2.5-vl-7b"), method="lora", num_gpus=2, gpu=custom)
+    on_custom = plan(setup, global_batch_size=16)
+    on_reference = plan(replace(setup, gpu=reference), global_batch_size=16)
+    assert on_custom.to_dict()["alternatives"] == on_reference.to_dict()["alternatives"]
+    assert on_custom.step_time_s == on_reference.step_time_s
