@@ -55,6 +55,11 @@ CASES = [
     (tiny_gemma3(), dict(seq_len=96, train_vision=True, attn="eager"), dict(text=2, vision=1)),
     (tiny_gemma3(pan_and_scan=True), dict(seq_len=96, images=[(600, 300)], method="full", train_vision=True,
                                           train_projector=True), dict(text=2, vision=1)),
+    # Adafactor: InternVL's 3-D class token and position table, Gemma 3's plain projection matrix
+    (tiny_internvl(), dict(seq_len=96, method="full", train_vision=True, train_projector=True, optimizer="adafactor",
+                           gradient_checkpointing=False), dict(text=2, vision=2)),
+    (tiny_gemma3(), dict(seq_len=96, method="full", train_vision=True, train_projector=True, optimizer="adafactor",
+                         gradient_checkpointing=False), dict(text=2, vision=1)),
 ]
 
 

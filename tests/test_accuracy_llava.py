@@ -54,6 +54,9 @@ CASES = [
     ("pixtral-12b", dict(seq_len=256, image_size=(128, 96), train_vision="lora", attn="eager",
                          gradient_checkpointing=False)),
     ("pixtral-12b", dict(seq_len=256, image_size=(128, 96), method="full", train_vision=True, train_projector=True)),
+    # Adafactor: factored states of CLIP's convolution and position table; image_newline is stepped first
+    ("llava-v1.6-mistral-7b", dict(seq_len=512, image_size=(1024, 768), method="full", train_vision=True,
+                                   train_projector=True, optimizer="adafactor")),
 ]
 
 

@@ -64,6 +64,11 @@ CASES = [
     ("llama-3.2-11b-vision", dict(seq_len=64, method="full", attn="eager"), MLLAMA_COUNTS),
     ("llama-3.2-11b-vision", dict(seq_len=64, method="full", train_vision=True, train_projector=True,
                                   gradient_checkpointing=False), MLLAMA_COUNTS),
+    # Adafactor: PaliGemma's embedding matrix factored; Mllama's tile tables, and lm_head stepped last
+    ("paligemma2-3b", dict(seq_len=160, method="full", train_vision=True, train_projector=True,
+                           optimizer="adafactor", gradient_checkpointing=False), None),
+    ("llama-3.2-11b-vision", dict(seq_len=64, method="full", train_vision=True, train_projector=True,
+                                  optimizer="adafactor", gradient_checkpointing=False), MLLAMA_COUNTS),
 ]
 CASES = [case if len(case) == 3 else (*case, None) for case in CASES]
 

@@ -44,6 +44,9 @@ CASES = [
                          gradient_checkpointing=False), DENSE),
     ("qwen3-vl-30b-a3b", dict(seq_len=320, image_size=(256, 256), gradient_checkpointing=False), MOE),
     ("qwen3-vl-30b-a3b", dict(seq_len=320, image_size=(256, 256), method="full"), MOE),
+    # Adafactor's factored states of the 3-D expert weights and the learned position embedding
+    ("qwen3-vl-30b-a3b", dict(seq_len=320, image_size=(256, 256), method="full", train_vision=True,
+                              train_projector=True, optimizer="adafactor", gradient_checkpointing=False), MOE),
 ]
 
 

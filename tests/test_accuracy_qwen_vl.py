@@ -21,6 +21,12 @@ CASES = [
     ("qwen2-vl-2b", dict(method="lora", dora=True, gradient_checkpointing=False)),
     ("qwen2.5-vl-3b", dict(method="full", train_vision=True, train_projector=True, gradient_accumulation_steps=2)),
     ("qwen2.5-vl-3b", dict(method="lora", train_vision=True, gradient_checkpointing=False)),
+    # Adafactor: factored states of the 5-D patch convolution, the loop's `update` outliving its parameter (the
+    # projector's last weight, then the tied embedding), and with pure bf16 the fp32 copies of grad and weight
+    ("qwen2-vl-2b", dict(method="full", train_vision=True, train_projector=True, optimizer="adafactor",
+                         gradient_checkpointing=False)),
+    ("qwen2.5-vl-3b", dict(method="full", train_vision=True, train_projector=True, optimizer="adafactor",
+                           precision="pure-bf16", gradient_checkpointing=False)),
 ]
 
 

@@ -48,9 +48,10 @@ class Params:
     def full(self, component: str, layer_trainable: bool = True) -> bool:
         return self.setup.trains[component] is Train.FULL and layer_trainable
 
-    def vector(self, component: str, name: str, numel: int, layer_trainable: bool = True) -> Param:
+    def vector(self, component: str, name: str, numel: int, layer_trainable: bool = True,
+               shape: tuple[int, ...] | None = None) -> Param:
         trainable = self.full(component, layer_trainable)
-        return self.e.param(name, numel, self._dtype(trainable), trainable, component)
+        return self.e.param(name, numel, self._dtype(trainable), trainable, component, shape=shape)
 
     def linear(self, component: str, name: str, in_features: int, out_features: int, bias: bool,
                layer_trainable: bool = True) -> LinearParams:

@@ -3,7 +3,7 @@ checkpointing), the final norm, lm_head and the loss as the HF Trainer computes 
 
 from __future__ import annotations
 
-from ..modules import LANGUAGE
+from ..modules import LANGUAGE, PROJECTOR, VISION
 from ..setup import Train, TrainSetup
 from ..spec import ModelSpec
 from . import ops
@@ -90,6 +90,19 @@ class BaseModel:
     # Checkpointed layers' non-tensor arguments live until the loss is dropped (`keep_checkpoint_arguments`); the
     # families whose traces show it set this (with ConditionalGenerationStep, whose loss hands them on)
     keeps_checkpoint_arguments = False
+    # The order of the components' parameters in `model.named_parameters()`, which is the order an optimizer steps
+    # them in: the transformers classes register the vision tower and projector before the language model, and the
+    # ForConditionalGeneration's lm_head after the model
+    param_order = (VISION, PROJECTOR, LANGUAGE)
+
+    def optimizer_order(self, params: list) -> list:
+        """`params` in named_parameters order, as far as it matters for memory: by component (`param_rank`), in
+        creation order within one."""
+        rank = {component: i for i, component in enumerate(self.param_order)}
+        return sorted(params, key=lambda p: self.param_rank(p, rank))
+
+    def param_rank(self, p, rank: dict[str, int]) -> int:
+        return len(rank) if p is getattr(self, "lm_head", None) else rank[p.component]
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         self.e, self.setup = e, setup

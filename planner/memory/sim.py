@@ -78,7 +78,8 @@ class Param:
     component: str
     tensor: T | None = None
     grad: T | None = None
-    shape: tuple[int, int] | None = None  # (rows, cols) of matrices (factored optimizers); None for vectors
+    shape: tuple[int, ...] | None = None  # the tensor's dims where it has 2 or more (factored optimizers); else None
+    rms: T | None = None  # Adafactor's state["RMS"], a 0-d tensor
 
     @property
     def nbytes(self) -> int:
@@ -197,7 +198,7 @@ class Engine:
         return T(numel, dtype, rg and self.grad_enabled, storage, name)
 
     def param(self, name: str, numel: int, dtype: str, trainable: bool, component: str,
-              kind: str = "weights", shape: tuple[int, int] | None = None) -> Param:
+              kind: str = "weights", shape: tuple[int, ...] | None = None) -> Param:
         p = Param(name, numel, dtype, trainable, component, shape=shape)
         storage = Storage(self, numel * DTYPE_BYTES[dtype], f"{kind}/{component}", name)
         p.tensor = T(numel, dtype, trainable, storage, name)

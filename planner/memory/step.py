@@ -158,8 +158,10 @@ def _optimizer_states(e: Engine, setup: TrainSetup, model) -> list[T]:
     - bitsandbytes AdamW8bit (optim/optimizer.py `Optimizer2State.init_state`): parameters under 4096 elements
       keep two fp32 states; larger ones two uint8 states plus an fp32 absmax per 256-element block (bnb >= 0.44).
       The paged variant allocates the same bytes in CUDA unified memory, which the driver can page out to the host.
-    - transformers Adafactor (beta1=None, factored second moment): an fp32 row and column vector for each matrix,
-      a full fp32 exp_avg_sq for vectors.
+    - transformers Adafactor (optimization.py, beta1=None): for a tensor of 2 or more dims the factored second
+      moment, exp_avg_sq_row of shape[:-1] and exp_avg_sq_col of shape[:-2] + shape[-1:] (a 4-D convolution weight
+      too), a full exp_avg_sq for vectors, all fp32 (`.to(grad)` of the fp32 gradient); and `state["RMS"]`, a 0-d
+      fp32 tensor per parameter.
     - SGD (momentum 0): nothing.
     """
     states = []
@@ -185,12 +187,16 @@ def _optimizer_states(e: Engine, setup: TrainSetup, model) -> list[T]:
                 states.append(e.new(cols, "fp32", name=f"exp_avg_sq_col:{p.name}", category="optimizer/adafactor"))
             else:
                 states.append(e.new(p.numel, "fp32", name=f"exp_avg_sq:{p.name}", category="optimizer/adafactor"))
+            p.rms = e.new(1, "fp32", name=f"RMS:{p.name}", category="optimizer/adafactor")
     return states
 
 
 def _matrix_shape(p) -> tuple[int, int]:
-    """(rows, cols) of a 2-D parameter as the symbolic inventory knows it: (numel, 0) for vectors."""
-    return p.shape if p.shape else (p.numel, 0)
+    """The elements of Adafactor's factored row and column states of a parameter of 2 or more dims (shape[:-1] and
+    shape[:-2] + shape[-1:]; a matrix's rows and columns), or (numel, 0) for vectors."""
+    if not p.shape or len(p.shape) < 2:
+        return p.numel, 0
+    return p.numel // p.shape[-1], p.numel // p.shape[-2]
 
 
 def _optimizer_step(e: Engine, setup: TrainSetup, model) -> None:
@@ -208,14 +214,63 @@ def _optimizer_step(e: Engine, setup: TrainSetup, model) -> None:
         for group in _param_groups(trainable):
             temp = [e.new(p.numel, p.dtype, name="exp_avg_sq_sqrt") for p in group]
             del temp
-    elif setup.optimizer == "adafactor" and trainable:
-        # Adafactor.step, one parameter at a time: update = grad**2 + eps and the factored approximation, fp32
-        largest = max(trainable, key=lambda p: p.numel)
-        update = e.new(largest.numel, "fp32", name="adafactor_update")
-        approx = e.new(largest.numel, "fp32", name="adafactor_approx_sq_grad")
-        del update, approx
+    elif setup.optimizer == "adafactor":
+        for group in _param_groups(model.optimizer_order(trainable)):
+            for p in group:
+                _adafactor_param(e, p)
+        e.scope = "optimizer"  # the loop's last `update`, `grad` and `p_data_fp32` die as step() returns
+        _ADAFACTOR_LOCALS.clear()
     for p in trainable:
         p.grad = None
+
+
+_ADAFACTOR_LOCALS: dict[str, object] = {}  # Adafactor.step's loop variables, which outlive their iteration
+
+
+def _adafactor_param(e: Engine, p) -> None:
+    """One iteration of transformers' Adafactor.step loop (beta1=None, weight_decay 0), tensor by tensor. Its locals
+    `grad`, `p_data_fp32` and `update` keep the previous parameter's tensors until they are rebound, so the previous
+    `update` is alive while this one's `grad**2 + eps` is computed."""
+    local = _ADAFACTOR_LOCALS
+    half = p.grad.dtype != "fp32"
+    local["grad"] = None  # `grad = p.grad`
+    grad = e.new(p.numel, "fp32", name="adafactor_grad_fp32") if half else None  # grad.float()
+    local["grad"] = grad
+    local["p_data_fp32"] = None  # `p_data_fp32 = p`
+    local["p_data_fp32"] = e.new(p.numel, "fp32", name="adafactor_p_fp32") if half else None
+    norm = e.new(1, "fp32", name="norm")  # state["RMS"] = _rms(p_data_fp32): norm / sqrt(numel)
+    rms = e.new(1, "fp32", name=f"RMS:{p.name}", category="optimizer/adafactor")
+    del norm
+    p.rms = rms
+    del rms
+    square = e.new(p.numel, "fp32", name="grad_pow_2")
+    update = e.new(p.numel, "fp32", name="adafactor_update")  # (grad**2) + eps
+    del square
+    local["update"] = update
+    rows, cols = _matrix_shape(p)
+    if cols:
+        for size in (rows, cols):  # exp_avg_sq_row/col.mul_(beta2t).add_(update.mean(dim=-1 / -2))
+            mean = e.new(size, "fp32", name="update_mean")
+            del mean
+        # _approx_sq_grad: (row / row.mean(-1, keepdim)).rsqrt_(), col.unsqueeze(-2).rsqrt(), their product
+        row_mean = e.new(rows // (p.numel // cols), "fp32", name="row_mean")
+        r_factor = e.new(rows, "fp32", name="r_factor")
+        del row_mean
+        c_factor = e.new(cols, "fp32", name="c_factor")
+        approx = e.new(p.numel, "fp32", name="adafactor_update")
+        del r_factor, c_factor
+    else:  # exp_avg_sq.mul_(beta2t).add_(update); exp_avg_sq.rsqrt().mul_(grad)
+        approx = e.new(p.numel, "fp32", name="adafactor_update")
+    del update
+    local["update"] = approx
+    # update.div_((_rms(update) / clip_threshold).clamp_(min=1.0)): three 0-d temporaries, two alive at once
+    norm = e.new(1, "fp32", name="norm")
+    scaled = e.new(1, "fp32", name="rms")
+    del norm
+    clip = e.new(1, "fp32", name="rms_clip")
+    del scaled, clip
+    negated = e.new(p.numel, "fp32", name="neg_update")  # p_data_fp32.add_(-update)
+    del negated, approx
 
 
 def _param_groups(params: list) -> list[list]:

@@ -294,7 +294,8 @@ class Gemma3Model(GemmaInputs, ConditionalGenerationStep, BaseModel):
         # Gemma3MultiModalProjector: mm_soft_emb_norm and the plain mm_input_projection_weight (never LoRA)
         self.soft_emb_norm = self.p.vector(PROJECTOR, "multi_modal_projector.mm_soft_emb_norm.weight", d)
         self.projection = self.p.vector(PROJECTOR, "multi_modal_projector.mm_input_projection_weight",
-                                        proj.in_features * proj.out_features)
+                                        proj.in_features * proj.out_features,
+                                        shape=(proj.in_features, proj.out_features))
         self.views = sum(image.views for image in setup.image_tokens()) * self.batch
 
     # Vision tower and projector ---------------------------------------------------------------------------------

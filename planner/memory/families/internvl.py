@@ -141,12 +141,14 @@ class InternVLModel(ConditionalGenerationStep, BaseModel):
         dt = self.p._dtype(full)
         d = v.hidden_size
         # InternVLVisionEmbeddings: cls_token, patch conv (with bias), absolute position embeddings (CLS included)
-        self.cls = e.param("vision.embeddings.cls_token", d, dt, full, VISION)
+        self.cls = e.param("vision.embeddings.cls_token", d, dt, full, VISION, shape=(1, 1, d))
         self.patch = e.param("vision.embeddings.patch_embeddings.projection.weight",
-                             v.in_channels * v.patch_size ** 2 * d, dt, full, VISION)
+                             v.in_channels * v.patch_size ** 2 * d, dt, full, VISION,
+                             shape=(d, v.in_channels, v.patch_size, v.patch_size))
         self.patch_bias = e.param("vision.embeddings.patch_embeddings.projection.bias", d, dt, full, VISION)
         self.grid = (v.image_size // v.patch_size) ** 2
-        self.pos = e.param("vision.embeddings.position_embeddings", (self.grid + 1) * d, dt, full, VISION)
+        self.pos = e.param("vision.embeddings.position_embeddings", (self.grid + 1) * d, dt, full, VISION,
+                           shape=(1, self.grid + 1, d))
         self.vision_layers = [InternVitLayer(self.p, i) for i in range(layers)]
         # InternVLMultiModalProjector
         self.proj_norm = (self.p.vector(PROJECTOR, "multi_modal_projector.layer_norm.weight", proj.in_features),

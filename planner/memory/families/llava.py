@@ -179,10 +179,12 @@ class LlavaBase(ConditionalGenerationStep, BaseModel):
         full = self.p.full(VISION)
         dt = self.p._dtype(full)
         d = v.hidden_size
-        self.patch = e.param("vision.patch_embedding", v.in_channels * v.patch_size ** 2 * d, dt, full, VISION)
+        self.patch = e.param("vision.patch_embedding", v.in_channels * v.patch_size ** 2 * d, dt, full, VISION,
+                             shape=(d, v.in_channels, v.patch_size, v.patch_size))
         self.cls = e.param("vision.class_embedding", d, dt, full, VISION)
         self.positions = (v.image_size // v.patch_size) ** 2 + 1
-        self.pos = e.param("vision.position_embedding", self.positions * d, dt, full, VISION)
+        self.pos = e.param("vision.position_embedding", self.positions * d, dt, full, VISION,
+                           shape=(self.positions, d))
         self.position_ids = e.param("vision.embeddings.position_ids", self.positions, "int64", False, VISION)
         self.pre_ln = (self.p.vector(VISION, "vision.pre_layrnorm.weight", d),
                        self.p.vector(VISION, "vision.pre_layrnorm.bias", d))
@@ -349,7 +351,7 @@ class LlavaModel(LlavaBase):
         full = self.p.full(VISION)
         d = v.hidden_size
         self.patch = e.param("vision.patch_conv", v.in_channels * v.patch_size ** 2 * d, self.p._dtype(full), full,
-                             VISION)
+                             VISION, shape=(d, v.in_channels, v.patch_size, v.patch_size))
         self.ln_pre = self.p.vector(VISION, "vision.ln_pre.weight", d)
         self.vision_layers = [PixtralLayer(self.p, i) for i in range(self.vision_layer_count)]
         self.vision_buffers = [e.param(f"vision.patch_positional_embedding.{n}", v.head_dim // 2, "fp32", False,

@@ -90,14 +90,15 @@ class Resampler:
         d, full = proj.out_features, p.full(PROJECTOR)
         dt = p._dtype(full)
         self.d, self.queries, self.heads = d, proj.num_queries, proj.num_heads
-        self.query = e.param("resampler.query", self.queries * d, dt, full, PROJECTOR)
+        self.query = e.param("resampler.query", self.queries * d, dt, full, PROJECTOR, shape=(self.queries, d))
         self.kv_proj = p.linear(PROJECTOR, "resampler.kv_proj", proj.in_features, d, False)
-        self.in_proj_weight = e.param("resampler.attn.in_proj_weight", 3 * d * d, dt, full, PROJECTOR)
+        self.in_proj_weight = e.param("resampler.attn.in_proj_weight", 3 * d * d, dt, full, PROJECTOR,
+                                      shape=(3 * d, d))
         self.in_proj_bias = e.param("resampler.attn.in_proj_bias", 3 * d, dt, full, PROJECTOR)
         self.out_proj = p.linear(PROJECTOR, "resampler.attn.out_proj", d, d, True)
         self.norms = {n: (p.vector(PROJECTOR, f"resampler.{n}.weight", d), p.vector(PROJECTOR, f"resampler.{n}.bias", d))
                       for n in ("ln_q", "ln_kv", "ln_post")}
-        self.proj = e.param("resampler.proj", d * d, dt, full, PROJECTOR)
+        self.proj = e.param("resampler.proj", d * d, dt, full, PROJECTOR, shape=(d, d))
         # the 2D sin-cos position table: a buffer, cast with the model
         self.pos_cache = e.param("resampler.pos_embed", RESAMPLER_POS_CACHE * d, p.compute, False, PROJECTOR)
 

@@ -171,18 +171,21 @@ class MllamaVision:
         d = v.hidden_size
         self.positions = (v.image_size // v.patch_size) ** 2 + 1  # 1601 with the class token
         rows = v.num_aspect_ratios + 1  # nn.Embedding(max_aspect_ratio_id + 1, ...)
-        self.patch = e.param("vision.patch_embedding.weight", v.in_channels * v.patch_size ** 2 * d, dt, full, VISION)
+        self.patch = e.param("vision.patch_embedding.weight", v.in_channels * v.patch_size ** 2 * d, dt, full, VISION,
+                             shape=(d, v.in_channels, v.patch_size, v.patch_size))
         self.class_embedding = e.param("vision.class_embedding", d, dt, full, VISION)
         self.pos_gate = e.param("vision.gated_positional_embedding.gate", 1, dt, full, VISION)
         self.pos_embedding = e.param("vision.gated_positional_embedding.embedding", self.positions * d, dt, full,
-                                     VISION)
+                                     VISION, shape=(self.positions, d))
         self.tile_embedding = e.param("vision.gated_positional_embedding.tile_embedding",
-                                      rows * v.max_num_tiles * self.positions * d, dt, full, VISION)
+                                      rows * v.max_num_tiles * self.positions * d, dt, full, VISION,
+                                      shape=(rows, v.max_num_tiles * self.positions * d))
         self.pre_tile = (e.param("vision.pre_tile_positional_embedding.embedding", rows * v.max_num_tiles * d, dt,
-                                 full, VISION), e.param("vision.pre_tile_positional_embedding.gate", 1, dt, full, VISION))
+                                 full, VISION, shape=(rows, v.max_num_tiles * d)),
+                         e.param("vision.pre_tile_positional_embedding.gate", 1, dt, full, VISION))
         self.post_tile = (e.param("vision.post_tile_positional_embedding.embedding", rows * v.max_num_tiles * d, dt,
-                                  full, VISION), e.param("vision.post_tile_positional_embedding.gate", 1, dt, full,
-                                                         VISION))
+                                  full, VISION, shape=(rows, v.max_num_tiles * d)),
+                          e.param("vision.post_tile_positional_embedding.gate", 1, dt, full, VISION))
         self.ln_pre = (p.vector(VISION, "vision.layernorm_pre.weight", d), p.vector(VISION, "vision.layernorm_pre.bias", d))
         self.ln_post = (p.vector(VISION, "vision.layernorm_post.weight", d),
                         p.vector(VISION, "vision.layernorm_post.bias", d))
@@ -390,6 +393,9 @@ class MllamaCrossLayer:
 
 class MllamaModel(ConditionalGenerationStep, BaseModel):
     """MllamaForConditionalGeneration."""
+
+    # MllamaModel registers vision_model, language_model, multi_modal_projector (lm_head last, as everywhere)
+    param_order = (VISION, LANGUAGE, PROJECTOR)
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         spec = setup.model

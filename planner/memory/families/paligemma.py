@@ -174,7 +174,8 @@ class PaliGemmaModel(GemmaInputs, ConditionalGenerationStep, BaseModel):
         self.projector = self.p.linear(PROJECTOR, "multi_modal_projector.linear", proj.in_features,
                                        proj.out_features, proj.bias)
         self.embed = e.param("language.embed_tokens", (t.vocab_size + t.extra_embedding_rows) * t.hidden_size,
-                             self.p._dtype(lm_full), lm_full, LANGUAGE)
+                             self.p._dtype(lm_full), lm_full, LANGUAGE,
+                             shape=(t.vocab_size + t.extra_embedding_rows, t.hidden_size))
         # Gemma2TextScaledWordEmbedding.embed_scale: a 0-d buffer, in the dtype the model was built in
         self.embed_scale = e.param("language.embed_scale", 1, self.p.compute, False, LANGUAGE)
         self.layers = [Gemma2Layer(self.p, i, trainable=i >= first_trainable) for i in range(text_layers)]

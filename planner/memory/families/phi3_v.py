@@ -39,9 +39,11 @@ class ClipTower:
         dt = p._dtype(full)
         d = v.hidden_size
         self.positions = (v.image_size // v.patch_size) ** 2 + 1
-        self.patch = e.param("vision.patch_embedding", v.in_channels * v.patch_size ** 2 * d, dt, full, VISION)
+        self.patch = e.param("vision.patch_embedding", v.in_channels * v.patch_size ** 2 * d, dt, full, VISION,
+                             shape=(d, v.in_channels, v.patch_size, v.patch_size))
         self.cls = e.param("vision.class_embedding", d, dt, full, VISION)
-        self.pos = e.param("vision.position_embedding", self.positions * d, dt, full, VISION)
+        self.pos = e.param("vision.position_embedding", self.positions * d, dt, full, VISION,
+                           shape=(self.positions, d))
         self.position_ids = e.param("vision.position_ids", self.positions, "int64", False, VISION)  # a buffer
         self.pre_ln = (p.vector(VISION, "vision.pre_layrnorm.weight", d), p.vector(VISION, "vision.pre_layrnorm.bias", d))
         self.post_ln = (p.vector(VISION, "vision.post_layernorm.weight", d),
@@ -162,8 +164,10 @@ class Phi3VModel(ConditionalGenerationStep, BaseModel):
         self.clip = ClipTower(self, counts["vision"])
         proj = spec.projector
         full = self.p.full(PROJECTOR)
-        self.separators = [e.param(f"vision_embed_tokens.{n}", proj.in_features, self.p._dtype(full), full, PROJECTOR)
-                           for n in ("glb_GN", "sub_GN")]
+        # nn.Parameter(torch.zeros([1, 1, D])) and ([1, 1, 1, D])
+        self.separators = [e.param(f"vision_embed_tokens.{n}", proj.in_features, self.p._dtype(full), full, PROJECTOR,
+                                   shape=(1,) * ones + (proj.in_features,))
+                           for n, ones in (("glb_GN", 2), ("sub_GN", 3))]
         self.proj1 = self.p.linear(PROJECTOR, "img_projection.0", proj.in_features, proj.out_features, True)
         self.proj2 = self.p.linear(PROJECTOR, "img_projection.2", proj.out_features, proj.out_features, True)
         self.images = setup.image_tokens()

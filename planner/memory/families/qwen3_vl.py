@@ -237,9 +237,12 @@ class SparseMoe:
         h, i, n = t.hidden_size, t.moe_intermediate_size, t.num_experts
         full = p.full(LANGUAGE, trainable)
         dtype = p._dtype(full)
-        self.router = p.e.param(f"{prefix}.mlp.gate.weight", n * h, dtype, full, LANGUAGE)
-        self.gate_up = p.e.param(f"{prefix}.mlp.experts.gate_up_proj", n * 2 * i * h, dtype, full, LANGUAGE)
-        self.down = p.e.param(f"{prefix}.mlp.experts.down_proj", n * h * i, dtype, full, LANGUAGE)
+        # created in the block's registration order (experts, then the router gate): an optimizer steps them so
+        self.gate_up = p.e.param(f"{prefix}.mlp.experts.gate_up_proj", n * 2 * i * h, dtype, full, LANGUAGE,
+                                 shape=(n, 2 * i, h))
+        self.down = p.e.param(f"{prefix}.mlp.experts.down_proj", n * h * i, dtype, full, LANGUAGE,
+                              shape=(n, h, i))
+        self.router = p.e.param(f"{prefix}.mlp.gate.weight", n * h, dtype, full, LANGUAGE, shape=(n, h))
         self.params = [self.router, self.gate_up, self.down]
 
     def __call__(self, e: Engine, x: T, tokens: int) -> T:
@@ -354,6 +357,12 @@ def _gated_silu(e: Engine, up: T) -> T:
 class Qwen3VLModel(BaseModel):
     """Qwen3VLForConditionalGeneration / Qwen3VLMoeForConditionalGeneration."""
 
+    def param_rank(self, p, rank: dict[str, int]) -> float:
+        """The vision model registers its DeepStack mergers after the merger (the projector)."""
+        if p.name.startswith("vision.deepstack_merger_list."):
+            return rank[PROJECTOR] + 0.5
+        return super().param_rank(p, rank)
+
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         spec = spec_with_layers(setup.model, counts) if counts else setup.model
         super().__init__(e, setup, {"text": 0})  # the embedding, final norm and lm_head; Qwen3 layers below
@@ -365,9 +374,11 @@ class Qwen3VLModel(BaseModel):
         dtype = self.p._dtype(full)
         d = v.hidden_size
         self.patch_embed = e.param("vision.patch_embed.proj.weight", v.in_channels * v.temporal_patch_size
-                                   * v.patch_size ** 2 * d, dtype, full, VISION)
+                                   * v.patch_size ** 2 * d, dtype, full, VISION,
+                                   shape=(d, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size))
         self.patch_bias = e.param("vision.patch_embed.proj.bias", d, dtype, full, VISION)
-        self.pos_embed = e.param("vision.pos_embed", v.num_position_embeddings * d, dtype, full, VISION)
+        self.pos_embed = e.param("vision.pos_embed", v.num_position_embeddings * d, dtype, full, VISION,
+                                 shape=(v.num_position_embeddings, d))
         self.blocks = [VisionBlock(self.p, i) for i in range(v.num_layers)]
         self.deepstack_indexes = v.deepstack_visual_indexes
         self.deepstack_mergers = [PatchMerger(self.p, f"vision.deepstack_merger_list.{i}", VISION, True)

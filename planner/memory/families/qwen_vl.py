@@ -25,7 +25,9 @@ class QwenVLModel(BaseModel):
         else:
             kinds = [(not v.fullatt_block_indexes) or i in v.fullatt_block_indexes for i in range(v.num_layers)]
         self.patch_embed = e.param("vision.patch_embed", v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-                                   * v.hidden_size, self.p._dtype(self.p.full(VISION)), self.p.full(VISION), VISION)
+                                   * v.hidden_size, self.p._dtype(self.p.full(VISION)), self.p.full(VISION), VISION,
+                                   shape=(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
+                                          v.patch_size))
         self.blocks = [QwenVisionBlock(self.p, i, full) for i, full in enumerate(kinds)]
         # vision rotary buffers: inv_freq and original_inv_freq, head_dim/4 fp32 each
         self.vision_buffers = [e.param(f"vision.rotary_pos_emb.{n}", v.head_dim // 4, "fp32", False, VISION)

@@ -57,10 +57,12 @@ class SiglipVision:
         dt = p._dtype(full)
         d = v.hidden_size
         self.v = v
-        self.patch = e.param("vision.patch_embedding.weight", v.in_channels * v.patch_size ** 2 * d, dt, full, VISION)
+        self.patch = e.param("vision.patch_embedding.weight", v.in_channels * v.patch_size ** 2 * d, dt, full, VISION,
+                             shape=(d, v.in_channels, v.patch_size, v.patch_size))
         self.patch_bias = e.param("vision.patch_embedding.bias", d, dt, full, VISION)
         self.positions = (v.image_size // v.patch_size) ** 2
-        self.pos = e.param("vision.position_embedding", self.positions * d, dt, full, VISION)
+        self.pos = e.param("vision.position_embedding", self.positions * d, dt, full, VISION,
+                           shape=(self.positions, d))
         if self.position_ids_buffer:
             self.position_ids = e.param("vision.position_ids", self.positions, "int64", False, VISION)
         self.layers = [self.layer(p, i) for i in range(layers)]
