@@ -188,11 +188,14 @@ class TrainSetup:
         if needed > self.seq_len:
             tokens = self.image_tokens()
             per_image = ", ".join(str(t.llm_tokens) for t in tokens)
+            pixels = suggest_max_pixels(self)
+            lower = (f" or lower --image-max-pixels (e.g. {pixels})" if pixels else
+                     f" (a lower --image-max-pixels does not reduce {self.model.name}'s image tokens: its processor "
+                     f"resizes every image to a fixed size or tile grid)")
             raise VlplanError(
                 f"the images need {needed} tokens ({per_image} per image + {self.special_tokens_per_sample} special) "
                 f"but --seq-len is {self.seq_len}: LLaMA-Factory would cut image tokens and crash with 'Image "
-                f"features and image tokens do not match'; raise --seq-len to at least {needed + 1} or lower "
-                f"--image-max-pixels (e.g. {suggest_max_pixels(self)})"
+                f"features and image tokens do not match'; raise --seq-len to at least {needed + 1}{lower}"
             )
 
     # Derived quantities ---------------------------------------------------------------------------------------
@@ -233,16 +236,22 @@ class TrainSetup:
         return d
 
 
-def suggest_max_pixels(setup: TrainSetup) -> int:
-    """The largest `image_max_pixels` (a multiple of 28*28 = one Qwen token) whose images fit `seq_len`."""
-    budget = setup.seq_len - 1 - setup.special_tokens_per_sample
-    low, high = 28 * 28, setup.image_max_pixels or 16384 * 28 * 28
+def suggest_max_pixels(setup: TrainSetup) -> int | None:
+    """The largest `image_max_pixels` whose images' tokens (special ones included) fit `seq_len`, or None when no
+    value does (processors that resize every image to a fixed size or tile grid: InternVL, Gemma 3, Idefics3,
+    SmolVLM)."""
+    def fits(pixels: int) -> bool:
+        tokens = [image_tokens(setup.model, w, h, image_max_pixels=pixels, image_min_pixels=setup.image_min_pixels)
+                  for w, h in setup.images]
+        return sum(t.llm_tokens + t.special_tokens for t in tokens) < setup.seq_len
+
+    low, high = max(setup.image_min_pixels or 0, 28 * 28), setup.image_max_pixels or 16384 * 28 * 28
+    if not fits(low):
+        return None
     best = low
     while low <= high:
         mid = (low + high) // 2
-        tokens = sum(image_tokens(setup.model, w, h, image_max_pixels=mid, image_min_pixels=setup.image_min_pixels)
-                     .llm_tokens for w, h in setup.images)
-        if tokens <= budget:
+        if fits(mid):
             best, low = mid, mid + 1
         else:
             high = mid - 1

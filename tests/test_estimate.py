@@ -2,6 +2,7 @@
 
 import pytest
 
+from vlplan.planner.errors import VlplanError
 from vlplan.planner.memory.estimate import _largest_module_params, estimate, param_summary
 from vlplan.planner.memory.zero import deepspeed_model_states
 from vlplan.planner.registry import resolve
@@ -89,3 +90,26 @@ def test_trainable_counts():
     per_layer = 8 * ((3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584) + 2 * (3584 + 18944) + (18944 + 3584))
     assert trainable["language"] == per_layer * t.num_layers
     assert trainable["vision"] == trainable["projector"] == 0
+
+
+@pytest.mark.parametrize("name, seq_len, size", [
+    ("qwen2.5-vl-7b", 512, (1920, 1080)), ("qwen2-vl-2b", 700, (3000, 500)), ("internvl3-8b", 200, (1920, 1080)),
+    ("gemma-3-4b", 200, (896, 896)), ("llava-v1.6-mistral-7b", 1500, (1344, 336)), ("idefics3-8b", 1024, (1920, 1080)),
+    ("smolvlm", 512, (1920, 1080))])
+def test_too_short_a_sequence_suggests_an_image_max_pixels_that_fits_or_says_none_does(name, seq_len, size):
+    """The suggested --image-max-pixels makes the same setup valid, with at least half the tokens it allows; processors
+    that resize every image to a fixed size or tile grid (InternVL without crop_to_patches, Gemma 3 without
+    pan-and-scan, Idefics3, SmolVLM) get no suggestion, since none would help."""
+    import re
+
+    spec = resolve(name)
+    with pytest.raises(VlplanError) as err:
+        make_setup(spec, seq_len=seq_len, image_size=size)
+    message = str(err.value)
+    assert "\n" not in message and "raise --seq-len to at least" in message
+    found = re.search(r"--image-max-pixels \(e\.g\. (\d+)\)", message)
+    if spec.family in ("internvl", "gemma3", "idefics3", "smolvlm"):
+        assert found is None and "does not reduce" in message
+        return
+    setup = make_setup(spec, seq_len=seq_len, image_size=size, image_max_pixels=int(found.group(1)))
+    assert seq_len / 2 <= setup.vision_tokens_per_sample + setup.special_tokens_per_sample < seq_len
