@@ -140,9 +140,18 @@ def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num
                 fits.append(chosen)
     if not fits:
         raise NothingFits(_nothing_fits_message(setup, budget, margin, per_rank))
+    # Offloading is for setups that do not fit otherwise: its per-step costs beyond the modeled transfers and CPU
+    # Adam time (DeepSpeed's swapping and host synchronisation) are not in the time model, which would otherwise
+    # prefer it for small models where one fewer micro-step outweighs the modeled transfer time
+    offloaded = [c for c in fits if c.setup.offload != "none"]
+    if offloaded and len(offloaded) < len(fits):
+        fits = [c for c in fits if c.setup.offload == "none"]
     fits.sort(key=lambda c: (c.time.seconds, c.estimate.peak_bytes))
     best = fits[0]
     reasons += _reasons(best, fits, budget, capacity, margin, per_rank)
+    if offloaded and best.setup.offload == "none":
+        reasons.append("no CPU offload: settings without it fit, and offloading costs host transfers and CPU "
+                       "optimizer time at every step")
     return Plan(best, global_batch_size, requested, margin, capacity, reasons, fits[1:6], num_samples, epochs,
                 explored, _assumptions(best))
 

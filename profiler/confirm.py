@@ -105,6 +105,10 @@ def confirm_plan(plan, *, backend: str = "cuda", timeout_s: float = 600.0, on_ev
     from .sweep import SweepConfig, run_isolated, sweep_device, terminate_as_exit
 
     setup = plan.setup
+    if setup.zero or setup.world_size > 1:
+        raise VlplanError(f"the plan uses {setup.world_size} GPU(s) with ZeRO-{setup.zero} (offload {setup.offload}): "
+                          "confirmation runs one process without DeepSpeed; measure this plan with `vlplan run "
+                          "--plan plan.json --max-steps 3` (its vlplan_run.json records the peaks)")
     budget = int(plan.capacity_bytes * (1 - plan.margin))
     setups = [("chosen", setup)]
     bigger = next_micro_batch(plan)

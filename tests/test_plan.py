@@ -129,3 +129,23 @@ def test_plan_for_a_gpu_given_by_memory_only_ranks_at_a_stated_tensor_rate():
     on_reference = plan(replace(setup, gpu=reference), global_batch_size=16)
     assert on_custom.to_dict()["alternatives"] == on_reference.to_dict()["alternatives"]
     assert on_custom.step_time_s == on_reference.step_time_s
+
+
+def test_offload_is_chosen_only_when_nothing_fits_without_it():
+    """A tiny model on a small GPU: ZeRO-3 + full offload would hold a larger micro-batch (one fewer micro-step),
+    but settings without offload fit, so the plan keeps the states on the GPU and says why; when only offloading fits,
+    it offloads."""
+    from tiny import tiny_spec
+
+    from vlplan.planner.hardware import custom_gpu
+
+    setup = make_setup(tiny_spec("qwen2-vl-2b"), seq_len=128, image_size=(224, 224), precision="fp32",
+                       gpu=custom_gpu(0.6953125))
+    result = plan(setup, global_batch_size=4)
+    assert result.setup.offload == "none" and result.setup.batch_size == 2
+    assert all(c.setup.offload == "none" for c in result.alternatives)
+    assert any(r.startswith("no CPU offload") for r in result.reasons)
+
+    big = make_setup(resolve("qwen2.5-vl-7b"), method="full", gpu="a100-80g", num_gpus=1)
+    only = plan(big, global_batch_size=8)
+    assert only.setup.offload != "none" and not any(r.startswith("no CPU offload") for r in only.reasons)

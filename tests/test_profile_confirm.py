@@ -38,3 +38,11 @@ def test_plan_confirm_measures_the_chosen_and_the_next_micro_batch(tmp_path):
     # without --confirm the plan is the same
     plain = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
     assert {k: v for k, v in data.items() if k != "confirmation"} == plain
+
+
+def test_plan_confirm_of_a_deepspeed_or_multi_gpu_plan_points_to_vlplan_run(tmp_path):
+    result = runner.invoke(app, ["plan", "--model", "qwen2.5-vl-7b", "--num-gpus", "4", "-g", "16", "--confirm",
+                                 "--confirm-backend", "cpu"])
+    assert result.exit_code == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: the plan uses 4 GPU(s)") and "vlplan run --plan" in line
