@@ -29,8 +29,9 @@ from vlplan.planner.modules import HF_COMPONENT_PREFIXES, LANGUAGE, PROJECTOR, c
 from vlplan.planner.setup import Train, TrainSetup
 from vlplan.planner.spec import ModelSpec
 
-# The transformers releases the memory model follows (pyproject's `trace` extra pins the same range): from 5.24 the
-# multimodal model outputs keep the vision encoder's outputs (`image_outputs`) alive until the loss is computed.
+# The transformers releases the memory model follows (pyproject's `dev` extra, which the tests run on, pins the same
+# range): from 5.24 the multimodal model outputs keep the vision encoder's outputs (`image_outputs`) alive until the
+# loss is computed.
 MODELED_TRANSFORMERS = ((5, 0), (5, 24))  # [lowest, first not modeled)
 
 
