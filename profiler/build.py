@@ -66,6 +66,10 @@ def autocast_dtype(setup: TrainSetup) -> torch.dtype | None:
 def hf_config(spec: ModelSpec, attn: str = "sdpa"):
     d = dict(spec_to_hf_config(spec))
     model_type = d.pop("model_type")
+    if getattr(transformers, spec.hf_class or "", None) is None:
+        raise VlplanError(f"{spec.name}: transformers {transformers.__version__} has no {spec.hf_class or 'class'} "
+                          f"for the {spec.family} family (remote code); trace and profile need an installed model "
+                          "class (vlplan estimate covers it)")
     config = transformers.AutoConfig.for_model(model_type, **d)
     config._attn_implementation = ATTN_IMPLEMENTATION[attn]
     for sub in ("text_config", "vision_config"):

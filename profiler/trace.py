@@ -270,6 +270,8 @@ def _base_counts(setup: TrainSetup, full: dict[str, int], base: int | None) -> d
 def trace(setup: TrainSetup, *, layers: int | None = None, full: bool = False) -> "TraceResult":
     """Trace the setup's training step; unless `full`, run `layers` (default 2) layers of each type plus one more of
     each type, and extrapolate every phase's peak and breakdown linearly to the real layer counts."""
+    if layers is not None and layers < 1:
+        raise VlplanError(f"--layers must be 1 or more (0: automatic), got {layers}")
     start = time.perf_counter()
     real = layer_counts(setup.model)
     base = real if full else _base_counts(setup, real, layers)

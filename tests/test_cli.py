@@ -107,6 +107,7 @@ BAD = [
     (["--model", "qwen2.5-vl-7b", "--dora", "--method", "full"], "--dora is a LoRA variant"),
     (["--model", "qwen2.5-vl-7b", "--method", "sgd"], "--method"),
     (["--model", "qwen2.5-vl-7b", "--gpu-memory-gib", "-3"], "positive"),
+    (["--model", "qwen2.5-vl-7b", "--gpu-memory-gib", "0"], "--gpu-memory-gib must be positive"),
     (["--model", "qwen2.5-vl-7b", "--images", "3", "--image-size", "448x448", "--image-size", "640x480"],
      "contradicts"),
     (["--model", "qwen2.5-vl-7b", "--seq-len", "512", "--image-size", "2000x2000"], "raise --seq-len to at least"),

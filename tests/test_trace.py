@@ -63,3 +63,19 @@ def test_transformers_outside_the_modeled_releases_is_named_in_one_line():
     for version in ("5.24.0", "5.25.0", "4.57.1", "6.0.0.dev0"):
         warning = transformers_warning(version)
         assert warning and "\n" not in warning and "transformers<5.24" in warning
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "phi-3.5-vision"], "has no class for the phi3_v family"),
+    (["--model", "minicpm-v-2.6"], "has no class for the minicpmv family"),
+    (["--model", "qwen2-vl-2b", "--layers", "-1"], "--layers must be 1 or more"),
+])
+def test_trace_refuses_in_one_line(args, message):
+    from typer.testing import CliRunner
+
+    from vlplan.cli.main import app
+
+    result = CliRunner().invoke(app, ["trace", *args])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err

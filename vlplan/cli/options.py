@@ -131,7 +131,8 @@ def _cli_choices(options: dict) -> dict:
     choices: dict = {}
     if "gpu" in options or "gpu_memory_gib" in options:
         memory = options.get("gpu_memory_gib")
-        choices["gpu"] = custom_gpu(memory) if memory else find_gpu(options.get("gpu", OPTION_DEFAULTS["gpu"]))
+        choices["gpu"] = custom_gpu(memory) if memory is not None else \
+            find_gpu(options.get("gpu", OPTION_DEFAULTS["gpu"]))
     if "image_size" in options or "images" in options:
         sizes = [parse_size(s) for s in options.get("image_size") or []]
         count = options.get("images", OPTION_DEFAULTS["images"])
