@@ -29,23 +29,6 @@ from vlplan.planner.modules import HF_COMPONENT_PREFIXES, LANGUAGE, PROJECTOR, c
 from vlplan.planner.setup import Train, TrainSetup
 from vlplan.planner.spec import ModelSpec
 
-# The transformers releases the memory model follows (pyproject's `dev` extra, which the tests run on, pins the same
-# range): from 5.24 the multimodal model outputs keep the vision encoder's outputs (`image_outputs`) alive until the
-# loss is computed.
-MODELED_TRANSFORMERS = ((5, 0), (5, 24))  # [lowest, first not modeled)
-
-
-def transformers_warning(version: str = transformers.__version__) -> str | None:
-    """One line when the installed transformers is outside the releases the estimator models, else None."""
-    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
-    low, high = MODELED_TRANSFORMERS
-    if len(parts) == 2 and low <= parts < high:
-        return None
-    return (f"transformers {version} is outside the releases the estimator models (>={low[0]}.{low[1]},"
-            f"<{high[0]}.{high[1]}): traces and measurements may differ from `vlplan estimate`; "
-            f"pip install 'transformers<{high[0]}.{high[1]}' to compare like with like")
-
-
 ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "fa2": "flash_attention_2"}
 COMPUTE_DTYPE = {"bf16": torch.bfloat16, "pure-bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp32": torch.float32}

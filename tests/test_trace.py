@@ -56,13 +56,28 @@ def test_trace_refuses_what_it_cannot_run():
         run_trace(setup)
 
 
-def test_transformers_outside_the_modeled_releases_is_named_in_one_line():
-    from vlplan.profiler.build import transformers_warning
+def test_transformers_outside_the_modeled_releases_is_named_in_one_line(monkeypatch):
+    """Checked from the installed distribution's metadata (no transformers import): every setup command warns in one
+    line, in its JSON too; nothing is said on the modeled releases or without transformers."""
+    import json
 
-    assert transformers_warning("5.23.0") is None and transformers_warning("5.0.1") is None
+    from typer.testing import CliRunner
+
+    from vlplan.cli.main import app
+    from vlplan.planner import versions
+
+    assert versions.transformers_warning("5.23.0") is None and versions.transformers_warning("5.0.1") is None
     for version in ("5.24.0", "5.25.0", "4.57.1", "6.0.0.dev0"):
-        warning = transformers_warning(version)
-        assert warning and "\n" not in warning and "transformers<5.24" in warning
+        warning = versions.transformers_warning(version)
+        assert warning and "\n" not in warning and "transformers<5.24" in warning and version in warning
+    monkeypatch.setattr(versions, "installed_transformers", lambda: "5.25.0")
+    result = CliRunner().invoke(app, ["estimate", "--model", "qwen2-vl-2b", "--json"])
+    assert result.exit_code == 0
+    assert any("transformers 5.25.0 is installed" in w for w in json.loads(result.stdout)["warnings"])
+    assert result.stderr.count("warning: transformers 5.25.0") == 1
+    monkeypatch.setattr(versions, "installed_transformers", lambda: None)
+    result = CliRunner().invoke(app, ["estimate", "--model", "qwen2-vl-2b", "--json"])
+    assert json.loads(result.stdout)["warnings"] == [] and "warning" not in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -156,11 +156,15 @@ def resolve_options(progress=None, **options) -> ResolvedSetup:
     while a --dataset is scanned."""
     from vlplan.planner.io.deepspeed import read_deepspeed
     from vlplan.planner.io.llamafactory import build_setup, deepspeed_consistency, llamafactory_choices
+    from vlplan.planner.versions import transformers_warning
 
     options = {**OPTION_DEFAULTS, **options}
     explicit = {name: value for name, value in options.items()
                 if name not in FILE_OPTIONS and value != OPTION_DEFAULTS[name]}
     resolved = ResolvedSetup(setup=None)
+    version_warning = transformers_warning()  # the installed transformers, if any: the one training would run
+    if version_warning:
+        resolved.warnings.append(version_warning)
     choices = _cli_choices({k: v for k, v in options.items() if k not in FILE_OPTIONS})
     if options["from_llamafactory"]:
         path = options["from_llamafactory"]

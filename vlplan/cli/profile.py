@@ -118,12 +118,6 @@ def _profile(resolved, steps, backend, weights, memory_limit_gib, output, plot, 
                                  snapshot=str(snapshot) if snapshot else None)
         if plot is not None:
             _check_matplotlib()
-        from vlplan.profiler.build import transformers_warning
-
-        warning = transformers_warning()
-        if warning:
-            typer.echo(f"warning: {warning}", err=True)
-            resolved.warnings.append(warning)
         backend_ = make_backend(options)
         result = profile(resolved.setup, options, backend=backend_, on_event=_progress_event)
         output = output or Path("vlplan_profile.json")

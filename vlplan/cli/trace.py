@@ -9,26 +9,22 @@ from .render import console, gib, print_json, table
 
 
 @setup_command
-def trace_command(setup, layers: int = typer.Option(0, "--layers", help="Trace N layers of each type and "
+def trace_command(setup, resolved, layers: int = typer.Option(0, "--layers", help="Trace N layers of each type and "
                                                                           "extrapolate (0: automatic)."),
                   full: bool = typer.Option(False, "--full", help="Trace every layer (slow for large models)."),
                   json_: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Trace one training step of the real transformers/peft model on fake tensors (no GPU, no weights)."""
     with errors():
         try:
-            from vlplan.profiler.build import transformers_warning
             from vlplan.profiler.trace import trace
         except ImportError as err:
             from vlplan.planner.errors import VlplanError
 
             raise VlplanError(f"trace needs torch and transformers ({err.name} is missing): pip install "
                               "'vlplan[trace]'") from None
-        warning = transformers_warning()
-        if warning:
-            typer.echo(f"warning: {warning}", err=True)
         result = trace(setup, layers=layers or None, full=full)
     if json_:
-        print_json({**result.to_dict(), "warnings": [warning] if warning else []})
+        print_json({**result.to_dict(), **resolved.json_extras()})
         return
     rows = [[name, gib(value)] for name, value in sorted(result.breakdown_bytes.items(), key=lambda kv: -kv[1])]
     console.print(table(f"trace: breakdown at the peak ({result.peak_phase})", ["term", "bytes"], rows, {1}))

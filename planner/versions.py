@@ -1,0 +1,36 @@
+"""The transformers releases the memory model follows, and a one-line warning when another one is installed.
+
+The activation model re-executes the transformers modeling code of one range of releases (the `dev` extra pins it
+and the accuracy tests trace it). From 5.24 the multimodal model outputs keep the vision encoder's outputs
+(`image_outputs`: its hidden states and features) alive until the loss is computed, which the model does not yet
+follow. The check reads the installed distribution's metadata: no import of transformers (the planner stays light).
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+MODELED_TRANSFORMERS = ((5, 0), (5, 24))  # [lowest, first not modeled)
+
+
+def installed_transformers() -> str | None:
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def transformers_warning(version: str | None = None) -> str | None:
+    """One line when `version` (default: the installed transformers, if any) is outside the modeled releases."""
+    version = version if version is not None else installed_transformers()
+    if version is None:
+        return None
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    (low_major, low_minor), (high_major, high_minor) = MODELED_TRANSFORMERS
+    if len(parts) == 2 and (low_major, low_minor) <= parts < (high_major, high_minor):
+        return None
+    pin = f"transformers<{high_major}.{high_minor}"
+    return (f"transformers {version} is installed, outside the releases the estimator models (>={low_major}."
+            f"{low_minor},<{high_major}.{high_minor}): from 5.24 the model outputs keep the vision encoder's outputs "
+            f"until the loss, so forward and loss peaks (and traces, profiles) may exceed the estimate; "
+            f"pip install '{pin}' to train and measure as estimated")
