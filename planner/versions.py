@@ -8,12 +8,31 @@ follow. The check reads the installed distribution's metadata: no import of tran
 
 from __future__ import annotations
 
-from importlib import metadata
+import importlib.util
+import re
 
 MODELED_TRANSFORMERS = ((5, 0), (5, 24))  # [lowest, first not modeled)
+_VERSION = re.compile(r"""^__version__\s*=\s*["']([^"']+)["']""", re.MULTILINE)
 
 
 def installed_transformers() -> str | None:
+    """The installed transformers' `__version__`, read from its __init__.py without importing it (importlib.metadata
+    alone costs a cold `vlplan estimate` 35 ms)."""
+    try:
+        spec = importlib.util.find_spec("transformers")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            found = _VERSION.search(f.read(65536))
+    except OSError:
+        found = None
+    if found:
+        return found.group(1)
+    from importlib import metadata
+
     try:
         return metadata.version("transformers")
     except metadata.PackageNotFoundError:
