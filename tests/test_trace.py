@@ -66,6 +66,9 @@ def test_transformers_outside_the_modeled_releases_is_named_in_one_line(monkeypa
     from vlplan.cli.main import app
     from vlplan.planner import versions
 
+    import transformers
+
+    assert versions.installed_transformers() == transformers.__version__  # read without importing it
     assert versions.transformers_warning("5.23.0") is None and versions.transformers_warning("5.0.1") is None
     for version in ("5.24.0", "5.25.0", "4.57.1", "6.0.0.dev0"):
         warning = versions.transformers_warning(version)
