@@ -101,7 +101,7 @@ class BaseModel:
         rank = {component: i for i, component in enumerate(self.param_order)}
         return sorted(params, key=lambda p: self.param_rank(p, rank))
 
-    def param_rank(self, p, rank: dict[str, int]) -> int:
+    def param_rank(self, p, rank: dict[str, int]) -> float:
         return len(rank) if p is getattr(self, "lm_head", None) else rank[p.component]
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:

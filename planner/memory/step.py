@@ -215,23 +215,19 @@ def _optimizer_step(e: Engine, setup: TrainSetup, model) -> None:
             temp = [e.new(p.numel, p.dtype, name="exp_avg_sq_sqrt") for p in group]
             del temp
     elif setup.optimizer == "adafactor":
+        loop_locals: dict[str, T | None] = {}  # Adafactor.step's loop variables: they outlive their iteration
         for group in _param_groups(model.optimizer_order(trainable)):
             for p in group:
-                _adafactor_param(e, p)
-        e.scope = "optimizer"  # the loop's last `update`, `grad` and `p_data_fp32` die as step() returns
-        _ADAFACTOR_LOCALS.clear()
+                _adafactor_param(e, p, loop_locals)
+        del loop_locals  # the last `grad`, `p_data_fp32` and `update` die as step() returns
     for p in trainable:
         p.grad = None
 
 
-_ADAFACTOR_LOCALS: dict[str, object] = {}  # Adafactor.step's loop variables, which outlive their iteration
-
-
-def _adafactor_param(e: Engine, p) -> None:
+def _adafactor_param(e: Engine, p, local: dict) -> None:
     """One iteration of transformers' Adafactor.step loop (beta1=None, weight_decay 0), tensor by tensor. Its locals
-    `grad`, `p_data_fp32` and `update` keep the previous parameter's tensors until they are rebound, so the previous
-    `update` is alive while this one's `grad**2 + eps` is computed."""
-    local = _ADAFACTOR_LOCALS
+    `grad`, `p_data_fp32` and `update` (held in `local` across iterations) keep the previous parameter's tensors until
+    they are rebound, so the previous `update` is alive while this one's `grad**2 + eps` is computed."""
     half = p.grad.dtype != "fp32"
     local["grad"] = None  # `grad = p.grad`
     grad = e.new(p.numel, "fp32", name="adafactor_grad_fp32") if half else None  # grad.float()

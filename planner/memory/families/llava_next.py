@@ -52,7 +52,7 @@ class LlavaNextModel(LlavaBase):
     """LlavaNextForConditionalGeneration: CLIP (vision_feature_layer -2, "default") on all views of all images as one
     batch, projector, pack_image_features, language model."""
 
-    def param_rank(self, p, rank: dict[str, int]) -> int:
+    def param_rank(self, p, rank: dict[str, int]) -> float:
         """image_newline is LlavaNextModel's own parameter: named_parameters yields it before the submodules'."""
         return -1 if p is getattr(self, "image_newline", None) else super().param_rank(p, rank)
 
