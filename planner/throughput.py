@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .hardware import find_gpu
 from .modules import LANGUAGE, PROJECTOR, VISION, model_inventory
 from .setup import Train, TrainSetup
 
@@ -80,8 +81,6 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
     peak = setup.gpu.tflops_bf16 * 1e12
     assumed = None
     if peak <= 0:
-        from .hardware import find_gpu
-
         assumed = REFERENCE_GPU
         peak = find_gpu(REFERENCE_GPU).tflops_bf16 * 1e12
     parts = {}
