@@ -48,8 +48,14 @@ def transformers_warning(version: str | None = None) -> str | None:
     (low_major, low_minor), (high_major, high_minor) = MODELED_TRANSFORMERS
     if len(parts) == 2 and (low_major, low_minor) <= parts < (high_major, high_minor):
         return None
-    pin = f"transformers<{high_major}.{high_minor}"
-    return (f"transformers {version} is installed, outside the releases the estimator models (>={low_major}."
-            f"{low_minor},<{high_major}.{high_minor}): from 5.24 the model outputs keep the vision encoder's outputs "
-            f"until the loss, so the loss phase may differ from the estimate (by up to 0.4% on the 7-8B setups of "
-            f"docs/accuracy.md, whose peaks were unchanged); pip install '{pin}' to train as estimated")
+    modeled = f">={low_major}.{low_minor},<{high_major}.{high_minor}"
+    if len(parts) == 2 and parts < (low_major, low_minor):
+        why = "its modeling code predates the releases the estimator follows, so its memory may differ"
+        pin = f"pip install -U 'transformers<{high_major}.{high_minor},>={low_major}.{low_minor}'"
+    else:
+        why = ("from 5.24 the model outputs keep the vision encoder's outputs until the loss, so the loss phase may "
+               "differ from the estimate (by up to 0.4% on the 7-8B setups of docs/accuracy.md, whose peaks were "
+               "unchanged)")
+        pin = f"pip install 'transformers<{high_major}.{high_minor}'"
+    return (f"transformers {version} is installed, outside the releases the estimator models ({modeled}): {why}; "
+            f"{pin} to train as estimated")
