@@ -25,13 +25,16 @@ SQ448, SQ1024, HD = (448, 448), (1024, 1024), (1920, 1080)
 
 # (model, settings): every traced family (Qwen2/2.5/3-VL incl. MoE, LLaVA-1.5/NeXT, Pixtral, InternVL3, Gemma 3,
 # Llama 3.2 Vision, Idefics3/SmolVLM, PaliGemma 2); methods full (language only and with vision + projector), freeze,
-# LoRA, DoRA, LoRA on the vision encoder; checkpointing on/off; sdpa and eager; seq 512-8192; 0, 1 and 4 images of
-# 448^2 to 1920x1080; batch 1 and 4; bf16 AMP and pure bf16; AdamW and Adafactor; gradient accumulation.
+# LoRA (with and without dropout), DoRA, LoRA on the vision encoder; checkpointing on/off; sdpa and eager; seq
+# 512-8192; 0, 1 and 4 images of 448^2 to 1920x1080; batch 1 and 4; bf16 AMP and pure bf16; AdamW and Adafactor;
+# gradient accumulation.
 MATRIX = [
     ("qwen2.5-vl-7b", dict(method="lora")),
     ("qwen2.5-vl-7b", dict(method="lora", image_size=HD)),
     ("qwen2.5-vl-7b", dict(method="lora", num_images=4, image_size=SQ448, seq_len=4096)),
     ("qwen2.5-vl-7b", dict(method="lora", gradient_checkpointing=False, seq_len=1024, image_size=SQ448)),
+    ("qwen2.5-vl-7b", dict(method="lora", lora_dropout=0.05, gradient_checkpointing=False, seq_len=1024,
+                           image_size=SQ448)),
     ("qwen2.5-vl-7b", dict(method="lora", train_vision=True, image_size=SQ1024)),
     ("qwen2.5-vl-7b", dict(method="lora", train_vision=True, gradient_checkpointing=False, seq_len=1024,
                            image_size=SQ448)),
@@ -59,6 +62,8 @@ MATRIX = [
                          image_size=SQ448)),
     ("qwen2-vl-7b", dict(method="freeze", seq_len=8192, num_images=4, image_size=HD)),
     ("qwen2-vl-2b", dict(method="lora", batch_size=4, image_size=SQ1024)),
+    ("qwen2-vl-2b", dict(method="lora", dora=True, lora_dropout=0.05, gradient_checkpointing=False, seq_len=1024,
+                         image_size=SQ448)),
     ("qwen2-vl-2b", dict(method="full", precision="pure-bf16", gradient_checkpointing=False, seq_len=1024,
                          image_size=SQ448)),
     ("qwen2-vl-2b", dict(method="full", train_vision=True, train_projector=True, num_images=4, image_size=SQ448,
@@ -67,6 +72,7 @@ MATRIX = [
     ("llava-1.5-7b", dict(method="lora", seq_len=1024)),
     ("llava-1.5-7b", dict(method="lora", seq_len=2048, num_images=0)),
     ("llava-1.5-7b", dict(method="lora", gradient_checkpointing=False, seq_len=1024)),
+    ("llava-1.5-7b", dict(method="lora", lora_dropout=0.1, seq_len=1024)),
     ("llava-1.5-7b", dict(method="lora", train_vision=True, train_projector=True, seq_len=1024)),
     ("llava-1.5-7b", dict(method="lora", train_vision=True, gradient_checkpointing=False, seq_len=1024)),
     ("llava-1.5-7b", dict(method="lora", attn="eager", seq_len=1024)),

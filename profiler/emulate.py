@@ -9,6 +9,9 @@ that differ between the CUDA and CPU implementations are reproduced here:
   cuda/attention.cu). Its output is laid out (batch, seq, heads, dim) and returned transposed, so transformers'
   following `.transpose(1, 2).contiguous()` copies nothing; the CPU kernel returns (batch, heads, seq, dim), which
   costs one more copy downstream. `CudaAttention` reproduces the CUDA kernels' saved tensors and workspaces.
+- Dropout: `F.dropout` with 0 < p < 1 in training runs CUDA's fused `native_dropout` (output + bool mask, the mask
+  saved; aten/src/ATen/native/Dropout.cpp `is_fused_kernel_acceptable`); on the CPU `at::dropout` multiplies by a
+  noise tensor in the input's dtype instead (4 bytes per element for fp32 LoRA inputs, not 1): `cuda_dropout`.
 - The HF Trainer's forward (accelerate `convert_outputs_to_fp32`) returns fp32 copies of half-precision outputs:
   done with accelerate's own wrapper in `trace.py`.
 - Host-side checks: transformers validates placeholder counts with data-dependent tensor conditions
@@ -169,6 +172,18 @@ def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     return CudaAttention.apply(query, key, value, bool(is_causal), scale)
 
 
+_original_dropout = F.dropout
+
+
+def cuda_dropout(input, p=0.5, training=True, inplace=False):
+    """F.dropout as CUDA runs it: `at::dropout` takes `native_dropout` when 0 < p < 1, in training, on a non-empty
+    tensor (Dropout.cpp `is_fused_kernel_acceptable` is true for CUDA tensors), so the saved tensor is a bool mask.
+    Anything else (p == 0, eval, in place) runs the original function, which returns the input or the same kernels."""
+    if training and 0.0 < p < 1.0 and not inplace and input.numel() > 0:
+        return torch.native_dropout(input, p, True)[0]
+    return _original_dropout(input, p, training, inplace)
+
+
 def _cudnn_masked_sdpa(query, key, value, attn_mask, is_causal, scale):
     """CUDA SDPA with a mask (Gemma 3's sliding-window and image-bidirectional masks): no FlashAttention; cuDNN
     attention takes masks (sdp_utils.cpp `can_use_cudnn_attention` checks only the mask's shape) and is first in the
@@ -280,6 +295,7 @@ def cuda_emulation(setup, *, fake: bool = True):
     from torch._subclasses import fake_tensor
 
     F.scaled_dot_product_attention = cuda_sdpa
+    F.dropout = cuda_dropout
     torch.Tensor.masked_scatter = cuda_masked_scatter
     patched = _skip_host_checks() if fake else []
     if fake:
@@ -307,6 +323,7 @@ def cuda_emulation(setup, *, fake: bool = True):
     finally:
         fake_tensor.CONSTANT_NUMEL_LIMIT = numel_limit
         F.scaled_dot_product_attention = _original_sdpa
+        F.dropout = _original_dropout
         torch.Tensor.masked_scatter = _original_masked_scatter
         for module, original in patched:
             module.torch_compilable_check = original

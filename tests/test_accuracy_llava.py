@@ -42,6 +42,7 @@ CASES = [
     ("llava-1.5-7b", dict(seq_len=256, images=[(500, 400), (300, 900)])),
     ("llava-1.5-7b", dict(seq_len=256, method="full", train_vision=True, train_projector=True,
                           gradient_checkpointing=False)),
+    ("llava-1.5-7b", dict(seq_len=256, lora_dropout=0.05, gradient_checkpointing=False)),  # dropout mask + copy
     ("llava-llama-3-8b", dict(seq_len=256, attn="eager", train_vision="lora")),
     ("llava-v1.6-mistral-7b", dict(seq_len=512, image_size=(1024, 768))),
     ("llava-v1.6-mistral-7b", dict(seq_len=768, images=[(1024, 768), (448, 448)], attn="eager",

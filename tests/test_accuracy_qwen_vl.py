@@ -21,6 +21,11 @@ CASES = [
     ("qwen2-vl-2b", dict(method="lora", dora=True, gradient_checkpointing=False)),
     ("qwen2.5-vl-3b", dict(method="full", train_vision=True, train_projector=True, gradient_accumulation_steps=2)),
     ("qwen2.5-vl-3b", dict(method="lora", train_vision=True, gradient_checkpointing=False)),
+    # lora_dropout > 0: CUDA's native_dropout mask and the dropped copy lora_A saves, per adapter path; DoRA then
+    # computes its own base product on the dropped input
+    ("qwen2.5-vl-3b", dict(method="lora", lora_dropout=0.05, gradient_checkpointing=False)),
+    ("qwen2.5-vl-3b", dict(method="lora", lora_dropout=0.1, train_vision=True)),
+    ("qwen2-vl-2b", dict(method="lora", dora=True, lora_dropout=0.05, gradient_checkpointing=False)),
     # Adafactor: factored states of the 5-D patch convolution, the loop's `update` outliving its parameter (the
     # projector's last weight, then the tied embedding), and with pure bf16 the fp32 copies of grad and weight
     ("qwen2-vl-2b", dict(method="full", train_vision=True, train_projector=True, optimizer="adafactor",

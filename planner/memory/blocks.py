@@ -26,6 +26,7 @@ class LinearParams:
     in_features: int = 0
     quant_bits: int | None = None  # QLoRA: the frozen base weight is a bitsandbytes 4/8-bit weight
     magnitude: Param | None = None  # DoRA magnitude vector (out_features)
+    dropout: bool = False  # peft lora_dropout > 0: nn.Dropout on the adapter path's input (else nn.Identity)
 
 
 class Params:
@@ -73,6 +74,7 @@ class Params:
             lp.lora_b = self.e.param(f"{name}.lora_B", out_features * rank, dtype, True, component, kind="adapters",
                                      shape=(out_features, rank))
             lp.rank = rank
+            lp.dropout = self.setup.lora.dropout > 0
             if self.setup.lora.dora:
                 lp.magnitude = self.e.param(f"{name}.lora_magnitude_vector", out_features, dtype, True, component,
                                             kind="adapters")
@@ -110,13 +112,13 @@ def apply_linear(e: Engine, x: T, lp: LinearParams, name: str = "") -> T:
         if lp.lora_a is None:
             return ops.quant_linear(e, x, lp.weight, lp.in_features, lp.out_features, lp.quant_bits, name=name)
         return ops.qlora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.in_features, lp.out_features, lp.rank,
-                                lp.quant_bits, name=name)
+                                lp.quant_bits, name=name, dropout=lp.dropout)
     if lp.magnitude is not None:
         return ops.dora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.magnitude, lp.out_features, lp.rank, lp.bias,
-                               name=name)
+                               name=name, dropout=lp.dropout)
     if lp.lora_a is not None:
         return ops.lora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.out_features, lp.rank, lp.bias, name=name,
-                               dropout=False)
+                               dropout=lp.dropout)
     return ops.linear(e, x, lp.weight, lp.out_features, lp.bias, name=name)
 
 

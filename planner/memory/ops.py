@@ -128,12 +128,13 @@ def linear(e: Engine, x: T, weight: Param, out_features: int, bias: Param | None
 
 def lora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, out_features: int, rank: int,
                 bias: Param | None = None, name: str = "", dropout: bool = False) -> T:
-    """peft `lora.Linear.forward`: base_layer(x) + lora_B(lora_A(dropout(x.to(lora_A.dtype)))) * scaling."""
+    """peft `lora.Linear.forward` (peft tuners/lora/layer.py): base_layer(x) + lora_B(lora_A(dropout(x))) * scaling
+    with x cast to the adapter dtype; `dropout` is nn.Dropout(lora_dropout) when lora_dropout > 0, else nn.Identity."""
     result = linear(e, x, base, out_features, bias, name=f"{name}.base")
     xa = cast(e, x, lora_a.dtype, name=f"{name}.lora_in")  # peft `_cast_input_dtype` to the adapter dtype
-    if dropout:
-        xa = dropout_op(e, xa)
-    a = linear(e, xa, lora_a, rank, name=f"{name}.lora_A")
+    dropped = dropout_op(e, xa) if dropout else xa
+    a = linear(e, dropped, lora_a, rank, name=f"{name}.lora_A")
+    del dropped  # `dropout(x)` is a temporary of the expression: lora_A saves it (or its autocast copy)
     b = linear(e, a, lora_b, out_features, name=f"{name}.lora_B")
     del a
     scaled = scale(e, b)
@@ -147,17 +148,20 @@ def lora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, out_
 
 
 def dora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, magnitude: Param, out_features: int,
-                rank: int, bias: Param | None = None, name: str = "") -> T:
+                rank: int, bias: Param | None = None, name: str = "", dropout: bool = False) -> T:
     """peft DoRA (`DoraLinearVariant.forward` -> `DoraLinearLayer.forward`, peft tuners/lora/dora.py):
 
     lora_weight = lora_B(lora_A(eye(in))).T            (the identity and its cast are saved by lora_A)
     weight = base weight .to(x.dtype); norm = ||weight + scaling * lora_weight.detach()||_row  (out x in temps)
     result = base(x) + ((m / norm - 1) * base(x) + (m / norm) * lora_B(lora_A(x)) * scaling)
-    with x already cast to the adapter dtype (fp32) by `lora.Linear.forward`.
+    with x already cast to the adapter dtype (fp32) by `lora.Linear.forward`. With lora_dropout > 0 the variant
+    rebinds x = dropout(x) and passes no base result, so DoRA computes its own `F.linear(x, weight)` on the dropped
+    input, whose autocast copies of input and weight are saved by the matmul (`DoraLinearVariant.forward`).
     """
     in_features = lora_a.numel // rank
     result = linear(e, x, base, out_features, bias, name=f"{name}.base")
     xa = cast(e, x, lora_a.dtype, name=f"{name}.lora_in")
+    xd = dropout_op(e, xa) if dropout else xa  # the variant's `x = dropout(x)`, a local until it returns
     # get_lora_weight: eye(in) in the adapter dtype through lora_A and lora_B
     eye = e.new(in_features * in_features, lora_a.dtype, name=f"{name}.eye")
     ea = linear(e, eye, lora_a, rank, name=f"{name}.eye_A")
@@ -176,11 +180,19 @@ def dora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, magn
     mag_scale = e.new(out_features, magnitude.dtype, name=f"{name}.mag_norm_scale")
     e.record(Node("div", [], [norm], [magnitude]), mag_scale)
     del norm
-    a = linear(e, xa, lora_a, rank, name=f"{name}.lora_A")
+    a = linear(e, xd, lora_a, rank, name=f"{name}.lora_A")
     lora_result = linear(e, a, lora_b, out_features, name=f"{name}.lora_B")
     del a
     base_result = result
-    if bias is not None:
+    if dropout:
+        # `base_result = F.linear(x, transpose(weight, fan_in_fan_out))`: the frozen weight copy needs no gradient,
+        # so the matmul saves only the (autocast copy of the) weight, for the dropped input's gradient
+        xin = input_for_matmul(e, xd)
+        w = cast(e, weight, e.autocast, name=f"{name}.weight_cast_mm") if e.autocast else weight
+        base_result = e.new(xd.numel // in_features * out_features, e.autocast or xd.dtype, name=f"{name}.dora_base_in")
+        e.record(Node(f"linear:{name}.dora_base", [xin] if xin.rg else [], [w] if xin.rg else [], []), base_result)
+        del xin, w
+    elif bias is not None:
         base_result = add(e, result, e.new(out_features, result.dtype, name="bias"), name=f"{name}.minus_bias")
     minus_one = scale(e, mag_scale, name=f"{name}.mag_minus_one")
     term1 = mul(e, minus_one, base_result, name=f"{name}.dora_base")
@@ -195,7 +207,7 @@ def dora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, magn
     out = add(e, result, dora, name=name)
     del result, dora
     out = cast(e, out, result_dtype, name=name)
-    del xa
+    del xa, xd
     return out
 
 
@@ -233,7 +245,7 @@ def quant_linear(e: Engine, x: T, weight: Param, in_features: int, out_features:
 
 
 def qlora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, in_features: int,
-                 out_features: int, rank: int, bits: int, name: str = "") -> T:
+                 out_features: int, rank: int, bits: int, name: str = "", dropout: bool = False) -> T:
     """peft `lora.bnb.Linear4bit.forward` / `Linear8bitLt.forward`: result = base_layer(x) (cloned for 4-bit);
     under autocast the adapters see x as is (`requires_conversion = not torch.is_autocast_enabled()`), otherwise x
     is cast to the adapter dtype and the output cast back."""
@@ -244,7 +256,9 @@ def qlora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, in_
         result = cloned
     convert = e.autocast is None
     xa = cast(e, x, lora_a.dtype, name=f"{name}.lora_in") if convert else x
-    a = linear(e, xa, lora_a, rank, name=f"{name}.lora_A")
+    dropped = dropout_op(e, xa) if dropout else xa  # `lora_B(lora_A(dropout(x)))`, as in lora.Linear
+    a = linear(e, dropped, lora_a, rank, name=f"{name}.lora_A")
+    del dropped
     b = linear(e, a, lora_b, out_features, name=f"{name}.lora_B")
     del a
     scaled = scale(e, b)
@@ -270,7 +284,9 @@ def masked_scatter(e: Engine, x: T, mask: T, source: T, name: str = "") -> T:
 
 
 def dropout_op(e: Engine, x: T) -> T:
-    """F.dropout(p > 0) in training: output and a bool mask (saved)."""
+    """F.dropout(0 < p < 1) in training on CUDA: `at::dropout` takes the fused `native_dropout` kernel
+    (aten/src/ATen/native/Dropout.cpp `is_fused_kernel_acceptable`), which returns the output and a bool mask; its
+    backward (NativeDropoutBackward) saves only the mask."""
     mask = e.new(x.numel, "bool", name=f"{x.name}:dropout_mask")
     out = e.new(x.numel, x.dtype, name=f"{x.name}:dropout")
     e.record(Node("dropout", [x] if x.rg else [], [mask], []), out)
