@@ -530,7 +530,8 @@ class _Run:
             if step == self.options.steps:
                 self.terms.update(gradient_terms(model, setup))
             backend.begin("optimizer", step)
-            torch.nn.utils.clip_grad_norm_(trainable, setup.max_grad_norm, foreach=True)
+            if setup.max_grad_norm > 0:  # the HF Trainer clips only then
+                torch.nn.utils.clip_grad_norm_(trainable, setup.max_grad_norm, foreach=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             backend.after_optimizer_step(optimizer)

@@ -239,7 +239,8 @@ def _run_steps(setup, model, optimizer, batch, tracker, trainable, steps, mode) 
                 loss.backward()
                 del loss
             tracker.phase = "optimizer"
-            torch.nn.utils.clip_grad_norm_(trainable, setup.max_grad_norm, foreach=True)
+            if setup.max_grad_norm > 0:  # the HF Trainer clips only then
+                torch.nn.utils.clip_grad_norm_(trainable, setup.max_grad_norm, foreach=True)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             for state in optimizer.state.values():

@@ -200,15 +200,18 @@ def _matrix_shape(p) -> tuple[int, int]:
 
 
 def _optimizer_step(e: Engine, setup: TrainSetup, model) -> None:
-    """clip_grad_norm_ (foreach: one 0-d norm per gradient, stacked), optimizer.step, zero_grad(set_to_none)."""
+    """clip_grad_norm_ (foreach: one 0-d norm per gradient, stacked) when max_grad_norm > 0 (the HF Trainer skips
+    clipping otherwise: `if args.max_grad_norm is not None and args.max_grad_norm > 0`), optimizer.step,
+    zero_grad(set_to_none)."""
     trainable = [p for p in _trainable(model) if p.grad is not None]
-    norms = [e.new(1, "fp32", name="grad_norm") for _ in trainable]
-    stacked = e.new(len(norms), "fp32", name="stack")
-    total = e.new(1, "fp32", name="total_norm")
-    del norms, stacked
-    coef = e.new(1, "fp32", name="clip_coef")
-    clamped = e.new(1, "fp32", name="clip_coef_clamped")
-    del coef, clamped, total
+    if setup.max_grad_norm > 0:
+        norms = [e.new(1, "fp32", name="grad_norm") for _ in trainable]
+        stacked = e.new(len(norms), "fp32", name="stack")
+        total = e.new(1, "fp32", name="total_norm")
+        del norms, stacked
+        coef = e.new(1, "fp32", name="clip_coef")
+        clamped = e.new(1, "fp32", name="clip_coef_clamped")
+        del coef, clamped, total
     if setup.optimizer == "adamw-foreach":
         # _multi_tensor_adam: exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs), per parameter group
         for group in _param_groups(trainable):
