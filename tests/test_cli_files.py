@@ -40,9 +40,9 @@ def test_explicit_flags_override_the_yaml_defaults_do_not():
     s = data["settings"]
     assert (s["batch_size"], s["num_gpus"], s["seq_len"], s["gpu"]) == (2, 8, 4096, "a100-80g")
     assert (s["method"], s["zero"], s["gradient_accumulation_steps"]) == ("full", 3, 2)  # from the YAML
-    # a flag given with its default value cannot be told from an absent one: the YAML's full stays
+    # a typed flag wins whatever its value, its default included
     data, _ = run_json("estimate", "--from-llamafactory", FULL_YAML, "--method", "lora")
-    assert data["settings"]["method"] == "full"
+    assert data["settings"]["method"] == "lora"
     data, _ = run_json("estimate", "--from-llamafactory", FULL_YAML, "--method", "freeze", "--zero", "2")
     assert (data["settings"]["method"], data["settings"]["zero"]) == ("freeze", 2)
 

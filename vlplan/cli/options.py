@@ -5,10 +5,11 @@ Declared once (`SETUP_OPTIONS`) and attached to each command by `@setup_command`
 
 The setup can also come from files: `--from-llamafactory train.yaml` (a LLaMA-Factory training config),
 `--deepspeed ds.json` (a DeepSpeed config) and `--dataset data.json` (the images and sequence length of the longest
-sample, or of `--percentile`). Precedence, lowest first: flag defaults, the YAML, the DeepSpeed JSON, the dataset
-(images and seq_len), flags given on the command line. A flag given with its default value cannot be told from an
-absent one, so it does not override the files (e.g. `--method lora` over a YAML with `finetuning_type: full`);
-`resolve_options` is the one function that applies this, for every command.
+sample, or of `--percentile`). Precedence, lowest first: the library's defaults, the YAML, the DeepSpeed JSON, the dataset (images and
+seq_len), flags typed on the command line. Every setup flag parses to None when it is not given, so a flag the user
+typed wins whatever its value (e.g. `--method lora` over a YAML with `finetuning_type: full`), and the defaults
+(`OPTION_DEFAULTS`, LLaMA-Factory's) are applied here, after the files. `resolve_options` is the one function that
+applies this, for every command.
 """
 
 from __future__ import annotations
@@ -21,14 +22,25 @@ from pathlib import Path
 
 import typer
 
+from vlplan.planner.coverage import setup_warnings
 from vlplan.planner.errors import VlplanError
 
 K = inspect.Parameter.KEYWORD_ONLY
 
 
 def _opt(name: str, default, annotation, *flags: str, help: str, panel: str | None = None):
-    return inspect.Parameter(name, K, default=typer.Option(default, *flags, help=help, show_default=True,
-                                                           rich_help_panel=panel), annotation=annotation)
+    """A setup flag that parses to None when not typed; `default` is the library's value, shown in --help and
+    applied by `resolve_options` after the config files."""
+    if annotation is not None and not (isinstance(annotation, type(int | None)) and type(None) in annotation.__args__):
+        annotation = annotation | None
+    shown = True if default is None else ("on" if default is True else "off" if default is False else str(default))
+    option = typer.Option(None, *flags, help=help, show_default=shown if default is not None else False,
+                          rich_help_panel=panel)
+    _LIBRARY_DEFAULTS[name] = default
+    return inspect.Parameter(name, K, default=option, annotation=annotation)
+
+
+_LIBRARY_DEFAULTS: dict = {}
 
 
 FILES_PANEL = "Config files and data"
@@ -44,12 +56,16 @@ SETUP_OPTIONS = [
     _opt("lora_target", "all", str, "--lora-target",
          help="all, or comma-separated linear names (q_proj,v_proj,...). all = every linear of the LoRA-trained "
               "components except lm_head and the projector."),
+    _opt("lora_dropout", 0.0, float, "--lora-dropout",
+         help="LoRA dropout on each adapter's input (LLaMA-Factory lora_dropout; ms-swift's default is 0.05)."),
     _opt("dora", False, bool, "--dora", help="DoRA instead of LoRA."),
-    _opt("train_vision", False, bool, "--train-vision/--freeze-vision",
+    _opt("train_vision", False, bool, "--train-vision",
          help="Train the vision tower (in full for full/freeze, with LoRA for lora/qlora). Frozen by default."),
-    _opt("train_projector", False, bool, "--train-projector/--freeze-projector",
-         help="Train the projector in full. Frozen by default."),
+    _opt("freeze_vision", False, bool, "--freeze-vision", help="Keep the vision tower frozen (over a YAML)."),
+    _opt("train_projector", False, bool, "--train-projector", help="Train the projector in full. Frozen by default."),
+    _opt("freeze_projector", False, bool, "--freeze-projector", help="Keep the projector frozen (over a YAML)."),
     _opt("freeze_llm", False, bool, "--freeze-llm", help="Freeze the language model."),
+    _opt("train_llm", False, bool, "--train-llm", help="Train the language model (over a YAML that freezes it)."),
     _opt("freeze_trainable_layers", 2, int, "--freeze-trainable-layers",
          help="--method freeze: how many last language-model layers train."),
     _opt("precision", "bf16", str, "--precision",
@@ -96,7 +112,9 @@ SETUP_OPTIONS = [
               "folder; else approximate)."),
 ]
 SETUP_OPTION_NAMES = [p.name for p in SETUP_OPTIONS]
-OPTION_DEFAULTS = {p.name: p.default.default for p in SETUP_OPTIONS}
+OPTION_DEFAULTS = dict(_LIBRARY_DEFAULTS)
+# flags that only mean something for LoRA/QLoRA
+LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_target", "lora_dropout", "dora")
 FILE_OPTIONS = ("from_llamafactory", "deepspeed", "dataset", "percentile", "dataset_dir", "media_dir", "dataset_info",
                 "tokenizer")
 
@@ -124,48 +142,74 @@ class ResolvedSetup:
 
 
 def _cli_choices(options: dict) -> dict:
-    """`make_setup` arguments of the shared flags (model left as a name, resolved later)."""
+    """`make_setup` arguments of the given shared flags (model left as a name, resolved later)."""
     from vlplan.planner.hardware import custom_gpu, find_gpu
     from vlplan.planner.tokens import parse_size
 
     choices: dict = {}
-    if "gpu" in options or "gpu_memory_gib" in options:
-        memory = options.get("gpu_memory_gib")
-        choices["gpu"] = custom_gpu(memory) if memory is not None else \
-            find_gpu(options.get("gpu", OPTION_DEFAULTS["gpu"]))
-    if "image_size" in options or "images" in options:
+    if options.get("gpu") is not None and options.get("gpu_memory_gib") is not None:
+        raise VlplanError(f"--gpu {options['gpu']} and --gpu-memory-gib {options['gpu_memory_gib']:g} contradict: "
+                          "--gpu names a GPU of the catalog (its memory is known), --gpu-memory-gib describes any "
+                          "other GPU; pass one of them")
+    if options.get("gpu_memory_gib") is not None:
+        choices["gpu"] = custom_gpu(options["gpu_memory_gib"])
+    elif options.get("gpu") is not None:
+        choices["gpu"] = find_gpu(options["gpu"])
+    for on, off, what, field in (("train_vision", "freeze_vision", "vision tower", "train_vision"),
+                                 ("train_projector", "freeze_projector", "projector", "train_projector"),
+                                 ("train_llm", "freeze_llm", "language model", "freeze_llm")):
+        if options.get(on) and options.get(off):
+            raise VlplanError(f"--{on.replace('_', '-')} and --{off.replace('_', '-')} contradict; pass one to say "
+                              f"whether the {what} trains")
+        trains = True if options.get(on) else False if options.get(off) else None
+        if trains is not None:
+            choices[field] = trains if field.startswith("train") else not trains
+    if options.get("image_size") is not None or options.get("images") is not None:
         sizes = [parse_size(s) for s in options.get("image_size") or []]
-        count = options.get("images", OPTION_DEFAULTS["images"])
+        count = options.get("images")
         if len(sizes) > 1:
-            if count not in (1, len(sizes)):
+            if count not in (None, 1, len(sizes)):
                 raise VlplanError(f"--images {count} contradicts {len(sizes)} --image-size values; give one "
                                   "--image-size per image or one size with --images N")
             choices["images"] = sizes
         else:
-            choices.update(num_images=count, image_size=sizes[0] if sizes else None, images=None)
-    renamed = {"images", "image_size", "gpu", "gpu_memory_gib"}
+            choices.update(num_images=count if count is not None else OPTION_DEFAULTS["images"],
+                           image_size=sizes[0] if sizes else None, images=None)
+    renamed = {"images", "image_size", "gpu", "gpu_memory_gib", "train_vision", "freeze_vision", "train_projector",
+               "freeze_projector", "train_llm", "freeze_llm"}
     for name, value in options.items():
-        if name not in renamed and name not in FILE_OPTIONS:
+        if name not in renamed and name not in FILE_OPTIONS and value is not None:
             choices[name] = value
     return choices
 
 
+def _library_defaults() -> dict:
+    """`make_setup` arguments of the library's defaults (LLaMA-Factory's): the lowest layer of the precedence."""
+    defaults = {name: value for name, value in OPTION_DEFAULTS.items()
+                if name not in FILE_OPTIONS and value is not None}
+    defaults.pop("gpu")  # the GPU default is make_setup's own (a catalog GPU), applied only when nothing names one
+    return _cli_choices(defaults)
+
+
 def resolve_options(progress=None, **options) -> ResolvedSetup:
-    """The TrainSetup of the shared flags and files (library call; errors are VlplanError). See the module
-    docstring for the precedence of flags, YAML, DeepSpeed JSON and dataset. `progress(done, total)` is called
-    while a --dataset is scanned."""
+    """The TrainSetup of the shared flags and files (library call; errors are VlplanError). An option given as None
+    (or left out) is not given; see the module docstring for the precedence of flags, YAML, DeepSpeed JSON and
+    dataset. `progress(done, total)` is called while a --dataset is scanned."""
     from vlplan.planner.io.deepspeed import read_deepspeed
     from vlplan.planner.io.llamafactory import build_setup, deepspeed_consistency, llamafactory_choices
     from vlplan.planner.versions import transformers_warning
 
-    options = {**OPTION_DEFAULTS, **options}
-    explicit = {name: value for name, value in options.items()
-                if name not in FILE_OPTIONS and value != OPTION_DEFAULTS[name]}
+    unknown = set(options) - set(OPTION_DEFAULTS)
+    if unknown:
+        raise VlplanError(f"unknown setup option(s) {', '.join(sorted(unknown))}")
+    options = {name: options.get(name) for name in OPTION_DEFAULTS}
+    explicit = {name: value for name, value in options.items() if name not in FILE_OPTIONS and value is not None}
     resolved = ResolvedSetup(setup=None)
     version_warning = transformers_warning()  # the installed transformers, if any: the one training would run
     if version_warning:
         resolved.warnings.append(version_warning)
-    choices = _cli_choices({k: v for k, v in options.items() if k not in FILE_OPTIONS})
+    flags = _cli_choices(explicit)
+    choices = _library_defaults()
     if options["from_llamafactory"]:
         path = options["from_llamafactory"]
         yaml_choices, warnings = llamafactory_choices(path, read_deepspeed_key=not options["deepspeed"])
@@ -189,8 +233,9 @@ def resolve_options(progress=None, **options) -> ResolvedSetup:
                 choices["precision"] = "fp16" if ds.fp16 else "bf16"
             elif ds.fp16 is False and ds.bf16 is False:
                 choices["precision"] = "fp32"  # both switched off: DeepSpeed trains in fp32
-        resolved.warnings += deepspeed_consistency(ds, {**choices, **_cli_choices(explicit)}, str(path))
-    choices.update(_cli_choices(explicit))
+        resolved.warnings += deepspeed_consistency(ds, {**choices, **flags}, str(path))
+    choices.update(flags)
+    _drop_file_lora_settings(choices, flags)
     if not choices.get("model"):
         raise VlplanError("no model: pass --model NAME (see `vlplan models`) or --from-llamafactory with "
                           "model_name_or_path")
@@ -198,15 +243,30 @@ def resolve_options(progress=None, **options) -> ResolvedSetup:
         if options["percentile"] is not None:
             raise VlplanError("--percentile needs --dataset")
         resolved.setup = build_setup(choices)
-        return resolved
-    resolved.sources["dataset"] = str(options["dataset"])
-    if {"images", "image_size"} & set(explicit):
-        resolved.warnings.append("--images/--image-size are ignored: the images come from --dataset")
-    base = build_setup({**choices, "images": [], "num_images": None, "image_size": None})
-    resolved.setup, resolved.scan, warnings = _dataset_setup(base, options, choices, progress)
-    resolved.sample, resolved.percentile = resolved.scan.pick(options["percentile"]), options["percentile"]
-    resolved.warnings += warnings
+    else:
+        resolved.sources["dataset"] = str(options["dataset"])
+        if {"images", "image_size"} & set(explicit):
+            resolved.warnings.append("--images/--image-size are ignored: the images come from --dataset")
+        base = build_setup({**choices, "images": [], "num_images": None, "image_size": None})
+        resolved.setup, resolved.scan, warnings = _dataset_setup(base, options, choices, progress)
+        resolved.sample, resolved.percentile = resolved.scan.pick(options["percentile"]), options["percentile"]
+        resolved.warnings += warnings
+    resolved.warnings += [w for w in setup_warnings(resolved.setup) if w not in resolved.warnings]
     return resolved
+
+
+def _drop_file_lora_settings(choices: dict, flags: dict) -> None:
+    """LoRA settings only mean something for LoRA/QLoRA: a typed LoRA flag with another method is refused; LoRA keys
+    of a YAML are dropped when a flag switches the method to full or freeze."""
+    if choices.get("method", OPTION_DEFAULTS["method"]) in ("lora", "qlora"):
+        return
+    typed = [name for name in LORA_OPTIONS if name in flags]
+    if typed:
+        flag = "--" + typed[0].replace("_", "-")
+        raise VlplanError(f"{flag} applies to LoRA adapters, but the method is {choices['method']}; use --method lora "
+                          f"or qlora, or drop {flag}")
+    for name in LORA_OPTIONS:
+        choices.pop(name, None)
 
 
 def _dataset_setup(base, options: dict, choices: dict, progress):
@@ -223,11 +283,6 @@ def _dataset_setup(base, options: dict, choices: dict, progress):
                         progress=progress)
     setup, warnings = setup_for_dataset(base, scan, options["percentile"])
     return setup, scan, warnings
-
-
-def setup_from_options(**options):
-    """The TrainSetup of the shared flags (library call; errors are VlplanError)."""
-    return resolve_options(**options).setup
 
 
 def setup_command(fn=None, *, dataset_argument: str | None = None, progress=None):

@@ -1,0 +1,52 @@
+"""Which settings the memory model reads, as data: a setting is modelled, refused, or warned about, never dropped.
+
+Every field of `TrainSetup` either changes the estimate when it changes (held by tests/test_contract.py, field by
+field), or is listed here with the reason:
+- `NOT_MODELLED`: recorded (for the launch configs) but not yet part of the memory model; a setup that sets one to
+  anything but its default gets a warning naming it, from every command that resolves a setup (estimate, plan,
+  trace, profile).
+- `NO_EFFECT`: read, and by design without an effect on the peak of the setups where it is listed (the test checks
+  that it indeed changes nothing there), so there is nothing to warn about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from .setup import TrainSetup
+from .spec import unverified_warning
+
+NOT_MODELLED = {
+    "liger_kernel": "Liger kernels (enable_liger_kernel / use_liger_kernel) are not modelled: the estimate keeps the "
+                    "logits and fp32 loss temporaries that Liger's fused linear cross-entropy avoids (an upper "
+                    "bound, by up to a few GiB for large vocabularies)",
+}
+
+# a setup has no videos (vlplan does not model them yet), so the video caps cannot change its memory; a dataset
+# with videos is warned about by the scan (planner/dataset.py), which is where videos would enter
+_NO_VIDEOS = ("the setup has no videos, so the video caps change nothing; `vlplan scan` and --dataset warn about "
+              "videos in the data, which are not yet counted")
+NO_EFFECT = {
+    "video_max_pixels": _NO_VIDEOS, "video_min_pixels": _NO_VIDEOS, "video_fps": _NO_VIDEOS,
+    "video_maxlen": _NO_VIDEOS,
+    "packing": "every row is already estimated at seq_len tokens, which is what packing fills (LLaMA-Factory's "
+               "cutoff_len - 1 is applied when the YAML is read); it changes only which dataset sample is planned "
+               "for",
+}
+
+# LLaMA-Factory keys that vlplan reads and checks, without an effect on memory (so nothing to warn about)
+LLAMAFACTORY_NO_EFFECT = {
+    "quantization_type": "fp4 and nf4 pack the same 4 bits per weight with the same absmax blocks (bitsandbytes "
+                         "functional.quantize_4bit); only the code table's values differ",
+}
+
+
+def setup_warnings(setup: TrainSetup) -> list[str]:
+    """What a user must know before trusting an estimate of `setup`: a model spec whose numbers are not all
+    verified against its config.json, and one warning per `NOT_MODELLED` field set to anything but its default."""
+    defaults = {f.name: f.default for f in fields(TrainSetup)}
+    warnings = [w for w in (unverified_warning(setup.model),) if w]
+    for name, reason in NOT_MODELLED.items():
+        if getattr(setup, name) != defaults[name]:
+            warnings.append(f"{name} = {getattr(setup, name)}: {reason}")
+    return warnings
