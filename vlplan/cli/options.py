@@ -155,15 +155,15 @@ def _cli_choices(options: dict) -> dict:
         choices["gpu"] = custom_gpu(options["gpu_memory_gib"])
     elif options.get("gpu") is not None:
         choices["gpu"] = find_gpu(options["gpu"])
-    for on, off, what, field in (("train_vision", "freeze_vision", "vision tower", "train_vision"),
-                                 ("train_projector", "freeze_projector", "projector", "train_projector"),
-                                 ("train_llm", "freeze_llm", "language model", "freeze_llm")):
+    for on, off, what, setting in (("train_vision", "freeze_vision", "vision tower", "train_vision"),
+                                   ("train_projector", "freeze_projector", "projector", "train_projector"),
+                                   ("train_llm", "freeze_llm", "language model", "freeze_llm")):
         if options.get(on) and options.get(off):
             raise VlplanError(f"--{on.replace('_', '-')} and --{off.replace('_', '-')} contradict; pass one to say "
                               f"whether the {what} trains")
         trains = True if options.get(on) else False if options.get(off) else None
         if trains is not None:
-            choices[field] = trains if field.startswith("train") else not trains
+            choices[setting] = trains if setting.startswith("train") else not trains
     if options.get("image_size") is not None or options.get("images") is not None:
         sizes = [parse_size(s) for s in options.get("image_size") or []]
         count = options.get("images")
