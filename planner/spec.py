@@ -212,7 +212,10 @@ class ModelSpec:
     processor: ProcessorSpec
     dtype: str = "bfloat16"
     aliases: tuple[str, ...] = ()
-    # Which numbers were not read from the model's own official config (empty: all verified). Shown by `vlplan models`.
+    # Which numbers were not confirmed from the model's own official config.json / preprocessor_config.json, or from
+    # an exact copy of it whose numbers match in full, and why (empty: every architecture number is confirmed; the
+    # source is the comment before the registry entry). Shown by `vlplan models`; `unverified_warning` turns it into
+    # the warning estimate/plan/trace print.
     unverified: str = ""
     # The transformers class that builds it ("" for remote-code families, which the tests cannot instantiate)
     hf_class: str = ""
@@ -240,3 +243,21 @@ class ModelSpec:
 
     def with_text_layers(self, num_layers: int) -> "ModelSpec":
         return replace(self, text=replace(self.text, num_layers=num_layers))
+
+
+def unverified_warning(spec: ModelSpec) -> str | None:
+    """A one-line warning naming what is unverified about `spec`'s architecture numbers, or None when it is verified.
+
+    Registry entries carry `unverified` when some number was not confirmed from the model's own config.json (a gated
+    file read only through derivatives, a value taken from a sibling model, ...). A spec read from a local config.json
+    has its numbers from that file; the remote-code readers (MiniCPM-V, Phi-3-vision) keep their registry entry's
+    note, which is about their analytic module inventory as much as about numbers.
+    """
+    note = " ".join(spec.unverified.split())
+    if not note:
+        return None
+    # A registry entry cites a URL; a spec read from a local file carries that file's path
+    advice = ("check them against the model's config.json or pass --model <local config.json>"
+              if spec.source_url.startswith(("http://", "https://")) else
+              f"the rest comes from {spec.source_url}")
+    return f"{spec.name}: some architecture numbers are unverified ({note}); {advice}"

@@ -39,20 +39,32 @@ def _gemma3(name, hf_id, url, *, hidden, inter, layers, heads, kv, head_dim, ali
     )
 
 
+# The google/gemma-3-* repositories are gated, so their files were read through copies that name the checkpoint. The
+# -it/-pt files omit every Gemma3TextConfig default (vocab 262208, head_dim 256, heads 8 / kv 4), which transformers
+# fills in exactly as for the gated file; copies re-saved by unsloth write them out.
 SPECS = [
-    # https://huggingface.co/google/gemma-3-4b-it/blob/main/config.json
+    # https://huggingface.co/google/gemma-3-4b-it/blob/main/config.json, read through
+    # https://huggingface.co/mlx-community/gemma-3-4b-it-bf16/blob/main/config.json (the release's keys: text 2560 /
+    # 10240 / 34 layers, sliding 1024; vision 27 / 1152 / 4304 / 16 heads / patch 14 / 896 px, no head; image token
+    # 262144, 256 tokens per image) and the unsloth re-upload of the -pt twin,
+    # https://huggingface.co/unsloth/gemma-3-4b-pt/blame/main/config.json (heads 8, kv 4, head_dim 256,
+    # max_position_embeddings 131072 written out).
     _gemma3("gemma-3-4b", "google/gemma-3-4b-it", "https://huggingface.co/google/gemma-3-4b-it/blob/main/config.json",
-            hidden=2560, inter=10240, layers=34, heads=8, kv=4, head_dim=256, aliases=("google/gemma-3-4b-pt",),
-            unverified="config.json read from a copy (mlx); heads 8 / kv 4 are Gemma3TextConfig defaults the file "
-                       "omits"),
-    # https://huggingface.co/google/gemma-3-12b-it/blob/main/config.json
+            hidden=2560, inter=10240, layers=34, heads=8, kv=4, head_dim=256, aliases=("google/gemma-3-4b-pt",)),
+    # https://huggingface.co/google/gemma-3-12b-it/blob/main/config.json, read through unsloth's copy,
+    # https://huggingface.co/unsloth/gemma-3-12b-it-GGUF/blame/main/config.json (text 3840 / 15360 / 48 layers /
+    # 16 heads / 8 kv / head_dim 256 / vocab 262208 / max_position_embeddings 131072 / sliding 1024, pattern 6) and
+    # https://huggingface.co/mlx-community/gemma-3-12b-pt-4bit/blob/refs%2Fpr%2F1/config.json (the same vision tower).
     _gemma3("gemma-3-12b", "google/gemma-3-12b-it",
             "https://huggingface.co/google/gemma-3-12b-it/blob/main/config.json",
-            hidden=3840, inter=15360, layers=48, heads=16, kv=8, head_dim=256, aliases=("google/gemma-3-12b-pt",),
-            unverified="config.json read from a derivative (unsloth GGUF repo), not the gated original"),
-    # https://huggingface.co/google/gemma-3-27b-it/blob/main/config.json (query_pre_attn_scalar 168)
+            hidden=3840, inter=15360, layers=48, heads=16, kv=8, head_dim=256, aliases=("google/gemma-3-12b-pt",)),
+    # https://huggingface.co/google/gemma-3-27b-it/blob/main/config.json (query_pre_attn_scalar 168), read through
+    # copies in TensorRT-LLM tests and an mlx 4-bit conversion
+    # (https://huggingface.co/Abc7347/copytext27binstructgmn/blob/main/config.json: 5376 / 21504 / 62 layers /
+    # 32 heads / 16 kv / head_dim 128, the same vision tower)
     _gemma3("gemma-3-27b", "google/gemma-3-27b-it",
             "https://huggingface.co/google/gemma-3-27b-it/blob/main/config.json",
             hidden=5376, inter=21504, layers=62, heads=32, kv=16, head_dim=128, aliases=("google/gemma-3-27b-pt",),
-            unverified="config.json read from copies in TensorRT-LLM tests, not the gated original"),
+            unverified="gated config.json read only through copies that do not name the checkpoint (TensorRT-LLM "
+                       "test data, an anonymous mlx conversion); vocab 262208 is the Gemma3TextConfig default"),
 ]

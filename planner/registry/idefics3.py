@@ -42,20 +42,28 @@ def _llama(*, hidden, inter, layers, heads, kv, vocab, max_pos):
 
 
 SPECS = [
-    # https://huggingface.co/HuggingFaceM4/Idefics3-8B-Llama3/blob/main/config.json
+    # https://huggingface.co/HuggingFaceM4/Idefics3-8B-Llama3/blob/main/config.json; the file at
+    # https://huggingface.co/HuggingFaceM4/Idefics3-8B-Llama3/blob/92a708af3b96e7fe9aeac5d439a1f64083868a05/config.json
+    # shows scale_factor 2, image token 128257, text 4096 / 14336 / max_position_embeddings 131072 (only its opening
+    # was read: heads, kv, vocab and the vision block come from copies quoting it and from Llama-3.1-8B)
     # preprocessor: size.longest_edge 1456; max_image_size was removed from the file (commit 30d4b60), so the
     # Idefics3ImageProcessor default 364 applies
     _idefics3("idefics3-8b", "HuggingFaceM4/Idefics3-8B-Llama3",
               "https://huggingface.co/HuggingFaceM4/Idefics3-8B-Llama3/blob/main/config.json",
               image_size=364, scale=2, longest_edge=1456, image_token_id=128257,
               text=_llama(hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=128259, max_pos=131072),
-              unverified="vision numbers from copies quoting the config; text vocab 128259 from one test file, "
-                         "heads/kv from Llama-3.1-8B"),
-    # https://huggingface.co/HuggingFaceTB/SmolVLM-Instruct/blob/main/config.json
+              unverified="only the opening of the official config.json read: vision 27 x 1152 / 4304 / 364 px from "
+                         "copies quoting it, text vocab 128259 from one test file, heads 32 / kv 8 from Llama-3.1-8B"),
+    # https://huggingface.co/HuggingFaceTB/SmolVLM-Instruct/blob/main/config.json, read through copies:
+    # https://huggingface.co/chflame163/ComfyUI_LayerStyle/blob/main/ComfyUI/models/smol/SmolVLM-Instruct/config.json
+    # and https://huggingface.co/Pinatpong/SmolVLM-Instruct/blob/main/config.json (scale_factor 3, image_seq_len 81,
+    # image token 49153, text 2048 / 8192 / 24 layers / head_dim 64 / max_position_embeddings 16384) and
+    # https://huggingface.co/Tj/SmolVLM_Proxy/blob/main/config.json (32 heads, 32 kv)
     # preprocessor (current): size.longest_edge 1536, max_image_size 384; processor_config image_seq_len 81
     _idefics3("smolvlm", "HuggingFaceTB/SmolVLM-Instruct",
               "https://huggingface.co/HuggingFaceTB/SmolVLM-Instruct/blob/main/config.json",
               image_size=384, scale=3, longest_edge=1536, image_token_id=49153, aliases=("smolvlm-instruct",),
               text=_llama(hidden=2048, inter=8192, layers=24, heads=32, kv=32, vocab=49155, max_pos=16384),
-              unverified="config.json read from copies that mirror the released file (not the original)"),
+              unverified="config.json read from copies of the released file that end before vocab_size (49155) "
+                         "and tie_word_embeddings (false)"),
 ]

@@ -33,8 +33,13 @@ INTERNVL_PROCESSOR = ProcessorSpec(
     min_tiles=1, use_thumbnail=True, crop_to_patches=False,
     special_tokens_per_image=2,  # <img> ... </img>
 )
-UNVERIFIED = ("tie_word_embeddings forced false (see the module docstring); preprocessor_config.json of the -hf repo "
-              "not read (448 px tiles, max 12, from a sibling InternVL-family file)")
+# What no InternVL3 -hf entry could confirm from its own files: the untied lm_head (the -hf config.json carries no
+# tie key, so it rests on the original InternVL configs and the published sizes, see the module docstring) and the
+# tile processor, read from a sibling -hf file with the same GotOcr2 processor,
+# https://huggingface.co/internlm/Intern-S1-mini/blob/refs%2Fpr%2F2/preprocessor_config.json (448 x 448,
+# max_patches 12, min_patches 1, crop_to_patches false)
+UNVERIFIED = ("untied lm_head assumed (the -hf config.json has no tie key; the original configs and the published "
+              "sizes are untied); -hf preprocessor_config.json not read (448 px tiles, max 12, from a sibling file)")
 
 
 def _internvl(name, hf_id, url, *, vision, hidden, inter, layers, heads, kv, aliases, unverified):
@@ -51,25 +56,27 @@ def _internvl(name, hf_id, url, *, vision, hidden, inter, layers, heads, kv, ali
 
 
 SPECS = [
-    # https://huggingface.co/OpenGVLab/InternVL3-1B-hf/blob/main/config.json
-    # (text_config as in hf-internal-testing/tiny-processor-internvl: Qwen2.5-0.5B shape, vocab 151674)
+    # https://huggingface.co/OpenGVLab/InternVL3-1B-hf/blob/main/config.json, read through HF's fixture
+    # https://huggingface.co/hf-internal-testing/tiny-processor-internvl/blame/main/config.json (the 1B -hf file:
+    # downsample_ratio 0.5, image_seq_length 256, image token 151667, text 896 / 4864 / 24 layers / 14 heads / 2 kv /
+    # vocab 151674 / max_position_embeddings 32768)
     _internvl("internvl3-1b", "OpenGVLab/InternVL3-1B-hf",
               "https://huggingface.co/OpenGVLab/InternVL3-1B-hf/blob/main/config.json",
               vision=INTERN_VIT_300M, hidden=896, inter=4864, layers=24, heads=14, kv=2,
               aliases=("OpenGVLab/InternVL3-1B",),
-              unverified=UNVERIFIED + "; text numbers from a copy (hf-internal-testing/tiny-processor-internvl)"),
+              unverified=UNVERIFIED + "; config.json read through an HF test-fixture copy"),
     # https://huggingface.co/OpenGVLab/InternVL3-2B-hf/blob/main/config.json (Qwen2.5-1.5B language model)
     _internvl("internvl3-2b", "OpenGVLab/InternVL3-2B-hf",
               "https://huggingface.co/OpenGVLab/InternVL3-2B-hf/blob/main/config.json",
               vision=INTERN_VIT_300M, hidden=1536, inter=8960, layers=28, heads=12, kv=2,
               aliases=("OpenGVLab/InternVL3-2B",),
-              unverified=UNVERIFIED + "; text numbers from a test fixture, not the config file"),
+              unverified=UNVERIFIED + "; text numbers (Qwen2.5-1.5B shape) from a test fixture"),
     # https://huggingface.co/OpenGVLab/InternVL3-8B-hf/blob/main/config.json (Qwen2.5-7B language model)
     _internvl("internvl3-8b", "OpenGVLab/InternVL3-8B-hf",
               "https://huggingface.co/OpenGVLab/InternVL3-8B-hf/blob/main/config.json",
               vision=INTERN_VIT_300M, hidden=3584, inter=18944, layers=28, heads=28, kv=4,
               aliases=("OpenGVLab/InternVL3-8B",),
-              unverified=UNVERIFIED + "; text numbers from MindSpeed-MM's InternVL3-8B model file"),
+              unverified=UNVERIFIED + "; text numbers (Qwen2.5-7B shape) from MindSpeed-MM's model file"),
     # https://huggingface.co/OpenGVLab/InternVL3-38B-hf/blob/refs%2Fpr%2F2/config.json (Qwen2.5-32B language model;
     # this file names the token `image_token_index`)
     _internvl("internvl3-38b", "OpenGVLab/InternVL3-38B-hf",

@@ -58,23 +58,34 @@ SPECS = [
            "https://huggingface.co/llava-hf/llava-1.5-13b-hf/blob/main/config.json",
            _llava_text(hidden=5120, inter=13824, layers=40, heads=40, kv=40, vocab=32064, max_pos=4096),
            image_token_id=32000, aliases=("liuhaotian/llava-v1.5-13b",)),
-    # https://huggingface.co/xtuner/llava-llama-3-8b-v1_1-transformers/blob/main/config.json
+    # https://huggingface.co/xtuner/llava-llama-3-8b-v1_1-transformers/blob/main/config.json, read through a fine-tune
+    # saved from it, https://huggingface.co/asadfgglie/banban-vision-8b-v1-pretrain-zh/blame/
+    # 6718488a8c1f835d2ac41912bbd996ba89a62401/config.json (_name_or_path xtuner/llava-llama-3-8b-v1_1-transformers:
+    # text 14336 / 8 kv / max_position_embeddings 8192 / vocab 128320, image token 128257, gelu projector, CLIP
+    # ViT-L/14-336); hidden 4096, 32 layers and 32 heads are LlamaConfig defaults the file omits.
     # Llama-3-8B-Instruct with the vocabulary padded to 128320 rows (128256 + added tokens, multiple of 64);
     # <image> is 128257, <pad> 128258. Not the older xtuner/llava-llama-3-8b-v1_1-hf (vocab 128256, silu projector).
     _llava("llava-llama-3-8b", "xtuner/llava-llama-3-8b-v1_1-transformers",
            "https://huggingface.co/xtuner/llava-llama-3-8b-v1_1-transformers/blob/main/config.json",
            _llava_text(hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=128320, max_pos=8192),
            image_token_id=128257, aliases=("xtuner/llava-llama-3-8b-v1_1",),
-           unverified="config.json read from two copies naming this checkpoint (not the original file); "
-                      "hidden/layers/heads are LlamaConfig defaults the file omits"),
-    # https://huggingface.co/mistral-community/pixtral-12b/blob/main/config.json
+           unverified="config.json read through fine-tunes saved from this checkpoint, not the file itself "
+                      "(the official repo's config.json was not in any corpus searched)"),
+    # https://huggingface.co/mistral-community/pixtral-12b/blob/main/config.json: the repo's own commit
+    # https://huggingface.co/mistral-community/pixtral-12b/commit/cb1ea9faf3f6cdbc4984b9f3c2268dc5a9f134a6 shows text
+    # 5120 / 14336 / 40 layers / vocab 131072 / max_position_embeddings 1024000 and vision patch 16 / 1024 px; the
+    # mlx-community conversion https://huggingface.co/mlx-community/pixtral-12b-8bit/blob/
+    # 79e24b66302d4ac5e75491767f8914b2aa6ac1f8/config.json shows the whole file (head_dim 128, 8 kv, image token 10,
+    # vision head_dim 64 and intermediate 4096), and HF's copy
+    # https://huggingface.co/varb15/hf-internal-testing-pixtral-12b/blob/c4f9e1170af0f46f9be34fcc9a46d27edf63bd79/
+    # config.json writes the 32 heads out. The vision depth 24 and width 1024 are the PixtralVisionConfig defaults the
+    # file relies on. Processor:
+    # https://huggingface.co/mlx-community/pixtral-12b-8bit/blame/main/preprocessor_config.json
+    # (size.longest_edge 1024, patch 16), the same as HF's fixture hf-internal-testing/tiny-processor-pixtral.
     _llava("pixtral-12b", "mistral-community/pixtral-12b",
            "https://huggingface.co/mistral-community/pixtral-12b/blob/main/config.json",
            _llava_text(hidden=5120, inter=14336, layers=40, heads=32, kv=8, vocab=131072, max_pos=1024000,
                        arch="mistral", head_dim=128),
            image_token_id=10, dtype="bfloat16", vision=PIXTRAL_VISION, processor=PIXTRAL_PROCESSOR,
-           aliases=("mistralai/Pixtral-12B-2409",),
-           unverified="config.json read from copies (saujasv/pixtral-12b, DewEfresh/pixtral-12b-8bit) that agree "
-                      "with Mistral's params.json; vision hidden_act is silu in some copies and gelu in others "
-                      "(no effect on memory); preprocessor_config.json not read (PixtralImageProcessor defaults)"),
+           aliases=("mistralai/Pixtral-12B-2409",)),
 ]

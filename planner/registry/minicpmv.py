@@ -30,7 +30,14 @@ MINICPMV_SIGLIP = VisionSpec(
 )
 
 SPECS = [
-    # https://huggingface.co/openbmb/MiniCPM-V-2_6/blob/main/config.json
+    # https://huggingface.co/openbmb/MiniCPM-V-2_6/blob/main/config.json, read through copies saved from it:
+    # https://huggingface.co/CTW-g123/MiniCPM/blob/main/config.json (_name_or_path openbmb/MiniCPM-V-2_6, the whole
+    # file: text 3584 / 18944 / 28 layers / 28 heads / 4 kv / vocab 151666 / untied / max_position_embeddings 32768,
+    # image_size 448, patch 14, query_num 64, slice_config.max_slice_nums 9, vision 27 / 1152 / 4304 / 16 heads /
+    # 980 px) and https://huggingface.co/second-state/MiniCPM-V-2_6-GGUF/blob/ef896bc1af331809d16519e2ddb49a523412cac5/
+    # config.json. Processor: the duplicate of the official int4 repo,
+    # https://huggingface.co/jchevallard/MiniCPM-V-2_6-int4/blob/7d6ebc036dd3951188336c02b59fa14554122bf0/
+    # preprocessor_config.json (max_slice_nums 9, scale_resolution 448, patch 14, image_feature_size 64).
     ModelSpec(
         name="minicpm-v-2.6", family="minicpmv", hf_id="openbmb/MiniCPM-V-2_6",
         source_url="https://huggingface.co/openbmb/MiniCPM-V-2_6/blob/main/config.json", hf_class="",
@@ -44,8 +51,8 @@ SPECS = [
                                 max_tiles=9, use_thumbnail=True,
                                 special_tokens_per_image=2),  # <image> ... </image> around the source view
         image_token_id=0, aliases=("minicpm-v-2_6", "openbmb/MiniCPM-V-2.6"),
-        unverified="remote code, no transformers class: the inventory is analytic (no meta-device check); config "
-                   "read from copies naming openbmb/MiniCPM-V-2_6; resampler internals from copies of resampler.py; "
-                   "preprocessor_config.json not read; image placeholder token id not set (0)",
+        unverified="remote code, no transformers class: the module inventory (resampler internals from copies of "
+                   "resampler.py) is analytic, checked only against the published total; config.json read through "
+                   "copies saved from the checkpoint, not the file itself",
     ),
 ]

@@ -26,7 +26,15 @@ MLLAMA_PROCESSOR = ProcessorSpec(
 )
 
 SPECS = [
-    # https://huggingface.co/meta-llama/Llama-3.2-11B-Vision-Instruct/blob/main/config.json
+    # https://huggingface.co/meta-llama/Llama-3.2-11B-Vision-Instruct/blob/main/config.json (gated), read through
+    # derivatives naming it:
+    # https://huggingface.co/OPEA/Llama-3.2-11B-Vision-Instruct-int4-sym-inc/blob/main/config.json
+    # (text 4096 / 14336 / 32 heads / 8 kv / max_position_embeddings 131072, cross_attention_layers [3, 8, ..., 38],
+    # image token 128256) and https://huggingface.co/Aekanun/thai-handwriting-llm/blame/main/config.json (40 layers,
+    # vocab 128256; vision 32 layers / 1280 / 5120 / 16 heads / patch 14 / image_size 560 / vision_output_dim 7680).
+    # Tile 560 and max_image_tiles 4 also in the preprocessor_config.json copies, e.g.
+    # https://huggingface.co/EricB/Llama-3.2-11B-Vision-Instruct-UQFF/blob/71cea1ed05cc33e22119712f889b067e7f3e353c/
+    # preprocessor_config.json.
     ModelSpec(
         name="llama-3.2-11b-vision", family="mllama", hf_id="meta-llama/Llama-3.2-11B-Vision-Instruct",
         source_url="https://huggingface.co/meta-llama/Llama-3.2-11B-Vision-Instruct/blob/main/config.json",
@@ -37,7 +45,8 @@ SPECS = [
                       max_position_embeddings=131072, cross_attention_layers=(3, 8, 13, 18, 23, 28, 33, 38),
                       extra_embedding_rows=8),
         processor=MLLAMA_PROCESSOR, image_token_id=128256, aliases=("meta-llama/Llama-3.2-11B-Vision",),
-        unverified="config.json (gated) read through derivatives naming it and quotes of its vision_config and "
-                   "preprocessor (tile 560); Meta's original params copy says 448",
+        unverified="gated config.json read only through derivatives (a quantization, fine-tunes); "
+                   "num_global_layers 8, intermediate_layers_indices [3, 7, 15, 23, 30], max_num_tiles 4 and the 8 "
+                   "aspect ratios are MllamaVisionConfig defaults not seen in any copy",
     ),
 ]

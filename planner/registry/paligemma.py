@@ -33,16 +33,24 @@ def _paligemma2(name, hf_id, url, *, hidden, inter, layers, heads, kv, unverifie
 
 
 SPECS = [
-    # https://huggingface.co/google/paligemma2-3b-pt-448/blob/main/config.json (Gemma2-2B language model)
+    # https://huggingface.co/google/paligemma2-3b-pt-448/blob/main/config.json (gated; Gemma2-2B language model), read
+    # through fine-tunes of its 448-px siblings: https://huggingface.co/ACIDE/User-VLM-3B-base/blob/main/config.json
+    # (from paligemma2-3b-ft-docci-448) and https://huggingface.co/Mostafa3zazi/exp3_code_only/blob/main/config.json
+    # (from paligemma2-3b-mix-448): text 2304 / 9216 / 26 layers / 4 kv / vocab 257216 / sliding 4096, vision 27 /
+    # 1152 / 4304 / 16 heads / patch 14 / 448 px, image token 257152; the 8 heads and head_dim 256 are Gemma2Config
+    # defaults the files omit.
     _paligemma2("paligemma2-3b", "google/paligemma2-3b-pt-448",
                 "https://huggingface.co/google/paligemma2-3b-pt-448/blob/main/config.json",
                 hidden=2304, inter=9216, layers=26, heads=8, kv=4,
-                unverified="config.json read from derivatives naming google/paligemma2-3b-*; heads/kv/head_dim are "
-                           "Gemma2Config defaults"),
-    # https://huggingface.co/google/paligemma2-10b-pt-448/blob/main/config.json (Gemma2-9B language model)
+                unverified="gated config.json read only through fine-tunes of sibling 3B checkpoints (mix-448, "
+                           "ft-docci-448), not the pt-448 file or an exact copy"),
+    # https://huggingface.co/google/paligemma2-10b-pt-448/blob/main/config.json (gated; Gemma2-9B language model). No
+    # copy found; the text numbers are Gemma2-9B's (3584 / 14336 / 42 layers / 16 heads / 8 kv / head_dim 256 /
+    # sliding 4096, as in Gemma-2-9B fine-tunes such as
+    # https://huggingface.co/theprint/CleverBoi-Gemma-2-9B-v2/commit/e796094bed6aad824bc38077321930d64e12d42b)
     _paligemma2("paligemma2-10b", "google/paligemma2-10b-pt-448",
                 "https://huggingface.co/google/paligemma2-10b-pt-448/blob/main/config.json",
                 hidden=3584, inter=14336, layers=42, heads=16, kv=8,
-                unverified="no copy of the config.json read: text numbers are Gemma2-9B's (42 layers from keras-hub); "
-                           "the parameter count matches keras-hub's 9,663,294,192 up to the 64 padded vocab rows"),
+                unverified="no copy of the gated config.json found: text numbers are Gemma2-9B's; the parameter count "
+                           "matches keras-hub's 9,663,294,192 up to the 64 padded vocab rows"),
 ]

@@ -24,7 +24,13 @@ PUBLISHED_TOTAL_PARAMS = {
 }
 
 SPECS = [
-    # https://huggingface.co/microsoft/Phi-3.5-vision-instruct/blob/main/config.json
+    # https://huggingface.co/microsoft/Phi-3.5-vision-instruct/blob/main/config.json, read through conversions of it:
+    # https://huggingface.co/FusionQuill/Phi-3.5-vision-instruct-onnx-cpu-dml/blob/main/config.json (text 3072 / 8192 /
+    # 32 layers / 32 heads / 32 kv / max_position_embeddings 131072, img_processor CLIP ViT-L/14-336 with
+    # image_dim_out 1024 and num_img_tokens 144, HD-transform MLP projector) and
+    # https://huggingface.co/TIGER-Lab/VLM2Vec-Full/blame/0f078450a78f421b62630e4ade3da5778efd98fd/config.json.
+    # Processor: https://huggingface.co/FriendliAI/Phi-3.5-vision-instruct/blob/main/preprocessor_config.json (a
+    # duplicate of the official repo: num_crops 4, num_img_tokens 144).
     ModelSpec(
         name="phi-3.5-vision", family="phi3_v", hf_id="microsoft/Phi-3.5-vision-instruct",
         source_url="https://huggingface.co/microsoft/Phi-3.5-vision-instruct/blob/main/config.json", hf_class="",
@@ -37,8 +43,8 @@ SPECS = [
         processor=ProcessorSpec(rule="phi3v_crops", patch_size=14, merge_size=2, image_size=336, tokens_per_view=144,
                                 max_tiles=4, use_thumbnail=True),
         image_token_id=0, aliases=("phi-3.5-vision-instruct",),
-        unverified="remote code, no transformers class: the inventory is analytic (no meta-device check); config "
-                   "read from derivatives (VLM2Vec, Phi-3-vision-128k copies); vocab 32064, untied embeddings and "
-                   "dtype not read from the phi3_v file itself",
+        unverified="remote code, no transformers class: the module inventory is analytic, checked only against "
+                   "the published total; config.json read through conversions whose visible part ends before "
+                   "vocab_size (32064) and tie_word_embeddings (false)",
     ),
 ]
