@@ -236,3 +236,60 @@ def test_replace_keeps_the_contract():
     # dataclasses.replace re-validates: the contract holds for setups built either way
     setup = _setup({})
     assert _numbers(replace(setup, liger_kernel=True)) == _numbers(setup)
+
+
+# DeepSpeed keys vlplan reads: each changes the resolved setup or is warned about (or refused in one line)
+DEEPSPEED_BASE = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"},
+                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+DEEPSPEED_VALUES = {
+    "zero_optimization.stage": 3,
+    "zero_optimization.offload_optimizer": {"device": "cpu"},
+    "zero_optimization.offload_param": {"device": "cpu"},
+    "zero_optimization.reduce_bucket_size": 10 ** 8,
+    "zero_optimization.overlap_comm": True,
+    "zero_optimization.zero_quantized_weights": True,
+    "zero_optimization.zero_quantized_gradients": True,
+    "zero_optimization.zero_hpz_partition_size": 8,
+    "zero_optimization.stage3_max_live_parameters": 10 ** 9,
+    "zero_optimization.stage3_prefetch_bucket_size": 5 * 10 ** 8,
+    "optimizer": {"type": "Lamb", "params": {"lr": 1e-4}},
+    "tensor_parallel": {"autotp_size": 2},
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 8,
+    "gradient_clipping": 0.5,
+    "bf16": {"enabled": False},
+    "fp16": {"enabled": True},
+}
+
+
+def _with(config: dict, dotted: str, value) -> dict:
+    config = json.loads(json.dumps(config))
+    *parents, key = dotted.split(".")
+    block = config
+    for parent in parents:
+        block = block.setdefault(parent, {})
+    block[key] = value
+    if dotted == "zero_optimization.offload_param":
+        config["zero_optimization"]["stage"] = 3
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    return config
+
+
+@pytest.mark.parametrize("key", sorted(DEEPSPEED_VALUES))
+def test_a_read_deepspeed_key_changes_the_setup_or_is_named(key, tmp_path):
+    def resolve_json(config: dict):
+        path = tmp_path / f"ds{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(config))
+        result = CliRunner().invoke(app, ["estimate", "--model", MODEL, "--method", "full", "--num-gpus", "2",
+                                          "--deepspeed", str(path), "--json"])
+        if result.exit_code == 2:
+            return None, [result.stderr]
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        return data["settings"], data["warnings"]
+
+    base = _with(DEEPSPEED_BASE, "zero_optimization.stage", 3) if ".stage3_" in key else DEEPSPEED_BASE
+    before, before_warnings = resolve_json(base)
+    after, warnings = resolve_json(_with(base, key, DEEPSPEED_VALUES[key]))
+    named = [w for w in warnings if key.rsplit(".", 1)[-1] in w]
+    assert before != after or named or warnings != before_warnings, f"{key} changes nothing and warns nothing"

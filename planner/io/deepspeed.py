@@ -82,10 +82,20 @@ def read_deepspeed(source: str | Path | dict) -> tuple[DeepSpeedSettings, list[s
         overlap = stage == 3
     elif not isinstance(overlap, bool):
         raise VlplanError(f"{name}: zero_optimization.overlap_comm must be true or false, got {overlap!r}")
-    for key in ("zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size"):
-        if zero_block.get(key) not in (None, False, 1):
+    for key, off in (("zero_quantized_weights", False), ("zero_quantized_gradients", False),
+                     ("zero_hpz_partition_size", 1)):
+        value = zero_block.get(key)
+        if value is not None and (value is not off if isinstance(off, bool) else value != off):  # True == 1
             warnings.append(f"{name}: zero_optimization.{key} (ZeRO++) is not modelled; the estimate assumes plain "
                             "ZeRO partitions")
+    # ZeRO-3's gathered parameters are modelled as DeepSpeed's own estimator does (4 bytes x the largest layer,
+    # planner/memory/zero.py), not from the prefetch and live-parameter knobs: a number given for one is named
+    knobs = [key for key in ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+                             "stage3_param_persistence_threshold", "allgather_bucket_size", "sub_group_size")
+             if zero_block.get(key) not in (None, AUTO)]
+    if knobs and stage == 3:
+        warnings.append(f"{name}: zero_optimization.{', '.join(knobs)} not modelled: the gathered ZeRO-3 parameters "
+                        "are estimated as DeepSpeed's estimator does (4 bytes x the largest layer), whatever these say")
     optimizer = config.get("optimizer")
     if isinstance(optimizer, dict) and str(optimizer.get("type", "")).lower() not in ("adam", "adamw", ""):
         warnings.append(f"{name}: DeepSpeed optimizer {optimizer.get('type')!r} is not modelled; the estimate uses "
