@@ -203,7 +203,7 @@ def test_setup_for_dataset_longest_and_percentile(media):
     with pytest.raises(VlplanError, match="percentile must be in"):
         setup_for_dataset(setup, scan, percentile=0)
     with pytest.raises(VlplanError, match="other image_max_pixels"):
-        setup_for_dataset(make_setup(QWEN, images=[], image_max_pixels=1000), scan)
+        setup_for_dataset(make_setup(QWEN, images=[], image_max_pixels=1000, image_min_pixels=256), scan)
 
 
 def test_percentile_is_nearest_rank():

@@ -19,6 +19,10 @@ from pathlib import Path
 from ..errors import VlplanError
 
 AUTO = "auto"
+# DeepSpeedZeroConfig's defaults of the ZeRO-3 knobs vlplan does not model (deepspeed/runtime/zero/config.py)
+DS_ZERO3_KNOB_DEFAULTS = {"stage3_prefetch_bucket_size": 50_000_000, "stage3_max_live_parameters": 1_000_000_000,
+                          "stage3_max_reuse_distance": 1_000_000_000, "stage3_param_persistence_threshold": 100_000,
+                          "allgather_bucket_size": 500_000_000, "sub_group_size": 1_000_000_000}
 # DeepSpeed's own default (runtime/zero/config.py, DeepSpeedZeroConfig.reduce_bucket_size = 5e8 elements); the
 # LLaMA-Factory ZeRO-0/2 files write it out, its ZeRO-3 files leave it "auto" (hidden_size**2, filled by HF)
 DS_REDUCE_BUCKET_SIZE = 500_000_000
@@ -89,10 +93,9 @@ def read_deepspeed(source: str | Path | dict) -> tuple[DeepSpeedSettings, list[s
             warnings.append(f"{name}: zero_optimization.{key} (ZeRO++) is not modelled; the estimate assumes plain "
                             "ZeRO partitions")
     # ZeRO-3's gathered parameters are modelled as DeepSpeed's own estimator does (4 bytes x the largest layer,
-    # planner/memory/zero.py), not from the prefetch and live-parameter knobs: a number given for one is named
-    knobs = [key for key in ("stage3_prefetch_bucket_size", "stage3_max_live_parameters", "stage3_max_reuse_distance",
-                             "stage3_param_persistence_threshold", "allgather_bucket_size", "sub_group_size")
-             if zero_block.get(key) not in (None, AUTO)]
+    # planner/memory/zero.py), not from the prefetch and live-parameter knobs: a value other than DeepSpeed's default
+    # (runtime/zero/config.py DeepSpeedZeroConfig; LLaMA-Factory's ds_z3 configs write the 1e9 defaults out) is named
+    knobs = [key for key, default in DS_ZERO3_KNOB_DEFAULTS.items() if zero_block.get(key) not in (None, AUTO, default)]
     if knobs and stage == 3:
         warnings.append(f"{name}: zero_optimization.{', '.join(knobs)} not modelled: the gathered ZeRO-3 parameters "
                         "are estimated as DeepSpeed's estimator does (4 bytes x the largest layer), whatever these say")
