@@ -7,6 +7,7 @@ as a TrainSetup, both through `setup_from_settings`, the inverse of `TrainSetup.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -22,6 +23,12 @@ LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
 DEFAULT_LEARNING_RATE = {"lora": 1e-4, "qlora": 1e-4, "full": 1e-5, "freeze": 1e-5}
 DEFAULT_EPOCHS = 3.0  # LLaMA-Factory's examples and HF TrainingArguments.num_train_epochs
 SMOKE_TEST_STEPS = 3
+# transformers trainer_utils.SchedulerType (5.x; "greedy" needs a metric and is left out) and SaveStrategy ("best"
+# needs an evaluation, which vlplan run does not do); tests/test_runner.py holds these to the installed enums
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay")
+SAVE_STRATEGIES = ("steps", "epoch", "no")
 
 
 @dataclass(frozen=True)
@@ -29,17 +36,24 @@ class RunOptions:
     """Everything about a run that is not the TrainSetup."""
 
     model: str  # a local model directory, or a registry name with random_init
-    dataset: str
+    dataset: str  # a dataset file or folder, or a name in dataset_info
     output_dir: str
     cutoff_len: int | None = None  # samples longer are dropped; None: the setup's seq_len
     dataset_dir: str | None = None
     media_dir: str | None = None
     dataset_info: str | None = None
+    max_samples: int | None = None  # LLaMA-Factory max_samples: only the first N samples; None: all
     max_steps: int | None = None  # None: train `epochs` epochs
     epochs: float = DEFAULT_EPOCHS
     learning_rate: float | None = None  # None: LLaMA-Factory's example rate for the method
+    lr_scheduler_type: str = "cosine"  # LLaMA-Factory's examples (HF's own default is linear)
+    warmup_ratio: float = 0.0  # of the total steps; warmup_steps wins when both are set (HF TrainingArguments)
+    warmup_steps: int = 0
+    logging_steps: int = 1
     seed: int = 42
+    save_strategy: str = "steps"
     save_steps: int = 500
+    save_total_limit: int | None = None  # keep only the last N checkpoints; None: all
     resume: bool = False
     overwrite: bool = False
     random_init: bool = False
@@ -52,16 +66,29 @@ class RunOptions:
     plan: dict | None = None  # the plan the settings came from (Plan.to_dict()), recorded with the run
 
     def __post_init__(self) -> None:
-        if self.cutoff_len is not None and self.cutoff_len <= 0:
-            raise VlplanError(f"--cutoff-len must be positive, got {self.cutoff_len}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise VlplanError(f"--max-steps must be positive, got {self.max_steps}")
-        if self.epochs <= 0:
-            raise VlplanError(f"--epochs must be positive, got {self.epochs}")
-        if self.learning_rate is not None and self.learning_rate <= 0:
-            raise VlplanError(f"--learning-rate must be positive, got {self.learning_rate}")
-        if self.save_steps <= 0:
-            raise VlplanError(f"--save-steps must be positive, got {self.save_steps}")
+        for name, flag in (("cutoff_len", "--cutoff-len"), ("max_samples", "--max-samples"),
+                           ("max_steps", "--max-steps"), ("save_total_limit", "--save-total-limit")):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise VlplanError(f"{flag} must be positive, got {value}")
+        for name, flag in (("save_steps", "--save-steps"), ("logging_steps", "--logging-steps")):
+            if getattr(self, name) <= 0:
+                raise VlplanError(f"{flag} must be positive, got {getattr(self, name)}")
+        # nan compares false with everything: test finiteness first (a nan learning rate trains non-finite weights)
+        if not math.isfinite(self.epochs) or self.epochs <= 0:
+            raise VlplanError(f"--epochs must be a positive number, got {self.epochs}")
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise VlplanError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        if not (math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            raise VlplanError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps < 0:
+            raise VlplanError(f"--warmup-steps must be 0 or more, got {self.warmup_steps}")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise VlplanError(f"--lr-scheduler-type {self.lr_scheduler_type!r} is not one of "
+                              f"{', '.join(LR_SCHEDULERS)}")
+        if self.save_strategy not in SAVE_STRATEGIES:
+            raise VlplanError(f"--save-strategy {self.save_strategy!r} is not one of {', '.join(SAVE_STRATEGIES)} "
+                              "(vlplan run does not evaluate, so there is no best checkpoint)")
         if self.resume and self.overwrite:
             raise VlplanError("--resume continues the run in the output directory and --overwrite replaces it; "
                               "pass one of them")
@@ -71,6 +98,12 @@ class RunOptions:
             raise VlplanError(f"--node-rank must be 0 or more, got {self.node_rank}")
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise VlplanError(f"--master-port must be a TCP port (1-65535), got {self.master_port}")
+
+    def check(self, setup: TrainSetup) -> None:
+        """What only the setup can tell: this node's rank among the setup's nodes."""
+        if self.node_rank >= setup.num_nodes:
+            raise VlplanError(f"--node-rank {self.node_rank} is not a node of --num-nodes {setup.num_nodes} "
+                              f"(ranks 0 to {setup.num_nodes - 1})")
 
     def cutoff_for(self, setup: TrainSetup) -> int:
         return self.cutoff_len if self.cutoff_len is not None else setup.seq_len

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
@@ -10,31 +11,96 @@ from pathlib import Path
 import typer
 
 from vlplan.planner.errors import VlplanError
+from vlplan.runner.job import DEFAULT_EPOCHS
 
 from .options import errors, setup_command
 from .render import print_json
 
 
+def llamafactory_files(dataset_parameter: str = "dataset", run_options: bool = True):
+    """Let `--from-llamafactory`'s dataset keys stand in for --dataset / --dataset-dir / --dataset-info /
+    --media-dir where those flags are not typed, before the shared flags are resolved (the dataset scan sets the
+    setup's images and sequence length). With `run_options`, the YAML's run options and warnings are left in the
+    context for the command. `dataset_parameter` is the parameter that stands for --dataset."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            path = kwargs.get("from_llamafactory")
+            if path is not None:
+                from vlplan.planner.io.llamafactory_run import llamafactory_dataset, llamafactory_run_options
+
+                with errors():
+                    yaml_options, warnings = llamafactory_run_options(path) if run_options else \
+                        (llamafactory_dataset(path), [])
+                    fill_dataset_flags(kwargs, yaml_options, dataset_parameter, str(path))
+                ctx = kwargs.get("ctx")
+                if ctx is not None:
+                    ctx.meta["llamafactory_run"] = (yaml_options, warnings)
+                    ctx.meta["dataset_flags"] = {key: kwargs.get(key) for key in DATASET_FLAGS}
+            return fn(**kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+DATASET_FLAGS = ("dataset", "dataset_dir", "dataset_info", "media_dir")
+
+
+def fill_dataset_flags(kwargs: dict, yaml_options: dict, dataset_key: str, yaml_name: str) -> None:
+    """The YAML's dataset (a dataset_info.json name) where no dataset is typed; its dataset_dir and dataset_info where
+    the dataset is a name (not a file) and those flags are not typed; its media_dir where --media-dir is not typed."""
+    from vlplan.planner.io.llamafactory_run import one_dataset
+
+    if kwargs.get(dataset_key) is None and "dataset" in yaml_options:
+        kwargs[dataset_key] = one_dataset(yaml_options["dataset"], yaml_name)
+    dataset = kwargs.get(dataset_key)
+    if dataset is not None and not Path(dataset).expanduser().exists() and kwargs.get("dataset_dir") is None:
+        for key in ("dataset_dir", "dataset_info"):
+            if kwargs.get(key) is None and key in yaml_options:
+                kwargs[key] = Path(yaml_options[key])
+    if kwargs.get("media_dir") is None and "media_dir" in yaml_options:
+        kwargs["media_dir"] = Path(yaml_options["media_dir"])
+
+
+@llamafactory_files()
 @setup_command
 def run_command(
     ctx: typer.Context,
     setup,
     resolved,
-    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Where checkpoints, the trained weights and "
-                                                                   "vlplan_run.json go (must be empty unless "
-                                                                   "--resume or --overwrite)."),
+    output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Where checkpoints, the trained weights and "
+                                                                    "vlplan_run.json go (must be empty unless "
+                                                                    "--resume or --overwrite). Required unless "
+                                                                    "--from-llamafactory names one (output_dir)."),
     plan_file: Path = typer.Option(None, "--plan", help="A plan saved with `vlplan plan ... --json > plan.json`: "
                                                         "train with its settings."),
     global_batch_size: int = typer.Option(None, "--global-batch-size", "-g",
                                           help="Plan micro-batch, accumulation, checkpointing and ZeRO for this "
                                                "global batch before training."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (default: --epochs epochs)."),
-    epochs: float = typer.Option(3.0, "--epochs", help="Epochs when --max-steps is not given."),
+    epochs: float = typer.Option(None, "--epochs", help=f"Epochs when --max-steps is not given [default: "
+                                                        f"{DEFAULT_EPOCHS:g}]."),
     learning_rate: float = typer.Option(None, "--learning-rate", "--lr",
                                         help="Peak learning rate (default: 1e-4 LoRA, 1e-5 full/freeze, as "
                                              "LLaMA-Factory's examples)."),
-    seed: int = typer.Option(42, "--seed", help="Seed of the weights' init, dropout and the data order."),
-    save_steps: int = typer.Option(500, "--save-steps", help="Save a checkpoint every N steps (and at the end)."),
+    lr_scheduler_type: str = typer.Option(None, "--lr-scheduler-type", help="transformers scheduler name "
+                                                                             "[default: cosine]."),
+    warmup_ratio: float = typer.Option(None, "--warmup-ratio", help="Warmup as a fraction of the steps "
+                                                                    "[default: 0]."),
+    warmup_steps: int = typer.Option(None, "--warmup-steps", help="Warmup steps (win over --warmup-ratio) "
+                                                                  "[default: 0]."),
+    logging_steps: int = typer.Option(None, "--logging-steps", help="Record the loss every N steps [default: 1]."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the weights' init, dropout and the data order "
+                                                  "[default: 42]."),
+    save_strategy: str = typer.Option(None, "--save-strategy", help="steps | epoch | no [default: steps]."),
+    save_steps: int = typer.Option(None, "--save-steps", help="Save a checkpoint every N steps (and at the end) "
+                                                              "[default: 500]."),
+    save_total_limit: int = typer.Option(None, "--save-total-limit", help="Keep only the last N checkpoints "
+                                                                          "[default: all]."),
+    max_samples: int = typer.Option(None, "--max-samples", help="Train on the dataset's first N samples only "
+                                                                "(LLaMA-Factory max_samples) [default: all]."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the output directory's last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in the output directory "
                                                               "(its checkpoints and record; nothing else)."),
@@ -46,10 +112,11 @@ def run_command(
                                                                 "next plan (half the micro-batch, same global batch)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command, environment and generated configs; "
                                                           "run nothing."),
-    launcher: str = typer.Option("torchrun", "--launcher", help="torchrun | deepspeed | accelerate (more than one "
-                                                                "GPU or node)."),
-    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank (multi-node)."),
-    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Rank 0's address (multi-node)."),
+    launcher: str = typer.Option(None, "--launcher", help="torchrun | deepspeed | accelerate (more than one GPU or "
+                                                          "node) [default: torchrun]."),
+    node_rank: int = typer.Option(None, "--node-rank", help="This node's rank (multi-node) [default: 0]."),
+    master_addr: str = typer.Option(None, "--master-addr", help="Rank 0's address (multi-node) "
+                                                                "[default: 127.0.0.1]."),
     master_port: int = typer.Option(None, "--master-port", help="Rank 0's port (default: a free port on one node, "
                                                                 "29500 across nodes)."),
     json_: bool = typer.Option(False, "--json", help="Print the run record (or with --dry-run the launch) as JSON."),
@@ -59,19 +126,43 @@ def run_command(
     Loads the model directory (or --random-init weights), its processor and chat template, and the LLaMA-Factory
     dataset (--dataset; images pre-resized to --image-max-pixels, labels on assistant turns, samples over the cutoff
     dropped), prepares the model as `vlplan estimate` models it, and trains with the setup's micro-batch,
-    accumulation, precision, optimizer, attention and ZeRO stage. Writes OUTPUT_DIR/vlplan_run.json (plan,
+    accumulation, precision, optimizer, attention and ZeRO stage. With --from-llamafactory the YAML's
+    model_name_or_path, dataset/dataset_dir, output_dir, learning rate, steps or epochs, scheduler, warmup, save,
+    logging and seed keys apply too; flags typed on the command line win. Writes OUTPUT_DIR/vlplan_run.json (plan,
     estimate, settings, per-step losses, measured CUDA peaks). Exit codes: 0 done, 2 bad input, 3 out of memory,
     128 + signal when interrupted (a checkpoint is saved; continue with --resume).
     """
     from vlplan.runner.job import RunOptions, load_plan, setup_from_settings
     from vlplan.runner.launch import run
 
-    params = ctx.params  # the shared file flags (--dataset, --dataset-dir, --media-dir, --dataset-info) as given
+    # the shared file flags (--dataset, --dataset-dir, --media-dir, --dataset-info) as typed or filled from the YAML
+    params = {**ctx.params, **ctx.meta.get("dataset_flags", {})}
+    yaml_options, yaml_warnings = ctx.meta.get("llamafactory_run", ({}, []))
+    for warning in yaml_warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typed = dict(output_dir=_str(output_dir), max_steps=max_steps, epochs=epochs, learning_rate=learning_rate,
+                 lr_scheduler_type=lr_scheduler_type, warmup_ratio=warmup_ratio, warmup_steps=warmup_steps,
+                 logging_steps=logging_steps, seed=seed, save_strategy=save_strategy, save_steps=save_steps,
+                 save_total_limit=save_total_limit, max_samples=max_samples, launcher=launcher, node_rank=node_rank,
+                 master_addr=master_addr, master_port=master_port,
+                 dataset=_str(params.get("dataset")),
+                 dataset_dir=_str(params.get("dataset_dir")), media_dir=_str(params.get("media_dir")),
+                 dataset_info=_str(params.get("dataset_info")), model=_str(params.get("model")))
     with errors():
-        if params.get("dataset") is None:
-            raise VlplanError("--dataset is required: a LLaMA-Factory dataset file (JSON/JSONL) to train on")
-        if params.get("model") is None:
-            raise VlplanError("--model is required: a local model directory (or a registry name with --random-init)")
+        # the library's defaults (RunOptions) < the YAML < flags typed on the command line
+        chosen = {**yaml_options, **{key: value for key, value in typed.items() if value is not None}}
+        if chosen.get("dataset") is None:
+            raise VlplanError("--dataset is required: a LLaMA-Factory dataset file (JSON/JSONL), or a name in "
+                              "--dataset-info (or dataset: in the --from-llamafactory YAML)")
+        if chosen.get("model") is None:
+            raise VlplanError("--model is required: a local model directory (or a registry name with "
+                              "--random-init), or model_name_or_path in the --from-llamafactory YAML")
+        if chosen.get("output_dir") is None:
+            raise VlplanError("--output-dir is required (or output_dir in the --from-llamafactory YAML)")
+        if max_steps is not None or epochs is not None:  # a typed length replaces the YAML's, whichever it is
+            for key in ("max_steps", "epochs"):
+                if typed[key] is None:
+                    chosen.pop(key, None)
         plan_dict = None
         if plan_file is not None and global_batch_size is not None:
             raise VlplanError("--plan already fixes the batch settings; drop --global-batch-size or --plan")
@@ -84,14 +175,9 @@ def run_command(
             planned = plan(setup, global_batch_size=global_batch_size)
             plan_dict, setup = planned.to_dict(), planned.setup
         scan = getattr(resolved, "scan", None)
-        options = RunOptions(
-            model=str(params["model"]), dataset=str(params["dataset"]), output_dir=str(output_dir),
-            cutoff_len=scan.cutoff_len if scan is not None else None,
-            dataset_dir=_str(params.get("dataset_dir")), media_dir=_str(params.get("media_dir")),
-            dataset_info=_str(params.get("dataset_info")), max_steps=max_steps, epochs=epochs,
-            learning_rate=learning_rate, seed=seed, save_steps=save_steps, resume=resume, overwrite=overwrite,
-            random_init=random_init, smoke_test=smoke_test, auto_retry=auto_retry, launcher=launcher,
-            node_rank=node_rank, master_addr=master_addr, master_port=master_port, plan=plan_dict)
+        options = RunOptions(cutoff_len=scan.cutoff_len if scan is not None else None, resume=resume,
+                             overwrite=overwrite, random_init=random_init, smoke_test=smoke_test,
+                             auto_retry=auto_retry, plan=plan_dict, **chosen)
         result, code = run(setup, options, dry_run=dry_run, on_event=render_event)
     if json_:
         print_json(result)
