@@ -23,6 +23,9 @@ RECORD_NAME = "vlplan_run.json"
 STATE_DIR = ".vlplan"  # inside the output directory: staging area and the out-of-memory report
 STAGING_NAME = "staging"
 OOM_REPORT_NAME = "oom.json"
+TINY_MODEL_DIR = "tiny-model"  # the smoke test's model, inside the output directory
+# What a vlplan run writes into its output directory before its first checkpoint
+RUN_ENTRIES = frozenset({RECORD_NAME, STATE_DIR, TINY_MODEL_DIR})
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # A measured peak further than this from the estimate gets a warning in the record
 ESTIMATE_TOLERANCE = 0.10
@@ -41,29 +44,112 @@ def prepare_output_dir(options: RunOptions) -> Path | None:
     """Check the output directory before anything is written; the checkpoint a --resume continues from.
 
     A non-empty directory is refused unless --resume (continue its last checkpoint) or --overwrite (replace what an
-    earlier vlplan run wrote there: its checkpoints, record and staging area; nothing else is deleted).
+    earlier vlplan run wrote there: its checkpoints, record and staging area; nothing else is deleted). One exception:
+    a directory holding only an earlier vlplan run that failed or was interrupted before its first checkpoint (its
+    record says so) is run into again, since there is nothing of that run to continue or to lose.
     """
     out = options.output_path
     if out.exists() and not out.is_dir():
         raise VlplanError(f"--output-dir {out} is a file; pass a directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise VlplanError(f"--output-dir {out}: {parent} is a file, not a directory")
+            break
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    record = read_record(out) if entries else None
+    checkpoint = last_checkpoint(out)
+    status = record.get("status") if record else None
     if options.resume:
-        checkpoint = last_checkpoint(out)
         if checkpoint is None:
-            raise VlplanError(f"--resume: {out} holds no checkpoint-N directory to continue from")
+            raise VlplanError(_nothing_to_resume(out, record))
         return checkpoint
     if entries and not options.overwrite:
-        raise VlplanError(f"--output-dir {out} is not empty ({len(entries)} entries); pass --resume to continue its "
-                          "last checkpoint, --overwrite to replace it, or a new directory")
-    if options.overwrite:
-        for entry in entries:
-            path = out / entry
-            if (CHECKPOINT_PATTERN.match(entry) and path.is_dir()) or entry == STATE_DIR:
-                shutil.rmtree(path)
-            elif entry == RECORD_NAME:
-                path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None and status in ("failed", "interrupted") and set(entries) <= RUN_ENTRIES:
+            _remove(out, [e for e in entries if e != TINY_MODEL_DIR])  # the smoke test's tiny model is reused
+        else:
+            raise VlplanError(_not_empty(out, entries, status, checkpoint))
+    elif options.overwrite:
+        _remove(out, entries)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise VlplanError(f"cannot create --output-dir {out}: {err.strerror or err}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise VlplanError(f"--output-dir {out} is not writable; pass a directory you can write to")
     return None
+
+
+def _remove(out: Path, entries: list[str]) -> None:
+    """Delete what a vlplan run wrote among `entries` (checkpoints, record, staging area); nothing else."""
+    for entry in entries:
+        path = out / entry
+        if (CHECKPOINT_PATTERN.match(entry) and path.is_dir()) or entry == STATE_DIR:
+            shutil.rmtree(path)
+        elif entry == RECORD_NAME:
+            path.unlink()
+
+
+def _not_empty(out: Path, entries: list[str], status: str | None, checkpoint: Path | None) -> str:
+    head = f"--output-dir {out} is not empty ({len(entries)} entries)"
+    if status == "running" and checkpoint is None:
+        return (f"{head}: its {RECORD_NAME} says a run is running there and it has no checkpoint (the run is still "
+                "going, or was killed before it could say); if none is running, pass --overwrite (there is no "
+                "checkpoint to lose), or a new directory")
+    if status == "completed":
+        return f"{head}: it holds a completed run; pass a new directory, or --overwrite to replace that run"
+    return (f"{head}; pass --resume to continue its last checkpoint, --overwrite to replace it, or a new "
+            "directory")
+
+
+def _nothing_to_resume(out: Path, record: dict | None) -> str:
+    head = f"--resume: {out} holds no checkpoint-N directory to continue from"
+    status = record.get("status") if record else None
+    if status == "failed":
+        error = f" ({record['error']})" if record.get("error") else ""
+        return f"{head}: its run failed before its first checkpoint{error}; run again without --resume to start over"
+    if status == "interrupted":
+        return (f"{head}: its run was interrupted ({record.get('signal', 'a signal')}) before its first checkpoint; "
+                "run again without --resume to start over")
+    if status == "running":
+        return (f"{head}: its {RECORD_NAME} says a run is running there (still going, or killed before it could "
+                "say); if none is running, pass --overwrite instead of --resume to start over")
+    return head
+
+
+# Settings a checkpoint's weights and optimizer states depend on: a resume with any other value cannot load them
+RESUME_KEYS = ("model", "method", "vision", "projector", "language", "freeze_trainable_layers", "quant_bits", "zero")
+RESUME_LORA_KEYS = ("rank", "targets", "dora")
+
+
+def check_resume(setup_settings: dict, options: RunOptions) -> None:
+    """Refuse a --resume whose model or trained parameters differ from the run in the output directory (its
+    checkpoints would not load, or would load into a different model), naming what differs."""
+    record = read_record(options.output_path)
+    if not options.resume or record is None:
+        return
+    before = record.get("settings") or {}
+    differ = []
+    old_path, new_path = record.get("model"), options.model
+    if old_path is not None and old_path != new_path and _real(old_path) != _real(new_path):
+        differ.append(f"--model {old_path} -> {new_path}")
+    for key in RESUME_KEYS:
+        if key in before and before[key] != setup_settings.get(key):
+            if key == "model" and differ:
+                continue
+            differ.append(f"{key} {before[key]} -> {setup_settings.get(key)}")
+    old_lora, new_lora = before.get("lora") or {}, setup_settings.get("lora") or {}
+    uses_lora = before.get("method") in ("lora", "qlora")
+    for key in RESUME_LORA_KEYS if uses_lora else ():
+        if key in old_lora and old_lora[key] != new_lora.get(key):
+            differ.append(f"lora {key} {old_lora[key]} -> {new_lora.get(key)}")
+    if differ:
+        raise VlplanError(f"--resume: {options.output_path} was trained with other settings ({'; '.join(differ)}); "
+                          "resume with the run's own settings, or pass a new --output-dir")
+
+
+def _real(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
 
 
 def write_json_atomic(path: Path, data) -> None:

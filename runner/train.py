@@ -80,7 +80,10 @@ def load_model(setup: TrainSetup, options: RunOptions):
         if setup.method == "qlora":
             kwargs.update(quantization_config=bnb_config(setup),
                           device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
-        model = cls.from_pretrained(path, **kwargs)
+        try:
+            model = cls.from_pretrained(path, **kwargs)
+        except ImportError as err:
+            raise VlplanError(f"loading {path}: {str(err).strip().splitlines()[0]}") from None
     for config in (model.config, getattr(model.config, "text_config", None)):
         if config is not None:
             config.use_cache = False  # LLaMA-Factory patch_config: no KV cache in training
@@ -265,10 +268,14 @@ def training_arguments(setup: TrainSetup, options: RunOptions):
     args.update(
         optim=HF_OPTIM[setup.optimizer],
         learning_rate=options.learning_rate_for(setup),
-        lr_scheduler_type="cosine",  # LLaMA-Factory's examples
-        logging_steps=1,
-        save_strategy="steps",
+        lr_scheduler_type=options.lr_scheduler_type,
+        # transformers 5 folded warmup_ratio into warmup_steps (a float in [0, 1) is a ratio of the total steps);
+        # warmup_steps wins over warmup_ratio, as in HF TrainingArguments.get_warmup_steps
+        warmup_steps=options.warmup_steps or options.warmup_ratio,
+        logging_steps=options.logging_steps,
+        save_strategy=options.save_strategy,
         save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
         seed=options.seed,
         data_seed=options.seed,
         disable_tqdm=True,
@@ -317,7 +324,11 @@ def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: No
         "run": {"learning_rate": options.learning_rate_for(setup), "cutoff_len": options.cutoff_for(setup),
                 "max_steps": options.max_steps,
                 "epochs": None if options.max_steps else options.epochs, "seed": options.seed,
-                "save_steps": options.save_steps, "random_init": options.random_init, "smoke_test": options.smoke_test,
+                "lr_scheduler_type": options.lr_scheduler_type, "warmup_ratio": options.warmup_ratio,
+                "warmup_steps": options.warmup_steps, "logging_steps": options.logging_steps,
+                "save_strategy": options.save_strategy, "save_steps": options.save_steps,
+                "save_total_limit": options.save_total_limit, "max_samples": options.max_samples,
+                "random_init": options.random_init, "smoke_test": options.smoke_test,
                 "world_size": setup.world_size},
         "losses": [], "steps": 0, "checkpoint": None, "resumed_from": str(resume_from) if resume_from else None,
         "measured": None, "warnings": [], "oom": None,
@@ -358,7 +369,7 @@ def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: No
         args = training_arguments(setup, options)  # before the model: ZeRO-3 partitions weights as they load
         processor = load_processor_for(setup, options)
         samples = read_dataset(options.dataset, dataset_dir=options.dataset_dir, media_dir=options.media_dir,
-                               dataset_info=options.dataset_info)
+                               dataset_info=options.dataset_info)[:options.max_samples]  # LF max_samples
         dataset = SupervisedDataset(samples, processor, setup, options.cutoff_for(setup))
         record["dataset_stats"] = dataset.stats.to_dict()
         if main:
@@ -374,6 +385,8 @@ def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: No
                                        callbacks=make_callbacks(state, on_event, write_record))
         trainer.run_state = state
         trainer.remove_callback(PrinterCallback)
+        if resume_from is not None and _steps_of(resume_from) >= total_steps(trainer):
+            return _already_trained(trainer, processor, resume_from, record, previous, write_record, on_event, main)
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except torch.OutOfMemoryError as err:
@@ -397,6 +410,17 @@ def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: No
         save_final(trainer, processor, out)
         write_record("completed")
         return record
+    except Interrupted as err:  # before the first step: the record says so (and that there is no checkpoint)
+        write_record("interrupted", signal=signal.Signals(err.signum).name)
+        raise
+    except RunOutOfMemory:
+        raise
+    except KeyboardInterrupt:  # a second signal: stopped at once, without a checkpoint
+        write_record("interrupted", signal=signal.Signals(state.signal or signal.SIGINT).name)
+        raise
+    except Exception as err:
+        write_record("failed", error=_first_line(err))
+        raise
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
@@ -405,6 +429,53 @@ def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: No
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines and not isinstance(err, VlplanError) else \
+        (lines[0] if lines else type(err).__name__)
+
+
+def _steps_of(checkpoint: Path) -> int:
+    return int(CHECKPOINT_PATTERN.match(checkpoint.name).group(1))
+
+
+def total_steps(trainer) -> int:
+    """The optimizer steps this run trains to, counted by the Trainer itself (max_steps, or the epochs over its
+    dataloader: Trainer.set_initial_training_values)."""
+    if trainer.args.max_steps > 0:
+        return trainer.args.max_steps
+    values = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())
+    return values[-1]
+
+
+def _already_trained(trainer, processor, checkpoint: Path, record: dict, previous: dict | None, write_record,
+                     on_event, main: bool) -> dict:
+    """--resume of a run whose last checkpoint already reached the steps asked for: train nothing (the Trainer
+    would take one more step before checking). A completed run stays as it is; a run stopped at its last step gets
+    its final weights from that checkpoint."""
+    step = _steps_of(checkpoint)
+    completed = previous is not None and previous.get("status") == "completed"
+    if completed or trainer.is_deepspeed_enabled:
+        message = (f"the run in {checkpoint.parent} is complete ({step} steps); nothing to train (pass a larger "
+                   "--max-steps or --epochs to train further)" if completed else
+                   f"{checkpoint} already holds all {step} steps; nothing to train (its DeepSpeed checkpoint holds the "
+                   "trained weights: deepspeed's zero_to_fp32.py converts them)")
+        if main:
+            if previous is not None:
+                write_json_atomic(checkpoint.parent / RECORD_NAME, previous)  # as it was before this resume
+            on_event("note", {"message": message})
+        return previous or record
+    trainer._load_from_checkpoint(str(checkpoint))  # the HF Trainer's own loader of a checkpoint's weights
+    record["steps"] = step
+    record["checkpoint"] = str(checkpoint)
+    if main:
+        on_event("note", {"message": f"{checkpoint} already holds all {step} steps; saving its weights as the "
+                                     "trained model"})
+    save_final(trainer, processor, checkpoint.parent)
+    write_record("completed")
+    return record
 
 
 def _merged(old: list[dict], new: list[dict]) -> list[dict]:
