@@ -167,6 +167,16 @@ def _records(file: Path) -> Iterable[dict]:
             if not isinstance(record, dict):
                 raise VlplanError(f"{file}: record {index} is a {type(record).__name__}, not an object")
         return data
+    if stripped[0] == "{" and file.suffix != ".jsonl":
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # JSON lines (several objects): read line by line below
+        if isinstance(whole, dict):
+            # LLaMA-Factory's dataset files hold a list of records (data/README.md); HF datasets would read a lone
+            # object as one row or as columns, never as the samples it was meant to hold
+            raise VlplanError(f"{file} holds one JSON object, not a list of samples; a LLaMA-Factory dataset is a "
+                              "JSON list of records ([{...}, ...]) or JSON lines (.jsonl)")
     records = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

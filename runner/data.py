@@ -65,7 +65,7 @@ def load_image(path: str, setup: TrainSetup):
     try:
         image = Image.open(path)
         image.load()
-    except (OSError, UnidentifiedImageError) as err:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         raise VlplanError(f"cannot read image {path}: {err}") from None
     size = llamafactory_preresize(image.width, image.height, setup.image_max_pixels, setup.image_min_pixels)
     if size != image.size:
@@ -182,6 +182,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         for sample in samples:
             if getattr(sample, "videos", None):
                 raise VlplanError(f"sample {sample.index}: videos are not supported by vlplan run (images only)")
+            if not any(m["role"] == "assistant" for m in sample.messages):  # LLaMA-Factory drops it too
+                self.stats.dropped["no assistant turn"] += 1
+                continue
             encoded = self.encoder.encode(sample.index, sample.messages, sample.images)
             if all(label == IGNORE_INDEX for label in encoded.labels):
                 self.stats.dropped["no assistant turn"] += 1

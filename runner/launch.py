@@ -27,15 +27,14 @@ from vlplan.planner.setup import TrainSetup
 
 from .job import JOB_ENV, SMOKE_TEST_STEPS, RunOptions, job_json
 from .oom import next_setup
-from .record import (OOM_REPORT_NAME, RECORD_NAME, STATE_DIR, last_checkpoint, prepare_output_dir, read_record,
-                     write_json_atomic)
+from .record import (OOM_REPORT_NAME, RECORD_NAME, STATE_DIR, TINY_MODEL_DIR, check_resume, last_checkpoint,
+                     prepare_output_dir, read_record, write_json_atomic)
 from .train import OOM_EXIT_CODE, Interrupted, RunOutOfMemory, train
 
 WORKER_MODULE = "vlplan.cli.run"
 # LLaMA-Factory launcher.py (OPTIM_TORCH, on by default since v0.9.3) sets these on its torchrun path
 CUDA_LAUNCH_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
-TINY_MODEL_DIR = "tiny-model"
-DEFAULT_MASTER_PORT = 29500  # torchrun's default  # the smoke test's model, inside the output directory
+DEFAULT_MASTER_PORT = 29500  # torchrun's default
 
 
 @dataclass
@@ -198,6 +197,7 @@ def run(setup: TrainSetup, options: RunOptions, *, dry_run: bool = False,
     from . import name_cpu_accelerator
 
     name_cpu_accelerator()
+    options.check(setup)
     devices = cuda_devices()
     if dry_run:
         if options.smoke_test:
@@ -212,6 +212,10 @@ def run(setup: TrainSetup, options: RunOptions, *, dry_run: bool = False,
             raise VlplanError("--smoke-test starts its own processes; run it without torchrun")
         setup, notes = smoke_test_setup(setup, cuda=devices > 0)
     _check_devices(setup, devices)
+    check_requirements(setup, devices)
+    if not options.smoke_test:  # the smoke test's model is written below, into the output directory
+        check_resume(setup.describe(), options)
+    check_dataset(options)
     if _inside_launch():
         if int(os.environ["WORLD_SIZE"]) != setup.world_size:
             raise VlplanError(f"this launch has {os.environ['WORLD_SIZE']} processes but the setup has "
@@ -222,6 +226,7 @@ def run(setup: TrainSetup, options: RunOptions, *, dry_run: bool = False,
         prepare_output_dir(options)
     if options.smoke_test:
         setup, options = smoke_test_model(setup, options)
+        check_resume(setup.describe(), options)
         for note in notes:
             on_event("note", {"message": note})
     retries: list[dict] = []
@@ -252,6 +257,55 @@ def _check_devices(setup: TrainSetup, devices: int) -> None:
                           "launch, or --smoke-test to try the pipeline on the CPU")
 
 
+def check_requirements(setup: TrainSetup, devices: int) -> None:
+    """The packages and the CUDA the setup's kernels need, checked before anything is written."""
+    from importlib.util import find_spec
+
+    if setup.attn == "fa2":
+        if not devices:
+            raise VlplanError("--attn fa2 (FlashAttention-2) needs a CUDA GPU and this machine has none; use "
+                              "--attn sdpa")
+        if find_spec("flash_attn") is None:
+            raise VlplanError("--attn fa2 needs the flash-attn package (pip install flash-attn "
+                              "--no-build-isolation); or use --attn sdpa")
+    needs_bnb = [what for what, needed in (("--method qlora", setup.method == "qlora"),
+                                           (f"--optimizer {setup.optimizer}", setup.optimizer.endswith("8bit")))
+                 if needed]
+    if needs_bnb and find_spec("bitsandbytes") is None:
+        raise VlplanError(f"{' and '.join(needs_bnb)} needs the bitsandbytes package (pip install bitsandbytes); or "
+                          "use --optimizer adamw" + (" and --method lora" if setup.method == "qlora" else ""))
+    if setup.method == "qlora" and not devices:
+        raise VlplanError("QLoRA quantizes with bitsandbytes, which needs a CUDA GPU; use --method lora on this "
+                          "machine")
+
+
+def check_dataset(options: RunOptions) -> None:
+    """Read the dataset and every image header before anything is written: a malformed file, a missing image or
+    one Pillow refuses to open (its decompression-bomb limit, which LLaMA-Factory's loader meets too) is a one-line
+    error here instead of a traceback after the output directory exists."""
+    from PIL import Image
+
+    from vlplan.planner.dataset import read_dataset
+    from vlplan.planner.image_header import ImageError, image_size
+
+    samples = read_dataset(options.dataset, dataset_dir=options.dataset_dir, media_dir=options.media_dir,
+                           dataset_info=options.dataset_info)
+    if not samples:
+        raise VlplanError(f"dataset {options.dataset} holds no sample")
+    # PIL.Image._decompression_bomb_check: more than twice MAX_IMAGE_PIXELS raises DecompressionBombError
+    limit = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else None
+    for sample in samples[:options.max_samples]:
+        for path, ref in zip(sample.images, sample.image_refs or sample.images):
+            try:
+                width, height = image_size(path)
+            except ImageError as err:
+                raise VlplanError(f"sample {sample.index}: cannot read image {ref} ({err})") from None
+            if limit and width * height > limit:
+                raise VlplanError(f"sample {sample.index}: image {ref} is {width}x{height} ({width * height:,} "
+                                  f"pixels), over Pillow's decompression-bomb limit of {limit:,} pixels, so neither "
+                                  "vlplan run nor LLaMA-Factory can open it; resize it")
+
+
 def _attempt(setup: TrainSetup, options: RunOptions, devices: int, on_event) -> tuple[dict | None, int]:
     report_path = options.output_path / STATE_DIR / OOM_REPORT_NAME
     if report_path.exists():
@@ -276,6 +330,9 @@ def _attempt(setup: TrainSetup, options: RunOptions, devices: int, on_event) -> 
         return record, OOM_EXIT_CODE
     record = read_record(options.output_path)
     written = record is not None and record_path.stat().st_mtime_ns != before
+    if written and record.get("status") == "failed":
+        raise VlplanError(f"the run failed: {record.get('error')} (the output of the launched processes above has "
+                          "the details)")
     if not written or record.get("status") == "running":
         if forwarded:
             on_event("note", {"message": f"interrupted by {signal.Signals(forwarded).name} before a checkpoint; "

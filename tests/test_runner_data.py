@@ -1,6 +1,8 @@
 """runner/data.py: LLaMA-Factory datasets -> batches, held to the processors and LLaMA-Factory's rules."""
 
 import json
+import struct
+import zlib
 
 import pytest
 
@@ -42,6 +44,15 @@ def write_dataset(root, count: int = 8, sizes=SIZES, sharegpt_tags: bool = False
     path = root / "data.json"
     path.write_text(json.dumps(records))
     return str(path)
+
+
+def write_png_header(path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height (one tiny IDAT chunk): what a header-only reader sees."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +150,32 @@ def test_collator_pads_to_the_longest(models, family, tmp_path):
     if family == "qwen2.5-vl":
         assert torch.equal(batch["image_grid_thw"], expected["image_grid_thw"])
         assert (batch["mm_token_type_ids"] == 1).sum() == (batch["input_ids"] == processor.image_token_id).sum()
+
+
+def test_a_sample_without_an_assistant_turn_is_dropped(models, tmp_path):
+    """LLaMA-Factory drops a conversation without a response (data/processor/supervised.py "Dropped invalid
+    example"); an empty message list used to crash the chat template with an IndexError."""
+    from vlplan.planner.dataset import Sample
+
+    encoder, setup = _encoder(models, "qwen2.5-vl")
+    samples = [Sample(0, [], []), Sample(1, [{"role": "user", "content": "hi"}], []),
+               Sample(2, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], [])]
+    dataset = SupervisedDataset(samples, encoder.processor, setup, 512)
+    assert dataset.stats.kept == 1 and dataset.stats.dropped == {"no assistant turn": 2}
+
+
+def test_a_dataset_file_holding_one_object_is_refused(tmp_path):
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    for text in (json.dumps(record), json.dumps(record, indent=2), json.dumps({"data": [record]})):
+        (tmp_path / "object.json").write_text(text)
+        with pytest.raises(VlplanError, match="object.json holds one JSON object, not a list of samples"):
+            read_dataset(tmp_path / "object.json")
+    (tmp_path / "one.jsonl").write_text(json.dumps(record))  # JSON lines: one record is one sample
+    assert len(read_dataset(tmp_path / "one.jsonl")) == 1
+
+
+def test_an_image_over_pillows_limit_is_one_line(models, tmp_path):
+    write_png_header(tmp_path / "bomb.png", 20000, 20000)
+    _, setup = _encoder(models, "qwen2.5-vl")
+    with pytest.raises(VlplanError, match="cannot read image .*bomb.png: Image size .* exceeds limit"):
+        load_image(str(tmp_path / "bomb.png"), setup)

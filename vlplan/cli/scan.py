@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from pathlib import Path
 
 import typer
 
+from vlplan.planner.errors import VlplanError
 from vlplan.planner.memory.estimate import estimate
 
 from .options import errors, setup_command
 from .render import console, gib, print_json, table
+from .run import llamafactory_files
 
 PROGRESS_MIN_SAMPLES = 5000  # smaller datasets scan in well under a second
+# Pillow refuses to open an image of more than twice Image.MAX_IMAGE_PIXELS (int(1024 * 1024 * 1024 // 4 // 3) by
+# default; PIL/Image.py _decompression_bomb_check raises DecompressionBombError), and so do LLaMA-Factory and vlplan run
+PILLOW_MAX_PIXELS = 2 * (1024 * 1024 * 1024 // 4 // 3)
 SHOW_INDICES = 20
 
 
@@ -49,10 +55,27 @@ def _progress(kwargs):
         bar.stop()
 
 
+def _needs_data(fn):
+    """DATA may come from --from-llamafactory's `dataset` (with its dataset_dir, as LLaMA-Factory looks it up);
+    without either there is nothing to scan."""
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        if kwargs.get("data") is None:
+            with errors():
+                raise VlplanError("no dataset to scan: pass DATA (a dataset file, folder or dataset_info name), or "
+                                  "--from-llamafactory with a dataset: key")
+        return fn(**kwargs)
+
+    return wrapper
+
+
+@llamafactory_files("data", run_options=False)
+@_needs_data
 @setup_command(dataset_argument="data", progress=_progress)
 def scan_command(setup, resolved,
-                 data: Path = typer.Argument(..., help="LLaMA-Factory dataset file (JSON or JSONL), a folder of "
-                                                       "them, or a dataset name in --dataset-info."),
+                 data: Path = typer.Argument(None, help="LLaMA-Factory dataset file (JSON or JSONL), a folder of "
+                                                        "them, or a dataset name in --dataset-info (default: the "
+                                                        "--from-llamafactory YAML's dataset, in its dataset_dir)."),
                  json_: bool = typer.Option(False, "--json", help="Print JSON.")):
     """Scan a dataset: vision, text and total tokens per sample (p50/p90/p99/max), samples over --cutoff-len,
     missing and corrupt images, placeholder mismatches, and the estimate for its longest sample.
@@ -66,6 +89,14 @@ def scan_command(setup, resolved,
     with errors():
         result = estimate(setup)
     data_dict = scan.to_dict()
+    too_large = [i for i, sizes in enumerate(scan.image_sizes) if any(w * h > PILLOW_MAX_PIXELS for w, h in sizes)]
+    if too_large:
+        shown = ", ".join(map(str, too_large[:SHOW_INDICES])) + (" ..." if len(too_large) > SHOW_INDICES else "")
+        resolved.warnings.append(f"{_plural(len(too_large), 'sample')} with an image over Pillow's decompression-bomb "
+                                 f"limit ({PILLOW_MAX_PIXELS:,} pixels), which neither LLaMA-Factory nor vlplan run "
+                                 f"can open: {shown}")
+        if not json_:
+            typer.echo(f"warning: {resolved.warnings[-1]}", err=True)
     if json_:
         print_json({**data_dict, "worst_case": {"sample": resolved.sample, "percentile": resolved.percentile,
                                                 "estimate": result.to_dict()},
