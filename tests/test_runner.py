@@ -4,9 +4,11 @@ refusals, out-of-memory retries, a 2-process gloo launch through torchrun and th
 import json
 import math
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,7 +19,7 @@ pytest.importorskip("peft")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from test_runner_data import write_dataset  # noqa: E402
+from test_runner_data import write_dataset, write_png_header  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from vlplan.cli.main import app  # noqa: E402
@@ -31,6 +33,61 @@ runner = CliRunner()
 CLI = [sys.executable, "-m", "vlplan.cli.main"]
 # fp32 keeps CPU steps fast and exact; one run keeps the default bf16 AMP
 FAST = ["--seq-len", "256", "--precision", "fp32"]
+# Seconds a subprocess of these tests may take (each is a few seconds alone; 2 busy cores make it many times that):
+# past it the test fails with the output so far instead of hanging
+SUBPROCESS_TIMEOUT_S = 300
+
+
+@pytest.fixture(autouse=True)
+def private_torch_extensions(tmp_path_factory, monkeypatch):
+    """No test compiles into, or waits on a lock in, the shared ~/.cache/torch_extensions: any op DeepSpeed or torch
+    would build lands in a folder of this session (and none is expected to be built)."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp() / "torch_extensions"))
+
+
+def stderr_until(process: subprocess.Popen, prefix: str, timeout_s: float = SUBPROCESS_TIMEOUT_S) -> list[str]:
+    """The process's stderr lines up to the first starting with `prefix`; kills it and fails the test when that line
+    does not come within `timeout_s` (a reader thread, so a silent process cannot hang the test)."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr] + [lines.put(None)],
+                     daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+        except queue.Empty:
+            line = None
+        if line is None:
+            process.kill()
+            process.wait(timeout=30)
+            pytest.fail(f"no stderr line starting with {prefix!r} within {timeout_s} s:\n" + "".join(seen)[-3000:])
+        seen.append(line)
+        if line.startswith(prefix):
+            process.stderr_lines = lines  # what the reader thread reads from now on
+            return seen
+
+
+def finish(process: subprocess.Popen, timeout_s: float = SUBPROCESS_TIMEOUT_S) -> tuple[str, str]:
+    """Wait for a process whose stderr `stderr_until` reads: its stdout and the rest of its stderr (kills it and fails
+    the test past `timeout_s`)."""
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+        pytest.fail(f"{process.args[:4]} did not finish within {timeout_s} s")
+    rest = []
+    while (line := process.stderr_lines.get(timeout=30)) is not None:
+        rest.append(line)
+    return process.stdout.read(), "".join(rest)
+
+
+def run_subprocess(args: list[str], timeout_s: float = SUBPROCESS_TIMEOUT_S, **kwargs) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, **kwargs)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{args[:4]} did not finish within {timeout_s} s; stderr so far: {str(err.stderr)[-2000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -155,14 +212,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes(env, tmp_path):
             "--save-steps", "1000"]
     process = subprocess.Popen([*args, "--max-steps", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    deadline = time.time() + 180
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        if line.startswith("step 2/") or time.time() > deadline:
-            break
+    lines = stderr_until(process, "step 2/")
     process.send_signal(signal.SIGTERM)
-    stdout, rest = process.communicate(timeout=120)
+    stdout, rest = finish(process)
     assert process.returncode == 128 + signal.SIGTERM, "".join(lines) + rest + stdout
     record = record_of(out)
     assert record["status"] == "interrupted" and record["signal"] == "SIGTERM"
@@ -185,21 +237,16 @@ def test_two_processes_through_torchrun_with_gloo(env, tmp_path):
             "2", *FAST, "--save-steps", "1000"]
     process = subprocess.Popen([*args, "--max-steps", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    lines = []
-    for line in process.stderr:
-        lines.append(line)
-        if line.startswith("step 2/"):
-            break
+    lines = stderr_until(process, "step 2/")
     process.send_signal(signal.SIGTERM)
-    stdout, rest = process.communicate(timeout=180)
+    stdout, rest = finish(process)
     assert process.returncode == 128 + signal.SIGTERM, "".join(lines) + rest + stdout
     assert any("torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2" in line for line in lines)
     record = record_of(out)
     assert record["status"] == "interrupted" and record["run"]["processes"] == 2
     step = record["steps"]
     assert step >= 2 and (out / f"checkpoint-{step}" / "adapter_model.safetensors").is_file()
-    done = subprocess.run([*args, "--max-steps", str(step + 1), "--resume", "--json"], capture_output=True,
-                          text=True, timeout=300)
+    done = run_subprocess([*args, "--max-steps", str(step + 1), "--resume", "--json"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads(done.stdout)
     assert record["status"] == "completed" and record["steps"] == step + 1 and record["settings"]["world_size"] == 2
@@ -209,6 +256,7 @@ def test_two_processes_through_torchrun_with_gloo(env, tmp_path):
 
 
 def test_dry_run_of_zero3_on_four_gpus(env, tmp_path):
+    pytest.importorskip("deepspeed")  # transformers fills the config's "auto" values with DeepSpeed's config class
     out = tmp_path / "out"
     result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, "--num-gpus", 4,
                      "--zero", 3, "--batch-size", 2, "--gradient-accumulation-steps", 3, "--seq-len", 256,
@@ -224,21 +272,21 @@ def test_dry_run_of_zero3_on_four_gpus(env, tmp_path):
     assert not out.exists()  # nothing written
     config = launch["configs"]["deepspeed"]
     assert config["train_batch_size"] == 2 * 3 * 4 and config["zero_optimization"]["stage"] == 3
-    # DeepSpeed's own config class accepts it for a 4-rank data-parallel group
-    check = ("import json, sys, deepspeed; from types import SimpleNamespace;"
+    # DeepSpeed's own config class accepts it for a 4-rank data-parallel group. It asks deepspeed.comm for this
+    # process's rank, which needs no process group when answered here: deepspeed.init_distributed on the CPU would
+    # JIT-compile DeepSpeed's shared-memory op (deepspeed_shm_comm) first, 30-120 s
+    check = ("import json, sys; from types import SimpleNamespace; import deepspeed.comm;"
              "from deepspeed.runtime.config import DeepSpeedConfig;"
-             "deepspeed.init_distributed(dist_backend='gloo');"
+             "deepspeed.comm.get_rank = lambda group=None: 0;"
              "c = DeepSpeedConfig(json.loads(sys.stdin.read()), mpu=SimpleNamespace("
              "get_data_parallel_world_size=lambda: 4));"
              "print(c.zero_optimization_stage, c.train_batch_size, c.train_micro_batch_size_per_gpu, "
              "c.gradient_accumulation_steps, c.world_size)")
-    from vlplan.runner.launch import free_port
-
-    done = subprocess.run([sys.executable, "-c", check], input=json.dumps(config), capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-                                            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                                            "DS_ACCELERATOR": "cpu"})
+    done = run_subprocess([sys.executable, "-c", check], timeout_s=120, input=json.dumps(config),
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert done.returncode == 0, done.stderr[-3000:]
+    extensions = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert not os.path.isdir(extensions) or not os.listdir(extensions)  # nothing was compiled
     assert done.stdout.split()[-5:] == ["3", "24", "2", "3", "4"]
     # the DeepSpeed launcher: 4 GPUs on the node, the same worker module
     result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, "--num-gpus", 4,
@@ -372,18 +420,189 @@ def test_random_init_builds_the_architecture_from_the_config(env, tmp_path):
         load_processor_for(setup, RunOptions(model="qwen2.5-vl-3b", dataset=env["data"], output_dir=str(out)))
 
 
+def _json_object_dataset(tmp_path):
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    (tmp_path / "object.json").write_text(json.dumps(record, indent=2))
+    return ["--dataset", tmp_path / "object.json"]
+
+
+def _bomb_dataset(tmp_path):
+    write_png_header(tmp_path / "bomb.png", 20000, 20000)
+    record = {"messages": [{"role": "user", "content": "<image>hi"}, {"role": "assistant", "content": "yo"}],
+              "images": ["bomb.png"]}
+    (tmp_path / "bomb.json").write_text(json.dumps([record]))
+    return ["--dataset", tmp_path / "bomb.json"]
+
+
+def _output_under_a_file(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    return ["--output-dir", tmp_path / "afile" / "sub"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--zero", "2", "--num-gpus", "2"], "error: DeepSpeed ZeRO needs CUDA GPUs and this machine has none"),
     (["--launcher", "mpirun"], "error: --launcher 'mpirun' is not one of torchrun, deepspeed, accelerate"),
     (["--max-steps", "0"], "error: --max-steps must be positive, got 0"),
     (["--plan", "missing.json"], "error: cannot read --plan missing.json"),
-], ids=["zero-without-cuda", "launcher", "max-steps", "plan-file"])
+    (["--epochs", "nan"], "error: --epochs must be a positive number, got nan"),
+    (["--epochs", "-1"], "error: --epochs must be a positive number, got -1"),
+    (["--lr", "nan"], "error: --learning-rate must be a positive number, got nan"),
+    (["--lr", "inf"], "error: --learning-rate must be a positive number, got inf"),
+    (["--warmup-ratio", "1.5"], "error: --warmup-ratio must be in [0, 1)"),
+    (["--lr-scheduler-type", "cosine_annealing"], "error: --lr-scheduler-type 'cosine_annealing' is not one of"),
+    (["--node-rank", "5", "--num-nodes", "2"], "error: --node-rank 5 is not a node of --num-nodes 2"),
+    (["--attn", "fa2", "--precision", "bf16"], "error: --attn fa2 (FlashAttention-2) needs a CUDA GPU"),
+    (_json_object_dataset, "error: {tmp}/object.json holds one JSON object, not a list of samples"),
+    (_bomb_dataset, "error: sample 0: image bomb.png is 20000x20000"),
+    (_output_under_a_file, "error: --output-dir {tmp}/afile/sub: {tmp}/afile is a file, not a directory"),
+], ids=["zero-without-cuda", "launcher", "max-steps", "plan-file", "epochs-nan", "epochs-negative", "lr-nan",
+        "lr-inf", "warmup-ratio", "scheduler", "node-rank", "fa2-without-cuda", "json-object", "image-bomb",
+        "output-under-a-file"])
 def test_bad_input_is_one_line(env, tmp_path, args, message):
+    if callable(args):
+        args = args(tmp_path)
     result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", tmp_path / "out", *FAST, *args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith(message.format(tmp=tmp_path)), result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "afile" / "sub").exists()
+
+
+def test_a_missing_optional_package_is_one_line(env, tmp_path):
+    from importlib.util import find_spec
+
+    if find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", tmp_path / "out", *FAST,
+                     "--optimizer", "adamw-8bit")
     assert result.exit_code == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: --optimizer adamw-8bit needs the bitsandbytes package (pip install bitsandbytes); or use --optimizer "
+        "adamw"]
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line(env, tmp_path):
+    # /proc refuses new folders even to root (a read-only folder does not stop root, who runs CI containers)
+    result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", "/proc/vlplan-test/out",
+                     *FAST)
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == ["error: cannot create --output-dir /proc/vlplan-test/out: No such "
+                                                  "file or directory"]
+
+
+def test_resuming_a_completed_run_trains_nothing(env, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model", env["qwen"], "--dataset", env["pair"], "--output-dir", out, "--max-steps", 2, *FAST]
+    assert run_cli(*args).exit_code == 0
+    before = record_of(out)
+    result = run_cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"the run in {out} is complete (2 steps); nothing to train" in result.stderr
+    assert record_of(out) == before and not (out / "checkpoint-3").exists()
+    # a larger --max-steps trains further
+    result = run_cli(*args[:-len(FAST) - 2], "--max-steps", 3, *FAST, "--resume")
+    assert result.exit_code == 0, result.output
+    assert record_of(out)["steps"] == 3 and [e["step"] for e in record_of(out)["losses"]] == [1, 2, 3]
+
+
+def test_resuming_a_run_stopped_at_its_last_step_saves_its_weights(env, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    make_callbacks = train_module.make_callbacks
+
+    class Interrupt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # finishes step 2 of 2, saves checkpoint-2, stops
+
+    out = tmp_path / "out"
+    args = ["--model", env["qwen"], "--dataset", env["pair"], "--output-dir", out, "--max-steps", 2, *FAST]
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "make_callbacks", lambda *a: [*make_callbacks(*a), Interrupt()])
+        assert run_cli(*args).exit_code == 128 + signal.SIGTERM
+    assert record_of(out)["status"] == "interrupted" and record_of(out)["steps"] == 2
+    result = run_cli(*args, "--resume")
+    assert result.exit_code == 0, result.output
+    record = record_of(out)
+    assert record["status"] == "completed" and record["steps"] == 2 and [e["step"] for e in record["losses"]] == [1, 2]
+    assert not (out / "checkpoint-3").exists()
+    saved = load_file(out / "adapter_model.safetensors")
+    checkpoint = load_file(out / "checkpoint-2" / "adapter_model.safetensors")
+    assert saved.keys() == checkpoint.keys() and all(torch.equal(saved[k], checkpoint[k]) for k in saved)
+
+
+def test_resuming_with_another_model_or_method_is_refused(env, tmp_path):
+    out = tmp_path / "out"
+    args = ["--dataset", env["pair"], "--output-dir", out, "--max-steps", 1, *FAST]
+    assert run_cli("--model", env["qwen"], *args).exit_code == 0
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    result = run_cli("--model", env["llava"], *args, "--resume")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --resume: {out} was trained with other settings (--model {env['qwen']} -> {env['llava']}); resume "
+        "with the run's own settings, or pass a new --output-dir"]
+    result = run_cli("--model", env["qwen"], *args, "--resume", "--method", "full")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --resume: {out} was trained with other settings (method lora -> full; language lora -> full); "
+        "resume with the run's own settings, or pass a new --output-dir"]
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+
+
+def test_a_run_that_stops_before_its_first_step_says_so_and_can_run_again(env, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["--model", env["qwen"], "--dataset", env["pair"], "--output-dir", out, "--max-steps", 1, *FAST]
+
+    def broken(*a, **k):
+        raise RuntimeError("the loader broke")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "load_model", broken)
+        result = run_cli(*args)
+    assert isinstance(result.exception, RuntimeError)
+    record = record_of(out)
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: the loader broke"
+    result = run_cli(*args, "--resume")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --resume: {out} holds no checkpoint-N directory to continue from: its run failed before its first "
+        "checkpoint (RuntimeError: the loader broke); run again without --resume to start over"]
+
+    def interrupted(*a, **k):
+        raise train_module.Interrupted(signal.SIGINT)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "load_model", interrupted)
+        result = run_cli(*args)  # a plain re-run into the failed run's folder
+    assert result.exit_code == 128 + signal.SIGINT, result.output
+    assert record_of(out)["status"] == "interrupted" and record_of(out)["signal"] == "SIGINT"
+    result = run_cli(*args, "--resume")
+    assert result.exit_code == 2 and "was interrupted (SIGINT) before its first checkpoint" in result.stderr
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.output
+    assert record_of(out)["status"] == "completed"
+
+
+def test_a_record_left_running_is_refused_with_advice_that_matches(env, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "vlplan_run.json").write_text(json.dumps({"status": "running", "steps": 0}))  # a killed run's record
+    args = ["--model", env["qwen"], "--dataset", env["pair"], "--output-dir", out, "--max-steps", 1, *FAST]
+    result = run_cli(*args)
+    assert result.exit_code == 2 and "pass --overwrite (there is no checkpoint to lose)" in result.stderr
+    result = run_cli(*args, "--resume")
+    assert result.exit_code == 2 and "pass --overwrite instead of --resume" in result.stderr
+    assert run_cli(*args, "--overwrite").exit_code == 0
+
+
+def test_scheduler_and_save_choices_are_transformers_own():
+    from transformers.trainer_utils import SaveStrategy, SchedulerType
+
+    from vlplan.runner.job import LR_SCHEDULERS, SAVE_STRATEGIES
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType} - {"greedy"}
+    assert set(SAVE_STRATEGIES) == {s.value for s in SaveStrategy} - {"best"}
 
 
 def test_smoke_test_needs_a_family_with_a_tiny_model(env, tmp_path):
