@@ -8,6 +8,8 @@ tensor-core rate with fp32 accumulation from the vendor datasheet; `bf16` is Fal
 
 from __future__ import annotations
 
+import math
+
 import difflib
 from dataclasses import dataclass
 
@@ -81,7 +83,60 @@ def find_gpu(name: str) -> GPU:
     raise VlplanError(f"unknown GPU {name!r}{hint} (see `vlplan gpus`, or pass --gpu-memory-gib for another GPU)")
 
 
+# Bound on a GPU's memory: a typo (extra zeros, 1e308) is refused with the bound named
+MAX_GPU_MEMORY_GIB = 2**16  # 64 TiB per device, about 200x the largest GPU (AMD MI355X, 288 GB)
+
+
 def custom_gpu(memory_gib: float) -> GPU:
-    if memory_gib <= 0:
-        raise VlplanError(f"--gpu-memory-gib must be positive, got {memory_gib}")
+    # nan and inf passed `<= 0` and crashed in int() (ValueError/OverflowError tracebacks); 1e308 * 1024 is inf
+    if not (math.isfinite(memory_gib) and 0 < memory_gib <= MAX_GPU_MEMORY_GIB):
+        raise VlplanError(f"--gpu-memory-gib must be a positive number of GiB up to {MAX_GPU_MEMORY_GIB}, got "
+                          f"{memory_gib}")
     return GPU(f"custom-{memory_gib:g}g", int(memory_gib * 1024), 0.0, 0.0, description=f"{memory_gib:g} GiB GPU")
+
+
+# Host RAM ------------------------------------------------------------------------------------------------------------
+# A plan that offloads to the CPU fits only if the node has the host RAM for it. When the user does not say how much
+# (`--host-ram-gib`) and the plan is not for this machine, vlplan assumes the host RAM per GPU of a common server of
+# that GPU, stated here with the machine it comes from. AWS figures: the instance-type tables of the AWS Batch user
+# guide (docs.aws.amazon.com/batch/latest/userguide/gpu-jobs.html) and the EC2 accelerated-computing instance pages;
+# Azure: the ND MI300X v5 size page; Lambda: its on-demand instance list. Consumer and workstation cards have no
+# reference server: 64 GiB per card is an assumption (a 2-card workstation with 128 GiB).
+@dataclass(frozen=True)
+class HostRamAssumption:
+    gib_per_gpu: float
+    source: str
+
+
+_WORKSTATION = "assumed: a workstation with 64 GiB of RAM per card, no reference server"
+HOST_RAM_PER_GPU: dict[str, HostRamAssumption] = {
+    "t4-16g": HostRamAssumption(48, "AWS g4dn.12xlarge: 4 x T4, 192 GiB"),
+    "l4-24g": HostRamAssumption(96, "AWS g6.48xlarge: 8 x L4, 768 GiB"),
+    "a10g-24g": HostRamAssumption(96, "AWS g5.48xlarge: 8 x A10G, 768 GiB"),
+    "rtx3090-24g": HostRamAssumption(64, _WORKSTATION),
+    "rtx4090-24g": HostRamAssumption(64, _WORKSTATION),
+    "rtx5090-32g": HostRamAssumption(64, _WORKSTATION),
+    "v100-32g": HostRamAssumption(96, "AWS p3dn.24xlarge: 8 x V100 32GB, 768 GiB"),
+    "a100-40g": HostRamAssumption(144, "AWS p4d.24xlarge: 8 x A100 40GB, 1152 GiB"),
+    "l40s-48g": HostRamAssumption(192, "AWS g6e.48xlarge: 8 x L40S, 1536 GiB"),
+    "a6000-48g": HostRamAssumption(64, _WORKSTATION),
+    "a100-80g": HostRamAssumption(144, "AWS p4de.24xlarge: 8 x A100 80GB, 1152 GiB"),
+    "h100-pcie-80g": HostRamAssumption(200, "Lambda 1x H100 PCIe instance: 200 GiB"),
+    "h100-80g": HostRamAssumption(256, "AWS p5.48xlarge: 8 x H100, 2048 GiB"),
+    "h20-96g": HostRamAssumption(256, "assumed like an 8 x H100 server with 2048 GiB, no public reference"),
+    "h200-141g": HostRamAssumption(256, "AWS p5e.48xlarge: 8 x H200, 2048 GiB"),
+    "mi300x-192g": HostRamAssumption(231.25, "Azure ND MI300X v5: 8 x MI300X, 1850 GiB"),
+}
+
+
+def assumed_host_ram(gpu: GPU, gpus_per_node: int) -> tuple[int, str]:
+    """Host RAM per node assumed for `gpus_per_node` x `gpu`, in bytes, and where the number comes from. A GPU given
+    by its memory only takes the assumption of the catalog GPU closest in memory (said in the reason)."""
+    assumption = HOST_RAM_PER_GPU.get(gpu.name)
+    like = ""
+    if assumption is None:
+        nearest = min(CATALOG, key=lambda g: (abs(g.memory_mib - gpu.memory_mib), g.memory_mib))
+        assumption, like = HOST_RAM_PER_GPU[nearest.name], f"a GPU of unknown kind, taken as {nearest.name}: "
+    total = int(assumption.gib_per_gpu * gpus_per_node * GIB)
+    return total, (f"{assumption.gib_per_gpu:g} GiB per GPU x {gpus_per_node}, {like}{assumption.source}; "
+                   "pass --host-ram-gib for your machine")

@@ -378,6 +378,7 @@ def spec_from_hf_config(path: str | Path) -> ModelSpec:
         raise VlplanError(
             f"{config_path}: model_type {model_type!r} is not supported; supported: {', '.join(sorted(_READERS))}"
         )
+    _check_language_model_described(cfg, config_path)
     name = config_path.parent.name if config_path.name == "config.json" else config_path.stem
     try:
         spec = reader(cfg, name=name, url=str(config_path.resolve()))
@@ -392,6 +393,26 @@ def spec_from_hf_config(path: str | Path) -> ModelSpec:
     if preprocessor.is_file():
         spec = replace(spec, processor=_processor_from_file(spec.processor, _read_json(preprocessor, "processor")))
     return spec
+
+
+# The sizes that make a language model; a config naming none of them describes no particular model
+LANGUAGE_MODEL_SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                            "vocab_size")
+
+
+def _check_language_model_described(cfg: dict, config_path: Path) -> None:
+    """Refuse a config.json with no language-model sizes at all: no `text_config` (transformers writes one, with at
+    least its model_type, whenever it saves a composite config, even when every value is a class default) and none
+    of `LANGUAGE_MODEL_SIZE_KEYS` at the top level (the flat layout of old Qwen2-VL, MiniCPM-V and Phi-3-vision
+    files). Reading it would silently take the text config class's defaults, which are one particular checkpoint's
+    sizes (Qwen2_5_VLTextConfig's are the 72B's: `{"model_type": "qwen2_5_vl"}` alone read as a 73 B model). A
+    missing vision_config is not refused: the vision defaults are what the family's checkpoints use (every
+    Qwen2.5-VL size shares one ViT)."""
+    if cfg.get("text_config") is not None or any(key in cfg for key in LANGUAGE_MODEL_SIZE_KEYS):
+        return
+    raise VlplanError(f"{config_path} describes no language model: it has no text_config and none of "
+                      f"{', '.join(LANGUAGE_MODEL_SIZE_KEYS)}, so only the config class's defaults (one particular "
+                      "checkpoint's sizes) would be estimated; use the checkpoint's complete config.json")
 
 
 def _processor_from_file(processor: ProcessorSpec, pre: dict) -> ProcessorSpec:

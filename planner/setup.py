@@ -8,11 +8,12 @@ what to change.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 
 from .errors import VlplanError
-from .hardware import GPU, find_gpu
+from .hardware import GPU, MAX_GPU_MEMORY_GIB, find_gpu
 from .modules import LANGUAGE, PROJECTOR, VISION, model_inventory
 from .spec import ModelSpec
 from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS, ImageTokens, image_tokens
@@ -39,6 +40,26 @@ PRECISIONS = ("bf16", "fp16", "fp32", "pure-bf16")
 OPTIMIZERS = ("adamw", "adamw-foreach", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor")
 ATTENTIONS = ("sdpa", "fa2", "eager")
 OFFLOADS = ("none", "optimizer", "all")
+# The training stack that prepares the model (the order of checkpointing and adapters, which layers are checkpointed,
+# which inputs are made to require grad): `vlplan` is `vlplan run`'s own, `llamafactory` is LLaMA-Factory's loader
+# (patch_model -> init_adapter), `hf-trainer` a plain transformers Trainer with gradient_checkpointing=True.
+STACKS = ("vlplan", "llamafactory", "hf-trainer")
+
+# Upper bounds on sizes. They are there so that a typo (a few extra zeros) is refused at once with the bound named,
+# instead of an estimate that runs for minutes or runs out of memory (`--batch-size 1000000` took 58 s, `--images
+# 1000000000` ended in MemoryError). Each is far above any real fine-tune. The estimate's time grows with the images
+# per micro-batch (the vision encoder is simulated per image), not with seq_len or batch_size alone; at the bounds it
+# stays under 2 s (measured on 2 busy CPU cores: qwen2.5-vl-7b at seq 2**24 with 16384 768x768 images per
+# micro-batch 1.1-1.5 s, batch 2**20 without images 0.07 s; llava, mllama, internvl3, gemma-3 at most 0.12 s).
+MAX_SEQ_LEN = 2**24  # 16,777,216 tokens: 16x the longest context of today's long-context releases (1M tokens)
+MAX_BATCH_SIZE = 2**20  # micro-batch per GPU (plan's largest global batch, MAX_GLOBAL_BATCH_SIZE)
+MAX_IMAGES_PER_SAMPLE = 4096
+MAX_IMAGES_PER_MICRO_BATCH = 16384  # batch_size x images per sample
+MAX_IMAGE_SIDE = 2**20  # px; PIL refuses images above ~179 M pixels by default (Image.MAX_IMAGE_PIXELS * 2)
+MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE**2  # --image-max-pixels / --image-min-pixels (a square at the cap is in bounds)
+MAX_GRADIENT_ACCUMULATION_STEPS = 2**20
+MAX_GPUS_PER_NODE = 1024  # a node is a box or an NVLink domain (NVL72: 72 GPUs)
+MAX_NODES = 2**16
 
 
 @dataclass(frozen=True)
@@ -52,9 +73,14 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if self.rank <= 0:
             raise VlplanError(f"--lora-rank must be positive, got {self.rank}")
+        if self.alpha <= 0:
+            # peft scales the adapter's output by alpha / rank (LoraLayer.update_layer: scaling = lora_alpha / r):
+            # 0 switches the adapter off, a negative alpha only flips the sign of B's learned update
+            raise VlplanError(f"--lora-alpha must be positive (peft scales the adapter by alpha / rank), got "
+                              f"{self.alpha}")
         if not self.targets:
             raise VlplanError("--lora-target is empty; use all or a comma-separated list such as q_proj,v_proj")
-        if not 0.0 <= self.dropout < 1.0:
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise VlplanError(f"--lora-dropout must be in [0, 1), got {self.dropout}")
 
 
@@ -89,6 +115,7 @@ class TrainSetup:
     # DeepSpeed buffers (None: the HF integration's "auto" values, hidden_size**2 elements)
     ds_reduce_bucket_size: int | None = None
     ds_overlap_comm: bool = False
+    stack: str = "vlplan"
     # Recorded for the launch configs (LLaMA-Factory keys); the memory model does not read them yet
     packing: bool = False  # LLaMA-Factory packing / neat_packing: sequences filled to seq_len
     liger_kernel: bool = False  # LLaMA-Factory enable_liger_kernel (fused linear cross-entropy, fused norms)
@@ -106,31 +133,42 @@ class TrainSetup:
     def _validate_choices(self) -> None:
         for value, choices, flag in ((self.method, METHODS, "--method"), (self.precision, PRECISIONS, "--precision"),
                                      (self.optimizer, OPTIMIZERS, "--optimizer"), (self.attn, ATTENTIONS, "--attn"),
-                                     (self.offload, OFFLOADS, "--offload")):
+                                     (self.offload, OFFLOADS, "--offload"), (self.stack, STACKS, "--stack")):
             if value not in choices:
                 raise VlplanError(f"{flag} {value!r} is not one of {', '.join(choices)}")
-        for value, flag in ((self.seq_len, "--seq-len"), (self.batch_size, "--batch-size"),
-                            (self.gradient_accumulation_steps, "--gradient-accumulation-steps"),
-                            (self.num_gpus, "--num-gpus"), (self.num_nodes, "--num-nodes")):
+        for value, flag, bound in ((self.seq_len, "--seq-len", MAX_SEQ_LEN),
+                                   (self.batch_size, "--batch-size", MAX_BATCH_SIZE),
+                                   (self.gradient_accumulation_steps, "--gradient-accumulation-steps",
+                                    MAX_GRADIENT_ACCUMULATION_STEPS),
+                                   (self.num_gpus, "--num-gpus", MAX_GPUS_PER_NODE),
+                                   (self.num_nodes, "--num-nodes", MAX_NODES)):
             if value <= 0:
                 raise VlplanError(f"{flag} must be positive, got {value}")
+            _check_bound(value, flag, bound)
+        memory_gib = self.gpu.memory_mib / 1024
+        if not (math.isfinite(memory_gib) and 0 < memory_gib <= MAX_GPU_MEMORY_GIB):
+            raise VlplanError(f"GPU memory must be a positive number of GiB up to {MAX_GPU_MEMORY_GIB}, got "
+                              f"{memory_gib:g} GiB ({self.gpu.name})")
         if self.zero not in (0, 1, 2, 3):
             raise VlplanError(f"--zero must be 0, 1, 2 or 3, got {self.zero}")
         if self.quant_bits not in (None, 4, 8):
             raise VlplanError(f"--quant-bits must be 4 or 8, got {self.quant_bits}")
         if self.freeze_trainable_layers <= 0:
             raise VlplanError(f"--freeze-trainable-layers must be positive, got {self.freeze_trainable_layers}")
+        _check_bound(len(self.images), "--images (images per sample)", MAX_IMAGES_PER_SAMPLE)
+        _check_bound(len(self.images) * self.batch_size, "--images x --batch-size (images per micro-batch)",
+                     MAX_IMAGES_PER_MICRO_BATCH)
         for w, h in self.images:
             if w <= 0 or h <= 0:
                 raise VlplanError(f"image size must be positive, got {w}x{h}")
-        for value, flag in ((self.image_max_pixels, "--image-max-pixels"), (self.image_min_pixels,
-                                                                             "--image-min-pixels")):
-            if value is not None and value <= 0:
-                raise VlplanError(f"{flag} must be positive, got {value}")
+            _check_bound(max(w, h), f"image side ({w}x{h})", MAX_IMAGE_SIDE)
+        check_pixel_limits(self.image_max_pixels, self.image_min_pixels)
         for value, flag in ((self.video_max_pixels, "video_max_pixels"), (self.video_min_pixels, "video_min_pixels"),
                             (self.video_fps, "video_fps"), (self.video_maxlen, "video_maxlen")):
-            if value <= 0:
+            if not value > 0 or not math.isfinite(value):
                 raise VlplanError(f"{flag} must be positive, got {value}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise VlplanError(f"max_grad_norm must be 0 (no clipping) or positive, got {self.max_grad_norm}")
 
     def _validate_combinations(self) -> None:
         trains = (self.vision, self.projector, self.language)
@@ -160,6 +198,16 @@ class TrainSetup:
             raise VlplanError(f"{self.gpu.name} has no bf16 support; use --precision fp16 or fp32")
         if self.attn == "fa2" and self.precision == "fp32":
             raise VlplanError("FlashAttention-2 runs in fp16/bf16 only; use --attn sdpa with --precision fp32")
+        if self.attn == "fa2" and not self.gpu.bf16:
+            # flash-attn 2 supports Ampere, Ada and Hopper (sm_80+) only (Dao-AILab/flash-attention README,
+            # "Requirements"); bf16 arrived with Ampere, so the catalog's bf16 flag marks exactly the older chips
+            # (V100 sm_70, T4 sm_75)
+            raise VlplanError(f"FlashAttention-2 needs an Ampere or newer GPU; {self.gpu.name} is older: use --attn "
+                              "sdpa")
+        if self.method == "freeze" and self.freeze_trainable_layers > self.model.text.num_layers:
+            raise VlplanError(f"--freeze-trainable-layers {self.freeze_trainable_layers} is above the "
+                              f"{self.model.text.num_layers} language-model layers of {self.model.name}; use at most "
+                              f"{self.model.text.num_layers} (or --method full)")
         if self.offload != "none" and self.zero == 0:
             raise VlplanError(f"--offload {self.offload} needs DeepSpeed ZeRO; add --zero 2 (optimizer) or --zero 3")
         if self.offload == "all" and self.zero != 3:
@@ -171,17 +219,27 @@ class TrainSetup:
             self._validate_lora_targets()
 
     def _validate_lora_targets(self) -> None:
-        if "all" in self.lora.targets:
-            return
-        available = set()
+        linears = []
         inventories = model_inventory(self.model)
         for component, train in ((VISION, self.vision), (LANGUAGE, self.language)):
             if train is Train.LORA:
-                available |= {linear.name for linear in inventories[component].linears}
-        unknown = [t for t in self.lora.targets if t not in available]
-        if unknown:
-            raise VlplanError(f"--lora-target {','.join(unknown)} matches no linear layer of the LoRA-trained "
-                              f"components of {self.model.name}; choose from all, {', '.join(sorted(available))}")
+                linears += inventories[component].linears
+        if "all" in self.lora.targets:
+            targeted = [linear for linear in linears if linear.lora_all]
+        else:
+            available = {linear.name for linear in linears}
+            unknown = [t for t in self.lora.targets if t not in available]
+            if unknown:
+                raise VlplanError(f"--lora-target {','.join(unknown)} matches no linear layer of the LoRA-trained "
+                                  f"components of {self.model.name}; choose from all, {', '.join(sorted(available))}")
+            targeted = [linear for linear in linears if linear.name in self.lora.targets]
+        # B @ A has rank at most min(in, out): a higher LoRA rank adds parameters and memory but no capacity. peft
+        # accepts it; refused only when it is above full rank for every targeted layer (never useful anywhere)
+        full_rank = max((min(linear.in_features, linear.out_features) for linear in targeted), default=0)
+        if targeted and self.lora.rank > full_rank:
+            raise VlplanError(f"--lora-rank {self.lora.rank} is above full rank for every targeted layer of "
+                              f"{self.model.name} (the largest min(in, out) is {full_rank}; a rank-r update B @ A "
+                              f"cannot exceed it); use --lora-rank {full_rank} or less")
 
     def _validate_sequence(self) -> None:
         needed = self.vision_tokens_per_sample + self.special_tokens_per_sample
@@ -236,6 +294,24 @@ class TrainSetup:
         return d
 
 
+def check_pixel_limits(image_max_pixels: int | None, image_min_pixels: int | None) -> None:
+    """LLaMA-Factory's pre-resize limits: positive (or None: no limit), within MAX_IMAGE_PIXELS, floor <= cap."""
+    for value, flag in ((image_max_pixels, "--image-max-pixels"), (image_min_pixels, "--image-min-pixels")):
+        if value is not None and value <= 0:
+            raise VlplanError(f"{flag} must be positive, got {value}")
+        if value is not None:
+            _check_bound(value, flag, MAX_IMAGE_PIXELS)
+    if image_max_pixels and image_min_pixels and image_min_pixels > image_max_pixels:
+        raise VlplanError(f"--image-min-pixels {image_min_pixels} is above --image-max-pixels {image_max_pixels}; "
+                          "lower the floor or raise the cap")
+
+
+def _check_bound(value: int, flag: str, bound: int) -> None:
+    if value > bound:
+        raise VlplanError(f"{flag} {value} is above vlplan's bound of {bound} (a guard against typos that would "
+                          "make the estimate hang); no real fine-tune comes near it")
+
+
 def suggest_max_pixels(setup: TrainSetup) -> int | None:
     """The largest `image_max_pixels` whose images' tokens (special ones included) fit `seq_len`, or None when no
     value does (processors that resize every image to a fixed size or tile grid: InternVL, Gemma 3, Idefics3,
@@ -259,9 +335,9 @@ def suggest_max_pixels(setup: TrainSetup) -> int | None:
 
 
 def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | None = None,
-               train_projector: bool | None = None, freeze_llm: bool = False, lora_rank: int = 8,
-               lora_alpha: int | None = None, lora_target: str | list[str] = "all", dora: bool = False,
-               lora_dropout: float = 0.0,
+               train_projector: bool | None = None, freeze_llm: bool = False, lora_rank: int | None = None,
+               lora_alpha: int | None = None, lora_target: str | list[str] | None = None, dora: bool | None = None,
+               lora_dropout: float | None = None,
                quant_bits: int | None = None, num_images: int | None = None,
                image_size: tuple[int, int] | None = None, images: list[tuple[int, int]] | None = None,
                gpu: GPU | str = "h100-80g", **settings) -> TrainSetup:
@@ -270,10 +346,22 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
     Defaults follow LLaMA-Factory: vision tower and projector frozen, LoRA rank 8 (alpha 2*rank) on every language-
     model linear, gradient checkpointing on, sdpa, bf16 AMP, one image at the `image_max_pixels` cap.
     `--method full` trains the language model only unless the vision tower or projector is asked for.
+    The LoRA settings (`lora_rank`, `lora_alpha`, `lora_target`, `dora`, `lora_dropout`) are None when not given;
+    one given with `--method full` or `freeze` (no adapters) is refused rather than ignored.
     """
     if method not in METHODS:
         raise VlplanError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     adapter = method in ("lora", "qlora")
+    if not adapter:
+        given = [flag for flag, value in (("--lora-rank", lora_rank), ("--lora-alpha", lora_alpha),
+                                          ("--lora-target", lora_target), ("--dora", dora or None),
+                                          ("--lora-dropout", lora_dropout)) if value is not None]
+        if given:
+            names = ", ".join(given)
+            raise VlplanError(f"{names} {'is a LoRA setting' if len(given) == 1 else 'are LoRA settings'}, but "
+                              f"--method {method} has no adapters; use --method lora or qlora, or drop {names}")
+    lora_rank = 8 if lora_rank is None else lora_rank
+    lora_target = "all" if lora_target is None else lora_target
     vision = Train.FROZEN
     if train_vision:
         vision = Train.LORA if adapter else Train.FULL
@@ -287,14 +375,19 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
     targets = tuple(t.strip() for t in (lora_target.split(",") if isinstance(lora_target, str) else lora_target)
                     if t.strip())
     lora = LoraSettings(rank=lora_rank, alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
-                        targets=targets, dora=dora, dropout=lora_dropout)
+                        targets=targets, dora=bool(dora), dropout=0.0 if lora_dropout is None else lora_dropout)
     if images is None:
         count = 1 if num_images is None else num_images
         if count < 0:
             raise VlplanError(f"--images must be 0 or more, got {count}")
+        _check_bound(count, "--images (images per sample)", MAX_IMAGES_PER_SAMPLE)  # before building the list
         if image_size is None:
             # one square image at LLaMA-Factory's image_max_pixels cap (768x768 by default)
-            side = int((settings.get("image_max_pixels") or LF_IMAGE_MAX_PIXELS) ** 0.5)
+            max_pixels = settings.get("image_max_pixels") or LF_IMAGE_MAX_PIXELS
+            if max_pixels <= 0:
+                raise VlplanError(f"--image-max-pixels must be positive, got {max_pixels}")
+            _check_bound(max_pixels, "--image-max-pixels", MAX_IMAGE_PIXELS)
+            side = math.isqrt(int(max_pixels))
             image_size = (side, side)
         images = [image_size] * count
     return TrainSetup(model=model, method=method, vision=vision, projector=projector, language=language, lora=lora,

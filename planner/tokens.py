@@ -41,7 +41,14 @@ def llamafactory_preresize(width: int, height: int, image_max_pixels: int | None
     """LLaMA-Factory's `_preprocess_image`: scale both sides by sqrt(limit / (w*h)) with int() truncation."""
     if image_max_pixels and width * height > image_max_pixels:
         factor = math.sqrt(image_max_pixels / (width * height))
+        original = f"{width}x{height}"
         width, height = int(width * factor), int(height * factor)
+        if width == 0 or height == 0:
+            # LLaMA-Factory then calls image.resize((width, height)), which PIL refuses ("height and width must
+            # be > 0"): the training would crash on this image
+            raise VlplanError(f"an image of {original} shrinks to {width}x{height} px under --image-max-pixels "
+                              f"{image_max_pixels} (LLaMA-Factory truncates each scaled side), which PIL cannot "
+                              "resize to; raise --image-max-pixels or crop the image")
     if image_min_pixels and width * height < image_min_pixels:
         factor = math.sqrt(image_min_pixels / (width * height))
         width, height = int(width * factor), int(height * factor)
@@ -127,6 +134,9 @@ def image_tokens(spec: ModelSpec, width: int, height: int, *, image_max_pixels: 
     `llamafactory=False`: the transformers processor alone, as in plain transformers training."""
     if width <= 0 or height <= 0:
         raise VlplanError(f"image size must be positive, got {width}x{height}")
+    for value, flag in ((image_max_pixels, "--image-max-pixels"), (image_min_pixels, "--image-min-pixels")):
+        if value is not None and value < 0:
+            raise VlplanError(f"{flag} must be positive, got {value}")
     rule = _rule(spec.processor.rule)
     if rule is None:
         raise VlplanError(f"no image-token rule {spec.processor.rule!r} for {spec.name}")

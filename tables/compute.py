@@ -92,7 +92,8 @@ def row_setup(model: str, method: str, seq_len: int, image_size: tuple[int, int]
     return make_setup(resolve(model), method=method, seq_len=seq_len, num_images=images,
                       image_size=image_size if images else None, gpu=gpu, precision=precision,
                       gradient_checkpointing=conditions.gradient_checkpointing, attn=conditions.attn,
-                      lora_rank=conditions.lora_rank, image_max_pixels=conditions.image_max_pixels,
+                      lora_rank=conditions.lora_rank if method in ("lora", "qlora") else None,
+                      image_max_pixels=conditions.image_max_pixels,
                       quant_bits=conditions.quant_bits if method == "qlora" else None, **changes)
 
 

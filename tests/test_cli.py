@@ -104,14 +104,39 @@ BAD = [
     (["--model", "qwen2.5-vl-7b", "--freeze-llm"], "nothing trains"),
     (["--model", "qwen2.5-vl-7b", "--method", "freeze", "--freeze-llm"], "freeze"),
     (["--model", "qwen2.5-vl-7b", "--lora-target", "nope_proj"], "matches no linear"),
-    (["--model", "qwen2.5-vl-7b", "--dora", "--method", "full"], "--dora is a LoRA variant"),
+    (["--model", "qwen2.5-vl-7b", "--dora", "--method", "full"], "--dora .*use --method lora or qlora"),
     (["--model", "qwen2.5-vl-7b", "--method", "sgd"], "--method"),
     (["--model", "qwen2.5-vl-7b", "--gpu-memory-gib", "-3"], "positive"),
-    (["--model", "qwen2.5-vl-7b", "--gpu-memory-gib", "0"], "--gpu-memory-gib must be positive"),
+    (["--model", "qwen2.5-vl-7b", "--gpu-memory-gib", "0"], "--gpu-memory-gib must be a positive number of GiB"),
     (["--model", "qwen2.5-vl-7b", "--images", "3", "--image-size", "448x448", "--image-size", "640x480"],
      "contradicts"),
     (["--model", "qwen2.5-vl-7b", "--seq-len", "512", "--image-size", "2000x2000"], "raise --seq-len to at least"),
     (["--model", "/nonexistent/config.json"], "unknown model"),
+    # issue 11: crashes and unchecked values
+    (["--model", "qwen2.5-vl-7b", "--gpu-memory-gib", "nan"], "--gpu-memory-gib"),
+    (["--model", "qwen2.5-vl-7b", "--gpu-memory-gib", "inf"], "--gpu-memory-gib"),
+    (["--model", "qwen2.5-vl-7b", "--gpu-memory-gib", "1e308"], "--gpu-memory-gib"),
+    (["--model", "qwen2.5-vl-7b", "--image-max-pixels", "-1"], "--image-max-pixels must be positive"),
+    (["--model", "qwen2.5-vl-7b", "--images", "9223372036854775808"], "--images .* above vlplan's bound of 4096"),
+    (["--model", "qwen2.5-vl-7b", "--images", "1000000000"], "above vlplan's bound of 4096"),
+    (["--model", "qwen2.5-vl-7b", "--batch-size", "1000000"], "images per micro-batch.* above vlplan's bound"),
+    (["--model", "qwen2.5-vl-7b", "--seq-len", "100000000"], "--seq-len 100000000 is above vlplan's bound"),
+    (["--model", "qwen2.5-vl-7b", "--num-gpus", "100000"], "--num-gpus 100000 is above"),
+    (["--model", "qwen2.5-vl-7b", "--image-size", "100000000x100"], "image side .* above"),
+    (["--model", "qwen2.5-vl-7b", "--method", "full", "--lora-rank", "16"], "--lora-rank .*--method lora or qlora"),
+    (["--model", "qwen2.5-vl-7b", "--method", "freeze", "--lora-dropout", "0.1"], "--lora-dropout .*lora or qlora"),
+    (["--model", "qwen2.5-vl-7b", "--image-min-pixels", "1000000"],
+     "--image-min-pixels 1000000 is above --image-max-pixels 589824"),
+    (["--model", "qwen2.5-vl-7b", "--lora-alpha", "0"], "--lora-alpha must be positive"),
+    (["--model", "qwen2.5-vl-7b", "--lora-alpha", "-16"], "--lora-alpha must be positive"),
+    (["--model", "qwen2.5-vl-7b", "--lora-rank", "100000"], "above full rank .* largest min\\(in, out\\) is 3584"),
+    (["--model", "qwen2.5-vl-7b", "--lora-rank", "600", "--lora-target", "k_proj"], "largest min\\(in, out\\) is 512"),
+    (["--model", "qwen2.5-vl-7b", "--lora-dropout", "nan"], "--lora-dropout must be in"),
+    (["--model", "qwen2.5-vl-7b", "--method", "freeze", "--freeze-trainable-layers", "29"],
+     "above the 28 language-model layers"),
+    (["--model", "qwen2.5-vl-7b", "--attn", "fa2", "--gpu", "v100", "--precision", "fp16"], "Ampere or newer"),
+    (["--model", "qwen2.5-vl-7b", "--attn", "fa2", "--gpu", "t4", "--precision", "fp16"], "Ampere or newer"),
+    (["--model", "qwen2.5-vl-7b", "--seq-len", "1.5"], "Invalid value for '--seq-len'"),
 ]
 
 
@@ -140,3 +165,37 @@ def test_bad_local_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     result = run("estimate", "--model", str(tmp_path))
     assert result.exit_code == 2 and "not supported" in result.stderr
+
+
+def test_largest_values_in_bounds_still_estimate():
+    """The bounds refuse typos, not real jobs: values at them are accepted and answered quickly."""
+    import time
+
+    start = time.perf_counter()
+    assert estimate_json("--model", "qwen2.5-vl-7b", "--lora-rank", "3584")["settings"]["lora"]["rank"] == 3584
+    assert estimate_json("--model", "qwen2.5-vl-7b", "--method", "freeze", "--freeze-trainable-layers", "28")[
+        "settings"]["freeze_trainable_layers"] == 28
+    assert estimate_json("--model", "qwen2.5-vl-7b", "--seq-len", str(2**24), "--images", "0")["settings"][
+        "seq_len"] == 2**24
+    assert estimate_json("--model", "qwen2.5-vl-7b", "--attn", "fa2", "--gpu", "a100")["settings"]["attn"] == "fa2"
+    assert time.perf_counter() - start < 30
+
+
+def test_tokens_refuses_an_image_that_shrinks_to_nothing():
+    result = run("tokens", "--model", "qwen2.5-vl-7b", "--image", "1x10000", "--image-max-pixels", "100",
+                 "--image-min-pixels", "50")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: an image of 1x10000 shrinks to 0x1000 px")
+    result = run("tokens", "--model", "qwen2.5-vl-7b", "--image", "1x10000", "--image-max-pixels", "100")
+    assert result.exit_code == 2 and "--image-min-pixels 1024 is above --image-max-pixels 100" in result.stderr
+    for args in (["--image-max-pixels", "-1"], ["--image-min-pixels", "0"],
+                 ["--image-min-pixels", "4096", "--image-max-pixels", "1024"]):
+        result = run("tokens", "--model", "qwen2.5-vl-7b", "--image", "448x448", *args)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "error: " in result.stderr, args
+
+
+def test_config_with_only_a_model_type_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    result = run("estimate", "--model", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert "describes no language model" in result.stderr

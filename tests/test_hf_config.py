@@ -181,3 +181,13 @@ def test_unmodelled_options_are_refused(tmp_path):
     config["version"] = 2.5
     write_config(tmp_path, config)
     assert "MiniCPM-V version 2.5 is not supported" in _error(tmp_path)
+
+
+def test_config_without_language_model_sizes_is_refused(tmp_path):
+    # {"model_type": "qwen2_5_vl"} alone used to be read with Qwen2_5_VLTextConfig's defaults: a 73 B model
+    write_config(tmp_path, {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]})
+    message = _error(tmp_path)
+    assert "describes no language model" in message and "hidden_size, num_hidden_layers" in message
+    # a diff-saved composite config keeps a text_config (model_type only when every value is a class default): read
+    write_config(tmp_path, {"model_type": "qwen2_5_vl", "text_config": {"model_type": "qwen2_5_vl_text"}})
+    assert spec_from_hf_config(tmp_path).text.num_layers == 80

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from vlplan.planner.errors import VlplanError
 from vlplan.planner.registry import resolve
+from vlplan.planner.setup import MAX_IMAGE_SIDE, check_pixel_limits
 from vlplan.planner.tokens import image_tokens, parse_size
 
 from .options import errors
@@ -20,9 +22,15 @@ def tokens_command(
 ):
     """How many patches and tokens each image costs, after LLaMA-Factory's pre-resize and the model's processor."""
     with errors():
+        check_pixel_limits(image_max_pixels, image_min_pixels)
         spec = resolve(model)
-        results = [image_tokens(spec, *parse_size(size), image_max_pixels=image_max_pixels,
-                                image_min_pixels=image_min_pixels) for size in image]
+        sizes = [parse_size(size) for size in image]
+        for width, height in sizes:
+            if max(width, height) > MAX_IMAGE_SIDE:
+                raise VlplanError(f"image side ({width}x{height}) {max(width, height)} is above vlplan's bound of "
+                                  f"{MAX_IMAGE_SIDE} px")
+        results = [image_tokens(spec, width, height, image_max_pixels=image_max_pixels,
+                                image_min_pixels=image_min_pixels) for width, height in sizes]
     data = {"model": spec.name, "images": [t.to_dict() for t in results],
             "total_llm_tokens": sum(t.llm_tokens for t in results),
             "total_special_tokens": sum(t.special_tokens for t in results),
