@@ -153,3 +153,63 @@ def test_errors_are_one_line(args, message, dataset, tmp_path):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
+
+
+# Output paths: refused before any work, one line, nothing left behind --------------------------------------------------
+def _unwritable_paths(tmp_path: Path) -> list[tuple[Path, str]]:
+    """(path, message) of places no command may write: under a file, a read-only folder (skipped as root, who may
+    write there), and /sys (a read-only filesystem even for root)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [(afile / "sub", "is a file, not a folder")]
+    import os
+
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    if os.geteuid() != 0:
+        cases.append((readonly / "out", "is not writable"))
+    if Path("/sys").is_dir():
+        cases.append((Path("/sys/vlplan-test-out"), "/sys"))
+    return cases
+
+
+def _files(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+def _check_refused(args, message, tmp_path):
+    before = _files(tmp_path)
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert _files(tmp_path) == before
+
+
+def test_tiny_model_refuses_unwritable_outputs_and_absurd_layers(tmp_path):
+    for path, message in _unwritable_paths(tmp_path):
+        _check_refused(["tiny-model", path, "--family", "llava"], message, tmp_path)
+    _check_refused(["tiny-model", tmp_path / "afile", "--family", "llava"], "is a file, not a folder", tmp_path)
+    _check_refused(["tiny-model", tmp_path / "m", "--family", "llava", "--text-layers", "100000"],
+                   "--text-layers must be 1 to 128", tmp_path)
+    _check_refused(["tiny-model", tmp_path / "m", "--family", "llava", "--vision-layers", "0"],
+                   "--vision-layers must be 1 to 128", tmp_path)
+
+
+def test_tables_refuses_unwritable_out_before_computing(tmp_path):
+    for path, message in _unwritable_paths(tmp_path):
+        _check_refused(["tables", "--models", "qwen2-vl-2b", "--methods", "lora", "--gpus", "h100", "--out", path],
+                       message, tmp_path)
+    _check_refused(["tables", "--models", "qwen2-vl-2b", "--methods", "lora", "--gpus", "h100", "--out",
+                    tmp_path / "afile"], "is a file, not a folder", tmp_path)
+
+
+def test_profile_refuses_unwritable_outputs_before_running(tmp_path):
+    pytest.importorskip("torch")
+    base = ["profile", "--model", "qwen2-vl-2b", "--backend", "cpu"]
+    _check_refused([*base, "--output", tmp_path], "is a folder; give a file name", tmp_path)
+    for path, message in _unwritable_paths(tmp_path):
+        _check_refused([*base, "--output", path / "p.json"], message, tmp_path)
+    pytest.importorskip("matplotlib")
+    _check_refused([*base, "--plot", tmp_path / "afile" / "timeline.png"], "is a file, not a folder", tmp_path)

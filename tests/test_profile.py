@@ -53,6 +53,7 @@ def lora_run():
 
 
 # The pipeline on the CPU backend ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_every_phase_is_measured_and_agrees_with_the_estimate(lora_run):
     r = lora_run
     assert set(r.phases) == set(PHASES) and r.oom is None
@@ -69,6 +70,7 @@ def test_every_phase_is_measured_and_agrees_with_the_estimate(lora_run):
     assert len(r.step_times_s) == 2 and all(t > 0 for t in r.step_times_s) and r.step_time_s == r.step_times_s[1]
 
 
+@pytest.mark.slow
 def test_terms_are_measured_two_ways_and_match_the_estimate(lora_run):
     r = lora_run
     terms = {row["term"]: row for row in r.term_rows()}
@@ -82,6 +84,7 @@ def test_terms_are_measured_two_ways_and_match_the_estimate(lora_run):
     assert not any(t.startswith("cuda/") for t in terms)  # the CPU backend measures no device overheads
 
 
+@pytest.mark.slow
 def test_timeline_json_and_record(lora_run, tmp_path):
     r = lora_run
     times = [p[0] for p in r.timeline]
@@ -103,6 +106,7 @@ def test_timeline_json_and_record(lora_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_full_training_with_accumulation_on_another_family():
     setup = make_setup(tiny_spec("llava-1.5-7b"), method="full", train_vision=True, train_projector=True,
                        seq_len=128, gradient_checkpointing=False, gradient_accumulation_steps=2, attn="eager")
@@ -116,6 +120,7 @@ def test_full_training_with_accumulation_on_another_family():
         "optimizer/adam_states", r.terms_bytes["optimizer/adam_states"])
 
 
+@pytest.mark.slow
 def test_memory_limit_runs_out_of_memory_reports_and_frees(lora_run):
     """A limit between the loss and backward peaks: a real torch.OutOfMemoryError in the first backward."""
     loss, backward = (lora_run.phases[p].allocated_peak_bytes for p in ("loss", "backward"))
@@ -134,6 +139,7 @@ def test_memory_limit_runs_out_of_memory_reports_and_frees(lora_run):
 
 
 # The CLI ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_profile_writes_json_and_plot(tiny_dir, tmp_path):
     out, png = tmp_path / "profile.json", tmp_path / "timeline.png"
     result = run("profile", "--model", tiny_dir, "--backend", "cpu", "--seq-len", 256, "--image-size", "224x224",
@@ -148,6 +154,7 @@ def test_cli_profile_writes_json_and_plot(tiny_dir, tmp_path):
     assert "step 2/2" in result.stderr
 
 
+@pytest.mark.slow
 def test_cli_out_of_memory_exits_3_with_one_line(tiny_dir, tmp_path):
     result = run("profile", "--model", tiny_dir, "--backend", "cpu", "--seq-len", 256, "--image-size", "224x224",
                  "--steps", 1, "--memory-limit-gib", 0.004, "--output", tmp_path / "p.json")
@@ -194,6 +201,7 @@ def test_sweep_and_calibrate_refuse_setup_flags():
     assert "does not exist" in one_line_error(run("profile", "--calibrate", "/nonexistent/r.json"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CUDA, reason="checks the message of a machine without CUDA")
 def test_plan_confirm_without_cuda_prints_the_plan_then_one_line():
     args = ["plan", "--model", "qwen2-vl-2b", "-g", "8"]
@@ -298,7 +306,7 @@ def test_cli_calibrate_prints_constants_and_markdown(tmp_path):
 
 
 # On a GPU -----------------------------------------------------------------------------------------------------------
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+gpu = pytest.mark.gpu  # skipped without a CUDA GPU (tests/conftest.py)
 
 
 @gpu

@@ -32,6 +32,7 @@ def tiny_dirs(tmp_path_factory):
     return dirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_transformers_loads_it_offline(tiny_dirs, family):
     path = tiny_dirs[family]
@@ -56,6 +57,7 @@ def test_transformers_loads_it_offline(tiny_dirs, family):
     assert all(t < config.text_config.vocab_size for t in tokenizer("What is in the image?")["input_ids"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_processor_and_planner_agree_and_the_model_runs(tiny_dirs, family):
     """The processor (the family's own class) expands an image into as many tokens as the planner's rule says, and
@@ -77,6 +79,7 @@ def test_processor_and_planner_agree_and_the_model_runs(tiny_dirs, family):
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.slow
 def test_spec_read_back_is_tiny(tiny_dirs):
     spec = resolve(str(tiny_dirs["qwen2.5-vl"]))
     assert (spec.family, spec.text.hidden_size, spec.text.num_layers, spec.vision.num_layers) == ("qwen2_5_vl", 256, 2,

@@ -13,7 +13,8 @@ from rich.console import Console
 
 from vlplan.planner.errors import VlplanError
 
-from .options import OPTION_DEFAULTS, SETUP_OPTIONS, errors, resolve_options
+from .options import SETUP_OPTIONS, errors, resolve_options
+from .outputs import check_output_file, writing
 from .render import GIB, console, gib, print_json, table
 
 stderr_console = Console(stderr=True)
@@ -91,7 +92,7 @@ def profile_command(
         if files and not calibrate:
             raise VlplanError(f"unexpected argument {files[0]}: results files go with --calibrate")
         if modes:
-            given = [p.name for p in SETUP_OPTIONS if setup_options[p.name] != OPTION_DEFAULTS[p.name]]
+            given = [p.name for p in SETUP_OPTIONS if setup_options[p.name] is not None]
             if given:
                 flag = "--" + given[0].replace("_", "-")
                 raise VlplanError(f"{flag} does not apply to {modes[0]}: "
@@ -118,15 +119,21 @@ def _profile(resolved, steps, backend, weights, memory_limit_gib, output, plot, 
                                  snapshot=str(snapshot) if snapshot else None)
         if plot is not None:
             _check_matplotlib()
+        output = output or Path("vlplan_profile.json")
+        # refused before the steps run, not after
+        for path, flag in ((output, "--output"), (plot, "--plot"), (snapshot, "--snapshot")):
+            if path is not None:
+                check_output_file(path, flag)
         backend_ = make_backend(options)
         result = profile(resolved.setup, options, backend=backend_, on_event=_progress_event)
-        output = output or Path("vlplan_profile.json")
         data = {**result.to_dict(), **resolved.json_extras()}
-        _write_json(output, data)
+        with writing([output], "--output"):
+            _write_json(output, data)
         if plot is not None:
             from vlplan.profiler.plot import plot_timeline
 
-            plot_timeline(result, plot)
+            with writing([plot], "--plot"):
+                plot_timeline(result, plot)
     if json_:
         print_json(data)
     else:

@@ -21,6 +21,7 @@ from vlplan.tables.presets import PRESETS, preset
 from vlplan.tables.spec import COMMON_GPUS, Table, TableSpec
 
 from .options import errors
+from .outputs import check_output_dir, writing
 from .render import print_json
 
 PROGRESS_MIN_ROWS = 200  # smaller tables take a few seconds
@@ -162,14 +163,20 @@ def tables_command(
         workers = default_workers() if workers is None else workers
         if workers < 1:
             raise VlplanError(f"--workers must be 1 or more, got {workers}")
+        most = max(os.cpu_count() or 1, default_workers())
+        if workers > most:  # each worker is a process with its own copy of the planner: more only add memory
+            raise VlplanError(f"--workers {workers} is above this machine's {os.cpu_count()} CPUs; use at most {most}")
         job = _job(selection, conditions, format_, json_, out, plot, preset_name, check)
+        if job.directory is not None and not check:
+            check_output_dir(job.directory, "--out")  # before the rows are computed
         to_stdout_json = job.directory is None and job.formats == ("json",)
         with _progress(job.table.row_count, enabled=not json_ and not to_stdout_json) as progress:
             rows = job.table.rows(workers=workers, progress=progress)
         if check:
             stale = check_table(job.directory, job.table, rows, job.formats, job.plot)
         elif job.directory is not None:
-            written = write_table(job.directory, job.table, rows, job.formats, job.plot)
+            with writing([job.directory], "--out"):
+                written = write_table(job.directory, job.table, rows, job.formats, job.plot)
     if check:
         _report_check(job.directory, stale, job.regenerate, len(rows), json_)
     elif job.directory is not None:
