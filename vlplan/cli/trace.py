@@ -31,5 +31,11 @@ def trace_command(setup, resolved, layers: int = typer.Option(0, "--layers", hel
     console.print(table("by category", ["category", "bytes"],
                         [[k, gib(v)] for k, v in sorted(result.by_category.items(), key=lambda kv: -kv[1])], {1}))
     console.print(f"live-tensor peak {gib(result.allocated_peak_bytes)} in {result.peak_phase}; with the estimator's "
-                  f"device overheads {gib(result.peak_bytes)}; traced {result.layers_traced} in {result.seconds:.1f} s"
-                  f"{' (extrapolated)' if result.extrapolated else ''}")
+                  f"device overheads {gib(result.peak_bytes)}; traced {layer_runs(result.layers_traced)} in "
+                  f"{result.seconds:.1f} s{' (extrapolated to every layer)' if result.extrapolated else ''}")
+
+
+def layer_runs(runs: list[dict[str, int]]) -> str:
+    """[{'text': 1, 'vision': 1}, {'text': 2, 'vision': 1}] -> '1 text + 1 vision layers; 2 text + 1 vision
+    layers' (the layers of each traced model)."""
+    return "; ".join(" + ".join(f"{count} {kind}" for kind, count in run.items()) + " layers" for run in runs)
