@@ -2,21 +2,30 @@
 
 Searches micro-batch, gradient accumulation, gradient checkpointing, ZeRO stage and CPU offload (and the attention
 kernel among those allowed), keeping micro-batch x accumulation x data-parallel ranks = the global batch exactly,
-keeping the estimated `peak_bytes` within capacity x (1 - margin), and picks the fastest by the FLOPs model of
+keeping the estimated `peak_bytes` within capacity x (1 - margin) and the host RAM each node needs (its processes and
+what ZeRO offloads to the CPU, `cpu_ram_bytes`) within the host RAM budget, and picks the fastest by the FLOPs model of
 `throughput.py`. Every choice carries its reason; when nothing fits, `NothingFits` says why and what would.
+
+The host RAM budget is the caller's (`host_ram_bytes`, the CLI's `--host-ram-gib` or this machine's RAM) or else the
+stated assumption for the GPU type (`hardware.assumed_host_ram`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from .errors import VlplanError
+from .hardware import assumed_host_ram
 from .memory.estimate import Estimate, estimate
 from .setup import TrainSetup
 from .throughput import StepTime, step_time
 
 GIB = 2**30
+# The largest global batch `plan` searches (2**20 samples per optimizer step; fine-tuning runs use tens to thousands):
+# beyond it the search would enumerate divisors of an absurd number for no useful answer
+MAX_GLOBAL_BATCH_SIZE = 2**20
 
 
 class NothingFits(VlplanError):
@@ -33,7 +42,8 @@ class Candidate:
         s = self.setup
         return {"micro_batch_size": s.batch_size, "gradient_accumulation_steps": s.gradient_accumulation_steps,
                 "zero_stage": s.zero, "offload": s.offload, "gradient_checkpointing": s.gradient_checkpointing,
-                "attn": s.attn, "peak_bytes": self.estimate.peak_bytes, "step_time_s": self.time.seconds}
+                "attn": s.attn, "peak_bytes": self.estimate.peak_bytes, "host_ram_bytes": self.estimate.cpu_ram_bytes,
+                "step_time_s": self.time.seconds}
 
 
 @dataclass
@@ -49,6 +59,9 @@ class Plan:
     epochs: float = 1.0
     explored: int = 0
     assumptions: dict = field(default_factory=dict)
+    host_ram_budget_bytes: int = 0  # per node
+    host_ram_source: str = ""  # where the budget comes from
+    host_ram_assumed: bool = False  # the GPU type's assumption, not the caller's number
 
     @property
     def setup(self) -> TrainSetup:
@@ -77,14 +90,27 @@ class Plan:
             "step_time_breakdown_s": self.chosen.time.parts, "mfu": self.chosen.time.mfu,
             "epoch_time_s": epoch, "gpu_hours": gpu_hours, "num_samples": self.num_samples, "epochs": self.epochs,
             "margin": self.margin, "capacity_bytes": self.capacity_bytes,
-            "budget_bytes": int(self.capacity_bytes * (1 - self.margin)), "reasons": self.reasons,
+            "budget_bytes": int(self.capacity_bytes * (1 - self.margin)),
+            "host_ram_bytes": self.chosen.estimate.cpu_ram_bytes,
+            "host_ram_budget_bytes": self.host_ram_budget_bytes, "host_ram_source": self.host_ram_source,
+            "host_ram_assumed": self.host_ram_assumed,
+            "reasons": self.reasons,
             "alternatives": [c.summary() for c in self.alternatives], "candidates_explored": self.explored,
             "assumptions": self.assumptions,
         }
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n, ascending (trial division up to sqrt(n))."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
 
 
 def _strategies(setup: TrainSetup) -> list[tuple[int, str]]:
@@ -106,12 +132,31 @@ def _strategies(setup: TrainSetup) -> list[tuple[int, str]]:
 
 def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num_samples: int | None = None,
          epochs: float = 1.0, mfu: float | None = None, attns: tuple[str, ...] | None = None,
-         checkpointing: tuple[bool, ...] = (False, True)) -> Plan:
-    """The fastest settings whose estimated peak stays within capacity x (1 - margin); see module docstring."""
-    if global_batch_size <= 0:
-        raise VlplanError(f"--global-batch-size must be positive, got {global_batch_size}")
+         checkpointing: tuple[bool, ...] = (False, True), host_ram_bytes: int | None = None,
+         host_ram_source: str | None = None) -> Plan:
+    """The fastest settings whose estimated peak stays within capacity x (1 - margin) and whose host RAM per node
+    stays within `host_ram_bytes` (default: the GPU type's stated assumption); see module docstring.
+    `host_ram_source` says where a given `host_ram_bytes` comes from (shown with the plan)."""
+    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size <= 0:
+        raise VlplanError(f"--global-batch-size must be a positive integer, got {global_batch_size}")
+    if global_batch_size > MAX_GLOBAL_BATCH_SIZE:
+        raise VlplanError(f"--global-batch-size {global_batch_size} is above the {MAX_GLOBAL_BATCH_SIZE} samples per "
+                          "optimizer step vlplan plans for")
     if not 0 <= margin < 1:
         raise VlplanError(f"--margin must be in [0, 1), got {margin}")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise VlplanError(f"--mfu must be a fraction in (0, 1], got {mfu}")
+    if num_samples is not None and num_samples < 0:
+        raise VlplanError(f"--num-samples must be 0 (unknown) or more, got {num_samples}")
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise VlplanError(f"--epochs must be a positive number, got {epochs}")
+    assumed = host_ram_bytes is None
+    if assumed:
+        host_ram_bytes, host_ram_source = assumed_host_ram(setup.gpu, setup.num_gpus)
+    elif isinstance(host_ram_bytes, bool) or not isinstance(host_ram_bytes, int) or host_ram_bytes <= 0:
+        raise VlplanError(f"--host-ram-gib must be positive, got {host_ram_bytes} bytes")
+    host_ram_source = host_ram_source or "given"
+    host = HostBudget(host_ram_bytes, host_ram_source, assumed)
     reasons: list[str] = []
     dp = setup.world_size
     requested = global_batch_size
@@ -129,8 +174,8 @@ def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num
     for attn in attns:
         for gc in checkpointing:
             for zero, offload in _strategies(setup):
-                micro, tried = _largest_micro(setup, per_rank, budget, attn=attn, gradient_checkpointing=gc,
-                                              zero=zero, offload=offload)
+                micro, tried = _largest_micro(setup, per_rank, budget, host.bytes, attn=attn,
+                                              gradient_checkpointing=gc, zero=zero, offload=offload)
                 explored += tried
                 largest_tried[(attn, gc, zero, offload)] = micro
                 if micro is None:
@@ -139,7 +184,7 @@ def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num
                                             attn=attn, gradient_checkpointing=gc, zero=zero, offload=offload), mfu)
                 fits.append(chosen)
     if not fits:
-        raise NothingFits(_nothing_fits_message(setup, budget, margin, per_rank))
+        raise NothingFits(_nothing_fits_message(setup, budget, margin, per_rank, host))
     # Offloading is for setups that do not fit otherwise: its per-step costs beyond the modeled transfers and CPU
     # Adam time (DeepSpeed's swapping and host synchronisation) are not in the time model, which would otherwise
     # prefer it for small models where one fewer micro-step outweighs the modeled transfer time
@@ -148,12 +193,21 @@ def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num
         fits = [c for c in fits if c.setup.offload == "none"]
     fits.sort(key=lambda c: (c.time.seconds, c.estimate.peak_bytes))
     best = fits[0]
-    reasons += _reasons(best, fits, budget, capacity, margin, per_rank)
+    reasons += _reasons(best, fits, budget, capacity, margin, per_rank, host)
     if offloaded and best.setup.offload == "none":
         reasons.append("no CPU offload: settings without it fit, and offloading costs host transfers and CPU "
                        "optimizer time at every step")
     return Plan(best, global_batch_size, requested, margin, capacity, reasons, fits[1:6], num_samples, epochs,
-                explored, _assumptions(best))
+                explored, _assumptions(best, host), host.bytes, host.source, host.assumed)
+
+
+@dataclass(frozen=True)
+class HostBudget:
+    """Host RAM per node that a setting may use (processes and offloaded states), and where the number comes from."""
+
+    bytes: int
+    source: str
+    assumed: bool = False  # the GPU type's assumption (scales with GPUs per node), not the user's or this machine's
 
 
 def _candidate(setup: TrainSetup, mfu: float | None) -> Candidate:
@@ -165,27 +219,35 @@ def _cached_estimate(setup: TrainSetup) -> Estimate:
     return estimate(setup)
 
 
-def _fits(setup: TrainSetup, budget: int) -> bool:
+def _fits(setup: TrainSetup, budget: int, host_budget: int | None = None) -> bool:
+    """Whether the estimated peak is within the GPU budget and (when given) the host RAM per node within its own."""
     try:
-        return _cached_estimate(setup).peak_bytes <= budget
+        e = _cached_estimate(setup)
     except VlplanError:
         return False
+    return e.peak_bytes <= budget and (host_budget is None or e.cpu_ram_bytes <= host_budget)
 
 
-def _largest_micro(setup: TrainSetup, per_rank: int, budget: int, **changes) -> tuple[int | None, int]:
+def _largest_micro(setup: TrainSetup, per_rank: int, budget: int, host_budget: int | None,
+                   **changes) -> tuple[int | None, int]:
     """The largest micro-batch dividing the per-rank batch that fits (memory grows with the micro-batch: binary
     search), and how many estimates it took."""
     options = _divisors(per_rank)
+    try:  # settings the setup refuses whatever the micro-batch (ZeRO-3 with QLoRA, fa2 on a V100): none fits
+        replace(setup, batch_size=1, gradient_accumulation_steps=per_rank, **changes)
+    except VlplanError:
+        return None, 0
     low, high, best, tried = 0, len(options) - 1, None, 0
     while low <= high:
         mid = (low + high) // 2
         micro = options[mid]
         try:
             candidate = replace(setup, batch_size=micro, gradient_accumulation_steps=per_rank // micro, **changes)
-        except VlplanError:
-            return None, tried
+        except VlplanError:  # past a size bound of the setup (images per micro-batch): larger ones are refused too
+            high = mid - 1
+            continue
         tried += 1
-        if _fits(candidate, budget):
+        if _fits(candidate, budget, host_budget):
             best, low = micro, mid + 1
         else:
             high = mid - 1
@@ -193,20 +255,21 @@ def _largest_micro(setup: TrainSetup, per_rank: int, budget: int, **changes) -> 
 
 
 def _reasons(best: Candidate, fits: list[Candidate], budget: int, capacity: int, margin: float,
-             per_rank: int) -> list[str]:
+             per_rank: int, host: HostBudget) -> list[str]:
     s, e = best.setup, best.estimate
     reasons = [f"micro-batch {s.batch_size} x accumulation {s.gradient_accumulation_steps} x {s.world_size} ranks = "
                f"global batch {s.batch_size * s.gradient_accumulation_steps * s.world_size}"]
     larger = [d for d in _divisors(per_rank) if d > s.batch_size]
     if larger:
-        bigger = replace(s, batch_size=larger[0], gradient_accumulation_steps=per_rank // larger[0])
         try:
+            bigger = replace(s, batch_size=larger[0], gradient_accumulation_steps=per_rank // larger[0])
             need = _cached_estimate(bigger).peak_bytes
             reasons.append(f"micro-batch {s.batch_size} is the largest that fits: peak {e.peak_bytes / GIB:.2f} GiB "
                            f"of the {budget / GIB:.2f} GiB budget ({100 * (1 - margin):.0f}% of "
                            f"{capacity / GIB:.2f} GiB); {larger[0]} would need {need / GIB:.2f} GiB")
-        except VlplanError:
-            pass
+        except VlplanError as err:
+            reasons.append(f"micro-batch {s.batch_size} is the largest vlplan takes here: {larger[0]} is refused "
+                           f"({err})")
     else:
         reasons.append(f"micro-batch {s.batch_size} takes the whole per-rank batch; peak {e.peak_bytes / GIB:.2f} "
                        f"GiB of the {budget / GIB:.2f} GiB budget")
@@ -228,7 +291,8 @@ def _reasons(best: Candidate, fits: list[Candidate], budget: int, capacity: int,
         reasons.append("plain DDP (ZeRO 0): the model states fit on every GPU, so no partitioning traffic")
     if s.offload != "none":
         reasons.append(f"offload needs {e.cpu_ram_bytes / GIB:.0f} GiB of host RAM per node "
-                       f"({', '.join(f'{k} {v / GIB:.0f} GiB' for k, v in e.cpu_breakdown_bytes.items())})")
+                       f"({', '.join(f'{k} {v / GIB:.0f} GiB' for k, v in e.cpu_breakdown_bytes.items())}) of the "
+                       f"{host.bytes / GIB:.0f} GiB budget ({host.source})")
     reasons.append(f"estimated step {best.time.seconds:.2f} s at {100 * best.time.mfu:.0f}% MFU "
                    f"({', '.join(f'{k} {v:.2f} s' for k, v in best.time.parts.items() if v > 0.005)})")
     if best.time.assumed_throughput_of:
@@ -252,19 +316,21 @@ def _zero_reason(best: Candidate, fits: list[Candidate]) -> str:
             f"{fastest_ddp.time.seconds:.2f} s per step)")
 
 
-def _assumptions(best: Candidate) -> dict:
+def _assumptions(best: Candidate, host: HostBudget) -> dict:
     from . import throughput
 
-    return {"mfu": best.time.mfu, "micro_step_overhead_s": throughput.MICRO_STEP_OVERHEAD_S,
+    return {"host_ram_per_node": f"{host.bytes / GIB:.0f} GiB: {host.source}",
+            "mfu": best.time.mfu, "micro_step_overhead_s": throughput.MICRO_STEP_OVERHEAD_S,
             "internode_gbps": throughput.INTERNODE_GBPS, "intranode_gbps": best.setup.gpu.link_gbps,
             "pcie_gbps": throughput.PCIE_GBPS, "cpu_adam_params_per_s": throughput.CPU_ADAM_PARAMS_PER_S,
             "overlap": "none (upper bound on step time)",
             "tensor_rate_of": best.time.assumed_throughput_of or best.setup.gpu.name}
 
 
-def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_rank: int) -> str:
-    """Why nothing fits (the smallest peak found) and which changes would fit."""
-    smallest = None
+def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_rank: int, host: HostBudget) -> str:
+    """Why nothing fits (the smallest peak found, or the host RAM when a setting fits the GPUs but not the host) and
+    which changes would fit."""
+    smallest = host_limited = None
     for zero, offload in _strategies(setup):
         try:
             e = _cached_estimate(replace(setup, batch_size=1, gradient_accumulation_steps=per_rank,
@@ -273,13 +339,25 @@ def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_ran
             continue
         if smallest is None or e.peak_bytes < smallest.peak_bytes:
             smallest = e
+        if e.peak_bytes <= budget and e.cpu_ram_bytes > host.bytes and (
+                host_limited is None or e.cpu_ram_bytes < host_limited.cpu_ram_bytes):
+            host_limited = e
     parts = [f"nothing fits {setup.world_size} x {setup.gpu.name} within {budget / GIB:.1f} GiB "
-             f"({100 * (1 - margin):.0f}% of capacity)"]
-    if smallest is not None:
+             f"({100 * (1 - margin):.0f}% of capacity) and {host.bytes / GIB:.0f} GiB of host RAM per node "
+             f"({host.source})"]
+    suggestions = []
+    if host_limited is not None:
+        s, need = host_limited.setup, host_limited.cpu_ram_bytes
+        parts.append(f"host RAM is the limit: ZeRO-{s.zero} with offload {s.offload} fits the GPUs (micro-batch 1, "
+                     f"checkpointing: peak {host_limited.peak_bytes / GIB:.1f} GiB) but needs "
+                     f"{need / GIB:.0f} GiB of host RAM per node ("
+                     + ", ".join(f"{k} {v / GIB:.0f} GiB" for k, v in host_limited.cpu_breakdown_bytes.items()) + ")")
+        suggestions.append(f"--host-ram-gib {math.ceil(need / GIB)} (nodes with that much RAM)")
+    elif smallest is not None:
         s = smallest.setup
         parts.append(f"the smallest setting (micro-batch 1, checkpointing, ZeRO-{s.zero}, offload {s.offload}) needs "
                      f"{smallest.peak_bytes / GIB:.1f} GiB")
-    suggestions = _suggestions(setup, budget, per_rank)
+    suggestions += _suggestions(setup, budget, per_rank, host)
     if suggestions:
         parts.append("would fit: " + "; ".join(suggestions))
     else:
@@ -287,30 +365,35 @@ def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_ran
     return ". ".join(parts)
 
 
-def _suggestions(setup: TrainSetup, budget: int, per_rank: int) -> list[str]:
-    tries: list[tuple[str, TrainSetup]] = []
+def _suggestions(setup: TrainSetup, budget: int, per_rank: int, host: HostBudget) -> list[str]:
+    tries: list[tuple[str, object]] = []  # (label, a function making the changed setup)
     base = replace(setup, batch_size=1, gradient_accumulation_steps=per_rank, gradient_checkpointing=True)
     for gpus in (2, 4, 8):
         if gpus > setup.num_gpus and setup.method != "qlora" and setup.precision != "pure-bf16":
-            tries.append((f"--num-gpus {gpus} with ZeRO-3", replace(base, num_gpus=gpus, zero=3, offload="none")))
+            tries.append((f"--num-gpus {gpus} with ZeRO-3",
+                          lambda gpus=gpus: replace(base, num_gpus=gpus, zero=3, offload="none")))
     if setup.method != "qlora" and setup.precision != "pure-bf16":
-        tries.append(("ZeRO-3 with full CPU offload (--zero 3 --offload all)", replace(base, zero=3, offload="all")))
+        tries.append(("ZeRO-3 with full CPU offload (--zero 3 --offload all)",
+                      lambda: replace(base, zero=3, offload="all")))
     if setup.method in ("lora", "full") and setup.zero != 3:
-        tries.append(("QLoRA 4-bit (--method qlora)", _qlora(base)))
+        tries.append(("QLoRA 4-bit (--method qlora)", lambda: _qlora(base)))
     if setup.images and setup.image_max_pixels:
         pixels = setup.image_max_pixels // 4
-        tries.append((f"--image-max-pixels {pixels}", replace(base, image_max_pixels=pixels)))
+        tries.append((f"--image-max-pixels {pixels}", lambda: replace(base, image_max_pixels=pixels)))
     if setup.seq_len >= 1024:
-        tries.append((f"--seq-len {setup.seq_len // 2}", replace(base, seq_len=setup.seq_len // 2)))
+        tries.append((f"--seq-len {setup.seq_len // 2}", lambda: replace(base, seq_len=setup.seq_len // 2)))
     found = []
-    for label, candidate in tries:
-        if candidate is None:
-            continue
+    for label, make in tries:
         try:
-            if _fits(candidate, budget):
-                found.append(label)
+            candidate = make()  # a change the setup refuses (e.g. a sequence too short for its images) is no answer
         except VlplanError:
             continue
+        if candidate is None:
+            continue
+        # an assumed budget is per GPU, so more GPUs per node come with more host RAM; a given one is the node's
+        host_bytes = assumed_host_ram(candidate.gpu, candidate.num_gpus)[0] if host.assumed else host.bytes
+        if _fits(candidate, budget, host_bytes):
+            found.append(label)
     return found
 
 

@@ -46,6 +46,9 @@ def test_plan_properties(model, method, gpu, num_gpus, global_batch, seq_len, ma
     for candidate in result.alternatives:
         assert candidate.estimate.peak_bytes <= budget
         assert candidate.time.seconds >= result.step_time_s
+    # nor over the host RAM budget (the GPU type's stated assumption here)
+    for candidate in [result.chosen, *result.alternatives]:
+        assert candidate.estimate.cpu_ram_bytes <= result.host_ram_budget_bytes
 
 
 def test_plan_json_fields_and_reasons():
@@ -77,7 +80,12 @@ def test_nothing_fits_says_what_would():
                        seq_len=4096, num_images=2)
     with pytest.raises(NothingFits) as err:
         plan(setup, global_batch_size=4)
-    assert "would fit: QLoRA 4-bit (--method qlora)" in str(err.value) and "--seq-len 2048" in str(err.value)
+    assert "would fit: QLoRA 4-bit (--method qlora)" in str(err.value)
+    # a shorter sequence is offered exactly when it fits
+    from vlplan.planner.plan import _fits
+
+    shorter = replace(setup, seq_len=2048, batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=True)
+    assert ("--seq-len 2048" in str(err.value)) == _fits(shorter, int(setup.gpu.memory_bytes * 0.9), 64 * 2**30)
 
 
 def test_plan_cli(tmp_path):
@@ -139,13 +147,177 @@ def test_offload_is_chosen_only_when_nothing_fits_without_it():
 
     from vlplan.planner.hardware import custom_gpu
 
+    import math
+
+    # any custom GPU: the estimate depends on the GPU only through its kind (cuBLAS workspaces), not its memory
     setup = make_setup(tiny_spec("qwen2-vl-2b"), seq_len=128, image_size=(224, 224), precision="fp32",
-                       gpu=custom_gpu(0.6953125))
-    result = plan(setup, global_batch_size=4)
+                       gpu=custom_gpu(1.0))
+
+    def peak(micro, **changes):
+        return min(estimate(replace(setup, batch_size=micro, gradient_accumulation_steps=4 // micro,
+                                    gradient_checkpointing=gc, **changes)).peak_bytes for gc in (False, True))
+
+    # a GPU (no margin) that holds micro-batch 2 without offload, not 4, and 4 with ZeRO-3 + full offload
+    two, four, four_offloaded = peak(2), peak(4), peak(4, zero=3, offload="all")
+    capacity_mib = math.ceil(max(two, four_offloaded) / 2**20)
+    assert capacity_mib * 2**20 < four, "the premise: offloading holds a micro-batch that nothing else does"
+    setup = replace(setup, gpu=custom_gpu(capacity_mib / 1024))
+    result = plan(setup, global_batch_size=4, margin=0.0)
     assert result.setup.offload == "none" and result.setup.batch_size == 2
     assert all(c.setup.offload == "none" for c in result.alternatives)
     assert any(r.startswith("no CPU offload") for r in result.reasons)
 
     big = make_setup(resolve("qwen2.5-vl-7b"), method="full", gpu="a100-80g", num_gpus=1)
-    only = plan(big, global_batch_size=8)
+    only = plan(big, global_batch_size=8, host_ram_bytes=512 * 2**30, host_ram_source="test")
     assert only.setup.offload != "none" and not any(r.startswith("no CPU offload") for r in only.reasons)
+    assert only.chosen.estimate.cpu_ram_bytes <= 512 * 2**30
+
+
+# Host RAM is part of "fits" -------------------------------------------------------------------------------------------
+GIB = 2**30
+
+
+def test_offload_never_needs_more_host_ram_than_the_budget():
+    """72B full fine-tuning on one 24 GB card fits the GPU only with ZeRO-3 and full offload, which needs ~1.8 TiB of
+    host RAM: with the RTX 4090's assumed 64 GiB nothing fits and the message says host RAM was the limit and what
+    would fit; with 2 TiB given, the offload plan is chosen and its host RAM is within the budget."""
+    setup = make_setup(resolve("qwen2.5-vl-72b"), method="full", gpu="rtx4090-24g")
+    with pytest.raises(NothingFits) as err:
+        plan(setup, global_batch_size=8)
+    message = str(err.value)
+    assert "host RAM is the limit" in message and "64 GiB of host RAM per node" in message
+    need = next(int(word) for word in message.split("would fit: --host-ram-gib ")[1].split()[:1])
+    assert 1700 < need < 2000
+    fits = plan(setup, global_batch_size=8, host_ram_bytes=need * GIB, host_ram_source="test")
+    assert (fits.setup.zero, fits.setup.offload) == (3, "all")
+    assert fits.chosen.estimate.cpu_ram_bytes <= need * GIB
+    with pytest.raises(NothingFits, match="host RAM is the limit"):
+        plan(setup, global_batch_size=8, host_ram_bytes=(need - 2) * GIB, host_ram_source="test")
+    d = fits.to_dict()
+    assert d["host_ram_bytes"] == fits.chosen.estimate.cpu_ram_bytes and d["host_ram_budget_bytes"] == need * GIB
+    assert d["host_ram_source"] == "test" and d["host_ram_assumed"] is False
+    assert all(a["host_ram_bytes"] <= need * GIB for a in d["alternatives"])
+    with pytest.raises(VlplanError, match="--host-ram-gib must be positive"):
+        plan(setup, global_batch_size=8, host_ram_bytes=0)
+
+
+def test_every_catalog_gpu_has_a_stated_host_ram_assumption():
+    from vlplan.planner.hardware import CATALOG, HOST_RAM_PER_GPU, assumed_host_ram, custom_gpu
+
+    assert set(HOST_RAM_PER_GPU) == {gpu.name for gpu in CATALOG}
+    for gpu in CATALOG:
+        assumption = HOST_RAM_PER_GPU[gpu.name]
+        assert assumption.gib_per_gpu > 0 and assumption.source
+        total, reason = assumed_host_ram(gpu, 8)
+        assert total == int(assumption.gib_per_gpu * 8 * GIB) and assumption.source in reason
+    total, reason = assumed_host_ram(custom_gpu(80), 2)
+    assert "taken as a100-80g" in reason and total == 2 * 144 * GIB
+    setup = make_setup(resolve("qwen2-vl-2b"), method="lora", gpu="h100-80g", num_gpus=4)
+    result = plan(setup, global_batch_size=8)
+    assert result.host_ram_assumed and result.host_ram_budget_bytes == 4 * 256 * GIB
+    assert "AWS p5.48xlarge" in result.host_ram_source
+
+
+def test_the_global_batch_is_bounded():
+    setup = make_setup(resolve("qwen2-vl-2b"), method="lora")
+    result = plan(setup, global_batch_size=2**20)  # the largest accepted
+    assert result.setup.batch_size * result.setup.gradient_accumulation_steps == 2**20
+    with pytest.raises(VlplanError, match="above the 1048576 samples"):
+        plan(setup, global_batch_size=10**9)
+
+
+def test_divisors_take_square_root_time():
+    """`plan -g 1000000000` gave no answer in 120 s: the divisors came from a loop over every integer up to n."""
+    import time
+
+    from vlplan.planner.plan import _divisors
+
+    for n in (1, 2, 12, 36, 97, 1000, 2**20):
+        assert _divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
+    start = time.perf_counter()
+    assert _divisors(10**10)[-2:] == [5 * 10**9, 10**10] and len(_divisors(10**10)) == 121
+    assert time.perf_counter() - start < 5  # 2 x 10**5 trial divisions, not 10**10
+
+
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from vlplan.cli.main import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _errors(result) -> list[str]:
+    """stderr without the warning lines (other settings of the model may warn)."""
+    return [line for line in result.stderr.splitlines() if line and not line.startswith("warning: ")]
+
+
+def test_plan_cli_host_ram(monkeypatch):
+    import json
+
+    args = ["plan", "--model", "qwen2.5-vl-72b", "--method", "full", "--gpu", "rtx4090-24g", "-g", "8"]
+    result = _cli(*args)
+    assert result.exit_code == 1 and "host RAM is the limit" in result.stderr
+    result = _cli(*args, "--host-ram-gib", "2048", "--explain")
+    assert result.exit_code == 0, result.output
+    assert "host RAM per node" in result.stdout and "of 2048.00 GiB (--host-ram-gib)" in result.stdout
+    assert "{" not in result.stdout and "assumptions" in result.stdout and "model FLOPs utilization" in result.stdout
+    data = json.loads(_cli(*args, "--host-ram-gib", "2048", "--json").stdout)
+    assert data["host_ram_budget_bytes"] == 2048 * GIB and data["host_ram_bytes"] <= 2048 * GIB
+    for bad in ("0", "-1", "nan", "inf", "1e300"):
+        result = _cli(*args, "--host-ram-gib", bad)
+        assert result.exit_code == 2 and _errors(result) == [_errors(result)[0]], (bad, result.output)
+        assert _errors(result)[0].startswith("error: --host-ram-gib"), (bad, result.output)
+    # planning for this machine (one node, its GPUs have the planned GPU's memory): its RAM is the budget
+    import vlplan.cli.plan as cli_plan
+
+    monkeypatch.setattr(cli_plan, "_local_gpus_mib", lambda: [24564, 24564])  # two RTX 4090s here
+    monkeypatch.setattr(cli_plan, "_this_machine_ram_bytes", lambda: 100 * GIB)
+    small = ["plan", "--model", "qwen2-vl-2b", "--num-gpus", "2", "-g", "8", "--json"]
+    data = json.loads(_cli(*small, "--gpu", "rtx4090-24g").stdout)
+    assert data["host_ram_budget_bytes"] == 100 * GIB and data["host_ram_source"].startswith("this machine's RAM")
+    assert data["host_ram_assumed"] is False
+    # another GPU than this machine's, more GPUs than it has, or several nodes: the GPU type's assumption
+    for other in (["--gpu", "h100-80g"], ["--gpu", "rtx4090-24g", "--num-gpus", "4"],
+                  ["--gpu", "rtx4090-24g", "--num-nodes", "2"]):
+        data = json.loads(_cli(*small, *other).stdout)
+        assert data["host_ram_assumed"] is True, other
+    # and the flag beats both
+    data = json.loads(_cli(*small, "--gpu", "rtx4090-24g", "--host-ram-gib", "50").stdout)
+    assert data["host_ram_budget_bytes"] == 50 * GIB and data["host_ram_source"] == "--host-ram-gib"
+
+
+def test_plan_cli_bounds_the_global_batch():
+    import time
+
+    start = time.perf_counter()
+    result = _cli("plan", "--model", "qwen2-vl-2b", "-g", "1000000000")
+    assert time.perf_counter() - start < 10
+    assert result.exit_code == 2
+    assert _errors(result) == ["error: --global-batch-size 1000000000 is above the 1048576 samples per optimizer step "
+                               "vlplan plans for"]
+
+
+@pytest.mark.parametrize("flag,value", [("--mfu", "nan"), ("--mfu", "-1"), ("--mfu", "2"), ("--num-samples", "-5"),
+                                        ("--epochs", "-1"), ("--epochs", "nan"), ("--margin", "nan"),
+                                        ("--margin", "1")])
+def test_plan_cli_refuses_impossible_numbers(flag, value):
+    result = _cli("plan", "--model", "qwen2-vl-2b", "-g", "8", flag, value)
+    assert result.exit_code == 2, result.output
+    errors = _errors(result)
+    assert len(errors) == 1 and errors[0].startswith(f"error: {flag} "), errors
+
+
+def test_the_micro_batch_search_stops_at_the_setups_size_bounds():
+    """A larger micro-batch the setup refuses (images per micro-batch above its bound) counts as not fitting: the
+    search keeps the largest accepted one instead of giving up on the strategy."""
+    from tiny import tiny_spec
+
+    from vlplan.planner.hardware import custom_gpu
+    from vlplan.planner.setup import MAX_IMAGES_PER_MICRO_BATCH
+
+    setup = make_setup(tiny_spec("qwen2-vl-2b"), seq_len=128, image_size=(56, 56), num_images=16,
+                       gpu=custom_gpu(4096))
+    result = plan(setup, global_batch_size=4096, host_ram_bytes=2**40, host_ram_source="test")
+    assert result.setup.batch_size == MAX_IMAGES_PER_MICRO_BATCH // 16
+    assert any("largest vlplan takes here" in r for r in result.reasons)

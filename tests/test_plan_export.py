@@ -80,3 +80,97 @@ def test_export_errors_are_one_line(tmp_path):
     result = runner.invoke(app, [*lora, "--export-deepspeed", str(tmp_path / "ds.json")])
     assert result.exit_code == 2 and "drop --export-deepspeed" in result.output
     assert not (tmp_path / "ds.json").exists()
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "llamafactory" / "examples"
+
+
+def test_the_exported_yaml_is_a_complete_training_file(tmp_path):
+    out = tmp_path / "train.yaml"
+    result = runner.invoke(app, [*PLAN, "--epochs", "2", "--export-llamafactory", str(out)])
+    assert result.exit_code == 0, result.output
+    config = yaml.safe_load(out.read_text())
+    for key in ("dataset", "dataset_dir", "template", "output_dir", "learning_rate", "num_train_epochs",
+                "lr_scheduler_type", "warmup_steps", "logging_steps", "save_steps", "report_to", "deepspeed"):
+        assert key in config, key
+    assert config["template"] == "qwen2_vl" and config["num_train_epochs"] == 2.0
+    assert "# FILL IN" in out.read_text()
+    assert f"warning: {out}: dataset is a placeholder" in result.stderr
+
+
+def test_an_input_yaml_keeps_its_keys_and_epochs(tmp_path):
+    source = tmp_path / "mine.yaml"
+    base = yaml.safe_load((FIXTURES / "train_lora" / "qwen2_5vl_lora_sft.yaml").read_text())
+    base.update(num_train_epochs=3.0, fsdp="shard_grad_op")
+    source.write_text(yaml.safe_dump(base))
+    out = tmp_path / "train.yaml"
+    args = ["plan", "--from-llamafactory", str(source), "--num-gpus", "2", "-g", "8", "--num-samples", "800"]
+    data = plan_json(*args, "--export-llamafactory", str(out))
+    config = yaml.safe_load(out.read_text())
+    for key, value in base.items():
+        if key not in ("per_device_train_batch_size", "gradient_accumulation_steps", "fsdp", "deepspeed",
+                       "warmup_ratio"):
+            assert config[key] == value, key
+    assert "fsdp" not in config and config["warmup_steps"] == base["warmup_ratio"]
+    assert config["per_device_train_batch_size"] == data["micro_batch_size"]
+    assert "FILL IN" not in out.read_text()
+    # the file's epochs are the plan's epochs (GPU-hours), unless --epochs says otherwise
+    assert data["epochs"] == 3.0 and data["gpu_hours"] == pytest.approx(3 * data["epoch_time_s"] * 2 / 3600)
+    result = runner.invoke(app, [*args, "--epochs", "1.5", "--export-llamafactory", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(out.read_text())["num_train_epochs"] == 1.5
+    assert "removed fsdp from the input YAML" in result.stderr
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+def test_an_export_path_that_is_a_folder_is_one_line_and_writes_nothing(tmp_path):
+    for flag in ("--export-llamafactory", "--export-deepspeed", "--export-hf-args"):
+        result = runner.invoke(app, [*PLAN, flag, str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+        assert len(errors) == 1 and errors[0].startswith("error: ") and "is a folder" in errors[0]
+        assert "Traceback" not in result.output
+        assert _leftovers(tmp_path) == []
+    out = tmp_path / "same.json"
+    result = runner.invoke(app, [*PLAN, "--export-deepspeed", str(out), "--export-hf-args", str(out)])
+    assert result.exit_code == 2 and "two exports" in result.stderr and _leftovers(tmp_path) == []
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A read-only folder (simulated: the tests may run as root, who writes anywhere): one line, exit 2, and the
+    files already staged for the other exports are removed too."""
+    import pathlib
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_write = pathlib.Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.parent == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    result = runner.invoke(app, [*PLAN, "--export-deepspeed", str(tmp_path / "ds.json"),
+                                 "--export-hf-args", str(tmp_path / "args.json"),
+                                 "--export-llamafactory", str(locked / "train.yaml")])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning: ")]
+    assert errors == [f"error: cannot write {locked / 'train.yaml'}: Permission denied"]
+    assert _leftovers(tmp_path) == ["locked"]
+
+
+@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_folder_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        result = runner.invoke(app, [*PLAN, "--export-llamafactory", str(locked / "train.yaml")])
+    finally:
+        locked.chmod(0o755)
+    assert result.exit_code == 2 and "Permission denied" in result.stderr
+    assert _leftovers(locked) == []

@@ -1,8 +1,17 @@
-"""`vlplan plan`: launch settings for a GPU budget, with reasons, runners-up and time estimates."""
+"""`vlplan plan`: launch settings for a GPU budget, with reasons, runners-up and time estimates.
+
+Host RAM: a plan that offloads to the CPU must fit the node's RAM too. The budget per node is `--host-ram-gib` when
+given; else this machine's RAM when the plan is for this machine; else the GPU type's stated assumption
+(planner/hardware.py HOST_RAM_PER_GPU). "For this machine" means: one node, and this machine has at least
+`--num-gpus` NVIDIA GPUs (seen through NVML) whose memory is the planned GPU's (within 2%); its RAM is the physical
+RAM, or the container's memory limit (cgroup) where that is lower.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -23,9 +32,15 @@ def plan_command(
                                           help="Samples per optimizer step over all GPUs."),
     margin: float = typer.Option(0.10, "--margin", help="Keep the estimated peak below capacity x (1 - margin)."),
     num_samples: int = typer.Option(0, "--num-samples", help="Dataset size, for time per epoch and GPU-hours."),
-    epochs: float = typer.Option(1.0, "--epochs", help="Epochs, for GPU-hours."),
+    epochs: float = typer.Option(None, "--epochs", help="Epochs, for GPU-hours and the exported YAML's "
+                                                        "num_train_epochs (default: the --from-llamafactory YAML's "
+                                                        "num_train_epochs, else 1)."),
     mfu: float = typer.Option(0.0, "--mfu", help="Model FLOPs utilization to assume (default 0.40 fused / 0.30 "
                                                   "eager attention)."),
+    host_ram_gib: float = typer.Option(None, "--host-ram-gib", help="Host RAM per node (GiB) that the training "
+                                                                   "processes and CPU offload may use (default: this "
+                                                                   "machine's RAM when the plan is for this machine, "
+                                                                   "else an assumption per GPU type)."),
     explain: bool = typer.Option(False, "--explain", help="Show the reasons and assumptions in full."),
     export_llamafactory: Path = typer.Option(None, "--export-llamafactory", metavar="OUT.yaml",
                                              help="Write the plan as a LLaMA-Factory training YAML (with its "
@@ -54,16 +69,24 @@ def plan_command(
     from vlplan.planner.plan import NothingFits
 
     with errors():
+        base = _input_yaml(resolved)
+        host_bytes, host_source = host_ram_budget(setup, host_ram_gib)
+        planned_epochs = epochs if epochs is not None else _yaml_epochs(base)
         try:
             result = plan(setup, global_batch_size=global_batch_size, margin=margin,
-                          num_samples=num_samples or None, epochs=epochs, mfu=mfu or None)
+                          num_samples=num_samples or None, epochs=planned_epochs,
+                          mfu=None if mfu == 0 else mfu,  # 0: the default by attention kernel
+                          host_ram_bytes=host_bytes, host_ram_source=host_source)
         except NothingFits as err:
             if json_:
                 print_json({"fits": False, "error": str(err)})
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(1) from None
-        written = write_exports(result.setup, llamafactory=export_llamafactory, deepspeed=export_deepspeed,
-                                hf_args=export_hf_args, version=llamafactory_version, overwrite=overwrite)
+        written, notes = write_exports(result.setup, llamafactory=export_llamafactory, deepspeed=export_deepspeed,
+                                       hf_args=export_hf_args, version=llamafactory_version, overwrite=overwrite,
+                                       base=base, epochs=epochs)
+    for note in notes:
+        typer.echo(f"warning: {note}", err=True)
     if confirm:
         from .profile import confirm_and_render
 
@@ -78,16 +101,98 @@ def plan_command(
         console.print(f"wrote {path}")
 
 
+# `--host-ram-gib` above this is a typo, not a machine (1 PiB per node)
+MAX_HOST_RAM_GIB = 2**20
+
+
+def host_ram_budget(setup, host_ram_gib: float | None) -> tuple[int | None, str | None]:
+    """The host RAM budget per node and where it comes from: the flag, else this machine's RAM when the plan is for
+    this machine (module docstring), else (None, None): the planner's assumption for the GPU type."""
+    if host_ram_gib is not None:
+        if not math.isfinite(host_ram_gib) or not 0 < host_ram_gib <= MAX_HOST_RAM_GIB:
+            raise VlplanError(f"--host-ram-gib must be a number of GiB in (0, {MAX_HOST_RAM_GIB}], got {host_ram_gib}")
+        return int(host_ram_gib * 2**30), "--host-ram-gib"
+    local = _local_gpus_mib()
+    if setup.num_nodes == 1 and len(local) >= setup.num_gpus and all(
+            abs(mib - setup.gpu.memory_mib) <= 0.02 * setup.gpu.memory_mib for mib in local[:setup.num_gpus]):
+        ram = _this_machine_ram_bytes()
+        if ram:
+            return ram, f"this machine's RAM (the plan is for its {len(local)} GPU(s) of {setup.gpu.name}'s memory)"
+    return None, None
+
+
+def _local_gpus_mib() -> list[int]:
+    """Total memory (MiB) of each NVIDIA GPU NVML sees here; none without the driver or nvidia-ml-py."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no nvidia-ml-py, no driver, no GPU: this machine is not the planned one
+        return []
+    try:
+        return [int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total // 2**20)
+                for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:
+        return []
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def _this_machine_ram_bytes() -> int | None:
+    """Physical RAM, or the cgroup (container) memory limit where lower."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            ram = min(ram, int(text))
+    return ram
+
+
+def _input_yaml(resolved) -> dict | None:
+    """The --from-llamafactory YAML the plan started from (its keys are kept in the exported YAML)."""
+    from vlplan.planner.io.llamafactory import load_yaml
+
+    path = resolved.sources.get("llamafactory")
+    return load_yaml(path) if path else None
+
+
+def _yaml_epochs(base: dict | None) -> float:
+    value = (base or {}).get("num_train_epochs")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return 1.0
+
+
 def write_exports(setup, *, llamafactory: Path | None, deepspeed: Path | None, hf_args: Path | None,
-                  version: str = "latest", overwrite: bool = False) -> list[Path]:
-    """Write the requested config files for `setup`. With ZeRO on, the YAML and the TrainingArguments point at the
+                  version: str = "latest", overwrite: bool = False, base: dict | None = None,
+                  epochs: float | None = None) -> tuple[list[Path], list[str]]:
+    """Write the requested config files for `setup`, and return them with notes for the user (placeholders to fill,
+    keys of the input YAML the plan removed). The YAML is a complete training file (`training_yaml`: every key of
+    `base` the plan does not decide is kept). With ZeRO on, the YAML and the TrainingArguments point at the
     DeepSpeed JSON (`deepspeed` if given, else LLaMA-Factory's file name next to them, written too). Existing files
-    are kept unless `overwrite`; all contents are built before anything is written."""
+    are kept unless `overwrite`; all contents are built, and every file written to a temporary name, before any is
+    put in place, so a failure leaves nothing behind."""
     from vlplan.planner.io.deepspeed import deepspeed_config
     from vlplan.planner.io.hf_args import training_arguments
-    from vlplan.planner.io.llamafactory import default_deepspeed_name, dump_yaml, llamafactory_yaml
+    from vlplan.planner.io.llamafactory import default_deepspeed_name, training_yaml
 
     files: dict[Path, str] = {}
+    notes: list[str] = []
+    from .outputs import check_output_file
+
+    for path, flag in ((llamafactory, "--export-llamafactory"), (deepspeed, "--export-deepspeed"),
+                       (hf_args, "--export-hf-args")):
+        if path is not None:
+            check_output_file(path, flag)  # a folder, a read-only folder: one line before anything is built
     uses_deepspeed = setup.zero > 0 or setup.offload != "none"
     ds_path = deepspeed
     if uses_deepspeed and ds_path is None and (llamafactory is not None or hf_args is not None):
@@ -98,20 +203,40 @@ def write_exports(setup, *, llamafactory: Path | None, deepspeed: Path | None, h
         files[ds_path] = json.dumps(deepspeed_config(setup), indent=2) + "\n"
     ds_ref = str(ds_path.resolve()) if uses_deepspeed and ds_path is not None else None
     if llamafactory is not None:
-        config = llamafactory_yaml(setup, version=version, deepspeed_path=ds_ref)
-        files[llamafactory] = dump_yaml(config, version)
+        exported = training_yaml(setup, version=version, base=base, deepspeed_path=ds_ref, epochs=epochs)
+        if llamafactory in files:
+            raise VlplanError(f"{llamafactory} is named for two exports; give each its own file")
+        files[llamafactory] = exported.text(version)
+        for key in exported.placeholders:
+            notes.append(f"{llamafactory}: {key} is a placeholder ({exported.config[key]}); set it before training")
+        if exported.removed:
+            notes.append(f"{llamafactory}: removed {', '.join(exported.removed)} from the input YAML (the plan "
+                         "decides them, or LLaMA-Factory "
+                         f"{'latest' if version == 'latest' else 'v' + version} does not accept them)")
     if hf_args is not None:
+        if hf_args in files:
+            raise VlplanError(f"{hf_args} is named for two exports; give each its own file")
         files[hf_args] = json.dumps(training_arguments(setup, deepspeed_path=ds_ref), indent=2) + "\n"
     existing = [str(path) for path in files if path.exists()]
     if existing and not overwrite:
         raise VlplanError(f"{', '.join(existing)} already exist(s); choose another path or pass --overwrite")
-    for path, text in files.items():
+    for path in files:
         if not path.parent.is_dir():
             raise VlplanError(f"directory {path.parent} does not exist; create it or choose another path")
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    return list(files)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, text in files.items():
+            tmp = path.with_name(f".{path.name}.tmp")
+            staged.append((tmp, path))
+            tmp.write_text(text)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as err:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise VlplanError(f"cannot write {path}: {err.strerror or err}") from None
+    return list(files), notes
 
 
 def render_plan(result: Plan, explain: bool) -> None:
@@ -122,6 +247,8 @@ def render_plan(result: Plan, explain: bool) -> None:
             ["global batch", result.global_batch_size], ["ZeRO stage", s.zero], ["offload", s.offload],
             ["gradient checkpointing", "on" if s.gradient_checkpointing else "off"], ["attention", s.attn],
             ["peak per GPU", f"{gib(e.peak_bytes)} of {gib(result.capacity_bytes)} ({e.peak_phase})"],
+            ["host RAM per node", f"{gib(e.cpu_ram_bytes)} of {gib(result.host_ram_budget_bytes)} "
+                                  f"({_host_ram_label(result)})"],
             ["step time", f"{result.step_time_s:.2f} s"]]
     if d["epoch_time_s"] is not None:
         rows.append(["time per epoch", f"{d['epoch_time_s'] / 3600:.2f} h"])
@@ -132,8 +259,35 @@ def render_plan(result: Plan, explain: bool) -> None:
     if result.alternatives:
         alt = [[c.setup.batch_size, c.setup.gradient_accumulation_steps, c.setup.zero, c.setup.offload,
                 "on" if c.setup.gradient_checkpointing else "off", gib(c.estimate.peak_bytes),
-                f"{c.time.seconds:.2f} s"] for c in result.alternatives]
-        console.print(table("runners-up", ["micro", "accum", "ZeRO", "offload", "ckpt", "peak", "step"], alt,
-                            {0, 1, 5, 6}))
+                gib(c.estimate.cpu_ram_bytes), f"{c.time.seconds:.2f} s"] for c in result.alternatives]
+        console.print(table("runners-up", ["micro", "accum", "ZeRO", "offload", "ckpt", "peak", "host RAM", "step"],
+                            alt, {0, 1, 5, 6, 7}))
     if explain:
-        console.print(f"assumptions: {result.assumptions}")
+        console.print(table("assumptions", ["assumption", "value"],
+                            [[ASSUMPTION_LABELS.get(key, key.replace("_", " ")), _assumption_text(key, value)]
+                             for key, value in result.assumptions.items()]))
+
+
+def _host_ram_label(result: Plan) -> str:
+    if result.host_ram_assumed:
+        return f"assumed for {result.setup.gpu.name}, see --explain"
+    return result.host_ram_source.split(" (")[0]
+
+
+ASSUMPTION_LABELS = {"host_ram_per_node": "host RAM per node", "mfu": "model FLOPs utilization",
+                     "micro_step_overhead_s": "overhead per micro-step", "internode_gbps": "bandwidth between nodes",
+                     "intranode_gbps": "bandwidth within a node", "pcie_gbps": "PCIe (offload) bandwidth",
+                     "cpu_adam_params_per_s": "CPU Adam rate", "overlap": "communication overlap",
+                     "tensor_rate_of": "tensor rate of"}
+
+
+def _assumption_text(key: str, value) -> str:
+    if key == "mfu":
+        return f"{100 * value:.0f}%"
+    if key.endswith("_gbps"):
+        return f"{value:g} GB/s"
+    if key == "cpu_adam_params_per_s":
+        return f"{value:.3g} parameters/s per process"
+    if key.endswith("_s") and isinstance(value, (int, float)):
+        return f"{value * 1000:g} ms"
+    return str(value)
