@@ -253,7 +253,7 @@ def test_setup_export_import_is_identity(name, version, tmp_path):
             llamafactory_yaml(setup, version=version)
         return
     exported, again = _export_import(setup, version, tmp_path, gpu=setup.gpu, num_gpus=setup.num_gpus)
-    assert again == setup
+    assert again == dataclasses.replace(setup, stack="llamafactory")  # a YAML is read as LLaMA-Factory's stack
     assert exported["per_device_train_batch_size"] == setup.batch_size
 
 
@@ -307,3 +307,125 @@ def test_fp32_and_uncapped_images_cannot_be_exported():
         llamafactory_yaml(make_setup(qwen, image_max_pixels=None, image_size=(448, 448)))
     with pytest.raises(VlplanError, match="version '0.8.0'"):
         llamafactory_yaml(make_setup(qwen), version="0.8.0")
+
+
+# A training file that trains (plan --export-llamafactory) -------------------------------------------------------------
+def _training_yaml(*args, **kwargs):
+    from vlplan.planner.io.llamafactory import training_yaml
+
+    return training_yaml(*args, **kwargs)
+
+
+RUN_KEYS = ("dataset", "dataset_dir", "template", "output_dir", "learning_rate", "num_train_epochs",
+            "lr_scheduler_type", "warmup_steps", "logging_steps", "save_steps", "report_to")
+
+
+@pytest.mark.parametrize("name", SETUPS)
+def test_a_file_without_input_has_every_run_key_and_reads_back_the_same(name, tmp_path):
+    setup = SETUPS[name]
+    exported = _training_yaml(setup, deepspeed_path=str(tmp_path / "ds.json") if setup.zero else None, epochs=2)
+    if setup.zero:
+        (tmp_path / "ds.json").write_text(json.dumps(deepspeed_config(setup)))
+    text = exported.text()
+    config = yaml.safe_load(text)
+    assert config == exported.config  # comments and section lines are YAML comments
+    assert set(RUN_KEYS) <= set(config) and config["num_train_epochs"] == 2.0
+    assert config["learning_rate"] == (1e-5 if setup.method == "full" else 1e-4)
+    assert config["template"] == {"qwen2_vl": "qwen2_vl", "llava": "llava"}[setup.model.family]
+    assert exported.placeholders == ["dataset"] and "dataset: mllm_demo  # FILL IN" in text
+    assert text.startswith("# Written by vlplan") and "### dataset" in text and "### train" in text
+    # the memory keys are llamafactory_yaml's, so the file plans the same setup
+    memory = llamafactory_yaml(setup, deepspeed_path=str(tmp_path / "ds.json") if setup.zero else None)
+    assert {key: config[key] for key in memory} == memory
+    (tmp_path / "train.yaml").write_text(text)
+    again, _ = setup_from_llamafactory(tmp_path / "train.yaml", images=list(setup.images), gpu=setup.gpu,
+                                       num_gpus=setup.num_gpus)
+    assert again == dataclasses.replace(setup, stack="llamafactory")  # the file runs under LLaMA-Factory
+
+
+def test_templates_come_from_llamafactory_or_are_marked_placeholders():
+    from vlplan.planner.io.llamafactory import TEMPLATE_PLACEHOLDER, llamafactory_template
+
+    assert llamafactory_template(resolve("qwen3-vl-8b")) == "qwen3_vl_nothink"
+    assert llamafactory_template(resolve("llava-v1.6-mistral-7b")) == "llava_next_mistral"
+    # another checkpoint of a one-template family (a local folder): the family's
+    assert llamafactory_template(dataclasses.replace(resolve("qwen2.5-vl-7b"), hf_id="my-org/my-qwen")) == "qwen2_vl"
+    # LLaMA-Factory registers none for Phi-3.5-vision: no guess, a value its template lookup refuses
+    phi = make_setup(resolve("phi-3.5-vision"))
+    assert llamafactory_template(phi.model) is None
+    exported = _training_yaml(phi)
+    assert exported.config["template"] == TEMPLATE_PLACEHOLDER and exported.placeholders == ["dataset", "template"]
+    assert "template: FILL_IN_TEMPLATE  # FILL IN" in exported.text()
+
+
+def test_a_local_model_is_named_by_its_folder(tmp_path):
+    from vlplan.planner.io.llamafactory import model_location
+
+    (tmp_path / "config.json").write_text("{}")
+    spec = dataclasses.replace(resolve("qwen2-vl-2b"), source_url=str(tmp_path / "config.json"))
+    assert model_location(spec) == str(tmp_path)
+    assert model_location(resolve("qwen2-vl-2b")) == "Qwen/Qwen2-VL-2B-Instruct"  # source_url is a web page
+    assert _training_yaml(make_setup(spec)).config["model_name_or_path"] == str(tmp_path)
+
+
+def test_an_input_file_keeps_every_key_the_plan_does_not_decide():
+    base = yaml.safe_load((FIXTURES / "train_qlora" / "qwen2vl_lora_sft_otfq.yaml").read_text())
+    base.update(gradient_checkpointing=True, pure_bf16=False, warmup_ratio=0.03, eval_strategy="steps",
+                eval_steps=50, val_size=0.1, my_unknown_key=1, stage="dpo",
+                additional_target="visual.merger,embed_tokens")
+    setup, _ = setup_from_llamafactory(base)
+    base["fsdp"] = "full_shard"  # a file that sharded with FSDP: the plan's DeepSpeed settings replace it
+    planned = dataclasses.replace(setup, batch_size=1, gradient_accumulation_steps=8, gradient_checkpointing=False)
+    exported = _training_yaml(planned, base=base)
+    config = exported.config
+    # the plan's numbers
+    assert (config["per_device_train_batch_size"], config["gradient_accumulation_steps"]) == (1, 8)
+    assert config["disable_gradient_checkpointing"] is True
+    # everything else of the file, the stage included (planned as SFT, trained as the file says)
+    for key in ("model_name_or_path", "dataset", "template", "output_dir", "learning_rate", "num_train_epochs",
+                "eval_strategy", "eval_steps", "val_size", "my_unknown_key", "lora_dropout", "image_min_pixels"):
+        assert config[key] == base[key], key
+    assert config["stage"] == "dpo"
+    assert config["additional_target"] == "embed_tokens,visual.merger"  # the projector stays, the rest is kept
+    # what would contradict the plan goes, and the caller is told
+    assert set(exported.removed) == {"fsdp", "gradient_checkpointing", "pure_bf16"}
+    assert not set(exported.removed) & set(config)
+    assert config["warmup_steps"] == 0.03 and "warmup_ratio" not in config
+    # changed keys say what they were
+    assert exported.comments["per_device_train_batch_size"] == "vlplan plan (was 2)"
+    assert "learning_rate" not in exported.comments and exported.placeholders == []
+    assert list(config)[:3] == list(base)[:3]  # the file's own order
+    assert yaml.safe_load(exported.text()) == config
+
+
+def test_an_input_file_for_an_old_version_is_written_in_the_current_keys():
+    base = yaml.safe_load((FIXTURES / "v0_9_1" / "llava1_5_pretrain_mm_proj.yaml").read_text())
+    setup, _ = setup_from_llamafactory(base, version="0.9.1")
+    exported = _training_yaml(setup, base=base, deepspeed_path="/x/ds_z2_config.json")
+    config = exported.config
+    assert {"image_resolution", "video_resolution", "train_mm_proj_only"} <= set(exported.removed)
+    assert config["image_max_pixels"] == 262144 and config["freeze_multi_modal_projector"] is False
+    assert config["deepspeed"] == "/x/ds_z2_config.json"
+    # for v0.9.1 itself the old names stay
+    old = _training_yaml(setup, base=base, version="0.9.1", deepspeed_path="/x/ds_z2_config.json")
+    assert old.config["train_mm_proj_only"] is True and "image_resolution" in old.config
+    assert "warmup_steps" not in old.config
+
+
+def test_dump_yaml_comments_and_sections():
+    text = dump_yaml({"a_key": 1, "b_list": [1, 2], "c": "x: y"}, comments={"a_key": "one", "b_list": "two"},
+                     sections={"a_key": "first", "b_list": "second", "c": "second"})
+    assert "### first\na_key: 1  # one" in text and "### second\n# two\nb_list:\n- 1\n- 2" in text
+    assert yaml.safe_load(text) == {"a_key": 1, "b_list": [1, 2], "c": "x: y"}
+    with pytest.raises(VlplanError, match="not a LLaMA-Factory key"):
+        dump_yaml({"Bad Key": 1})
+
+
+def test_an_input_file_without_a_dataset_gets_the_marked_placeholder():
+    base = {"model_name_or_path": "qwen2-vl-2b", "finetuning_type": "lora", "per_device_train_batch_size": 1,
+            "bf16": True, "learning_rate": 2e-4}
+    setup, _ = setup_from_llamafactory(base)
+    exported = _training_yaml(setup, base=base)
+    assert exported.config["dataset"] == "mllm_demo" and exported.placeholders == ["dataset"]
+    assert exported.config["template"] == "qwen2_vl" and exported.config["output_dir"].startswith("saves/")
+    assert exported.config["learning_rate"] == 2e-4 and "# FILL IN" in exported.text()

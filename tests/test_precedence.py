@@ -61,6 +61,7 @@ CASES = {
     "zero": ({"deepspeed": "DS", "finetuning_type": "full"}, ["--zero", "0", "--offload", "none"], {"zero": 0}),
     "offload": ({"deepspeed": "DS", "finetuning_type": "full"}, ["--offload", "none"],
                 {"offload": "none", "zero": 3}),
+    "stack": ({}, ["--stack", "vlplan"], {"stack": "vlplan"}),
 }
 # the opposite of each flag's default, where the default itself is typed above
 NEGATIONS = {

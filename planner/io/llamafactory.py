@@ -4,8 +4,11 @@
 YAML, from v0.9.0's names (`image_resolution`, `train_mm_proj_only`, `quantization_method: bitsandbytes`) to the
 current ones, fills what is missing with LLaMA-Factory's defaults of the version the file is written for (and HF
 TrainingArguments' defaults: `per_device_train_batch_size` is 8 when absent), and returns the TrainSetup plus a
-warning for every key it reads but does not model. `llamafactory_yaml(setup, version=...)` writes a YAML dict with
-only keys that version accepts. Keys, defaults and code paths: shared/reference/llamafactory.md section 1.
+warning for every key it reads but does not model. `llamafactory_yaml(setup, version=...)` writes the memory keys of
+a setup as a YAML dict with only keys that version accepts; `training_yaml(setup, base=...)` makes it a complete
+training file (the input YAML's other keys kept, or LLaMA-Factory's example run settings and the model's chat
+template, with placeholders marked), which tests/test_llamafactory_parser.py holds to LLaMA-Factory's own parser.
+Keys, defaults and code paths: shared/reference/llamafactory.md section 1.
 
 The fields of a TrainSetup that no LLaMA-Factory key holds (the images per sample, the GPU, `num_gpus`/`num_nodes`,
 which LLaMA-Factory takes from the environment) come from `overrides`, else from `make_setup`'s defaults.
@@ -328,7 +331,8 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
     if version != "latest":
         warnings.append(f"{name}: read as LLaMA-Factory v{version} ({why}); missing keys take that version's "
                         "defaults")
-    choices: dict = {}
+    # LLaMA-Factory prepares the model its own way (patch_model before init_adapter): plan for that stack
+    choices: dict = {"stack": "llamafactory"}
 
     model = config.get("model_name_or_path")
     if model is not None:
@@ -370,6 +374,11 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
         if config.get("quantization_device_map") is not None:
             raise VlplanError(f"{name}: quantization_device_map must stay unset for training (LLaMA-Factory: 'Cannot "
                               "use device map for quantized models in training.')")
+    else:
+        unused = [key for key in ("quantization_method", "quantization_type", "double_quantization",
+                                  "quantization_device_map") if config.get(key) is not None]
+        if unused:
+            warnings.append(f"{name}: {', '.join(unused)} only apply with quantization_bit; ignored")
     method = {"lora": "qlora" if quant_bits else "lora", "freeze": "freeze", "full": "full"}[finetuning]
     choices["method"] = method
     if quant_bits:
@@ -472,6 +481,10 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
     # gradient_checkpointing: true makes the Trainer enable it regardless
     choices["gradient_checkpointing"] = (not r.bool("disable_gradient_checkpointing", False)
                                          or r.bool("gradient_checkpointing", False))
+    if config.get("gradient_checkpointing") is False and choices["gradient_checkpointing"]:
+        warnings.append(f"{name}: gradient_checkpointing false does not switch checkpointing off: LLaMA-Factory "
+                        "enables it itself (prepare_model_for_training); modelled on, set "
+                        "disable_gradient_checkpointing: true to train without it")
     liger = r.bool("enable_liger_kernel", False) or r.bool("use_liger_kernel", False)
     if liger:
         warnings.append(f"{name}: liger kernels (fused linear cross-entropy, fused norms) are not modelled; the "
@@ -784,16 +797,268 @@ def _freeze_keys(setup: TrainSetup, version: str) -> dict:
     return dict(freeze_vision_tower=vision_frozen, train_mm_proj_only=False)
 
 
+# A training file that trains ------------------------------------------------------------------------------------------
+# LLaMA-Factory's chat template per checkpoint: the `template=` of `register_model_group` in
+# src/llamafactory/extras/constants.py of the llamafactory 0.9.5 wheel (DEFAULT_TEMPLATE, looked up by hub id).
+# Checkpoints missing here have no template registered there (llava-llama-3, Idefics3, SmolVLM, Phi-3.5-vision).
+LLAMAFACTORY_TEMPLATES = {
+    "qwen/qwen2-vl-2b-instruct": "qwen2_vl", "qwen/qwen2-vl-7b-instruct": "qwen2_vl",
+    "qwen/qwen2-vl-72b-instruct": "qwen2_vl", "qwen/qwen2.5-vl-3b-instruct": "qwen2_vl",
+    "qwen/qwen2.5-vl-7b-instruct": "qwen2_vl", "qwen/qwen2.5-vl-32b-instruct": "qwen2_vl",
+    "qwen/qwen2.5-vl-72b-instruct": "qwen2_vl", "qwen/qwen3-vl-4b-instruct": "qwen3_vl_nothink",
+    "qwen/qwen3-vl-8b-instruct": "qwen3_vl_nothink", "qwen/qwen3-vl-32b-instruct": "qwen3_vl_nothink",
+    "qwen/qwen3-vl-30b-a3b-instruct": "qwen3_vl_nothink", "llava-hf/llava-1.5-7b-hf": "llava",
+    "llava-hf/llava-1.5-13b-hf": "llava", "mistral-community/pixtral-12b": "pixtral",
+    "llava-hf/llava-v1.6-mistral-7b-hf": "llava_next_mistral", "llava-hf/llava-v1.6-vicuna-7b-hf": "llava_next",
+    "opengvlab/internvl3-1b-hf": "intern_vl", "opengvlab/internvl3-2b-hf": "intern_vl",
+    "opengvlab/internvl3-8b-hf": "intern_vl", "opengvlab/internvl3-38b-hf": "intern_vl",
+    "google/gemma-3-4b-it": "gemma3", "google/gemma-3-12b-it": "gemma3", "google/gemma-3-27b-it": "gemma3",
+    "meta-llama/llama-3.2-11b-vision-instruct": "mllama", "google/paligemma2-3b-pt-448": "paligemma",
+    "google/paligemma2-10b-pt-448": "paligemma", "openbmb/minicpm-v-2_6": "minicpm_v",
+}
+# Other checkpoints (a local folder, another hub id) of families whose checkpoints all use one template
+FAMILY_TEMPLATES = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "internvl": "intern_vl", "gemma3": "gemma3",
+                    "mllama": "mllama", "paligemma": "paligemma", "minicpmv": "minicpm_v"}
+
+FILL_IN = "FILL IN"  # the comment that marks a placeholder value
+TEMPLATE_PLACEHOLDER = "FILL_IN_TEMPLATE"  # LLaMA-Factory stops on it: "Template FILL_IN_TEMPLATE does not exist."
+
+# The run keys of LLaMA-Factory's own multimodal examples (examples/train_lora/qwen2_5vl_lora_sft.yaml and
+# examples/train_full/qwen2_5vl_full_sft.yaml, hiyouga/LLaMA-Factory @ 85b0f312 / 30342065), less `max_samples: 1000`
+# (a demo limit that would silently cut a real dataset): key -> (section, value, comment)
+_RUN_KEYS = {
+    "overwrite_cache": ("dataset", True, None),
+    "preprocessing_num_workers": ("dataset", 16, None),
+    "dataloader_num_workers": ("dataset", 4, None),
+    "logging_steps": ("output", 10, None),
+    "save_steps": ("output", 500, None),
+    "plot_loss": ("output", True, None),
+    "overwrite_output_dir": ("output", True, None),
+    "save_only_model": ("output", False, None),
+    "report_to": ("output", "none", "choices: [none, wandb, tensorboard, swanlab, mlflow]"),
+    "lr_scheduler_type": ("train", "cosine", None),
+    "ddp_timeout": ("train", 180000000, None),
+    "resume_from_checkpoint": ("train", None, None),
+}
+_SECTIONS = ("model", "method", "dataset", "output", "train")
+# keys that lead their section, as in LLaMA-Factory's examples; the others follow in the order written
+_LEADING_KEYS = ("model_name_or_path", "trust_remote_code", "stage", "do_train", "finetuning_type", "dataset",
+                 "dataset_dir", "template", "cutoff_len", "output_dir", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "lr_scheduler_type",
+                 "warmup_steps", "warmup_ratio")
+_SECTION_OF = {
+    "model_name_or_path": "model", "trust_remote_code": "model", "image_max_pixels": "model",
+    "image_min_pixels": "model", "image_resolution": "model", "video_max_pixels": "model",
+    "video_min_pixels": "model", "video_resolution": "model", "video_fps": "model", "video_maxlen": "model",
+    "quantization_bit": "model", "quantization_method": "model", "double_quantization": "model",
+    "flash_attn": "model", "enable_liger_kernel": "model",
+    "dataset": "dataset", "dataset_dir": "dataset", "template": "dataset", "cutoff_len": "dataset",
+    "packing": "dataset", "output_dir": "output", "per_device_train_batch_size": "train",
+    "gradient_accumulation_steps": "train", "learning_rate": "train", "num_train_epochs": "train",
+    "max_grad_norm": "train", "bf16": "train", "fp16": "train", "pure_bf16": "train", "optim": "train",
+    "disable_gradient_checkpointing": "train",
+}
+# Keys the plan decides even when it does not write them: a training YAML keeps none of them unless the export writes
+# it (a `deepspeed:` file for another ZeRO stage, FSDP next to DeepSpeed, the HF Trainer's own checkpointing switch,
+# quantization keys without QLoRA, pure_bf16 with another precision)
+_PLAN_OWNED = frozenset({"deepspeed", "fsdp", "fsdp_config", "gradient_checkpointing", "quantization_bit",
+                         "quantization_method", "double_quantization", "quantization_type", "pure_bf16",
+                         "additional_target", "train_mm_proj_only", "freeze_vision_tower",
+                         "freeze_multi_modal_projector", "freeze_language_model"})
+
+
+def llamafactory_template(spec) -> str | None:
+    """LLaMA-Factory's chat template for a model spec, or None where LLaMA-Factory registers none for it."""
+    return LLAMAFACTORY_TEMPLATES.get(spec.hf_id.lower()) or FAMILY_TEMPLATES.get(spec.family)
+
+
+def model_location(spec) -> str:
+    """What `model_name_or_path` names: the folder of a local config.json the spec was read from, else its hub id."""
+    source = Path(spec.source_url) if spec.source_url and "://" not in spec.source_url else None
+    if source is not None and source.is_absolute() and source.is_file():
+        return str(source.parent if source.name == "config.json" else source)
+    return spec.hf_id
+
+
+def _learning_rate(method: str) -> float:
+    # LLaMA-Factory's examples: 1.0e-4 for LoRA / QLoRA / freeze (examples/train_lora, train_qlora, train_freeze),
+    # 1.0e-5 for full (examples/train_full)
+    return 1.0e-5 if method == "full" else 1.0e-4
+
+
+class TrainingYaml:
+    """A complete LLaMA-Factory training file: `config` (keys in order), a comment per key where useful, the
+    section each key is printed under, and what the caller should tell the user (placeholders to fill, keys of the
+    input file that the plan removed)."""
+
+    def __init__(self):
+        self.config: dict = {}
+        self.comments: dict[str, str] = {}
+        self.sections: dict[str, str] = {}
+        self.placeholders: list[str] = []
+        self.removed: list[str] = []
+
+    def set(self, key: str, value, comment: str | None = None, section: str | None = None) -> None:
+        self.config[key] = value
+        if comment:
+            self.comments[key] = comment
+        if section:
+            self.sections[key] = section
+
+    def text(self, version: str = "latest") -> str:
+        return dump_yaml(self.config, version, comments=self.comments, sections=self.sections or None,
+                         placeholders=bool(self.placeholders))
+
+
+def training_yaml(setup: TrainSetup, *, version: str = "latest", base: dict | None = None,
+                  deepspeed_path: str | None = None, epochs: float | None = None) -> TrainingYaml:
+    """The LLaMA-Factory training file for a planned `setup`: the memory keys of `llamafactory_yaml`, plus
+    everything a run needs.
+
+    With `base` (the input training YAML), every key of it that the plan does not decide is kept as it was (dataset,
+    template, output_dir, learning rate, schedule, logging, saving, evaluation...), the keys the plan decides are
+    replaced (and say so in a comment when their value changed), and keys that would contradict the plan or that
+    `version` does not accept are removed (listed in `removed`); a dataset, template or output folder it lacks is
+    added as below. Without `base` the file is complete: LLaMA-Factory's own example settings, the model's chat
+    template, and placeholders (listed in `placeholders`, marked FILL IN) where only the user knows the value (the
+    dataset). `epochs` sets num_train_epochs (default: the base's, else 1).
+    """
+    memory = llamafactory_yaml(setup, version=version, model_name_or_path=model_location(setup.model),
+                               deepspeed_path=deepspeed_path)
+    out = TrainingYaml()
+    if base is not None:
+        _merge_into(out, base, memory, setup, version)
+        if epochs is not None:
+            _set_changed(out, base, "num_train_epochs", float(epochs))
+        return out
+
+    for key, value in memory.items():
+        out.set(key, value, section=_SECTION_OF.get(key, "method"))
+    out.comments["model_name_or_path"] = "hub id or local folder"
+    if "deepspeed" in memory:
+        out.comments["deepspeed"] = "written next to this file by vlplan plan"
+    _add_missing_run_keys(out, setup)
+    out.set("learning_rate", _learning_rate(setup.method), "LLaMA-Factory's examples for this method", "train")
+    out.set("num_train_epochs", float(epochs if epochs is not None else 1.0), None, "train")
+    for key, (section, value, comment) in _RUN_KEYS.items():
+        out.set(key, value, comment, section)
+    # the examples' `warmup_ratio: 0.1`: transformers 5.0 moved ratios into warmup_steps (a float below 1) and 5.2
+    # removed warmup_ratio (huggingface/transformers#41326); LLaMA-Factory before 0.9.5 ("latest") pins transformers 4.x
+    if version == "latest":
+        out.set("warmup_steps", 0.1, "a ratio of the total steps (transformers >= 5.0)", "train")
+    else:
+        out.set("warmup_ratio", 0.1, None, "train")
+    order = {name: i for i, name in enumerate(_SECTIONS)}
+    first = {key: i for i, key in enumerate(_LEADING_KEYS)}
+    keys = sorted(out.config, key=lambda k: (order[out.sections[k]], first.get(k, len(first))))  # stable sort
+    out.config = {key: out.config[key] for key in keys}
+    return out
+
+
+def _add_missing_run_keys(out: TrainingYaml, setup: TrainSetup) -> None:
+    """The dataset, chat template and output folder, where the file has none (LLaMA-Factory stops without a
+    dataset: "Please specify dataset for training.")."""
+    if "dataset" not in out.config:
+        # LLaMA-Factory's bundled multimodal demo (data/mllm_demo.json with images, registered in
+        # data/dataset_info.json) trains as is from the LLaMA-Factory repository root; a real run names its own
+        out.set("dataset", "mllm_demo", f"{FILL_IN}: your dataset's name in dataset_info.json (mllm_demo is "
+                "LLaMA-Factory's bundled multimodal demo)", "dataset")
+        out.placeholders.append("dataset")
+        if "dataset_dir" not in out.config:
+            out.set("dataset_dir", "data", "the folder holding dataset_info.json (LLaMA-Factory's default, "
+                    "relative to where you launch)", "dataset")
+    if "template" not in out.config:
+        template = llamafactory_template(setup.model)
+        if template is None:
+            out.set("template", TEMPLATE_PLACEHOLDER, f"{FILL_IN}: LLaMA-Factory registers no chat template for "
+                    f"{setup.model.hf_id}; name the one its chat format uses", "dataset")
+            out.placeholders.append("template")
+        else:
+            out.set("template", template, f"LLaMA-Factory's template for {setup.model.hf_id}", "dataset")
+    if "output_dir" not in out.config:
+        safe_name = re.sub(r"[^A-Za-z0-9._-]+", "-", setup.model.name).strip("-") or "model"
+        out.set("output_dir", f"saves/{safe_name}/{setup.method}/sft", None, "output")
+
+
+def _set_changed(out: TrainingYaml, base: dict, key: str, value) -> None:
+    """Set a key the plan decides, with a comment saying what the input file had when that differs."""
+    unchanged = key in base and base[key] == value
+    out.set(key, value, None if unchanged else f"vlplan plan (was {base.get(key, 'unset')})")
+
+
+def _merge_into(out: TrainingYaml, base: dict, memory: dict, setup: TrainSetup, version: str) -> None:
+    accepted = llamafactory_keys(version)
+    written = dict(memory)
+    # what the plan does not decide stays the file's own: its stage (DPO, KTO... are planned as SFT) and do_train,
+    # and how it names the model when that is the planned model
+    for key in ("stage", "do_train"):
+        if key in base:
+            written.pop(key)
+    if "model_name_or_path" in base and _same_model(base["model_name_or_path"], setup.model):
+        written.pop("model_name_or_path")
+    if "additional_target" in base:
+        # keep the file's other fully trained modules; the plan decides only whether the projector is among them
+        others = [t for t in _lora_target(base["additional_target"], "additional_target").split(",")
+                  if t != "none" and not projector_key_in([t], setup.model)]
+        if setup.method in ("lora", "qlora") and setup.projector is not Train.FROZEN:
+            others.append(projector_key(setup.model.family))
+        if others and setup.method in ("lora", "qlora"):
+            written["additional_target"] = ",".join(others)
+    for key, value in base.items():
+        if key in written:
+            _set_changed(out, base, key, written.pop(key))
+        elif key in _PLAN_OWNED or (key in VERSIONED_KEYS and key not in accepted):
+            out.removed.append(key)
+        elif key == "warmup_ratio" and version == "latest" and "warmup_steps" not in base:
+            # transformers 5.2 removed warmup_ratio; warmup_steps below 1 is the same ratio (transformers#41326)
+            out.set("warmup_steps", value, "was warmup_ratio, which transformers 5.2 removed")
+        else:
+            out.set(key, value)
+    for key, value in written.items():
+        _set_changed(out, base, key, value)
+    _add_missing_run_keys(out, setup)
+
+
+def _same_model(name, spec) -> bool:
+    from ..registry import resolve
+
+    if not isinstance(name, str):
+        return False
+    try:
+        return resolve(name) == spec
+    except VlplanError:
+        return False
+
+
 _KEY_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
-def dump_yaml(config: dict, version: str = "latest") -> str:
-    """The YAML text of an exported config, keys in the order written, with a header saying where it came from."""
+def dump_yaml(config: dict, version: str = "latest", *, comments: dict[str, str] | None = None,
+              sections: dict[str, str] | None = None, placeholders: bool = False) -> str:
+    """The YAML text of an exported config, keys in the order written, with a header saying where it came from;
+    `comments` go after their key's value (above it for a value of several lines), `sections` put a `### name`
+    line where the section changes (as LLaMA-Factory's examples do)."""
     import yaml
 
     for key in config:
-        if not _KEY_RE.match(key):
+        if not isinstance(key, str) or not _KEY_RE.match(key):
             raise VlplanError(f"not a LLaMA-Factory key: {key!r}")
-    body = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+    comments, sections = comments or {}, sections or {}
     target = "the current LLaMA-Factory" if version == "latest" else f"LLaMA-Factory v{version}"
-    return f"# Written by vlplan for {target}: llamafactory-cli train <this file>\n" + body
+    lines = [f"# Written by vlplan for {target}: llamafactory-cli train <this file>"]
+    if placeholders:
+        lines.append(f"# Values marked '{FILL_IN}' are placeholders: replace them before training.")
+    section = None
+    for key, value in config.items():
+        if sections.get(key) and sections[key] != section:
+            section = sections[key]
+            lines += ["", f"### {section}"]
+        text = yaml.safe_dump({key: value}, sort_keys=False, default_flow_style=False, width=10**6).rstrip("\n")
+        comment = comments.get(key)
+        if comment and "\n" in text:
+            lines += [f"# {comment}", text]
+        elif comment:
+            lines.append(f"{text}  # {comment}")
+        else:
+            lines.append(text)
+    return "\n".join(lines) + "\n"

@@ -92,6 +92,9 @@ SETUP_OPTIONS = [
     _opt("num_nodes", 1, int, "--num-nodes", help="Nodes."),
     _opt("zero", 0, int, "--zero", help="DeepSpeed ZeRO stage 0-3 (0: plain DDP)."),
     _opt("offload", "none", str, "--offload", help="none | optimizer | all (DeepSpeed CPU offload)."),
+    _opt("stack", "vlplan", str, "--stack",
+         help="The training stack that prepares the model: vlplan (vlplan run's own) | llamafactory (implied by "
+              "--from-llamafactory) | hf-trainer."),
     # Files --------------------------------------------------------------------------------------------------------
     _opt("from_llamafactory", None, Path | None, "--from-llamafactory", panel=FILES_PANEL,
          help="A LLaMA-Factory training YAML (v0.9.1 to current keys); flags given on the command line override it."),
