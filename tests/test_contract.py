@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from vlplan.cli.main import app
 from vlplan.planner.coverage import LLAMAFACTORY_NO_EFFECT, NO_EFFECT, NOT_MODELLED, setup_warnings
 from vlplan.planner.io.llamafactory import NOT_MODELLED as LLAMAFACTORY_NOT_MODELLED
-from vlplan.planner.io.llamafactory import _READ as LLAMAFACTORY_READ
+from vlplan.planner.io.llamafactory import SETUP_KEYS as LLAMAFACTORY_READ
 from vlplan.planner.io.llamafactory import llamafactory_choices
 from vlplan.planner.memory.estimate import estimate
 from vlplan.planner.registry import resolve

@@ -171,7 +171,7 @@ COMMON_TRAINING_ARGUMENTS = frozenset({
 })
 
 # Keys read into the TrainSetup (or checked): everything else is either silent (no effect on memory) or warned about.
-_READ = frozenset({
+SETUP_KEYS = frozenset({
     "model_name_or_path", "stage", "finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target",
     "use_dora", "freeze_trainable_layers", "freeze_vision_tower", "freeze_multi_modal_projector",
     "freeze_language_model", "train_mm_proj_only", "image_max_pixels", "image_min_pixels", "image_resolution",
@@ -670,7 +670,7 @@ def _unread_keys(config: dict, version: str, name: str) -> list[str]:
     known = llamafactory_keys("latest") | VERSIONED_KEYS.keys() | COMMON_TRAINING_ARGUMENTS
     accepted = llamafactory_keys(version)
     for key, value in config.items():
-        if key in _READ:
+        if key in SETUP_KEYS:
             if key in VERSIONED_KEYS and key not in accepted:
                 warnings.append(f"{name}: {key} is not a key of LLaMA-Factory v{version} (read anyway)")
             continue

@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from ..errors import VlplanError
-from .llamafactory import _READ as SETUP_KEYS  # the keys the TrainSetup is made of
+from .llamafactory import SETUP_KEYS  # the keys the TrainSetup is made of
 from .llamafactory import COMMON_TRAINING_ARGUMENTS, NOT_MODELLED, llamafactory_keys, load_yaml
 
 # YAML key -> RunOptions field
