@@ -172,7 +172,13 @@ def run_command(
         elif global_batch_size is not None:
             from vlplan.planner.plan import plan
 
-            planned = plan(setup, global_batch_size=global_batch_size)
+            from .plan import host_ram_budget
+
+            # the run trains on this machine's nodes: plan offload within their RAM when this machine is the planned
+            # one, else within the GPU type's stated assumption (as `vlplan plan` does)
+            host_ram, source = host_ram_budget(setup, None)
+            planned = plan(setup, global_batch_size=global_batch_size, host_ram_bytes=host_ram,
+                           host_ram_source=source)
             plan_dict, setup = planned.to_dict(), planned.setup
         scan = getattr(resolved, "scan", None)
         options = RunOptions(cutoff_len=scan.cutoff_len if scan is not None else None, resume=resume,
