@@ -174,3 +174,22 @@ def test_a_read_only_folder_is_one_line(tmp_path):
         locked.chmod(0o755)
     assert result.exit_code == 2 and "Permission denied" in result.stderr
     assert _leftovers(locked) == []
+
+
+def test_a_plan_exported_for_llamafactory_is_planned_for_its_stack(tmp_path):
+    """LLaMA-Factory trains the exported YAML with its own model preparation, so the plan is made for that stack
+    unless --stack is typed."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vlplan.cli.main import app
+
+    out = tmp_path / "train.yaml"
+    args = ["plan", "--model", "qwen2-vl-2b", "-g", "8", "--export-llamafactory", str(out), "--json"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["stack"] == "llamafactory" and "LLaMA-Factory's stack" in result.stderr
+    result = CliRunner().invoke(app, [*args, "--stack", "vlplan", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["settings"]["stack"] == "vlplan"

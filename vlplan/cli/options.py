@@ -132,6 +132,7 @@ class ResolvedSetup:
     sample: int | None = None  # the dataset sample the setup plans for
     percentile: float | None = None
     sources: dict[str, str] = field(default_factory=dict)
+    typed: set[str] = field(default_factory=set)  # the setup flags given on the command line
 
     def json_extras(self) -> dict:
         """What a command adds to its JSON: `warnings`, `sources` and, with --dataset, the scan's summary."""
@@ -207,7 +208,7 @@ def resolve_options(progress=None, **options) -> ResolvedSetup:
         raise VlplanError(f"unknown setup option(s) {', '.join(sorted(unknown))}")
     options = {name: options.get(name) for name in OPTION_DEFAULTS}
     explicit = {name: value for name, value in options.items() if name not in FILE_OPTIONS and value is not None}
-    resolved = ResolvedSetup(setup=None)
+    resolved = ResolvedSetup(setup=None, typed=set(explicit))
     version_warning = transformers_warning()  # the installed transformers, if any: the one training would run
     if version_warning:
         resolved.warnings.append(version_warning)

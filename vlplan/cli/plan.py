@@ -66,8 +66,15 @@ def plan_command(
     profile code check the chosen micro-batch and the next one up against the margin (exit 1 if the chosen one
     does not hold, or no CUDA GPU is there to check it).
     """
+    from dataclasses import replace
+
     from vlplan.planner.plan import NothingFits
 
+    if export_llamafactory is not None and setup.stack != "llamafactory" and "stack" not in resolved.typed:
+        # LLaMA-Factory will prepare the model it trains from the export its own way: plan for that stack
+        setup = replace(setup, stack="llamafactory")
+        typer.echo("warning: planning for LLaMA-Factory's stack, which trains the exported YAML (--stack vlplan to "
+                   "plan for vlplan run)", err=True)
     with errors():
         base = _input_yaml(resolved)
         host_bytes, host_source = host_ram_budget(setup, host_ram_gib)
