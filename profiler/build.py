@@ -11,11 +11,24 @@ model_utils/checkpointing.py):
   float32"; "DeepSpeed ZeRO3 detected, remaining trainable params in float32": its partitions stay as loaded);
 - gradient checkpointing wraps only layers that hold trainable parameters, with `use_reentrant=True`, and marks the
   layer's hidden-state input as requiring grad (`get_custom_gradient_checkpointing_func`).
+
+`setup.stack` picks the order and the functions (docs/memory-model.md "Training stacks"):
+
+- `vlplan` (`vlplan run`'s own): adapters first, then checkpointing installed directly (`_set_gradient_checkpointing`,
+  no `enable_input_require_grads`), so a frozen vision tower runs without building any autograd graph;
+- `llamafactory`: LLaMA-Factory's order, its own `prepare_model_for_training` (patch_model) before the adapters, so
+  peft's `get_peft_model` sees checkpointing on and calls `enable_input_require_grads`, which hooks the input
+  embeddings of every sub-model (the vision tower's patch embedding included);
+- `hf-trainer`: a plain transformers Trainer with `gradient_checkpointing=True`: adapters, no fp32 upcast, then
+  `activation_checkpointing_enable()` (non-reentrant, every layer, `enable_input_require_grads`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import types
 from dataclasses import replace
 
 import torch
@@ -132,8 +145,9 @@ def _language_layers_prefix(family: str) -> str:
     raise VlplanError(f"no language-model layers known for {family}")
 
 
-def apply_method(model: nn.Module, setup: TrainSetup) -> nn.Module:
-    """Freeze per component, wrap LoRA/DoRA with peft, upcast trainable parameters (LLaMA-Factory adapter.py)."""
+def apply_method(model: nn.Module, setup: TrainSetup, upcast: bool = True) -> nn.Module:
+    """Freeze per component, wrap LoRA/DoRA with peft, upcast trainable parameters (LLaMA-Factory adapter.py
+    `init_adapter`; `upcast=False`: a plain HF Trainer, which keeps the loaded dtype)."""
     family = setup.model.family
     for name, param in model.named_parameters():
         param.requires_grad_(setup.trains[component_of(family, name)] is Train.FULL)
@@ -151,7 +165,7 @@ def apply_method(model: nn.Module, setup: TrainSetup) -> nn.Module:
         for name, param in base.named_parameters():
             if "lora_" not in name and setup.trains[component_of(family, name)] is Train.FULL:
                 param.requires_grad_(True)
-    if setup.precision != "pure-bf16" and setup.zero != 3:
+    if upcast and setup.precision != "pure-bf16" and setup.zero != 3:
         for param in model.parameters():
             if param.requires_grad and param.dtype != torch.float32:
                 param.data = param.data.to(torch.float32)
@@ -193,11 +207,106 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def prepare_model(model: nn.Module, setup: TrainSetup) -> nn.Module:
-    """Everything training does to a freshly built or loaded model before the first step."""
-    model = apply_method(model, setup)
-    if setup.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+    """Everything training does to a freshly built or loaded model before the first step, per `setup.stack`."""
+    if setup.stack == "llamafactory":
+        model = _prepare_llamafactory(model, setup)
+    elif setup.stack == "hf-trainer":
+        model = _prepare_hf_trainer(model, setup)
+    else:
+        # vlplan: adapters first (peft sees no checkpointing: no input hooks), then LLaMA-Factory's trainable-only
+        # reentrant checkpointing installed directly. A frozen vision tower's input never requires grad, so it
+        # builds no graph (tests/test_accuracy_stack.py proves it on the trace).
+        model = apply_method(model, setup)
+        if setup.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
     model.train()
+    return model
+
+
+# LLaMA-Factory's preparation (llamafactory 0.9.5) ----------------------------------------------------------------
+
+# LLaMA-Factory's ModelArguments defaults that prepare_model_for_training reads (hparams/model_args.py):
+# upcast_layernorm False, use_reentrant_gc True, use_unsloth_gc False, upcast_lmhead_output False. The dataclass
+# itself cannot be built here: `llamafactory.hparams` refuses transformers 5.23 at import ("transformers>=4.55.0,
+# <=5.6.0 is required", extras/misc.py check_dependencies) unless DISABLE_VERSION_CHECK is set process-wide.
+LLAMAFACTORY_MODEL_ARGS = dict(upcast_layernorm=False, use_reentrant_gc=True, use_unsloth_gc=False,
+                               upcast_lmhead_output=False)
+
+
+def llamafactory_checkpointing():
+    """LLaMA-Factory's `model.model_utils.checkpointing` module. `llamafactory.model/__init__.py` imports the loader,
+    which imports `trl` (`from trl import AutoModelForCausalLMWithValueHead`, not installed: its pins fight ours), so
+    when that fails the package is entered without running its __init__ (the submodules import fine)."""
+    try:
+        from llamafactory.model.model_utils import checkpointing
+    except ModuleNotFoundError as err:
+        if err.name != "trl":
+            raise VlplanError(f"--stack llamafactory traces with LLaMA-Factory's own code: {err} "
+                              "(pip install --no-deps llamafactory==0.9.5)") from None
+        import llamafactory
+
+        for name in [n for n in sys.modules if n == "llamafactory.model" or n.startswith("llamafactory.model.")]:
+            del sys.modules[name]  # the half-imported package
+        package = types.ModuleType("llamafactory.model")
+        package.__path__ = [os.path.join(os.path.dirname(llamafactory.__file__), "model")]
+        sys.modules["llamafactory.model"] = package
+        from llamafactory.model.model_utils import checkpointing
+    return checkpointing
+
+
+def _bound_layer_call(custom):
+    """LLaMA-Factory's `get_custom_gradient_checkpointing_func` finds the layer as `func.func.__self__` (a partial of
+    a bound method, transformers <= 5.6). transformers 5.23's GradientCheckpointingLayer passes
+    `partial(forward, self, **kwargs)` (modeling_layers.py `forward_with_checkpointing`): an unbound function, so
+    LLaMA-Factory's function raises AttributeError: 'function' object has no attribute '__self__' at the first
+    checkpointed layer. Hand it the same call as a partial of the bound method; everything else (which layers,
+    `requires_grad_` on the hidden states, the checkpoint call) stays LLaMA-Factory's code."""
+
+    @functools.wraps(custom)
+    def adapted(func, *args, **kwargs):
+        if (isinstance(func, functools.partial) and func.args and isinstance(func.args[0], nn.Module)
+                and not hasattr(func.func, "__self__")):
+            func = functools.partial(types.MethodType(func.func, func.args[0]), *func.args[1:], **func.keywords)
+        return custom(func, *args, **kwargs)
+
+    return adapted
+
+
+def _prepare_llamafactory(model: nn.Module, setup: TrainSetup) -> nn.Module:
+    """LLaMA-Factory's loader order (model/loader.py `load_model`: patch_model, then init_adapter).
+
+    1. `patch_model` -> `prepare_model_for_training` (LLaMA-Factory's own function, run here): checkpointing with
+       `get_custom_gradient_checkpointing_func` (trainable layers only, reentrant per use_reentrant_gc=True).
+       patch_model's other steps do not touch memory for these models (generation config, tags;
+       `autocast_projector_dtype` acts only on quantized models, which trace does not run).
+    2. `init_adapter` mirrored by `apply_method` (adapter.py `_setup_lora_tuning` / `_setup_full_tuning` /
+       `_setup_freeze_tuning`, fp32 upcast of trainable parameters): `init_adapter` itself imports, but needs
+       LLaMA-Factory's FinetuningArguments (see LLAMAFACTORY_MODEL_ARGS). peft's `get_peft_model` sees
+       `is_gradient_checkpointing` and calls `enable_input_require_grads` (peft_model.py
+       `_prepare_model_for_gradient_checkpointing`): every sub-model's input embeddings' output requires grad."""
+    checkpointing = llamafactory_checkpointing()
+    args = types.SimpleNamespace(**LLAMAFACTORY_MODEL_ARGS,
+                                 disable_gradient_checkpointing=not setup.gradient_checkpointing)
+    checkpointing.prepare_model_for_training(model, args)
+    if setup.gradient_checkpointing:
+        for module in model.modules():
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if func is not None:
+                module._gradient_checkpointing_func = _bound_layer_call(func)
+    return apply_method(model, setup)
+
+
+def _prepare_hf_trainer(model: nn.Module, setup: TrainSetup) -> nn.Module:
+    """A plain transformers Trainer: the model as loaded (no fp32 upcast of trainable parameters; peft's adapters
+    are fp32, `autocast_adapter_dtype=True`), and with `gradient_checkpointing=True` the Trainer's own call
+    (trainer.py: `self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=None, ...)`): every
+    layer, `use_reentrant=False`, and `enable_input_require_grads()` since a VLM's main input is `input_ids`
+    (modeling_utils.py `_activation_checkpointing_enable`). A peft model forwards the call to the base model."""
+    model = apply_method(model, setup, upcast=False)
+    if setup.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=None, every_n_layers=1, offload=False)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.config.use_cache = False
     return model
 
 

@@ -13,6 +13,7 @@ from ..modules import LANGUAGE
 from ..setup import Train, TrainSetup
 from . import ops
 from .sim import Engine, Param, T
+from .stacks import upcasts_trainable
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Params:
         self.e, self.setup = e, setup
         self.compute = {"bf16": "bf16", "pure-bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}[setup.precision]
         self.trainable_dtype = "bf16" if setup.precision == "pure-bf16" else "fp32"
+        if not upcasts_trainable(setup):  # a plain HF Trainer: trainable parameters stay as loaded
+            self.trainable_dtype = self.compute
         self.adapter_dtype = "fp32"
         self.quant_state: list[Param] = []
         if setup.zero:

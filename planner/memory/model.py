@@ -8,7 +8,8 @@ from ..setup import Train, TrainSetup
 from ..spec import ModelSpec
 from . import ops
 from .blocks import Context, LlamaLayer, Params
-from .sim import DTYPE_BYTES, Engine, Node, T, rounded
+from .sim import DTYPE_BYTES, CheckpointFrame, Engine, Node, T, rounded
+from .stacks import checkpoint_reentrant
 
 
 # Attention callables (sdpa -> CUDA fused kernel, eager -> transformers eager_attention_forward) -----------------------
@@ -135,6 +136,10 @@ class BaseModel:
 
     # Language model -------------------------------------------------------------------------------------------------
     def embed_tokens(self, e: Engine) -> T:
+        """The language model's input embeddings module, with `enable_input_require_grads`' hook on its output."""
+        return e.hook_input(self.embedding(e))
+
+    def embedding(self, e: Engine) -> T:
         """nn.Embedding: saves the indices (already an input)."""
         out = e.new(self.tokens * self.setup.model.text.hidden_size, self.embed.dtype, name="inputs_embeds")
         e.record(Node("embedding", [], [], [self.embed] if self.embed.trainable else []), out)
@@ -162,7 +167,15 @@ class BaseModel:
 
     def _run_layer(self, e: Engine, layer, x: T, ctx) -> T:
         """A layer, checkpointed (reentrant, only layers with trainable parameters; LLaMA-Factory's
-        `get_custom_gradient_checkpointing_func`) when gradient checkpointing is on."""
+        `get_custom_gradient_checkpointing_func`) when gradient checkpointing is on; under a plain HF Trainer every
+        layer, non-reentrant (planner/memory/stacks.py)."""
+        if self.setup.gradient_checkpointing and not checkpoint_reentrant(self.setup):
+            frame = CheckpointFrame(x, lambda leaf, layer=layer, ctx=ctx: layer(e, leaf, ctx), e.autocast)
+            e.frame = frame
+            try:
+                return layer(e, x, ctx)
+            finally:
+                e.frame = None
         if not (self.setup.gradient_checkpointing and layer.has_trainable):
             return layer(e, x, ctx)
         x.rg = True  # `arg.requires_grad_(True)` on the hidden states

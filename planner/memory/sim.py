@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import sys
 import weakref
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 BLOCK_BYTES = 512  # c10/cuda/CUDACachingAllocator.cpp kMinBlockSize
@@ -36,10 +38,10 @@ class Storage:
     """One allocation (or `blocks` equal ones made back to back and freed together). Freed (accounted) when the last
     tensor viewing it dies."""
 
-    __slots__ = ("engine", "nbytes", "category", "owner", "__weakref__")
+    __slots__ = ("engine", "nbytes", "category", "owner", "blocks", "__weakref__")
 
     def __init__(self, engine: "Engine", nbytes: int, category: str, owner: str, blocks: int = 1) -> None:
-        self.engine, self.category, self.owner = engine, category, owner
+        self.engine, self.category, self.owner, self.blocks = engine, category, owner, blocks
         self.nbytes = blocks * rounded(nbytes // blocks)
         engine._alloc(self)
 
@@ -111,6 +113,34 @@ class Node:
     recompute: object = None  # checkpoint nodes: a callable re-running the segment on a detached input
     autocast: str | None = None  # checkpoint nodes: the autocast state the recompute re-enters
     scope: str = "language"
+    frame: object = None  # non-reentrant checkpointing: the CheckpointFrame whose recompute supplies `saved`
+    deferred: int = 0  # non-reentrant checkpointing: how many tensors the forward packed instead of saving
+
+
+# Allocation log hook (allocator replay, planner/memory/allocator.py) -------------------------------------------
+_ALLOCATION_LOGS: ContextVar[list | None] = ContextVar("allocation_logs", default=None)
+
+
+@contextmanager
+def recording_allocations():
+    """Within the block, every new Engine logs its allocations and frees in order, as `(key, nbytes)` events
+    (`(key, 0)`: a free) in a list appended to the yielded list: the input of `allocator.replay`. A storage of
+    `blocks` equal allocations logs each one; zero-byte storages (never seen by the CUDA allocator) are not logged."""
+    logs: list[list] = []
+    token = _ALLOCATION_LOGS.set(logs)
+    try:
+        yield logs
+    finally:
+        _ALLOCATION_LOGS.reset(token)
+
+
+def _log_storage(log: list, storage: "Storage", nbytes: int) -> None:
+    if storage.blocks == 1:
+        log.append((id(storage), nbytes))
+    else:
+        size = nbytes and storage.nbytes // storage.blocks
+        log.extend(((id(storage), j), size) for j in range(storage.blocks))
+# ------------------------------------------------------------------------------------------------------------------
 
 
 class Engine:
@@ -118,6 +148,10 @@ class Engine:
 
     def __init__(self, detail: bool = False) -> None:
         self.detail = detail
+        logs = _ALLOCATION_LOGS.get()  # allocator replay hook: None unless recording_allocations() is active
+        self.allocation_log: list | None = None if logs is None else []
+        if logs is not None:
+            logs.append(self.allocation_log)
         self.live = weakref.WeakValueDictionary()
         self.phase_blocks: dict[str, list] = {}
         self.current = 0
@@ -137,6 +171,10 @@ class Engine:
         self.params: list[Param] = []
         self.scope = "language"  # the component whose code runs now: names activation/temporary categories
         self.reduce_grads = False  # DeepSpeed ZeRO: gradients are reduced into buckets as they are produced
+        # transformers `enable_input_require_grads` ran (stacks: planner/memory/stacks.py): the outputs of every
+        # sub-model's input embeddings require grad (`hook_input`)
+        self.input_grads = False
+        self.frame: CheckpointFrame | None = None  # the non-reentrant checkpoint running (forward or recompute)
         self._pending: list = []
         self._pending_key = ""
         self._param_uses: dict[int, int] = {}  # parameters used by several nodes of the graph being run backward
@@ -149,6 +187,8 @@ class Engine:
             self._flush()
         self.current += storage.nbytes
         self.by_category[storage.category] = self.by_category.get(storage.category, 0) + storage.nbytes
+        if self.allocation_log is not None and storage.nbytes:  # allocator replay hook
+            _log_storage(self.allocation_log, storage, storage.nbytes)
         if self.detail:
             self.live[id(storage)] = storage
         best = self.segment_peaks.get(segment)
@@ -178,6 +218,8 @@ class Engine:
             self._flush()
         if self.detail:
             self.live.pop(id(storage), None)
+        if self.allocation_log is not None and storage.nbytes:  # allocator replay hook
+            _log_storage(self.allocation_log, storage, 0)
         self.current -= storage.nbytes
         self.by_category[storage.category] -= storage.nbytes
 
@@ -194,7 +236,14 @@ class Engine:
         if category is None:
             kind = "activations" if self.phase in ("forward", "loss") else "temporaries"
             category = f"{kind}/{self.scope}"
+        frame = self.frame
+        if frame is not None:  # allocations inside a non-reentrant checkpoint are counted (`_checkpointed`)
+            if frame.recomputing and frame.allocs == frame.stop_before:
+                raise StopRecompute
+            frame.allocs += 1
         storage = Storage(self, numel * DTYPE_BYTES[dtype], category, name, blocks)
+        if frame is not None:
+            frame.last = weakref.ref(storage)
         return T(numel, dtype, rg and self.grad_enabled, storage, name)
 
     def param(self, name: str, numel: int, dtype: str, trainable: bool, component: str,
@@ -204,6 +253,19 @@ class Engine:
         p.tensor = T(numel, dtype, trainable, storage, name)
         self.params.append(p)
         return p
+
+    def hook_input(self, t: T) -> T:
+        """The forward hook `enable_input_require_grads` puts on a sub-model's input embeddings
+        (modeling_utils.py `make_inputs_require_grads`: `output.requires_grad_(True)`). On an output that does not
+        require grad already, it makes a leaf that requires grad: everything computed from it records a graph, and
+        the leaf's AccumulateGrad node holds the tensor, so it and the `.grad` it receives live until the graph is
+        freed after backward."""
+        if not self.input_grads or t.rg:
+            return t
+        t.rg = True
+        t.node = InputLeaf(t)
+        self.kept_until_backward_end.append(t.node)
+        return t
 
     def record(self, node: Node, out: T) -> None:
         """Attach an autograd node to `out` when grad mode is on and something needs a gradient."""
@@ -218,9 +280,42 @@ class Engine:
             out.rg = True
             out.node = node
             node.out_numel, node.out_dtype = out.numel, out.dtype
+            if self.frame is not None:
+                self._checkpointed(node, out)
+                return
             self.tape.append(weakref.ref(node))
         else:
             node.saved.clear()
+
+    def _checkpointed(self, node: Node, out: T) -> None:
+        """A node recorded inside a non-reentrant checkpoint (torch/utils/checkpoint.py
+        `_checkpoint_without_reentrant_generator`). In the forward its saved tensors are packed as holders (nothing
+        kept); in the recompute each packed tensor goes to the holder of the same index, i.e. to the forward node
+        recorded in the same order, and the recompute stops once the last one is packed (early stop,
+        `_StopRecomputationError`). The generated autograd kernels save inputs before running the op and outputs
+        after it, so when the last packing node saves only inputs, the recompute stops before that op allocates
+        its output (`stop_before`: the index of that allocation within the layer, found in the forward)."""
+        frame = self.frame
+        if not frame.recomputing:
+            node.deferred = len(node.saved)
+            if node.deferred:
+                saves_output = any(t.storage is out.storage for t in node.saved)
+                last = frame.last() if frame.last is not None else None
+                frame.stop_before = frame.allocs - 1 if (last is out.storage and not saves_output) else -1
+            node.saved = []
+            node.frame = frame
+            frame.nodes.append(weakref.ref(node))
+            frame.packed += node.deferred
+            self.tape.append(weakref.ref(node))
+            return
+        target = frame.nodes[frame.filled]()
+        frame.filled += 1
+        frame.unpacked += len(node.saved)
+        if target is not None:
+            target.saved = node.saved
+        node.saved = []
+        if frame.unpacked >= frame.packed:
+            raise StopRecompute
 
     # Backward ----------------------------------------------------------------------------------------------------
     def backward(self, loss: T) -> None:
@@ -250,12 +345,17 @@ class Engine:
             out_grad = grads.pop(id(node), None)
             if out_grad is None:
                 node.saved.clear()
+                node.frame = None
                 continue
             self.scope = node.scope
             if node.recompute is not None:
                 self._recompute(node, out_grad, grads)
                 del out_grad
                 continue
+            if node.deferred and not node.frame.recomputed:  # the first unpack of a packed tensor
+                self._recompute_frame(node.frame)
+                self.scope = node.scope
+            node.frame = None  # the node's saved variables (and their hooks) go after it runs
             work = self.new(node.workspace // 4, "fp32", name=f"workspace:{node.name}") if node.workspace else None
             for p in node.params:
                 self._param_grad(p, node.param_grad_via)
@@ -342,6 +442,24 @@ class Engine:
         self.by_category[category] = self.by_category.get(category, 0) + storage.nbytes
         storage.category = category
 
+    def _recompute_frame(self, frame: CheckpointFrame) -> None:
+        """Non-reentrant recompute, run when backward first unpacks a tensor of the layer: the layer's forward again
+        under grad mode and the forward's autocast state (a fresh weight-cast cache), its packed tensors handed to
+        the forward's nodes (`_checkpointed`), stopped early after the last one; the recompute's own graph and
+        output are dropped."""
+        frame.recomputed = True
+        frame.allocs = 0
+        outer = (self.tape, self.grad_enabled, self.cast_cache, self.autocast, self.frame, self.scope)
+        self.tape, self.grad_enabled, self.cast_cache, self.autocast, self.frame = [], True, {}, frame.autocast, frame
+        frame.recomputing = True
+        try:
+            frame.run(frame.x)
+        except StopRecompute:
+            pass
+        finally:
+            frame.recomputing = False
+            self.tape, self.grad_enabled, self.cast_cache, self.autocast, self.frame, self.scope = outer
+
     def _recompute(self, node: Node, out_grad: T, grads: dict) -> None:
         """Reentrant activation checkpointing: re-run the segment with grad enabled (and a fresh autocast cast
         cache), then back-propagate through it (torch.utils.checkpoint.CheckpointFunction.backward)."""
@@ -372,6 +490,24 @@ class Engine:
         del out, out_grad, leaf
 
 
+class StopRecompute(Exception):
+    """torch.utils.checkpoint `_StopRecomputationError`: the recompute has packed every tensor the forward did."""
+
+
+class CheckpointFrame:
+    """One non-reentrant checkpoint call (torch.utils.checkpoint `_CheckpointFrame`): the layer's input (a saved
+    tensor of the frame, `save_inputs`) and its keyword arguments (the `partial` the recompute calls) live as long as
+    a node of the layer's graph still holds a packed tensor (its unpack hook holds the frame), i.e. until the layer's
+    backward is done."""
+
+    def __init__(self, x: T, run, autocast: str | None) -> None:
+        self.x, self.run, self.autocast = x, run, autocast
+        self.nodes: list = []  # weak references to the forward nodes, in recording order
+        self.packed = self.unpacked = self.filled = 0
+        self.allocs, self.stop_before, self.last = 0, -1, None  # see Engine._checkpointed
+        self.recomputing = self.recomputed = False
+
+
 class Leaf:
     """Stands in for a checkpointed segment's detached input: its gradient goes to the real input's producer."""
 
@@ -386,3 +522,19 @@ class Leaf:
             # first layer's inputs_embeds under LoRA)
             self.grad = grad
         engine._accumulate(self.target, grad, self.grads)
+
+
+class InputLeaf(Leaf):
+    """A leaf made to require grad by `enable_input_require_grads` (see `Engine.hook_input`): its AccumulateGrad keeps
+    the tensor's storage, steals the first gradient (cast to the leaf's dtype by the engine's validate_outputs) as
+    `.grad` and adds later ones in place."""
+
+    def __init__(self, target: T) -> None:
+        self.storage, self.numel, self.dtype, self.name = target.storage, target.numel, target.dtype, target.name
+        self.grad = None
+
+    def receive(self, engine: Engine, grad: T) -> None:
+        if grad.dtype != self.dtype:
+            grad = engine.new(self.numel, self.dtype, name=f"grad:{self.name}")
+        if self.grad is None:
+            self.grad = grad

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from ..setup import TrainSetup
 from .families import model_for
 from .sim import Engine, T
+from .stacks import input_embeddings_hooked
 
 PHASES = ("forward", "loss", "backward", "optimizer")
 
@@ -115,6 +116,7 @@ def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bo
 def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e = Engine(detail)
     e.reduce_grads = bool(setup.zero)
+    e.input_grads = input_embeddings_hooked(setup)
     model = builder(e, setup, counts)
     # DeepSpeed keeps its own partitioned states (zero.py); the simulation holds the single-GPU torch ones
     states = [] if setup.zero else _optimizer_states(e, setup, model)

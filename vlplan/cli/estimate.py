@@ -38,7 +38,7 @@ def render_estimate(result: Estimate, explain: bool = False) -> None:
     trains = ", ".join(f"{k} {v.value}" for k, v in s.trains.items())
     images = ", ".join(f"{w}x{h}" for w, h in s.images) or "none"
     console.print(f"[bold]{s.model.name}[/bold] {s.method} ({trains}); {s.precision}, {s.optimizer}, "
-                  f"{s.attn}, checkpointing {'on' if s.gradient_checkpointing else 'off'}")
+                  f"{s.attn}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.stack} stack")
     console.print(f"seq {s.seq_len} x batch {s.batch_size}; images {images} -> {s.vision_tokens_per_sample} vision "
                   f"tokens ({s.vision_patches_per_sample} encoder patches) per sample; "
                   f"{s.num_gpus * s.num_nodes} x {s.gpu.name}, ZeRO {s.zero}, offload {s.offload}")

@@ -24,10 +24,10 @@ class GemmaInputs:
                                            name="pixel_values", category="inputs/batch")
         return inputs
 
-    def embed_tokens(self, e: Engine) -> T:
+    def embedding(self, e: Engine) -> T:
         """Gemma2TextScaledWordEmbedding / Gemma3TextScaledWordEmbedding (the same code): embedding(ids) *
         embed_scale.to(weight dtype)."""
-        raw = super().embed_tokens(e)
+        raw = super().embedding(e)
         scale = ops.cast(e, self.embed_scale.tensor, self.embed.dtype, name="embed_scale")
         out = e.new(raw.numel, raw.dtype, name="inputs_embeds_scaled")
         e.record(Node("mul", [raw] if raw.rg else [], [scale] if raw.rg else [], []), out)

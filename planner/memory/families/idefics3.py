@@ -59,7 +59,7 @@ class Idefics3Vision(SiglipVision):
         del final_ids
         out = ops.add(e, patches, pos, name="embeddings")
         del patches, pos
-        return out
+        return e.hook_input(out)  # Idefics3VisionTransformer.get_input_embeddings() is the whole `embeddings`
 
 
 class Idefics3Model(ConditionalGenerationStep, BaseModel):

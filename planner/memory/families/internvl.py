@@ -181,6 +181,7 @@ class InternVLModel(ConditionalGenerationStep, BaseModel):
         # the local keeps the copy alive until the projector returns
         pixels = ops.cast(e, inputs["pixel_values"], self.cls.dtype, name="pixel_values:cast")
         patches = ops.patch_conv(e, pixels, self.patch, self.patch_bias, self.tiles * self.grid * d, "patch_embeddings")
+        patches = e.hook_input(patches)  # InternVLVisionModel.get_input_embeddings() is embeddings.patch_embeddings
         # torch.cat((cls_tokens, embeddings), dim=1): autocast promotes to the widest dtype
         cat = e.new(tokens * d, ops.promote(patches.dtype, self.cls.dtype), name="embeddings.cat")
         e.record(Node("cat", [patches] if patches.rg else [], [], [self.cls] if self.cls.trainable else []), cat)

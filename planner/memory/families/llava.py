@@ -204,6 +204,7 @@ class LlavaBase(ConditionalGenerationStep, BaseModel):
         # CLIPVisionEmbeddings: patch_embedding(pixel_values.to(dtype=weight dtype)), flatten/transpose (views)
         pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
         patches = ops.patch_conv(e, pixels, self.patch, None, images * grid * d, "patch_embeds")
+        patches = e.hook_input(patches)  # CLIPVisionModel.get_input_embeddings() is embeddings.patch_embedding
         del pixels
         # torch.cat([class_embedding.expand(n, 1, -1), patch_embeds], dim=1)
         cat = e.new(tokens * d, ops.promote(patches.dtype, self.cls.dtype), name="embeddings.cat")
@@ -369,6 +370,7 @@ class LlavaModel(LlavaBase):
         tokens = sum(t.vision_patches for t in self.images) * self.batch
         pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
         conv = ops.patch_conv(e, pixels, self.patch, None, self.n_images * height * width * d, "patch_conv")
+        conv = e.hook_input(conv)  # PixtralVisionModel.get_input_embeddings() is patch_conv
         del pixels
         # p.flatten(1).T per image: a copy for a cropped (padded-batch) image, a view for a full one
         pieces = [e.new(t.vision_patches * d, conv.dtype, name="patch.flatten")

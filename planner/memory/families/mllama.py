@@ -220,6 +220,7 @@ class MllamaVision:
         # patch_embedding(pixel_values.to(weight dtype)); `patch_embeds` is a local until forward returns
         pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
         patch_embeds = ops.conv2d(e, pixels, self.patch, None, slots * tiles * grid * d, name="patch_embeds")
+        patch_embeds = e.hook_input(patch_embeds)  # MllamaVisionModel.get_input_embeddings() is patch_embedding
         del pixels
         # flatten(2).transpose(1, 2) then reshape to (slots, tiles, patches, d): a copy of the transposed view
         x = ops._copy(e, patch_embeds, patch_embeds.numel, "patch_embeds.reshape")

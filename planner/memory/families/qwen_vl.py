@@ -67,6 +67,7 @@ class QwenVLModel(BaseModel):
         # nn.Conv3d (no bias); `pixel_values = pixel_values.type(self.visual.dtype)` lives until get_image_features
         # returns
         hidden = ops.patch_conv(e, pixels, self.patch_embed, None, patches * v.hidden_size, "patch_embed")
+        hidden = e.hook_input(hidden)  # visual.get_input_embeddings() is patch_embed
         if v.window_size:
             # permute_input_for_window_attn: hidden_states[window_index] (a gathered copy)
             hidden = _gather(e, hidden, "window_permute")

@@ -77,6 +77,7 @@ class SiglipVision:
         v = self.v
         pixels = ops.cast(e, pixel_values, self.patch.dtype, name="pixel_values:cast")
         patches = self.patch_embeds(e, pixels, images * self.positions * v.hidden_size)
+        patches = e.hook_input(patches)  # SiglipVisionModel.get_input_embeddings() is embeddings.patch_embedding
         del pixels
         pos = e.new(self.positions * v.hidden_size, self.pos.dtype, name="position_embedding")
         e.record(Node("embedding", [], [], [self.pos] if self.pos.trainable else []), pos)
