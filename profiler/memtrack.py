@@ -16,6 +16,8 @@ import re
 import sys
 import weakref
 from collections import defaultdict
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +59,30 @@ class Snapshot:
     blocks: list[tuple] = field(default_factory=list)
 
 
+# Allocation log (for planner/memory/allocator.py's replay) -------------------------------------------------------
+_ALLOCATION_LOGS: ContextVar[list | None] = ContextVar("tracker_allocation_logs", default=None)
+
+
+@contextmanager
+def recording_allocations():
+    """Within the block, every new MemoryTracker logs each storage it starts tracking and each one that dies, in
+    order, as `(key, rounded bytes)` / `(key, 0)` events in a list appended to the yielded list (the input format of
+    `planner.memory.allocator.replay`, the same as planner/memory/sim.py's log)."""
+    logs: list[list] = []
+    token = _ALLOCATION_LOGS.set(logs)
+    try:
+        yield logs
+    finally:
+        _ALLOCATION_LOGS.reset(token)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+# Backward segments (`subphase`, set by profiler/trace.py's gradient hooks) -> the scope of their temporaries:
+# the loss's backward, the language model's, then the encoder's (the vision tower's; the projector's few MiB of
+# backward temporaries are counted with it, where the estimator names them temporaries/projector)
+BACKWARD_SCOPES = {"loss": "loss", "language": "language", "encoder": "vision"}
+
+
 class MemoryTracker(TorchDispatchMode):
     """Track live storage bytes through a training step.
 
@@ -85,6 +111,10 @@ class MemoryTracker(TorchDispatchMode):
         self._by_category: dict[str, int] = defaultdict(int)
         self._by_module: dict[str, int] = defaultdict(int)
         self._by_phase: dict[str, int] = defaultdict(int)
+        logs = _ALLOCATION_LOGS.get()  # allocation log: None unless recording_allocations() is active
+        self.allocation_log: list | None = None if logs is None else []
+        if logs is not None:
+            logs.append(self.allocation_log)
 
     @property
     def phase(self) -> str:
@@ -126,7 +156,15 @@ class MemoryTracker(TorchDispatchMode):
         if self._phase == "loss":
             return f"{kind}/loss"
         module = self.module_stack[-1] if self.module_stack else ""
-        scope = self.scope_of(module) if (module and self.scope_of) else self._phase
+        if module and self.scope_of:
+            scope = self.scope_of(module)
+        elif self._phase == "backward" and self._subphase in BACKWARD_SCOPES:
+            # backward runs no forward hooks (outside checkpoint recomputation): the segment marked by the trace's
+            # gradient hooks says whose backward runs, named as the estimator names the same temporaries
+            # (planner/memory/sim.py: a backward node's category is the scope of its forward op)
+            scope = BACKWARD_SCOPES[self._subphase]
+        else:
+            scope = self._phase
         return f"{kind}/{scope}"
 
     def track(self, tensor: torch.Tensor, category: str | None = None) -> None:
@@ -150,6 +188,8 @@ class MemoryTracker(TorchDispatchMode):
         self._blocks[storage] = block
         key = id(storage)
         self._refs[key] = weakref.ref(storage, lambda _ref, block=block, key=key: self._free(block, key))
+        if self.allocation_log is not None and nbytes:
+            self.allocation_log.append((key, nbytes))
         self._add(block, +1)
 
     def tag(self, tensors, category: str) -> None:
@@ -184,6 +224,8 @@ class MemoryTracker(TorchDispatchMode):
 
     def _free(self, block: _Block, key: int) -> None:
         self._refs.pop(key, None)
+        if self.allocation_log is not None and block.nbytes:
+            self.allocation_log.append((key, 0))
         self.snapshot_peak(dying=block)
         self._add(block, -1)
 
@@ -255,6 +297,8 @@ class MemoryTracker(TorchDispatchMode):
         if not source.category.startswith(("temporaries", "gradients")):
             return
         # the output now owns the bytes; the first input's block counts nothing from here on
+        if self.allocation_log is not None:  # in the log: the input's block is freed and the output takes it
+            self.allocation_log.append((id(first.untyped_storage()), 0))
         self._add(source, -1)
         source.nbytes = 0
 

@@ -1,18 +1,23 @@
 """`estimate(setup)`: per-GPU peak device memory of one training step, its phase and an itemised breakdown.
 
 The live-tensor part comes from `step.simulate` (the symbolic re-execution of the modeling code); model states are
-re-partitioned for ZeRO and DDP (`zero.py`); the device overheads outside live tensors are the named constants of
-`overheads.py`. `breakdown_bytes` sums to `peak_bytes` exactly (asserted).
+re-partitioned for ZeRO and DDP (`zero.py`); reserved memory comes from replaying the simulation's allocation sequence
+through a model of the CUDA caching allocator (`allocator.py`, `reserved_replay`); the device overheads outside the
+caching allocator are the named constants of `overheads.py`. `breakdown_bytes` sums to `peak_bytes` exactly
+(asserted).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import VlplanError
 from ..modules import LANGUAGE, model_inventory
 from ..setup import Train, TrainSetup
 from . import overheads
-from .step import PHASES, simulate_extrapolated
+from .allocator import ReplayResult, replay
+from .sim import recording_allocations
+from .step import PHASES, simulate, simulate_extrapolated, simulation_key
 from .zero import ddp_bucket_bytes, deepspeed_model_states, reduce_bucket_bytes
 
 PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradients/", "zero", "ddp/")
@@ -38,6 +43,7 @@ class Estimate:
     cpu_ram_bytes: int
     cpu_breakdown_bytes: dict[str, int]
     explanations: dict[str, str] = field(default_factory=dict)
+    allocator: dict = field(default_factory=dict)  # the caching-allocator replay behind cuda/allocator_reserve
 
     @property
     def fits(self) -> bool:
@@ -66,6 +72,7 @@ class Estimate:
             "cpu_breakdown_bytes": self.cpu_breakdown_bytes,
             "gpu": {"name": self.setup.gpu.name, "memory_bytes": self.setup.gpu.memory_bytes},
             "fits": self.fits,
+            "allocator": self.allocator,
         }
 
 
@@ -112,7 +119,20 @@ def _largest_module_params(setup: TrainSetup) -> int:
     return largest
 
 
-def estimate(setup: TrainSetup) -> Estimate:
+RESERVE_MODES = ("factor", "replay")
+
+
+def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments: bool = False) -> Estimate:
+    """`reserve`: how `cuda/allocator_reserve` (what the caching allocator holds beyond live tensors) is computed.
+    "factor" (the default): `overheads.ALLOCATOR_FRAGMENTATION` of the transient bytes at the peak, a named
+    uncalibrated constant. "replay": the step's full-depth allocation sequence replayed through the caching-allocator
+    model (allocator.py), about 0.1 s more per estimate, so not yet the default of plan and tables (a full-depth replay
+    per searched micro-batch made the sizing tables 8-9x slower). `expandable_segments`
+    (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) applies to the replay only."""
+    if reserve not in RESERVE_MODES:
+        raise VlplanError(f"reserve {reserve!r} is not one of {', '.join(RESERVE_MODES)}")
+    if expandable_segments and reserve != "replay":
+        raise VlplanError("expandable segments change only the caching-allocator replay; add --reserve replay")
     params, trainable = param_summary(setup)
     sim = simulate_extrapolated(setup)
     explanations: dict[str, str] = {}
@@ -125,18 +145,103 @@ def estimate(setup: TrainSetup) -> Estimate:
     peak_phase = max(allocated, key=allocated.get)
     breakdown = dict(phases[peak_phase])
     allocated_peak = allocated[peak_phase]
-    transient = sum(v for k, v in breakdown.items() if not k.startswith(PERSISTENT_PREFIXES))
+    # -- reserved memory: the caching-allocator replay (allocator.py) ---------------------------------------------
+    outside = overheads.CUDA_CONTEXT_BYTES + (overheads.NCCL_BYTES if setup.world_size > 1 else 0)
+    if reserve == "replay":
+        reserved, allocator = _reserved(setup, allocated_peak, outside, expandable_segments)
+    else:
+        transient = sum(v for k, v in breakdown.items() if not k.startswith(PERSISTENT_PREFIXES))
+        reserved, allocator = int(transient * overheads.ALLOCATOR_FRAGMENTATION), {"reserve": "factor"}
     breakdown["cuda/context"] = overheads.CUDA_CONTEXT_BYTES
     breakdown["cuda/cublas_workspace"] = overheads.cublas_workspace_bytes(setup.gpu.name)
-    breakdown["cuda/allocator_reserve"] = int(transient * overheads.ALLOCATOR_FRAGMENTATION)
+    breakdown["cuda/allocator_reserve"] = reserved
     if setup.world_size > 1:
         breakdown["cuda/nccl_buffers"] = overheads.NCCL_BYTES
+    # -------------------------------------------------------------------------------------------------------------
     breakdown = {k: v for k, v in sorted(breakdown.items()) if v}
     peak = sum(breakdown.values())
-    assert peak == sum(breakdown.values())
+    assert peak == allocated_peak + breakdown["cuda/cublas_workspace"] + reserved + outside
     cpu = _cpu_ram(setup, params, trainable)
     return Estimate(setup, params, trainable, peak_phase, allocated_peak, peak, breakdown, allocated,
-                    sum(cpu.values()), cpu, explanations)
+                    sum(cpu.values()), cpu, explanations, allocator)
+
+
+# Reserved memory: the caching-allocator replay -----------------------------------------------------------------------
+
+
+def reserved_replay(setup: TrainSetup, expandable_segments: bool = False,
+                    capacity_bytes: int | None = None) -> tuple[ReplayResult, int]:
+    """Replay the step's allocation sequence at the real depth through the caching-allocator model: every storage of
+    the symbolic step in the order the real code allocates and frees it (sim.py's allocation log). Returns the replay
+    and the simulation's live-tensor peak.
+
+    The replay runs the full-depth simulation: reserved memory is not affine in the layer counts (a layer's tensors
+    may fit in cached blocks or need new segments, in patterns with periods of several layers), so the 2-and-3-layer
+    extrapolation of `simulate_extrapolated` does not carry over to it (docs/memory-model.md, "Reserved memory: the
+    caching allocator"). Memoized with unlimited capacity; the logs of the last few setups are kept for the replays
+    under a GPU's capacity."""
+    key = (simulation_key(setup), expandable_segments)
+    if capacity_bytes is None and key in _REPLAYS:
+        return _REPLAYS[key]
+    log, live_peak = _LOGS.get(key[0], (None, 0))
+    if log is None:
+        with recording_allocations() as logs:
+            result = simulate(setup)
+        log, live_peak = logs[0], max(result.phase_peaks.values())
+        if len(_LOGS) >= _LOGS_SIZE:
+            _LOGS.pop(next(iter(_LOGS)))
+        _LOGS[key[0]] = (log, live_peak)
+    answer = replay(log, capacity_bytes, expandable_segments), live_peak
+    if capacity_bytes is None:
+        if len(_REPLAYS) >= _REPLAYS_SIZE:
+            _REPLAYS.pop(next(iter(_REPLAYS)))
+        _REPLAYS[key] = answer
+    return answer
+
+
+_REPLAYS: dict[tuple, tuple[ReplayResult, int]] = {}
+_REPLAYS_SIZE = 4096
+_LOGS: dict[tuple, tuple[list, int]] = {}
+_LOGS_SIZE = 4
+
+
+def cublas_reserved_bytes(gpu_name: str, expandable_segments: bool = False) -> int:
+    """The segments the cuBLAS workspaces take: they are allocated through the caching allocator (torch >= 2.0,
+    aten/src/ATen/cuda/CublasHandlePool.cpp `getNewWorkspace`: `c10::cuda::CUDACachingAllocator::get()->allocate`)
+    when the first matmul of each thread runs and are kept for the process's life, so they hold their own segments
+    (on Hopper two 32 MiB ones; elsewhere both 8.125 MiB workspaces share one 20 MiB segment). Replayed apart from
+    the step: what they leave free in their segment (3.75 MiB off Hopper) is not offered to the step's tensors."""
+    workspace = overheads.cublas_workspace_bytes(gpu_name) // overheads.CUBLAS_WORKSPACES
+    events = [(i, workspace) for i in range(overheads.CUBLAS_WORKSPACES)]
+    return replay(events, expandable_segments=expandable_segments).reserved_peak_bytes
+
+
+def _reserved(setup: TrainSetup, allocated_peak: int, outside: int, expandable_segments: bool) -> tuple[int, dict]:
+    """`cuda/allocator_reserve`: what the caching allocator holds beyond the live tensors at the peak,
+    max_memory_reserved - (live tensors + cuBLAS workspaces), from the replay. ZeRO / DDP states that the estimate adds
+    analytically (`_distributed`) shift the allocated peak but are not replayed: the replayed single-GPU sequence
+    gives the reserve, and the capacity it runs under is shifted by the same amount.
+
+    The replay first runs with unlimited memory. When that reserved peak would not fit the GPU but the live peak
+    would, it runs again under the GPU's capacity: the allocator then frees its cached segments and retries before
+    running out of memory (`malloc`), and the peak is what it reserved under that limit."""
+    cublas = overheads.cublas_workspace_bytes(setup.gpu.name)
+    cublas_reserved = cublas_reserved_bytes(setup.gpu.name, expandable_segments)
+    result, live_peak = reserved_replay(setup, expandable_segments)
+    shift = allocated_peak - live_peak  # analytic ZeRO / DDP terms (0 on one GPU without ZeRO)
+    capacity = setup.gpu.memory_bytes - outside - shift - cublas_reserved
+    info = {"reserve": "replay", "expandable_segments": expandable_segments,
+            "reserved_peak_bytes": result.reserved_peak_bytes + shift + cublas_reserved,
+            "reserved_minus_allocated_at_reserved_peak_bytes": result.fragmentation_bytes,
+            "events": result.events, "oom_event": None, "retries": 0}
+    if result.reserved_peak_bytes > capacity >= live_peak:
+        limited, _ = reserved_replay(setup, expandable_segments, capacity)
+        info.update(oom_event=limited.oom_event, retries=limited.retries)
+        if not limited.oom:
+            result = limited
+            info.update(reserved_peak_bytes=result.reserved_peak_bytes + shift + cublas_reserved,
+                        reserved_minus_allocated_at_reserved_peak_bytes=result.fragmentation_bytes)
+    return result.reserved_peak_bytes - live_peak + cublas_reserved - cublas, info
 
 
 def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable, explanations) -> dict[str, int]:

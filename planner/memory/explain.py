@@ -40,8 +40,9 @@ _TERMS = {
                     "overheads.CUDA_CONTEXT_BYTES)",
     "cuda/cublas_workspace": "cuBLAS workspaces: 32 MiB per handle on Hopper (8 MiB elsewhere), forward and autograd "
                              "threads (CublasHandlePool.cpp)",
-    "cuda/allocator_reserve": "caching-allocator fragmentation: a named fraction of the transient bytes at the peak "
-                              "(overheads.ALLOCATOR_FRAGMENTATION)",
+    "cuda/allocator_reserve": "memory the CUDA caching allocator reserves beyond the live tensors at the peak "
+                              "(max_memory_reserved - max_memory_allocated), from replaying the step's allocations "
+                              "through its rules (memory/allocator.py)",
     "cuda/nccl_buffers": "NCCL communicator buffers outside the allocator (overheads.NCCL_BYTES)",
 }
 

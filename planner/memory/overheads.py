@@ -19,18 +19,20 @@ CUDA_CONTEXT_BYTES = 600 * MIB
 
 # cuBLAS workspace: 32 MiB per (handle, stream) on sm90 (aten/src/ATen/cuda/CublasHandlePool.cpp
 # `parseChosenWorkspaceSize`, PR #89027), 8.125 MiB on other GPUs; one for the forward thread and one for the
-# autograd engine's device thread. It is allocated through the caching allocator, so it also shows in
-# torch.cuda.max_memory_allocated on a GPU; it is a separate term here because the tracer cannot see it.
+# autograd engine's device thread. It is allocated through the caching allocator (`getNewWorkspace`:
+# `c10::cuda::CUDACachingAllocator::get()->allocate(size)`), so it also shows in torch.cuda.max_memory_allocated
+# on a GPU and holds its own segments (estimate.py `cublas_reserved_bytes`); it is a separate term here because the
+# tracer cannot see it.
 CUBLAS_WORKSPACE_HOPPER_BYTES = 32 * MIB
 CUBLAS_WORKSPACE_OTHER_BYTES = 8519680
 CUBLAS_WORKSPACES = 2
 
-# Caching-allocator reserve: memory_reserved - memory_allocated at the peak. Persistent tensors (weights, optimizer
-# states) are allocated once and fit their segments; the churn of activations and temporaries leaves partially used
-# segments (large blocks round to 2 MiB, blocks of 1-10 MiB come from 20 MiB segments; c10/cuda/
-# CUDACachingAllocator.cpp). pytorch #40989 reports reserved 11% above allocated at the peak of a training step.
-# Budgeted as 8% of the transient (non-persistent) bytes at the peak, plus 2 MiB per segment-rounding of the largest
-# transient tensor; uncalibrated until `vlplan profile --sweep` runs on a GPU.
+# Caching-allocator reserve (memory_reserved - memory_allocated at the peak): the estimator no longer uses a factor
+# for it: `estimate` replays the step's allocation sequence through a model of the caching allocator
+# (planner/memory/allocator.py; estimate.py `reserved_replay`). The factor below remains only for the tracer's
+# breakdown (profiler/trace.py `TraceResult.from_snapshots`) and the calibration report (profiler/calibrate.py):
+# 8% of the transient (non-persistent) bytes at the peak, pytorch #40989 (reserved 11% above allocated at a
+# training step's peak); uncalibrated until `vlplan profile --sweep` runs on a GPU.
 ALLOCATOR_FRAGMENTATION = 0.08
 
 # NCCL communicator buffers (outside the caching allocator): NCCL_BUFFSIZE 4 MiB per channel and peer; measured
