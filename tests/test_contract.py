@@ -177,7 +177,7 @@ LLAMAFACTORY_VALUES = {
     "flash_attn": "disabled", "disable_gradient_checkpointing": True, "gradient_checkpointing": False,
     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "max_grad_norm": 0.5,
     "deepspeed": "ds_z3_config.json", "fsdp": "full_shard", "enable_liger_kernel": True, "use_liger_kernel": True,
-    "additional_target": "lm_head",
+    "additional_target": "lm_head", "use_reentrant_gc": False,
 }
 # keys that only mean something next to another key (the YAML gets both)
 COMPANIONS = {

@@ -179,7 +179,7 @@ SETUP_KEYS = frozenset({
     "neat_packing", "quantization_bit", "quantization_method", "quantization_type", "double_quantization",
     "quantization_device_map", "pure_bf16", "bf16", "fp16", "optim", "flash_attn", "disable_gradient_checkpointing",
     "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
-    "deepspeed", "fsdp", "enable_liger_kernel", "use_liger_kernel", "additional_target",
+    "deepspeed", "fsdp", "enable_liger_kernel", "use_liger_kernel", "additional_target", "use_reentrant_gc",
 })
 # Keys that change memory in ways vlplan does not model, with what the estimate then means (a warning each when set
 # to anything but its default).
@@ -481,6 +481,9 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
     # gradient_checkpointing: true makes the Trainer enable it regardless
     choices["gradient_checkpointing"] = (not r.bool("disable_gradient_checkpointing", False)
                                          or r.bool("gradient_checkpointing", False))
+    if r.bool("use_reentrant_gc", True) is False and choices["gradient_checkpointing"]:
+        warnings.append(f"{name}: use_reentrant_gc false (non-reentrant checkpointing under LLaMA-Factory's stack) is "
+                        "not modelled; the estimate uses LLaMA-Factory's default reentrant checkpointing")
     if config.get("gradient_checkpointing") is False and choices["gradient_checkpointing"]:
         warnings.append(f"{name}: gradient_checkpointing false does not switch checkpointing off: LLaMA-Factory "
                         "enables it itself (prepare_model_for_training); modelled on, set "
