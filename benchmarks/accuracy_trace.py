@@ -102,6 +102,15 @@ MATRIX = [
     ("idefics3-8b", dict(method="lora", seq_len=4096, image_size=SQ1024)),
     ("smolvlm", dict(method="full", seq_len=2048, image_size=SQ448)),
     ("paligemma2-3b", dict(method="lora", seq_len=1024)),
+    # LLaMA-Factory's stack (checkpointing before peft: the frozen vision tower's input requires grad, its blocks run
+    # un-checkpointed and save activations) and a plain HF Trainer's (non-reentrant, every layer)
+    ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory")),
+    ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", seq_len=4096, num_images=2, image_size=(1344, 1008),
+                           image_max_pixels=1344 * 1008)),
+    ("qwen2.5-vl-3b", dict(method="lora", stack="llamafactory", image_size=SQ448)),
+    ("llava-1.5-7b", dict(method="lora", stack="llamafactory", batch_size=4, seq_len=2048)),
+    ("internvl3-8b", dict(method="lora", stack="llamafactory", image_size=SQ1024)),
+    ("qwen2.5-vl-7b", dict(method="lora", stack="hf-trainer")),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 

@@ -374,3 +374,27 @@ def test_the_default_reserve_is_the_named_factor(small_setup):
     assert result.allocator == {"reserve": "factor"}
     with pytest.raises(VlplanError, match="add --reserve replay"):
         estimate(small_setup, expandable_segments=True)
+
+
+def test_estimate_command_replays_on_request():
+    import json
+
+    from typer.testing import CliRunner
+
+    from vlplan.cli.main import app
+
+    def run(*args):
+        result = CliRunner().invoke(app, ["estimate", "--model", "qwen2-vl-2b", "--seq-len", "512", "--image-size",
+                                          "224x224", *args, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    factor, replayed = run(), run("--reserve", "replay")
+    expandable = run("--reserve", "replay", "--expandable-segments")
+    assert factor["allocator"] == {"reserve": "factor"} and replayed["allocator"]["reserve"] == "replay"
+    assert factor["allocated_peak_bytes"] == replayed["allocated_peak_bytes"] == expandable["allocated_peak_bytes"]
+    assert replayed["allocator"]["events"] > 1000 and expandable["allocator"]["expandable_segments"]
+    assert sum(replayed["breakdown_bytes"].values()) == replayed["peak_bytes"]
+    result = CliRunner().invoke(app, ["estimate", "--model", "qwen2-vl-2b", "--expandable-segments"])
+    assert result.exit_code == 2 and result.stderr.strip() == ("error: expandable segments change only the "
+                                                               "caching-allocator replay; add --reserve replay")

@@ -130,7 +130,7 @@ def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments:
     per searched micro-batch made the sizing tables 8-9x slower). `expandable_segments`
     (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) applies to the replay only."""
     if reserve not in RESERVE_MODES:
-        raise VlplanError(f"reserve {reserve!r} is not one of {', '.join(RESERVE_MODES)}")
+        raise VlplanError(f"--reserve {reserve!r} is not one of {', '.join(RESERVE_MODES)}")
     if expandable_segments and reserve != "replay":
         raise VlplanError("expandable segments change only the caching-allocator replay; add --reserve replay")
     params, trainable = param_summary(setup)
