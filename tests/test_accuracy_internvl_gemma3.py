@@ -63,6 +63,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec, kwargs, counts", CASES,
                          ids=[f"{c[0].name}-{'-'.join(f'{k}={v}' for k, v in c[1].items())}" for c in CASES])
 def test_simulation_matches_trace(spec, kwargs, counts):

@@ -73,6 +73,7 @@ CASES = [
 CASES = [case if len(case) == 3 else (*case, None) for case in CASES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, kwargs, counts", CASES,
                          ids=[f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[1].items())}" for c in CASES])
 def test_simulation_matches_trace(name, kwargs, counts):

@@ -153,6 +153,7 @@ def test_commands_warn_about_a_not_modelled_setting(tmp_path, command):
     assert any(w.startswith("liger_kernel") for w in json.loads(result.stdout)["warnings"])
 
 
+@pytest.mark.slow
 def test_trace_warns_about_a_not_modelled_setting(tmp_path):
     pytest.importorskip("transformers")
     config = tmp_path / "train.yaml"

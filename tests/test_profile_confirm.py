@@ -17,6 +17,7 @@ from vlplan.planner.hf_config import spec_to_hf_config  # noqa: E402
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_plan_confirm_measures_the_chosen_and_the_next_micro_batch(tmp_path):
     """A GPU of 712 MiB: with a 10% margin micro-batch 2 fits (estimate 669.99 MB of a 671.93 MB budget) and 4 does
     not (685.6 MB), on the estimate and on the measurement."""
@@ -40,6 +41,7 @@ def test_plan_confirm_measures_the_chosen_and_the_next_micro_batch(tmp_path):
     assert {k: v for k, v in data.items() if k != "confirmation"} == plain
 
 
+@pytest.mark.slow
 def test_plan_confirm_of_a_deepspeed_or_multi_gpu_plan_points_to_vlplan_run(tmp_path):
     result = runner.invoke(app, ["plan", "--model", "qwen2.5-vl-7b", "--num-gpus", "4", "-g", "16", "--confirm",
                                  "--confirm-backend", "cpu"])

@@ -39,6 +39,7 @@ def write_sweep(path: Path, tiny_dir: Path, configs: list[str]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_sweep_survives_oom_crash_and_hang_and_keeps_earlier_records(tiny_dir, tmp_path):
     broken = tmp_path / "no-weights"  # a config.json and no weights: from_pretrained raises in the worker
     broken.mkdir()
@@ -150,6 +151,7 @@ def test_the_ready_gpu_accuracy_sweep_covers_the_issue():
     assert big.vision_tokens_per_sample == 2304
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_sweep_and_its_running_worker(tiny_dir, tmp_path):
     """A sweep stopped by SIGTERM (e.g. `timeout`) kills the worker it started in its own session: nothing keeps
     running on the device after the sweep."""

@@ -125,6 +125,7 @@ def trained(out):
     return record, state
 
 
+@pytest.mark.slow
 def test_run_trains_what_the_yaml_says(project, tmp_path):
     result = runner.invoke(app, ["run", "--from-llamafactory", write_yaml(project, tmp_path), "--precision", "fp32"])
     assert result.exit_code == 0, result.output
@@ -140,6 +141,7 @@ def test_run_trains_what_the_yaml_says(project, tmp_path):
     assert "template" not in result.stderr  # the YAML sets no key vlplan run ignores
 
 
+@pytest.mark.slow
 def test_flags_typed_on_the_command_line_win(project, tmp_path):
     other = tmp_path / "other"
     result = runner.invoke(app, ["run", "--from-llamafactory", write_yaml(project, tmp_path), "--precision", "fp32",

@@ -108,6 +108,7 @@ def record_of(out):
     return json.loads((out / "vlplan_run.json").read_text())
 
 
+@pytest.mark.slow
 def test_lora_trains_saves_and_reloads_with_peft(env, tmp_path):
     import peft
 
@@ -135,6 +136,7 @@ def test_lora_trains_saves_and_reloads_with_peft(env, tmp_path):
     assert not (out / ".vlplan").exists()  # the staging area is gone once the run is complete
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_saves_weights_that_reload(env, tmp_path):
     out = tmp_path / "out"
     result = run_cli("--model", env["llava"], "--dataset", env["data"], "--output-dir", out, "--method", "full",
@@ -151,6 +153,7 @@ def test_full_fine_tuning_saves_weights_that_reload(env, tmp_path):
     assert torch.equal(dict(trained.named_parameters())[frozen], dict(original.named_parameters())[frozen])
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_repeated_batch(env, tmp_path):
     out = tmp_path / "out"
     result = run_cli("--model", env["qwen"], "--dataset", env["pair"], "--output-dir", out, "--batch-size", 2,
@@ -160,6 +163,7 @@ def test_loss_goes_down_on_a_repeated_batch(env, tmp_path):
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_same_data_order(env, tmp_path, monkeypatch):
     """A run interrupted after step 2 (SIGTERM, in this process) and resumed sees the batches, learning rates and
     losses of an uninterrupted run."""
@@ -206,6 +210,7 @@ def test_a_second_run_into_the_same_directory_is_refused(env, tmp_path):
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_that_resumes(env, tmp_path):
     out = tmp_path / "out"
     args = [*CLI, "run", "--model", env["qwen"], "--dataset", env["data"], "--output-dir", str(out), *FAST,
@@ -229,6 +234,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes(env, tmp_path):
     assert record_of(out)["steps"] == step + 1
 
 
+@pytest.mark.slow
 def test_two_processes_through_torchrun_with_gloo(env, tmp_path):
     """`--num-gpus 2` on the CPU: torchrun starts 2 gloo ranks that train; SIGTERM to vlplan reaches the ranks, which
     agree on a step, save a checkpoint and stop; --resume continues under torchrun to the end."""
@@ -255,6 +261,7 @@ def test_two_processes_through_torchrun_with_gloo(env, tmp_path):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_dry_run_of_zero3_on_four_gpus(env, tmp_path):
     pytest.importorskip("deepspeed")  # transformers fills the config's "auto" values with DeepSpeed's config class
     out = tmp_path / "out"
@@ -320,6 +327,7 @@ def test_a_saved_plan_and_a_global_batch_set_the_batch(env, tmp_path):
     assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --plan")
 
 
+@pytest.mark.slow
 def test_auto_retry_after_out_of_memory_halves_the_micro_batch(env, tmp_path, monkeypatch):
     """A CUDA OOM (raised here on the CPU at the first step of micro-batch 2) reports the phase and the next plan;
     --auto-retry continues with micro-batch 1 and accumulation 2."""
@@ -377,6 +385,7 @@ def test_oom_report_blames_the_model_states_when_they_measure_high():
     assert report["next_settings"]["batch_size"] == 1 and "backward phase" in report["message"]
 
 
+@pytest.mark.slow
 def test_smoke_test_runs_a_tiny_model_of_the_family(env, tmp_path):
     out = tmp_path / "out"
     result = run_cli("--model", "qwen2.5-vl-7b", "--dataset", env["data"], "--output-dir", out, "--smoke-test",
@@ -390,6 +399,7 @@ def test_smoke_test_runs_a_tiny_model_of_the_family(env, tmp_path):
     assert "no CUDA: DeepSpeed ZeRO -> plain data parallel" in result.stderr
 
 
+@pytest.mark.slow
 def test_random_init_builds_the_architecture_from_the_config(env, tmp_path):
     from vlplan.profiler.build import hf_config
     from vlplan.runner.job import RunOptions
@@ -491,6 +501,7 @@ def test_an_output_dir_that_cannot_be_created_is_one_line(env, tmp_path):
                                                   "file or directory"]
 
 
+@pytest.mark.slow
 def test_resuming_a_completed_run_trains_nothing(env, tmp_path):
     out = tmp_path / "out"
     args = ["--model", env["qwen"], "--dataset", env["pair"], "--output-dir", out, "--max-steps", 2, *FAST]
@@ -506,6 +517,7 @@ def test_resuming_a_completed_run_trains_nothing(env, tmp_path):
     assert record_of(out)["steps"] == 3 and [e["step"] for e in record_of(out)["losses"]] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resuming_a_run_stopped_at_its_last_step_saves_its_weights(env, tmp_path, monkeypatch):
     from transformers import TrainerCallback
 
@@ -532,6 +544,7 @@ def test_resuming_a_run_stopped_at_its_last_step_saves_its_weights(env, tmp_path
     assert saved.keys() == checkpoint.keys() and all(torch.equal(saved[k], checkpoint[k]) for k in saved)
 
 
+@pytest.mark.slow
 def test_resuming_with_another_model_or_method_is_refused(env, tmp_path):
     out = tmp_path / "out"
     args = ["--dataset", env["pair"], "--output-dir", out, "--max-steps", 1, *FAST]
@@ -550,6 +563,7 @@ def test_resuming_with_another_model_or_method_is_refused(env, tmp_path):
     assert (out / "adapter_model.safetensors").read_bytes() == adapter
 
 
+@pytest.mark.slow
 def test_a_run_that_stops_before_its_first_step_says_so_and_can_run_again(env, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = ["--model", env["qwen"], "--dataset", env["pair"], "--output-dir", out, "--max-steps", 1, *FAST]
@@ -584,6 +598,7 @@ def test_a_run_that_stops_before_its_first_step_says_so_and_can_run_again(env, t
     assert record_of(out)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_record_left_running_is_refused_with_advice_that_matches(env, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -125,6 +125,7 @@ def test_rows_equal_vlplan_estimate_cli(sample_rows, model, method, gpu):
     assert data["peak_bytes"] == row.peak_bytes and data["tokens"]["vision_tokens_per_sample"] == row.vision_tokens
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_rows():
     # conditions no other test uses, so neither run finds simulations cached by another
     spec = TableSpec(models=("qwen2-vl-2b",), methods=("lora", "qlora"), gpus=("rtx4090-24g", "a100-40g"),
@@ -267,6 +268,7 @@ def computed_once(monkeypatch, committed):
                         rows if self == chosen.table else original(self, workers, progress))
 
 
+@pytest.mark.slow
 def test_committed_tables_are_up_to_date(computed_once, committed):
     chosen, rows = committed
     result = run("--check")
@@ -275,6 +277,7 @@ def test_committed_tables_are_up_to_date(computed_once, committed):
     assert len(rows) == chosen.table.row_count and all(r.note == "" for r in rows)
 
 
+@pytest.mark.slow
 def test_check_fails_on_an_altered_committed_file(computed_once, tmp_path):
     copy = tmp_path / "generated"
     shutil.copytree(COMMITTED_DIR, copy)
@@ -295,6 +298,7 @@ def test_committed_preset_stays_small():
     assert 100 <= groups <= 250
 
 
+@pytest.mark.slow
 def test_plots_are_written(tmp_path):
     pytest.importorskip("matplotlib")
     result = run("--models", "qwen2-vl-2b,llava-1.5-7b", "--methods", "lora,qlora", "--gpus", "a100-40g,h100-80g",

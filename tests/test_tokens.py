@@ -60,6 +60,7 @@ def test_qwen_full_pipeline_on_pixels(qwen_processor, size):
     assert out["pixel_values"].shape[0] == got.vision_patches
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(size=extreme)
 def test_qwen_llamafactory_path(qwen_processor, size):

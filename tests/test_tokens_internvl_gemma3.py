@@ -90,6 +90,7 @@ def test_internvl_full_pipeline_on_pixels(got_ocr2, size):
     assert list(out["num_patches"]) == [got.views]
 
 
+@pytest.mark.slow
 @settings(max_examples=200, **FAST)
 @given(size=extreme)
 def test_internvl_llamafactory_path(got_ocr2, size):
@@ -159,6 +160,7 @@ def test_gemma3_full_pipeline_on_pixels(gemma3_processor, size):
         assert list(out["num_crops"]) == [got.views - 1]
 
 
+@pytest.mark.slow
 @settings(max_examples=200, **FAST)
 @given(size=extreme)
 def test_gemma3_llamafactory_path(gemma3_processor, size):

@@ -62,6 +62,7 @@ def test_llava_next_tokens_equal_processor(llava_next_processor, size):
     assert got.vision_patches == views * 577  # CLIP ViT-L/14-336: 576 patches + CLS per view
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(size=extreme)
 def test_llava_next_llamafactory_path(llava_next_processor, size):

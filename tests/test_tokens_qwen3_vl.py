@@ -76,6 +76,7 @@ def test_full_pipeline_on_pixels(processor, size):
     assert out["pixel_values"].shape == (got.vision_patches, 3 * 2 * 16 * 16)
 
 
+@pytest.mark.slow
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(size=extreme)
 def test_llamafactory_path(processor, size):
