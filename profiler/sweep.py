@@ -9,8 +9,8 @@ A sweep file (YAML) names configurations by the setup flags of `vlplan profile` 
     matrix:                                           # optional: cartesian products
       - {model: [qwen2-vl-2b], method: [lora, full], batch_size: [1, 4]}
 
-Every configuration is resolved (`resolve_options`, the CLI's own resolution) before anything runs, so a bad one is
-a one-line error naming it. Each then runs `python -m vlplan.profiler.sweep JOB RECORD` in a new process (its own
+Every configuration is resolved (`planner.resolve.resolve_setup`, what every command uses) before anything runs, so
+a bad one is a one-line error naming it. Each then runs `python -m vlplan.profiler.sweep JOB RECORD` in a new process (its own
 session: a timeout kills the whole group), so an out-of-memory error, a crash or a hang ends that configuration
 only: the worker writes its record (oom=true after an OOM), and the parent writes one with `error` for a worker
 that died without one. Records are appended one by one as they finish (`append_records`: read, append, write a
@@ -86,7 +86,7 @@ def load_sweep(path: str | Path, *, backend: str = "cuda", timeout_s: float = DE
     """The resolved configurations of a sweep file (see the module docstring); VlplanError names a bad one."""
     import yaml
 
-    from vlplan.cli.options import SETUP_OPTION_NAMES
+    from vlplan.planner.resolve import SETUP_DEFAULTS
 
     path = Path(path)
     try:
@@ -102,7 +102,7 @@ def load_sweep(path: str | Path, *, backend: str = "cuda", timeout_s: float = DE
     if unknown_top:
         raise VlplanError(f"--sweep {path}: unknown top-level key(s) {', '.join(sorted(unknown_top))}; use name, "
                           "description, defaults, configs, matrix")
-    allowed = set(SETUP_OPTION_NAMES) | set(PROFILE_KEYS)
+    allowed = set(SETUP_DEFAULTS) | set(PROFILE_KEYS)
     defaults = _normalized(data.get("defaults") or {}, allowed, path, "defaults")
     raws = []
     for i, entry in enumerate(_list(data.get("configs"), path, "configs")):
@@ -141,7 +141,7 @@ def _normalized(entry, allowed: set[str], path, where: str) -> dict:
 
 
 def _resolve(index: int, raw: dict, path, backend: str, timeout_s: float) -> SweepConfig:
-    from vlplan.cli.options import resolve_options
+    from vlplan.planner.resolve import resolve_setup
 
     from .profile import ProfileOptions, check_profilable
 
@@ -154,7 +154,7 @@ def _resolve(index: int, raw: dict, path, backend: str, timeout_s: float) -> Swe
             options[key] = Path(options[key])
     where = f"--sweep {path} configuration #{index + 1} ({', '.join(f'{k}={v}' for k, v in raw.items())})"
     try:
-        resolved = resolve_options(**options)
+        resolved = resolve_setup(**options)
         limit = raw.get("memory_limit_gib")
         profile_options = ProfileOptions(steps=int(raw.get("steps", 3)), backend=backend,
                                          weights=str(Path(raw["weights"]).expanduser().resolve())

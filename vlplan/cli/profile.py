@@ -13,7 +13,7 @@ from rich.console import Console
 
 from vlplan.planner.errors import VlplanError
 
-from .options import SETUP_OPTIONS, errors, resolve_options
+from .options import SETUP_OPTIONS, errors, resolve_setup
 from .outputs import check_output_file, writing
 from .render import GIB, console, gib, print_json, table
 
@@ -33,7 +33,7 @@ def deferred_setup(fn):
 
         def resolve():
             with errors():
-                resolved = resolve_options(**options)
+                resolved = resolve_setup(**options)
             for warning in resolved.warnings:
                 typer.echo(f"warning: {warning}", err=True)
             return resolved

@@ -1,0 +1,202 @@
+"""Resolving a training setup from the settings a user gives (flags, a LLaMA-Factory YAML, a DeepSpeed JSON, a
+dataset) into the one `TrainSetup`: the library function behind every command (the CLI's `setup_command`, the
+profiler's sweep files). Pure Python, no typer.
+
+Precedence, lowest first: the library's defaults (`SETUP_DEFAULTS`, LLaMA-Factory's), the YAML, the DeepSpeed JSON,
+the dataset (images and seq_len), the settings given. A setting is given when it is not None, so a flag the user
+typed wins whatever its value (e.g. `--method lora` over a YAML with `finetuning_type: full`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .coverage import setup_warnings
+from .errors import VlplanError
+from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS
+
+# Every setting `resolve_setup` takes, with the library's default (LLaMA-Factory's), in the CLI's flag order
+SETUP_DEFAULTS = {
+    "model": None, "method": "lora", "lora_rank": 8, "lora_alpha": None, "lora_target": "all", "lora_dropout": 0.0,
+    "dora": False, "train_vision": False, "freeze_vision": False, "train_projector": False, "freeze_projector": False,
+    "freeze_llm": False, "train_llm": False, "freeze_trainable_layers": 2, "precision": "bf16", "quant_bits": None,
+    "optimizer": "adamw", "seq_len": 2048, "batch_size": 1, "gradient_accumulation_steps": 1, "images": 1,
+    "image_size": None, "image_max_pixels": LF_IMAGE_MAX_PIXELS, "image_min_pixels": LF_IMAGE_MIN_PIXELS,
+    "attn": "sdpa", "gradient_checkpointing": True, "gpu": "h100-80g", "gpu_memory_gib": None, "num_gpus": 1,
+    "num_nodes": 1, "zero": 0, "offload": "none", "stack": "vlplan",
+    # files
+    "from_llamafactory": None, "deepspeed": None, "dataset": None, "percentile": None, "dataset_dir": None,
+    "media_dir": None, "dataset_info": None, "tokenizer": None,
+}
+FILE_OPTIONS = ("from_llamafactory", "deepspeed", "dataset", "percentile", "dataset_dir", "media_dir", "dataset_info",
+                "tokenizer")
+# settings that only mean something for LoRA/QLoRA
+LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_target", "lora_dropout", "dora")
+
+
+@dataclass
+class ResolvedSetup:
+    """The setup of a command line, with the warnings met on the way and what the files said."""
+
+    setup: object  # TrainSetup
+    warnings: list[str] = field(default_factory=list)
+    scan: object | None = None  # ScanResult of --dataset
+    sample: int | None = None  # the dataset sample the setup plans for
+    percentile: float | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    typed: set[str] = field(default_factory=set)  # the settings given (flags typed on the command line)
+
+    def json_extras(self) -> dict:
+        """What a command adds to its JSON: `warnings`, `sources` and, with --dataset, the scan's summary."""
+        extras: dict = {"warnings": self.warnings, "sources": self.sources}
+        if self.scan is not None:
+            data = self.scan.to_dict()
+            extras["dataset"] = {key: data[key] for key in ("path", "samples", "text_tokens_method", "vision_tokens",
+                                                              "total_tokens", "longest", "over_cutoff")}
+            extras["dataset"].update(planned_sample=self.sample, percentile=self.percentile)
+        return extras
+
+
+def _given_choices(options: dict) -> dict:
+    """`make_setup` arguments of the given settings (model left as a name, resolved later)."""
+    from .hardware import custom_gpu, find_gpu
+    from .tokens import parse_size
+
+    choices: dict = {}
+    if options.get("gpu") is not None and options.get("gpu_memory_gib") is not None:
+        raise VlplanError(f"--gpu {options['gpu']} and --gpu-memory-gib {options['gpu_memory_gib']:g} contradict: "
+                          "--gpu names a GPU of the catalog (its memory is known), --gpu-memory-gib describes any "
+                          "other GPU; pass one of them")
+    if options.get("gpu_memory_gib") is not None:
+        choices["gpu"] = custom_gpu(options["gpu_memory_gib"])
+    elif options.get("gpu") is not None:
+        choices["gpu"] = find_gpu(options["gpu"])
+    for on, off, what, setting in (("train_vision", "freeze_vision", "vision tower", "train_vision"),
+                                   ("train_projector", "freeze_projector", "projector", "train_projector"),
+                                   ("train_llm", "freeze_llm", "language model", "freeze_llm")):
+        if options.get(on) and options.get(off):
+            raise VlplanError(f"--{on.replace('_', '-')} and --{off.replace('_', '-')} contradict; pass one to say "
+                              f"whether the {what} trains")
+        trains = True if options.get(on) else False if options.get(off) else None
+        if trains is not None:
+            choices[setting] = trains if setting.startswith("train") else not trains
+    if options.get("image_size") is not None or options.get("images") is not None:
+        sizes = [parse_size(s) for s in options.get("image_size") or []]
+        count = options.get("images")
+        if len(sizes) > 1:
+            if count not in (None, 1, len(sizes)):
+                raise VlplanError(f"--images {count} contradicts {len(sizes)} --image-size values; give one "
+                                  "--image-size per image or one size with --images N")
+            choices["images"] = sizes
+        else:
+            choices.update(num_images=count if count is not None else SETUP_DEFAULTS["images"],
+                           image_size=sizes[0] if sizes else None, images=None)
+    renamed = {"images", "image_size", "gpu", "gpu_memory_gib", "train_vision", "freeze_vision", "train_projector",
+               "freeze_projector", "train_llm", "freeze_llm"}
+    for name, value in options.items():
+        if name not in renamed and name not in FILE_OPTIONS and value is not None:
+            choices[name] = value
+    return choices
+
+
+def _library_defaults() -> dict:
+    """`make_setup` arguments of the library's defaults (LLaMA-Factory's): the lowest layer of the precedence."""
+    defaults = {name: value for name, value in SETUP_DEFAULTS.items()
+                if name not in FILE_OPTIONS and value is not None}
+    defaults.pop("gpu")  # the GPU default is make_setup's own (a catalog GPU), applied only when nothing names one
+    return _given_choices(defaults)
+
+
+def resolve_setup(progress=None, **options) -> ResolvedSetup:
+    """The TrainSetup of the given settings and files (names as in `SETUP_DEFAULTS`; errors are VlplanError). A
+    setting given as None (or left out) is not given; see the module docstring for the precedence of settings, YAML,
+    DeepSpeed JSON and dataset. `progress(done, total)` is called while a dataset is scanned."""
+    from .io.deepspeed import read_deepspeed
+    from .io.llamafactory import build_setup, deepspeed_consistency, llamafactory_choices
+    from .versions import transformers_warning
+
+    unknown = set(options) - set(SETUP_DEFAULTS)
+    if unknown:
+        raise VlplanError(f"unknown setup option(s) {', '.join(sorted(unknown))}")
+    options = {name: options.get(name) for name in SETUP_DEFAULTS}
+    explicit = {name: value for name, value in options.items() if name not in FILE_OPTIONS and value is not None}
+    resolved = ResolvedSetup(setup=None, typed=set(explicit))
+    version_warning = transformers_warning()  # the installed transformers, if any: the one training would run
+    if version_warning:
+        resolved.warnings.append(version_warning)
+    flags = _given_choices(explicit)
+    choices = _library_defaults()
+    if options["from_llamafactory"]:
+        path = options["from_llamafactory"]
+        yaml_choices, warnings = llamafactory_choices(path, read_deepspeed_key=not options["deepspeed"])
+        resolved.warnings += warnings
+        resolved.sources["llamafactory"] = str(path)
+        choices.update(yaml_choices)
+    if options["deepspeed"]:
+        path = options["deepspeed"]
+        ds, warnings = read_deepspeed(path)
+        resolved.warnings += warnings
+        resolved.sources["deepspeed"] = str(path)
+        choices.update(ds.setup_fields())
+        # numbers the JSON pins (not "auto") hold where no flag or YAML sets them
+        for value, key in ((ds.micro_batch_size, "batch_size"), (ds.gradient_accumulation_steps,
+                                                                 "gradient_accumulation_steps"),
+                           (ds.gradient_clipping, "max_grad_norm")):
+            if value is not None and not options["from_llamafactory"] and key not in explicit:
+                choices[key] = value
+        if not options["from_llamafactory"] and "precision" not in explicit:
+            if ds.fp16 or ds.bf16:
+                choices["precision"] = "fp16" if ds.fp16 else "bf16"
+            elif ds.fp16 is False and ds.bf16 is False:
+                choices["precision"] = "fp32"  # both switched off: DeepSpeed trains in fp32
+        resolved.warnings += deepspeed_consistency(ds, {**choices, **flags}, str(path))
+    choices.update(flags)
+    _drop_file_lora_settings(choices, flags)
+    if not choices.get("model"):
+        raise VlplanError("no model: pass --model NAME (see `vlplan models`) or --from-llamafactory with "
+                          "model_name_or_path")
+    if options["dataset"] is None:
+        if options["percentile"] is not None:
+            raise VlplanError("--percentile needs --dataset")
+        resolved.setup = build_setup(choices)
+    else:
+        resolved.sources["dataset"] = str(options["dataset"])
+        if {"images", "image_size"} & set(explicit):
+            resolved.warnings.append("--images/--image-size are ignored: the images come from --dataset")
+        base = build_setup({**choices, "images": [], "num_images": None, "image_size": None})
+        resolved.setup, resolved.scan, warnings = _dataset_setup(base, options, choices, progress)
+        resolved.sample, resolved.percentile = resolved.scan.pick(options["percentile"]), options["percentile"]
+        resolved.warnings += warnings
+    resolved.warnings += [w for w in setup_warnings(resolved.setup) if w not in resolved.warnings]
+    return resolved
+
+
+def _drop_file_lora_settings(choices: dict, flags: dict) -> None:
+    """LoRA settings only mean something for LoRA/QLoRA: a typed LoRA flag with another method is refused; LoRA keys
+    of a YAML are dropped when a flag switches the method to full or freeze."""
+    if choices.get("method", SETUP_DEFAULTS["method"]) in ("lora", "qlora"):
+        return
+    typed = [name for name in LORA_OPTIONS if name in flags]
+    if typed:
+        flag = "--" + typed[0].replace("_", "-")
+        raise VlplanError(f"{flag} applies to LoRA adapters, but the method is {choices['method']}; use --method lora "
+                          f"or qlora, or drop {flag}")
+    for name in LORA_OPTIONS:
+        choices.pop(name, None)
+
+
+def _dataset_setup(base, options: dict, choices: dict, progress):
+    from .dataset import scan_dataset, setup_for_dataset
+
+    tokenizer = options["tokenizer"]
+    model = choices.get("model")
+    if tokenizer is None and isinstance(model, str) and Path(model).expanduser().is_dir():
+        tokenizer = Path(model).expanduser()
+    scan = scan_dataset(options["dataset"], base.model, dataset_dir=options["dataset_dir"],
+                        media_dir=options["media_dir"], dataset_info=options["dataset_info"],
+                        image_max_pixels=base.image_max_pixels, image_min_pixels=base.image_min_pixels,
+                        cutoff_len=base.seq_len + 1 if base.packing else base.seq_len, tokenizer=tokenizer,
+                        progress=progress)
+    setup, warnings = setup_for_dataset(base, scan, options["percentile"])
+    return setup, scan, warnings
