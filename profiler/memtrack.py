@@ -25,6 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from vlplan.planner.memory.sim import collect_logs
+
 CUDA_BLOCK_BYTES = 512  # c10/cuda/CUDACachingAllocator.cpp: kMinBlockSize; every allocation is rounded up to it
 
 CATEGORIES = ("parameters", "gradients", "optimizer_states", "inputs", "activations", "temporaries")
@@ -68,12 +70,8 @@ def recording_allocations():
     """Within the block, every new MemoryTracker logs each storage it starts tracking and each one that dies, in
     order, as `(key, rounded bytes)` / `(key, 0)` events in a list appended to the yielded list (the input format of
     `planner.memory.allocator.replay`, the same as planner/memory/sim.py's log)."""
-    logs: list[list] = []
-    token = _ALLOCATION_LOGS.set(logs)
-    try:
+    with collect_logs(_ALLOCATION_LOGS) as logs:
         yield logs
-    finally:
-        _ALLOCATION_LOGS.reset(token)
 # ------------------------------------------------------------------------------------------------------------------
 
 

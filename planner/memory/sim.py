@@ -126,12 +126,20 @@ def recording_allocations():
     """Within the block, every new Engine logs its allocations and frees in order, as `(key, nbytes)` events
     (`(key, 0)`: a free) in a list appended to the yielded list: the input of `allocator.replay`. A storage of
     `blocks` equal allocations logs each one; zero-byte storages (never seen by the CUDA allocator) are not logged."""
+    with collect_logs(_ALLOCATION_LOGS) as logs:
+        yield logs
+
+
+@contextmanager
+def collect_logs(logs_var: ContextVar):
+    """Set `logs_var` to a fresh list for the block and yield it: each allocation log made meanwhile is appended to
+    it (shared by the simulator's and the tracer's `recording_allocations`)."""
     logs: list[list] = []
-    token = _ALLOCATION_LOGS.set(logs)
+    token = logs_var.set(logs)
     try:
         yield logs
     finally:
-        _ALLOCATION_LOGS.reset(token)
+        logs_var.reset(token)
 
 
 def _log_storage(log: list, storage: "Storage", nbytes: int) -> None:
