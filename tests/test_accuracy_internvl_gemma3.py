@@ -11,11 +11,11 @@ from vlplan.planner.memory.step import simulate
 from vlplan.planner.registry import resolve
 from vlplan.planner.setup import make_setup
 
+from tiny import assert_phases_match
+
 pytest.importorskip("transformers")
 from vlplan.profiler.trace import run_trace  # noqa: E402
 
-TOLERANCE = 0.005  # per phase, relative to the traced peak
-PHASES = ("forward", "loss", "backward", "optimizer")
 
 
 def tiny_internvl(crop_to_patches: bool = False):
@@ -70,11 +70,7 @@ def test_simulation_matches_trace(spec, kwargs, counts):
     setup = make_setup(spec, **kwargs)
     simulated = simulate(setup, counts)
     traced = run_trace(setup, counts)
-    for phase in PHASES:
-        expected = traced.phase_peaks[phase].total_bytes
-        got = simulated.phase_peaks[phase]
-        assert abs(got - expected) <= TOLERANCE * expected, (
-            f"{phase}: simulated {got} B, traced {expected} B ({100 * (got - expected) / expected:+.3f}%)")
+    assert_phases_match(simulated, traced)
 
 
 def test_masks_follow_the_sequence_length():

@@ -13,8 +13,8 @@ from vlplan.planner.memory.step import simulate
 from vlplan.planner.registry import resolve
 from vlplan.planner.setup import make_setup
 
-TOLERANCE = 0.005  # per phase, relative to the traced peak
-PHASES = ("forward", "loss", "backward", "optimizer")
+from tiny import assert_phases_match
+
 COUNTS = dict(text=2, vision=2)
 
 
@@ -71,11 +71,7 @@ def test_simulation_matches_trace(name, kwargs):
     setup = make_setup(tiny(name), **kwargs)
     simulated = simulate(setup, COUNTS)
     traced = run_trace(setup, COUNTS)
-    for phase in PHASES:
-        expected = traced.phase_peaks[phase].total_bytes
-        got = simulated.phase_peaks[phase]
-        assert abs(got - expected) <= TOLERANCE * expected, (
-            f"{phase}: simulated {got} B, traced {expected} B ({100 * (got - expected) / expected:+.3f}%)")
+    assert_phases_match(simulated, traced)
 
 
 def test_clip_layers_after_the_feature_layer_get_no_optimizer_state():

@@ -14,8 +14,8 @@ from vlplan.planner.registry import resolve
 from vlplan.planner.registry.qwen3_vl import qwen3_merger, qwen3_vl_vision
 from vlplan.planner.setup import make_setup
 
-TOLERANCE = 0.005  # per phase, relative to the traced peak
-PHASES = ("forward", "loss", "backward", "optimizer")
+from tiny import assert_phases_match
+
 
 
 def tiny(name: str):
@@ -60,11 +60,7 @@ def test_simulation_matches_trace(name, kwargs, counts):
     setup = make_setup(tiny(name), **kwargs)
     simulated = simulate(setup, counts)
     traced = run_trace(setup, counts)
-    for phase in PHASES:
-        expected = traced.phase_peaks[phase].total_bytes
-        got = simulated.phase_peaks[phase]
-        assert abs(got - expected) <= TOLERANCE * expected, (
-            f"{phase}: simulated {got} B, traced {expected} B ({100 * (got - expected) / expected:+.3f}%)")
+    assert_phases_match(simulated, traced)
 
 
 def test_layer_types():

@@ -8,9 +8,8 @@ import pytest
 from vlplan.planner.memory.step import simulate
 from vlplan.planner.setup import make_setup
 
-from tiny import tiny_spec
+from tiny import assert_phases_match, tiny_spec
 
-TOLERANCE = 0.005  # per phase, relative to the traced peak
 SMALL = dict(seq_len=256, image_size=(112, 112))
 CASES = [
     # (registry model, make_setup kwargs); tiny_spec keeps tie_word_embeddings of the 2B/3B checkpoints
@@ -48,9 +47,4 @@ def test_simulation_matches_trace(name, kwargs):
     setup = make_setup(spec, **SMALL, **kwargs)
     simulated = simulate(setup)
     traced = run_trace(setup)
-    assert set(simulated.phase_peaks) == set(traced.phase_peaks)
-    for phase in simulated.phase_peaks:
-        expected = traced.phase_peaks[phase].total_bytes
-        got = simulated.phase_peaks[phase]
-        assert abs(got - expected) <= TOLERANCE * expected, (
-            f"{phase}: simulated {got} B, traced {expected} B ({100 * (got - expected) / expected:+.3f}%)")
+    assert_phases_match(simulated, traced)

@@ -18,12 +18,11 @@ from test_accuracy_internvl_gemma3 import tiny_gemma3, tiny_internvl
 from test_accuracy_llava import tiny as tiny_llava
 from test_accuracy_mllama_idefics3_paligemma import MLLAMA_COUNTS, tiny as tiny_mpi
 from test_accuracy_qwen3_vl import DENSE, tiny as tiny_qwen3
-from tiny import tiny_spec
+from tiny import assert_phases_match, tiny_spec
 
 pytest.importorskip("transformers")
 pytest.importorskip("llamafactory")
 
-TOLERANCE = 0.005  # per phase, relative to the traced peak
 QWEN = dict(seq_len=256, image_size=(112, 112))
 # qwen2.5-vl-7b's two 1344x1008 images (48x36 merged units each) scaled down by 6 to 224x168 (8x6 units)
 TWO_IMAGES = dict(seq_len=256, images=[(224, 168), (224, 168)])
@@ -84,12 +83,7 @@ def test_simulation_matches_trace_of_the_stack(factory, name, kwargs, counts):
     setup = make_setup(factory(name), **kwargs)
     simulated = simulate(setup, counts)
     traced = run_trace(setup, counts)
-    assert set(simulated.phase_peaks) == set(traced.phase_peaks)
-    for phase in simulated.phase_peaks:
-        expected = traced.phase_peaks[phase].total_bytes
-        got = simulated.phase_peaks[phase]
-        assert abs(got - expected) <= TOLERANCE * expected, (
-            f"{phase}: simulated {got} B, traced {expected} B ({100 * (got - expected) / expected:+.3f}%)")
+    assert_phases_match(simulated, traced)
 
 
 VISION_BLOCK = re.compile(r"(visual\.blocks|vision_tower\.encoder\.layers)\.\d+$")

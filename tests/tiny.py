@@ -25,3 +25,16 @@ def tiny_spec(name: str, text_layers: int = 2, vision_layers: int = 2) -> ModelS
         return replace(spec, name=f"tiny-{name}", text=text, vision=vision, projector=projector, processor=processor,
                        image_token_id=900)
     raise ValueError(f"no tiny variant for {name}")
+
+
+TOLERANCE = 0.005  # per phase, relative to the traced peak
+
+
+def assert_phases_match(simulated, traced, tolerance: float = TOLERANCE) -> None:
+    """The estimator's simulated peak of every phase within `tolerance` of the traced one. Both report the same
+    phases (a phase that allocates nothing, e.g. a fused AdamW step without clipping, is in neither)."""
+    assert set(simulated.phase_peaks) == set(traced.phase_peaks)
+    for phase, got in simulated.phase_peaks.items():
+        expected = traced.phase_peaks[phase].total_bytes
+        assert abs(got - expected) <= tolerance * expected, (
+            f"{phase}: simulated {got} B, traced {expected} B ({100 * (got - expected) / expected:+.3f}%)")
