@@ -144,3 +144,19 @@ def test_trace_and_estimate_share_term_names():
     assert {t for t in trace_terms if t.startswith("temporaries/")} <= {
         "temporaries/loss", "temporaries/language", "temporaries/vision", "temporaries/projector",
         "temporaries/optimizer"} and "temporaries/loss" in estimate_terms
+
+
+def test_estimate_states_the_stack_it_assumes(tmp_path):
+    """The README's first line names the stack; a LLaMA-Factory YAML implies LLaMA-Factory's."""
+    from typer.testing import CliRunner
+
+    from vlplan.cli.main import app
+
+    result = CliRunner().invoke(app, ["estimate", "--model", "qwen2.5-vl-7b", "--method", "lora"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].endswith("checkpointing on, vlplan stack")
+    config = tmp_path / "train.yaml"
+    config.write_text("model_name_or_path: qwen2.5-vl-7b\nfinetuning_type: lora\nbf16: true\n")
+    result = CliRunner().invoke(app, ["estimate", "--from-llamafactory", str(config)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].endswith("llamafactory stack")
