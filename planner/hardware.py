@@ -9,9 +9,11 @@ tensor-core rate with fp32 accumulation from the vendor datasheet; `bf16` is Fal
 from __future__ import annotations
 
 import math
+import os
 
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import VlplanError
 
@@ -140,3 +142,61 @@ def assumed_host_ram(gpu: GPU, gpus_per_node: int) -> tuple[int, str]:
     total = int(assumption.gib_per_gpu * gpus_per_node * GIB)
     return total, (f"{assumption.gib_per_gpu:g} GiB per GPU x {gpus_per_node}, {like}{assumption.source}; "
                    "pass --host-ram-gib for your machine")
+
+
+# `--host-ram-gib` above this is a typo, not a machine (1 PiB per node)
+MAX_HOST_RAM_GIB = 2**20
+
+
+def host_ram_budget(setup, host_ram_gib: float | None) -> tuple[int | None, str | None]:
+    """The host RAM budget per node and where it comes from: `host_ram_gib` (--host-ram-gib) when given; else this
+    machine's RAM when the plan is for this machine, i.e. one node and at least `num_gpus` NVIDIA GPUs here (seen
+    through NVML) whose memory is the planned GPU's within 2% (the physical RAM, or the container's cgroup limit
+    where lower); else (None, None): the planner's stated assumption for the GPU type (HOST_RAM_PER_GPU)."""
+    if host_ram_gib is not None:
+        if not math.isfinite(host_ram_gib) or not 0 < host_ram_gib <= MAX_HOST_RAM_GIB:
+            raise VlplanError(f"--host-ram-gib must be a number of GiB in (0, {MAX_HOST_RAM_GIB}], got {host_ram_gib}")
+        return int(host_ram_gib * 2**30), "--host-ram-gib"
+    local = _local_gpus_mib()
+    if setup.num_nodes == 1 and len(local) >= setup.num_gpus and all(
+            abs(mib - setup.gpu.memory_mib) <= 0.02 * setup.gpu.memory_mib for mib in local[:setup.num_gpus]):
+        ram = _this_machine_ram_bytes()
+        if ram:
+            return ram, f"this machine's RAM (the plan is for its {len(local)} GPU(s) of {setup.gpu.name}'s memory)"
+    return None, None
+
+
+def _local_gpus_mib() -> list[int]:
+    """Total memory (MiB) of each NVIDIA GPU NVML sees here; none without the driver or nvidia-ml-py."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no nvidia-ml-py, no driver, no GPU: this machine is not the planned one
+        return []
+    try:
+        return [int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).total // 2**20)
+                for i in range(pynvml.nvmlDeviceGetCount())]
+    except Exception:
+        return []
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+
+
+def _this_machine_ram_bytes() -> int | None:
+    """Physical RAM, or the cgroup (container) memory limit where lower."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            ram = min(ram, int(text))
+    return ram

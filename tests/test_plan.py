@@ -269,10 +269,10 @@ def test_plan_cli_host_ram(monkeypatch):
         assert result.exit_code == 2 and _errors(result) == [_errors(result)[0]], (bad, result.output)
         assert _errors(result)[0].startswith("error: --host-ram-gib"), (bad, result.output)
     # planning for this machine (one node, its GPUs have the planned GPU's memory): its RAM is the budget
-    import vlplan.cli.plan as cli_plan
+    import vlplan.planner.hardware as hardware
 
-    monkeypatch.setattr(cli_plan, "_local_gpus_mib", lambda: [24564, 24564])  # two RTX 4090s here
-    monkeypatch.setattr(cli_plan, "_this_machine_ram_bytes", lambda: 100 * GIB)
+    monkeypatch.setattr(hardware, "_local_gpus_mib", lambda: [24564, 24564])  # two RTX 4090s here
+    monkeypatch.setattr(hardware, "_this_machine_ram_bytes", lambda: 100 * GIB)
     small = ["plan", "--model", "qwen2-vl-2b", "--num-gpus", "2", "-g", "8", "--json"]
     data = json.loads(_cli(*small, "--gpu", "rtx4090-24g").stdout)
     assert data["host_ram_budget_bytes"] == 100 * GIB and data["host_ram_source"].startswith("this machine's RAM")

@@ -170,9 +170,8 @@ def run_command(
             plan_dict = load_plan(plan_file)
             setup = setup_from_settings(plan_dict["settings"], setup.model, f"--plan {plan_file}")
         elif global_batch_size is not None:
+            from vlplan.planner.hardware import host_ram_budget
             from vlplan.planner.plan import plan
-
-            from .plan import host_ram_budget
 
             # the run trains on this machine's nodes: plan offload within their RAM when this machine is the planned
             # one, else within the GPU type's stated assumption (as `vlplan plan` does)
