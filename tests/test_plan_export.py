@@ -163,7 +163,8 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == ["locked"]
 
 
-@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root writes into chmod 555 folders; the test above "
+                                                          "covers the same path with a failing write")
 def test_a_read_only_folder_is_one_line(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
