@@ -106,10 +106,10 @@ class VideoTokens:
         return self.grid_h * self.grid_w
 
     def to_dict(self) -> dict:
-        return dict(width=self.width, height=self.height, frames=self.frames, resized_width=self.resized_width,
-                    resized_height=self.resized_height, grid_thw=[self.grid_t, self.grid_h, self.grid_w],
-                    vision_patches=self.vision_patches, llm_tokens=self.llm_tokens,
-                    special_tokens=self.special_tokens)
+        return {"width": self.width, "height": self.height, "frames": self.frames,
+                "resized_width": self.resized_width, "resized_height": self.resized_height,
+                "grid_thw": [self.grid_t, self.grid_h, self.grid_w], "vision_patches": self.vision_patches,
+                "llm_tokens": self.llm_tokens, "special_tokens": self.special_tokens}
 
 
 def sample_indices(video: Video, video_fps: float, video_maxlen: int) -> list[int]:

@@ -53,7 +53,8 @@ def place_images(setup: TrainSetup, tokens: list[ImageTokens], image_token_id: i
 # Integer tensors whose values the model reads on the host (.tolist(), .item()): they must be constant fakes
 CONSTANT_KEYS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "image_grid_thw", "position_ids",
                  "image_position_ids", "image_cu_seqlens", "image_window_index", "image_cu_window_seqlens",
-                 "image_sizes")
+                 "image_sizes", "video_grid_thw", "video_position_ids", "video_cu_seqlens", "video_window_index",
+                 "video_cu_window_seqlens")
 
 
 def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
