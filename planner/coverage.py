@@ -22,13 +22,7 @@ NOT_MODELLED = {
                     "bound, by up to a few GiB for large vocabularies)",
 }
 
-# a setup has no videos (vlplan does not model them yet), so the video caps cannot change its memory; a dataset
-# with videos is warned about by the scan (planner/dataset.py), which is where videos would enter
-_NO_VIDEOS = ("the setup has no videos, so the video caps change nothing; `vlplan scan` and --dataset warn about "
-              "videos in the data, which are not yet counted")
 NO_EFFECT = {
-    "video_max_pixels": _NO_VIDEOS, "video_min_pixels": _NO_VIDEOS, "video_fps": _NO_VIDEOS,
-    "video_maxlen": _NO_VIDEOS,
     "packing": "every row is already estimated at seq_len tokens, which is what packing fills (LLaMA-Factory's "
                "cutoff_len - 1 is applied when the YAML is read); it changes only which dataset sample is planned "
                "for",
