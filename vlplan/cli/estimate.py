@@ -45,6 +45,9 @@ def render_estimate(result: Estimate, explain: bool = False) -> None:
     s = result.setup
     trains = ", ".join(f"{k} {v.value}" for k, v in s.trains.items())
     images = ", ".join(f"{w}x{h}" for w, h in s.images) or "none"
+    if s.videos:
+        images += "; videos " + ", ".join(f"{v.label()} ({t.frames} frames sampled, grid {t.grid_t}x{t.grid_h}x"
+                                          f"{t.grid_w})" for v, t in zip(s.videos, s.video_tokens()))
     console.print(f"[bold]{s.model.name}[/bold] {s.method} ({trains}); {s.precision}, {s.optimizer}, "
                   f"{s.attn}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.stack} stack")
     console.print(f"seq {s.seq_len} x batch {s.batch_size}; images {images} -> {s.vision_tokens_per_sample} vision "
