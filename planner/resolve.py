@@ -193,7 +193,10 @@ def resolve_setup(progress=None, **options) -> ResolvedSetup:
         resolved.sources["dataset"] = str(options["dataset"])
         if {"images", "image_size"} & set(explicit):
             resolved.warnings.append("--images/--image-size are ignored: the images come from --dataset")
-        base = build_setup({**choices, "images": [], "num_images": None, "image_size": None})
+        if {"videos", "video_size", "video_frames", "video_duration"} & set(explicit):
+            resolved.warnings.append("--videos/--video-size/--video-frames/--video-duration are ignored: the videos "
+                                     "come from --dataset")
+        base = build_setup({**choices, "images": [], "num_images": None, "image_size": None, "videos": ()})
         resolved.setup, resolved.scan, warnings = _dataset_setup(base, options, choices, progress)
         resolved.sample, resolved.percentile = resolved.scan.pick(options["percentile"]), options["percentile"]
         resolved.warnings += warnings
@@ -226,6 +229,8 @@ def _dataset_setup(base, options: dict, choices: dict, progress):
                         media_dir=options["media_dir"], dataset_info=options["dataset_info"],
                         image_max_pixels=base.image_max_pixels, image_min_pixels=base.image_min_pixels,
                         cutoff_len=base.seq_len + 1 if base.packing else base.seq_len, tokenizer=tokenizer,
-                        progress=progress)
+                        progress=progress, video_max_pixels=base.video_max_pixels,
+                        video_min_pixels=base.video_min_pixels, video_fps=base.video_fps,
+                        video_maxlen=base.video_maxlen)
     setup, warnings = setup_for_dataset(base, scan, options["percentile"])
     return setup, scan, warnings
