@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from llamafactory_modules import import_llamafactory
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.registry import resolve
 from vlplan.planner.video import (
@@ -23,29 +24,7 @@ from vlplan.planner.video import (
     video_tokens,
 )
 
-
-def _import_mm_plugin():
-    """llamafactory.data.mm_plugin imports torchaudio at the top for audio inputs only; without it installed, a
-    stand-in module is put in place for the import alone and removed after (no audio path runs here)."""
-    import importlib
-    import sys
-    import types
-
-    pytest.importorskip("llamafactory")
-    if importlib.util.find_spec("torchaudio") is not None or "torchaudio" in sys.modules:
-        return importlib.import_module("llamafactory.data.mm_plugin")
-    import peft  # noqa: F401  (imported first: transformers' availability checks run before the stand-in exists)
-    from transformers.utils import is_torchaudio_available
-
-    assert not is_torchaudio_available()  # cached: later checks keep answering False
-    sys.modules["torchaudio"] = types.ModuleType("torchaudio")
-    try:
-        return importlib.import_module("llamafactory.data.mm_plugin")
-    finally:
-        del sys.modules["torchaudio"]
-
-
-mm_plugin = _import_mm_plugin()
+mm_plugin = import_llamafactory("llamafactory.data.mm_plugin")
 
 QWEN2 = resolve("qwen2-vl-7b")
 QWEN25 = resolve("qwen2.5-vl-7b")
