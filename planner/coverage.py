@@ -23,9 +23,9 @@ NOT_MODELLED = {
 }
 
 NO_EFFECT = {
-    "packing": "every row is already estimated at seq_len tokens, which is what packing fills (LLaMA-Factory's "
-               "cutoff_len - 1 is applied when the YAML is read); it changes only which dataset sample is planned "
-               "for",
+    "packing": "every row is already estimated at seq_len tokens, which is what a packed row holds (LLaMA-Factory "
+               "pads each to cutoff_len) under one causal mask; it changes which samples a --dataset row holds "
+               "(planner/packing.py); neat_packing's block-diagonal mask is its own field",
 }
 
 # LLaMA-Factory keys that vlplan reads and checks, without an effect on memory (so nothing to warn about)
@@ -43,4 +43,7 @@ def setup_warnings(setup: TrainSetup) -> list[str]:
     for name, reason in NOT_MODELLED.items():
         if getattr(setup, name) != defaults[name]:
             warnings.append(f"{name} = {getattr(setup, name)}: {reason}")
+    from .memory.packing import mask_warning
+
+    warnings += [w for w in (mask_warning(setup),) if w]
     return warnings

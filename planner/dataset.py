@@ -593,18 +593,54 @@ def scan_dataset(path: str | Path, spec: ModelSpec, *, dataset_dir: str | Path |
                           video_counter.corrupt.items())))
 
 
+def _packed_setup(setup, scan: ScanResult, percentile: float | None):
+    """With packing, a row holds cutoff_len tokens of several samples (planner/packing.py): plan for the row whose
+    samples bring the most vision tokens, with all their images and videos."""
+    from .packing import pack
+
+    _check_scan(setup, scan)
+    totals = scan.total_tokens
+    packing = pack(totals, setup.seq_len)
+    if not packing.rows:
+        raise VlplanError(f"with packing, every sample is longer than cutoff_len - 1 = {setup.seq_len - 1} tokens "
+                          "and LLaMA-Factory drops them all; raise cutoff_len")
+    row = max(packing.rows, key=lambda r: (sum(scan.vision_tokens[i] for i in r), -min(r)))
+    warnings = [f"packing: {len(totals)} samples in {len(packing.rows)} rows of {setup.seq_len} tokens "
+                f"(LLaMA-Factory's greedy knapsack; up to {max(packing.samples_per_row())} samples a row); planning "
+                f"for the row of samples {', '.join(f'#{i}' for i in sorted(row))}, the most vision tokens "
+                f"({sum(scan.vision_tokens[i] for i in row)})"]
+    if percentile is not None:
+        warnings.append("--percentile is ignored with packing: every row holds cutoff_len tokens")
+    if packing.dropped:
+        warnings.append(f"{_plural(len(packing.dropped), 'sample')} longer than cutoff_len - 1 = {setup.seq_len - 1} "
+                        "tokens, which LLaMA-Factory drops when packing")
+    warnings += scan.warnings
+    images = tuple(size for i in sorted(row) for size in scan.image_sizes[i])
+    clips = tuple(clip for i in sorted(row) for clip in (scan.video_clips[i] if scan.video_clips else ()))
+    if clips and setup.model.family not in QWEN2_VIDEO_FAMILIES:
+        warnings.append(f"the row's {_plural(len(clips), 'video')} count in its tokens, but the memory of video "
+                        f"inputs is modelled for Qwen2-VL and Qwen2.5-VL only, not {setup.model.name}")
+        clips = ()
+    return replace(setup, images=images, videos=clips), warnings
+
+
+def _check_scan(setup, scan: ScanResult) -> None:
+    if (setup.image_max_pixels, setup.image_min_pixels) != (scan.image_max_pixels, scan.image_min_pixels):
+        raise VlplanError("the scan used other image_max_pixels/image_min_pixels than the setup; scan again with "
+                          "the setup's values")
+    if scan.model != setup.model.name:
+        raise VlplanError(f"the scan counted tokens for {scan.model}, the setup is {setup.model.name}")
+
+
 def setup_for_dataset(setup, scan: ScanResult, percentile: float | None = None):
     """The setup with the images and sequence length of the dataset's longest sample (or the sample at
     `percentile` of total tokens), and warnings about the samples it does not cover. -> (TrainSetup, warnings)"""
+    if setup.packing:
+        return _packed_setup(setup, scan, percentile)
     index = scan.pick(percentile)
     totals = scan.total_tokens
     seq_len = totals[index]
     warnings = []
-    if setup.packing:
-        # packed sequences fill seq_len whatever the samples' lengths; the planned sample's images sit inside one
-        warnings.append(f"packing: sequences are filled to {setup.seq_len} tokens; planning with sample #{index}'s "
-                        "images inside one packed sequence")
-        seq_len = max(seq_len, setup.seq_len)
     if percentile is not None:
         longer = sum(1 for t in totals if t > seq_len)
         warnings.append(f"planning for the p{percentile:g} sample #{index} ({totals[index]} tokens): "

@@ -228,7 +228,7 @@ def _dataset_setup(base, options: dict, choices: dict, progress):
     scan = scan_dataset(options["dataset"], base.model, dataset_dir=options["dataset_dir"],
                         media_dir=options["media_dir"], dataset_info=options["dataset_info"],
                         image_max_pixels=base.image_max_pixels, image_min_pixels=base.image_min_pixels,
-                        cutoff_len=base.seq_len + 1 if base.packing else base.seq_len, tokenizer=tokenizer,
+                        cutoff_len=base.seq_len, tokenizer=tokenizer,
                         progress=progress, video_max_pixels=base.video_max_pixels,
                         video_min_pixels=base.video_min_pixels, video_fps=base.video_fps,
                         video_maxlen=base.video_maxlen)

@@ -120,8 +120,11 @@ class TrainSetup:
     ds_reduce_bucket_size: int | None = None
     ds_overlap_comm: bool = False
     stack: str = "vlplan"
+    # LLaMA-Factory packing: samples packed into rows of seq_len tokens (planner/packing.py); neat_packing adds the
+    # block-diagonal (batch, 1, seq, seq) attention mask for sdpa and eager
+    packing: bool = False
+    neat_packing: bool = False
     # Recorded for the launch configs (LLaMA-Factory keys); the memory model does not read them yet
-    packing: bool = False  # LLaMA-Factory packing / neat_packing: sequences filled to seq_len
     liger_kernel: bool = False  # LLaMA-Factory enable_liger_kernel (fused linear cross-entropy, fused norms)
     video_max_pixels: int = LF_VIDEO_MAX_PIXELS
     video_min_pixels: int = LF_VIDEO_MIN_PIXELS
@@ -219,6 +222,12 @@ class TrainSetup:
             raise VlplanError(f"--freeze-trainable-layers {self.freeze_trainable_layers} is above the "
                               f"{self.model.text.num_layers} language-model layers of {self.model.name}; use at most "
                               f"{self.model.text.num_layers} (or --method full)")
+        if self.neat_packing and not self.packing:
+            raise VlplanError("neat_packing packs samples: set packing too (LLaMA-Factory turns packing on with "
+                              "neat_packing)")
+        if self.neat_packing and self.attn == "sdpa" and self.precision == "fp32":
+            raise VlplanError("neat_packing with sdpa in fp32 (a masked fp32 attention kernel) is not modelled; use "
+                              "--precision bf16 or --attn eager")
         if self.offload != "none" and self.zero == 0:
             raise VlplanError(f"--offload {self.offload} needs DeepSpeed ZeRO; add --zero 2 (optimizer) or --zero 3")
         if self.offload == "all" and self.zero != 3:

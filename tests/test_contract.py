@@ -58,6 +58,7 @@ CASES = {
     "video_min_pixels": (TINY_CLIP, dict(TINY_CLIP, video_min_pixels=128 * 128)),
     "video_fps": (CLIP, dict(CLIP, video_fps=1.0)),
     "video_maxlen": (CLIP, dict(CLIP, video_maxlen=32)),
+    "neat_packing": (dict(packing=True, seq_len=8192), dict(packing=True, neat_packing=True, seq_len=8192)),
     "attn": ({}, dict(attn="eager")),
     "gradient_checkpointing": ({}, dict(gradient_checkpointing=False)),
     "stack": ({}, dict(stack="llamafactory")),

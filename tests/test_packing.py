@@ -70,3 +70,26 @@ def test_summary():
     packing = pack([100, 200, 300, 5000], 1024)
     assert packing.dropped == (3,) and packing.samples_per_row() == [3]
     assert packing.to_dict([100, 200, 300, 5000])["mean_fill"] == pytest.approx(600 / 1024, abs=1e-4)
+
+
+def test_a_packed_dataset_plans_for_its_heaviest_row():
+    """With packing, the planned row holds every image of the samples LLaMA-Factory packs together."""
+    from vlplan.planner.dataset import ScanResult, setup_for_dataset
+    from vlplan.planner.registry import resolve
+    from vlplan.planner.setup import make_setup
+
+    spec = resolve("qwen2.5-vl-7b")
+    sizes = [((448, 448),), ((448, 448), (896, 896)), (), ((1344, 1344),), ()]
+    vision = [256, 1280, 0, 2304, 0]
+    text = [300, 200, 1500, 100, 4100]
+    scan = ScanResult(path="data.json", model=spec.name, text_tokens_method="test", image_max_pixels=768 * 768,
+                      image_min_pixels=32 * 32, cutoff_len=4096, text_tokens=text, vision_tokens=vision,
+                      special_tokens=[2 * len(s) for s in sizes], image_sizes=sizes, missing_images=[],
+                      corrupt_images={}, remote_images=[], placeholder_mismatches=[], videos=0)
+    setup = make_setup(spec, packing=True, seq_len=4096)
+    planned, warnings = setup_for_dataset(setup, scan)
+    packing = pack(scan.total_tokens, 4096)
+    row = max(packing.rows, key=lambda r: sum(vision[i] for i in r))
+    assert len(row) > 1 and planned.seq_len == 4096
+    assert sorted(planned.images) == sorted(size for i in row for size in sizes[i])
+    assert [w for w in warnings if "1 sample longer than cutoff_len - 1" in w]  # sample #4
