@@ -328,6 +328,8 @@ class TrainSetup:
             d["videos"] = [video.label() for video in self.videos]
         else:
             del d["videos"]  # absent, so that the records of image-only setups stay as they were
+        if not self.neat_packing:
+            del d["neat_packing"]  # likewise for setups without neat packing
         d["world_size"] = self.world_size
         return d
 

@@ -3,12 +3,10 @@ per phase: the (batch, 1, seq, seq) compute-dtype mask as an input, repeat_kv an
 every language-model layer, on Qwen2-VL and Qwen2.5-VL."""
 
 import pytest
-
+from tiny import assert_phases_match, tiny_spec
 from vlplan.planner.memory.step import simulate
 from vlplan.planner.setup import make_setup
 from vlplan.planner.video import Video
-
-from tiny import assert_phases_match, tiny_spec
 
 CASES = [
     ("qwen2-vl-2b", dict(method="lora")),

@@ -3,12 +3,10 @@ frame, window attention per frame, video embeddings scattered after the image on
 real transformers code on the same batch, per phase, on tiny specs."""
 
 import pytest
-
+from tiny import assert_phases_match, tiny_spec
 from vlplan.planner.memory.step import simulate
 from vlplan.planner.setup import make_setup
 from vlplan.planner.video import Video
-
-from tiny import assert_phases_match, tiny_spec
 
 CASES = [
     # a list of 7 frames (padded to 8 by LLaMA-Factory: 4 temporal patches), no image

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from llamafactory_modules import import_llamafactory
 from vlplan.planner.packing import greedy_knapsack, pack
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 from typer.testing import CliRunner
-
-from vlplan.cli.main import app
 from vlplan.planner.dataset import scan_dataset
 from vlplan.planner.registry import resolve
 from vlplan.planner.video import Video, video_tokens
+
+from vlplan.cli.main import app
 
 av = pytest.importorskip("av")
 

@@ -6,7 +6,6 @@ The row here holds two samples (the first half and the rest); the mask's values 
 from __future__ import annotations
 
 import torch
-
 from vlplan.planner.setup import TrainSetup
 
 DTYPES = {"bf16": torch.bfloat16, "pure-bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -13,7 +13,6 @@ computed here; the model gets the positions precomputed.
 from __future__ import annotations
 
 import torch
-
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
 
@@ -37,7 +36,11 @@ def place_media(setup: TrainSetup, runs: list[tuple[int, int, int]], start_end: 
 
 
 def qwen_vl_video_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+    from transformers.vision_utils import (
+        get_vision_cu_seqlens,
+        get_vision_position_ids,
+        get_vision_window_index,
+    )
 
     spec, vision, config = setup.model, setup.model.vision, model.config
     images, videos = setup.image_tokens(), setup.video_tokens()
