@@ -105,12 +105,6 @@ MATRIX = [
     ("internvl3-2b", dict(method="full", train_vision=True, train_projector=True, image_size=SQ448)),
     ("gemma-3-4b", dict(method="lora", seq_len=1024)),
     ("gemma-3-12b", dict(method="lora", attn="eager", seq_len=1024)),
-    # videos (Qwen2-VL, Qwen2.5-VL) and neat packing's block-diagonal mask
-    ("qwen2.5-vl-7b", dict(method="lora", num_images=0, videos=_clip(), seq_len=4096)),
-    ("qwen2.5-vl-7b", dict(method="lora", train_vision=True, image_size=SQ448, videos=_clip(), seq_len=4096)),
-    ("qwen2-vl-7b", dict(method="full", num_images=0, videos=_clip(), seq_len=4096)),
-    ("qwen2.5-vl-7b", dict(method="lora", packing=True, neat_packing=True, seq_len=4096, image_size=SQ448)),
-    ("qwen2-vl-7b", dict(method="full", packing=True, neat_packing=True, seq_len=2048, image_size=SQ448)),
     ("llama-3.2-11b-vision", dict(method="lora", seq_len=1024, image_size=SQ448)),
     ("idefics3-8b", dict(method="lora", seq_len=4096, image_size=SQ1024)),
     ("smolvlm", dict(method="full", seq_len=2048, image_size=SQ448)),
@@ -124,6 +118,12 @@ MATRIX = [
     ("llava-1.5-7b", dict(method="lora", stack="llamafactory", batch_size=4, seq_len=2048)),
     ("internvl3-8b", dict(method="lora", stack="llamafactory", image_size=SQ1024)),
     ("qwen2.5-vl-7b", dict(method="lora", stack="hf-trainer")),
+    # videos (Qwen2-VL, Qwen2.5-VL) and neat packing's block-diagonal mask
+    ("qwen2.5-vl-7b", dict(method="lora", num_images=0, videos=_clip(), seq_len=4096)),
+    ("qwen2.5-vl-7b", dict(method="lora", train_vision=True, image_size=SQ448, videos=_clip(), seq_len=4096)),
+    ("qwen2-vl-7b", dict(method="full", num_images=0, videos=_clip(), seq_len=4096)),
+    ("qwen2.5-vl-7b", dict(method="lora", packing=True, neat_packing=True, seq_len=4096, image_size=SQ448)),
+    ("qwen2-vl-7b", dict(method="full", packing=True, neat_packing=True, seq_len=2048, image_size=SQ448)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 
