@@ -13,24 +13,7 @@ from pathlib import Path
 
 from .errors import VlplanError
 
-# Families whose language model and vision tower code vlplan models. The keys are the transformers `model_type`s
-# (remote-code families use the name of their remote `model_type`).
-FAMILIES = (
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "qwen3_vl_moe",
-    "llava",
-    "llava_next",
-    "internvl",
-    "gemma3",
-    "mllama",
-    "idefics3",
-    "smolvlm",
-    "paligemma",
-    "minicpmv",
-    "phi3_v",
-)
+from .families import MODEL_TYPES as FAMILIES  # the transformers model_types of the registered families
 
 
 @dataclass(frozen=True)

@@ -102,25 +102,17 @@ def _fixed(p: ProcessorSpec, width: int, height: int) -> tuple[int, int, int, in
 _RULES = {"qwen_smart_resize": _qwen, "fixed": _fixed}
 
 
-# Rules of the tiling / fixed-view families live in planner/token_rules/<module>.py (`RULES = {name: fn}`, fn(processor,
-# width, height) -> (resized_width, resized_height, vision_patches, llm_tokens, views)), imported on demand.
-RULE_MODULES = {
-    "llava_next_anyres": "llava_next", "pixtral": "pixtral", "internvl_tiles": "internvl", "gemma3": "gemma3",
-    "mllama_tiles": "mllama", "idefics3_tiles": "idefics3", "minicpmv_slices": "minicpmv", "phi3v_crops": "phi3v",
-    "siglip_fixed": "paligemma",
-}
+# Rules of the tiling / fixed-view families live in planner/families/<family>/tokens.py (`RULES = {name: fn}`,
+# fn(processor, width, height) -> (resized_width, resized_height, vision_patches, llm_tokens, views)), imported on
+# first use through the family registry.
 
 
 def _rule(name: str):
     if name in _RULES:
         return _RULES[name]
-    module = RULE_MODULES.get(name)
-    if module is None:
-        return None
-    import importlib
+    from .families import token_rules
 
-    _RULES.update(importlib.import_module(f"{__package__}.token_rules.{module}").RULES)
-    return _RULES.get(name)
+    return token_rules().get(name)
 
 
 # Families whose LLaMA-Factory plugin applies the Qwen pre-resize on top of the generic one
