@@ -48,8 +48,6 @@ class Family:
     memory: str | None = ""
     batch: str | None = ""
     tiny: str | None = None
-    # The transformers modeling file and release the memory model mirrors (checked against the memory module)
-    mirrors: str = ""
 
     def module(self, part: str) -> str | None:
         """The absolute module path of `part` (None when the family has none)."""
@@ -63,29 +61,21 @@ class Family:
 
 # The registry. Order is the order of `vlplan models`.
 FAMILIES: tuple[Family, ...] = (
-    Family("qwen2_vl", ("qwen2_vl",), tokens=None, tiny="qwen2_vl.tiny",
-           mirrors="transformers 5.23 models/qwen2_vl/modeling_qwen2_vl.py"),
+    Family("qwen2_vl", ("qwen2_vl",), tokens=None, tiny="qwen2_vl.tiny"),
     Family("qwen2_5_vl", ("qwen2_5_vl",), config="qwen2_vl.config", tokens=None, memory="qwen2_vl.memory",
-           batch="qwen2_vl.batch", tiny="qwen2_vl.tiny",
-           mirrors="transformers 5.23 models/qwen2_5_vl/modeling_qwen2_5_vl.py"),
-    Family("qwen3_vl", ("qwen3_vl",), tokens=None,
-           mirrors="transformers 5.23 models/qwen3_vl/modeling_qwen3_vl.py"),
+           batch="qwen2_vl.batch", tiny="qwen2_vl.tiny"),
+    Family("qwen3_vl", ("qwen3_vl",), tokens=None),
     Family("qwen3_vl_moe", ("qwen3_vl_moe",), config="qwen3_vl.config", tokens=None, memory="qwen3_vl.memory",
-           batch="qwen3_vl.batch", mirrors="transformers 5.23 models/qwen3_vl_moe/modeling_qwen3_vl_moe.py"),
-    Family("llava", ("llava",), tiny="llava.tiny",
-           mirrors="transformers 5.23 models/llava/modeling_llava.py"),
-    Family("llava_next", ("llava_next",), config="llava.config",
-           mirrors="transformers 5.23 models/llava_next/modeling_llava_next.py"),
-    Family("internvl", ("internvl",), mirrors="transformers 5.23 models/internvl/modeling_internvl.py"),
-    Family("gemma3", ("gemma3",), mirrors="transformers 5.23 models/gemma3/modeling_gemma3.py"),
-    Family("mllama", ("mllama",), mirrors="transformers 5.23 models/mllama/modeling_mllama.py"),
-    Family("idefics3", ("idefics3", "smolvlm"),
-           mirrors="transformers 5.23 models/idefics3/modeling_idefics3.py, models/smolvlm/modeling_smolvlm.py"),
-    Family("paligemma", ("paligemma",), mirrors="transformers 5.23 models/paligemma/modeling_paligemma.py"),
-    Family("minicpmv", ("minicpmv",), batch=None,
-           mirrors="openbmb/MiniCPM-V-2_6 remote code modeling_minicpmv.py, resampler.py"),
-    Family("phi3_v", ("phi3_v",), batch=None,
-           mirrors="microsoft/Phi-3.5-vision-instruct remote code modeling_phi3_v.py, image_embedding_phi3_v.py"),
+           batch="qwen3_vl.batch"),
+    Family("llava", ("llava",), tiny="llava.tiny"),
+    Family("llava_next", ("llava_next",), config="llava.config"),
+    Family("internvl", ("internvl",)),
+    Family("gemma3", ("gemma3",)),
+    Family("mllama", ("mllama",)),
+    Family("idefics3", ("idefics3", "smolvlm")),
+    Family("paligemma", ("paligemma",)),
+    Family("minicpmv", ("minicpmv",), batch=None),
+    Family("phi3_v", ("phi3_v",), batch=None),
 )
 
 # transformers model_type -> its Family (remote-code families use their remote `model_type`)

@@ -16,6 +16,8 @@ What differs from the LLaMA-style models of model.py:
   until the layer returns: only eager attention has any.
 The language model has no logit soft-capping (Gemma3ForConditionalGeneration applies none) and ties lm_head to the
 262k-row embedding, so the loss buffers are the largest transients.
+
+Mirrors transformers 5.23 models/gemma3/modeling_gemma3.py and models/siglip/modeling_siglip.py.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ sdpa or eager (`create_bidirectional_mask` skips it). Idefics3Connector
 pixel-shuffles each view (two reshapes of permuted views: two copies) and projects it with one Linear; forward cats the
 per-sample features (a copy) and scatters them into the <image> placeholders. The language model is LlamaModel
 (model.py's LLaMA layers).
+
+Mirrors transformers 5.23 models/idefics3/modeling_idefics3.py and models/smolvlm/modeling_smolvlm.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """InternVL3 in the transformers-native format (transformers models/internvl/modeling_internvl.py): InternViT with
 layer scale (and, for the 6B tower, RMSNorm and q/k-norm), 0.5 pixel shuffle, a LayerNorm + Linear-GELU-Linear
-projector and a Qwen2 language model (the shared `LlamaLayer`, with LLaVA's dtype-faithful eager attention)."""
+projector and a Qwen2 language model (the shared `LlamaLayer`, with LLaVA's dtype-faithful eager attention).
+
+Mirrors transformers 5.23 models/internvl/modeling_internvl.py.
+"""
 
 from __future__ import annotations
 

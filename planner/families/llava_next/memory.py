@@ -12,6 +12,8 @@ What the image path allocates (per image, D = LM width, under autocast in the ha
 Backward of that path (full fine-tuning): concatenations and views hand narrowed views of the incoming gradient on;
 slices and selects allocate their whole input (`slice_backward` / `select_backward` fill zeros), a reshape of a
 transposed or permuted gradient copies, and the split of the projector output gathers one full-size gradient.
+
+Mirrors transformers 5.23 models/llava_next/modeling_llava_next.py.
 """
 
 from __future__ import annotations

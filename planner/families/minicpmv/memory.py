@@ -11,6 +11,8 @@ symbolic ops as the trace-validated families.
 - Resampler: kv_proj, ln_kv, 2D sin-cos position embedding added to the keys, nn.MultiheadAttention from 64 learned
   queries (need_weights: explicit softmax over (views * heads, 64, L)), ln_post, `@ proj`: 64 tokens per view.
 - The image tokens are scattered in place into the Qwen2 embeddings, then Qwen2ForCausalLM computes the loss.
+
+Mirrors the remote code of openbmb/MiniCPM-V-2_6 (modeling_minicpmv.py, modeling_navit_siglip.py, resampler.py).
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ q_proj + q_norm on the text, k_proj/v_proj + k_norm on the projected image featu
 the (batch, 1, seq, images * 4 * 1601) cross-attention mask, tanh-gated residuals, and the MLP output zeroed on rows
 that see no image (`full_text_row_masked_out_mask`). Checkpointed layers keep the image features, the masks and the
 RoPE tables in their saved arguments until backward ends.
+
+Mirrors transformers 5.23 models/mllama/modeling_mllama.py.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ What differs from the LLaMA-style models of model.py:
 - Gemma2RMSNorm computes in fp32 and multiplies by (1 + weight) before casting back; each decoder layer has four.
 - The embeddings are scaled by sqrt(hidden) and the logits soft-capped (/30, tanh, *30) before the loss.
 The SigLIP tower is families/siglip.py.
+
+Mirrors transformers 5.23 models/paligemma/modeling_paligemma.py and models/gemma2/modeling_gemma2.py.
 """
 
 from __future__ import annotations

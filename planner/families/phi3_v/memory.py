@@ -13,6 +13,8 @@ symbolic ops as the trace-validated families.
 - Language model: Phi-3 layers (fused qkv_proj and gate_up_proj, RoPE computed in every layer). The remote classes
   have no SDPA path, so the text attention is eager (matmul, + the (batch, 1, seq, seq) causal mask, fp32 softmax,
   matmul) unless FlashAttention-2 is asked for.
+
+Mirrors the remote code of microsoft/Phi-3.5-vision-instruct (modeling_phi3_v.py, image_embedding_phi3_v.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Qwen2-VL and Qwen2.5-VL (transformers models/qwen2_vl, models/qwen2_5_vl)."""
+"""Qwen2-VL and Qwen2.5-VL (transformers models/qwen2_vl, models/qwen2_5_vl).
+
+Mirrors transformers 5.23 models/qwen2_vl/modeling_qwen2_vl.py and models/qwen2_5_vl/modeling_qwen2_5_vl.py.
+"""
 
 from __future__ import annotations
 

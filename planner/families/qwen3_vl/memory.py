@@ -8,6 +8,8 @@ patch merger (LayerNorm after the 2x2 shuffle) and is added to the image positio
 first language-model layers. The language model is Qwen3 (RMSNorm on q and k per head) with interleaved MRoPE; the
 MoE variant replaces the MLP with a top-k router and fused 3D expert weights run through grouped matmuls
 (transformers integrations/moe.py `grouped_mm_experts_forward`, the default experts implementation).
+
+Mirrors transformers 5.23 models/qwen3_vl/modeling_qwen3_vl.py and models/qwen3_vl_moe/modeling_qwen3_vl_moe.py.
 """
 
 from __future__ import annotations
