@@ -253,3 +253,37 @@ def test_tiny_model_spec_builds(family):
         assert spec.family in {s.family for s in all_specs() if s.name == base}
         hf = model_inventory(meta_model(spec), spec.family, tied_lm_head=spec.text.tie_word_embeddings)
         assert param_counts(spec) == hf.params
+
+
+# Typed choices of the spec fields that select code ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("component,field,value", [
+    ("vision", "norm", "batchnorm"),  # once read as RMSNorm by memory/vision.py
+    ("vision", "mlp", "gated_gelu"),  # once modelled as an ungated MLP
+    ("vision", "arch", "vit_huge"),
+    ("text", "arch", "gpt2"),
+    ("text", "mlp", "relu"),
+    ("text", "norm", "layernorm"),
+    ("projector", "arch", "qformer"),
+    ("projector", "norm", "groupnorm"),
+])
+def test_an_unmodelled_choice_is_refused_at_construction(component, field, value):
+    from vlplan.planner.errors import VlplanError
+
+    spec = FIRST_SPEC["qwen2_5_vl"]
+    with pytest.raises(VlplanError, match=rf"^{component}\.{field} '{value}' is not a modelled choice; use one of"):
+        replace(getattr(spec, component), **{field: value})
+
+
+def test_a_config_with_an_unmodelled_activation_is_refused_in_one_line(tmp_path):
+    """A Pixtral tower with hidden_act gelu would be a gated GELU MLP, which no memory model has."""
+    from vlplan.planner.errors import VlplanError
+
+    spec = next(spec for spec in all_specs() if spec.vision.arch == "pixtral")
+    config = spec_to_hf_config(spec)
+    config["vision_config"]["hidden_act"] = "gelu"
+    write_config(tmp_path, config)
+    with pytest.raises(VlplanError, match=r"vision\.mlp 'gated_gelu' is not a modelled choice") as error:
+        spec_from_hf_config(tmp_path)
+    assert "\n" not in str(error.value)
