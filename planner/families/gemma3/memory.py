@@ -23,7 +23,7 @@ Mirrors transformers 5.23 models/gemma3/modeling_gemma3.py and models/siglip/mod
 from __future__ import annotations
 
 from ...memory import ops
-from ...memory.blocks import Params, apply_linear, gated_mlp
+from ...memory.blocks import TextDecoderLayer, apply_linear
 from ...memory.gemma import GemmaInputs
 from ...memory.model import BaseModel, ConditionalGenerationStep
 from ...memory.siglip import SiglipLayer, SiglipVision
@@ -132,69 +132,15 @@ class Gemma3Siglip(SiglipVision):
 # Gemma 3 language model ---------------------------------------------------------------------------------------------
 
 
-class Gemma3Layer:
+class Gemma3Layer(TextDecoderLayer):
     """Gemma3DecoderLayer: input_layernorm -> self_attn (q/k/v_proj, q_norm/k_norm, RoPE, attention, o_proj) ->
     post_attention_layernorm -> residual -> pre_feedforward_layernorm -> mlp -> post_feedforward_layernorm ->
-    residual."""
+    residual: the shared layer with Gemma's norms, q/k norm after the projections, sandwich norms and the gelu-tanh
+    Gemma3MLP; the context's attention (with the layer's full or sliding mask) returns the weights."""
 
-    NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
-
-    def __init__(self, p: Params, index: int, trainable: bool = True) -> None:
-        t = p.setup.model.text
-        self.t = t
-        prefix = f"language.layers.{index}"
-        h, q_out, kv_out = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-        self.norms = {name: p.vector(LANGUAGE, f"{prefix}.{name}", h, trainable) for name in self.NORMS}
-        self.q = p.linear(LANGUAGE, f"{prefix}.self_attn.q_proj", h, q_out, t.qkv_bias, trainable)
-        self.k = p.linear(LANGUAGE, f"{prefix}.self_attn.k_proj", h, kv_out, t.qkv_bias, trainable)
-        self.v = p.linear(LANGUAGE, f"{prefix}.self_attn.v_proj", h, kv_out, t.qkv_bias, trainable)
-        self.o = p.linear(LANGUAGE, f"{prefix}.self_attn.o_proj", q_out, h, t.qkv_bias, trainable)
-        self.q_norm = p.vector(LANGUAGE, f"{prefix}.self_attn.q_norm", t.head_dim, trainable)
-        self.k_norm = p.vector(LANGUAGE, f"{prefix}.self_attn.k_norm", t.head_dim, trainable)
-        self.gate = p.linear(LANGUAGE, f"{prefix}.mlp.gate_proj", h, t.intermediate_size, False, trainable)
-        self.up = p.linear(LANGUAGE, f"{prefix}.mlp.up_proj", h, t.intermediate_size, False, trainable)
-        self.down = p.linear(LANGUAGE, f"{prefix}.mlp.down_proj", t.intermediate_size, h, False, trainable)
-        self.params = [*self.norms.values(), self.q_norm, self.k_norm] + [
-            q for lp in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
-
-    @property
-    def has_trainable(self) -> bool:
-        return any(q.trainable for q in self.params)
-
-    def __call__(self, e: Engine, x: T, ctx: "LayerContext") -> T:
-        t, tokens = self.t, ctx.tokens
-        residual = x
-        h = ops.gemma_rms_norm(e, x, self.norms["input_layernorm"], tokens, name="input_layernorm")
-        # Gemma3Attention.forward
-        q = apply_linear(e, h, self.q, "q_proj")
-        k = apply_linear(e, h, self.k, "k_proj")
-        v = apply_linear(e, h, self.v, "v_proj")
-        q_normed = ops.gemma_rms_norm(e, q, self.q_norm, tokens * t.num_heads, name="q_norm")
-        del q
-        k_normed = ops.gemma_rms_norm(e, k, self.k_norm, tokens * t.num_kv_heads, name="k_norm")
-        del k
-        q_rot = ops.rope(e, q_normed, ctx.cos, ctx.sin, name="q_rope")
-        k_rot = ops.rope(e, k_normed, ctx.cos, ctx.sin, name="k_rope")
-        del q_normed, k_normed  # `query_states, key_states = apply_rotary_pos_emb(...)`
-        attn, weights = ctx.attention(e, q_rot, k_rot, v, t.num_heads, t.num_kv_heads, "self_attn")
-        o = apply_linear(e, attn, self.o, "o_proj")
-        del q_rot, k_rot, v, attn, h  # Gemma3Attention.forward returns
-        n = ops.gemma_rms_norm(e, o, self.norms["post_attention_layernorm"], tokens, name="post_attention_layernorm")
-        del o
-        x = ops.add(e, residual, n, name="attn_residual")
-        del residual, n
-        residual = x
-        h = ops.gemma_rms_norm(e, x, self.norms["pre_feedforward_layernorm"], tokens, name="pre_feedforward_layernorm")
-        del x
-        m = gated_mlp(e, h, self.gate, self.up, self.down, "gelu_tanh")  # Gemma3MLP
-        del h  # the MLP's argument lives until it returns
-        n = ops.gemma_rms_norm(e, m, self.norms["post_feedforward_layernorm"], tokens,
-                               name="post_feedforward_layernorm")
-        del m
-        out = ops.add(e, residual, n, name="mlp_residual")
-        del residual, n, weights  # `hidden_states, _ = self.self_attn(...)`: the weights live until the layer returns
-        return out
+    norm, qk_norm, rope_frees, sandwich, norms_first = "gemma", "attention", "both", True, True
+    attn_prefix, mlp_prefix, act = "self_attn.", "mlp.", "gelu_tanh"
+    attention_weights, inputs_die_before_o_proj, o_proj_bias = True, False, True
 
 
 class Gemma3Attention:

@@ -18,7 +18,7 @@ Mirrors transformers 5.23 models/paligemma/modeling_paligemma.py and models/gemm
 from __future__ import annotations
 
 from ...memory import ops
-from ...memory.blocks import Params, apply_linear, gated_mlp
+from ...memory.blocks import Params, TextDecoderLayer, apply_linear
 from ...memory.gemma import GemmaInputs
 from ...memory.model import BaseModel, ConditionalGenerationStep
 from ...memory.siglip import SiglipVision
@@ -82,65 +82,21 @@ def softcapped_eager_attention(e: Engine, q: T, k: T, v: T, heads: int, kv_heads
 # Gemma 2 language model ---------------------------------------------------------------------------------------------
 
 
-class Gemma2Layer:
+class Gemma2Layer(TextDecoderLayer):
     """Gemma2DecoderLayer: input_layernorm -> self_attn -> post_attention_layernorm -> residual ->
-    pre_feedforward_layernorm -> mlp -> post_feedforward_layernorm -> residual."""
+    pre_feedforward_layernorm -> mlp -> post_feedforward_layernorm -> residual: the shared layer with Gemma's norms,
+    sandwich norms and gelu-tanh MLP; its own part is the attention (no SDPA path: eager with logit soft-capping,
+    or a fused kernel)."""
 
-    def __init__(self, p: Params, index: int, trainable: bool = True) -> None:
-        t = p.setup.model.text
-        self.t = t
-        prefix = f"language.layers.{index}"
-        h, q_out, kv_out = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-        self.norms = {name: p.vector(LANGUAGE, f"{prefix}.{name}", h, trainable) for name in (
-            "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")}
-        self.q = p.linear(LANGUAGE, f"{prefix}.q_proj", h, q_out, t.qkv_bias, trainable)
-        self.k = p.linear(LANGUAGE, f"{prefix}.k_proj", h, kv_out, t.qkv_bias, trainable)
-        self.v = p.linear(LANGUAGE, f"{prefix}.v_proj", h, kv_out, t.qkv_bias, trainable)
-        self.o = p.linear(LANGUAGE, f"{prefix}.o_proj", q_out, h, t.qkv_bias, trainable)
-        self.gate = p.linear(LANGUAGE, f"{prefix}.gate_proj", h, t.intermediate_size, False, trainable)
-        self.up = p.linear(LANGUAGE, f"{prefix}.up_proj", h, t.intermediate_size, False, trainable)
-        self.down = p.linear(LANGUAGE, f"{prefix}.down_proj", t.intermediate_size, h, False, trainable)
-        self.params = list(self.norms.values()) + [
-            q for lp in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+    norm, rope_frees, sandwich, norms_first, act = "gemma", "both", True, True, "gelu_tanh"
+    attention_weights, inputs_die_before_o_proj, o_proj_bias = True, False, True
 
-    @property
-    def has_trainable(self) -> bool:
-        return any(q.trainable for q in self.params)
-
-    def __call__(self, e: Engine, x: T, ctx: "GemmaContext") -> T:
+    def attention_core(self, e: Engine, q: T, k: T, v: T, ctx: "GemmaContext") -> tuple[T, T | None]:
         t, tokens = self.t, ctx.tokens
-        residual = x
-        h = ops.gemma_rms_norm(e, x, self.norms["input_layernorm"], tokens, name="input_layernorm")
-        # Gemma2Attention.forward
-        q = apply_linear(e, h, self.q, "q_proj")
-        k = apply_linear(e, h, self.k, "k_proj")
-        v = apply_linear(e, h, self.v, "v_proj")
-        q_rot = ops.rope(e, q, ctx.cos, ctx.sin, name="q_rope")
-        k_rot = ops.rope(e, k, ctx.cos, ctx.sin, name="k_rope")
-        del q, k  # `query_states, key_states = apply_rotary_pos_emb(...)`
         if ctx.fused:
-            attn, weights = ops.fused_attention(e, q_rot, k_rot, v, t.num_heads, tokens, name="self_attn"), None
-        else:
-            attn, weights = softcapped_eager_attention(e, q_rot, k_rot, v, t.num_heads, t.num_kv_heads, ctx.seq,
-                                                       ctx.seq, ctx.batch, ctx.mask, ATTN_SOFTCAP, name="self_attn")
-        o = apply_linear(e, attn, self.o, "o_proj")
-        del q_rot, k_rot, v, attn, h
-        h = ops.gemma_rms_norm(e, o, self.norms["post_attention_layernorm"], tokens, name="post_attention_layernorm")
-        del o
-        x = ops.add(e, residual, h, name="attn_residual")
-        del residual, h
-        residual = x
-        h = ops.gemma_rms_norm(e, x, self.norms["pre_feedforward_layernorm"], tokens, name="pre_feedforward_layernorm")
-        del x
-        m = gated_mlp(e, h, self.gate, self.up, self.down, "gelu_tanh")  # Gemma2MLP
-        del h
-        h = ops.gemma_rms_norm(e, m, self.norms["post_feedforward_layernorm"], tokens,
-                               name="post_feedforward_layernorm")
-        del m
-        out = ops.add(e, residual, h, name="mlp_residual")
-        del residual, h, weights  # `hidden_states, _ = self.self_attn(...)`: the weights live until the layer returns
-        return out
+            return ops.fused_attention(e, q, k, v, t.num_heads, tokens, name="self_attn"), None
+        return softcapped_eager_attention(e, q, k, v, t.num_heads, t.num_kv_heads, ctx.seq, ctx.seq, ctx.batch,
+                                          ctx.mask, ATTN_SOFTCAP, name="self_attn")
 
 
 class GemmaContext:

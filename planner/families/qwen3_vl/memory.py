@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...memory import ops
-from ...memory.blocks import Context, Params, apply_linear, gated_mlp
+from ...memory.blocks import Context, Params, TextDecoderLayer, apply_linear, gated_mlp
 from ...memory.model import BaseModel, LMAttention, segment_attention
 from ...memory.sim import DTYPE_BYTES, Engine, Node, T
 from ...memory.vision import vision_rope
@@ -148,67 +148,16 @@ class VisionContext:
 # Language model ------------------------------------------------------------------------------------------------------
 
 
-class Qwen3Layer:
+class Qwen3Layer(TextDecoderLayer):
     """Qwen3VLTextDecoderLayer / Qwen3VLMoeTextDecoderLayer: input_layernorm -> self_attn (q_proj -> q_norm,
     k_proj -> k_norm (RMSNorm over head_dim), v_proj, RoPE, attention, o_proj) -> residual ->
-    post_attention_layernorm -> MLP (gate/up/down) or sparse MoE block -> residual."""
+    post_attention_layernorm -> MLP (gate/up/down) or sparse MoE block -> residual: the shared layer with q/k norm
+    on each projection; its own part is the MoE block."""
 
-    def __init__(self, p: Params, index: int, trainable: bool = True) -> None:
-        t = p.setup.model.text
-        self.t = t
-        prefix = f"language.layers.{index}"
-        q_out, kv_out = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-        self.norm1 = p.vector(LANGUAGE, f"{prefix}.input_layernorm", t.hidden_size, trainable)
-        self.q = p.linear(LANGUAGE, f"{prefix}.self_attn.q_proj", t.hidden_size, q_out, t.qkv_bias, trainable)
-        self.k = p.linear(LANGUAGE, f"{prefix}.self_attn.k_proj", t.hidden_size, kv_out, t.qkv_bias, trainable)
-        self.v = p.linear(LANGUAGE, f"{prefix}.self_attn.v_proj", t.hidden_size, kv_out, t.qkv_bias, trainable)
-        self.o = p.linear(LANGUAGE, f"{prefix}.self_attn.o_proj", q_out, t.hidden_size, False, trainable)
-        self.q_norm = p.vector(LANGUAGE, f"{prefix}.self_attn.q_norm", t.head_dim, trainable)
-        self.k_norm = p.vector(LANGUAGE, f"{prefix}.self_attn.k_norm", t.head_dim, trainable)
-        self.norm2 = p.vector(LANGUAGE, f"{prefix}.post_attention_layernorm", t.hidden_size, trainable)
-        if t.is_moe:
-            self.mlp = SparseMoe(p, prefix, trainable)
-        else:
-            self.mlp = DenseMlp(p, prefix, trainable)
-        self.params = [self.norm1, self.norm2, self.q_norm, self.k_norm] + _params_of(
-            self.q, self.k, self.v, self.o) + self.mlp.params
+    qk_norm, rope_frees, attn_prefix, inputs_die_before_o_proj = "projection", "both", "self_attn.", False
 
-    @property
-    def has_trainable(self) -> bool:
-        return any(q.trainable for q in self.params)
-
-    def __call__(self, e: Engine, x: T, ctx: Context) -> T:
-        tokens = ctx.tokens
-        residual = x
-        h = ops.rms_norm(e, x, self.norm1, tokens, name="input_layernorm")
-        attn = self._attention(e, h, ctx)
-        del h  # `hidden_states, _ = self.self_attn(hidden_states=...)` rebinds the normed input
-        x = ops.add(e, residual, attn, name="attn_residual")
-        del residual, attn
-        residual = x
-        h = ops.rms_norm(e, x, self.norm2, tokens, name="post_attention_layernorm")
-        del x
-        mlp = self.mlp(e, h, tokens)
-        del h
-        return ops.add(e, residual, mlp, name="mlp_residual")
-
-    def _attention(self, e: Engine, h: T, ctx: Context) -> T:
-        t = self.t
-        tokens = ctx.tokens
-        qp = apply_linear(e, h, self.q, "q_proj")
-        q = ops.rms_norm(e, qp, self.q_norm, tokens * t.num_heads, name="q_norm")
-        del qp
-        kp = apply_linear(e, h, self.k, "k_proj")
-        k = ops.rms_norm(e, kp, self.k_norm, tokens * t.num_kv_heads, name="k_norm")
-        del kp
-        v = apply_linear(e, h, self.v, "v_proj")
-        q_rot = ops.rope(e, q, ctx.cos, ctx.sin, name="q_rope")
-        k_rot = ops.rope(e, k, ctx.cos, ctx.sin, name="k_rope")
-        del q, k  # apply_rotary_pos_emb returns both before query/key_states are rebound
-        attn = ctx.attention(e, q_rot, k_rot, v, t.num_heads, t.num_kv_heads, "self_attn")
-        o = apply_linear(e, attn, self.o, "o_proj")
-        del attn, q_rot, k_rot, v  # locals of the attention forward until it returns
-        return o
+    def make_mlp(self, p: Params, prefix: str, trainable: bool):
+        return SparseMoe(p, prefix, trainable) if self.t.is_moe else DenseMlp(p, prefix, trainable)
 
 
 class DenseMlp:
