@@ -1,7 +1,7 @@
 """Family conformance: every registered family (planner/families/__init__.py) runs through all of its parts.
 
 For each transformers model_type of the registry, on its first registry entry: the parts the record names exist and
-serve that model_type -> spec -> config.json -> spec round trip (through transformers' own config class where the
+serve that model_type (config.py also says where each component lives in the transformers model) -> spec -> config.json -> spec round trip (through transformers' own config class where the
 family is in transformers) -> the token rule against the transformers image processor (where one exists offline)
 -> the memory model estimates a step -> the synthetic batch holds as many image tokens as the rule says -> the model
 builds (the shrunk transformers model on the meta device, parameter for parameter what the planner counts; and the
@@ -168,7 +168,8 @@ def test_parts_serve_the_model_type(model_type):
     family = family_of(model_type)
     specs = importlib.import_module(family.module("specs")).SPECS
     assert specs and all(spec.family in family.model_types for spec in specs)
-    assert model_type in part(model_type, "config").READERS and model_type in part(model_type, "config").WRITERS
+    config = part(model_type, "config")
+    assert model_type in config.READERS and model_type in config.WRITERS and model_type in config.COMPONENT_PREFIXES
     memory = part(model_type, "memory")
     assert model_type in memory.MODELS
     # the memory model names the transformers file and release (or the remote code) it mirrors

@@ -22,6 +22,7 @@ from ...hf_config import (
     _top,
 )
 from ...spec import ModelSpec, ProjectorSpec
+from ..llava.config import LLAVA_STYLE
 
 # Gemma3TextConfig (models/gemma3/configuration_gemma3.py): layer_types None -> every 6th layer full
 GEMMA3_TEXT_DEFAULTS = dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -60,6 +61,9 @@ def _read_gemma3(cfg: dict, *, name: str, url: str) -> ModelSpec:
         image_token_id=_image_token(cfg, 262144), dtype=_dtype(cfg, "bfloat16"),
     )
 
+
+# Where each component lives in the transformers model (modules.py): the LLaVA layout
+COMPONENT_PREFIXES = {"gemma3": LLAVA_STYLE}
 
 READERS = {"gemma3": _read_gemma3}
 WRITERS = {"gemma3": _write_gemma3}

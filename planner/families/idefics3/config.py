@@ -18,6 +18,7 @@ from ...hf_config import (
     _tie,
     _top,
 )
+from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...spec import ModelSpec, ProcessorSpec, ProjectorSpec
 
 # Idefics3VisionConfig (models/idefics3/configuration_idefics3.py; SmolVLMVisionConfig has the same defaults)
@@ -59,6 +60,11 @@ def _read_idefics3(cfg: dict, *, name: str, url: str) -> ModelSpec:
         image_token_id=cfg.get("image_token_id", 128257), dtype=_dtype(cfg, "bfloat16"),
     )
 
+
+# Where each component lives in the transformers model (module-name prefixes, most specific first; modules.py)
+IDEFICS3_STYLE = (("model.connector", PROJECTOR), ("model.vision_model", VISION), ("model.text_model", LANGUAGE),
+                  ("lm_head", LANGUAGE))
+COMPONENT_PREFIXES = {"idefics3": IDEFICS3_STYLE, "smolvlm": IDEFICS3_STYLE}
 
 READERS = {"idefics3": _read_idefics3, "smolvlm": _read_idefics3}
 WRITERS = {"idefics3": _write_idefics3, "smolvlm": _write_idefics3}

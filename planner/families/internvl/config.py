@@ -23,6 +23,7 @@ from ...hf_config import (
     _vision_mlp,
 )
 from ...spec import ModelSpec, ProjectorSpec
+from ..llava.config import LLAVA_STYLE
 
 # InternVLVisionConfig (models/internvl/configuration_internvl.py)
 INTERNVL_VISION_DEFAULTS = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, attention_bias=False,
@@ -39,7 +40,7 @@ def _write_internvl(spec, v, p, t) -> dict:
               "patch_size": [v.patch_size] * 2, "num_channels": v.in_channels, "use_mean_pooling": not v.post_layernorm,
               "layer_scale_init_value": 0.1, "hidden_act": "gelu"}
     text = dict(_base_text(spec, "qwen2"), hidden_act="silu", rms_norm_eps=1e-6)
-    # tie_word_embeddings written explicitly: the InternVLConfig default (True) would tie (see families/internvl/specs.py)
+    # tie_word_embeddings written explicitly: the InternVLConfig default (True) would tie (see specs.py)
     return _top(spec, text_config=text, vision_config=vision, image_token_id=spec.image_token_id,
                 image_seq_length=spec.processor.tokens_per_view, downsample_ratio=1 / p.pixel_shuffle,
                 projector_hidden_act="gelu", vision_feature_layer=_vision_feature_layer(v, -1),
@@ -64,7 +65,7 @@ def _read_internvl(cfg: dict, *, name: str, url: str) -> ModelSpec:
                      qkv_bias=bool(vc["attention_bias"]), qk_norm=bool(vc["use_qk_norm"]),
                      post_layernorm=not vc["use_mean_pooling"], mlp=_vision_mlp(vc["hidden_act"]),
                      feature_layers=(_feature_layer(cfg, -1),))
-    # TRAP (families/internvl/specs.py): transformers 5.23 defaults the top-level tie to True, but the InternVL3 checkpoints
+    # TRAP (specs.py): transformers 5.23 defaults the top-level tie to True, but the InternVL3 checkpoints
     # are untied and their -hf configs carry no tie key; an explicit key is honoured, a missing one means untied.
     text = _text_spec(dict(t, tie_word_embeddings=_tie(cfg, False)), "qwen2", qkv_bias=True)
     tokens = (image_size // patch) ** 2 // shuffle**2
@@ -80,6 +81,9 @@ def _read_internvl(cfg: dict, *, name: str, url: str) -> ModelSpec:
         dtype=_dtype(cfg, "bfloat16"),
     )
 
+
+# Where each component lives in the transformers model (modules.py): the LLaVA layout
+COMPONENT_PREFIXES = {"internvl": LLAVA_STYLE}
 
 READERS = {"internvl": _read_internvl}
 WRITERS = {"internvl": _write_internvl}

@@ -22,6 +22,7 @@ from ...hf_config import (
     _vision_feature_layer,
     _vision_mlp,
 )
+from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...spec import ModelSpec, ProcessorSpec, ProjectorSpec, VisionSpec
 
 # CLIPVisionConfig (models/clip/configuration_clip.py)
@@ -120,6 +121,11 @@ def _read_llava(cfg: dict, *, name: str, url: str) -> ModelSpec:
         dtype=_dtype(cfg, "float16"),
     )
 
+
+# Where each component lives in the transformers model (module-name prefixes, most specific first; modules.py)
+LLAVA_STYLE = (("model.multi_modal_projector", PROJECTOR), ("model.vision_tower", VISION),
+               ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE))
+COMPONENT_PREFIXES = {"llava": LLAVA_STYLE, "llava_next": (("model.image_newline", PROJECTOR), *LLAVA_STYLE)}
 
 READERS = {"llava": _read_llava, "llava_next": _read_llava}
 WRITERS = {"llava": _write_llava, "llava_next": _write_llava}

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from ...errors import VlplanError
 from ...hf_config import QWEN2_DEFAULTS, SIGLIP_VISION_DEFAULTS, _dtype, _siglip_vision, _text_spec, _with_defaults
+from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...spec import ModelSpec
 
 
@@ -56,6 +57,10 @@ def _read_minicpmv(cfg: dict, *, name: str, url: str) -> ModelSpec:
         dtype=_dtype(cfg, "bfloat16"), unverified=base.unverified,
     )
 
+
+# Where each component lives (modules.py): names from the hub's modeling_minicpmv.py MiniCPMV, not checked against
+# a transformers class
+COMPONENT_PREFIXES = {"minicpmv": (("resampler", PROJECTOR), ("vpm", VISION), ("llm", LANGUAGE))}
 
 READERS = {"minicpmv": _read_minicpmv}
 WRITERS = {"minicpmv": _write_minicpmv}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...hf_config import _base_text, _dtype, _image_token, _side, _sub_config, _text_spec, _top
+from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...spec import ModelSpec, ProjectorSpec
 
 # MllamaTextConfig (models/mllama/configuration_mllama.py)
@@ -74,6 +75,10 @@ def _read_mllama(cfg: dict, *, name: str, url: str) -> ModelSpec:
         image_token_id=_image_token(cfg, 128256), dtype=_dtype(cfg, "bfloat16"),
     )
 
+
+# Where each component lives in the transformers model (module-name prefixes, most specific first; modules.py)
+COMPONENT_PREFIXES = {"mllama": (("model.multi_modal_projector", PROJECTOR), ("model.vision_model", VISION),
+                                 ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE))}
 
 READERS = {"mllama": _read_mllama}
 WRITERS = {"mllama": _write_mllama}

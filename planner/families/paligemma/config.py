@@ -22,6 +22,7 @@ from ...hf_config import (
     _top,
 )
 from ...spec import ModelSpec, ProjectorSpec
+from ..llava.config import LLAVA_STYLE
 
 # Gemma2Config (models/gemma2/configuration_gemma2.py): layer_types None -> alternate sliding / full
 GEMMA2_DEFAULTS = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
@@ -65,6 +66,9 @@ def _read_paligemma(cfg: dict, *, name: str, url: str) -> ModelSpec:
         image_token_id=_image_token(cfg, 256000), dtype=_dtype(cfg, "bfloat16"),
     )
 
+
+# Where each component lives in the transformers model (modules.py): the LLaVA layout
+COMPONENT_PREFIXES = {"paligemma": LLAVA_STYLE}
 
 READERS = {"paligemma": _read_paligemma}
 WRITERS = {"paligemma": _write_paligemma}

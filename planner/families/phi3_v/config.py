@@ -10,6 +10,7 @@ from dataclasses import replace
 
 from ...errors import VlplanError
 from ...hf_config import _dtype, _text_spec, _with_defaults
+from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...spec import ModelSpec
 
 # Phi3Config (models/phi3/configuration_phi3.py), whose defaults the remote Phi3VConfig repeats
@@ -55,6 +56,11 @@ def _read_phi3_v(cfg: dict, *, name: str, url: str) -> ModelSpec:
         dtype=_dtype(cfg, "bfloat16"), unverified=base.unverified,
     )
 
+
+# Where each component lives (modules.py): names from the hub's modeling_phi3_v.py Phi3VForCausalLM, not checked
+# against a transformers class
+COMPONENT_PREFIXES = {"phi3_v": (("model.vision_embed_tokens.img_processor", VISION),
+                                 ("model.vision_embed_tokens", PROJECTOR), ("model", LANGUAGE), ("lm_head", LANGUAGE))}
 
 READERS = {"phi3_v": _read_phi3_v}
 WRITERS = {"phi3_v": _write_phi3_v}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ...hf_config import _base_text, _dtype, _top, _with_defaults
+from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...spec import ModelSpec, ProjectorSpec, TextSpec
 
 # Qwen2VLTextConfig / Qwen2_5_VLTextConfig defaults (the 72B sizes)
@@ -98,6 +99,11 @@ def _read_qwen2_vl(cfg: dict, *, name: str, url: str) -> ModelSpec:
         dtype=_dtype(cfg, "bfloat16"),
     )
 
+
+# Where each component lives in the transformers model (module-name prefixes, most specific first; modules.py)
+QWEN_STYLE = (("model.visual.merger", PROJECTOR), ("model.visual", VISION), ("model.language_model", LANGUAGE),
+              ("lm_head", LANGUAGE))
+COMPONENT_PREFIXES = {"qwen2_vl": QWEN_STYLE, "qwen2_5_vl": QWEN_STYLE}
 
 READERS = {"qwen2_vl": _read_qwen2_vl, "qwen2_5_vl": _read_qwen2_vl}
 WRITERS = {"qwen2_vl": _write_qwen2_vl, "qwen2_5_vl": _write_qwen2_vl}

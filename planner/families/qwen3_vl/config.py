@@ -11,6 +11,7 @@ from dataclasses import replace
 from ...errors import VlplanError
 from ...hf_config import _base_text, _dtype, _side, _sub_config, _text_spec, _tie, _top
 from ...spec import ModelSpec
+from ..qwen2_vl.config import QWEN_STYLE
 
 # Qwen3VLTextConfig (models/qwen3_vl/configuration_qwen3_vl.py); it has no tie_word_embeddings field
 QWEN3_VL_TEXT_DEFAULTS = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
@@ -87,6 +88,10 @@ def _read_qwen3_vl(cfg: dict, *, name: str, url: str) -> ModelSpec:
         image_token_id=cfg.get("image_token_id", 151655), dtype=_dtype(cfg, "bfloat16"),
     )
 
+
+# Where each component lives (modules.py): the Qwen2-VL layout; model.visual.deepstack_merger_list.* falls under
+# model.visual (VISION), see vision_inventory
+COMPONENT_PREFIXES = {"qwen3_vl": QWEN_STYLE, "qwen3_vl_moe": QWEN_STYLE}
 
 READERS = {"qwen3_vl": _read_qwen3_vl, "qwen3_vl_moe": _read_qwen3_vl}
 WRITERS = {"qwen3_vl": _write_qwen3_vl, "qwen3_vl_moe": _write_qwen3_vl}
