@@ -175,7 +175,8 @@ def spec_from_hf_config(path: str | Path) -> ModelSpec:
         ) from None
     preprocessor = config_path.parent / "preprocessor_config.json"
     if preprocessor.is_file():
-        spec = replace(spec, processor=_processor_from_file(spec.processor, _read_json(preprocessor, "processor")))
+        spec = replace(spec, processor=_processor_from_file(spec.family, spec.processor,
+                                                              _read_json(preprocessor, "processor")))
     return spec
 
 
@@ -199,40 +200,14 @@ def _check_language_model_described(cfg: dict, config_path: Path) -> None:
                       "checkpoint's sizes) would be estimated; use the checkpoint's complete config.json")
 
 
-def _processor_from_file(processor: ProcessorSpec, pre: dict) -> ProcessorSpec:
-    """Apply a checkpoint's preprocessor_config.json limits on top of the family's defaults."""
+def _processor_from_file(model_type: str, processor: ProcessorSpec, pre: dict) -> ProcessorSpec:
+    """Apply a checkpoint's preprocessor_config.json limits on top of the family's defaults (the family config.py's
+    `PREPROCESSOR_READERS` for the processor's rule; a rule with no reader keeps the family's values)."""
+    from .families import part
+
     size = pre.get("size") if isinstance(pre.get("size"), dict) else {}
-    if processor.rule == "qwen_smart_resize":
-        min_pixels = pre.get("min_pixels", size.get("shortest_edge", processor.min_pixels))
-        max_pixels = pre.get("max_pixels", size.get("longest_edge", processor.max_pixels))
-        return replace(processor, min_pixels=int(min_pixels), max_pixels=int(max_pixels),
-                       patch_size=int(pre.get("patch_size", processor.patch_size)),
-                       merge_size=int(pre.get("merge_size", processor.merge_size)))
-    if processor.rule == "idefics3_tiles":
-        # Idefics3ImageProcessor: size.longest_edge (resize target), max_image_size.longest_edge (tile side; class
-        # default 364 when the file omits it, as Idefics3-8B's does since commit 30d4b60)
-        tile = (pre.get("max_image_size") or {}).get("longest_edge", processor.image_size)
-        return replace(processor, longest_edge=int(size.get("longest_edge", processor.longest_edge)),
-                       image_size=int(tile))
-    if processor.rule == "internvl_tiles":
-        return replace(processor, image_size=int(size.get("height", processor.image_size)),
-                       max_tiles=int(pre.get("max_patches", processor.max_tiles)),
-                       min_tiles=int(pre.get("min_patches", processor.min_tiles)),
-                       crop_to_patches=bool(pre.get("crop_to_patches", processor.crop_to_patches)))
-    if processor.rule == "pixtral":
-        patch = pre.get("patch_size", processor.patch_size)
-        patch = patch.get("height", processor.patch_size) if isinstance(patch, dict) else patch
-        return replace(processor, longest_edge=int(size.get("longest_edge", processor.longest_edge)),
-                       patch_size=int(patch))
-    if processor.rule == "gemma3":
-        return replace(processor, do_pan_and_scan=bool(pre.get("do_pan_and_scan") or False))
-    if processor.rule == "minicpmv_slices":
-        return replace(processor, max_tiles=int(pre.get("max_slice_nums", processor.max_tiles)),
-                       image_size=int(pre.get("scale_resolution", processor.image_size)))
-    if processor.rule == "phi3v_crops":
-        return replace(processor, max_tiles=int(pre.get("num_crops", processor.max_tiles)),
-                       tokens_per_view=int(pre.get("num_img_tokens", processor.tokens_per_view)))
-    return processor
+    reader = getattr(part(model_type, "config"), "PREPROCESSOR_READERS", {}).get(processor.rule)
+    return reader(processor, pre, size) if reader else processor
 
 
 def _sub_config(cfg: dict, key: str, defaults_by_type: dict, default_type: str, what: str,

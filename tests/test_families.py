@@ -170,6 +170,10 @@ def test_parts_serve_the_model_type(model_type):
     assert specs and all(spec.family in family.model_types for spec in specs)
     config = part(model_type, "config")
     assert model_type in config.READERS and model_type in config.WRITERS and model_type in config.COMPONENT_PREFIXES
+    # a preprocessor_config.json reader serves a rule of the entries this config module reads
+    served = {t for f in FAMILIES for t in f.model_types if f.module("config") == family.module("config")}
+    assert set(getattr(config, "PREPROCESSOR_READERS", {})) <= {spec.processor.rule for spec in all_specs()
+                                                                 if spec.family in served}
     memory = part(model_type, "memory")
     assert model_type in memory.MODELS
     # the memory model names the transformers file and release (or the remote code) it mirrors

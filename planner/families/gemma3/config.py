@@ -21,7 +21,7 @@ from ...hf_config import (
     _text_spec,
     _top,
 )
-from ...spec import ModelSpec, ProjectorSpec
+from ...spec import ModelSpec, ProcessorSpec, ProjectorSpec
 from ..llava.config import LLAVA_STYLE
 
 # Gemma3TextConfig (models/gemma3/configuration_gemma3.py): layer_types None -> every 6th layer full
@@ -65,5 +65,12 @@ def _read_gemma3(cfg: dict, *, name: str, url: str) -> ModelSpec:
 # Where each component lives in the transformers model (modules.py): the LLaVA layout
 COMPONENT_PREFIXES = {"gemma3": LLAVA_STYLE}
 
+def _gemma3_preprocessor(processor: ProcessorSpec, pre: dict, size: dict) -> ProcessorSpec:
+    """Gemma3ImageProcessor: pan and scan
+    (`size`: the size dict of the checkpoint's preprocessor_config.json)."""
+    return replace(processor, do_pan_and_scan=bool(pre.get("do_pan_and_scan") or False))
+
 READERS = {"gemma3": _read_gemma3}
 WRITERS = {"gemma3": _write_gemma3}
+# preprocessor_config.json readers, by ProcessorSpec.rule (hf_config.spec_from_hf_config)
+PREPROCESSOR_READERS = {"gemma3": _gemma3_preprocessor}

@@ -6,6 +6,8 @@ names the transformers configuration file whose class defaults it repeats.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ...hf_config import (
     TEXT_DEFAULTS,
     _base_text,
@@ -66,5 +68,16 @@ IDEFICS3_STYLE = (("model.connector", PROJECTOR), ("model.vision_model", VISION)
                   ("lm_head", LANGUAGE))
 COMPONENT_PREFIXES = {"idefics3": IDEFICS3_STYLE, "smolvlm": IDEFICS3_STYLE}
 
+def _idefics3_preprocessor(processor: ProcessorSpec, pre: dict, size: dict) -> ProcessorSpec:
+    """Idefics3ImageProcessor: the resize target and the tile side
+    (`size`: the size dict of the checkpoint's preprocessor_config.json)."""
+    # Idefics3ImageProcessor: size.longest_edge (resize target), max_image_size.longest_edge (tile side; class
+    # default 364 when the file omits it, as Idefics3-8B's does since commit 30d4b60)
+    tile = (pre.get("max_image_size") or {}).get("longest_edge", processor.image_size)
+    return replace(processor, longest_edge=int(size.get("longest_edge", processor.longest_edge)),
+                   image_size=int(tile))
+
 READERS = {"idefics3": _read_idefics3, "smolvlm": _read_idefics3}
 WRITERS = {"idefics3": _write_idefics3, "smolvlm": _write_idefics3}
+# preprocessor_config.json readers, by ProcessorSpec.rule (hf_config.spec_from_hf_config)
+PREPROCESSOR_READERS = {"idefics3_tiles": _idefics3_preprocessor}

@@ -22,7 +22,7 @@ from ...hf_config import (
     _vision_feature_layer,
     _vision_mlp,
 )
-from ...spec import ModelSpec, ProjectorSpec
+from ...spec import ModelSpec, ProcessorSpec, ProjectorSpec
 from ..llava.config import LLAVA_STYLE
 
 # InternVLVisionConfig (models/internvl/configuration_internvl.py)
@@ -85,5 +85,15 @@ def _read_internvl(cfg: dict, *, name: str, url: str) -> ModelSpec:
 # Where each component lives in the transformers model (modules.py): the LLaVA layout
 COMPONENT_PREFIXES = {"internvl": LLAVA_STYLE}
 
+def _internvl_preprocessor(processor: ProcessorSpec, pre: dict, size: dict) -> ProcessorSpec:
+    """GotOcr2ImageProcessor: tile side, tile count bounds, crop_to_patches
+    (`size`: the size dict of the checkpoint's preprocessor_config.json)."""
+    return replace(processor, image_size=int(size.get("height", processor.image_size)),
+                   max_tiles=int(pre.get("max_patches", processor.max_tiles)),
+                   min_tiles=int(pre.get("min_patches", processor.min_tiles)),
+                   crop_to_patches=bool(pre.get("crop_to_patches", processor.crop_to_patches)))
+
 READERS = {"internvl": _read_internvl}
 WRITERS = {"internvl": _write_internvl}
+# preprocessor_config.json readers, by ProcessorSpec.rule (hf_config.spec_from_hf_config)
+PREPROCESSOR_READERS = {"internvl_tiles": _internvl_preprocessor}

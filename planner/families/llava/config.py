@@ -127,5 +127,15 @@ LLAVA_STYLE = (("model.multi_modal_projector", PROJECTOR), ("model.vision_tower"
                ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE))
 COMPONENT_PREFIXES = {"llava": LLAVA_STYLE, "llava_next": (("model.image_newline", PROJECTOR), *LLAVA_STYLE)}
 
+def _pixtral_preprocessor(processor: ProcessorSpec, pre: dict, size: dict) -> ProcessorSpec:
+    """PixtralImageProcessor: longest_edge and patch size
+    (`size`: the size dict of the checkpoint's preprocessor_config.json)."""
+    patch = pre.get("patch_size", processor.patch_size)
+    patch = patch.get("height", processor.patch_size) if isinstance(patch, dict) else patch
+    return replace(processor, longest_edge=int(size.get("longest_edge", processor.longest_edge)),
+                   patch_size=int(patch))
+
 READERS = {"llava": _read_llava, "llava_next": _read_llava}
 WRITERS = {"llava": _write_llava, "llava_next": _write_llava}
+# preprocessor_config.json readers, by ProcessorSpec.rule (hf_config.spec_from_hf_config)
+PREPROCESSOR_READERS = {"pixtral": _pixtral_preprocessor}

@@ -11,7 +11,7 @@ from dataclasses import replace
 from ...errors import VlplanError
 from ...hf_config import QWEN2_DEFAULTS, SIGLIP_VISION_DEFAULTS, _dtype, _siglip_vision, _text_spec, _with_defaults
 from ...modules import LANGUAGE, PROJECTOR, VISION
-from ...spec import ModelSpec
+from ...spec import ModelSpec, ProcessorSpec
 
 
 def _write_minicpmv(spec, v, p, t) -> dict:
@@ -62,5 +62,13 @@ def _read_minicpmv(cfg: dict, *, name: str, url: str) -> ModelSpec:
 # a transformers class
 COMPONENT_PREFIXES = {"minicpmv": (("resampler", PROJECTOR), ("vpm", VISION), ("llm", LANGUAGE))}
 
+def _minicpmv_preprocessor(processor: ProcessorSpec, pre: dict, size: dict) -> ProcessorSpec:
+    """MiniCPM-V's image processor: slice count and scale resolution
+    (`size`: the size dict of the checkpoint's preprocessor_config.json)."""
+    return replace(processor, max_tiles=int(pre.get("max_slice_nums", processor.max_tiles)),
+                   image_size=int(pre.get("scale_resolution", processor.image_size)))
+
 READERS = {"minicpmv": _read_minicpmv}
 WRITERS = {"minicpmv": _write_minicpmv}
+# preprocessor_config.json readers, by ProcessorSpec.rule (hf_config.spec_from_hf_config)
+PREPROCESSOR_READERS = {"minicpmv_slices": _minicpmv_preprocessor}

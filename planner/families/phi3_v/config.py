@@ -11,7 +11,7 @@ from dataclasses import replace
 from ...errors import VlplanError
 from ...hf_config import _dtype, _text_spec, _with_defaults
 from ...modules import LANGUAGE, PROJECTOR, VISION
-from ...spec import ModelSpec
+from ...spec import ModelSpec, ProcessorSpec
 
 # Phi3Config (models/phi3/configuration_phi3.py), whose defaults the remote Phi3VConfig repeats
 PHI3_DEFAULTS = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
@@ -62,5 +62,13 @@ def _read_phi3_v(cfg: dict, *, name: str, url: str) -> ModelSpec:
 COMPONENT_PREFIXES = {"phi3_v": (("model.vision_embed_tokens.img_processor", VISION),
                                  ("model.vision_embed_tokens", PROJECTOR), ("model", LANGUAGE), ("lm_head", LANGUAGE))}
 
+def _phi3_v_preprocessor(processor: ProcessorSpec, pre: dict, size: dict) -> ProcessorSpec:
+    """Phi-3-vision's image processor: crops and tokens per crop
+    (`size`: the size dict of the checkpoint's preprocessor_config.json)."""
+    return replace(processor, max_tiles=int(pre.get("num_crops", processor.max_tiles)),
+                   tokens_per_view=int(pre.get("num_img_tokens", processor.tokens_per_view)))
+
 READERS = {"phi3_v": _read_phi3_v}
 WRITERS = {"phi3_v": _write_phi3_v}
+# preprocessor_config.json readers, by ProcessorSpec.rule (hf_config.spec_from_hf_config)
+PREPROCESSOR_READERS = {"phi3v_crops": _phi3_v_preprocessor}

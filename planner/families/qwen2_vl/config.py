@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from ...hf_config import _base_text, _dtype, _top, _with_defaults
 from ...modules import LANGUAGE, PROJECTOR, VISION
-from ...spec import ModelSpec, ProjectorSpec, TextSpec
+from ...spec import ModelSpec, ProcessorSpec, ProjectorSpec, TextSpec
 
 # Qwen2VLTextConfig / Qwen2_5_VLTextConfig defaults (the 72B sizes)
 QWEN2_VL_TEXT_DEFAULTS = dict(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
@@ -105,5 +105,16 @@ QWEN_STYLE = (("model.visual.merger", PROJECTOR), ("model.visual", VISION), ("mo
               ("lm_head", LANGUAGE))
 COMPONENT_PREFIXES = {"qwen2_vl": QWEN_STYLE, "qwen2_5_vl": QWEN_STYLE}
 
+def _qwen_preprocessor(processor: ProcessorSpec, pre: dict, size: dict) -> ProcessorSpec:
+    """Qwen2VLImageProcessor: min/max_pixels (or size.shortest_edge/longest_edge), patch and merge sizes
+    (`size`: the size dict of the checkpoint's preprocessor_config.json)."""
+    min_pixels = pre.get("min_pixels", size.get("shortest_edge", processor.min_pixels))
+    max_pixels = pre.get("max_pixels", size.get("longest_edge", processor.max_pixels))
+    return replace(processor, min_pixels=int(min_pixels), max_pixels=int(max_pixels),
+                   patch_size=int(pre.get("patch_size", processor.patch_size)),
+                   merge_size=int(pre.get("merge_size", processor.merge_size)))
+
 READERS = {"qwen2_vl": _read_qwen2_vl, "qwen2_5_vl": _read_qwen2_vl}
 WRITERS = {"qwen2_vl": _write_qwen2_vl, "qwen2_5_vl": _write_qwen2_vl}
+# preprocessor_config.json readers, by ProcessorSpec.rule (hf_config.spec_from_hf_config)
+PREPROCESSOR_READERS = {"qwen_smart_resize": _qwen_preprocessor}

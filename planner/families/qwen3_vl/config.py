@@ -11,6 +11,7 @@ from dataclasses import replace
 from ...errors import VlplanError
 from ...hf_config import _base_text, _dtype, _side, _sub_config, _text_spec, _tie, _top
 from ...spec import ModelSpec
+from ..qwen2_vl.config import PREPROCESSOR_READERS as QWEN2_VL_PREPROCESSOR_READERS
 from ..qwen2_vl.config import QWEN_STYLE
 
 # Qwen3VLTextConfig (models/qwen3_vl/configuration_qwen3_vl.py); it has no tie_word_embeddings field
@@ -95,3 +96,5 @@ COMPONENT_PREFIXES = {"qwen3_vl": QWEN_STYLE, "qwen3_vl_moe": QWEN_STYLE}
 
 READERS = {"qwen3_vl": _read_qwen3_vl, "qwen3_vl_moe": _read_qwen3_vl}
 WRITERS = {"qwen3_vl": _write_qwen3_vl, "qwen3_vl_moe": _write_qwen3_vl}
+# preprocessor_config.json readers, by ProcessorSpec.rule: Qwen2-VL's (the same image processor class)
+PREPROCESSOR_READERS = QWEN2_VL_PREPROCESSOR_READERS
