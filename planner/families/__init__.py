@@ -3,7 +3,9 @@
 A family folder holds everything that is the family's own, one module per part:
 
     specs.py   `SPECS`: the registry entries (literal `ModelSpec`s, each after the URL of its config.json)
-    config.py  `READERS` / `WRITERS`: {model_type: fn} between `ModelSpec` and transformers' config.json
+    config.py  `READERS` / `WRITERS`: {model_type: fn} between `ModelSpec` and transformers' config.json;
+               `COMPONENT_PREFIXES`: where vision / projector / language live in the transformers model;
+               `PREPROCESSOR_READERS` (optional): {rule: fn}, the preprocessor_config.json limits it reads
     tokens.py  `RULES`: {ProcessorSpec.rule: fn}, the image-to-token rule of its image processor
     memory.py  `MODELS`: {model_type: BaseModel subclass}, the activation model mirroring the transformers forward
                (optionally `layer_counts` / `spec_with_layers` for models with more than one layer type)
@@ -18,7 +20,7 @@ The planner never imports torch (tests/test_layers.py). `batch` and `tiny` are t
 only the profiler and the runner import, by the module path this record gives (`Family.module(part)`); no planner
 module imports them, which tests/test_layers.py checks statically. Keeping them here, rather than in a parallel
 profiler/families/ tree, keeps a family in one folder; the cost is that the wheel ships files the light (no-torch)
-install never imports.
+install never imports. How to add a family: docs/adding-a-family.md.
 """
 
 from __future__ import annotations
