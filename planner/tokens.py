@@ -115,8 +115,12 @@ def _rule(name: str):
     return token_rules().get(name)
 
 
-# Families whose LLaMA-Factory plugin applies the Qwen pre-resize on top of the generic one
-_QWEN_PLUGIN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+def uses_qwen2vl_plugin(model_type: str) -> bool:
+    """Whether LLaMA-Factory applies the Qwen pre-resize on top of the generic one (the family registry says)."""
+    from .families import family_of
+
+    family = family_of(model_type)
+    return bool(family and family.qwen2vl_plugin)
 
 
 def image_tokens(spec: ModelSpec, width: int, height: int, *, image_max_pixels: int | None = LF_IMAGE_MAX_PIXELS,
@@ -135,7 +139,7 @@ def image_tokens(spec: ModelSpec, width: int, height: int, *, image_max_pixels: 
     w, h = width, height
     if llamafactory:
         w, h = llamafactory_preresize(width, height, image_max_pixels, image_min_pixels)
-        if spec.family in _QWEN_PLUGIN_FAMILIES:
+        if uses_qwen2vl_plugin(spec.family):
             w, h = qwen_plugin_preresize(w, h)
     rw, rh, patches, tokens, views, *special = rule(spec.processor, w, h)
     # a rule may return a sixth value: the special tokens of this image when they depend on its size (tile tags)

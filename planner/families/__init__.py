@@ -50,6 +50,9 @@ class Family:
     memory: str | None = ""
     batch: str | None = ""
     tiny: str | None = None
+    # LLaMA-Factory's mm plugin is Qwen2VLPlugin or a subclass (Qwen3VLPlugin): a 28 px minimum side and a capped
+    # aspect ratio on top of the generic pre-resize, and `<|vision_start|><image><|vision_end|>` as the image text
+    qwen2vl_plugin: bool = False
 
     def module(self, part: str) -> str | None:
         """The absolute module path of `part` (None when the family has none)."""
@@ -63,12 +66,12 @@ class Family:
 
 # The registry. Order is the order of `vlplan models`.
 FAMILIES: tuple[Family, ...] = (
-    Family("qwen2_vl", ("qwen2_vl",), tokens=None, tiny="qwen2_vl.tiny"),
+    Family("qwen2_vl", ("qwen2_vl",), tokens=None, tiny="qwen2_vl.tiny", qwen2vl_plugin=True),
     Family("qwen2_5_vl", ("qwen2_5_vl",), config="qwen2_vl.config", tokens=None, memory="qwen2_vl.memory",
-           batch="qwen2_vl.batch", tiny="qwen2_vl.tiny"),
-    Family("qwen3_vl", ("qwen3_vl",), tokens=None),
+           batch="qwen2_vl.batch", tiny="qwen2_vl.tiny", qwen2vl_plugin=True),
+    Family("qwen3_vl", ("qwen3_vl",), tokens=None, qwen2vl_plugin=True),
     Family("qwen3_vl_moe", ("qwen3_vl_moe",), config="qwen3_vl.config", tokens=None, memory="qwen3_vl.memory",
-           batch="qwen3_vl.batch"),
+           batch="qwen3_vl.batch", qwen2vl_plugin=True),
     Family("llava", ("llava",), tiny="llava.tiny"),
     Family("llava_next", ("llava_next",), config="llava.config"),
     Family("internvl", ("internvl",)),
