@@ -461,9 +461,9 @@ def profile(setup: TrainSetup, options: ProfileOptions = ProfileOptions(), *, ba
 
 
 def _oom_report(setup, expected, backend: Backend, err: BaseException, start_bytes: int | None) -> dict:
-    """The runner's out-of-memory report (runner/oom.py): the phase, the estimate, the term most likely too low
+    """The runner's out-of-memory report (planner/oom.py): the phase, the estimate, the term most likely too low
     (judged from the memory measured before the first step, as `vlplan run` does) and the next setup to try."""
-    from vlplan.runner.oom import oom_report
+    from vlplan.planner.oom import oom_report
 
     report = oom_report(setup, expected, backend.phase or "load", err, start_bytes)
     report["step"] = backend.step

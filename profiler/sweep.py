@@ -40,6 +40,7 @@ from importlib import metadata
 from pathlib import Path
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.io.files import write_json_atomic
 
 PROFILE_KEYS = ("steps", "weights", "memory_limit_gib", "timeout_s")
 DEFAULT_TIMEOUT_S = 600.0
@@ -217,18 +218,7 @@ def append_records(path: Path, records: list[dict]) -> int:
     with _directory_lock(path.parent):
         existing = read_records(path)
         combined = existing + list(records)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(combined, f, indent=1, default=str)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_json_atomic(path, combined, indent=1, fsync=True)
         with contextlib.suppress(OSError):
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
@@ -416,9 +406,7 @@ def worker_main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     record = result.to_record()
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(json.dumps(record, default=str))
-    os.replace(tmp, out_path)
+    write_json_atomic(out_path, record, indent=None)
     return OOM_EXIT_CODE if result.oom else 0
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.io.files import write_json_atomic
+from vlplan.planner.oom import next_setup
 from vlplan.planner.setup import TrainSetup
 
 from .job import JOB_ENV, SMOKE_TEST_STEPS, RunOptions, job_json
-from .oom import next_setup
 from .record import (OOM_REPORT_NAME, RECORD_NAME, STATE_DIR, TINY_MODEL_DIR, check_resume, last_checkpoint,
-                     prepare_output_dir, read_record, write_json_atomic)
+                     prepare_output_dir, read_record)
 from .train import OOM_EXIT_CODE, Interrupted, RunOutOfMemory, train
 
 WORKER_MODULE = "vlplan.cli.run"

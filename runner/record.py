@@ -17,6 +17,8 @@ import torch
 
 from vlplan.planner.errors import VlplanError
 
+from vlplan.planner.oom import ESTIMATE_TOLERANCE
+
 from .job import RunOptions
 
 RECORD_NAME = "vlplan_run.json"
@@ -27,8 +29,6 @@ TINY_MODEL_DIR = "tiny-model"  # the smoke test's model, inside the output direc
 # What a vlplan run writes into its output directory before its first checkpoint
 RUN_ENTRIES = frozenset({RECORD_NAME, STATE_DIR, TINY_MODEL_DIR})
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# A measured peak further than this from the estimate gets a warning in the record
-ESTIMATE_TOLERANCE = 0.10
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
@@ -150,12 +150,6 @@ def check_resume(setup_settings: dict, options: RunOptions) -> None:
 
 def _real(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def read_record(output_dir: Path) -> dict | None:

@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.io.files import write_json_atomic
 from vlplan.planner.memory.estimate import estimate
+from vlplan.planner.oom import oom_report
 from vlplan.planner.setup import TrainSetup
 
 from .job import RunOptions
-from .oom import oom_report
 from .record import (CHECKPOINT_PATTERN, OOM_REPORT_NAME, RECORD_NAME, STAGING_NAME, STATE_DIR, fsync_dir,
-                     last_checkpoint, measured_peaks, nvml_used_bytes, read_record, write_json_atomic)
+                     last_checkpoint, measured_peaks, nvml_used_bytes, read_record)
 
 OOM_EXIT_CODE = 3
 

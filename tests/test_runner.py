@@ -27,7 +27,7 @@ from vlplan.planner.registry import resolve  # noqa: E402
 from vlplan.planner.setup import make_setup  # noqa: E402
 from vlplan.runner import train as train_module  # noqa: E402
 from vlplan.runner.tiny import write_tiny_model  # noqa: E402
-from vlplan.runner.oom import next_setup, oom_report  # noqa: E402
+from vlplan.planner.oom import next_setup, oom_report  # noqa: E402
 
 runner = CliRunner()
 CLI = [sys.executable, "-m", "vlplan.cli.main"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import sys
 from pathlib import Path
 
@@ -153,12 +152,10 @@ def _check_matplotlib() -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    import os
+    from vlplan.planner.io.files import write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def _progress_event(kind: str, data: dict) -> None:
