@@ -1,4 +1,4 @@
-"""`vlplan run`: launch the real fine-tune with the planned settings (and the entry point of its launched ranks)."""
+"""`vlplan run`: launch the real fine-tune with the planned settings (its ranks run runner/worker.py)."""
 
 from __future__ import annotations
 
@@ -199,29 +199,11 @@ def _str(value) -> str | None:
 
 
 def render_event(kind: str, data: dict) -> None:
-    """Progress of the run, on stderr (stdout holds the result: the summary, or the JSON with --json)."""
-    if kind == "step":
-        parts = [f"step {data['step']}/{data['max_steps']}", f"loss {data['loss']:.4f}"]
-        if "learning_rate" in data:
-            parts.append(f"lr {data['learning_rate']:.2e}")
-        line = "  ".join(parts)
-    elif kind == "dataset":
-        dropped = ", ".join(f"{n} {why}" for why, n in data["dropped"].items())
-        line = (f"dataset: {data['kept']} of {data['samples']} samples (longest {data['longest_tokens']} tokens)"
-                + (f"; dropped {dropped}" if dropped else ""))
-    elif kind == "checkpoint":
-        line = f"saved {data['path']}"
-    elif kind == "launch":
-        line = (f"launching {data['processes_per_node']} x {data['nodes']} processes: {shlex.join(data['command'])} "
-                "(the job in VLPLAN_JOB)")
-    elif kind == "retry":
-        line = f"{data['message']}\nretrying: {data['change']}"
-    elif kind == "interrupted":
-        line = (f"interrupted by {data['signal']} at step {data['step']}; checkpoint {data['checkpoint']}; continue "
-                "with --resume")
-    else:
-        line = data.get("message", json.dumps(data))
-    print(line, file=sys.stderr, flush=True)
+    """Progress of the run, on stderr (stdout holds the result: the summary, or the JSON with --json); the same lines
+    as its launched ranks (runner/worker.py)."""
+    from vlplan.runner.worker import print_event
+
+    print_event(kind, data)
 
 
 def render_launch(launch: dict) -> None:
@@ -252,18 +234,3 @@ def render_record(record: dict, options) -> None:
         print(f"error: {record['oom']['message']}", file=sys.stderr)
     for warning in record.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
-
-
-def worker_main() -> int:
-    """A rank started by `vlplan run`'s launcher (torchrun / deepspeed / accelerate): train the job it was handed."""
-    from vlplan.runner.launch import worker_main as train_job
-
-    try:
-        return train_job(on_event=render_event)
-    except VlplanError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())
