@@ -28,6 +28,10 @@ from vlplan.planner.setup import TrainSetup
 
 from .profile import Backend, PhaseRecord, ProfileOptions
 
+class NoCudaError(VlplanError):
+    """This machine has no CUDA device (torch.cuda.is_available() is False)."""
+
+
 NO_CUDA = ("vlplan profile needs a CUDA GPU and torch.cuda.is_available() is False here; run it on a GPU machine "
            "(docs/profile.md), or pass --backend cpu for the CPU test/dev backend")
 SNAPSHOT_MAX_ENTRIES = 200_000
@@ -81,7 +85,7 @@ class CudaBackend(Backend):
     def __init__(self, options: ProfileOptions) -> None:
         super().__init__(options)
         if not torch.cuda.is_available():
-            raise VlplanError(NO_CUDA)
+            raise NoCudaError(NO_CUDA)
         self.device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
         self.handle = nvml_handle()
         if self.handle is None:

@@ -252,10 +252,10 @@ def sweep_device(backend: str) -> str:
         return "cpu"
     import torch
 
-    from .gpu import NO_CUDA, nvml_device
+    from .gpu import NO_CUDA, NoCudaError, nvml_device
 
     if not torch.cuda.is_available():
-        raise VlplanError(NO_CUDA)
+        raise NoCudaError(NO_CUDA)
     info = nvml_device()
     if info is None:
         raise VlplanError("vlplan profile reads device memory with NVML and found none: pip install nvidia-ml-py "

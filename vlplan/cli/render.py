@@ -37,6 +37,15 @@ def gib(nbytes: int | float) -> str:
     return f"{nbytes / GIB:.2f} GiB"
 
 
+def gib_or_dash(nbytes: int | float | None) -> str:
+    return gib(nbytes) if nbytes is not None else "-"
+
+
+def percent(error: float | None) -> str:
+    """A signed relative error as a percentage, "-" where there is none."""
+    return f"{100 * error:+.1f}%" if error is not None else "-"
+
+
 def print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
