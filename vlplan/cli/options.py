@@ -18,8 +18,9 @@ from pathlib import Path
 
 import typer
 
+from vlplan import resolve_setup
 from vlplan.planner.errors import VlplanError
-from vlplan.planner.resolve import FILE_OPTIONS, SETUP_DEFAULTS, ResolvedSetup, resolve_setup
+from vlplan.planner.resolve import FILE_OPTIONS, SETUP_DEFAULTS, ResolvedSetup
 
 __all__ = ["FILE_OPTIONS", "SETUP_DEFAULTS", "SETUP_OPTIONS", "ResolvedSetup", "errors", "resolve_setup",
            "setup_command"]

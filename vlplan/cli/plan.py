@@ -12,9 +12,10 @@ from pathlib import Path
 
 import typer
 
+from vlplan import plan
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.hardware import host_ram_budget
-from vlplan.planner.plan import Plan, plan
+from vlplan.planner.plan import Plan
 
 from .options import errors, setup_command
 from .render import console, gib, gib_or_dash, print_json, table

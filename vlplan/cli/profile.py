@@ -109,7 +109,8 @@ def profile_command(
 def _profile(resolved, steps, backend, weights, memory_limit_gib, output, plot, snapshot, json_):
     with errors():
         try:
-            from vlplan.profiler.profile import OOM_EXIT_CODE, ProfileOptions, make_backend, profile
+            from vlplan import profile
+            from vlplan.profiler.profile import OOM_EXIT_CODE, ProfileOptions, make_backend
         except ImportError as err:
             raise VlplanError(f"profile needs torch and transformers ({err.name} is missing): pip install "
                               "'vlplan[gpu]'") from None

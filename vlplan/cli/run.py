@@ -84,8 +84,8 @@ def run_command(
     estimate, settings, per-step losses, measured CUDA peaks). Exit codes: 0 done, 2 bad input, 3 out of memory,
     128 + signal when interrupted (a checkpoint is saved; continue with --resume).
     """
+    from vlplan import run
     from vlplan.runner.job import RunOptions, load_plan, setup_from_settings
-    from vlplan.runner.launch import run
 
     # the shared file flags (--dataset, --dataset-dir, --media-dir, --dataset-info) as typed or filled from the YAML
     params = {**ctx.params, **ctx.meta.get("dataset_flags", {})}
@@ -122,8 +122,8 @@ def run_command(
             plan_dict = load_plan(plan_file)
             setup = setup_from_settings(plan_dict["settings"], setup.model, f"--plan {plan_file}")
         elif global_batch_size is not None:
+            from vlplan import plan
             from vlplan.planner.hardware import host_ram_budget
-            from vlplan.planner.plan import plan
 
             # the run trains on this machine's nodes: plan offload within their RAM when this machine is the planned
             # one, else within the GPU type's stated assumption (as `vlplan plan` does)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import typer
 
+from vlplan import estimate
 from vlplan.planner.errors import VlplanError
-from vlplan.planner.memory.estimate import estimate
 
 from .options import errors, llamafactory_files, setup_command
 from .render import console, gib, print_json, table
