@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VlplanError
-
-MIB = 2**20
-GIB = 2**30
+from .units import GIB, MIB
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ what to change.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Literal, get_args
 
@@ -407,7 +407,3 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
     return TrainSetup(model=model, method=method, vision=vision, projector=projector, language=language, lora=lora,
                       quant_bits=quant_bits, images=tuple(tuple(i) for i in images),
                       gpu=find_gpu(gpu) if isinstance(gpu, str) else gpu, **settings)
-
-
-def with_changes(setup: TrainSetup, **changes) -> TrainSetup:
-    return replace(setup, **changes)

@@ -29,7 +29,6 @@ import functools
 import os
 import sys
 import types
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -378,14 +377,3 @@ def make_optimizer(model: nn.Module, setup: TrainSetup, *, emulate_cuda: bool = 
     if emulate_cuda and cls is torch.optim.AdamW and not kwargs.get("fused"):
         kwargs = dict(kwargs, foreach=True)
     return cls(groups, **kwargs)
-
-
-def with_layers(spec: ModelSpec, text_layers: int | None = None, vision_layers: int | None = None) -> ModelSpec:
-    """A copy of `spec` with fewer layers (for extrapolated traces), keeping each kind of layer represented."""
-    text, vision = spec.text, spec.vision
-    if text_layers is not None:
-        text = replace(text, num_layers=text_layers)
-    if vision_layers is not None:
-        full = tuple(i for i in range(vision_layers) if i % 2 == 1) if vision.fullatt_block_indexes else ()
-        vision = replace(vision, num_layers=vision_layers, fullatt_block_indexes=full)
-    return replace(spec, text=text, vision=vision)

@@ -33,13 +33,13 @@ import torch
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.memory.estimate import Estimate, estimate
 from vlplan.planner.setup import TrainSetup
+from vlplan.planner.units import GIB
 
 from . import build
 from .batch import synthetic_batch
 from .memtrack import rounded_bytes
 from .step import StepHooks, run_steps, trainer_forward
 
-GIB = 2**30
 LOAD = "load"
 TRAINING_PHASES = ("forward", "loss", "backward", "optimizer")
 PHASES = (LOAD,) + TRAINING_PHASES

@@ -5,7 +5,7 @@ llamafactory.md section 1a): precision flags, `optim`, batch and accumulation, c
 LLaMA-Factory's reentrant default (`use_reentrant_gc: true`), the DeepSpeed config path, and `remove_unused_columns:
 false` (vision inputs are extra columns). What TrainingArguments cannot say (which components train, LoRA, QLoRA,
 image limits, pure bf16 weights) belongs to the model preparation (profiler/build.py), not here.
-`tests/test_io_export.py` constructs transformers' TrainingArguments from the result.
+`tests/test_plan_export.py` constructs transformers' TrainingArguments from the result.
 """
 
 from __future__ import annotations

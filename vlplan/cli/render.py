@@ -9,7 +9,8 @@ import sys
 from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
-GIB = 2**30
+from vlplan.planner.units import GIB
+
 # Width of output to a pipe or file (no COLUMNS set): wide enough that a table row or a message stays one line for
 # grep and friends, instead of rich's 80-column assumption folding it
 PIPE_WIDTH = 1000
