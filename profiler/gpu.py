@@ -25,6 +25,7 @@ import torch
 
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
+from vlplan.planner.units import GIB
 
 from .profile import Backend, PhaseRecord, ProfileOptions
 
@@ -121,8 +122,8 @@ class CudaBackend(Backend):
         if self.options.memory_limit_bytes is not None:
             total = torch.cuda.get_device_properties(self.device).total_memory
             if self.options.memory_limit_bytes >= total:
-                raise VlplanError(f"--memory-limit-gib {self.options.memory_limit_bytes / 2**30:.2f} is not below "
-                                  f"the device's {total / 2**30:.2f} GiB")
+                raise VlplanError(f"--memory-limit-gib {self.options.memory_limit_bytes / GIB:.2f} is not below "
+                                  f"the device's {total / GIB:.2f} GiB")
             torch.cuda.set_per_process_memory_fraction(self.options.memory_limit_bytes / total, self.device)
         if self.options.snapshot:
             torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_MAX_ENTRIES, stacks="python")

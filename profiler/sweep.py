@@ -41,6 +41,7 @@ from pathlib import Path
 
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.io.files import write_json_atomic
+from vlplan.planner.units import GIB
 
 PROFILE_KEYS = ("steps", "weights", "memory_limit_gib", "timeout_s")
 DEFAULT_TIMEOUT_S = 600.0
@@ -160,7 +161,7 @@ def _resolve(index: int, raw: dict, path, backend: str, timeout_s: float) -> Swe
         profile_options = ProfileOptions(steps=int(raw.get("steps", 3)), backend=backend,
                                          weights=str(Path(raw["weights"]).expanduser().resolve())
                                          if raw.get("weights") else None,
-                                         memory_limit_bytes=int(float(limit) * 2**30) if limit else None)
+                                         memory_limit_bytes=int(float(limit) * GIB) if limit else None)
         check_profilable(resolved.setup, profile_options)
         timeout = float(raw.get("timeout_s", timeout_s))
         if timeout <= 0:

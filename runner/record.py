@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from vlplan.planner.errors import VlplanError
-
 from vlplan.planner.oom import ESTIMATE_TOLERANCE
+from vlplan.planner.units import GIB
 
 from .job import RunOptions
 
@@ -217,6 +217,6 @@ def measured_peaks(result, warnings: list[str], nvml_peak_bytes: int) -> dict | 
         error = (value - estimated) / estimated
         measured["relative_error"][name] = round(error, 4)
         if abs(error) > ESTIMATE_TOLERANCE:
-            warnings.append(f"measured peak ({name}) {value / 2**30:.2f} GiB is {100 * error:+.0f}% off the estimate "
-                            f"{estimated / 2**30:.2f} GiB")
+            warnings.append(f"measured peak ({name}) {value / GIB:.2f} GiB is {100 * error:+.0f}% off the estimate "
+                            f"{estimated / GIB:.2f} GiB")
     return measured
