@@ -5,13 +5,13 @@ functions)::
 
     from vlplan import resolve_setup, estimate, plan, trace, profile, run, scan
 
-    setup = resolve_setup(model="qwen2.5-vl-7b", method="lora").setup   # flags / YAML / DeepSpeed JSON / dataset
-    estimate(setup).peak_bytes          # planner: symbolic re-execution, pure Python
-    plan(setup, global_batch_size=64)   # planner: the fastest settings that fit
-    trace(setup)                        # profiler: the real step on fake tensors (torch, transformers)
-    profile(setup)                      # profiler: real steps on the GPU, per phase
-    run(setup, RunOptions(...))         # runner: the fine-tune (Trainer, peft, DeepSpeed, torchrun)
-    scan("data.json", setup.model)      # planner: tokens per sample of a LLaMA-Factory dataset, bad images
+    setup = resolve_setup(model="qwen2.5-vl-7b", method="lora").setup  # flags / YAML / DeepSpeed JSON / dataset
+    estimate(setup).peak_bytes                 # planner: symbolic re-execution, pure Python
+    plan(setup, global_batch_size=64)          # planner: the fastest settings that fit
+    scan("data.json", setup.model)             # planner: tokens per sample of a LLaMA-Factory dataset, bad images
+    trace(setup)                               # profiler: the real step on fake tensors (torch, transformers)
+    profile(setup, ProfileOptions(steps=3))    # profiler: real steps on the GPU, per phase
+    run(setup, RunOptions(model="DIR", dataset="data.json", output_dir="out"))  # runner: the fine-tune
 
 The names are imported on first use (module `__getattr__`), so `import vlplan` stays fast and torch-free: only
 `trace`, `profile` and `run` import torch, when they are first touched.
@@ -34,6 +34,8 @@ _API = {
     "run": ("vlplan.runner.launch", "run"),
     # the types the functions take and raise
     "TrainSetup": ("vlplan.planner.setup", "TrainSetup"),
+    "RunOptions": ("vlplan.runner.job", "RunOptions"),  # what a run needs besides the setup (data, output, steps)
+    "ProfileOptions": ("vlplan.profiler.profile", "ProfileOptions"),
     "VlplanError": ("vlplan.planner.errors", "VlplanError"),
 }
 __all__ = ["__version__", *_API]
