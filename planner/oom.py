@@ -16,6 +16,7 @@ from .units import GIB
 # A measured peak further than this from the estimate is off: `vlplan run` warns in its record, and a measured start
 # beyond it points the out-of-memory report at a model-state term
 ESTIMATE_TOLERANCE = 0.10
+OOM_EXIT_CODE = 3  # the exit code of `vlplan run` and `vlplan profile` after an out-of-memory error
 
 # Breakdown terms that live for the whole run (the rest are the step's activations and temporaries)
 PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "gradients/", "zero", "ddp/", "cuda/", "inputs/")

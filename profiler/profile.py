@@ -44,7 +44,6 @@ LOAD = "load"
 TRAINING_PHASES = ("forward", "loss", "backward", "optimizer")
 PHASES = (LOAD,) + TRAINING_PHASES
 BACKENDS = ("cuda", "cpu")
-OOM_EXIT_CODE = 3  # as `vlplan run` (runner/train.py)
 # Terms measured by enumerating tensors (identical in every phase after the first optimizer step)
 PERSISTENT_TERMS = ("weights/", "adapters/", "optimizer/", "inputs/")
 STEP_TERM = "step tensors (activations, temporaries, gradients)"

@@ -395,7 +395,9 @@ def worker_main(argv: list[str]) -> int:
     Exit codes: 0 measured, 3 out of memory (a record with oom=true), 2 bad input (a record with the error)."""
     import warnings
 
-    from .profile import OOM_EXIT_CODE, profile
+    from vlplan.planner.oom import OOM_EXIT_CODE
+
+    from .profile import profile
 
     job_path, out_path = Path(argv[0]), Path(argv[1])
     with job_path.open("rb") as f:

@@ -24,13 +24,13 @@ from types import SimpleNamespace
 
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.io.files import write_json_atomic
-from vlplan.planner.oom import next_setup
+from vlplan.planner.oom import OOM_EXIT_CODE, next_setup
 from vlplan.planner.setup import TrainSetup
 
 from .job import JOB_ENV, SMOKE_TEST_STEPS, RunOptions, job_json
 from .record import (OOM_REPORT_NAME, RECORD_NAME, STATE_DIR, TINY_MODEL_DIR, check_resume, last_checkpoint,
                      prepare_output_dir, read_record)
-from .train import OOM_EXIT_CODE, Interrupted, RunOutOfMemory, train
+from .train import Interrupted, RunOutOfMemory, train
 
 WORKER_MODULE = "vlplan.runner.worker"  # runner/worker.py: one rank of a launch
 # LLaMA-Factory launcher.py (OPTIM_TORCH, on by default since v0.9.3) sets these on its torchrun path

@@ -34,8 +34,6 @@ from .job import RunOptions
 from .record import (CHECKPOINT_PATTERN, OOM_REPORT_NAME, RECORD_NAME, STAGING_NAME, STATE_DIR, fsync_dir,
                      last_checkpoint, measured_peaks, nvml_used_bytes, read_record)
 
-OOM_EXIT_CODE = 3
-
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM before training started: nothing to save."""

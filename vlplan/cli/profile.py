@@ -110,7 +110,8 @@ def _profile(resolved, steps, backend, weights, memory_limit_gib, output, plot, 
     with errors():
         try:
             from vlplan import profile
-            from vlplan.profiler.profile import OOM_EXIT_CODE, ProfileOptions, make_backend
+            from vlplan.planner.oom import OOM_EXIT_CODE
+            from vlplan.profiler.profile import ProfileOptions, make_backend
         except ImportError as err:
             raise VlplanError(f"profile needs torch and transformers ({err.name} is missing): pip install "
                               "'vlplan[gpu]'") from None
