@@ -64,10 +64,16 @@ def largest_cap_fitting(scan, setup: TrainSetup, samples: list[int], cutoff_len:
     return high if fits(high) else low
 
 
-def data_statement(setup: TrainSetup, scan) -> dict:
+def data_statement(setup: TrainSetup, scan, budget_bytes: int | None = None) -> dict:
     """The plan's setup against the scanned data: the worst micro-batch (its `batch_size` heaviest samples, by the
-    estimate), the share of samples above its cutoff_len, and the samples that would crash LLaMA-Factory with the
-    fix. `notes` and `warnings` are the lines to show."""
+    estimate, priced as `batch_size` copies of the heaviest: an upper bound, how the planner plans a dataset), the
+    share of samples above its cutoff_len, and the samples that would crash LLaMA-Factory with the fix. With
+    `budget_bytes`, a worst micro-batch over it is a warning. `notes` and `warnings` are the lines to show."""
+    from dataclasses import replace
+
+    from .errors import VlplanError
+    from .memory.estimate import estimate
+
     cutoff = setup.seq_len + 1 if setup.packing else setup.seq_len
     totals, image = tokens_at(scan, setup, setup.image_max_pixels)
     n = len(totals)
@@ -84,18 +90,27 @@ def data_statement(setup: TrainSetup, scan) -> dict:
         "image_tokens_over_cutoff": len(certain), "fix": None, "notes": [], "warnings": [],
     }
     worst = ranked[0]
+    try:
+        peak = estimate(replace(setup, images=worst.load.images, seq_len=max(worst.load.tokens, 1))).peak_bytes
+    except VlplanError as err:
+        peak, why = None, str(err)
+    statement["worst_micro_batch_peak_bytes"] = peak
     ids = ", ".join("#" + str(r.load.index) for r in ranked)
     statement["notes"].append(
         f"worst micro-batch planned for: sample(s) {ids} (the {len(ranked)} heaviest by the estimate; the heaviest "
         f"#{worst.load.index}: {worst.load.tokens} tokens, "
         + (f"images {', '.join(f'{w}x{h}' for w, h in worst.load.images)}" if worst.load.images else "no image")
-        + (f", {worst.peak_bytes / GIB:.2f} GiB alone)" if worst.peak_bytes else ")"))
-    statement["notes"].append(f"{len(above)} of {n} samples ({100 * len(above) / n:.1f}%) are longer than "
-                              f"cutoff_len {cutoff}")
-    if above:
+        + (f"): {peak / GIB:.2f} GiB as {setup.batch_size} x the heaviest" if peak is not None else
+           f"): not estimated ({why})"))
+    if peak is not None and budget_bytes is not None and peak > budget_bytes:
         statement["warnings"].append(
-            f"{len(above)} of {n} samples ({100 * len(above) / n:.1f}%) are longer than cutoff_len {cutoff}: "
-            f"LLaMA-Factory truncates them (first: {', '.join('#' + str(i) for i in above[:FIRST_IDS])})")
+            f"the worst micro-batch needs {peak / GIB:.2f} GiB, above the {budget_bytes / GIB:.2f} GiB budget: the plan "
+            "is for a lighter sample (--percentile); the heaviest samples will run out of memory (`vlplan run` probes "
+            "them first), so drop --percentile or leave them out")
+    statement["notes"].append(f"{len(above)} of {n} samples ({100 * len(above) / n:.1f}%) are longer than "
+                              f"cutoff_len {cutoff}" + (f" and truncated by LLaMA-Factory (first: "
+                                                        f"{', '.join('#' + str(i) for i in above[:FIRST_IDS])})"
+                                                        if above else ""))
     if at_risk:
         longest = max(totals[i] for i in at_risk)
         cap = largest_cap_fitting(scan, setup, at_risk, cutoff)

@@ -114,7 +114,8 @@ def plan_command(
         if resolved.scan is not None:  # the plan against the data's distribution (planner/fit.py)
             from vlplan.planner.fit import data_statement
 
-            statement = data_statement(result.setup, resolved.scan)
+            statement = data_statement(result.setup, resolved.scan,
+                                       int(result.capacity_bytes * (1 - result.margin)))
     for note in notes:
         typer.echo(f"warning: {note}", err=True)
     extras = {}
