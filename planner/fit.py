@@ -104,9 +104,10 @@ def data_statement(setup: TrainSetup, scan, budget_bytes: int | None = None) -> 
            f"): not estimated ({why})"))
     if peak is not None and budget_bytes is not None and peak > budget_bytes:
         statement["warnings"].append(
-            f"the worst micro-batch needs {peak / GIB:.2f} GiB, above the {budget_bytes / GIB:.2f} GiB budget: the plan "
-            "is for a lighter sample (--percentile); the heaviest samples will run out of memory (`vlplan run` probes "
-            "them first), so drop --percentile or leave them out")
+            f"the worst micro-batch needs {peak / GIB:.2f} GiB, above the {budget_bytes / GIB:.2f} GiB budget: the "
+            "plan's estimate is for a lighter sample (the --percentile one, or the longest where another weighs more); "
+            "the heaviest samples will run out of memory (`vlplan run` probes them first): drop --percentile, plan "
+            "with a smaller micro-batch, or leave them out")
     statement["notes"].append(f"{len(above)} of {n} samples ({100 * len(above) / n:.1f}%) are longer than "
                               f"cutoff_len {cutoff}" + (f" and truncated by LLaMA-Factory (first: "
                                                         f"{', '.join('#' + str(i) for i in above[:FIRST_IDS])})"

@@ -99,18 +99,23 @@ class _Scan:
         return self._counted[max_pixels]
 
 
-def _longest(totals: list[int], image: list[int], allowed=None) -> int | None:
-    """The longest sample (ties: most image tokens, then the lower index), among `allowed` ones."""
+def _longest(totals: list[int], image: list[int], allowed=None, percentile: float | None = None) -> int | None:
+    """The longest sample (ties: most image tokens, then the lower index), among `allowed` ones; with `percentile`,
+    the sample at that percentile of total tokens (nearest rank), as `ScanResult.pick` chooses."""
+    from .dataset import percentile_of
+
+    target = percentile_of(totals, percentile) if percentile is not None else None
     best = None
     for i, (t, v) in enumerate(zip(totals, image)):
-        if allowed is not None and not allowed[i]:
+        if (allowed is not None and not allowed[i]) or (target is not None and t != target):
             continue
         if best is None or (t, v) > (totals[best], image[best]):
             best = i
     return best
 
 
-def maximize(setup: TrainSetup, what: str, *, margin: float = 0.10, scan=None, images_at_cap: bool = False,
+def maximize(setup: TrainSetup, what: str, *, margin: float = 0.10, scan=None, percentile: float | None = None,
+             images_at_cap: bool = False,
              global_batch_size: int | None = None, host_ram_bytes: int | None = None,
              host_ram_source: str | None = None, mfu: float | None = None) -> Maximized:
     """The largest value of `what` that fits (see the module docstring). `scan` (planner.dataset.ScanResult of the
@@ -139,7 +144,7 @@ def maximize(setup: TrainSetup, what: str, *, margin: float = 0.10, scan=None, i
     if host_assumed:
         host_ram_bytes, host_ram_source = assumed_host_ram(setup.gpu, setup.num_gpus)
     data = _Scan(scan, setup.model, setup.image_min_pixels) if scan is not None else None
-    at = _SetupAt(setup, what, data, images_at_cap)
+    at = _SetupAt(setup, what, data, images_at_cap, percentile)
     lowest, highest, data_limit = at.range()
     reasons_not: dict[int, str] = {}
 
@@ -256,8 +261,10 @@ def _plannable(setup: TrainSetup, global_batch_size: int, budget: int, host_ram_
 class _SetupAt:
     """value -> the setup at that value (see the module docstring)."""
 
-    def __init__(self, setup: TrainSetup, what: str, data: _Scan | None, images_at_cap: bool):
+    def __init__(self, setup: TrainSetup, what: str, data: _Scan | None, images_at_cap: bool,
+                 percentile: float | None = None):
         self.setup, self.what, self.data, self.images_at_cap = setup, what, data, images_at_cap
+        self.percentile = percentile
 
     def range(self) -> tuple[int, int, int | None]:
         """(lowest value tried, vlplan's bound, the value beyond which the data changes nothing or None)."""
@@ -288,7 +295,7 @@ class _SetupAt:
         if self.what == "image-max-pixels":
             if self.data is not None:
                 totals, image = self.data.tokens(value)
-                i = _longest(totals, image)
+                i = _longest(totals, image, percentile=self.percentile)
                 seq_len = max(totals[i], s.seq_len) if s.packing else totals[i]
                 return replace(s, image_max_pixels=value, images=self.data.sizes[i], seq_len=max(seq_len, 1))
             if self.images_at_cap:

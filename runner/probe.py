@@ -21,6 +21,9 @@ of the step (profiler/memtrack.py's tracker: every storage, in the CUDA allocato
 largest peak over the ranks. The estimate beside it is the setup's with the heaviest sample's images and length
 for each of the `batch_size` samples (how `vlplan plan --dataset` plans).
 
+vlplan run does not pack sequences (each micro-batch is padded to its longest sample), so its heaviest micro-batch is
+made of its heaviest samples; a packing data path would make it the fullest pack.
+
 Not probed: DeepSpeed runs (ZeRO's partitioned optimizer and its engine state are not put back exactly by an
 in-memory copy; the record says the probe was skipped and why).
 """
@@ -149,7 +152,7 @@ class Probe:
             planned = None
         self.entry = {
             "samples": [self.dataset.items[p].index for p in positions],
-            "tokens": [self.dataset.items[p].input_ids.__len__() for p in positions],
+            "tokens": [len(self.dataset.items[p].input_ids) for p in positions],
             "images": [[f"{w}x{h}" for w, h in r.load.images] for r in ranked],
             "ranked_by": "estimated peak with each sample alone at micro-batch 1 (planner/heaviest.py)",
             "estimate_peak_bytes": planned.peak_bytes if planned else None,

@@ -195,7 +195,8 @@ def test_the_cli_exports_the_value_to_llamafactory_yaml(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     value = data["maximize"]["value"]
-    assert data["settings"]["image_max_pixels"] == value and yaml.safe_load(out.read_text())["image_max_pixels"] == value
+    assert data["settings"]["image_max_pixels"] == value
+    assert yaml.safe_load(out.read_text())["image_max_pixels"] == value
     result = runner.invoke(app, ["plan", "--model", "qwen2.5-vl-7b", "--gpu", "h100", "--maximize", "cutoff-len",
                                  "-g", "8", "--export-llamafactory", str(out), "--overwrite", "--json"])
     assert result.exit_code == 0, result.output

@@ -93,7 +93,8 @@ def plan_command(
                 from vlplan.planner.maximize import maximize as maximize_setting, maximized_plan
 
                 maximized = maximize_setting(
-                    setup, maximize, margin=margin, scan=resolved.scan, global_batch_size=global_batch_size,
+                    setup, maximize, margin=margin, scan=resolved.scan, percentile=resolved.percentile,
+                    global_batch_size=global_batch_size,
                     images_at_cap=resolved.scan is None and "image_size" not in resolved.typed,
                     host_ram_bytes=host_bytes, host_ram_source=host_source, mfu=None if mfu == 0 else mfu)
                 result = maximized_plan(maximized, num_samples=num_samples or None, epochs=planned_epochs,
