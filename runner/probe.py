@@ -36,7 +36,7 @@ from dataclasses import replace
 
 import torch
 
-from vlplan.planner.heaviest import SampleLoad, heaviest_samples
+from vlplan.planner.heaviest import RankedSample, SampleLoad, heaviest_samples
 from vlplan.planner.image_header import image_size
 from vlplan.planner.memory.estimate import estimate
 
@@ -134,16 +134,25 @@ class Probe:
         self.running = False
         self.entry: dict | None = None
 
-    def choose(self) -> list:
-        return heaviest_samples(self.setup, dataset_loads(self.dataset), min(self.setup.batch_size,
-                                                                             len(self.dataset)))
+    def choose(self) -> tuple[list, str]:
+        """The heaviest samples and how they were ranked: by the estimate, or (when the planner cannot estimate this
+        model) by tokens, then vision tokens."""
+        loads = dataset_loads(self.dataset)
+        count = min(self.setup.batch_size, len(self.dataset))
+        try:
+            return (heaviest_samples(self.setup, loads, count),
+                    "estimated peak with each sample alone at micro-batch 1 (planner/heaviest.py)")
+        except Exception as err:  # noqa: BLE001 (a model the estimator does not cover still gets probed)
+            ranked = sorted(loads, key=lambda s: (-s.tokens, -s.vision_tokens, s.index))[:count]
+            why = str(err).splitlines()[0] if str(err) else repr(err)
+            return [RankedSample(load, None) for load in ranked], f"tokens, then vision tokens (no estimate: {why})"
 
     def run(self, trainer) -> dict:
         if trainer.is_deepspeed_enabled:
             self.entry = {"skipped": "DeepSpeed ZeRO: its partitioned optimizer and engine state are not restored "
                                      "exactly by an in-memory copy, so the heaviest-batch probe does not run"}
             return self.entry
-        ranked = self.choose()
+        ranked, ranked_by = self.choose()
         positions = [r.load.index for r in ranked]
         heaviest = ranked[0].load
         try:
@@ -154,7 +163,7 @@ class Probe:
             "samples": [self.dataset.items[p].index for p in positions],
             "tokens": [len(self.dataset.items[p].input_ids) for p in positions],
             "images": [[f"{w}x{h}" for w, h in r.load.images] for r in ranked],
-            "ranked_by": "estimated peak with each sample alone at micro-batch 1 (planner/heaviest.py)",
+            "ranked_by": ranked_by,
             "estimate_peak_bytes": planned.peak_bytes if planned else None,
             "estimate_allocated_peak_bytes": planned.allocated_peak_bytes if planned else None,
             "status": "running",

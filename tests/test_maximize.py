@@ -176,6 +176,15 @@ def test_cutoff_len_over_the_data_reports_the_samples_cut():
     assert result.data_cost["share_cut"] == round(len(cut) / len(totals), 4)
 
 
+def test_a_plan_needs_a_global_batch_unless_it_maximizes():
+    result = runner.invoke(app, ["plan", "--model", "qwen2.5-vl-7b"])
+    assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
+        "error: --global-batch-size is required (the samples per optimizer step over all GPUs), unless --maximize "
+        "searches one setting with the others fixed"]
+    result = runner.invoke(app, ["plan", "--model", "qwen2.5-vl-7b", "--maximize", "micro-batch", "-g", "8"])
+    assert result.exit_code == 2 and "drop one of them" in result.stderr
+
+
 def test_video_frames_is_refused_in_one_line():
     setup = make_setup(resolve("qwen2.5-vl-7b"))
     with pytest.raises(VlplanError, match="does not model videos yet"):

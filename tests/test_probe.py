@@ -112,3 +112,39 @@ def test_heaviest_samples_rank_by_the_estimate():
         alone = replace(setup, images=r.load.images, seq_len=r.load.tokens, batch_size=1)
         assert r.peak_bytes == estimate(alone).peak_bytes
     assert [r.load.index for r in heaviest_samples(setup, loads, 9)] == [1, 0, 2, 3]
+
+
+def test_samples_are_ranked_by_tokens_when_the_estimate_fails(tmp_path, monkeypatch):
+    """A model the estimator cannot price is still probed: its samples are ranked by tokens, then vision tokens, and
+    the record says so; the loads carry each sample's exact tokens, image tokens and image headers."""
+    from types import SimpleNamespace
+
+    from test_runner_data import write_png_header
+
+    write_png_header(tmp_path / "big.png", 2000, 1000)
+    image = str(tmp_path / "big.png")
+    tokenizer = SimpleNamespace(convert_tokens_to_ids=lambda token: 7)
+    items = [SimpleNamespace(index=10, input_ids=[1, 2, 3, 4, 5], images=[]),
+             SimpleNamespace(index=11, input_ids=[1, 7, 7, 7, 2], images=[image]),
+             SimpleNamespace(index=12, input_ids=[1, 2], images=[])]
+    dataset = _Sized(SimpleNamespace(tokenizer=tokenizer, image_token="<img>"), items)
+    loads = probe_module.dataset_loads(dataset)
+    assert [(s.index, s.tokens, s.vision_tokens, s.images) for s in loads] == [
+        (0, 5, 0, ()), (1, 5, 3, ((2000, 1000),)), (2, 2, 0, ())]
+
+    def fails(*args, **kwargs):
+        raise NotImplementedError("no memory model for this family")
+
+    monkeypatch.setattr(probe_module, "heaviest_samples", fails)
+    setup = SimpleNamespace(batch_size=2)
+    probe = probe_module.Probe(setup, dataset, None, None)
+    ranked, ranked_by = probe.choose()
+    assert [r.load.index for r in ranked] == [1, 0] and ranked_by.startswith("tokens, then vision tokens (no estimate")
+
+
+class _Sized:
+    def __init__(self, encoder, items):
+        self.encoder, self.items = encoder, items
+
+    def __len__(self):
+        return len(self.items)
