@@ -130,6 +130,14 @@ def maximize(setup: TrainSetup, what: str, *, margin: float = 0.10, scan=None, p
         raise VlplanError(f"--maximize {what!r} is not one of {', '.join(MAXIMIZABLE)}")
     if not 0 <= margin < 1:
         raise VlplanError(f"--margin must be in [0, 1), got {margin}")
+    if global_batch_size is not None:
+        from .plan import MAX_GLOBAL_BATCH_SIZE
+
+        if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size <= 0:
+            raise VlplanError(f"--global-batch-size must be a positive integer, got {global_batch_size}")
+        if global_batch_size > MAX_GLOBAL_BATCH_SIZE:
+            raise VlplanError(f"--global-batch-size {global_batch_size} is above the {MAX_GLOBAL_BATCH_SIZE} samples "
+                              "per optimizer step vlplan plans for")
     if what == "micro-batch" and global_batch_size is not None:
         raise VlplanError("--maximize micro-batch keeps the other settings fixed; with --global-batch-size the plan "
                           "already picks the largest micro-batch that fits: drop one of them")
