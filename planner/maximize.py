@@ -146,7 +146,7 @@ def maximize(setup: TrainSetup, what: str, *, margin: float = 0.10, scan=None, p
                           "--image-size or --dataset")
     if scan is not None and scan.model != setup.model.name:
         raise VlplanError(f"the scan counted tokens for {scan.model}, the setup is {setup.model.name}")
-    field_name, key = MAXIMIZABLE[what]
+    key = MAXIMIZABLE[what][1]
     budget = int(setup.gpu.memory_bytes * (1 - margin))
     host_assumed = host_ram_bytes is None
     if host_assumed:
@@ -155,6 +155,7 @@ def maximize(setup: TrainSetup, what: str, *, margin: float = 0.10, scan=None, p
     at = _SetupAt(setup, what, data, images_at_cap, percentile)
     lowest, highest, data_limit = at.range()
     reasons_not: dict[int, str] = {}
+    estimated: dict[int, bool] = {}  # every value tried -> whether it fits
 
     def fits(value: int) -> bool:
         if value in estimated:
@@ -185,11 +186,10 @@ def maximize(setup: TrainSetup, what: str, *, margin: float = 0.10, scan=None, p
         estimated[value] = ok
         return ok
 
-    estimated: dict[int, bool] = {}
     if not fits(lowest):
-        raise VlplanError(f"--maximize {what}: even {key} {lowest} does not fit "
-                          f"({reasons_not.get(lowest, 'over the budget')}); free memory first (`vlplan plan` "
-                          "without --maximize says what would fit)")
+        raise VlplanError(f"--maximize {what}: even {key} {lowest}, the smallest value, does not fit "
+                          f"({reasons_not.get(lowest, 'over the budget')}); `vlplan plan -g N` without --maximize "
+                          "says which settings would")
     # doubling search from the lowest value, then bisection between the last fit and the first misfit
     good, bad = lowest, None
     step = max(lowest, 1)
