@@ -242,3 +242,23 @@ def test_the_plan_states_the_worst_micro_batch_and_the_samples_that_would_crash(
     assert "data: worst micro-batch planned for: sample(s) #" in result.stderr
     assert "LLaMA-Factory's truncation cuts into their image tokens" in result.stderr
 
+
+
+def test_the_docs_worked_example_is_current(tmp_path):
+    """docs/fit-the-data.md shows real output: its --maximize answer and fix are what vlplan computes now."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "fit-the-data.md").read_text()
+    shown = int(re.search(r"largest image_max_pixels that fits: (\d+) \(memory bound\)", doc).group(1))
+    result = runner.invoke(app, ["plan", "--model", "qwen2.5-vl-7b", "--dataset", EXAMPLE, "--train-vision",
+                                 "--gpu-memory-gib", "20", "--maximize", "image-max-pixels", "--export-llamafactory",
+                                 str(tmp_path / "fit.yaml"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["maximize"]["value"] == shown
+    fix = re.search(r"fix: cutoff_len (\d+) \(the longest of them\) or image_max_pixels (\d+)", doc).groups()
+    result = runner.invoke(app, ["plan", "--model", "qwen2.5-vl-7b", "--dataset", EXAMPLE, "--percentile", "50",
+                                 "-g", "4", "--gpu", "a10g-24g", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)["data"]
+    assert data["fix"][:2] == [f"cutoff_len {fix[0]} (the longest of them)", f"image_max_pixels {fix[1]}"]
