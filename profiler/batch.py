@@ -68,7 +68,7 @@ def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
     from vlplan.planner.memory.packing import block_diagonal_mask_modelled
 
     if block_diagonal_mask_modelled(setup):
-        from .batches.packing import packed_attention_mask
+        from .packed_mask import packed_attention_mask
 
         real["attention_mask"] = packed_attention_mask(setup)
     if fake_mode is None:
