@@ -218,6 +218,8 @@ def _setups():
     yield "freeze-packing-pure-bf16", make_setup(llava, method="freeze", freeze_trainable_layers=3, packing=True,
                                                  precision="pure-bf16", optimizer="adafactor", seq_len=4095,
                                                  gradient_checkpointing=False, liger_kernel=True, zero=1)
+    yield "neat-packing", make_setup(qwen, method="lora", packing=True, neat_packing=True, seq_len=4096,
+                                     video_fps=0.5, video_maxlen=64)
     yield "video-and-images", make_setup(qwen, method="lora", images=[(1280, 720), (300, 4000)], video_fps=1.0,
                                          video_maxlen=32, video_max_pixels=128 * 128, image_max_pixels=1003520,
                                          seq_len=8192, attn="eager", optimizer="sgd", max_grad_norm=0.3)
