@@ -26,7 +26,7 @@ SETUP_DEFAULTS = {
     "image_size": None, "image_max_pixels": LF_IMAGE_MAX_PIXELS, "image_min_pixels": LF_IMAGE_MIN_PIXELS,
     "videos": 0, "video_size": None, "video_frames": None, "video_duration": None,
     "video_max_pixels": LF_VIDEO_MAX_PIXELS, "video_min_pixels": LF_VIDEO_MIN_PIXELS, "video_fps": LF_VIDEO_FPS,
-    "video_maxlen": LF_VIDEO_MAXLEN,
+    "video_maxlen": LF_VIDEO_MAXLEN, "packing": False, "neat_packing": False,
     "attn": "sdpa", "gradient_checkpointing": True, "gpu": "h100-80g", "gpu_memory_gib": None, "num_gpus": 1,
     "num_nodes": 1, "zero": 0, "offload": "none", "stack": "vlplan",
     # files
@@ -96,6 +96,8 @@ def _given_choices(options: dict) -> dict:
         else:
             choices.update(num_images=count if count is not None else SETUP_DEFAULTS["images"],
                            image_size=sizes[0] if sizes else None, images=None)
+    if options.get("neat_packing"):
+        choices["packing"] = True  # DataArguments.__post_init__: neat_packing turns packing on
     video_flags = ("videos", "video_size", "video_frames", "video_duration")
     if any(options.get(name) is not None for name in video_flags):
         choices["videos"] = _videos(*(options.get(name) for name in video_flags))

@@ -92,3 +92,17 @@ def test_a_packed_dataset_plans_for_its_heaviest_row():
     assert len(row) > 1 and planned.seq_len == 4096
     assert sorted(planned.images) == sorted(size for i in row for size in sizes[i])
     assert [w for w in warnings if "1 sample longer than cutoff_len - 1" in w]  # sample #4
+
+
+def test_cli_flags():
+    import json
+
+    from typer.testing import CliRunner
+
+    from vlplan.cli.main import app
+
+    result = CliRunner().invoke(app, ["estimate", "-m", "qwen2-vl-2b", "--neat-packing", "--cutoff-len", "4096",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads(result.stdout)["settings"]
+    assert (settings["packing"], settings["neat_packing"], settings["seq_len"]) == (True, True, 4096)

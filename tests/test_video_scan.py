@@ -96,3 +96,15 @@ def test_video_clip_validation():
         Video(64, 64)
     with pytest.raises(VlplanError, match="--video-duration must be positive"):
         Video(64, 64, duration_s=-1.0)
+
+
+def test_cli_video_flags():
+    runner = CliRunner()
+    result = runner.invoke(app, ["estimate", "-m", "qwen2.5-vl-7b", "--videos", "2", "--video-size", "1280x720",
+                                 "--video-duration", "30", "--video-fps", "1", "--seq-len", "8192", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert [v["frames"] for v in out["tokens"]["videos"]] == [30, 30]  # 30 s at 1 fps
+    assert out["settings"]["videos"] == ["1280x720, 30 s"] * 2
+    refused = runner.invoke(app, ["estimate", "-m", "qwen2.5-vl-7b", "--videos", "1"])
+    assert refused.exit_code != 0 and "--video-size" in refused.output

@@ -35,7 +35,10 @@ def estimate_command(setup, resolved, json_: bool = typer.Option(False, "--json"
     if json_:
         print_json({**result.to_dict(), **resolved.json_extras()})
         return
-    if resolved.scan is not None:
+    if resolved.scan is not None and setup.packing:
+        console.print(f"dataset {resolved.scan.path}: {resolved.scan.samples} samples packed into rows of "
+                      f"{setup.seq_len} tokens; planning for the row with the most vision tokens (see the warning)")
+    elif resolved.scan is not None:
         longest = resolved.scan.to_dict()["longest"]
         console.print(f"dataset {resolved.scan.path}: {resolved.scan.samples} samples; planning for sample "
                       f"#{resolved.sample} ({setup.seq_len} tokens; the longest has {longest['total_tokens']})")

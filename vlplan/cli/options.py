@@ -93,6 +93,11 @@ SETUP_OPTIONS = [
     _opt("video_min_pixels", int, "--video-min-pixels", help="LLaMA-Factory pre-resize floor of each video frame."),
     _opt("video_fps", float, "--video-fps", help="LLaMA-Factory frames sampled per second of video."),
     _opt("video_maxlen", int, "--video-maxlen", help="LLaMA-Factory cap on the frames sampled per video."),
+    _opt("packing", bool, "--packing",
+         help="LLaMA-Factory packing: samples packed into rows of --cutoff-len tokens (with --dataset: the row with "
+              "the most vision tokens is planned)."),
+    _opt("neat_packing", bool, "--neat-packing",
+         help="LLaMA-Factory neat_packing: packing with a block-diagonal mask ((batch, 1, seq, seq) for sdpa/eager)."),
     _opt("attn", str, "--attn", help="sdpa | fa2 | eager."),
     _opt("gradient_checkpointing", bool, "--gradient-checkpointing/--no-gradient-checkpointing",
          help="Activation checkpointing (on by default, as LLaMA-Factory)."),
