@@ -18,9 +18,10 @@ from . import overheads
 from .allocator import ReplayResult, replay
 from .sim import recording_allocations
 from .step import PHASES, simulate, simulate_extrapolated, simulation_key
+from .fsdp import fsdp_breakdown, fsdp_states, single_gpu_optimizer_bytes
 from .zero import ddp_bucket_bytes, deepspeed_model_states, reduce_bucket_bytes
 
-PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradients/", "zero", "ddp/")
+PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradients/", "zero", "ddp/")  # fsdp/: buffers
 
 
 @dataclass
@@ -137,8 +138,14 @@ def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments:
     sim = simulate_extrapolated(setup)
     explanations: dict[str, str] = {}
     phases = {}
+    fsdp = None
+    if setup.sharding == "fsdp":  # FSDP2 re-partitions the single-GPU states per phase (fsdp.py)
+        fsdp = fsdp_states(setup, single_gpu_optimizer_bytes(sim.phase_breakdown["optimizer"]))
     for phase in PHASES:
         if phase not in sim.phase_breakdown:
+            continue
+        if fsdp is not None:
+            phases[phase] = fsdp_breakdown(sim.phase_breakdown[phase], phase, fsdp)
             continue
         phases[phase] = _distributed(setup, dict(sim.phase_breakdown[phase]), params, trainable, explanations)
     allocated = {phase: sum(b.values()) for phase, b in phases.items()}
@@ -162,6 +169,8 @@ def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments:
     peak = sum(breakdown.values())
     assert peak == allocated_peak + breakdown["cuda/cublas_workspace"] + reserved + outside
     cpu = _cpu_ram(setup, params, trainable)
+    if fsdp is not None:
+        cpu.update(fsdp.cpu_per_node)
     return Estimate(setup, params, trainable, peak_phase, allocated_peak, peak, breakdown, allocated,
                     sum(cpu.values()), cpu, explanations, allocator)
 
