@@ -37,6 +37,7 @@ from ..modules import (
     LANGUAGE,
     PROJECTOR,
     VISION,
+    _siglip_head,
     mllama_cross_layer_linears,
     mllama_cross_layer_other_params,
     model_inventory,
@@ -48,6 +49,9 @@ from ..modules import (
 from ..setup import Train, TrainSetup
 from .stacks import input_embeddings_hooked
 
+# vision towers whose embeddings module is an FSDP unit of its own, and families whose projector is one
+EMBEDDING_UNIT_ARCHS = ("clip", "siglip")
+PROJECTOR_UNIT_FAMILIES = ("paligemma",)
 COMPUTE_BYTES = {"bf16": 2, "fp16": 2, "pure-bf16": 2, "fp32": 4}
 ADAPTER_BYTES = 4  # peft creates adapters in fp32 (get_peft_model autocast_adapter_dtype=True)
 
@@ -66,6 +70,8 @@ class Unit:
     sharded_grad_bytes: int
     backward: bool
     replicated_bytes: int = 0  # QLoRA quant state: attributes of the 4-bit weights, whole on every GPU
+    component: str = ""
+    params: int = 0
 
 
 def shard_size(setup: TrainSetup) -> int:
@@ -86,7 +92,10 @@ def _quantized_bytes(numel: int, out_features: int, bits: int) -> tuple[int, int
 
 
 def _layer_unit(setup: TrainSetup, name: str, component: str, linears, other_params: int, trainable: bool,
-                backward: bool) -> Unit:
+                backward: bool, gets_gradient: bool = True) -> Unit:
+    """A decoder layer or vision block: its linears (quantized for QLoRA's language model, with LoRA adapters where
+    targeted) and other parameters. `trainable`: the layer trains (method freeze trains the last layers only);
+    `gets_gradient`: the loss reaches it."""
     c = COMPUTE_BYTES[setup.precision]
     mode = setup.trains[component]
     full = mode is Train.FULL and trainable
@@ -121,8 +130,11 @@ def _layer_unit(setup: TrainSetup, name: str, component: str, linears, other_par
     if full:
         trainable_params += other_params
     grad_dtype = ADAPTER_BYTES if mode is Train.LORA else stored_dtype
+    params = sum(linear.params for linear in linears) + other_params
+    if not gets_gradient:
+        trainable_params = 0
     return Unit(name, stored, gathered, trainable_params * param_dtype, trainable_params * param_dtype,
-                trainable_params * grad_dtype, backward, replicated)
+                trainable_params * grad_dtype, backward, replicated, component, params)
 
 
 def _stored_dtype(setup: TrainSetup, trainable: bool) -> int:
@@ -133,15 +145,15 @@ def _stored_dtype(setup: TrainSetup, trainable: bool) -> int:
     return 4 if trainable else COMPUTE_BYTES[setup.precision]
 
 
-def _root_unit(setup: TrainSetup, layers: list[Unit]) -> Unit:
-    """Whatever no decoder layer or vision block holds: embeddings, lm_head and final norm of the language model,
-    the projector, the vision tower's patch embedding, final norms and heads. None of it is quantized (bitsandbytes
-    leaves embeddings and lm_head in the compute dtype) or carries LoRA adapters."""
-    inventories = model_inventory(setup.model)
+def _root_unit(setup: TrainSetup, units: list[Unit]) -> Unit:
+    """Whatever no other unit holds: embeddings, lm_head and final norm of the language model, the projector, the
+    vision tower's patch embedding, final norms and heads (where the model's `_no_split_modules` does not make them
+    units of their own). None of it is quantized (bitsandbytes leaves embeddings and lm_head in the compute dtype) or
+    carries LoRA adapters."""
     c = COMPUTE_BYTES[setup.precision]
     stored = gathered = trainable = grads = 0
-    for component, inv in inventories.items():
-        params = inv.params - _layer_params(setup, component)
+    for component, inv in model_inventory(setup.model).items():
+        params = inv.params - sum(u.params for u in units if u.component == component)
         full = setup.trains[component] is Train.FULL and not (component == LANGUAGE and setup.method == "freeze")
         stored += params * _stored_dtype(setup, full)
         gathered += params * c
@@ -151,33 +163,53 @@ def _root_unit(setup: TrainSetup, layers: list[Unit]) -> Unit:
     return Unit("root", stored, gathered, trainable * c, trainable * c, grads, True)
 
 
-def _layer_params(setup: TrainSetup, component: str) -> int:
-    """Parameters of `component` held by its decoder layers / vision blocks (the units below the root)."""
-    text, vision = setup.model.text, setup.model.vision
-    if component == VISION:
-        if vision is None or not vision.num_layers:
-            return 0
-        return vision.num_layers * (sum(l.params for l in vision_layer_linears(vision))
-                                    + vision_layer_other_params(vision))
-    if component == PROJECTOR:
-        return 0
-    cross = len(text.cross_attention_layers)
-    return ((text.num_layers - cross) * (sum(l.params for l in text_layer_linears(text)) + text_layer_other_params(text))
-            + cross * (sum(l.params for l in mllama_cross_layer_linears(text)) + mllama_cross_layer_other_params(text)))
+def _whole_unit(setup: TrainSetup, name: str, component: str, params: int, backward: bool) -> Unit:
+    """A unit of parameters without linears LoRA targets (vision embeddings, pooling head, projector)."""
+    c = COMPUTE_BYTES[setup.precision]
+    full = setup.trains[component] is Train.FULL
+    trainable = params if full else 0
+    return Unit(name, params * _stored_dtype(setup, full), params * c, trainable * c, trainable * c,
+                trainable * _stored_dtype(setup, True), backward, component=component, params=params)
+
+
+def _embedding_unit_params(vision) -> int:
+    """CLIPVisionEmbeddings / SiglipVisionEmbeddings: a unit of its own (in their models' `_no_split_modules`)."""
+    d, p = vision.hidden_size, vision.patch_size
+    if vision.arch == "clip":
+        return vision.in_channels * p * p * d + d + ((vision.image_size // p) ** 2 + 1) * d
+    return vision.in_channels * p * p * d + d + (vision.image_size // p) ** 2 * d
 
 
 def fsdp_units(setup: TrainSetup) -> list[Unit]:
-    """The FSDP units in forward order: the root (its pre-forward runs first), the vision blocks, then the language
-    model's decoder layers."""
+    """The FSDP units in forward order: the root (its pre-forward runs first), then the vision tower's units
+    (embeddings, blocks, pooling head), the projector where it is a unit, then the language model's decoder layers.
+    The wrap policy is accelerate's TRANSFORMER_BASED_WRAP over the model's `_no_split_modules` (transformers 5.23
+    instances: decoder layers and vision blocks everywhere; CLIPVisionEmbeddings for LLaVA, SiglipVisionEmbeddings
+    and SiglipMultiheadAttentionPoolingHead for Gemma 3 and PaliGemma, PaliGemmaMultiModalProjector)."""
     text, vision = setup.model.text, setup.model.vision
     freeze_from = text.num_layers - setup.freeze_trainable_layers if setup.method == "freeze" else 0
-    # autograd reaches a vision block when the tower trains, or when the stack hooks its input embeddings
+    # autograd reaches a vision unit when the tower trains, or when the stack hooks its input embeddings
     vision_backward = setup.vision is not Train.FROZEN or input_embeddings_hooked(setup)
     units: list[Unit] = []
     if vision is not None and vision.num_layers:
+        if vision.arch in EMBEDDING_UNIT_ARCHS:
+            units.append(_whole_unit(setup, "vision embeddings", VISION, _embedding_unit_params(vision),
+                                     vision_backward))
         block = (vision_layer_linears(vision), vision_layer_other_params(vision))
-        units += [_layer_unit(setup, f"vision block {i}", VISION, *block, True, vision_backward)
-                  for i in range(vision.num_layers)]
+        blocks = vision.num_layers + vision.num_global_layers
+        # LLaVA reads the features of `vision_feature_layer` (-2): the blocks after it run, but the loss never
+        # reaches them (no backward, no gradients; planner/memory/families/llava.py `_clip_selected_index`)
+        used = vision.feature_layers[0] % (blocks + 1) if vision.feature_layers else blocks
+        units += [_layer_unit(setup, f"vision block {i}", VISION, *block, True, vision_backward and i < used,
+                              i < used) for i in range(blocks)]
+        if vision.arch == "siglip" and vision.use_head:
+            head_linears, head_other = _siglip_head(vision)
+            units.append(_whole_unit(setup, "vision head", VISION,
+                                     sum(l.params for l in head_linears) + head_other, vision_backward))
+    if setup.model.family in PROJECTOR_UNIT_FAMILIES:
+        projector = model_inventory(setup.model)[PROJECTOR].params
+        units.append(_whole_unit(setup, "projector", PROJECTOR, projector,
+                                 setup.projector is not Train.FROZEN or vision_backward))
     cross = set(text.cross_attention_layers)
     for i in range(text.num_layers):
         layer = ((mllama_cross_layer_linears(text), mllama_cross_layer_other_params(text)) if i in cross else
@@ -253,9 +285,9 @@ def _backward_walk(units: list[Unit], n: int, reshard: bool, root_early_grad_byt
         if following < len(order) and n > 1:
             prefetched[following] = order[following].gathered_bytes
 
-    def reduce(unit: Unit, unsharded_grads: int) -> None:
+    def reduce(unit: Unit, unsharded_grads: int, early: int = 0) -> None:
         nonlocal unsharded, rs_held, grads
-        note(**{"fsdp/unsharded_gradients": unsharded_grads})
+        note(**{"fsdp/unsharded_gradients": unsharded_grads, EARLY_GRADIENT: early})
         unsharded -= unit.gathered_bytes
         if not unit.grad_bytes:
             return
@@ -270,7 +302,7 @@ def _backward_walk(units: list[Unit], n: int, reshard: bool, root_early_grad_byt
         if not unit.backward:
             continue
         unshard(index, unit)
-        reduce(unit, unit.grad_bytes + root_early_grad_bytes)
+        reduce(unit, unit.grad_bytes, root_early_grad_bytes)
     reduce(root, root.grad_bytes)
     return peak
 
@@ -317,6 +349,9 @@ def fsdp_states(setup: TrainSetup, optimizer_bytes: int) -> FsdpStates:
     return FsdpStates({phase: {k: v for k, v in terms.items() if v} for phase, terms in gpu.items()}, cpu, units)
 
 
+# lm_head's unsharded gradient (an untied lm_head that trains): autograd makes it at the start of backward, before
+# any unit's post-backward; FSDPMemTracker counts it as a temporary until the root's post-backward
+EARLY_GRADIENT = "fsdp/lm_head_unsharded_gradient"
 MODEL_STATE_PREFIXES = ("weights/", "adapters/", "gradients/", "optimizer/")
 REPLICATED_OPTIMIZER_TERMS = ("optimizer/step_counters",)  # a 0-d step tensor per parameter, not sharded
 
