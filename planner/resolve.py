@@ -24,7 +24,7 @@ SETUP_DEFAULTS = {
     "optimizer": "adamw", "seq_len": 2048, "batch_size": 1, "gradient_accumulation_steps": 1, "images": 1,
     "image_size": None, "image_max_pixels": LF_IMAGE_MAX_PIXELS, "image_min_pixels": LF_IMAGE_MIN_PIXELS,
     "attn": "sdpa", "gradient_checkpointing": True, "gpu": "h100-80g", "gpu_memory_gib": None, "num_gpus": 1,
-    "num_nodes": 1, "zero": 0, "offload": "none", "stack": "vlplan",
+    "num_nodes": 1, "zero": 0, "offload": "none", "sharding": "zero", "fsdp": "full_shard", "stack": "vlplan",
     # files
     "from_llamafactory": None, "deepspeed": None, "dataset": None, "percentile": None, "dataset_dir": None,
     "media_dir": None, "dataset_info": None, "tokenizer": None,

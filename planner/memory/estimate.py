@@ -18,7 +18,13 @@ from . import overheads
 from .allocator import ReplayResult, replay
 from .sim import recording_allocations
 from .step import PHASES, simulate, simulate_extrapolated, simulation_key
-from .fsdp import fsdp_breakdown, fsdp_states, single_gpu_optimizer_bytes
+from .fsdp import (
+    fsdp_breakdown,
+    fsdp_states,
+    quant_state_bytes,
+    single_gpu_optimizer_bytes,
+    zero3_partitioned_params,
+)
 from .zero import ddp_bucket_bytes, deepspeed_model_states, reduce_bucket_bytes
 
 PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradients/", "zero", "ddp/")  # fsdp/: buffers
@@ -259,14 +265,18 @@ def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable
         for key in [k for k in breakdown if k.startswith(("optimizer/", "gradients/"))]:
             breakdown.pop(key)
         half = 2 if setup.precision != "fp32" else 4
-        states = deepspeed_model_states(setup, params["total"], trainable["total"], _largest_module_params(setup),
-                                        half)
+        total = params["total"]
+        if setup.method == "qlora" and setup.zero == 3:  # 4-bit weights in half-dtype storage (fsdp.py)
+            total = zero3_partitioned_params(setup, total)
+        states = deepspeed_model_states(setup, total, trainable["total"], _largest_module_params(setup), half)
         if setup.zero == 3 or states.gpu.get("weights/half") is not None:
             for key in [k for k in breakdown if k.startswith(("weights/", "adapters/"))]:
                 breakdown.pop(key)
         for key, value in states.gpu.items():
             breakdown[key] = breakdown.get(key, 0) + value
         breakdown["zero/reduce_bucket"] = reduce_bucket_bytes(setup, half)
+        if setup.method == "qlora" and setup.zero == 3:  # attributes of the 4-bit weights: not partitioned
+            breakdown["weights/quant_state"] = quant_state_bytes(setup)
     elif setup.world_size > 1:
         grads = sum(v for k, v in breakdown.items() if k.startswith("gradients/"))
         if not grads:  # the peak phase may precede gradients; DDP's buckets exist from the start

@@ -368,3 +368,31 @@ def fsdp_breakdown(breakdown: dict[str, int], phase: str, states: FsdpStates) ->
            if not k.startswith(MODEL_STATE_PREFIXES) or k in REPLICATED_OPTIMIZER_TERMS}
     out.update(states.gpu[phase])
     return out
+
+
+# Sharded QLoRA under DeepSpeed ZeRO-3 -------------------------------------------------------------------------------
+
+
+def quantized_linear_params(setup: TrainSetup) -> int:
+    """Parameters of the language model's linears that bitsandbytes quantizes (all but lm_head, which transformers'
+    `get_keys_to_not_convert` leaves in the compute dtype)."""
+    if setup.method != "qlora":
+        return 0
+    return sum(linear.params - linear.out_features * linear.bias
+               for linear in model_inventory(setup.model)[LANGUAGE].linears if linear.lora_all)
+
+
+def zero3_partitioned_params(setup: TrainSetup, total_params: int) -> int:
+    """Elements ZeRO-3 partitions, in the half dtype. A 4-bit weight stored in the compute dtype
+    (`bnb_4bit_quant_storage`, as LLaMA-Factory sets it for ZeRO-3 and FSDP) packs four weights per bf16 element."""
+    quantized = quantized_linear_params(setup)
+    return total_params - quantized + quantized // 4
+
+
+def quant_state_bytes(setup: TrainSetup) -> int:
+    """The 4-bit weights' quant state (absmax, codes): attributes of the weights, whole on every GPU."""
+    if setup.method != "qlora":
+        return 0
+    return sum(linear.count * _quantized_bytes(linear.in_features * linear.out_features, linear.out_features,
+                                               setup.quant_bits)[1]
+               for linear in model_inventory(setup.model)[LANGUAGE].linears if linear.lora_all)

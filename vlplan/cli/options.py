@@ -87,7 +87,15 @@ SETUP_OPTIONS = [
     _opt("num_gpus", int, "--num-gpus", help="GPUs per node."),
     _opt("num_nodes", int, "--num-nodes", help="Nodes."),
     _opt("zero", int, "--zero", help="DeepSpeed ZeRO stage 0-3 (0: plain DDP)."),
-    _opt("offload", str, "--offload", help="none | optimizer | all (DeepSpeed CPU offload)."),
+    _opt("offload", str, "--offload",
+         help="none | optimizer | all: CPU offload (DeepSpeed; with --sharding fsdp only all: FSDP2's "
+              "CPUOffloadPolicy moves parameters, gradients and the optimizer step together)."),
+    _opt("sharding", str, "--sharding",
+         help="zero (DeepSpeed, --zero picks the stage) | fsdp (PyTorch FSDP2 through accelerate, --fsdp picks the "
+              "strategy). vlplan plan also takes auto: the faster of the two that fits."),
+    _opt("fsdp", str, "--fsdp",
+         help="With --sharding fsdp: full_shard | shard_grad_op (reshard_after_forward false) | hybrid_shard (shard "
+              "within a node, replicate across nodes) | no_shard."),
     _opt("stack", str, "--stack",
          help="The training stack that prepares the model: vlplan (vlplan run's own) | llamafactory (implied by "
               "--from-llamafactory) | hf-trainer."),
