@@ -154,14 +154,20 @@ def fsdp_trace(setup: TrainSetup, steps: int = 2) -> FsdpTrace:
             optimizer = build.make_optimizer(model, setup)
         batch = synthetic_batch(replace(setup), model, mode)
         tracker = _tracker_class()(model, optimizer)
+        micro_steps = min(setup.gradient_accumulation_steps, 2)
         with mode, tracker:
             for step in range(steps):
                 last = step == steps - 1
-                tracker.phase = "forward" if last else "idle"
-                loss = model(**batch.tensors)["loss"]
-                tracker.phase = "backward" if last else "idle"
-                loss.backward()
-                del loss
+                for micro in range(micro_steps):
+                    # the HF Trainer's accumulation: accelerate's no_sync until the last micro-step
+                    model.set_requires_gradient_sync(micro == micro_steps - 1)
+                    tracker.phase = "forward" if last else "idle"
+                    loss = model(**batch.tensors)["loss"]
+                    tracker.phase = "backward" if last else "idle"
+                    loss.backward()
+                    del loss
+                    if micro < micro_steps - 1:
+                        tracker.reset_mod_stats()  # module stats cover one forward-backward only
                 tracker.phase = "optimizer" if last else "idle"
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

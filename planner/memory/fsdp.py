@@ -247,7 +247,8 @@ def _forward_walk(units: list[Unit], n: int, reshard: bool) -> tuple[dict[str, i
     return peak, {"fsdp/unsharded_parameters": unsharded, "fsdp/all_gather_buffers": held}
 
 
-def _backward_walk(units: list[Unit], n: int, reshard: bool, root_early_grad_bytes: int) -> dict[str, int]:
+def _backward_walk(units: list[Unit], n: int, reshard: bool, root_early_grad_bytes: int,
+                   accumulated: int = 0) -> dict[str, int]:
     """The largest sum of FSDP buffers and sharded gradients over the backward, unit by unit in reverse post-forward
     order (the root first: its pre-backward runs first, its post-backward last).
 
@@ -257,7 +258,8 @@ def _backward_walk(units: list[Unit], n: int, reshard: bool, root_early_grad_byt
     until the end of backward); the unsharded gradients (param_dtype); at post-backward the unit reshards, the
     previous reduce-scatter input is released (`reduce_scatter_states`, one buffer), the unsharded gradients are
     copied into this unit's reduce-scatter input (reduce_dtype) and freed, and the reduce-scatter output (1/N of it)
-    becomes the sharded gradients (cast to the stored dtype)."""
+    becomes the sharded gradients (cast to the stored dtype). `accumulated`: the unsharded gradients kept from the
+    earlier micro-steps of gradient accumulation (reduced, and freed, unit by unit in the last one)."""
     root, layers = units[0], units[1:]
     order = [root] + layers[::-1]
     unsharded = sum(u.gathered_bytes for u in units) if not reshard else 0
@@ -268,7 +270,8 @@ def _backward_walk(units: list[Unit], n: int, reshard: bool, root_early_grad_byt
     def note(**terms: int) -> None:
         nonlocal peak
         moment = {"fsdp/unsharded_parameters": unsharded, "fsdp/all_gather_buffers": sum(prefetched.values()),
-                  "fsdp/unsharded_gradients": 0, "fsdp/reduce_scatter_buffers": rs_held, "gradients/fsdp_shard": grads}
+                  "fsdp/unsharded_gradients": 0, "fsdp/reduce_scatter_buffers": rs_held, "gradients/fsdp_shard": grads,
+                  ACCUMULATED_GRADIENTS: accumulated}
         for key, value in terms.items():
             moment[key] = moment.get(key, 0) + value
         if sum(moment.values()) > sum(peak.values()):
@@ -286,11 +289,12 @@ def _backward_walk(units: list[Unit], n: int, reshard: bool, root_early_grad_byt
             prefetched[following] = order[following].gathered_bytes
 
     def reduce(unit: Unit, unsharded_grads: int, early: int = 0) -> None:
-        nonlocal unsharded, rs_held, grads
+        nonlocal unsharded, rs_held, grads, accumulated
         note(**{"fsdp/unsharded_gradients": unsharded_grads, EARLY_GRADIENT: early})
         unsharded -= unit.gathered_bytes
         if not unit.grad_bytes:
             return
+        accumulated -= min(accumulated, unit.grad_bytes)  # copied into the reduce-scatter input, then freed
         rs_held = 0
         output = _ceil_div(unit.reduce_bytes, n)
         shard = _ceil_div(unit.sharded_grad_bytes, n)
@@ -335,7 +339,13 @@ def fsdp_states(setup: TrainSetup, optimizer_bytes: int) -> FsdpStates:
     early = 0
     if units[0].grad_bytes and not t.tie_word_embeddings:  # lm_head's gradient exists from the start of backward
         early = t.vocab_size * t.hidden_size * COMPUTE_BYTES[setup.precision]
-    backward = _backward_walk(units, n, reshard, early)
+    # gradient accumulation: the HF Trainer runs the earlier micro-steps under accelerate's no_sync
+    # (`set_requires_gradient_sync(False)`): every unit keeps its unsharded gradients (param_dtype, equal to
+    # reduce_dtype: FSDPParam.to_accumulated_grad_if_needed keeps them) until the last micro-step reduces them
+    accumulated = sum(u.grad_bytes for u in units) if setup.gradient_accumulation_steps > 1 else 0
+    if accumulated:
+        forward[ACCUMULATED_GRADIENTS] = after_forward[ACCUMULATED_GRADIENTS] = accumulated
+    backward = _backward_walk(units, n, reshard, early, accumulated)
     if offload:  # the sharded gradients are copied to the host as each unit's reduce-scatter finishes
         backward["gradients/fsdp_shard"] = 0
     gpu = {"forward": {**persistent, **forward}, "loss": {**persistent, **after_forward},
@@ -352,6 +362,7 @@ def fsdp_states(setup: TrainSetup, optimizer_bytes: int) -> FsdpStates:
 # lm_head's unsharded gradient (an untied lm_head that trains): autograd makes it at the start of backward, before
 # any unit's post-backward; FSDPMemTracker counts it as a temporary until the root's post-backward
 EARLY_GRADIENT = "fsdp/lm_head_unsharded_gradient"
+ACCUMULATED_GRADIENTS = "fsdp/accumulated_unsharded_gradients"
 MODEL_STATE_PREFIXES = ("weights/", "adapters/", "gradients/", "optimizer/")
 REPLICATED_OPTIMIZER_TERMS = ("optimizer/step_counters",)  # a 0-d step tensor per parameter, not sharded
 
@@ -396,3 +407,36 @@ def quant_state_bytes(setup: TrainSetup) -> int:
     return sum(linear.count * _quantized_bytes(linear.in_features * linear.out_features, linear.out_features,
                                                setup.quant_bits)[1]
                for linear in model_inventory(setup.model)[LANGUAGE].linears if linear.lora_all)
+
+
+# Communication (for the step-time model, planner/throughput.py) ----------------------------------------------------
+
+
+def fsdp_communication_bytes(setup: TrainSetup) -> dict[str, float]:
+    """Bytes each GPU sends per optimizer step by collective, before the ring factor, for `throughput.step_time`:
+    - `allgather_parameters`: every unit in param_dtype at each forward, and again in backward for the units that
+      run it unless shard_grad_op keeps them unsharded (FSDPParamGroup.pre_forward / pre_backward);
+    - `reduce_scatter_gradients`: each trainable unit's gradients in reduce_dtype, once per optimizer step (the HF
+      Trainer accumulates under accelerate's no_sync, `set_requires_gradient_sync(False)`, until the last
+      micro-step);
+    - `allreduce_gradients` (hybrid_shard across nodes, no_shard across all GPUs): the reduced gradients (1/N of
+      them for hybrid_shard) all-reduced over the replicas (`foreach_reduce` with `all_reduce_group`);
+    - `offload_parameters` (CPU offload): each all-gather's shard copied host to device, each gradient shard back.
+    Keys map to parts of the step time; a shard group of one GPU all-gathers nothing."""
+    units = fsdp_units(setup)
+    n = shard_size(setup)
+    micro_steps = setup.gradient_accumulation_steps
+    gathered = sum(u.gathered_bytes for u in units)
+    regathered = sum(u.gathered_bytes for u in units if u.backward) if setup.fsdp != "shard_grad_op" else 0
+    reduced = sum(u.reduce_bytes for u in units)
+    out: dict[str, float] = {}
+    if n > 1:
+        out["allgather_parameters"] = micro_steps * (gathered + regathered)
+        out["reduce_scatter_gradients"] = reduced
+    if setup.fsdp in ("hybrid_shard", "no_shard") and setup.world_size > n:
+        out["allreduce_gradients"] = 2 * reduced / n
+    if setup.offload == "all":
+        stored = sum(u.stored_bytes for u in units) / n
+        grads = sum(u.sharded_grad_bytes for u in units) / n
+        out["offload_parameters"] = micro_steps * 2 * stored + grads
+    return out
