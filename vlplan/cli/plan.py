@@ -23,7 +23,7 @@ from .options import errors, setup_command
 from .render import console, gib, print_json, table
 
 
-@setup_command
+@setup_command(auto_sharding=True)
 def plan_command(
     setup,
     resolved,
@@ -46,6 +46,9 @@ def plan_command(
                                                   "DeepSpeed JSON next to it when ZeRO is on)."),
     export_deepspeed: Path = typer.Option(None, "--export-deepspeed", metavar="DS.json",
                                           help="Write the plan's DeepSpeed config (ZeRO stage, offload, buffers)."),
+    export_accelerate: Path = typer.Option(None, "--export-accelerate", metavar="FSDP.yaml",
+                                           help="Write the plan's accelerate config (FSDP2) for `accelerate launch "
+                                                "--config_file` (written next to the YAML when the plan uses FSDP)."),
     export_hf_args: Path = typer.Option(None, "--export-hf-args", metavar="ARGS.json",
                                         help="Write the plan's transformers TrainingArguments as JSON."),
     llamafactory_version: str = typer.Option("latest", "--llamafactory-version",
@@ -82,7 +85,8 @@ def plan_command(
             result = plan(setup, global_batch_size=global_batch_size, margin=margin,
                           num_samples=num_samples or None, epochs=planned_epochs,
                           mfu=None if mfu == 0 else mfu,  # 0: the default by attention kernel
-                          host_ram_bytes=host_bytes, host_ram_source=host_source)
+                          host_ram_bytes=host_bytes, host_ram_source=host_source,
+                          shardings=("zero", "fsdp") if resolved.auto_sharding else None)
         except NothingFits as err:
             if json_:
                 print_json({"fits": False, "error": str(err)})
@@ -90,7 +94,7 @@ def plan_command(
             raise typer.Exit(1) from None
         written, notes = write_exports(result.setup, llamafactory=export_llamafactory, deepspeed=export_deepspeed,
                                        hf_args=export_hf_args, version=llamafactory_version, overwrite=overwrite,
-                                       base=base, epochs=epochs)
+                                       base=base, epochs=epochs, accelerate=export_accelerate)
     for note in notes:
         typer.echo(f"warning: {note}", err=True)
     if confirm:
@@ -124,7 +128,7 @@ def _yaml_epochs(base: dict | None) -> float:
 
 def write_exports(setup, *, llamafactory: Path | None, deepspeed: Path | None, hf_args: Path | None,
                   version: str = "latest", overwrite: bool = False, base: dict | None = None,
-                  epochs: float | None = None) -> tuple[list[Path], list[str]]:
+                  epochs: float | None = None, accelerate: Path | None = None) -> tuple[list[Path], list[str]]:
     """Write the requested config files for `setup`, and return them with notes for the user (placeholders to fill,
     keys of the input YAML the plan removed). The YAML is a complete training file (`training_yaml`: every key of
     `base` the plan does not decide is kept). With ZeRO on, the YAML and the TrainingArguments point at the
@@ -140,10 +144,21 @@ def write_exports(setup, *, llamafactory: Path | None, deepspeed: Path | None, h
     from .outputs import check_output_file
 
     for path, flag in ((llamafactory, "--export-llamafactory"), (deepspeed, "--export-deepspeed"),
-                       (hf_args, "--export-hf-args")):
+                       (hf_args, "--export-hf-args"), (accelerate, "--export-accelerate")):
         if path is not None:
             check_output_file(path, flag)  # a folder, a read-only folder: one line before anything is built
-    uses_deepspeed = setup.zero > 0 or setup.offload != "none"
+    uses_deepspeed = setup.sharding == "zero" and (setup.zero > 0 or setup.offload != "none")
+    if accelerate is not None or (setup.sharding == "fsdp" and llamafactory is not None):
+        from vlplan.planner.io.accelerate import default_accelerate_name, dump_accelerate_config
+
+        acc_path = accelerate or llamafactory.parent / default_accelerate_name(setup)
+        files[acc_path] = dump_accelerate_config(setup)
+        if llamafactory is not None:
+            # LLaMA-Factory's FSDP launch (README "FSDP+QLoRA": accelerate launch --config_file ... src/train.py
+            # train.yaml); from the installed package, llamafactory/launcher.py run as __main__ is that src/train.py
+            # (run_exp() on the YAML; it is what its own torchrun path starts)
+            notes.append(f"launch with: accelerate launch --config_file {acc_path} -m llamafactory.launcher "
+                         f"{llamafactory}")
     ds_path = deepspeed
     if uses_deepspeed and ds_path is None and (llamafactory is not None or hf_args is not None):
         ds_path = (llamafactory or hf_args).parent / default_deepspeed_name(setup)
@@ -194,7 +209,8 @@ def render_plan(result: Plan, explain: bool) -> None:
     d = result.to_dict()
     rows = [["micro-batch per GPU", s.batch_size], ["gradient accumulation", s.gradient_accumulation_steps],
             ["GPUs", f"{s.num_gpus} x {s.num_nodes} node(s) of {s.gpu.name}"],
-            ["global batch", result.global_batch_size], ["ZeRO stage", s.zero], ["offload", s.offload],
+            ["global batch", result.global_batch_size],
+            ["FSDP strategy", s.fsdp] if s.sharding == "fsdp" else ["ZeRO stage", s.zero], ["offload", s.offload],
             ["gradient checkpointing", "on" if s.gradient_checkpointing else "off"], ["attention", s.attn],
             ["peak per GPU", f"{gib(e.peak_bytes)} of {gib(result.capacity_bytes)} ({e.peak_phase})"],
             ["host RAM per node", f"{gib(e.cpu_ram_bytes)} of {gib(result.host_ram_budget_bytes)} "
@@ -204,10 +220,13 @@ def render_plan(result: Plan, explain: bool) -> None:
         rows.append(["time per epoch", f"{d['epoch_time_s'] / 3600:.2f} h"])
         rows.append(["GPU-hours", f"{d['gpu_hours']:.1f}"])
     console.print(table(f"plan for {s.model.name} {s.method}", ["setting", "value"], rows))
-    for reason in result.reasons if explain else result.reasons[:3]:
+    shown = result.reasons if explain else result.reasons[:3] + [r for r in result.reasons[3:]
+                                                                  if r.startswith(("FSDP", "DeepSpeed ZeRO"))]
+    for reason in shown:  # the choice between FSDP and ZeRO (--sharding auto) is always shown
         console.print(f"- {reason}")
     if result.alternatives:
-        alt = [[c.setup.batch_size, c.setup.gradient_accumulation_steps, c.setup.zero, c.setup.offload,
+        alt = [[c.setup.batch_size, c.setup.gradient_accumulation_steps,
+                f"FSDP {c.setup.fsdp}" if c.setup.sharding == "fsdp" else c.setup.zero, c.setup.offload,
                 "on" if c.setup.gradient_checkpointing else "off", gib(c.estimate.peak_bytes),
                 gib(c.estimate.cpu_ram_bytes), f"{c.time.seconds:.2f} s"] for c in result.alternatives]
         console.print(table("runners-up", ["micro", "accum", "ZeRO", "offload", "ckpt", "peak", "host RAM", "step"],
