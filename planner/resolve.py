@@ -169,6 +169,11 @@ def resolve_setup(progress=None, **options) -> ResolvedSetup:
             choices["precision"] = acc.precision
     choices.update(flags)
     _drop_file_lora_settings(choices, flags)
+    if choices.get("sharding") == "fsdp" and {"ds_reduce_bucket_size", "ds_overlap_comm"} & set(choices):
+        # a DeepSpeed file read before a flag switched to FSDP: its bucket settings have no FSDP meaning
+        choices.pop("ds_reduce_bucket_size", None)
+        choices.pop("ds_overlap_comm", None)
+        resolved.warnings.append("--sharding fsdp: the DeepSpeed config's settings (reduce buckets) are not used")
     if not choices.get("model"):
         raise VlplanError("no model: pass --model NAME (see `vlplan models`) or --from-llamafactory with "
                           "model_name_or_path")
