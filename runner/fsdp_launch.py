@@ -1,4 +1,4 @@
-"""Launching an FSDP setup: `accelerate launch --config_file <output>/accelerate_fsdp2.yaml -m vlplan.cli.run`.
+"""Launching an FSDP setup: `accelerate launch --config_file <output>/accelerate_fsdp2.yaml -m <the worker module>`.
 
 The config is planner/io/accelerate.py's (FSDP version 2, the plan's strategy, offload and mesh), the file LLaMA-Factory
 users pass to `accelerate launch` too. accelerate exports it to each rank as FSDP_* variables; the HF Trainer's

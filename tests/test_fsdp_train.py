@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from vlplan.cli.main import app
+from vlplan.runner.launch import WORKER_MODULE
 
 WORKER = r'''
 import json, os, sys
@@ -112,7 +113,7 @@ def test_dry_run_launches_fsdp_through_accelerate(tmp_path):
     assert result.exit_code == 0, result.output
     launch = json.loads(result.stdout)
     command = launch["command"]
-    assert launch["launcher"] == "accelerate" and command[-2:] == ["-m", "vlplan.cli.run"]
+    assert launch["launcher"] == "accelerate" and command[-2:] == ["-m", WORKER_MODULE]
     assert command[command.index("--config_file") + 1] == str(out / "accelerate_fsdp2.yaml")
     config = launch["configs"]["accelerate"]
     assert config["distributed_type"] == "FSDP" and config["num_processes"] == 4

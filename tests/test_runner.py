@@ -27,7 +27,7 @@ from vlplan.planner.registry import resolve  # noqa: E402
 from vlplan.planner.setup import make_setup  # noqa: E402
 from vlplan.runner import train as train_module  # noqa: E402
 from vlplan.runner.tiny import write_tiny_model  # noqa: E402
-from vlplan.runner.oom import next_setup, oom_report  # noqa: E402
+from vlplan.planner.oom import next_setup, oom_report  # noqa: E402
 
 runner = CliRunner()
 CLI = [sys.executable, "-m", "vlplan.cli.main"]
@@ -272,7 +272,7 @@ def test_dry_run_of_zero3_on_four_gpus(env, tmp_path):
     launch = json.loads(result.stdout)
     command = launch["command"]
     assert os.path.basename(command[0]) == "torchrun" or command[1:3] == ["-m", "torch.distributed.run"]
-    assert command[command.index("--nproc_per_node") + 1] == "4" and command[-2:] == ["-m", "vlplan.cli.run"]
+    assert command[command.index("--nproc_per_node") + 1] == "4" and command[-2:] == ["-m", "vlplan.runner.worker"]
     assert launch["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     job = json.loads(launch["env"]["VLPLAN_JOB"])
     assert job["settings"]["zero"] == 3 and job["options"]["output_dir"] == str(out)
@@ -299,7 +299,7 @@ def test_dry_run_of_zero3_on_four_gpus(env, tmp_path):
     result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, "--num-gpus", 4,
                      "--zero", 3, "--seq-len", 256, "--dry-run", "--json", "--launcher", "deepspeed")
     command = json.loads(result.stdout)["command"]
-    assert command[command.index("--num_gpus") + 1] == "4" and command[-2:] == ["--module", "vlplan.cli.run"]
+    assert command[command.index("--num_gpus") + 1] == "4" and command[-2:] == ["--module", "vlplan.runner.worker"]
     assert "--no_local_rank" in command
 
 

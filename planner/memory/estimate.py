@@ -31,13 +31,6 @@ PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradie
 
 
 @dataclass
-class Term:
-    name: str
-    bytes: int
-    explanation: str = ""
-
-
-@dataclass
 class Estimate:
     setup: TrainSetup
     params: dict[str, int]
@@ -49,7 +42,6 @@ class Estimate:
     phase_allocated_bytes: dict[str, int]
     cpu_ram_bytes: int
     cpu_breakdown_bytes: dict[str, int]
-    explanations: dict[str, str] = field(default_factory=dict)
     allocator: dict = field(default_factory=dict)  # the caching-allocator replay behind cuda/allocator_reserve
 
     @property
@@ -142,7 +134,6 @@ def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments:
         raise VlplanError("expandable segments change only the caching-allocator replay; add --reserve replay")
     params, trainable = param_summary(setup)
     sim = simulate_extrapolated(setup)
-    explanations: dict[str, str] = {}
     phases = {}
     fsdp = None
     if setup.sharding == "fsdp":  # FSDP2 re-partitions the single-GPU states per phase (fsdp.py)
@@ -153,7 +144,7 @@ def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments:
         if fsdp is not None:
             phases[phase] = fsdp_breakdown(sim.phase_breakdown[phase], phase, fsdp)
             continue
-        phases[phase] = _distributed(setup, dict(sim.phase_breakdown[phase]), params, trainable, explanations)
+        phases[phase] = _distributed(setup, dict(sim.phase_breakdown[phase]), params, trainable)
     allocated = {phase: sum(b.values()) for phase, b in phases.items()}
     peak_phase = max(allocated, key=allocated.get)
     breakdown = dict(phases[peak_phase])
@@ -178,7 +169,7 @@ def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments:
     if fsdp is not None:
         cpu.update(fsdp.cpu_per_node)
     return Estimate(setup, params, trainable, peak_phase, allocated_peak, peak, breakdown, allocated,
-                    sum(cpu.values()), cpu, explanations, allocator)
+                    sum(cpu.values()), cpu, allocator)
 
 
 # Reserved memory: the caching-allocator replay -----------------------------------------------------------------------
@@ -259,7 +250,7 @@ def _reserved(setup: TrainSetup, allocated_peak: int, outside: int, expandable_s
     return result.reserved_peak_bytes - live_peak + cublas_reserved - cublas, info
 
 
-def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable, explanations) -> dict[str, int]:
+def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable) -> dict[str, int]:
     """Replace the single-GPU model states of the simulation by their DDP / ZeRO per-GPU form."""
     if setup.zero:
         for key in [k for k in breakdown if k.startswith(("optimizer/", "gradients/"))]:

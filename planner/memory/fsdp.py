@@ -198,7 +198,7 @@ def fsdp_units(setup: TrainSetup) -> list[Unit]:
         block = (vision_layer_linears(vision), vision_layer_other_params(vision))
         blocks = vision.num_layers + vision.num_global_layers
         # LLaVA reads the features of `vision_feature_layer` (-2): the blocks after it run, but the loss never
-        # reaches them (no backward, no gradients; planner/memory/families/llava.py `_clip_selected_index`)
+        # reaches them (no backward, no gradients; planner/families/llava/memory.py `_clip_selected_index`)
         used = vision.feature_layers[0] % (blocks + 1) if vision.feature_layers else blocks
         units += [_layer_unit(setup, f"vision block {i}", VISION, *block, True, vision_backward and i < used,
                               i < used) for i in range(blocks)]
