@@ -50,6 +50,10 @@ def write_exports(setup, *, llamafactory: Path | None, deepspeed: Path | None, h
             # (run_exp() on the YAML; it is what its own torchrun path starts)
             notes.append(f"launch with: accelerate launch --config_file {acc_path} -m llamafactory.launcher "
                          f"{llamafactory}")
+    if hf_args is not None and setup.sharding == "fsdp":
+        notes.append(f"{hf_args}: the TrainingArguments carry no FSDP settings; launch with `accelerate launch "
+                     "--config_file` and the plan's accelerate config (--export-accelerate), which sets FSDP for the "
+                     "Trainer's accelerator")
     ds_path = deepspeed
     if uses_deepspeed and ds_path is None and (llamafactory is not None or hf_args is not None):
         ds_path = (llamafactory or hf_args).parent / default_deepspeed_name(setup)
