@@ -19,6 +19,7 @@ from .allocator import ReplayResult, replay
 from .sim import recording_allocations
 from .step import PHASES, simulate, simulate_extrapolated, simulation_key
 from .fsdp import (
+    activation_setup,
     fsdp_breakdown,
     fsdp_states,
     quant_state_bytes,
@@ -137,7 +138,9 @@ def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments:
     phases = {}
     fsdp = None
     if setup.sharding == "fsdp":  # FSDP2 re-partitions the single-GPU states per phase (fsdp.py)
-        fsdp = fsdp_states(setup, single_gpu_optimizer_bytes(sim.phase_breakdown["optimizer"]))
+        single = sim.phase_breakdown["optimizer"]
+        fsdp = fsdp_states(setup, single_gpu_optimizer_bytes(single), single.get("optimizer/step_counters", 0))
+        sim = simulate_extrapolated(activation_setup(setup))
     for phase in PHASES:
         if phase not in sim.phase_breakdown:
             continue

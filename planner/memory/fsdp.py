@@ -31,7 +31,7 @@ fake tensors (profiler/fsdp_trace.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..modules import (
     LANGUAGE,
@@ -321,9 +321,10 @@ class FsdpStates:
     units: list[Unit]
 
 
-def fsdp_states(setup: TrainSetup, optimizer_bytes: int) -> FsdpStates:
+def fsdp_states(setup: TrainSetup, optimizer_bytes: int, step_counter_bytes: int = 0) -> FsdpStates:
     """The FSDP terms of each phase for `setup`; `optimizer_bytes`: the single-GPU optimizer states (the simulation's,
-    of the trainable parameters), sharded like the parameters they belong to."""
+    of the trainable parameters), sharded like the parameters they belong to; `step_counter_bytes`: fused AdamW's
+    0-d step tensors, one per parameter on every GPU (with `--offload all` on the host)."""
     n = shard_size(setup)
     units = fsdp_units(setup)
     reshard = setup.fsdp != "shard_grad_op"
@@ -333,7 +334,8 @@ def fsdp_states(setup: TrainSetup, optimizer_bytes: int) -> FsdpStates:
     optimizer = _ceil_div(optimizer_bytes, n)
     replicated = sum(u.replicated_bytes for u in units)
     persistent = {"weights/fsdp_shard": 0 if offload else params, "weights/quant_state": replicated,
-                  "optimizer/fsdp_shard": 0 if offload else optimizer}
+                  "optimizer/fsdp_shard": 0 if offload else optimizer,
+                  "optimizer/step_counters": 0 if offload else step_counter_bytes}
     forward, after_forward = _forward_walk(units, n, reshard)
     t = setup.model.text
     early = 0
@@ -363,6 +365,17 @@ def fsdp_states(setup: TrainSetup, optimizer_bytes: int) -> FsdpStates:
 # any unit's post-backward; FSDPMemTracker counts it as a temporary until the root's post-backward
 EARLY_GRADIENT = "fsdp/lm_head_unsharded_gradient"
 ACCUMULATED_GRADIENTS = "fsdp/accumulated_unsharded_gradients"
+def activation_setup(setup: TrainSetup) -> TrainSetup:
+    """The single-GPU setup whose simulated activations an FSDP step has. Under mixed precision the units compute
+    with parameters all-gathered in param_dtype (MixedPrecisionPolicy), so autocast finds half-precision weights and
+    keeps no fp32-to-half weight copies, and gradients come out in the half dtype: the step of a module cast to the
+    compute dtype, which the simulation runs for DeepSpeed (ZeRO casts the module; step.py). Without autocast (fp32,
+    pure bf16) the parameters already are in the compute dtype."""
+    if setup.precision not in ("bf16", "fp16"):
+        return setup
+    return replace(setup, sharding="zero", fsdp="full_shard", zero=3, offload="none")
+
+
 MODEL_STATE_PREFIXES = ("weights/", "adapters/", "gradients/", "optimizer/")
 REPLICATED_OPTIMIZER_TERMS = ("optimizer/step_counters",)  # a 0-d step tensor per parameter, not sharded
 
@@ -374,9 +387,9 @@ def single_gpu_optimizer_bytes(breakdown: dict[str, int]) -> int:
 
 
 def fsdp_breakdown(breakdown: dict[str, int], phase: str, states: FsdpStates) -> dict[str, int]:
-    """One phase of the single-GPU simulation with its model states replaced by the FSDP terms of one GPU."""
-    out = {k: v for k, v in breakdown.items()
-           if not k.startswith(MODEL_STATE_PREFIXES) or k in REPLICATED_OPTIMIZER_TERMS}
+    """One phase of the simulation (of `activation_setup`) with its model states replaced by the FSDP terms of one
+    GPU."""
+    out = {k: v for k, v in breakdown.items() if not k.startswith(MODEL_STATE_PREFIXES)}
     out.update(states.gpu[phase])
     return out
 
