@@ -118,16 +118,17 @@ def _divisors(n: int) -> list[int]:
     return small + large[::-1]
 
 
-def _strategies(setup: TrainSetup, shardings: tuple[str, ...] | None = None) -> list[dict]:
+def _sharding_options(setup: TrainSetup, shardings: tuple[str, ...] | None = None) -> list[dict]:
     """The sharding settings (TrainSetup changes) the frameworks accept for this setup: DeepSpeed's (ZeRO stage,
     offload) pairs and FSDP's (strategy, offload), of the `shardings` asked for (default: the setup's own)."""
     shardings = shardings or (setup.sharding,)
     out: list[dict] = []
     if "zero" in shardings:
         extra = {} if setup.sharding == "zero" else {"sharding": "zero", "fsdp": "full_shard"}
-        out += [dict(extra, zero=zero, offload=offload) for zero, offload in _zero_strategies(setup)]
+        out += [dict(extra, zero=zero, offload=offload) for zero, offload in _strategies(setup)]
     if "fsdp" in shardings:
-        out += [dict(sharding="fsdp", zero=0, fsdp=fsdp, offload=offload) for fsdp, offload in _fsdp_strategies(setup)]
+        out += [dict(sharding="fsdp", zero=0, fsdp=fsdp, offload=offload)
+                for fsdp, offload in _fsdp_strategies(setup)]
     return out
 
 
@@ -147,9 +148,9 @@ def _fsdp_strategies(setup: TrainSetup) -> list[tuple[str, str]]:
     return pairs
 
 
-def _zero_strategies(setup: TrainSetup) -> list[tuple[int, str]]:
+def _strategies(setup: TrainSetup) -> list[tuple[int, str]]:
     """(ZeRO stage, offload) pairs DeepSpeed accepts for this setup (QLoRA with ZeRO-3: 4-bit weights stored in the
-    compute dtype, as LLaMA-Factory sets bnb_4bit_quant_storage; not with offload)."""
+    compute dtype, as LLaMA-Factory sets bnb_4bit_quant_storage; not with offload). `_sharding_options` adds FSDP's."""
     pairs = [(0, "none")]
     multi = setup.world_size > 1
     for zero in (1, 2, 3):
@@ -213,7 +214,7 @@ def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num
     explored = 0
     for attn in attns:
         for gc in checkpointing:
-            for sharding in _strategies(setup, shardings):
+            for sharding in _sharding_options(setup, shardings):
                 micro, tried = _largest_micro(setup, per_rank, budget, host.bytes, attn=attn,
                                               gradient_checkpointing=gc, **sharding)
                 explored += tried
@@ -405,7 +406,7 @@ def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_ran
     """Why nothing fits (the smallest peak found, or the host RAM when a setting fits the GPUs but not the host) and
     which changes would fit."""
     smallest = host_limited = None
-    for sharding in _strategies(setup, shardings):
+    for sharding in _sharding_options(setup, shardings):
         try:
             e = _cached_estimate(replace(setup, batch_size=1, gradient_accumulation_steps=per_rank,
                                          gradient_checkpointing=True, **sharding))

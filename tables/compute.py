@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from ..planner.errors import VlplanError
 from ..planner.hardware import GPU
 from ..planner.memory.estimate import Estimate, estimate
-from ..planner.plan import _zero_strategies
+from ..planner.plan import _strategies
 from ..planner.registry import resolve
 from ..planner.setup import ATTENTIONS, TrainSetup, make_setup
 from ..planner.tokens import LF_IMAGE_MAX_PIXELS
@@ -193,7 +193,7 @@ def _fewest_gpus(setup: TrainSetup, budget: int, offload: bool) -> tuple[int | N
             sized = replace(setup, num_gpus=per_node, num_nodes=count // per_node)
         except VlplanError:
             continue
-        for zero, where in _zero_strategies(sized):
+        for zero, where in _strategies(sized):
             if (where != "none") != offload:
                 continue
             try:

@@ -25,8 +25,14 @@ from .render import console, gib, gib_or_dash, print_json, table
 def plan_command(
     setup,
     resolved,
-    global_batch_size: int = typer.Option(..., "--global-batch-size", "-g",
-                                          help="Samples per optimizer step over all GPUs."),
+    global_batch_size: int = typer.Option(None, "--global-batch-size", "-g",
+                                          help="Samples per optimizer step over all GPUs (required unless "
+                                               "--maximize keeps the batch settings fixed)."),
+    maximize: str = typer.Option(None, "--maximize", metavar="SETTING",
+                                 help="image-max-pixels | cutoff-len | micro-batch: the largest value whose estimate "
+                                      "fits the budget with the margin (exact bisection), the other settings fixed "
+                                      "as given, or planned with --global-batch-size; with --dataset, what it costs "
+                                      "the data (images resized, samples cut)."),
     margin: float = typer.Option(0.10, "--margin", help="Keep the estimated peak below capacity x (1 - margin)."),
     num_samples: int = typer.Option(0, "--num-samples", help="Dataset size, for time per epoch and GPU-hours."),
     epochs: float = typer.Option(None, "--epochs", help="Epochs, for GPU-hours and the exported YAML's "
@@ -76,16 +82,31 @@ def plan_command(
         setup = replace(setup, stack="llamafactory")
         typer.echo("warning: planning for LLaMA-Factory's stack, which trains the exported YAML (--stack vlplan to "
                    "plan for vlplan run)", err=True)
+    maximized = statement = None
     with errors():
         base = _input_yaml(resolved)
         host_bytes, host_source = host_ram_budget(setup, host_ram_gib)
         planned_epochs = epochs if epochs is not None else yaml_epochs(base)
+        if global_batch_size is None and maximize is None:
+            raise VlplanError("--global-batch-size is required (the samples per optimizer step over all GPUs), "
+                              "unless --maximize searches one setting with the others fixed")
         try:
-            result = plan(setup, global_batch_size=global_batch_size, margin=margin,
-                          num_samples=num_samples or None, epochs=planned_epochs,
-                          mfu=None if mfu == 0 else mfu,  # 0: the default by attention kernel
-                          host_ram_bytes=host_bytes, host_ram_source=host_source,
-                          shardings=("zero", "fsdp") if resolved.auto_sharding else None)
+            if maximize is not None:  # inverse planning (planner/maximize.py)
+                from vlplan.planner.maximize import maximize as maximize_setting, maximized_plan
+
+                maximized = maximize_setting(
+                    setup, maximize, margin=margin, scan=resolved.scan, percentile=resolved.percentile,
+                    global_batch_size=global_batch_size,
+                    images_at_cap=resolved.scan is None and "image_size" not in resolved.typed,
+                    host_ram_bytes=host_bytes, host_ram_source=host_source, mfu=None if mfu == 0 else mfu)
+                result = maximized_plan(maximized, num_samples=num_samples or None, epochs=planned_epochs,
+                                        mfu=None if mfu == 0 else mfu)
+            else:
+                result = plan(setup, global_batch_size=global_batch_size, margin=margin,
+                              num_samples=num_samples or None, epochs=planned_epochs,
+                              mfu=None if mfu == 0 else mfu,  # 0: the default by attention kernel
+                              host_ram_bytes=host_bytes, host_ram_source=host_source,
+                              shardings=("zero", "fsdp") if resolved.auto_sharding else None)
         except NothingFits as err:
             if json_:
                 print_json({"fits": False, "error": str(err)})
@@ -94,16 +115,35 @@ def plan_command(
         written, notes = write_exports(result.setup, llamafactory=export_llamafactory, deepspeed=export_deepspeed,
                                        hf_args=export_hf_args, version=llamafactory_version, overwrite=overwrite,
                                        base=base, epochs=epochs, accelerate=export_accelerate)
+        if resolved.scan is not None:  # the plan against the data's distribution (planner/fit.py)
+            from vlplan.planner.fit import data_statement
+
+            statement = data_statement(result.setup, resolved.scan,
+                                       int(result.capacity_bytes * (1 - result.margin)))
     for note in notes:
         typer.echo(f"warning: {note}", err=True)
+    extras = {}
+    if maximized is not None:
+        extras["maximize"] = maximized.to_dict()
+    if statement is not None:
+        extras["data"] = statement
+        if not json_:
+            for line in statement["notes"]:
+                typer.echo(f"data: {line}", err=True)
+            for line in statement["warnings"]:
+                typer.echo(f"warning: {line}", err=True)
     if confirm:
         confirm_and_render(result, explain, confirm_backend, json_,
-                           {**resolved.json_extras(), "exported": [str(p) for p in written]}, written)
+                           {**resolved.json_extras(), **extras, "exported": [str(p) for p in written]}, written)
         return
     if json_:
-        print_json({**result.to_dict(), **resolved.json_extras(), "exported": [str(p) for p in written]})
+        print_json({**result.to_dict(), **resolved.json_extras(), **extras, "exported": [str(p) for p in written]})
         return
     render_plan(result, explain)
+    if maximized is not None:
+        console.print(f"largest {maximized.key} that fits: {maximized.value} ({maximized.bound} bound)")
+        for reason in maximized.reasons:
+            console.print(f"- {reason}")
     for path in written:
         console.print(f"wrote {path}")
 
