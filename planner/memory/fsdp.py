@@ -238,7 +238,8 @@ def _forward_walk(units: list[Unit], n: int, reshard: bool) -> tuple[dict[str, i
     peak: dict[str, int] = {}
     for index, unit in enumerate(units):
         gather = unit.gathered_bytes if n > 1 else 0
-        moment = {"fsdp/unsharded_parameters": unsharded + unit.gathered_bytes, "fsdp/all_gather_buffers": held + gather}
+        moment = {"fsdp/unsharded_parameters": unsharded + unit.gathered_bytes,
+                  "fsdp/all_gather_buffers": held + gather}
         if sum(moment.values()) > sum(peak.values()):
             peak = moment
         held, unsharded = gather, unsharded + unit.gathered_bytes
