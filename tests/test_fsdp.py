@@ -157,3 +157,25 @@ def test_refused(kw, match):
 def test_zero_setups_describe_as_before():
     assert "sharding" not in _setup().describe()
     assert _setup(sharding="fsdp", num_gpus=2).describe()["fsdp"] == "full_shard"
+
+
+def test_communication_volume():
+    """Per micro-step FSDP all-gathers every unit in forward and again in backward (not with shard_grad_op), and
+    reduce-scatters the gradients once per step; hybrid_shard adds the replicas' all-reduce."""
+    from vlplan.planner.memory.fsdp import fsdp_communication_bytes
+    from vlplan.planner.throughput import step_time
+
+    full = _setup(method="full", num_gpus=8, sharding="fsdp", gradient_accumulation_steps=2)
+    units = fsdp_units(full)
+    gathered = sum(u.gathered_bytes for u in units)
+    again = sum(u.gathered_bytes for u in units if u.backward)
+    volume = fsdp_communication_bytes(full)
+    assert volume["allgather_parameters"] == 2 * (gathered + again)
+    assert volume["reduce_scatter_gradients"] == sum(u.reduce_bytes for u in units)
+    grad_op = fsdp_communication_bytes(_setup(method="full", num_gpus=8, sharding="fsdp", fsdp="shard_grad_op"))
+    assert grad_op["allgather_parameters"] == gathered
+    hybrid = _setup(method="full", num_gpus=8, num_nodes=2, sharding="fsdp", fsdp="hybrid_shard")
+    parts = step_time(hybrid).parts
+    assert parts["allreduce_gradients"] > 0 and "allreduce_gradients" not in step_time(full).parts
+    offload = step_time(_setup(method="full", num_gpus=8, sharding="fsdp", offload="all")).parts
+    assert offload["offload_parameters"] > 0 and offload["cpu_adam"] > 0
