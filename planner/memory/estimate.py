@@ -23,6 +23,8 @@ from .fsdp import (
     fsdp_breakdown,
     fsdp_states,
     quant_state_bytes,
+    quantized_linear_params,
+    quantized_weight_bytes,
     single_gpu_optimizer_bytes,
     zero3_partitioned_params,
 )
@@ -262,15 +264,22 @@ def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable
         total = params["total"]
         if setup.method == "qlora" and setup.zero == 3:  # 4-bit weights in half-dtype storage (fsdp.py)
             total = zero3_partitioned_params(setup, total)
+        elif setup.method == "qlora":  # ZeRO-1/2 leave the quantized weights packed; the rest in the half dtype
+            total -= quantized_linear_params(setup)
         states = deepspeed_model_states(setup, total, trainable["total"], _largest_module_params(setup), half)
         if setup.zero == 3 or states.gpu.get("weights/half") is not None:
-            for key in [k for k in breakdown if k.startswith(("weights/", "adapters/"))]:
+            # ZeRO-1/2 replace the base weights by their half-dtype copy; the simulation already holds the LoRA
+            # adapters in the half dtype under ZeRO (blocks.py), and `params` counts the base model only
+            replaced = ("weights/", "adapters/") if setup.zero == 3 else ("weights/",)
+            for key in [k for k in breakdown if k.startswith(replaced)]:
                 breakdown.pop(key)
         for key, value in states.gpu.items():
             breakdown[key] = breakdown.get(key, 0) + value
         breakdown["zero/reduce_bucket"] = reduce_bucket_bytes(setup, half)
         if setup.method == "qlora" and setup.zero == 3:  # attributes of the 4-bit weights: not partitioned
             breakdown["weights/quant_state"] = quant_state_bytes(setup)
+        elif setup.method == "qlora":
+            breakdown["weights/quantized"] = quantized_weight_bytes(setup)
     elif setup.world_size > 1:
         grads = sum(v for k, v in breakdown.items() if k.startswith("gradients/"))
         if not grads:  # the peak phase may precede gradients; DDP's buckets exist from the start
