@@ -123,7 +123,8 @@ def test_too_short_a_sequence_suggests_an_image_max_pixels_that_fits_or_says_non
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("stage", [1, 2])
 def test_qlora_zero12_keeps_the_quantized_weights_packed(bits, stage):
-    """ZeRO-1/2 cast the module with `module.bfloat16()`, which leaves bitsandbytes' uint8/int8 weights packed: the
+    """ZeRO-1/2 cast floating-point parameters only (DeepSpeedEngine._cast_module_mixed_precision), which leaves
+    bitsandbytes' uint8/int8 weights packed: the
     per-GPU weights are those of the single-GPU model (built by the simulation, blocks.py `_quantized`) with every
     floating-point parameter and adapter in bf16, not the whole model in bf16 (which made QLoRA + ZeRO-2 of a 7B
     model cost as much as LoRA). The oracle is the simulation's own parameter list at zero=stage."""

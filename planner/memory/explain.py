@@ -27,8 +27,8 @@ _TERMS = {
     "weights/fsdp_shard": "FSDP2: this rank's shard of every parameter as stored (trainable ones fp32 under mixed "
                           "precision, accelerate fsdp2_prepare_model; frozen ones in the compute dtype) / shard group",
     "weights/quantized": "QLoRA under ZeRO-1/2: the bitsandbytes weights packed (4-bit two a byte, 8-bit one) with their quant "
-                         "state; DeepSpeed casts floating-point tensors to the half dtype, not these (engine.py "
-                         "_configure_distributed_model)",
+                         "state; DeepSpeed casts floating-point parameters to the half dtype, not these (engine.py "
+                         "_cast_module_mixed_precision)",
     "weights/quant_state": "QLoRA sharded: the 4-bit weights' absmax and code tables, attributes of the weights, "
                            "whole on every GPU",
     "optimizer/fsdp_shard": "FSDP2: the optimizer states of this rank's parameter shards (AdamW: 2 x stored dtype)",

@@ -416,8 +416,9 @@ def zero3_partitioned_params(setup: TrainSetup, total_params: int) -> int:
 
 def quantized_weight_bytes(setup: TrainSetup) -> int:
     """QLoRA's bitsandbytes weights as stored outside ZeRO-3 and FSDP: packed (uint8 for 4-bit, int8 for 8-bit) with
-    their quant state. ZeRO-1/2 cast the module to the half dtype (DeepSpeedEngine._configure_distributed_model:
-    `module.bfloat16()`), which converts floating-point tensors only, so these stay as they are."""
+    their quant state. ZeRO-1/2 cast the parameters to the half dtype (DeepSpeedEngine
+    `_cast_module_mixed_precision`: only dtypes in CASTABLE_DTYPES, the floating-point ones), so these stay as they
+    are."""
     if setup.method != "qlora":
         return 0
     return sum(linear.count * sum(_quantized_bytes(linear.in_features * linear.out_features, linear.out_features,
