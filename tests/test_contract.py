@@ -71,6 +71,8 @@ CASES = {
     "ds_reduce_bucket_size": (dict(FULL, zero=2, num_gpus=2), dict(FULL, zero=2, num_gpus=2,
                                                                      ds_reduce_bucket_size=10 ** 9)),
     "ds_overlap_comm": (dict(FULL, zero=2, num_gpus=2), dict(FULL, zero=2, num_gpus=2, ds_overlap_comm=True)),
+    "sharding": (dict(FULL, num_gpus=2), dict(FULL, num_gpus=2, sharding="fsdp")),
+    "fsdp": (dict(FULL, num_gpus=2, sharding="fsdp"), dict(FULL, num_gpus=2, sharding="fsdp", fsdp="shard_grad_op")),
 }
 # fields listed as without effect or not modelled: a setting where it is set, to check it changes nothing
 QUIET_CASES = {

@@ -61,6 +61,11 @@ CASES = {
     "zero": ({"deepspeed": "DS", "finetuning_type": "full"}, ["--zero", "0", "--offload", "none"], {"zero": 0}),
     "offload": ({"deepspeed": "DS", "finetuning_type": "full"}, ["--offload", "none"],
                 {"offload": "none", "zero": 3}),
+    "sharding": ({"deepspeed": "DS", "finetuning_type": "full"},
+                 ["--sharding", "fsdp", "--zero", "0", "--offload", "none", "--num-gpus", "2"],
+                 {"sharding": "fsdp", "zero": 0}),
+    "fsdp": ({"fsdp": "full_shard auto_wrap", "finetuning_type": "full"}, ["--fsdp", "shard_grad_op"],
+             {"sharding": "fsdp", "fsdp": "shard_grad_op"}),
     "stack": ({}, ["--stack", "vlplan"], {"stack": "vlplan"}),
 }
 # the opposite of each flag's default, where the default itself is typed above
