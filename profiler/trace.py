@@ -25,7 +25,7 @@ import torch
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
 
-from . import build, cuda_autocast, emulate
+from . import build, cuda_autocast, emulate, liger_emulate
 from .batch import synthetic_batch
 from .memtrack import MemoryTracker, Snapshot, track_modules
 
@@ -62,6 +62,7 @@ class TraceResult:
     layers_traced: list[dict[str, int]] = field(default_factory=list)
     extrapolated: bool = False
     seconds: float = 0.0
+    emulated: list[str] = field(default_factory=list)  # kernels that ran as CPU emulations (besides CUDA's own)
 
     @classmethod
     def from_snapshots(cls, setup, phases: dict[str, Snapshot], layers_traced, extrapolated, seconds):
@@ -79,7 +80,8 @@ class TraceResult:
         for key, value in snap.by_category.items():
             by_category[key.split("/")[0]] = by_category.get(key.split("/")[0], 0) + value
         return cls(setup, snap.total_bytes, sum(breakdown.values()), peak_phase, breakdown, by_category,
-                   dict(snap.by_module), allocated, layers_traced, extrapolated, seconds)
+                   dict(snap.by_module), allocated, layers_traced, extrapolated, seconds,
+                   liger_emulate.emulated_kernels(setup))
 
     def to_dict(self) -> dict:
         from vlplan.planner.memory.estimate import param_summary
@@ -97,6 +99,7 @@ class TraceResult:
             "gpu": {"name": self.setup.gpu.name, "memory_bytes": self.setup.gpu.memory_bytes},
             "fits": self.peak_bytes <= self.setup.gpu.memory_bytes,
             "layers_traced": self.layers_traced, "extrapolated": self.extrapolated, "seconds": self.seconds,
+            "emulated": self.emulated,
         }
 
 
@@ -178,7 +181,8 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
     spec = spec_with_layers(setup.model, counts)
     start = time.perf_counter()
     mode = emulate.fake_mode() if fake else contextlib.nullcontext()
-    with emulate.cuda_emulation(setup, fake=fake), cuda_autocast.cuda_autocast_policy(build.autocast_dtype(setup)):
+    with emulate.cuda_emulation(setup, fake=fake), cuda_autocast.cuda_autocast_policy(build.autocast_dtype(setup)), \
+            liger_emulate.liger_kernels(setup, setup.model.family):
         with mode, (emulate.fake_module_conversions() if fake else contextlib.nullcontext()):
             model = build.create_model(setup, spec)
             model = build.prepare_model(model, replace(setup, model=spec))

@@ -489,9 +489,7 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
                         "enables it itself (prepare_model_for_training); modelled on, set "
                         "disable_gradient_checkpointing: true to train without it")
     liger = r.bool("enable_liger_kernel", False) or r.bool("use_liger_kernel", False)
-    if liger:
-        warnings.append(f"{name}: liger kernels (fused linear cross-entropy, fused norms) are not modelled; the "
-                        "loss-phase estimate is an upper bound")
+    if liger:  # modelled per family (planner/memory/liger.py); where it is not, setup_warnings says so
         if "use_liger_kernel" in config and "enable_liger_kernel" not in config:
             warnings.append(f"{name}: use_liger_kernel is the HF Trainer's switch; LLaMA-Factory's is "
                             "enable_liger_kernel")

@@ -11,6 +11,7 @@ import gc
 from dataclasses import dataclass, field, fields
 
 from ..setup import TrainSetup
+from . import liger
 from .families import model_for
 from .sim import Engine, T
 from .stacks import input_embeddings_hooked
@@ -39,7 +40,7 @@ BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first lay
 # buffers: zero.py and estimate.py add those analytically), and what is recorded only for launch configs. ZeRO
 # matters to the simulation only as on/off (gradients reduced into buckets instead of kept).
 SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_bucket_size", "ds_overlap_comm",
-                      "packing", "liger_kernel", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen")
+                      "packing", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen")
 
 
 def simulation_key(setup: TrainSetup) -> tuple:
@@ -117,6 +118,7 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e = Engine(detail)
     e.reduce_grads = bool(setup.zero)
     e.input_grads = input_embeddings_hooked(setup)
+    e.liger = liger.swaps(setup)
     model = builder(e, setup, counts)
     # DeepSpeed keeps its own partitioned states (zero.py); the simulation holds the single-GPU torch ones
     states = [] if setup.zero else _optimizer_states(e, setup, model)

@@ -33,6 +33,8 @@ def trace_command(setup, resolved, layers: int = typer.Option(0, "--layers", hel
     console.print(f"live-tensor peak {gib(result.allocated_peak_bytes)} in {result.peak_phase}; with the estimator's "
                   f"device overheads {gib(result.peak_bytes)}; traced {layer_runs(result.layers_traced)} in "
                   f"{result.seconds:.1f} s{' (extrapolated to every layer)' if result.extrapolated else ''}")
+    for note in result.emulated:
+        console.print(f"emulated on the CPU: {note}")
 
 
 def layer_runs(runs: list[dict[str, int]]) -> str:
