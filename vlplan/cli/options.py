@@ -82,6 +82,9 @@ SETUP_OPTIONS = [
     _opt("attn", str, "--attn", help="sdpa | fa2 | eager."),
     _opt("gradient_checkpointing", bool, "--gradient-checkpointing/--no-gradient-checkpointing",
          help="Activation checkpointing (on by default, as LLaMA-Factory)."),
+    _opt("liger_kernel", bool, "--liger-kernel/--no-liger-kernel",
+         help="Liger kernels as LLaMA-Factory applies them (enable_liger_kernel): fused linear cross-entropy, no "
+              "logits. Modelled for LLaVA under --stack llamafactory; elsewhere a warning."),
     _opt("gpu", str, "--gpu", help="GPU id (see `vlplan gpus`)."),
     _opt("gpu_memory_gib", float | None, "--gpu-memory-gib", help="Any other GPU: its memory in GiB."),
     _opt("num_gpus", int, "--num-gpus", help="GPUs per node."),
