@@ -106,6 +106,12 @@ class TrainSetup:
     image_min_pixels: int | None = LF_IMAGE_MIN_PIXELS
     attn: str = "sdpa"
     gradient_checkpointing: bool = True
+    # The vision tower's layers checkpointed or not on their own (ms-swift vit_gradient_checkpointing); None: as
+    # `gradient_checkpointing`, which then stands for the language model alone
+    vision_gradient_checkpointing: bool | None = None
+    # Checkpointed layers' inputs kept in host RAM (LLaMA-Factory use_unsloth_gc, checkpointing.py
+    # `get_unsloth_gradient_checkpointing_func`) instead of on the GPU
+    offload_checkpoints: bool = False
     gpu: GPU = field(default_factory=lambda: find_gpu("h100-80g"))
     num_gpus: int = 1  # per node
     num_nodes: int = 1
@@ -215,6 +221,16 @@ class TrainSetup:
         if self.optimizer in ("adamw-8bit", "paged-adamw-8bit") and self.offload != "none":
             raise VlplanError("DeepSpeed optimizer offload runs its own CPU Adam; use --optimizer adamw with "
                               "--offload")
+        if self.vision_gradient_checkpointing is not None and self.stack == "llamafactory":
+            raise VlplanError("LLaMA-Factory checkpoints the vision tower and the language model together "
+                              "(prepare_model_for_training); per-component checkpointing (ms-swift's "
+                              "vit_gradient_checkpointing) needs --stack vlplan or hf-trainer")
+        if self.offload_checkpoints and not self.any_checkpointing:
+            raise VlplanError("--offload-checkpoints moves checkpointed layers' inputs to host RAM; it needs gradient "
+                              "checkpointing on")
+        if self.offload_checkpoints and self.stack != "llamafactory":
+            raise VlplanError("--offload-checkpoints is LLaMA-Factory's use_unsloth_gc; use it with --stack "
+                              "llamafactory")
         if self.method == "lora" or self.method == "qlora":
             self._validate_lora_targets()
 
@@ -272,6 +288,17 @@ class TrainSetup:
     @property
     def special_tokens_per_sample(self) -> int:
         return sum(t.special_tokens for t in self.image_tokens())
+
+    def checkpointing(self, component: str) -> bool:
+        """Whether the layers of `component` (vision or language) are checkpointed."""
+        if component == VISION and self.vision_gradient_checkpointing is not None:
+            return self.vision_gradient_checkpointing
+        return self.gradient_checkpointing
+
+    @property
+    def any_checkpointing(self) -> bool:
+        """Some layer is checkpointed: the model's `is_gradient_checkpointing`, which peft reads."""
+        return self.gradient_checkpointing or bool(self.vision_gradient_checkpointing)
 
     @property
     def world_size(self) -> int:

@@ -25,7 +25,7 @@ import torch
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
 
-from . import build, cuda_autocast, emulate, liger_emulate
+from . import build, checkpoint_offload, cuda_autocast, emulate, liger_emulate
 from .batch import synthetic_batch
 from .memtrack import MemoryTracker, Snapshot, track_modules
 
@@ -182,7 +182,7 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
     start = time.perf_counter()
     mode = emulate.fake_mode() if fake else contextlib.nullcontext()
     with emulate.cuda_emulation(setup, fake=fake), cuda_autocast.cuda_autocast_policy(build.autocast_dtype(setup)), \
-            liger_emulate.liger_kernels(setup, setup.model.family):
+            liger_emulate.liger_kernels(setup, setup.model.family), checkpoint_offload.emulated_offload(setup):
         with mode, (emulate.fake_module_conversions() if fake else contextlib.nullcontext()):
             model = build.create_model(setup, spec)
             model = build.prepare_model(model, replace(setup, model=spec))
@@ -202,7 +202,9 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
         segments = {k: v for k, v in tracker.segment_snapshots().items() if k.split("/")[0] in PHASES}
         for handle in handles:
             handle.remove()
-    return StepTrace(phase_peaks, counts, time.perf_counter() - start, segments)
+    result = StepTrace(phase_peaks, counts, time.perf_counter() - start, segments)
+    result.host_peak_bytes = checkpoint_offload.OffloadedCheckpoint.host_peak_bytes if setup.offload_checkpoints else 0
+    return result
 
 
 def _trainer_forward(model, autocast: torch.dtype | None):

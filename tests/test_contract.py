@@ -62,6 +62,9 @@ CASES = {
                                                                      ds_reduce_bucket_size=10 ** 9)),
     "ds_overlap_comm": (dict(FULL, zero=2, num_gpus=2), dict(FULL, zero=2, num_gpus=2, ds_overlap_comm=True)),
     # modelled for LLaVA under LLaMA-Factory's stack (planner/memory/liger.py); elsewhere it warns (tests below)
+    "vision_gradient_checkpointing": (dict(FULL, train_vision=True),
+                                      dict(FULL, train_vision=True, vision_gradient_checkpointing=False)),
+    "offload_checkpoints": (dict(stack="llamafactory"), dict(stack="llamafactory", offload_checkpoints=True)),
     "liger_kernel": (dict(model="llava-1.5-7b", stack="llamafactory"),
                      dict(model="llava-1.5-7b", stack="llamafactory", liger_kernel=True)),
 }
@@ -179,7 +182,7 @@ LLAMAFACTORY_VALUES = {
     "quantization_device_map": "auto", "pure_bf16": True, "bf16": True, "fp16": True, "optim": "sgd",
     "flash_attn": "disabled", "disable_gradient_checkpointing": True, "gradient_checkpointing": False,
     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "max_grad_norm": 0.5,
-    "deepspeed": "ds_z3_config.json", "fsdp": "full_shard", "enable_liger_kernel": True, "use_liger_kernel": True,
+    "use_unsloth_gc": True, "deepspeed": "ds_z3_config.json", "fsdp": "full_shard", "enable_liger_kernel": True, "use_liger_kernel": True,
     "additional_target": "lm_head", "use_reentrant_gc": False,
 }
 # keys that only mean something next to another key (the YAML gets both)

@@ -169,14 +169,15 @@ class BaseModel:
         """A layer, checkpointed (reentrant, only layers with trainable parameters; LLaMA-Factory's
         `get_custom_gradient_checkpointing_func`) when gradient checkpointing is on; under a plain HF Trainer every
         layer, non-reentrant (planner/memory/stacks.py)."""
-        if self.setup.gradient_checkpointing and not checkpoint_reentrant(self.setup):
+        checkpointed = self.setup.checkpointing(_layer_component(layer))  # per component (ms-swift vit_gc)
+        if checkpointed and not checkpoint_reentrant(self.setup):
             frame = CheckpointFrame(x, lambda leaf, layer=layer, ctx=ctx: layer(e, leaf, ctx), e.autocast)
             e.frame = frame
             try:
                 return layer(e, x, ctx)
             finally:
                 e.frame = None
-        if not (self.setup.gradient_checkpointing and layer.has_trainable):
+        if not (checkpointed and layer.has_trainable):
             return layer(e, x, ctx)
         x.rg = True  # `arg.requires_grad_(True)` on the hidden states
         was = e.grad_enabled
@@ -184,7 +185,13 @@ class BaseModel:
         out = layer(e, x, ctx)
         e.grad_enabled = was
         out.rg = False
-        node = Node("checkpoint", [x], [x], [])
+        if self.setup.offload_checkpoints:
+            # LLaMA-Factory's UnslothGradientCheckpointing (checkpointing.py): `hidden_states.to("cpu")` is saved
+            # instead of the input; backward copies it back to the GPU before the recompute (sim.py `_recompute`)
+            node = Node("checkpoint", [x], [], [])
+            node.offloaded = e.offload(x)
+        else:
+            node = Node("checkpoint", [x], [x], [])
         node.recompute = lambda leaf, layer=layer, ctx=ctx: layer(e, leaf, ctx)
         node.autocast = e.autocast
         e.record(node, out)
@@ -238,6 +245,11 @@ class BaseModel:
         return loss
 
 
+
+
+def _layer_component(layer) -> str:
+    """The component (vision or language) whose layer this is, from its parameters."""
+    return next((p.component for p in getattr(layer, "params", ())), LANGUAGE)
 
 
 def keep_checkpoint_arguments(model: BaseModel, out: T, ctx) -> None:

@@ -183,6 +183,7 @@ class Engine:
         # sub-model's input embeddings require grad (`hook_input`)
         self.input_grads = False
         self.liger: frozenset = frozenset()  # the Liger kernel swaps in effect (planner/memory/liger.py `swaps`)
+        self.host_bytes = self.host_peak_bytes = 0  # checkpointed inputs offloaded to host RAM (`offload`)
         self.frame: CheckpointFrame | None = None  # the non-reentrant checkpoint running (forward or recompute)
         self._pending: list = []
         self._pending_key = ""
@@ -275,6 +276,10 @@ class Engine:
         t.node = InputLeaf(t)
         self.kept_until_backward_end.append(t.node)
         return t
+
+    def offload(self, t: T) -> "HostCopy":
+        """`t.to("cpu")`: a host copy of `t` (host RAM, not GPU memory), held by whoever keeps the returned copy."""
+        return HostCopy(self, t.numel, t.dtype, t.name)
 
     def record(self, node: Node, out: T) -> None:
         """Attach an autograd node to `out` when grad mode is on and something needs a gradient."""
@@ -484,7 +489,14 @@ class Engine:
     def _recompute(self, node: Node, out_grad: T, grads: dict) -> None:
         """Reentrant activation checkpointing: re-run the segment with grad enabled (and a fresh autocast cast
         cache), then back-propagate through it (torch.utils.checkpoint.CheckpointFunction.backward)."""
-        x = node.saved[0]
+        offloaded = getattr(node, "offloaded", None)
+        if offloaded is not None:  # UnslothGradientCheckpointing.backward: `hidden_states.to("cuda").detach()`
+            x = self.new(offloaded.numel, offloaded.dtype, name=f"{offloaded.name}:to_cuda")
+            x.node = node.inputs[0].node
+            node.offloaded = None
+            del offloaded
+        else:
+            x = node.saved[0]
         leaf = x.view(name=f"{x.name}:detached")
         leaf.rg = True
         leaf.node = Leaf(x, grads)
@@ -509,6 +521,19 @@ class Engine:
         # inputs until torch.autograd.backward(outputs, args) returns
         self._run(sub_nodes, sub_grads)
         del out, out_grad, leaf
+
+
+class HostCopy:
+    """A tensor copied to host RAM: counted in the engine's host bytes (not GPU memory) while it lives."""
+
+    def __init__(self, engine: Engine, numel: int, dtype: str, name: str) -> None:
+        self.engine, self.numel, self.dtype, self.name = engine, numel, dtype, name
+        self.nbytes = numel * DTYPE_BYTES[dtype]
+        engine.host_bytes += self.nbytes
+        engine.host_peak_bytes = max(engine.host_peak_bytes, engine.host_bytes)
+
+    def __del__(self) -> None:
+        self.engine.host_bytes -= self.nbytes
 
 
 class StopRecompute(Exception):

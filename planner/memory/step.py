@@ -24,6 +24,7 @@ class SimResult:
     phase_peaks: dict[str, int]
     phase_breakdown: dict[str, dict[str, int]]
     params_bytes: dict[str, int] = field(default_factory=dict)
+    host_peak_bytes: int = 0  # checkpointed inputs held in host RAM (offloaded checkpointing), at their peak
 
     @property
     def peak_phase(self) -> str:
@@ -77,11 +78,14 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
         return simulate(setup)
     first = simulate(setup, base)
     segments = {k: (v[0], dict(v[1])) for k, v in first.segments.items()}
+    host = first.host_peak_bytes
     for kind, n in real.items():
         if n <= base[kind]:
             continue
         extra = n - base[kind]
-        other = simulate(setup, dict(base, **{kind: base[kind] + 1})).segments
+        bigger = simulate(setup, dict(base, **{kind: base[kind] + 1}))
+        host += extra * (bigger.host_peak_bytes - first.host_peak_bytes)
+        other = bigger.segments
         for key, (total, categories) in list(segments.items()):
             o_total, o_categories = other[key]
             b_total, b_categories = first.segments[key]
@@ -97,7 +101,7 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
         if phase not in peaks or total > peaks[phase]:
             peaks[phase] = total
             breakdown[phase] = {k: v for k, v in categories.items() if v}
-    result = SimResult({p: peaks[p] for p in PHASES if p in peaks}, breakdown)
+    result = SimResult({p: peaks[p] for p in PHASES if p in peaks}, breakdown, host_peak_bytes=host)
     result.segments = segments
     return result
 
@@ -139,7 +143,7 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e._flush()
     peaks = {phase: e.phase_peaks[phase][0] for phase in PHASES if phase in e.phase_peaks}
     breakdown = {phase: {k: v for k, v in e.phase_peaks[phase][1].items() if v} for phase in peaks}
-    result = SimResult(peaks, breakdown)
+    result = SimResult(peaks, breakdown, host_peak_bytes=e.host_peak_bytes)
     result.blocks = e.phase_blocks
     result.segment_peaks = {k: v[0] for k, v in e.segment_peaks.items()}
     result.segments = {k: v for k, v in e.segment_peaks.items() if k.split("/")[0] in PHASES}

@@ -82,6 +82,12 @@ SETUP_OPTIONS = [
     _opt("attn", str, "--attn", help="sdpa | fa2 | eager."),
     _opt("gradient_checkpointing", bool, "--gradient-checkpointing/--no-gradient-checkpointing",
          help="Activation checkpointing (on by default, as LLaMA-Factory)."),
+    _opt("vision_gradient_checkpointing", bool | None,
+         "--vision-gradient-checkpointing/--no-vision-gradient-checkpointing",
+         help="Checkpoint the vision tower's layers or not, apart from the language model's (ms-swift "
+              "vit_gradient_checkpointing; default: as --gradient-checkpointing). Not with --stack llamafactory."),
+    _opt("offload_checkpoints", bool, "--offload-checkpoints",
+         help="Keep checkpointed layers' inputs in host RAM (LLaMA-Factory use_unsloth_gc; --stack llamafactory)."),
     _opt("liger_kernel", bool, "--liger-kernel/--no-liger-kernel",
          help="Liger kernels as LLaMA-Factory applies them (enable_liger_kernel): fused linear cross-entropy, no "
               "logits. Modelled for LLaVA under --stack llamafactory; elsewhere a warning."),

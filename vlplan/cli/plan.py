@@ -69,12 +69,12 @@ def plan_command(
 
     from vlplan.planner.plan import NothingFits
 
-    if export_llamafactory is not None and setup.stack != "llamafactory" and "stack" not in resolved.typed:
-        # LLaMA-Factory will prepare the model it trains from the export its own way: plan for that stack
-        setup = replace(setup, stack="llamafactory")
-        typer.echo("warning: planning for LLaMA-Factory's stack, which trains the exported YAML (--stack vlplan to "
-                   "plan for vlplan run)", err=True)
     with errors():
+        if export_llamafactory is not None and setup.stack != "llamafactory" and "stack" not in resolved.typed:
+            # LLaMA-Factory will prepare the model it trains from the export its own way: plan for that stack
+            setup = replace(setup, stack="llamafactory")
+            typer.echo("warning: planning for LLaMA-Factory's stack, which trains the exported YAML (--stack vlplan "
+                       "to plan for vlplan run)", err=True)
         base = _input_yaml(resolved)
         host_bytes, host_source = host_ram_budget(setup, host_ram_gib)
         planned_epochs = epochs if epochs is not None else _yaml_epochs(base)
