@@ -755,6 +755,12 @@ def llamafactory_yaml(setup: TrainSetup, *, version: str = "latest", model_name_
             out["additional_target"] = projector_key(setup.model.family)
     if setup.method == "freeze":
         out["freeze_trainable_layers"] = setup.freeze_trainable_layers
+    if setup.method in ("lora", "qlora") and setup.vision is Train.FULL:
+        # finetuning_type lora puts adapters on an unfrozen vision tower (adapter.py find_all_linear_modules /
+        # visual.py patch_target_modules); a full tower would need additional_target, peft's modules_to_save copy
+        raise VlplanError("LLaMA-Factory cannot train the vision tower in full next to LoRA (freeze_vision_tower: "
+                          "false gives it adapters); export --vision lora, or launch LoRA on the language model with a "
+                          "full vision tower with ms-swift (lora_llm_full_vit)")
     out.update(_freeze_keys(setup, version))
     if setup.method == "qlora":
         out.update(quantization_bit=setup.quant_bits,

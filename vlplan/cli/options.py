@@ -62,6 +62,12 @@ SETUP_OPTIONS = [
     _opt("freeze_projector", bool, "--freeze-projector", help="Keep the projector frozen (over a YAML)."),
     _opt("freeze_llm", bool, "--freeze-llm", help="Freeze the language model."),
     _opt("train_llm", bool, "--train-llm", help="Train the language model (over a YAML that freezes it)."),
+    _opt("vision", str | None, "--vision", help="How the vision tower trains: frozen | lora | full (over the "
+         "method's preset)."),
+    _opt("projector", str | None, "--projector", help="How the projector trains: frozen | full."),
+    _opt("language", str | None, "--language",
+         help="How the language model trains: frozen | lora | full | freeze (the last --freeze-trainable-layers). "
+              "E.g. --language lora --vision full --projector full: ms-swift's lora_llm_full_vit."),
     _opt("freeze_trainable_layers", int, "--freeze-trainable-layers",
          help="--method freeze: how many last language-model layers train."),
     _opt("precision", str, "--precision",
