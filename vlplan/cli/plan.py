@@ -40,6 +40,10 @@ def plan_command(
                                                                    "processes and CPU offload may use (default: this "
                                                                    "machine's RAM when the plan is for this machine, "
                                                                    "else an assumption per GPU type)."),
+    levers: bool = typer.Option(True, "--levers/--no-levers",
+                                help="When nothing fits, switch on memory levers that leave the training math "
+                                     "unchanged (Liger's fused loss, the vision tower's checkpointing, offloaded "
+                                     "checkpointing), with the reason."),
     explain: bool = typer.Option(False, "--explain", help="Show the reasons and assumptions in full."),
     export_llamafactory: Path = typer.Option(None, "--export-llamafactory", metavar="OUT.yaml",
                                              help="Write the plan as a LLaMA-Factory training YAML (with its "
@@ -82,7 +86,7 @@ def plan_command(
             result = plan(setup, global_batch_size=global_batch_size, margin=margin,
                           num_samples=num_samples or None, epochs=planned_epochs,
                           mfu=None if mfu == 0 else mfu,  # 0: the default by attention kernel
-                          host_ram_bytes=host_bytes, host_ram_source=host_source)
+                          host_ram_bytes=host_bytes, host_ram_source=host_source, levers=levers)
         except NothingFits as err:
             if json_:
                 print_json({"fits": False, "error": str(err)})
