@@ -116,3 +116,13 @@ def test_per_component_checkpointing_is_not_exported_to_llamafactory():
     same = llamafactory_yaml(make_setup(model, **VISION_FULL, gradient_checkpointing=False,
                                         vision_gradient_checkpointing=False))
     assert same["disable_gradient_checkpointing"] is True
+
+
+def test_per_component_checkpointing_is_simulated_at_full_depth():
+    # the 2-and-3-layer extrapolation is not affine there (step.py `_simulate_extrapolated`): at full depth the
+    # language model's gradients pile up under the un-checkpointed vision tower's activations
+    from vlplan.planner.memory.step import simulate_extrapolated
+
+    setup = make_setup(resolve("qwen2.5-vl-7b"), **VISION_FULL, vision_gradient_checkpointing=False,
+                       image_size=(1024, 1024))
+    assert simulate_extrapolated(setup).phase_peaks == simulate(setup).phase_peaks
