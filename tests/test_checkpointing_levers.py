@@ -126,3 +126,14 @@ def test_per_component_checkpointing_is_simulated_at_full_depth():
     setup = make_setup(resolve("qwen2.5-vl-7b"), **VISION_FULL, vision_gradient_checkpointing=False,
                        image_size=(1024, 1024))
     assert simulate_extrapolated(setup).phase_peaks == simulate(setup).phase_peaks
+
+
+def test_hf_arguments_refuse_what_the_trainer_cannot_do():
+    from vlplan.planner.io.hf_args import check_exportable
+
+    model = resolve("qwen2.5-vl-7b")
+    with pytest.raises(VlplanError, match="one gradient_checkpointing switch"):
+        check_exportable(make_setup(model, **VISION_FULL, vision_gradient_checkpointing=False))
+    with pytest.raises(VlplanError, match="use_unsloth_gc"):
+        check_exportable(make_setup(model, stack="llamafactory", offload_checkpoints=True))
+    check_exportable(make_setup(model, **VISION_FULL, vision_gradient_checkpointing=True))  # same as the rest: fine

@@ -147,6 +147,10 @@ def write_exports(setup, *, llamafactory: Path | None, deepspeed: Path | None, h
                        (hf_args, "--export-hf-args")):
         if path is not None:
             check_output_file(path, flag)  # a folder, a read-only folder: one line before anything is built
+    if hf_args is not None:
+        from vlplan.planner.io.hf_args import check_exportable
+
+        check_exportable(setup)
     uses_deepspeed = setup.zero > 0 or setup.offload != "none"
     ds_path = deepspeed
     if uses_deepspeed and ds_path is None and (llamafactory is not None or hf_args is not None):
