@@ -147,8 +147,12 @@ def emulated_kernels(setup) -> list[str]:
     names = {"fused_linear_cross_entropy": "LigerFusedLinearCrossEntropyFunction "
                                            "(liger_kernel/ops/fused_linear_cross_entropy.py)"}
     swaps = liger_model.swaps(setup)
-    return [f"{names[s]}: Triton does not run on a CPU; the same saved and allocated tensors, values from torch ops"
-            for s in sorted(swaps)]
+    notes = [f"{names[s]}: Triton does not run on a CPU; the same saved and allocated tensors, values from torch ops"
+             for s in sorted(swaps)]
+    if setup.offload_checkpoints:
+        notes.append("LLaMA-Factory's UnslothGradientCheckpointing (model_utils/checkpointing.py): its .to('cpu') / "
+                     ".to('cuda') copies (profiler/checkpoint_offload.py), the host copies counted apart")
+    return notes
 
 
 # Where liger's patched modules look the Functions up (module globals bound at import)

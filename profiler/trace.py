@@ -63,6 +63,7 @@ class TraceResult:
     extrapolated: bool = False
     seconds: float = 0.0
     emulated: list[str] = field(default_factory=list)  # kernels that ran as CPU emulations (besides CUDA's own)
+    host_offloaded_bytes: int = 0  # offloaded checkpointing: checkpointed inputs in host RAM at their peak, per GPU
 
     @classmethod
     def from_snapshots(cls, setup, phases: dict[str, Snapshot], layers_traced, extrapolated, seconds):
@@ -99,7 +100,7 @@ class TraceResult:
             "gpu": {"name": self.setup.gpu.name, "memory_bytes": self.setup.gpu.memory_bytes},
             "fits": self.peak_bytes <= self.setup.gpu.memory_bytes,
             "layers_traced": self.layers_traced, "extrapolated": self.extrapolated, "seconds": self.seconds,
-            "emulated": self.emulated,
+            "emulated": self.emulated, "host_offloaded_bytes": self.host_offloaded_bytes,
         }
 
 
@@ -308,5 +309,8 @@ def trace(setup: TrainSetup, *, layers: int | None = None, full: bool = False) -
         if phase not in phase_snaps or snap.total_bytes > phase_snaps[phase].total_bytes:
             phase_snaps[phase] = Snapshot(snap.total_bytes, phase, snap.by_category, snap.by_module)
     layers_traced = [runs[0].layers] + [run.layers for _, run in slopes.values()]
-    return TraceResult.from_snapshots(setup, phase_snaps, layers_traced, bool(slopes),
-                                      time.perf_counter() - start)
+    result = TraceResult.from_snapshots(setup, phase_snaps, layers_traced, bool(slopes), time.perf_counter() - start)
+    # the host copies are one per checkpointed layer: affine in the layer counts too
+    result.host_offloaded_bytes = runs[0].host_peak_bytes + sum(
+        extra * (run.host_peak_bytes - runs[0].host_peak_bytes) for extra, run in slopes.values())
+    return result

@@ -137,3 +137,15 @@ def test_hf_arguments_refuse_what_the_trainer_cannot_do():
     with pytest.raises(VlplanError, match="use_unsloth_gc"):
         check_exportable(make_setup(model, stack="llamafactory", offload_checkpoints=True))
     check_exportable(make_setup(model, **VISION_FULL, vision_gradient_checkpointing=True))  # same as the rest: fine
+
+
+@pytest.mark.slow
+def test_extrapolated_trace_reports_the_host_copies_the_estimate_counts():
+    pytest.importorskip("llamafactory")
+    from vlplan.profiler.trace import trace
+
+    setup = make_setup(tiny_spec("qwen2.5-vl-3b", text_layers=4), stack="llamafactory", offload_checkpoints=True,
+                       **SMALL)
+    traced = trace(setup, layers=1)  # 1 and 2 text layers traced, extrapolated to 4
+    assert traced.extrapolated and "UnslothGradientCheckpointing" in " ".join(traced.emulated)
+    assert traced.host_offloaded_bytes == estimate(setup).cpu_breakdown_bytes["host/offloaded_checkpoints"] > 0

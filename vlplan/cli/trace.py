@@ -35,6 +35,8 @@ def trace_command(setup, resolved, layers: int = typer.Option(0, "--layers", hel
                   f"{result.seconds:.1f} s{' (extrapolated to every layer)' if result.extrapolated else ''}")
     for note in result.emulated:
         console.print(f"emulated on the CPU: {note}")
+    if result.host_offloaded_bytes:
+        console.print(f"checkpointed inputs in host RAM: {gib(result.host_offloaded_bytes)} per GPU")
 
 
 def layer_runs(runs: list[dict[str, int]]) -> str:
