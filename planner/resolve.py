@@ -25,7 +25,8 @@ SETUP_DEFAULTS = {
     "optimizer": "adamw", "seq_len": 2048, "batch_size": 1, "gradient_accumulation_steps": 1, "images": 1,
     "image_size": None, "image_max_pixels": LF_IMAGE_MAX_PIXELS, "image_min_pixels": LF_IMAGE_MIN_PIXELS,
     "attn": "sdpa", "gradient_checkpointing": True,
-    "vision_gradient_checkpointing": None, "offload_checkpoints": False, "liger_kernel": False, "gpu": "h100-80g", "gpu_memory_gib": None, "num_gpus": 1,
+    "vision_gradient_checkpointing": None, "offload_checkpoints": False, "liger_kernel": False, "gpu": "h100-80g",
+    "gpu_memory_gib": None, "num_gpus": 1,
     "num_nodes": 1, "zero": 0, "offload": "none", "stack": "vlplan",
     # files
     "from_llamafactory": None, "deepspeed": None, "dataset": None, "percentile": None, "dataset_dir": None,

@@ -24,13 +24,6 @@ PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradie
 
 
 @dataclass
-class Term:
-    name: str
-    bytes: int
-    explanation: str = ""
-
-
-@dataclass
 class Estimate:
     setup: TrainSetup
     params: dict[str, int]
@@ -42,7 +35,6 @@ class Estimate:
     phase_allocated_bytes: dict[str, int]
     cpu_ram_bytes: int
     cpu_breakdown_bytes: dict[str, int]
-    explanations: dict[str, str] = field(default_factory=dict)
     allocator: dict = field(default_factory=dict)  # the caching-allocator replay behind cuda/allocator_reserve
 
     @property
@@ -135,12 +127,11 @@ def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments:
         raise VlplanError("expandable segments change only the caching-allocator replay; add --reserve replay")
     params, trainable = param_summary(setup)
     sim = simulate_extrapolated(setup)
-    explanations: dict[str, str] = {}
     phases = {}
     for phase in PHASES:
         if phase not in sim.phase_breakdown:
             continue
-        phases[phase] = _distributed(setup, dict(sim.phase_breakdown[phase]), params, trainable, explanations)
+        phases[phase] = _distributed(setup, dict(sim.phase_breakdown[phase]), params, trainable)
     allocated = {phase: sum(b.values()) for phase, b in phases.items()}
     peak_phase = max(allocated, key=allocated.get)
     breakdown = dict(phases[peak_phase])
@@ -165,7 +156,7 @@ def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments:
     if sim.host_peak_bytes:  # offloaded checkpointing: every GPU process's checkpointed inputs in host RAM
         cpu["host/offloaded_checkpoints"] = setup.num_gpus * sim.host_peak_bytes
     return Estimate(setup, params, trainable, peak_phase, allocated_peak, peak, breakdown, allocated,
-                    sum(cpu.values()), cpu, explanations, allocator)
+                    sum(cpu.values()), cpu, allocator)
 
 
 # Reserved memory: the caching-allocator replay -----------------------------------------------------------------------
@@ -246,7 +237,7 @@ def _reserved(setup: TrainSetup, allocated_peak: int, outside: int, expandable_s
     return result.reserved_peak_bytes - live_peak + cublas_reserved - cublas, info
 
 
-def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable, explanations) -> dict[str, int]:
+def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable) -> dict[str, int]:
     """Replace the single-GPU model states of the simulation by their DDP / ZeRO per-GPU form."""
     if setup.zero:
         for key in [k for k in breakdown if k.startswith(("optimizer/", "gradients/"))]:

@@ -1,22 +1,68 @@
-"""Output paths of the commands that write files (`tiny-model`, `tables --out`, `profile --output/--plot`).
+"""Files that vlplan writes (exports, tables, profiles, run records, tiny models), written safely.
 
-A path that cannot be written is refused before any work, with one line that names the flag and the reason (a
-folder where a file goes, a file where a folder goes, a read-only folder), and a write that fails anyway (a full
-disk, a read-only filesystem seen only by root) becomes the same one-line error with whatever it created removed:
-a failed command leaves nothing behind.
+Atomic: each file is written to a temporary name in its own folder and renamed over the target (`os.replace`,
+atomic on one filesystem), so a reader never sees half of one; a failure removes the temporary files and leaves
+every target as it was.
+
+Checked first: a path that cannot be written is refused before any work, with one line that names the flag and the
+reason (a folder where a file goes, a file where a folder goes, a read-only folder), and a write that fails anyway (a
+full disk, a read-only filesystem seen only by root) becomes the same one-line error with whatever it created
+removed (`writing`): a failed command leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from vlplan.planner.errors import VlplanError
+from ..errors import VlplanError
 
 
+def write_files_atomic(files: dict[Path, str | bytes], *, fsync: bool = False) -> None:
+    """Write every file of `files` (path -> content) to a temporary name first, then rename them all into place: a
+    failure while writing leaves none of them changed. `fsync`: flush each file to disk before the rename (a crash
+    right after cannot leave an empty file behind the new name). An OSError names the target it was writing."""
+    umask = os.umask(0)
+    os.umask(umask)
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, content in files.items():
+            path = Path(path)
+            try:
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+                staged.append((tmp, path))
+                with os.fdopen(fd, "wb") as f:
+                    f.write(content.encode() if isinstance(content, str) else content)
+                    if fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the result is an ordinary file
+            except OSError as err:
+                raise type(err)(err.errno, err.strerror or str(err), str(path)) from err
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+def write_atomic(path: Path, content: str | bytes, *, fsync: bool = False) -> None:
+    write_files_atomic({Path(path): content}, fsync=fsync)
+
+
+def write_json_atomic(path: Path, data, *, indent: int | None = 2, fsync: bool = False) -> None:
+    """`data` as JSON (values JSON does not know as their str()), ending in a newline."""
+    write_atomic(path, json.dumps(data, indent=indent, default=str) + "\n", fsync=fsync)
+
+
+# Output paths, checked before any work ------------------------------------------------------------------------------
 def _nearest_existing(path: Path) -> Path:
     for candidate in (path, *path.parents):
         if candidate.exists():

@@ -1,4 +1,5 @@
-"""After a CUDA out-of-memory error: the phase it hit, the estimate's term most likely too low, the next setup.
+"""After an out-of-memory error (`vlplan run`, `vlplan profile`): the phase it hit, the estimate's term most likely
+too low, the next setup. Pure: both the runner and the profiler use it.
 
 The next setup keeps the global batch (micro-batch x accumulation x ranks): the micro-batch split by its smallest
 factor with the accumulation multiplied by it, else gradient checkpointing on; `vlplan run --auto-retry` applies it.
@@ -9,9 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import replace
 
-from vlplan.planner.setup import TrainSetup
+from .setup import TrainSetup
+from .units import GIB
 
-from .record import ESTIMATE_TOLERANCE
+# A measured peak further than this from the estimate is off: `vlplan run` warns in its record, and a measured start
+# beyond it points the out-of-memory report at a model-state term
+ESTIMATE_TOLERANCE = 0.10
+OOM_EXIT_CODE = 3  # the exit code of `vlplan run` and `vlplan profile` after an out-of-memory error
 
 # Breakdown terms that live for the whole run (the rest are the step's activations and temporaries)
 PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "gradients/", "zero", "ddp/", "cuda/", "inputs/")
@@ -61,14 +66,13 @@ def suspect_term(setup: TrainSetup, result, phase: str, measured_start_bytes: in
 
 
 def oom_report(setup: TrainSetup, result, phase: str, error: BaseException, measured_start_bytes: int | None) -> dict:
-    gib = 2**30
     term, term_bytes = suspect_term(setup, result, phase, measured_start_bytes)
     follow, why = next_setup(setup)
     requested = re.search(r"Tried to allocate ([\d.]+ [GMK]iB)", str(error))
     message = (f"CUDA out of memory in the {phase} phase"
                + (f" (tried to allocate {requested.group(1)})" if requested else "")
-               + f"; estimated peak {result.peak_bytes / gib:.2f} GiB ({result.peak_phase}); the term most likely "
-               f"too low: {term} ({term_bytes / gib:.2f} GiB estimated); next: {why}")
+               + f"; estimated peak {result.peak_bytes / GIB:.2f} GiB ({result.peak_phase}); the term most likely "
+               f"too low: {term} ({term_bytes / GIB:.2f} GiB estimated); next: {why}")
     return {
         "message": message, "phase": phase, "error": str(error).strip().splitlines()[0] if str(error) else "",
         "estimate_peak_bytes": result.peak_bytes, "estimate_phase_allocated_bytes": result.phase_allocated_bytes,
