@@ -43,6 +43,10 @@ Precision = Literal["bf16", "fp16", "fp32", "pure-bf16"]
 Optimizer = Literal["adamw", "adamw-foreach", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor"]
 Attention = Literal["sdpa", "fa2", "eager"]
 Offload = Literal["none", "optimizer", "all"]
+# How the model states are sharded over the GPUs: DeepSpeed ZeRO (`zero` 0-3) or PyTorch FSDP2 (`fully_shard`,
+# launched by accelerate) with one of the FSDP strategies (planner/memory/fsdp.py)
+Sharding = Literal["zero", "fsdp"]
+FsdpStrategy = Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"]
 # The training stack that prepares the model (the order of checkpointing and adapters, which layers are checkpointed,
 # which inputs are made to require grad): `vlplan` is `vlplan run`'s own, `llamafactory` is LLaMA-Factory's loader
 # (patch_model -> init_adapter), `hf-trainer` a plain transformers Trainer with gradient_checkpointing=True.
@@ -53,6 +57,8 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 OFFLOADS: tuple[str, ...] = get_args(Offload)
 STACKS: tuple[str, ...] = get_args(Stack)
+SHARDINGS: tuple[str, ...] = get_args(Sharding)
+FSDP_STRATEGIES: tuple[str, ...] = get_args(FsdpStrategy)
 # Our optimizer names -> transformers TrainingArguments.optim (the runner's Trainer, the profiler's optimizer, the
 # exported LLaMA-Factory YAML and TrainingArguments)
 HF_OPTIM: dict[str, str] = {"adamw": "adamw_torch_fused", "adamw-foreach": "adamw_torch",
@@ -135,6 +141,8 @@ class TrainSetup:
     # DeepSpeed buffers (None: the HF integration's "auto" values, hidden_size**2 elements)
     ds_reduce_bucket_size: int | None = None
     ds_overlap_comm: bool = False
+    sharding: Sharding = "zero"  # "fsdp": PyTorch FSDP2 through accelerate instead of DeepSpeed (zero stays 0)
+    fsdp: FsdpStrategy = "full_shard"  # the FSDP strategy (read only with sharding "fsdp")
     stack: Stack = "vlplan"
     # Recorded for the launch configs (LLaMA-Factory keys); the memory model does not read them yet
     packing: bool = False  # LLaMA-Factory packing / neat_packing: sequences filled to seq_len
@@ -153,7 +161,8 @@ class TrainSetup:
     def _validate_choices(self) -> None:
         for value, choices, flag in ((self.method, METHODS, "--method"), (self.precision, PRECISIONS, "--precision"),
                                      (self.optimizer, OPTIMIZERS, "--optimizer"), (self.attn, ATTENTIONS, "--attn"),
-                                     (self.offload, OFFLOADS, "--offload"), (self.stack, STACKS, "--stack")):
+                                     (self.offload, OFFLOADS, "--offload"), (self.stack, STACKS, "--stack"),
+                                     (self.sharding, SHARDINGS, "--sharding"), (self.fsdp, FSDP_STRATEGIES, "--fsdp")):
             if value not in choices:
                 raise VlplanError(f"{flag} {value!r} is not one of {', '.join(choices)}")
         for value, flag, bound in ((self.seq_len, "--seq-len", MAX_SEQ_LEN),
@@ -206,9 +215,13 @@ class TrainSetup:
             raise VlplanError("--quant-bits quantizes the frozen base weights for QLoRA; use --method qlora")
         if self.method == "qlora" and self.quant_bits is None:
             raise VlplanError("--method qlora needs --quant-bits 4 or 8")
-        if self.method == "qlora" and self.zero == 3:
-            raise VlplanError("QLoRA cannot be combined with ZeRO-3 (DeepSpeed cannot partition bitsandbytes "
-                              "quantized weights); use --zero 2 or less")
+        if self.method == "qlora" and self.quant_bits != 4 and (self.zero == 3 or self.sharding == "fsdp"):
+            # LLaMA-Factory (model_utils/quantization.py): "Only 4-bit quantized model can use fsdp+qlora"; 4-bit
+            # weights are stored in the compute dtype (bnb_4bit_quant_storage) so ZeRO-3 and FSDP can shard them
+            raise VlplanError(f"QLoRA with {'FSDP' if self.sharding == 'fsdp' else 'ZeRO-3'} needs --quant-bits 4 "
+                              "(bitsandbytes 4-bit weights stored in the compute dtype; LLaMA-Factory refuses 8-bit)"
+                              "; use --quant-bits 4 or --zero 2")
+        self._validate_fsdp()
         if self.lora.dora and self.method not in ("lora", "qlora"):
             raise VlplanError("--dora is a LoRA variant; use it with --method lora or qlora")
         if self.precision == "pure-bf16" and self.zero == 3:
@@ -228,9 +241,9 @@ class TrainSetup:
             raise VlplanError(f"--freeze-trainable-layers {self.freeze_trainable_layers} is above the "
                               f"{self.model.text.num_layers} language-model layers of {self.model.name}; use at most "
                               f"{self.model.text.num_layers} (or --method full)")
-        if self.offload != "none" and self.zero == 0:
+        if self.offload != "none" and self.zero == 0 and self.sharding == "zero":
             raise VlplanError(f"--offload {self.offload} needs DeepSpeed ZeRO; add --zero 2 (optimizer) or --zero 3")
-        if self.offload == "all" and self.zero != 3:
+        if self.offload == "all" and self.zero != 3 and self.sharding == "zero":
             raise VlplanError("--offload all (parameters too) needs --zero 3; use --offload optimizer with ZeRO-1/2")
         if self.optimizer in ("adamw-8bit", "paged-adamw-8bit") and self.offload != "none":
             raise VlplanError("DeepSpeed optimizer offload runs its own CPU Adam; use --optimizer adamw with "
@@ -247,6 +260,25 @@ class TrainSetup:
                               "llamafactory")
         if self.method == "lora" or self.method == "qlora":
             self._validate_lora_targets()
+
+    def _validate_fsdp(self) -> None:
+        if self.sharding == "zero":
+            if self.fsdp != "full_shard":
+                raise VlplanError(f"--fsdp {self.fsdp} is an FSDP strategy; add --sharding fsdp (or drop --fsdp)")
+            return
+        if self.zero:
+            raise VlplanError(f"--zero {self.zero} is DeepSpeed's sharding, --sharding fsdp is PyTorch's; use one of "
+                              "them (--zero 0 with --sharding fsdp)")
+        if self.offload == "optimizer":
+            # FSDP2's CPUOffloadPolicy moves parameters, gradients and the optimizer step together (fully_shard)
+            raise VlplanError("FSDP offloads parameters, gradients and optimizer states together (CPUOffloadPolicy); "
+                              "use --offload all, or --sharding zero for optimizer-only offload")
+        if self.fsdp == "hybrid_shard" and self.num_nodes < 2:
+            raise VlplanError("--fsdp hybrid_shard shards within a node and replicates across nodes; it needs "
+                              "--num-nodes 2 or more (use full_shard on one node)")
+        if self.ds_reduce_bucket_size is not None or self.ds_overlap_comm:
+            raise VlplanError("DeepSpeed's reduce bucket settings do not apply to FSDP; drop them or use --sharding "
+                              "zero")
 
     def _validate_lora_targets(self) -> None:
         linears = []
@@ -332,6 +364,8 @@ class TrainSetup:
         d["lora"]["targets"] = list(self.lora.targets)
         d["images"] = [f"{w}x{h}" for w, h in self.images]
         d["world_size"] = self.world_size
+        if self.sharding == "zero":  # the FSDP settings are listed only when FSDP shards (ZeRO setups read as before)
+            del d["sharding"], d["fsdp"]
         return d
 
 

@@ -97,7 +97,9 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
     half = 2
     bandwidth = (INTERNODE_GBPS if setup.num_nodes > 1 else setup.gpu.link_gbps) * 1e9
     ring = (n - 1) / n if n > 1 else 0.0
-    if n > 1:
+    if setup.sharding == "fsdp":
+        parts.update(_fsdp_parts(setup, bandwidth, trainable))
+    elif n > 1:
         if setup.zero == 0:
             grad_bytes = trainable * (2 if setup.precision == "pure-bf16" else 4)
             parts["allreduce_gradients"] = 2 * ring * grad_bytes / bandwidth
@@ -117,13 +119,36 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
         if setup.checkpointing(VISION) and vision_trains:
             moved += spec.vision.num_layers * patches * spec.vision.hidden_size
         parts["offload_checkpoints"] = micro_steps * 2 * half * moved / (PCIE_GBPS * 1e9)
-    if setup.offload != "none":
+    if setup.offload != "none" and setup.sharding == "zero":
         shard = trainable / n
         parts["offload_transfer"] = (2 * half * shard) / (PCIE_GBPS * 1e9)
         parts["cpu_adam"] = shard / CPU_ADAM_PARAMS_PER_S
         if setup.offload == "all":
             parts["offload_parameters"] = micro_steps * 2 * half * total / n / (PCIE_GBPS * 1e9)
     return StepTime(sum(parts.values()), parts, micro_flops * micro_steps, mfu, assumed)
+
+
+def _fsdp_parts(setup: TrainSetup, bandwidth: float, trainable: int) -> dict[str, float]:
+    """FSDP2's collectives (memory/fsdp.py `fsdp_communication_bytes`): all-gather and reduce-scatter over the shard
+    group (a node's GPUs for hybrid_shard, at the link's bandwidth), the replicas' all-reduce over the nodes (or all
+    GPUs for no_shard), CPU offload's PCIe traffic and the optimizer step on the CPU."""
+    from .memory.fsdp import fsdp_communication_bytes, shard_size
+
+    n = shard_size(setup)
+    shard_bandwidth = (setup.gpu.link_gbps if setup.fsdp == "hybrid_shard" else bandwidth / 1e9) * 1e9
+    ring = (n - 1) / n if n > 1 else 0.0
+    replicas = setup.world_size // n
+    parts = {}
+    for key, volume in fsdp_communication_bytes(setup).items():
+        if key == "offload_parameters":
+            parts[key] = volume / (PCIE_GBPS * 1e9)
+        elif key == "allreduce_gradients":
+            parts[key] = (replicas - 1) / replicas * volume / bandwidth
+        else:
+            parts[key] = ring * volume / shard_bandwidth
+    if setup.offload == "all":
+        parts["cpu_adam"] = trainable / n / CPU_ADAM_PARAMS_PER_S  # the optimizer step runs on the host
+    return parts
 
 
 def _trainable_params(setup: TrainSetup) -> int:

@@ -41,7 +41,7 @@ def training_arguments(setup: TrainSetup, *, output_dir: str = "saves/vlplan", d
         args["ddp_find_unused_parameters"] = False  # LLaMA-Factory sets it for LoRA under DDP
     if setup.liger_kernel:
         args["use_liger_kernel"] = True
-    if setup.zero > 0 or setup.offload != "none":
+    if setup.sharding == "zero" and (setup.zero > 0 or setup.offload != "none"):
         args["deepspeed"] = deepspeed_path or default_deepspeed_name(setup)
     if extra:
         clash = sorted(set(extra) & set(args))

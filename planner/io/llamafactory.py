@@ -511,7 +511,7 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
         warnings += deepspeed_consistency(ds, choices, name)
         choices.update(ds.setup_fields())
     elif config.get("fsdp"):
-        choices.update(_fsdp(config["fsdp"], name, warnings))
+        choices.update(_fsdp(config["fsdp"], name, warnings, config.get("fsdp_config")))
 
     warnings += _unread_keys(config, version, name)
     return choices, warnings
@@ -655,17 +655,31 @@ def deepspeed_consistency(ds: DeepSpeedSettings, choices: dict, name: str) -> li
     return warnings
 
 
-def _fsdp(value, name: str, warnings: list[str]) -> dict:
+def _fsdp(value, name: str, warnings: list[str], fsdp_config=None) -> dict:
+    """The HF Trainer's `fsdp` option (TrainingArguments FSDPOption: full_shard | shard_grad_op | hybrid_shard |
+    hybrid_shard_zero2 | no_shard, with offload and auto_wrap) as an FSDP setup. The Trainer runs FSDP version 1
+    unless `fsdp_config` says version 2; version 1 is estimated as FSDP2's strategy of the same name."""
     options = value.split() if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
-    if "full_shard" in options or "hybrid_shard" in options:
-        out = {"zero": 3, "offload": "all" if "offload" in options else "none"}
-    elif "shard_grad_op" in options or "hybrid_shard_zero2" in options:
-        out = {"zero": 2}
-    else:
-        warnings.append(f"{name}: fsdp {value!r} is not modelled; the estimate assumes DDP")
+    strategies = {"full_shard": "full_shard", "shard_grad_op": "shard_grad_op", "hybrid_shard": "hybrid_shard",
+                  "hybrid_shard_zero2": "hybrid_shard", "no_shard": "no_shard"}
+    named = [o for o in options if o in strategies]
+    if not named:
+        warnings.append(f"{name}: fsdp {value!r} names no sharding strategy; the estimate assumes DDP")
         return {}
-    warnings.append(f"{name}: FSDP {' '.join(options)} is modelled as DeepSpeed ZeRO-{out['zero']} with the same "
-                    "sharding (FSDP's flat-parameter buffers differ)")
+    out = {"sharding": "fsdp", "fsdp": strategies[named[0]], "zero": 0,
+           "offload": "all" if "offload" in options else "none"}
+    version = None
+    if isinstance(fsdp_config, dict):
+        version = fsdp_config.get("version", fsdp_config.get("fsdp_version"))
+    elif fsdp_config is not None:
+        warnings.append(f"{name}: fsdp_config {fsdp_config!r} is a file vlplan does not read; FSDP version 1 is "
+                        "assumed")
+    if str(version) != "2":
+        warnings.append(f"{name}: FSDP version 1 ({' '.join(options)}) is estimated as FSDP2's {out['fsdp']} (the "
+                        "same units and sharding; FSDP1's flat-parameter buffers are not modelled apart)")
+    if named[0] == "hybrid_shard_zero2":
+        warnings.append(f"{name}: hybrid_shard_zero2 keeps parameters unsharded after forward within a node; it is "
+                        "estimated as hybrid_shard (resharded): an underestimate")
     return out
 
 
@@ -785,7 +799,7 @@ def llamafactory_yaml(setup: TrainSetup, *, version: str = "latest", model_name_
         out["use_unsloth_gc"] = True
     if setup.liger_kernel:
         out["enable_liger_kernel"] = True
-    if setup.zero > 0 or setup.offload != "none":
+    if setup.sharding == "zero" and (setup.zero > 0 or setup.offload != "none"):
         out["deepspeed"] = deepspeed_path or default_deepspeed_name(setup)
     if extra:
         out.update(extra)

@@ -21,7 +21,7 @@ from .options import errors, setup_command
 from .render import console, gib, gib_or_dash, print_json, table
 
 
-@setup_command
+@setup_command(auto_sharding=True)
 def plan_command(
     setup,
     resolved,
@@ -54,6 +54,9 @@ def plan_command(
                                                   "DeepSpeed JSON next to it when ZeRO is on)."),
     export_deepspeed: Path = typer.Option(None, "--export-deepspeed", metavar="DS.json",
                                           help="Write the plan's DeepSpeed config (ZeRO stage, offload, buffers)."),
+    export_accelerate: Path = typer.Option(None, "--export-accelerate", metavar="FSDP.yaml",
+                                           help="Write the plan's accelerate config (FSDP2) for `accelerate launch "
+                                                "--config_file` (written next to the YAML when the plan uses FSDP)."),
     export_hf_args: Path = typer.Option(None, "--export-hf-args", metavar="ARGS.json",
                                         help="Write the plan's transformers TrainingArguments as JSON."),
     llamafactory_version: str = typer.Option("latest", "--llamafactory-version",
@@ -106,7 +109,9 @@ def plan_command(
                 result = plan(setup, global_batch_size=global_batch_size, margin=margin,
                               num_samples=num_samples or None, epochs=planned_epochs,
                               mfu=None if mfu == 0 else mfu,  # 0: the default by attention kernel
-                              host_ram_bytes=host_bytes, host_ram_source=host_source, levers=levers)
+                              host_ram_bytes=host_bytes, host_ram_source=host_source,
+                              shardings=("zero", "fsdp") if resolved.auto_sharding else None,
+                              levers=levers)
         except NothingFits as err:
             if json_:
                 print_json({"fits": False, "error": str(err)})
@@ -114,7 +119,7 @@ def plan_command(
             raise typer.Exit(1) from None
         written, notes = write_exports(result.setup, llamafactory=export_llamafactory, deepspeed=export_deepspeed,
                                        hf_args=export_hf_args, version=llamafactory_version, overwrite=overwrite,
-                                       base=base, epochs=epochs)
+                                       base=base, epochs=epochs, accelerate=export_accelerate)
         if resolved.scan is not None:  # the plan against the data's distribution (planner/fit.py)
             from vlplan.planner.fit import data_statement
 
@@ -161,7 +166,8 @@ def render_plan(result: Plan, explain: bool) -> None:
     d = result.to_dict()
     rows = [["micro-batch per GPU", s.batch_size], ["gradient accumulation", s.gradient_accumulation_steps],
             ["GPUs", f"{s.num_gpus} x {s.num_nodes} node(s) of {s.gpu.name}"],
-            ["global batch", result.global_batch_size], ["ZeRO stage", s.zero], ["offload", s.offload],
+            ["global batch", result.global_batch_size],
+            ["FSDP strategy", s.fsdp] if s.sharding == "fsdp" else ["ZeRO stage", s.zero], ["offload", s.offload],
             ["gradient checkpointing", "on" if s.gradient_checkpointing else "off"], ["attention", s.attn],
             ["peak per GPU", f"{gib(e.peak_bytes)} of {gib(result.capacity_bytes)} ({e.peak_phase})"],
             ["host RAM per node", f"{gib(e.cpu_ram_bytes)} of {gib(result.host_ram_budget_bytes)} "
@@ -171,10 +177,13 @@ def render_plan(result: Plan, explain: bool) -> None:
         rows.append(["time per epoch", f"{d['epoch_time_s'] / 3600:.2f} h"])
         rows.append(["GPU-hours", f"{d['gpu_hours']:.1f}"])
     console.print(table(f"plan for {s.model.name} {s.method}", ["setting", "value"], rows))
-    for reason in result.reasons if explain else result.reasons[:3]:
+    shown = result.reasons if explain else result.reasons[:3] + [r for r in result.reasons[3:]
+                                                                  if r.startswith(("FSDP", "DeepSpeed ZeRO"))]
+    for reason in shown:  # the choice between FSDP and ZeRO (--sharding auto) is always shown
         console.print(f"- {reason}")
     if result.alternatives:
-        alt = [[c.setup.batch_size, c.setup.gradient_accumulation_steps, c.setup.zero, c.setup.offload,
+        alt = [[c.setup.batch_size, c.setup.gradient_accumulation_steps,
+                f"FSDP {c.setup.fsdp}" if c.setup.sharding == "fsdp" else c.setup.zero, c.setup.offload,
                 "on" if c.setup.gradient_checkpointing else "off", gib(c.estimate.peak_bytes),
                 gib(c.estimate.cpu_ram_bytes), f"{c.time.seconds:.2f} s"] for c in result.alternatives]
         console.print(table("runners-up", ["micro", "accum", "ZeRO", "offload", "ckpt", "peak", "host RAM", "step"],
