@@ -62,6 +62,7 @@ class Plan:
     host_ram_budget_bytes: int = 0  # per node
     host_ram_source: str = ""  # where the budget comes from
     host_ram_assumed: bool = False  # the GPU type's assumption, not the caller's number
+    levers: list[str] = field(default_factory=list)  # memory levers the plan switched on to fit (`memory_levers`)
 
     @property
     def setup(self) -> TrainSetup:
@@ -96,7 +97,7 @@ class Plan:
             "host_ram_assumed": self.host_ram_assumed,
             "reasons": self.reasons,
             "alternatives": [c.summary() for c in self.alternatives], "candidates_explored": self.explored,
-            "assumptions": self.assumptions,
+            "assumptions": self.assumptions, **({"levers": self.levers} if self.levers else {}),
         }
 
 
@@ -173,11 +174,91 @@ def _strategies(setup: TrainSetup) -> list[tuple[int, str]]:
 def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num_samples: int | None = None,
          epochs: float = 1.0, mfu: float | None = None, attns: tuple[str, ...] | None = None,
          checkpointing: tuple[bool, ...] = (False, True), host_ram_bytes: int | None = None,
-         host_ram_source: str | None = None, shardings: tuple[str, ...] | None = None) -> Plan:
+         host_ram_source: str | None = None, shardings: tuple[str, ...] | None = None,
+         levers: bool = True) -> Plan:
     """The fastest settings whose estimated peak stays within capacity x (1 - margin) and whose host RAM per node
     stays within `host_ram_bytes` (default: the GPU type's stated assumption); see module docstring.
     `host_ram_source` says where a given `host_ram_bytes` comes from (shown with the plan). `shardings`: "zero" and/or
-    "fsdp", the ways of sharding searched (default: the setup's `sharding`)."""
+    "fsdp", the ways of sharding searched (default: the setup's `sharding`).
+
+    `levers`: when nothing fits, switch on the memory levers that leave the training math unchanged, one more at a
+    time (`memory_levers`: Liger's fused loss, the vision tower's checkpointing where it was off, offloaded
+    checkpointing), and plan again; the first that fits is kept, with the reason first among the plan's reasons."""
+    kwargs = dict(global_batch_size=global_batch_size, margin=margin, num_samples=num_samples, epochs=epochs,
+                  mfu=mfu, attns=attns, checkpointing=checkpointing, host_ram_bytes=host_ram_bytes,
+                  host_ram_source=host_ram_source, shardings=shardings)
+    try:
+        first: Plan | None = _search(setup, **kwargs)
+    except NothingFits as nothing:
+        first, error = None, nothing
+    if not levers or (first is not None and first.setup.offload == "none"):
+        if first is None:
+            raise error
+        return first
+    # Nothing fits, or only with DeepSpeed CPU offload (slow at every step): the levers first
+    switched: list[str] = []
+    fallback: Plan | None = None
+    for variant, what in memory_levers(setup):
+        switched.append(what)
+        try:
+            result = _search(variant, **kwargs)
+        except NothingFits:
+            continue
+        if first is None and fallback is None:
+            fallback = _with_levers(result, switched, "nothing fits")
+        if result.setup.offload == "none":
+            return _with_levers(result, switched, "nothing fits" if first is None else
+                                "only DeepSpeed CPU offload fits, which costs host transfers and CPU optimizer time "
+                                "at every step")
+    if first is not None:
+        return first
+    if fallback is not None:
+        return fallback
+    raise error
+
+
+def _with_levers(result: Plan, switched: list[str], without: str) -> Plan:
+    them = "them" if len(switched) > 1 else "it"
+    result.reasons.insert(0, f"switched on {', '.join(switched)}: without {them} {without} (the training math is "
+                             "unchanged)")
+    result.levers = list(switched)
+    return result
+
+
+def memory_levers(setup: TrainSetup) -> list[tuple[TrainSetup, str]]:
+    """The setups with one more memory lever switched on each (cumulative, the cheapest first), for levers that
+    change where tensors live but not what is computed: Liger's fused linear cross-entropy where it applies
+    (planner/memory/liger.py; its loss equals the unfused one up to float rounding), the vision tower checkpointed
+    when the setup switched that off, and LLaMA-Factory's offloaded checkpointing (inputs in host RAM, which
+    the host budget then has to hold)."""
+    from .memory import liger
+
+    out: list[tuple[TrainSetup, str]] = []
+    current = setup
+
+    def switch(what: str, **changes) -> None:
+        nonlocal current
+        try:
+            current = replace(current, **changes)
+        except VlplanError:
+            return
+        out.append((current, what))
+
+    if not setup.liger_kernel and liger.swaps(replace(setup, liger_kernel=True)):
+        switch("Liger's fused linear cross-entropy (enable_liger_kernel: no logits)", liger_kernel=True)
+    if setup.vision_gradient_checkpointing is False:
+        switch("the vision tower's gradient checkpointing", vision_gradient_checkpointing=None,
+               gradient_checkpointing=True)
+    if not setup.offload_checkpoints and setup.stack == "llamafactory":
+        switch("offloaded gradient checkpointing (use_unsloth_gc: checkpointed inputs in host RAM)",
+               offload_checkpoints=True, gradient_checkpointing=True)
+    return out
+
+
+def _search(setup: TrainSetup, *, global_batch_size: int, margin: float, num_samples: int | None, epochs: float,
+            mfu: float | None, attns: tuple[str, ...] | None, checkpointing: tuple[bool, ...],
+            host_ram_bytes: int | None, host_ram_source: str | None,
+            shardings: tuple[str, ...] | None) -> Plan:
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size <= 0:
         raise VlplanError(f"--global-batch-size must be a positive integer, got {global_batch_size}")
     if global_batch_size > MAX_GLOBAL_BATCH_SIZE:

@@ -21,13 +21,16 @@ from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS
 SETUP_DEFAULTS = {
     "model": None, "method": "lora", "lora_rank": 8, "lora_alpha": None, "lora_target": "all", "lora_dropout": 0.0,
     "dora": False, "train_vision": False, "freeze_vision": False, "train_projector": False, "freeze_projector": False,
-    "freeze_llm": False, "train_llm": False, "freeze_trainable_layers": 2, "precision": "bf16", "quant_bits": None,
+    "freeze_llm": False, "train_llm": False, "vision": None, "projector": None, "language": None,
+    "freeze_trainable_layers": 2, "precision": "bf16", "quant_bits": None,
     "optimizer": "adamw", "seq_len": 2048, "batch_size": 1, "gradient_accumulation_steps": 1, "images": 1,
     "image_size": None, "image_max_pixels": LF_IMAGE_MAX_PIXELS, "image_min_pixels": LF_IMAGE_MIN_PIXELS,
     "videos": 0, "video_size": None, "video_frames": None, "video_duration": None,
     "video_max_pixels": LF_VIDEO_MAX_PIXELS, "video_min_pixels": LF_VIDEO_MIN_PIXELS, "video_fps": LF_VIDEO_FPS,
     "video_maxlen": LF_VIDEO_MAXLEN, "packing": False, "neat_packing": False,
-    "attn": "sdpa", "gradient_checkpointing": True, "gpu": "h100-80g", "gpu_memory_gib": None, "num_gpus": 1,
+    "attn": "sdpa", "gradient_checkpointing": True,
+    "vision_gradient_checkpointing": None, "offload_checkpoints": False, "liger_kernel": False, "gpu": "h100-80g",
+    "gpu_memory_gib": None, "num_gpus": 1,
     "num_nodes": 1, "zero": 0, "offload": "none", "sharding": "zero", "fsdp": "full_shard", "stack": "vlplan",
     # files
     "from_llamafactory": None, "deepspeed": None, "accelerate_config": None, "dataset": None, "percentile": None, "dataset_dir": None,
@@ -199,6 +202,7 @@ def resolve_setup(progress=None, **options) -> ResolvedSetup:
         if acc.precision is not None and not options["from_llamafactory"] and "precision" not in explicit:
             choices["precision"] = acc.precision
     choices.update(flags)
+    _component_flags_over_presets(choices, flags)
     _drop_file_lora_settings(choices, flags)
     if choices.get("sharding") == "fsdp" and {"ds_reduce_bucket_size", "ds_overlap_comm"} & set(choices):
         # a DeepSpeed file read before a flag switched to FSDP: its bucket settings have no FSDP meaning
@@ -225,6 +229,20 @@ def resolve_setup(progress=None, **options) -> ResolvedSetup:
         resolved.warnings += warnings
     resolved.warnings += [w for w in setup_warnings(resolved.setup) if w not in resolved.warnings]
     return resolved
+
+
+def _component_flags_over_presets(choices: dict, flags: dict) -> None:
+    """A typed `--vision/--projector/--language` mode wins over what a YAML's presets say for that component (its
+    freeze keys, its finetuning_type where the mode implies another method); against a typed preset flag it is
+    refused by `make_setup`."""
+    from .setup import implied_method
+
+    for key, preset in (("vision", "train_vision"), ("projector", "train_projector"), ("language", "freeze_llm")):
+        if key in flags and preset not in flags:
+            choices.pop(preset, None)
+    implied = implied_method(flags.get("vision"), flags.get("projector"), flags.get("language"))
+    if implied is not None and "method" not in flags and choices.get("method") not in (implied, "qlora"):
+        choices["method"] = implied
 
 
 def _drop_file_lora_settings(choices: dict, flags: dict) -> None:

@@ -130,6 +130,12 @@ class TrainSetup:
     videos: tuple[Video, ...] = ()
     attn: Attention = "sdpa"
     gradient_checkpointing: bool = True
+    # The vision tower's layers checkpointed or not on their own (ms-swift vit_gradient_checkpointing); None: as
+    # `gradient_checkpointing`, which then stands for the language model alone
+    vision_gradient_checkpointing: bool | None = None
+    # Checkpointed layers' inputs kept in host RAM (LLaMA-Factory use_unsloth_gc, checkpointing.py
+    # `get_unsloth_gradient_checkpointing_func`) instead of on the GPU
+    offload_checkpoints: bool = False
     gpu: GPU = field(default_factory=lambda: find_gpu("h100-80g"))
     num_gpus: int = 1  # per node
     num_nodes: int = 1
@@ -262,6 +268,16 @@ class TrainSetup:
         if self.optimizer in ("adamw-8bit", "paged-adamw-8bit") and self.offload != "none":
             raise VlplanError("DeepSpeed optimizer offload runs its own CPU Adam; use --optimizer adamw with "
                               "--offload")
+        if self.vision_gradient_checkpointing is not None and self.stack == "llamafactory":
+            raise VlplanError("LLaMA-Factory checkpoints the vision tower and the language model together "
+                              "(prepare_model_for_training); per-component checkpointing (ms-swift's "
+                              "vit_gradient_checkpointing) needs --stack vlplan or hf-trainer")
+        if self.offload_checkpoints and not self.any_checkpointing:
+            raise VlplanError("--offload-checkpoints moves checkpointed layers' inputs to host RAM; it needs gradient "
+                              "checkpointing on")
+        if self.offload_checkpoints and self.stack != "llamafactory":
+            raise VlplanError("--offload-checkpoints is LLaMA-Factory's use_unsloth_gc; use it with --stack "
+                              "llamafactory")
         if self.method == "lora" or self.method == "qlora":
             self._validate_lora_targets()
 
@@ -353,6 +369,17 @@ class TrainSetup:
         return (sum(t.special_tokens for t in self.image_tokens())
                 + sum(t.special_tokens for t in self.video_tokens()))
 
+    def checkpointing(self, component: str) -> bool:
+        """Whether the layers of `component` (vision or language) are checkpointed."""
+        if component == VISION and self.vision_gradient_checkpointing is not None:
+            return self.vision_gradient_checkpointing
+        return self.gradient_checkpointing
+
+    @property
+    def any_checkpointing(self) -> bool:
+        """Some layer is checkpointed: the model's `is_gradient_checkpointing`, which peft reads."""
+        return self.gradient_checkpointing or bool(self.vision_gradient_checkpointing)
+
     @property
     def world_size(self) -> int:
         return self.num_gpus * self.num_nodes
@@ -423,17 +450,22 @@ def suggest_max_pixels(setup: TrainSetup) -> int | None:
 
 
 def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | None = None,
-               train_projector: bool | None = None, freeze_llm: bool = False, lora_rank: int | None = None,
+               train_projector: bool | None = None, freeze_llm: bool | None = None, lora_rank: int | None = None,
                lora_alpha: int | None = None, lora_target: str | list[str] | None = None, dora: bool | None = None,
                lora_dropout: float | None = None,
                quant_bits: int | None = None, num_images: int | None = None,
                image_size: tuple[int, int] | None = None, images: list[tuple[int, int]] | None = None,
-               gpu: GPU | str = "h100-80g", **settings) -> TrainSetup:
+               gpu: GPU | str = "h100-80g", vision: str | Train | None = None, projector: str | Train | None = None,
+               language: str | Train | None = None, **settings) -> TrainSetup:
     """Build a TrainSetup from CLI-style choices, applying the method presets and LLaMA-Factory's defaults.
 
     Defaults follow LLaMA-Factory: vision tower and projector frozen, LoRA rank 8 (alpha 2*rank) on every language-
     model linear, gradient checkpointing on, sdpa, bf16 AMP, one image at the `image_max_pixels` cap.
     `--method full` trains the language model only unless the vision tower or projector is asked for.
+    `vision` (frozen | lora | full), `projector` (frozen | full) and `language` (frozen | lora | full | freeze: the last
+    `freeze_trainable_layers` layers, i.e. `--method freeze`) say how each component trains, over the method's
+    preset (e.g. LoRA on the language model with the vision tower and projector in full, ms-swift's
+    lora_llm_full_vit); one that contradicts a preset flag (train_vision, train_projector, freeze_llm) is refused.
     The LoRA settings (`lora_rank`, `lora_alpha`, `lora_target`, `dora`, `lora_dropout`) are None when not given;
     one given with `--method full` or `freeze` (no adapters) is refused rather than ignored.
     """
@@ -450,6 +482,7 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
                               f"--method {method} has no adapters; use --method lora or qlora, or drop {names}")
     lora_rank = 8 if lora_rank is None else lora_rank
     lora_target = "all" if lora_target is None else lora_target
+    modes = _component_modes(method, vision, projector, language, train_vision, train_projector, freeze_llm)
     vision = Train.FROZEN
     if train_vision:
         vision = Train.LORA if adapter else Train.FULL
@@ -458,6 +491,8 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
         language = Train.FROZEN
     else:
         language = Train.LORA if adapter else Train.FULL
+    vision, projector, language = (modes.get(key, preset) for key, preset in
+                                   (("vision", vision), ("projector", projector), ("language", language)))
     if method == "qlora" and quant_bits is None:
         quant_bits = 4
     targets = tuple(t.strip() for t in (lora_target.split(",") if isinstance(lora_target, str) else lora_target)
@@ -481,3 +516,49 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
     return TrainSetup(model=model, method=method, vision=vision, projector=projector, language=language, lora=lora,
                       quant_bits=quant_bits, images=tuple(tuple(i) for i in images),
                       gpu=find_gpu(gpu) if isinstance(gpu, str) else gpu, **settings)
+
+
+COMPONENT_MODES = {"vision": ("frozen", "lora", "full"), "projector": ("frozen", "full"),
+                   "language": ("frozen", "lora", "full", "freeze")}
+
+
+def implied_method(vision: str | None, projector: str | None, language: str | None) -> str | None:
+    """The method per-component modes imply when no method is given: freeze for `--language freeze`, LoRA where a
+    component has adapters, full where the language model trains in full or nothing has adapters; None (the default
+    method stands) when the language model's mode is not given and no component asks for adapters."""
+    modes = {str(getattr(m, "value", m)) for m in (vision, projector, language) if m is not None}
+    if language is not None and str(getattr(language, "value", language)) == "freeze":
+        return "freeze"
+    if "lora" in modes:
+        return "lora"
+    if language is not None:
+        return "full"
+    return None
+
+
+def _component_modes(method: str, vision, projector, language, train_vision, train_projector,
+                     freeze_llm) -> dict[str, Train]:
+    """The per-component modes given (as Train), checked against their choices, the method and the preset flags."""
+    modes: dict[str, Train] = {}
+    for key, value in (("vision", vision), ("projector", projector), ("language", language)):
+        if value is None:
+            continue
+        value = str(getattr(value, "value", value))
+        if value not in COMPONENT_MODES[key]:
+            raise VlplanError(f"--{key} {value!r} is not one of {', '.join(COMPONENT_MODES[key])}")
+        if value == "freeze":
+            if method != "freeze":
+                raise VlplanError(f"--language freeze trains the last language-model layers (--method freeze), "
+                                  f"but the method is {method}; use --method freeze or another --language mode")
+            value = "full"
+        modes[key] = Train(value)
+    for key, flag, given in (("vision", "--train-vision", train_vision), ("projector", "--train-projector",
+                                                                           train_projector)):
+        if key in modes and given is not None and given != (modes[key] is not Train.FROZEN):
+            off = flag.replace("train", "freeze")
+            raise VlplanError(f"{flag if given else off} contradicts --{key} {modes[key].value}; pass one of them")
+    if "language" in modes and freeze_llm is not None and freeze_llm != (modes["language"] is Train.FROZEN):
+        raise VlplanError(f"{'--freeze-llm' if freeze_llm else '--train-llm'} contradicts --language "
+                          f"{modes['language'].value}; pass one of them")
+    return modes
+

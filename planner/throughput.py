@@ -71,9 +71,10 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
         backward += lm_linear + head
     if vision_trains:
         backward += forward_vision + (vit if trains[VISION] is Train.FULL else 0.0)
-    recompute = 0.0
-    if setup.gradient_checkpointing:
+    recompute = 0.0  # per component (ms-swift vit_gradient_checkpointing: `TrainSetup.checkpointing`)
+    if setup.checkpointing(LANGUAGE):
         recompute += (lm_linear + lm_attention) if lm_trains or vision_trains else 0.0
+    if setup.checkpointing(VISION):
         recompute += forward_vision if vision_trains else 0.0
     micro_flops = forward_lm + forward_vision + backward + recompute
     if mfu is None:
@@ -111,6 +112,13 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
             # every micro-step gathers all parameters for forward and again for backward
             parts["allgather_parameters"] = micro_steps * 2 * ring * half * total / bandwidth
             parts["reduce_scatter_gradients"] = micro_steps * ring * half * trainable / bandwidth
+    if setup.offload_checkpoints:
+        # use_unsloth_gc: each checkpointed layer's input to the host in forward and back in backward, per
+        # micro-step (non-blocking copies that may overlap compute: counted in full, an upper bound)
+        moved = t.num_layers * tokens * t.hidden_size if setup.checkpointing(LANGUAGE) and lm_trains else 0
+        if setup.checkpointing(VISION) and vision_trains:
+            moved += spec.vision.num_layers * patches * spec.vision.hidden_size
+        parts["offload_checkpoints"] = micro_steps * 2 * half * moved / (PCIE_GBPS * 1e9)
     if setup.offload != "none" and setup.sharding == "zero":
         shard = trainable / n
         parts["offload_transfer"] = (2 * half * shard) / (PCIE_GBPS * 1e9)

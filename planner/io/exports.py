@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import VlplanError
 from .deepspeed import deepspeed_config
 from .files import check_output_file, write_files_atomic
-from .hf_args import training_arguments
+from .hf_args import check_exportable, training_arguments
 from .llamafactory import default_deepspeed_name, training_yaml
 
 
@@ -38,6 +38,8 @@ def write_exports(setup, *, llamafactory: Path | None, deepspeed: Path | None, h
                        (hf_args, "--export-hf-args"), (accelerate, "--export-accelerate")):
         if path is not None:
             check_output_file(path, flag)  # a folder, a read-only folder: one line before anything is built
+    if hf_args is not None:
+        check_exportable(setup)  # what TrainingArguments cannot say (per-component / offloaded checkpointing)
     uses_deepspeed = setup.sharding == "zero" and (setup.zero > 0 or setup.offload != "none")
     if accelerate is not None or (setup.sharding == "fsdp" and llamafactory is not None):
         from .accelerate import default_accelerate_name, dump_accelerate_config

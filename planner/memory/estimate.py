@@ -175,6 +175,8 @@ def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments:
     cpu = _cpu_ram(setup, params, trainable)
     if fsdp is not None:
         cpu.update(fsdp.cpu_per_node)
+    if sim.host_peak_bytes:  # offloaded checkpointing: every GPU process's checkpointed inputs in host RAM
+        cpu["host/offloaded_checkpoints"] = setup.num_gpus * sim.host_peak_bytes
     return Estimate(setup, params, trainable, peak_phase, allocated_peak, peak, breakdown, allocated,
                     sum(cpu.values()), cpu, allocator)
 

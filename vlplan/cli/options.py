@@ -63,6 +63,12 @@ SETUP_OPTIONS = [
     _opt("freeze_projector", bool, "--freeze-projector", help="Keep the projector frozen (over a YAML)."),
     _opt("freeze_llm", bool, "--freeze-llm", help="Freeze the language model."),
     _opt("train_llm", bool, "--train-llm", help="Train the language model (over a YAML that freezes it)."),
+    _opt("vision", str | None, "--vision", help="How the vision tower trains: frozen | lora | full (over the "
+         "method's preset)."),
+    _opt("projector", str | None, "--projector", help="How the projector trains: frozen | full."),
+    _opt("language", str | None, "--language",
+         help="How the language model trains: frozen | lora | full | freeze (the last --freeze-trainable-layers). "
+              "E.g. --language lora --vision full --projector full: ms-swift's lora_llm_full_vit."),
     _opt("freeze_trainable_layers", int, "--freeze-trainable-layers",
          help="--method freeze: how many last language-model layers train."),
     _opt("precision", str, "--precision",
@@ -101,6 +107,15 @@ SETUP_OPTIONS = [
     _opt("attn", str, "--attn", help="sdpa | fa2 | eager."),
     _opt("gradient_checkpointing", bool, "--gradient-checkpointing/--no-gradient-checkpointing",
          help="Activation checkpointing (on by default, as LLaMA-Factory)."),
+    _opt("vision_gradient_checkpointing", bool | None,
+         "--vision-gradient-checkpointing/--no-vision-gradient-checkpointing",
+         help="Checkpoint the vision tower's layers or not, apart from the language model's (ms-swift "
+              "vit_gradient_checkpointing; default: as --gradient-checkpointing). Not with --stack llamafactory."),
+    _opt("offload_checkpoints", bool, "--offload-checkpoints",
+         help="Keep checkpointed layers' inputs in host RAM (LLaMA-Factory use_unsloth_gc; --stack llamafactory)."),
+    _opt("liger_kernel", bool, "--liger-kernel/--no-liger-kernel",
+         help="Liger kernels as LLaMA-Factory applies them (enable_liger_kernel): fused linear cross-entropy, no "
+              "logits. Modelled for LLaVA under --stack llamafactory; elsewhere a warning."),
     _opt("gpu", str, "--gpu", help="GPU id (see `vlplan gpus`)."),
     _opt("gpu_memory_gib", float | None, "--gpu-memory-gib", help="Any other GPU: its memory in GiB."),
     _opt("num_gpus", int, "--num-gpus", help="GPUs per node."),

@@ -44,6 +44,10 @@ def plan_command(
                                                                    "processes and CPU offload may use (default: this "
                                                                    "machine's RAM when the plan is for this machine, "
                                                                    "else an assumption per GPU type)."),
+    levers: bool = typer.Option(True, "--levers/--no-levers",
+                                help="When nothing fits, or only DeepSpeed CPU offload does, switch on memory levers "
+                                     "that leave the training math unchanged (Liger's fused loss, the vision tower's "
+                                     "checkpointing, offloaded checkpointing), with the reason."),
     explain: bool = typer.Option(False, "--explain", help="Show the reasons and assumptions in full."),
     export_llamafactory: Path = typer.Option(None, "--export-llamafactory", metavar="OUT.yaml",
                                              help="Write the plan as a LLaMA-Factory training YAML (with its "
@@ -77,13 +81,13 @@ def plan_command(
     from vlplan.planner.io.exports import write_exports, yaml_epochs
     from vlplan.planner.plan import NothingFits
 
-    if export_llamafactory is not None and setup.stack != "llamafactory" and "stack" not in resolved.typed:
-        # LLaMA-Factory will prepare the model it trains from the export its own way: plan for that stack
-        setup = replace(setup, stack="llamafactory")
-        typer.echo("warning: planning for LLaMA-Factory's stack, which trains the exported YAML (--stack vlplan to "
-                   "plan for vlplan run)", err=True)
     maximized = statement = None
     with errors():
+        if export_llamafactory is not None and setup.stack != "llamafactory" and "stack" not in resolved.typed:
+            # LLaMA-Factory will prepare the model it trains from the export its own way: plan for that stack
+            setup = replace(setup, stack="llamafactory")
+            typer.echo("warning: planning for LLaMA-Factory's stack, which trains the exported YAML (--stack vlplan "
+                       "to plan for vlplan run)", err=True)
         base = _input_yaml(resolved)
         host_bytes, host_source = host_ram_budget(setup, host_ram_gib)
         planned_epochs = epochs if epochs is not None else yaml_epochs(base)
@@ -106,7 +110,8 @@ def plan_command(
                               num_samples=num_samples or None, epochs=planned_epochs,
                               mfu=None if mfu == 0 else mfu,  # 0: the default by attention kernel
                               host_ram_bytes=host_bytes, host_ram_source=host_source,
-                              shardings=("zero", "fsdp") if resolved.auto_sharding else None)
+                              shardings=("zero", "fsdp") if resolved.auto_sharding else None,
+                              levers=levers)
         except NothingFits as err:
             if json_:
                 print_json({"fits": False, "error": str(err)})
