@@ -12,6 +12,10 @@ def qwen_vl_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     image_grid_thw, rope position_ids from the model's own `get_rope_index`, and the vision helper tensors."""
     from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
+    if setup.videos:
+        from .video_batch import qwen_vl_video_batch
+
+        return qwen_vl_video_batch(setup, model)
     spec = setup.model
     vision = spec.vision
     tokens = setup.image_tokens()
