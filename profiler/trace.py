@@ -189,7 +189,10 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
             model = build.create_model(setup, spec)
             model = build.prepare_model(model, replace(setup, model=spec))
             optimizer = build.make_optimizer(model, setup, emulate_cuda=True)
-        batch = synthetic_batch(replace(setup, model=spec), model, mode if fake else None)
+            reference = build.reference_model(setup, spec) if setup.uses_reference_copy else None
+        # the pairwise collator's batch: chosen and rejected rows (setup.rows_per_micro_batch)
+        batch = synthetic_batch(replace(setup, model=spec, batch_size=setup.rows_per_micro_batch), model,
+                                mode if fake else None)
         tracker = MemoryTracker(detail=detail)
         tracker.scope_of = functools.partial(_component, setup.model.family)
         emulate.set_tracker(tracker)
@@ -200,7 +203,7 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
             category = f"gradients/{_component(setup.model.family, names[id(param)])}"
             handles.append(param.register_post_accumulate_grad_hook(
                 lambda p, category=category: tracker.track(p.grad, category)))
-        phase_peaks = _run_steps(setup, model, optimizer, batch, tracker, steps, mode)
+        phase_peaks = _run_steps(setup, model, optimizer, batch, tracker, steps, mode, reference)
         segments = {k: v for k, v in tracker.segment_snapshots().items() if k.split("/")[0] in PHASES}
         for handle in handles:
             handle.remove()
@@ -234,8 +237,15 @@ class _TrackerPhases(StepHooks):
         self.tracker.phase = "idle"
 
 
-def _run_steps(setup, model, optimizer, batch, tracker, steps, mode) -> dict[str, Snapshot]:
+def _run_steps(setup, model, optimizer, batch, tracker, steps, mode, reference=None) -> dict[str, Snapshot]:
     forward = trainer_forward(model, build.autocast_dtype(setup))
+    if setup.stage == "dpo":  # LLaMA-Factory's CustomDPOTrainer step (profiler/preference.py)
+        from .preference import preference_loss
+
+        # accelerate's prepare_model wraps the reference copy's forward in the same autocast (evaluation_mode only
+        # skips the DDP wrapper: accelerator.py `prepare_model`)
+        ref_forward = trainer_forward(reference, build.autocast_dtype(setup)) if reference is not None else None
+        forward = preference_loss(setup, model, forward, ref_forward)
     with mode, tracker:
         family = setup.model.family
         for name, param in model.named_parameters():
@@ -243,6 +253,9 @@ def _run_steps(setup, model, optimizer, batch, tracker, steps, mode) -> dict[str
             tracker.track(param, f"{kind}/{_component(family, name)}")
         for name, buf in model.named_buffers():
             tracker.track(buf, f"weights/{_component(family, name)}")
+        if reference is not None:
+            for name, tensor in [*reference.named_parameters(), *reference.named_buffers()]:
+                tracker.track(tensor, f"reference/{_component(family, name)}")
         tracker.tag(batch.tensors.values(), "inputs/batch")
         run_steps(setup, model, optimizer, batch.tensors, forward, steps, _TrackerPhases(tracker, steps))
         tracker.snapshot_peak()

@@ -111,6 +111,12 @@ class Params:
 
 
 def apply_linear(e: Engine, x: T, lp: LinearParams, name: str = "") -> T:
+    if e.adapters_disabled and lp.lora_a is not None:
+        # peft `disable_adapter()` (DPO's reference forward): LoRA / DoRA layers return `self.base_layer(x)`
+        # (tuners/lora/layer.py `Linear.forward`, tuners/lora/bnb.py `Linear4bit.forward`: `if self.disable_adapters`)
+        if lp.quant_bits:
+            return ops.quant_linear(e, x, lp.weight, lp.in_features, lp.out_features, lp.quant_bits, name=name)
+        return ops.linear(e, x, lp.weight, lp.out_features, lp.bias, name=name)
     if lp.quant_bits:
         if lp.lora_a is None:
             return ops.quant_linear(e, x, lp.weight, lp.in_features, lp.out_features, lp.quant_bits, name=name)

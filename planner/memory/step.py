@@ -7,11 +7,12 @@ quantities the tracer measures on the real modeling code.
 
 from __future__ import annotations
 
+import copy
 import gc
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
-from ..setup import TrainSetup
-from . import liger
+from ..setup import Train, TrainSetup
+from . import liger, preference
 from .families import model_for
 from .sim import Engine, T
 from .stacks import input_embeddings_hooked
@@ -42,7 +43,7 @@ BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first lay
 # matters to the simulation only as on/off (gradients reduced into buckets instead of kept).
 SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_bucket_size", "ds_overlap_comm",
                       "sharding", "fsdp",  # FSDP re-partitions the single-GPU states analytically (fsdp.py)
-                      "packing")
+                      "packing", "pref_beta")
 
 
 def simulation_key(setup: TrainSetup) -> tuple:
@@ -128,14 +129,28 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e.reduce_grads = bool(setup.zero)
     e.input_grads = input_embeddings_hooked(setup)
     e.liger = liger.swaps(setup)
-    model = builder(e, setup, counts)
+    reference = None
+    if setup.stage == "dpo":
+        # the model runs the pairwise collator's 2 x batch_size rows; a full / freeze fine-tune's reference is a
+        # frozen copy in the compute dtype (planner/memory/preference.py)
+        forward_setup = replace(setup, batch_size=setup.rows_per_micro_batch)
+        model = builder(e, forward_setup, counts)
+        if setup.uses_reference_copy:
+            e.param_kind = "reference"
+            reference = builder(e, reference_setup(forward_setup), counts)
+            e.param_kind = None
+    else:
+        model = builder(e, setup, counts)
     # DeepSpeed keeps its own partitioned states (zero.py); the simulation holds the single-GPU torch ones
     states = [] if setup.zero else _optimizer_states(e, setup, model)
     inputs = model.inputs(e)
     micro_steps = min(setup.gradient_accumulation_steps, 2)
     for _ in range(micro_steps):
         e.set_phase("forward")
-        loss = model.forward(e, inputs)
+        if setup.stage == "dpo":
+            loss = preference.preference_loss(e, setup, model, reference, inputs)
+        else:
+            loss = model.forward(e, inputs)
         e.backward(loss)
         del loss
     e.set_phase("optimizer")
@@ -154,6 +169,18 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     result.segments = {k: v for k, v in e.segment_peaks.items() if k.split("/")[0] in PHASES}
     result.segment_blocks = e.segment_blocks
     return result
+
+
+def reference_setup(setup: TrainSetup) -> TrainSetup:
+    """The DPO reference copy of a full / freeze fine-tune as LLaMA-Factory loads it (`create_ref_model` ->
+    `load_model(is_trainable=False)`): every parameter frozen in the compute dtype, no checkpointing (only trainable
+    models are prepared for training), so no input hooks."""
+    frozen = copy.copy(setup)  # nothing trains: a setup TrainSetup's validation refuses from users, made directly
+    for name, value in dict(method="full", vision=Train.FROZEN, projector=Train.FROZEN, language=Train.FROZEN,
+                            gradient_checkpointing=False, vision_gradient_checkpointing=None,
+                            offload_checkpoints=False).items():
+        object.__setattr__(frozen, name, value)
+    return frozen
 
 
 def _trainable(model) -> list:
