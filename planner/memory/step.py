@@ -76,11 +76,15 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
 
     real = layer_counts(setup.model)
     base = base_layer_counts(setup, real, BASE_LAYERS)
-    if all(n <= base[kind] + 1 for kind, n in real.items()) or setup.vision_gradient_checkpointing is not None:
+    if all(n <= base[kind] + 1 for kind, n in real.items()) or setup.vision_gradient_checkpointing is not None \
+            or setup.stage == "dpo":
         # Per-component checkpointing (a checkpointed language model over an un-checkpointed trainable vision tower)
         # moves the backward peak within a segment as layers are added (at 2-3 text layers it sits where the vision
         # activations dominate, at full depth where the language model's gradients have piled up): the segments are
-        # not affine in the layer counts there, so the full depth is simulated (0.24 s for Qwen2.5-VL-7B)
+        # not affine in the layer counts there, so the full depth is simulated (0.24 s for Qwen2.5-VL-7B). Likewise
+        # DPO: the reference forward runs the layers again inside the policy's loss phase, and which of the phase's
+        # visits to a segment peaks changes with depth (extrapolated, Qwen2.5-VL-7B full DPO's backward came out
+        # 19 GiB under the full simulation)
         return simulate(setup)
     first = simulate(setup, base)
     segments = {k: (v[0], dict(v[1])) for k, v in first.segments.items()}
