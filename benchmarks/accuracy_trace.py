@@ -139,6 +139,10 @@ MATRIX = [
     ("qwen2-vl-7b", dict(method="full", num_images=0, videos=_clip(), seq_len=4096)),
     ("qwen2.5-vl-7b", dict(method="lora", packing=True, neat_packing=True, seq_len=4096, image_size=SQ448)),
     ("qwen2-vl-7b", dict(method="full", packing=True, neat_packing=True, seq_len=2048, image_size=SQ448)),
+    # preference training (LLaMA-Factory stage dpo; traced at full depth): DPO with the LoRA policy's adapters
+    # disabled as the reference, ORPO (no reference)
+    ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", stage="dpo", seq_len=1024, image_size=SQ448)),
+    ("llava-1.5-7b", dict(method="lora", stack="llamafactory", stage="dpo", pref_loss="orpo", seq_len=1024)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 

@@ -284,7 +284,9 @@ def trace(setup: TrainSetup, *, layers: int | None = None, full: bool = False) -
         raise VlplanError(f"--layers must be 1 or more (0: automatic), got {layers}")
     start = time.perf_counter()
     real = layer_counts(setup.model)
-    base = real if full else _base_counts(setup, real, layers)
+    # DPO: the reference forward re-runs the layers inside the loss phase, so which visit of a segment peaks changes
+    # with depth; traced at full depth, as the estimator simulates it (planner/memory/step.py)
+    base = real if full or setup.stage == "dpo" else _base_counts(setup, real, layers)
     runs = [run_trace(setup, base)]
     slopes = {}
     for kind, n in real.items():
