@@ -313,9 +313,11 @@ class TrainSetup:
             raise VlplanError("--stage dpo with a full or freeze reference model under ZeRO-3 (its weights "
                               "partitioned by TRL's prepare_deepspeed) is not modelled; use --zero 2, --method lora, "
                               "or --pref-loss orpo/simpo (no reference model)")
-        if self.lora.dropout > 0:
-            raise VlplanError("LLaMA-Factory's DPO trainer sets every dropout to 0 (trl disable_dropout_in_model); "
-                              "set --lora-dropout 0 (lora_dropout: 0)")
+        if self.lora.dropout > 0 and self.lora.dora:
+            # the trainer zeroes every dropout (trl disable_dropout_in_model): modelled as none for LoRA, but peft's
+            # DoRA takes another path for an nn.Dropout than for nn.Identity
+            raise VlplanError("--stage dpo with DoRA and --lora-dropout > 0 (a zeroed nn.Dropout) is not modelled; set "
+                              "--lora-dropout 0")
         if self.liger_kernel:
             raise VlplanError("--stage dpo with Liger kernels (LF enable_liger_kernel) is not modelled; drop it")
         if self.vision_gradient_checkpointing is not None or self.offload_checkpoints:

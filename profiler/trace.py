@@ -190,6 +190,10 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
             model = build.prepare_model(model, replace(setup, model=spec))
             optimizer = build.make_optimizer(model, setup, emulate_cuda=True)
             reference = build.reference_model(setup, spec) if setup.uses_reference_copy else None
+            if setup.stage == "dpo":  # CustomDPOTrainer.__init__: trl disable_dropout_in_model (every nn.Dropout p 0)
+                for module in model.modules():
+                    if isinstance(module, torch.nn.Dropout):
+                        module.p = 0.0
         # the pairwise collator's batch: chosen and rejected rows (setup.rows_per_micro_batch)
         batch = synthetic_batch(replace(setup, model=spec, batch_size=setup.rows_per_micro_batch), model,
                                 mode if fake else None)

@@ -30,6 +30,8 @@ CASES = [
     (tiny_llava, "llava-1.5-7b", dict(**LF), dict(text=2, vision=2)),
     (tiny_llava, "llava-1.5-7b", dict(**LF, pref_loss="orpo"), dict(text=2, vision=2)),
     (tiny_llava, "llava-1.5-7b", dict(**LF, pref_ftx=1.0, batch_size=2), dict(text=2, vision=2)),
+    # the trainer zeroes LoRA's dropout (trl disable_dropout_in_model)
+    (tiny_spec, "qwen2.5-vl-3b", dict(**LF, **QWEN, lora_dropout=0.05), None),
 ]
 
 
@@ -91,7 +93,7 @@ def test_dpo_costs_more_than_sft_and_the_copy_is_counted():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(stage="dpo"), "--stack llamafactory"),
-    (dict(stage="dpo", stack="llamafactory", lora_dropout=0.1), "dropout"),
+    (dict(stage="dpo", stack="llamafactory", lora_dropout=0.1, dora=True), "dropout"),
     (dict(stage="dpo", stack="llamafactory", method="full", zero=3, num_gpus=2), "ZeRO-3"),
     (dict(stage="kto", stack="llamafactory"), "--stage"),
     (dict(stage="dpo", stack="llamafactory", pref_loss="ipo"), "--pref-loss"),
