@@ -8,7 +8,10 @@ quantities the tracer measures on the real modeling code.
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+
+from ..setup import Train
 
 from ..setup import TrainSetup
 from .families import model_for
@@ -43,9 +46,33 @@ SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_buck
 
 
 def simulation_key(setup: TrainSetup) -> tuple:
-    """What the simulation of `setup` depends on: setups with equal keys have equal simulations."""
-    return tuple((f.name, bool(setup.zero) if f.name == "zero" else getattr(setup, f.name))
-                 for f in fields(setup) if f.name not in SIMULATION_IGNORES)
+    """What the simulation of `setup` depends on: setups with equal keys have equal simulations. An fp16 setup has
+    the key of its bf16 twin (both half types are 2 bytes and every branch of the simulated code treats them alike)
+    except with 8-bit QLoRA, whose bitsandbytes matmul casts its input to fp16 (a copy only when it is not fp16
+    already): tests/test_speed_shortcuts.py checks, for every registry model and method, that the two simulations
+    are equal exactly where the keys are."""
+    cached = _KEYS.get(id(setup))
+    if cached is not None and cached[0] is setup:
+        return cached[1]
+    key = tuple((f.name, _key_value(setup, f.name)) for f in fields(setup) if f.name not in SIMULATION_IGNORES)
+    if len(_KEYS) >= _MEMO_SIZE:
+        _KEYS.clear()
+    _KEYS[id(setup)] = (setup, key)
+    return key
+
+
+def _key_value(setup: TrainSetup, name: str):
+    if name == "zero":
+        return bool(setup.zero)
+    if name == "precision" and SHORTCUTS and setup.precision == "fp16" and setup.quant_bits != 8:
+        return "bf16"
+    return getattr(setup, name)
+
+
+# The exact shortcuts of `simulate_extrapolated` (each checked against the full simulation for every registry model by
+# tests/test_speed_shortcuts.py); tests switch them off to get the full simulation to compare with
+SHORTCUTS = True
+_KEYS: dict[int, tuple] = {}  # id(setup) -> (setup, key): a setup is immutable, its key computed once
 
 
 def simulate_extrapolated(setup: TrainSetup) -> SimResult:
@@ -80,14 +107,12 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
         if n <= base[kind]:
             continue
         extra = n - base[kind]
-        other = simulate(setup, dict(base, **{kind: base[kind] + 1})).segments
+        delta = _layer_delta(setup, base, kind, first)
         for key, (total, categories) in list(segments.items()):
-            o_total, o_categories = other[key]
-            b_total, b_categories = first.segments[key]
-            total += extra * (o_total - b_total)
-            for cat in set(categories) | set(o_categories):
-                categories[cat] = categories.get(cat, 0) + extra * (o_categories.get(cat, 0)
-                                                                    - b_categories.get(cat, 0))
+            d_total, d_categories = delta[key]
+            total += extra * d_total
+            for cat, d in d_categories.items():
+                categories[cat] = categories.get(cat, 0) + extra * d
             segments[key] = (total, categories)
     peaks: dict[str, int] = {}
     breakdown: dict[str, dict[str, int]] = {}
@@ -99,6 +124,101 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
     result = SimResult({p: peaks[p] for p in PHASES if p in peaks}, breakdown)
     result.segments = segments
     return result
+
+
+def _layer_delta(setup: TrainSetup, base: dict[str, int], kind: str, first: SimResult) -> dict:
+    """What one more layer of `kind` adds to each segment's peak and breakdown: {segment: (bytes, {category: bytes})},
+    the difference of the simulations at `base` and at `base` plus that layer. Two exact shortcuts spare the second
+    simulation (SHORTCUTS; each holds for the families whose activation model says so, and tests/test_speed_shortcuts.py
+    holds every registry model to the full simulation):
+    - a frozen vision layer (its component frozen, `BaseModel.frozen_vision_layers_add_weights_only`) runs without
+      gradient, so it adds its weights and nothing else to every segment: the construction of the model at both
+      counts (no step) gives them, shared by every micro-batch and sequence length;
+    - one more language-model layer adds the same to every segment whatever the image size
+      (`BaseModel.text_layer_delta_shared`): the difference is shared by the setups that differ only in their images'
+      sizes."""
+    builder = model_for(setup.model.family)
+    bigger = dict(base, **{kind: base[kind] + 1})
+    if SHORTCUTS and kind.startswith("vision") and setup.vision is Train.FROZEN \
+            and builder.frozen_vision_layers_add_weights_only:
+        weights = _construction_delta(setup, base, bigger)
+        if weights is not None:
+            return {key: weights for key in first.segments}
+    shared_key = None
+    if SHORTCUTS and kind == "text" and setup.images and builder.text_layer_delta_shared(setup.model):
+        shared_key = (simulation_key_without_images(setup), tuple(sorted(base.items())))
+        delta = _TEXT_DELTAS.get(shared_key)
+        if delta is not None and delta.keys() == first.segments.keys():
+            return delta
+    other = simulate(setup, bigger).segments
+    delta = {}
+    for key, (b_total, b_categories) in first.segments.items():
+        o_total, o_categories = other[key]
+        delta[key] = (o_total - b_total, {cat: o_categories.get(cat, 0) - b_categories.get(cat, 0)
+                                          for cat in set(b_categories) | set(o_categories)})
+    if shared_key is not None:
+        if len(_TEXT_DELTAS) >= _MEMO_SIZE:
+            _TEXT_DELTAS.pop(next(iter(_TEXT_DELTAS)))
+        _TEXT_DELTAS[shared_key] = delta
+    return delta
+
+
+IMAGE_FIELDS = ("images", "image_max_pixels", "image_min_pixels")
+
+
+def simulation_key_without_images(setup: TrainSetup) -> tuple:
+    """The simulation key with the images' sizes left out (their number kept)."""
+    return tuple(item for item in simulation_key(setup) if item[0] not in IMAGE_FIELDS) + (("images", len(setup.images)),)
+
+
+_TEXT_DELTAS: dict[tuple, dict] = {}
+
+
+def _construction_delta(setup: TrainSetup, base: dict[str, int], bigger: dict[str, int]):
+    """(bytes, {category: bytes}) that building the model at `bigger` layer counts allocates beyond building it at
+    `base` (no step run), or None when it is not only weights. Memoized without the micro-batch."""
+    key = (simulation_key(setup), tuple(sorted(base.items())), tuple(sorted(bigger.items())))
+    key = tuple(item for item in key[0] if item[0] not in ("batch_size", "gradient_accumulation_steps")) + key[1:]
+    if key in _CONSTRUCTIONS:
+        return _CONSTRUCTIONS[key]
+    built = []
+    for counts in (base, bigger):
+        e = Engine()
+        model = model_for(setup.model.family)(e, setup, counts)
+        built.append((e.current, dict(e.by_category)))
+        del model, e
+    (b_total, b_categories), (o_total, o_categories) = built
+    categories = {cat: o_categories.get(cat, 0) - b_categories.get(cat, 0)
+                  for cat in set(b_categories) | set(o_categories)}
+    categories = {cat: d for cat, d in categories.items() if d}
+    answer = (o_total - b_total, categories) if all(c.startswith("weights/") for c in categories) else None
+    if len(_CONSTRUCTIONS) >= _MEMO_SIZE:
+        _CONSTRUCTIONS.pop(next(iter(_CONSTRUCTIONS)))
+    _CONSTRUCTIONS[key] = answer
+    return answer
+
+
+_CONSTRUCTIONS: dict[tuple, tuple | None] = {}
+
+
+def clear_memos() -> None:
+    """Forget every memoized simulation, key and shared difference (tests switching SHORTCUTS)."""
+    for memo in (_MEMO, _KEYS, _TEXT_DELTAS, _CONSTRUCTIONS):
+        memo.clear()
+
+
+@contextmanager
+def full_simulation():
+    """Within the block, `simulate_extrapolated` takes none of the shortcuts (and shares no memo with outside it)."""
+    global SHORTCUTS
+    was = SHORTCUTS
+    SHORTCUTS = False
+    clear_memos()
+    try:
+        yield
+    finally:
+        SHORTCUTS = was
+        clear_memos()
 
 
 def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bool = False) -> SimResult:
