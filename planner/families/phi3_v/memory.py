@@ -161,12 +161,6 @@ class Phi3VModel(ConditionalGenerationStep, BaseModel):
     # state stays alive (`ClipTower`); tests/test_speed_shortcuts.py shows the shortcut would be wrong here
     frozen_vision_layers_add_weights_only = False
 
-    @classmethod
-    def text_layer_delta_shared(cls, spec) -> bool:
-        """No: where the vision forward segment peaks depends on the image size, so one more language-model layer
-        does not add the same to it at every size (tests/test_speed_shortcuts.py shows it)."""
-        return False
-
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         spec = setup.model
         counts = counts or {"text": spec.text.num_layers, "vision": spec.vision.num_layers}
