@@ -21,6 +21,12 @@ from vlplan.planner.setup import make_setup
 
 pytestmark = pytest.mark.slow
 
+
+@pytest.fixture(autouse=True)
+def _no_persistent_cache(monkeypatch):
+    """Every result here is computed: one read back from the persistent cache would skip the shortcut under test."""
+    monkeypatch.setenv("VLPLAN_NO_CACHE", "1")
+
 MODELS = names()
 V100 = find_gpu("v100-32g")
 METHODS = [dict(method="full"), dict(method="freeze"), dict(method="lora"), dict(method="qlora", quant_bits=4),
