@@ -48,11 +48,11 @@ class Inventory:
     # Linears per repeated layer (one entry per module, count 1), for the activation model
     layer_linears: tuple[Linear, ...] = ()
 
-    @property
+    @cached_property  # computed once per (immutable) inventory: the plan's throughput model asks many times
     def linear_params(self) -> int:
         return sum(linear.params for linear in self.linears)
 
-    @property
+    @cached_property
     def params(self) -> int:
         return self.linear_params + self.other_params
 
