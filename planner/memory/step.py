@@ -12,9 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 from .. import cache
-from ..setup import Train
-
-from ..setup import TrainSetup
+from ..setup import Train, TrainSetup
 from .families import model_for
 from .sim import Engine, T
 from .stacks import input_embeddings_hooked
@@ -153,16 +151,17 @@ def _layer_delta(setup: TrainSetup, base: dict[str, int], kind: str, first: SimR
     the difference of the simulations at `base` and at `base` plus that layer. Two exact shortcuts spare the second
     simulation (SHORTCUTS; each holds for the families whose activation model says so, and tests/test_speed_shortcuts.py
     holds every registry model to the full simulation):
-    - a frozen vision layer (its component frozen, `BaseModel.frozen_vision_layers_add_weights_only`) runs without
-      gradient, so it adds its weights and nothing else to every segment: the construction of the model at both
-      counts (no step) gives them, shared by every micro-batch and sequence length;
+    - a frozen vision layer (its component frozen, no `enable_input_require_grads` hook making the tower's input
+      require grad: stacks.py, `BaseModel.frozen_vision_layers_add_weights_only`) builds no autograd graph, so it adds
+      its weights and nothing else to every segment: the construction of the model at both counts (no step) gives
+      them, shared by every micro-batch;
     - one more language-model layer adds the same to every segment whatever the image size
       (`BaseModel.text_layer_delta_shared`): the difference is shared by the setups that differ only in their images'
       sizes."""
     builder = model_for(setup.model.family)
     bigger = dict(base, **{kind: base[kind] + 1})
     if SHORTCUTS and kind.startswith("vision") and setup.vision is Train.FROZEN \
-            and builder.frozen_vision_layers_add_weights_only:
+            and not input_embeddings_hooked(setup) and builder.frozen_vision_layers_add_weights_only:
         weights = _construction_delta(setup, base, bigger)
         if weights is not None:
             return {key: weights for key in first.segments}
