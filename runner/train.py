@@ -283,7 +283,7 @@ def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: No
                 "random_init": options.random_init, "smoke_test": options.smoke_test,
                 "world_size": setup.world_size},
         "losses": [], "steps": 0, "checkpoint": None, "resumed_from": str(resume_from) if resume_from else None,
-        "measured": None, "warnings": [], "oom": None,
+        "measured": None, "warnings": [], "oom": None, "probe": None,
     }
     kept_losses: list[dict] = []
     if previous and resume_from is not None:
@@ -337,12 +337,21 @@ def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: No
                                        callbacks=make_callbacks(state, on_event, write_record))
         trainer.run_state = state
         trainer.remove_callback(PrinterCallback)
+        probe = None
+        if options.probe:  # the heaviest micro-batch's step first (runner/probe.py), at on_train_begin
+            from .probe import Probe, make_probe_callback
+
+            probe = Probe(setup, dataset, trainer.data_collator, state, on_event, main)
+            trainer.add_callback(make_probe_callback(trainer, probe, record, write_record))
         if resume_from is not None and _steps_of(resume_from) >= total_steps(trainer):
             return _already_trained(trainer, processor, resume_from, record, previous, write_record, on_event, main)
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except torch.OutOfMemoryError as err:
             report = oom_report(setup, result, state.phase, err, state.start_bytes)
+            if probe is not None and probe.running:
+                report = probe.annotate_oom(report)
+                record["probe"] = probe.entry
             record["oom"] = report
             record["steps"] = trainer.state.global_step
             write_record("oom")

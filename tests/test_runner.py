@@ -256,6 +256,9 @@ def test_two_processes_through_torchrun_with_gloo(env, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads(done.stdout)
     assert record["status"] == "completed" and record["steps"] == step + 1 and record["settings"]["world_size"] == 2
+    # each rank probed the same heaviest batch before its first step; the record holds the larger peak of the two
+    assert record["probe"]["status"] == "done" and record["probe"]["ranks"] == 2
+    assert record["probe"]["live_tensor_peak_bytes"] > 0
     assert [e["step"] for e in record["losses"]] == list(range(1, step + 2))
     assert all(math.isfinite(e["loss"]) for e in record["losses"])
     assert (out / "adapter_model.safetensors").is_file()

@@ -44,7 +44,7 @@ def _setup(model: str, **kw):
 
 
 def _result(result) -> tuple:
-    return result.phase_peaks, result.phase_breakdown, result.segments
+    return result.phase_peaks, result.phase_breakdown, result.segments, result.host_peak_bytes
 
 
 def _full(setup) -> tuple:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 
 from .. import cache
 from ..setup import Train, TrainSetup
+from . import liger
 from .families import model_for
 from .sim import Engine, T
 from .stacks import input_embeddings_hooked
@@ -25,6 +26,7 @@ class SimResult:
     phase_peaks: dict[str, int]
     phase_breakdown: dict[str, dict[str, int]]
     params_bytes: dict[str, int] = field(default_factory=dict)
+    host_peak_bytes: int = 0  # checkpointed inputs held in host RAM (offloaded checkpointing), at their peak
 
     @property
     def peak_phase(self) -> str:
@@ -41,7 +43,8 @@ BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first lay
 # buffers: zero.py and estimate.py add those analytically), and what is recorded only for launch configs. ZeRO
 # matters to the simulation only as on/off (gradients reduced into buckets instead of kept).
 SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_bucket_size", "ds_overlap_comm",
-                      "packing", "liger_kernel", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen")
+                      "sharding", "fsdp",  # FSDP re-partitions the single-GPU states analytically (fsdp.py)
+                      "packing", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen")
 
 
 def simulation_key(setup: TrainSetup) -> tuple:
@@ -102,8 +105,8 @@ def _load(key: tuple) -> SimResult | None:
     """The persistent cache's result for `key` (planner/cache.py), or None."""
     value = cache.load(CACHE_NAMESPACE, key)
     try:
-        peaks, breakdown, segments = value
-        result = SimResult(dict(peaks), {phase: dict(b) for phase, b in breakdown.items()})
+        peaks, breakdown, segments, host = value
+        result = SimResult(dict(peaks), {phase: dict(b) for phase, b in breakdown.items()}, host_peak_bytes=host)
         result.segments = {name: (total, dict(categories)) for name, (total, categories) in segments.items()}
     except (TypeError, ValueError, AttributeError):  # absent (None) or malformed
         return None
@@ -111,7 +114,8 @@ def _load(key: tuple) -> SimResult | None:
 
 
 def _store(key: tuple, result: SimResult) -> None:
-    cache.store(CACHE_NAMESPACE, key, [result.phase_peaks, result.phase_breakdown, result.segments])
+    cache.store(CACHE_NAMESPACE, key, [result.phase_peaks, result.phase_breakdown, result.segments,
+                                       result.host_peak_bytes])
 
 
 def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
@@ -119,15 +123,21 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
 
     real = layer_counts(setup.model)
     base = base_layer_counts(setup, real, BASE_LAYERS)
-    if all(n <= base[kind] + 1 for kind, n in real.items()):
+    if all(n <= base[kind] + 1 for kind, n in real.items()) or setup.vision_gradient_checkpointing is not None:
+        # Per-component checkpointing (a checkpointed language model over an un-checkpointed trainable vision tower)
+        # moves the backward peak within a segment as layers are added (at 2-3 text layers it sits where the vision
+        # activations dominate, at full depth where the language model's gradients have piled up): the segments are
+        # not affine in the layer counts there, so the full depth is simulated (0.24 s for Qwen2.5-VL-7B)
         return simulate(setup)
     first = simulate(setup, base)
     segments = {k: (v[0], dict(v[1])) for k, v in first.segments.items()}
+    host = first.host_peak_bytes
     for kind, n in real.items():
         if n <= base[kind]:
             continue
         extra = n - base[kind]
-        delta = _layer_delta(setup, base, kind, first)
+        delta, host_delta = _layer_delta(setup, base, kind, first)
+        host += extra * host_delta
         for key, (total, categories) in list(segments.items()):
             d_total, d_categories = delta[key]
             total += extra * d_total
@@ -141,14 +151,14 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
         if phase not in peaks or total > peaks[phase]:
             peaks[phase] = total
             breakdown[phase] = {k: v for k, v in categories.items() if v}
-    result = SimResult({p: peaks[p] for p in PHASES if p in peaks}, breakdown)
+    result = SimResult({p: peaks[p] for p in PHASES if p in peaks}, breakdown, host_peak_bytes=host)
     result.segments = segments
     return result
 
 
-def _layer_delta(setup: TrainSetup, base: dict[str, int], kind: str, first: SimResult) -> dict:
-    """What one more layer of `kind` adds to each segment's peak and breakdown: {segment: (bytes, {category: bytes})},
-    the difference of the simulations at `base` and at `base` plus that layer. Two exact shortcuts spare the second
+def _layer_delta(setup: TrainSetup, base: dict[str, int], kind: str, first: SimResult) -> tuple[dict, int]:
+    """What one more layer of `kind` adds to each segment's peak and breakdown, {segment: (bytes, {category: bytes})},
+    and to the host peak (offloaded checkpoint inputs): the difference of the simulations at `base` and at `base` plus that layer. Two exact shortcuts spare the second
     simulation (SHORTCUTS; each holds for the families whose activation model says so, and tests/test_speed_shortcuts.py
     holds every registry model to the full simulation):
     - a frozen vision layer (its component frozen, no `enable_input_require_grads` hook making the tower's input
@@ -163,25 +173,27 @@ def _layer_delta(setup: TrainSetup, base: dict[str, int], kind: str, first: SimR
     if SHORTCUTS and kind.startswith("vision") and setup.vision is Train.FROZEN \
             and not input_embeddings_hooked(setup) and builder.frozen_vision_layers_add_weights_only:
         weights = _construction_delta(setup, base, bigger)
-        if weights is not None:
-            return {key: weights for key in first.segments}
+        if weights is not None:  # no graph: nothing saved, nothing offloaded to the host
+            return {key: weights for key in first.segments}, 0
     shared_key = None
     if SHORTCUTS and kind == "text" and setup.images and builder.text_layer_delta_shared(setup.model):
         shared_key = (simulation_key_without_images(setup), tuple(sorted(base.items())))
-        delta = _TEXT_DELTAS.get(shared_key)
-        if delta is not None and delta.keys() == first.segments.keys():
-            return delta
-    other = simulate(setup, bigger).segments
+        shared = _TEXT_DELTAS.get(shared_key)
+        if shared is not None and shared[0].keys() == first.segments.keys():
+            return shared
+    bigger_result = simulate(setup, bigger)
+    other = bigger_result.segments
     delta = {}
     for key, (b_total, b_categories) in first.segments.items():
         o_total, o_categories = other[key]
         delta[key] = (o_total - b_total, {cat: o_categories.get(cat, 0) - b_categories.get(cat, 0)
                                           for cat in set(b_categories) | set(o_categories)})
+    answer = delta, bigger_result.host_peak_bytes - first.host_peak_bytes
     if shared_key is not None:
         if len(_TEXT_DELTAS) >= _MEMO_SIZE:
             _TEXT_DELTAS.pop(next(iter(_TEXT_DELTAS)))
-        _TEXT_DELTAS[shared_key] = delta
-    return delta
+        _TEXT_DELTAS[shared_key] = answer
+    return answer
 
 
 IMAGE_FIELDS = ("images", "image_max_pixels", "image_min_pixels")
@@ -192,7 +204,7 @@ def simulation_key_without_images(setup: TrainSetup) -> tuple:
     return tuple(item for item in simulation_key(setup) if item[0] not in IMAGE_FIELDS) + (("images", len(setup.images)),)
 
 
-_TEXT_DELTAS: dict[tuple, dict] = {}
+_TEXT_DELTAS: dict[tuple, tuple[dict, int]] = {}
 
 
 def _construction_delta(setup: TrainSetup, base: dict[str, int], bigger: dict[str, int]):
@@ -204,7 +216,7 @@ def _construction_delta(setup: TrainSetup, base: dict[str, int], bigger: dict[st
         return _CONSTRUCTIONS[key]
     built = []
     for counts in (base, bigger):
-        e = Engine()
+        e = _engine(setup)
         model = model_for(setup.model.family)(e, setup, counts)
         built.append((e.current, dict(e.by_category)))
         del model, e
@@ -254,10 +266,16 @@ def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bo
             gc.enable()
 
 
-def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
+def _engine(setup: TrainSetup, detail: bool = False) -> Engine:
     e = Engine(detail)
     e.reduce_grads = bool(setup.zero)
     e.input_grads = input_embeddings_hooked(setup)
+    e.liger = liger.swaps(setup)
+    return e
+
+
+def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
+    e = _engine(setup, detail)
     model = builder(e, setup, counts)
     # DeepSpeed keeps its own partitioned states (zero.py); the simulation holds the single-GPU torch ones
     states = [] if setup.zero else _optimizer_states(e, setup, model)
@@ -278,7 +296,7 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e._flush()
     peaks = {phase: e.phase_peaks[phase][0] for phase in PHASES if phase in e.phase_peaks}
     breakdown = {phase: {k: v for k, v in e.phase_peaks[phase][1].items() if v} for phase in peaks}
-    result = SimResult(peaks, breakdown)
+    result = SimResult(peaks, breakdown, host_peak_bytes=e.host_peak_bytes)
     result.blocks = e.phase_blocks
     result.segment_peaks = {k: v[0] for k, v in e.segment_peaks.items()}
     result.segments = {k: v for k, v in e.segment_peaks.items() if k.split("/")[0] in PHASES}

@@ -62,6 +62,9 @@ def run_command(
                                                                 "of the model's family."),
     auto_retry: bool = typer.Option(False, "--auto-retry", help="After a CUDA out-of-memory error, retry with the "
                                                                 "next plan (half the micro-batch, same global batch)."),
+    no_probe: bool = typer.Option(False, "--no-probe", help="Skip the step on the heaviest micro-batch that runs "
+                                                            "before training (it makes an out-of-memory error "
+                                                            "surface at step 0)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command, environment and generated configs; "
                                                           "run nothing."),
     launcher: str = typer.Option(None, "--launcher", help="torchrun | deepspeed | accelerate (more than one GPU or "
@@ -81,7 +84,9 @@ def run_command(
     accumulation, precision, optimizer, attention and ZeRO stage. With --from-llamafactory the YAML's
     model_name_or_path, dataset/dataset_dir, output_dir, learning rate, steps or epochs, scheduler, warmup, save,
     logging and seed keys apply too; flags typed on the command line win. Writes OUTPUT_DIR/vlplan_run.json (plan,
-    estimate, settings, per-step losses, measured CUDA peaks). Exit codes: 0 done, 2 bad input, 3 out of memory,
+    estimate, settings, per-step losses, measured CUDA peaks). Before the first step it trains one step on the
+    heaviest micro-batch of the data and puts the model, optimizer and random state back, so an out-of-memory error
+    surfaces at step 0 (the record's "probe": its samples and measured peak; --no-probe skips it). Exit codes: 0 done, 2 bad input, 3 out of memory,
     128 + signal when interrupted (a checkpoint is saved; continue with --resume).
     """
     from vlplan import run
@@ -134,7 +139,7 @@ def run_command(
         scan = getattr(resolved, "scan", None)
         options = RunOptions(cutoff_len=scan.cutoff_len if scan is not None else None, resume=resume,
                              overwrite=overwrite, random_init=random_init, smoke_test=smoke_test,
-                             auto_retry=auto_retry, plan=plan_dict, **chosen)
+                             auto_retry=auto_retry, probe=not no_probe, plan=plan_dict, **chosen)
         result, code = run(setup, options, dry_run=dry_run, on_event=render_event)
     if json_:
         print_json(result)
@@ -182,6 +187,15 @@ def render_record(record: dict, options) -> None:
     print(f"{status}: {record.get('steps', 0)} steps{trend}; record {Path(options.output_dir) / 'vlplan_run.json'}")
     if status == "completed":
         print(f"trained weights and processor saved to {options.output_dir}")
+    probe = record.get("probe") or {}
+    if probe.get("status") == "done":
+        peak = probe.get("max_memory_allocated_bytes") or probe.get("live_tensor_peak_bytes")
+        estimated = probe.get("estimate_allocated_peak_bytes")
+        print(f"heaviest micro-batch probed first: sample(s) {', '.join('#' + str(i) for i in probe['samples'])}, "
+              f"peak {peak / 2**30:.3f} GiB allocated"
+              + (f" (estimate {estimated / 2**30:.3f} GiB)" if estimated else ""))
+    elif probe.get("skipped"):
+        print(f"note: {probe['skipped']}", file=sys.stderr)
     if record.get("oom"):
         print(f"error: {record['oom']['message']}", file=sys.stderr)
     for warning in record.get("warnings") or []:
