@@ -31,7 +31,8 @@ MODELS = names()
 V100 = find_gpu("v100-32g")
 METHODS = [dict(method="full"), dict(method="freeze"), dict(method="lora"), dict(method="qlora", quant_bits=4),
            dict(method="qlora", quant_bits=8), dict(method="lora", stack="llamafactory", attn="eager"),
-           dict(method="full", stack="hf-trainer", optimizer="adafactor")]
+           dict(method="full", stack="hf-trainer", optimizer="adafactor"),
+           dict(method="lora", liger_kernel=True, offload_checkpoints=True, stack="llamafactory")]
 
 
 def _setup(model: str, **kw):
@@ -126,10 +127,12 @@ def test_fp16_exception_is_real():
 
 VISION_CASES = (dict(method="lora"), dict(method="full", batch_size=2), dict(method="qlora", quant_bits=4),
                 dict(method="lora", stack="llamafactory", num_images=2, seq_len=16384),
-                dict(method="full", stack="hf-trainer", attn="eager", seq_len=4096))
+                dict(method="full", stack="hf-trainer", attn="eager", seq_len=4096),
+                dict(method="lora", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"))
 TEXT_SIZES = [(224, 224), (448, 448), (768, 768), (1920, 1080)]
 TEXT_CASES = (dict(method="lora"), dict(method="lora", seq_len=4096), dict(method="freeze"),
-              dict(method="full", batch_size=2), dict(method="lora", stack="llamafactory", num_images=2, seq_len=16384))
+              dict(method="full", batch_size=2), dict(method="lora", stack="llamafactory", num_images=2, seq_len=16384),
+              dict(method="full", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"))
 
 
 def _vision_shortcut_wrong(model: str, kw: dict) -> bool:
@@ -191,3 +194,10 @@ def test_declined_shortcuts_are_wrong(claim):
             wrong = any(_vision_shortcut_wrong(model, kw) if claim == "vision" else _text_shortcut_wrong(model, kw)
                         for model in models for kw in (VISION_CASES if claim == "vision" else TEXT_CASES))
         assert wrong, f"{builder.__name__} declines the {claim} shortcut for {models}, but it holds in every case"
+
+
+def test_cases_are_valid_setups():
+    """Every case above is a valid setup for Qwen2.5-VL-7B (a case no model accepts would test nothing)."""
+    for kw in METHODS + list(VISION_CASES) + list(TEXT_CASES):
+        assert _setup("qwen2.5-vl-7b", **kw) is not None, kw
+        assert _setup("qwen2.5-vl-7b", gpu=V100, precision="fp16", **kw) is not None or "quant_bits" in kw, kw
