@@ -158,9 +158,9 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
 
 def _layer_delta(setup: TrainSetup, base: dict[str, int], kind: str, first: SimResult) -> tuple[dict, int]:
     """What one more layer of `kind` adds to each segment's peak and breakdown, {segment: (bytes, {category: bytes})},
-    and to the host peak (offloaded checkpoint inputs): the difference of the simulations at `base` and at `base` plus that layer. Two exact shortcuts spare the second
-    simulation (SHORTCUTS; each holds for the families whose activation model says so, and tests/test_speed_shortcuts.py
-    holds every registry model to the full simulation):
+    and to the host peak (offloaded checkpoint inputs): the difference of the simulations at `base` and at `base`
+    plus that layer. Two exact shortcuts spare the second simulation (SHORTCUTS; each holds for the families whose
+    activation model says so, and tests/test_speed_shortcuts.py holds every registry model to the full simulation):
     - a frozen vision layer (its component frozen, no `enable_input_require_grads` hook making the tower's input
       require grad: stacks.py, `BaseModel.frozen_vision_layers_add_weights_only`) builds no autograd graph, so it adds
       its weights and nothing else to every segment: the construction of the model at both counts (no step) gives
@@ -201,7 +201,8 @@ IMAGE_FIELDS = ("images", "image_max_pixels", "image_min_pixels")
 
 def simulation_key_without_images(setup: TrainSetup) -> tuple:
     """The simulation key with the images' sizes left out (their number kept)."""
-    return tuple(item for item in simulation_key(setup) if item[0] not in IMAGE_FIELDS) + (("images", len(setup.images)),)
+    kept = tuple(item for item in simulation_key(setup) if item[0] not in IMAGE_FIELDS)
+    return kept + (("images", len(setup.images)),)
 
 
 _TEXT_DELTAS: dict[tuple, tuple[dict, int]] = {}
