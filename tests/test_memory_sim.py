@@ -44,8 +44,7 @@ def test_simulation_ignores_the_cluster():
                       zero=2)
     reference = simulate(base)
     variants = dict(gpu=find_gpu("a100-40g"), num_gpus=8, num_nodes=2, offload="optimizer", zero=3,
-                    ds_reduce_bucket_size=10**6, ds_overlap_comm=True, packing=True,
-                    video_max_pixels=1024, video_min_pixels=128, video_fps=1.0, video_maxlen=8)
+                    ds_reduce_bucket_size=10**6, ds_overlap_comm=True, packing=True)
     # FSDP's sharding settings re-partition the single-GPU simulation analytically (fsdp.py, tests/test_fsdp.py)
     assert set(variants) - {"zero"} == set(step.SIMULATION_IGNORES) - {"sharding", "fsdp"}
     for name, value in variants.items():
