@@ -18,6 +18,7 @@ from vlplan.planner.memory.families import model_for
 from vlplan.planner.memory.sim import recording_allocations
 from vlplan.planner.registry import names, resolve
 from vlplan.planner.setup import make_setup
+from vlplan.planner.video import Video
 
 pytestmark = pytest.mark.slow
 
@@ -29,17 +30,19 @@ def _no_persistent_cache(monkeypatch):
 
 MODELS = names()
 V100 = find_gpu("v100-32g")
+VIDEO = dict(method="lora", videos=(Video(640, 360, duration_s=4.0),), seq_len=16384)  # Qwen2-VL/2.5-VL only
+PACKED = dict(method="full", packing=True, batch_size=2)
 METHODS = [dict(method="full"), dict(method="freeze"), dict(method="lora"), dict(method="qlora", quant_bits=4),
            dict(method="qlora", quant_bits=8), dict(method="lora", stack="llamafactory", attn="eager"),
            dict(method="full", stack="hf-trainer", optimizer="adafactor"),
-           dict(method="lora", liger_kernel=True, offload_checkpoints=True, stack="llamafactory")]
+           dict(method="lora", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"), VIDEO, PACKED]
 
 
 def _setup(model: str, **kw):
     kw.setdefault("seq_len", 8192)
     kw.setdefault("image_size", (448, 448))
     try:
-        return make_setup(resolve(model), **kw)
+        return make_setup(resolve(model), **kw)  # extra TrainSetup fields (videos, packing) pass through **settings
     except VlplanError:  # e.g. a processor with a fixed tile grid that the sequence cannot hold: no such case
         return None
 
@@ -128,11 +131,11 @@ def test_fp16_exception_is_real():
 VISION_CASES = (dict(method="lora"), dict(method="full", batch_size=2), dict(method="qlora", quant_bits=4),
                 dict(method="lora", stack="llamafactory", num_images=2, seq_len=16384),
                 dict(method="full", stack="hf-trainer", attn="eager", seq_len=4096),
-                dict(method="lora", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"))
+                dict(method="lora", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"), VIDEO, PACKED)
 TEXT_SIZES = [(224, 224), (448, 448), (768, 768), (1920, 1080)]
 TEXT_CASES = (dict(method="lora"), dict(method="lora", seq_len=4096), dict(method="freeze"),
               dict(method="full", batch_size=2), dict(method="lora", stack="llamafactory", num_images=2, seq_len=16384),
-              dict(method="full", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"))
+              dict(method="full", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"), VIDEO, PACKED)
 
 
 def _vision_shortcut_wrong(model: str, kw: dict) -> bool:

@@ -166,8 +166,8 @@ def _layer_delta(setup: TrainSetup, base: dict[str, int], kind: str, first: SimR
       its weights and nothing else to every segment: the construction of the model at both counts (no step) gives
       them, shared by every micro-batch;
     - one more language-model layer adds the same to every segment whatever the image size
-      (`BaseModel.text_layer_delta_shared`): the difference is shared by the setups that differ only in their images'
-      sizes."""
+      (`BaseModel.text_layer_delta_shared`; without videos): the difference is shared by the setups that differ only
+      in their images' sizes."""
     builder = model_for(setup.model.family)
     bigger = dict(base, **{kind: base[kind] + 1})
     if SHORTCUTS and kind.startswith("vision") and setup.vision is Train.FROZEN \
@@ -176,7 +176,10 @@ def _layer_delta(setup: TrainSetup, base: dict[str, int], kind: str, first: SimR
         if weights is not None:  # no graph: nothing saved, nothing offloaded to the host
             return {key: weights for key in first.segments}, 0
     shared_key = None
-    if SHORTCUTS and kind == "text" and setup.images and builder.text_layer_delta_shared(setup.model):
+    # not with videos: then the difference moves with the image size for every family that has videos (Qwen2-VL,
+    # Qwen2.5-VL), as tests/test_speed_shortcuts.py showed
+    if SHORTCUTS and kind == "text" and setup.images and not setup.videos \
+            and builder.text_layer_delta_shared(setup.model):
         shared_key = (simulation_key_without_images(setup), tuple(sorted(base.items())))
         shared = _TEXT_DELTAS.get(shared_key)
         if shared is not None and shared[0].keys() == first.segments.keys():
