@@ -44,7 +44,8 @@ def test_simulation_ignores_the_cluster():
                       zero=2)
     reference = simulate(base)
     variants = dict(gpu=find_gpu("a100-40g"), num_gpus=8, num_nodes=2, offload="optimizer", zero=3,
-                    ds_reduce_bucket_size=10**6, ds_overlap_comm=True, packing=True)
+                    ds_reduce_bucket_size=10**6, ds_overlap_comm=True, packing=True,
+                    pref_beta=0.5)  # DPO's beta: a scalar in the loss (on DPO setups: tests/test_contract.py)
     # FSDP's sharding settings re-partition the single-GPU simulation analytically (fsdp.py, tests/test_fsdp.py)
     assert set(variants) - {"zero"} == set(step.SIMULATION_IGNORES) - {"sharding", "fsdp"}
     for name, value in variants.items():
