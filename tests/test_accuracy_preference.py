@@ -101,3 +101,22 @@ def test_dpo_costs_more_than_sft_and_the_copy_is_counted():
 def test_unmodelled_preference_settings_are_refused(kwargs, message):
     with pytest.raises(VlplanError, match=message):
         make_setup(get_model("qwen2.5-vl-7b"), **kwargs)
+
+
+def test_cli_takes_the_stage():
+    import json
+
+    from typer.testing import CliRunner
+
+    from vlplan.cli.main import app
+
+    runner = CliRunner()
+    args = ["estimate", "--model", "qwen2.5-vl-7b", "--stack", "llamafactory", "--json"]
+    sft = json.loads(runner.invoke(app, args).stdout)
+    result = runner.invoke(app, [*args, "--stage", "dpo", "--pref-loss", "simpo"])
+    assert result.exit_code == 0, result.output
+    dpo = json.loads(result.stdout)
+    assert (dpo["settings"]["stage"], dpo["settings"]["pref_loss"]) == ("dpo", "simpo")
+    assert dpo["peak_bytes"] > sft["peak_bytes"]
+    refused = runner.invoke(app, ["estimate", "--model", "qwen2.5-vl-7b", "--stage", "dpo"])
+    assert refused.exit_code != 0 and "--stack llamafactory" in refused.output
