@@ -116,6 +116,10 @@ class TrainSetup:
     ds_reduce_bucket_size: int | None = None
     ds_overlap_comm: bool = False
     stack: str = "vlplan"
+    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows one segment per pool in pages
+    # instead of cudaMalloc'ing segments (planner/memory/allocator.py); it changes reserved memory, not live tensors.
+    # LLaMA-Factory's launcher sets it for torchrun runs (planner/io/llamafactory.py)
+    expandable_segments: bool = False
     # Recorded for the launch configs (LLaMA-Factory keys); the memory model does not read them yet
     packing: bool = False  # LLaMA-Factory packing / neat_packing: sequences filled to seq_len
     liger_kernel: bool = False  # LLaMA-Factory enable_liger_kernel (fused linear cross-entropy, fused norms)

@@ -305,7 +305,7 @@ def test_estimate_peak_is_the_replayed_reserved_memory(small_setup):
     )
     from vlplan.planner.memory.step import simulate_extrapolated
 
-    result = estimate(small_setup, reserve="replay")
+    result = estimate(small_setup)
     assert sum(result.breakdown_bytes.values()) == result.peak_bytes
     # the live-tensor peak is the simulation's, untouched by the replay
     assert result.allocated_peak_bytes == max(simulate_extrapolated(small_setup).phase_peaks.values())
@@ -329,8 +329,8 @@ def test_cublas_workspaces_share_a_20_mib_segment_off_hopper():
 def test_estimate_with_expandable_segments(small_setup):
     from vlplan.planner.memory.estimate import estimate
 
-    plain = estimate(small_setup, reserve="replay")
-    expandable = estimate(small_setup, reserve="replay", expandable_segments=True)
+    plain = estimate(small_setup)
+    expandable = estimate(replace(small_setup, expandable_segments=True))
     assert expandable.allocator["expandable_segments"] and not plain.allocator["expandable_segments"]
     assert expandable.allocated_peak_bytes == plain.allocated_peak_bytes
     assert sum(expandable.breakdown_bytes.values()) == expandable.peak_bytes
@@ -343,13 +343,12 @@ def test_estimate_near_capacity_replays_the_out_of_memory_retry(small_setup):
     from vlplan.planner.memory import overheads
     from vlplan.planner.memory.estimate import estimate
 
-    unlimited = estimate(small_setup, reserve="replay")
+    unlimited = estimate(small_setup)
     floor = unlimited.allocated_peak_bytes + 64 * MIB + overheads.CUDA_CONTEXT_BYTES
     assert unlimited.peak_bytes - floor > 256 * MIB  # cached memory worth squeezing
     for extra_mib in range(32, (unlimited.peak_bytes - floor) // MIB, 32):
         memory_mib = floor // MIB + extra_mib
-        squeezed = estimate(replace(small_setup, gpu=replace(small_setup.gpu, memory_mib=memory_mib)),
-                            reserve="replay")
+        squeezed = estimate(replace(small_setup, gpu=replace(small_setup.gpu, memory_mib=memory_mib)))
         assert sum(squeezed.breakdown_bytes.values()) == squeezed.peak_bytes
         assert squeezed.allocator["retries"] >= 1  # the unlimited replay's reserved peak exceeds this GPU
         if squeezed.allocator["oom_event"] is not None:  # cached blocks split from segments in use stay reserved
@@ -361,40 +360,63 @@ def test_estimate_near_capacity_replays_the_out_of_memory_retry(small_setup):
         raise AssertionError("no capacity between the live peak and the unlimited reserved peak fits")
 
 
-def test_the_default_reserve_is_the_named_factor(small_setup):
-    """Plan and tables search many setups: the replay (a full-depth simulation each) is asked for, not the default."""
-    from vlplan.planner.errors import VlplanError
-    from vlplan.planner.memory import overheads
-    from vlplan.planner.memory.estimate import PERSISTENT_PREFIXES, estimate
+def test_the_floor_bounds_the_peak_from_below(small_setup):
+    """`peak_floor_bytes` (what plan and tables search on before replaying) is the peak without the reserve: never
+    above it, for plain and expandable segments, one GPU and ZeRO on several."""
+    from vlplan.planner.memory.estimate import estimate, peak_floor_bytes
 
-    result = estimate(small_setup)
-    transient = sum(v for k, v in result.breakdown_bytes.items()
-                    if not k.startswith(PERSISTENT_PREFIXES) and not k.startswith("cuda/"))
-    assert result.breakdown_bytes["cuda/allocator_reserve"] == int(transient * overheads.ALLOCATOR_FRAGMENTATION)
-    assert result.allocator == {"reserve": "factor"}
-    with pytest.raises(VlplanError, match="add --reserve replay"):
-        estimate(small_setup, expandable_segments=True)
+    for setup in (small_setup, replace(small_setup, expandable_segments=True), replace(small_setup, batch_size=3),
+                  replace(small_setup, method="full", language=small_setup.language.FULL, num_gpus=2, zero=2)):
+        result = estimate(setup)
+        assert peak_floor_bytes(setup) == result.peak_bytes - result.breakdown_bytes.get("cuda/allocator_reserve", 0)
+        assert result.breakdown_bytes.get("cuda/allocator_reserve", 0) >= 0
 
 
-def test_estimate_command_replays_on_request():
+def test_estimate_command_replays():
     import json
 
     from typer.testing import CliRunner
 
     from vlplan.cli.main import app
 
-    def run(*args):
+    def run(*args, env=None):
         result = CliRunner().invoke(app, ["estimate", "--model", "qwen2-vl-2b", "--seq-len", "512", "--image-size",
-                                          "224x224", *args, "--json"])
+                                          "224x224", *args, "--json"], env=env)
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
 
-    factor, replayed = run(), run("--reserve", "replay")
-    expandable = run("--reserve", "replay", "--expandable-segments")
-    assert factor["allocator"] == {"reserve": "factor"} and replayed["allocator"]["reserve"] == "replay"
-    assert factor["allocated_peak_bytes"] == replayed["allocated_peak_bytes"] == expandable["allocated_peak_bytes"]
-    assert replayed["allocator"]["events"] > 1000 and expandable["allocator"]["expandable_segments"]
-    assert sum(replayed["breakdown_bytes"].values()) == replayed["peak_bytes"]
-    result = CliRunner().invoke(app, ["estimate", "--model", "qwen2-vl-2b", "--expandable-segments"])
-    assert result.exit_code == 2 and result.stderr.strip() == ("error: expandable segments change only the "
-                                                               "caching-allocator replay; add --reserve replay")
+    plain = run("--no-expandable-segments")
+    expandable = run("--expandable-segments")
+    assert plain["allocator"]["reserve"] == "replay" and not plain["allocator"]["expandable_segments"]
+    assert plain["allocated_peak_bytes"] == expandable["allocated_peak_bytes"]
+    assert plain["allocator"]["events"] > 1000 and expandable["allocator"]["expandable_segments"]
+    assert plain["settings"]["expandable_segments"] is False and expandable["settings"]["expandable_segments"]
+    assert sum(plain["breakdown_bytes"].values()) == plain["peak_bytes"]
+    # the shell's PYTORCH_CUDA_ALLOC_CONF is read when no flag says
+    from_env = run(env={"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128,expandable_segments:True"})
+    assert from_env["peak_bytes"] == expandable["peak_bytes"]
+    assert from_env["sources"]["expandable_segments"].startswith("PYTORCH_CUDA_ALLOC_CONF=")
+    result = CliRunner().invoke(app, ["estimate", "--model", "qwen2-vl-2b"],
+                                env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:yes"})
+    assert result.exit_code == 2 and "expandable_segments takes True or False" in result.stderr
+
+
+def test_llamafactory_torchrun_launch_turns_expandable_segments_on():
+    """llamafactory/launcher.py: a torchrun launch (more than one GPU, or FORCE_TORCHRUN) sets
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless OPTIM_TORCH is off; one GPU keeps the shell's value."""
+    from vlplan.planner.registry import resolve
+    from vlplan.planner.resolve import expandable_segments_default
+    from vlplan.planner.setup import make_setup
+
+    one = make_setup(resolve("qwen2-vl-2b"), stack="llamafactory")
+    two = replace(one, num_gpus=2)
+    assert expandable_segments_default(one, {}) == (False, None)
+    assert expandable_segments_default(two, {})[0] is True
+    assert expandable_segments_default(one, {"FORCE_TORCHRUN": "1"})[0] is True
+    assert expandable_segments_default(two, {"OPTIM_TORCH": "0"}) == (False, None)
+    assert expandable_segments_default(replace(two, stack="vlplan"), {}) == (False, None)
+    conf = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert expandable_segments_default(one, conf) == (True, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    # the last setting wins, as in CUDAAllocatorConfig's parser
+    off = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,expandable_segments:False"}
+    assert expandable_segments_default(one, off)[0] is False

@@ -36,10 +36,11 @@ BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first lay
 
 
 # Settings the simulated step does not read: the cluster (GPU type and count, what DeepSpeed offloads and its
-# buffers: zero.py and estimate.py add those analytically), and what is recorded only for launch configs. ZeRO
+# buffers: zero.py and estimate.py add those analytically), the caching allocator's settings (the replay of the step's
+# allocations reads them: estimate.py), and what is recorded only for launch configs. ZeRO
 # matters to the simulation only as on/off (gradients reduced into buckets instead of kept).
 SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_bucket_size", "ds_overlap_comm",
-                      "packing", "liger_kernel", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen")
+                      "packing", "liger_kernel", "expandable_segments", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen")
 
 
 def simulation_key(setup: TrainSetup) -> tuple:

@@ -91,6 +91,9 @@ SETUP_OPTIONS = [
     _opt("stack", str, "--stack",
          help="The training stack that prepares the model: vlplan (vlplan run's own) | llamafactory (implied by "
               "--from-llamafactory) | hf-trainer."),
+    _opt("expandable_segments", bool, "--expandable-segments/--no-expandable-segments",
+         help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for the caching allocator (default: as "
+              "LLaMA-Factory's torchrun launch sets it, else as this shell's PYTORCH_CUDA_ALLOC_CONF, else off)."),
     # Files --------------------------------------------------------------------------------------------------------
     _opt("from_llamafactory", Path | None, "--from-llamafactory", panel=FILES_PANEL,
          help="A LLaMA-Factory training YAML (v0.9.1 to current keys); flags given on the command line override it."),
