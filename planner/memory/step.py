@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from ..setup import TrainSetup
 from .families import model_for
+from .sdpa import sdpa_class
 from .sim import Engine, T
 from .stacks import input_embeddings_hooked
 
@@ -45,8 +46,9 @@ SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_buck
 
 def simulation_key(setup: TrainSetup) -> tuple:
     """What the simulation of `setup` depends on: setups with equal keys have equal simulations."""
+    # the GPU enters only through the attention kernels it runs (sdpa.py): GPUs that run the same ones share
     return tuple((f.name, bool(setup.zero) if f.name == "zero" else getattr(setup, f.name))
-                 for f in fields(setup) if f.name not in SIMULATION_IGNORES)
+                 for f in fields(setup) if f.name not in SIMULATION_IGNORES) + (("sdpa", sdpa_class(setup.gpu.name)),)
 
 
 def simulate_extrapolated(setup: TrainSetup) -> SimResult:
@@ -116,6 +118,7 @@ def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bo
 
 def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e = Engine(detail)
+    e.gpu_name = setup.gpu.name
     e.reduce_grads = bool(setup.zero)
     e.input_grads = input_embeddings_hooked(setup)
     model = builder(e, setup, counts)
