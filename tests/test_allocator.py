@@ -218,6 +218,123 @@ def test_replay_is_deterministic_and_reserved_bounds_allocated():
     assert first.reserved_peak_bytes >= first.allocated_peak_bytes >= first.allocated_at_reserved_peak_bytes
 
 
+class ReferenceAllocator:
+    """A second, plain reading of the same rules of CUDACachingAllocator.cpp (default settings, one stream): every
+    segment a list of [offset, size, allocated] blocks in address order, best fit by a linear scan over all free
+    blocks of the pool (smallest size, then lowest address: `BlockComparatorSize`), no sorted sets or linked blocks.
+    Segments get the model's synthetic addresses (increasing, 2 MiB aligned), which only break ties."""
+
+    def __init__(self, capacity=None):
+        self.capacity, self.segments, self.next_address = capacity, [], 2 * MIB
+        self.reserved = self.allocated = self.reserved_peak = self.allocated_peak = 0
+        self.retries = 0
+
+    def malloc(self, nbytes):
+        size = max(512, -(-nbytes // 512) * 512)  # round_size
+        small = size <= MIB  # get_pool
+        found = self._best_fit(small, size)
+        if found is None:
+            alloc = 2 * MIB if small else 20 * MIB if size < 10 * MIB else -(-size // (2 * MIB)) * 2 * MIB
+            if self.capacity is not None and self.reserved + alloc > self.capacity:
+                # release_cached_blocks: every cached block that is a whole segment, then one retry
+                self.segments = [seg for seg in self.segments if not (len(seg["blocks"]) == 1
+                                                                      and not seg["blocks"][0][2])]
+                self.reserved = sum(seg["size"] for seg in self.segments)
+                self.retries += 1
+                if self.reserved + alloc > self.capacity:
+                    raise OutOfMemory("reference")
+            seg = {"base": self.next_address, "size": alloc, "small": small, "blocks": [[0, alloc, False]]}
+            self.next_address += -(-alloc // (2 * MIB)) * 2 * MIB
+            self.segments.append(seg)
+            self.reserved += alloc
+            self.reserved_peak = max(self.reserved_peak, self.reserved)
+            found = (seg, 0)
+        seg, index = found
+        block = seg["blocks"][index]
+        remaining = block[1] - size
+        if (remaining >= 512) if small else (remaining > MIB):  # should_split
+            seg["blocks"].insert(index + 1, [block[0] + size, remaining, False])
+            block[1] = size
+        block[2] = True
+        self.allocated += block[1]
+        self.allocated_peak = max(self.allocated_peak, self.allocated)
+        return seg, block[0]
+
+    def _best_fit(self, small, size):
+        best = None
+        for seg in self.segments:
+            if seg["small"] != small:
+                continue
+            for index, (offset, length, used) in enumerate(seg["blocks"]):
+                if not used and length >= size:
+                    key = (length, seg["base"] + offset)
+                    if best is None or key < best[0]:
+                        best = (key, seg, index)
+        return None if best is None else best[1:]
+
+    def free(self, handle):
+        seg, offset = handle
+        blocks = seg["blocks"]
+        index = next(i for i, b in enumerate(blocks) if b[0] == offset)
+        blocks[index][2] = False
+        self.allocated -= blocks[index][1]
+        if index + 1 < len(blocks) and not blocks[index + 1][2]:  # try_merge_blocks with the next block
+            blocks[index][1] += blocks.pop(index + 1)[1]
+        if index > 0 and not blocks[index - 1][2]:  # and with the previous one
+            blocks[index - 1][1] += blocks.pop(index)[1]
+
+
+def reference_replay(events, capacity=None):
+    allocator, live = ReferenceAllocator(capacity), {}
+    for key, nbytes in events:
+        if nbytes:
+            live[key] = allocator.malloc(nbytes)
+        elif key in live:
+            allocator.free(live.pop(key))
+    return allocator
+
+
+def random_events(seed, count=3000, largest=48 * MIB):
+    import random
+
+    rng, events, live = random.Random(seed), [], []
+    for i in range(count):
+        if live and rng.random() < 0.45:
+            events.append((live.pop(rng.randrange(len(live))), 0))
+        else:
+            # a mix of small-pool, 1-10 MiB and large requests, with many repeats (as a training step has)
+            size = rng.choice([rng.randint(1, MIB), rng.randint(MIB + 1, 10 * MIB), rng.randint(10 * MIB, largest),
+                               4 * MIB, 12 * MIB + 7, 700])
+            events.append((i, size))
+            live.append(i)
+    return events
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_replay_equals_the_plain_reference(seed):
+    """The model's sorted pools and linked blocks give what the plain reading of the rules gives, event for event."""
+    events = random_events(seed)
+    ours, reference = replay(events), reference_replay(events)
+    assert (ours.reserved_peak_bytes, ours.allocated_peak_bytes, ours.reserved_final_bytes) == (
+        reference.reserved_peak, reference.allocated_peak, reference.reserved)
+
+
+def test_replay_under_capacity_equals_the_plain_reference():
+    """Under a capacity the OOM path (release whole cached segments, retry once) matches the reference too."""
+    events = random_events(7, count=2000, largest=24 * MIB)
+    unlimited = replay(events)
+    capacity = (unlimited.allocated_peak_bytes + unlimited.reserved_peak_bytes) // 2
+    limited = replay(events, capacity)
+    try:
+        reference = reference_replay(events, capacity)
+    except OutOfMemory:
+        assert limited.oom
+        return
+    assert not limited.oom and limited.retries == reference.retries >= 1
+    assert (limited.reserved_peak_bytes, limited.allocated_peak_bytes) == (reference.reserved_peak,
+                                                                          reference.allocated_peak)
+
+
 # Allocation logs recorded from the tracer ---------------------------------------------------------------------------
 
 
@@ -258,6 +375,17 @@ def test_replay_of_a_traced_step(traced_log):
     # torch's allocated_bytes counts whole blocks (a large block is not split for a remainder of <= 1 MiB)
     assert allocator.allocated_peak >= live_peak
     assert allocator.reserved_peak >= allocator.allocated_peak
+
+
+@pytest.mark.slow
+def test_replay_of_a_traced_step_equals_the_plain_reference(traced_log):
+    """The tracer's log of a real (fake-tensor) training step through the model and through the plain reading of the
+    rules: the same reserved and allocated peaks."""
+    _, _, log = traced_log
+    ours, reference = replay(log), reference_replay(log)
+    assert (ours.reserved_peak_bytes, ours.allocated_peak_bytes, ours.reserved_final_bytes) == (
+        reference.reserved_peak, reference.allocated_peak, reference.reserved)
+    assert ours.reserved_peak_bytes > ours.allocated_peak_bytes  # the log is rich enough to cache something
 
 
 @pytest.mark.slow
