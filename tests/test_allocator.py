@@ -320,19 +320,25 @@ def test_replay_equals_the_plain_reference(seed):
 
 
 def test_replay_under_capacity_equals_the_plain_reference():
-    """Under a capacity the OOM path (release whole cached segments, retry once) matches the reference too."""
+    """Under a capacity the out-of-memory path (release the whole cached segments, retry once) matches the
+    reference too: capacities from the unlimited reserved peak down, both where the retry saves the step and where
+    the step runs out of memory."""
     events = random_events(7, count=2000, largest=24 * MIB)
     unlimited = replay(events)
-    capacity = (unlimited.allocated_peak_bytes + unlimited.reserved_peak_bytes) // 2
-    limited = replay(events, capacity)
-    try:
-        reference = reference_replay(events, capacity)
-    except OutOfMemory:
-        assert limited.oom
-        return
-    assert not limited.oom and limited.retries == reference.retries >= 1
-    assert (limited.reserved_peak_bytes, limited.allocated_peak_bytes) == (reference.reserved_peak,
-                                                                          reference.allocated_peak)
+    outcomes = set()
+    for capacity in range(unlimited.reserved_peak_bytes - 2 * MIB, unlimited.allocated_peak_bytes, -8 * MIB):
+        limited = replay(events, capacity)
+        try:
+            reference = reference_replay(events, capacity)
+        except OutOfMemory:
+            assert limited.oom
+            outcomes.add("oom")
+            continue
+        assert not limited.oom and limited.retries == reference.retries >= 1
+        assert (limited.reserved_peak_bytes, limited.allocated_peak_bytes) == (reference.reserved_peak,
+                                                                              reference.allocated_peak)
+        outcomes.add("retried")
+    assert outcomes == {"oom", "retried"}
 
 
 # Allocation logs recorded from the tracer ---------------------------------------------------------------------------
