@@ -30,6 +30,7 @@ TARGET_S_PER_10K = 3.0
 METHODS = ["full", "freeze", "lora", "qlora"]
 SEQ_LENS = [2048, 8192]
 IMAGE_SIZES = [(448, 448), (768, 768), (1920, 1080)]
+SMALL_MODELS = ("qwen2.5-vl-3b", "qwen2.5-vl-7b", "llava-1.5-7b", "internvl3-2b", "gemma-3-4b")
 
 # Runs in a fresh interpreter: argv[1] is the worker count, argv[2] whether to time the simulations.
 CHILD = r"""
@@ -53,8 +54,8 @@ if time_simulations:
             sim["s"] += time.perf_counter() - start
 
     step._simulate_extrapolated = timed
-models, gpus = names(), list(CATALOG)
-methods, seq_lens, sizes = json.loads(sys.argv[3])
+methods, seq_lens, sizes, models = json.loads(sys.argv[3])
+models, gpus = models or names(), list(CATALOG)
 start = time.perf_counter()
 rows = compute_rows(models, methods, gpus, seq_lens, [tuple(s) for s in sizes], workers=workers)
 compute_s = time.perf_counter() - start
@@ -64,8 +65,11 @@ print(json.dumps({"rows": len(rows), "groups": len(rows) // len(gpus), "models":
 """
 
 
-def run_child(workers: int, time_simulations: bool) -> dict:
-    spec = json.dumps([METHODS, SEQ_LENS, [list(s) for s in IMAGE_SIZES]])
+def run_child(workers: int, time_simulations: bool, small: bool = False) -> dict:
+    if small:  # a quick selection for before/after comparisons: 5 models x 4 methods x 16 GPUs, one seq and image
+        spec = json.dumps([METHODS, [2048], [[768, 768]], list(SMALL_MODELS)])
+    else:
+        spec = json.dumps([METHODS, SEQ_LENS, [list(s) for s in IMAGE_SIZES], []])
     load_before = os.getloadavg()[0]
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
@@ -86,12 +90,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to time")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--small", action="store_true",
+                        help=f"only {', '.join(SMALL_MODELS)} at 2048 tokens and 768x768 (320 rows; not written)")
     args = parser.parse_args()
-    runs = [run_child(int(w), time_simulations=int(w) == 1) for w in args.workers.split(",")]
+    runs = [run_child(int(w), time_simulations=int(w) == 1, small=args.small) for w in args.workers.split(",")]
     summary = {"python": platform.python_version(), "cpus": os.cpu_count(), "runs": runs,
                "target_s_per_10k_rows": TARGET_S_PER_10K}
     print(json.dumps(summary, indent=2))
-    if args.write:
+    if args.write and not args.small:
         write(summary)
 
 

@@ -160,9 +160,11 @@ def _largest_micro_batch(setup: TrainSetup, first: Estimate, budget: int) -> int
     memory grows with the micro-batch, nearly linearly (convex: the peak is the largest of affine terms), so the
     line through micro-batches 1 and 2 predicts the answer from above; regula falsi then brackets it exactly.
 
-    The search runs first on the peak's lower bound (`peak_floor_bytes`: everything but the caching allocator's
-    reserve, no replay); the full estimate (with the replay) then checks the answer, and only when the reserve
-    pushes it over the budget does the same search run again on full estimates, between micro-batch 1 and it."""
+    The full estimate replays the step through the caching-allocator model, so the search avoids it: it guesses
+    with the peak's lower bound (`peak_floor_bytes`, no replay) plus micro-batch 1's reserve, then proves the guess
+    with full estimates at it and one above (a floor over the budget proves a size does not fit without a replay),
+    and only when the guess is off searches again on full estimates, below the guess or up to the largest size
+    whose floor fits. The answer is that of a search on full estimates."""
     if first.peak_bytes > budget:
         return None
     floors = {1: peak_floor_bytes(setup)}
@@ -174,7 +176,10 @@ def _largest_micro_batch(setup: TrainSetup, first: Estimate, budget: int) -> int
         return floors[batch]
 
     def full(batch: int) -> int:  # the floor where it is over the budget already (no replay needed to know)
-        return floor(batch) if floor(batch) > budget else estimate(replace(setup, batch_size=batch)).peak_bytes
+        if batch not in peaks:
+            peaks[batch] = floor(batch) if floor(batch) > budget else estimate(
+                replace(setup, batch_size=batch)).peak_bytes
+        return peaks[batch]
 
     # a guess: the floor plus micro-batch 1's reserve (the reserve grows with the micro-batch, so it guesses high)
     reserve_1 = first.peak_bytes - floors[1]

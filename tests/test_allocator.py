@@ -554,3 +554,41 @@ def test_llamafactory_torchrun_launch_turns_expandable_segments_on():
     # the last setting wins, as in CUDAAllocatorConfig's parser
     off = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,expandable_segments:False"}
     assert expandable_segments_default(one, off)[0] is False
+
+
+# Searches on the floor (plan, tables) ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("growth", [0, 1, 5, 40])
+def test_tables_search_finds_the_largest_fitting_micro_batch(monkeypatch, growth):
+    """tables' micro-batch search (a guess from the replay-free floor, then full estimates at the boundary) gives the
+    largest micro-batch whose full peak fits, for any budget: checked against a scan, with a synthetic peak whose
+    reserve grows with the micro-batch by `growth` units (0: the floor plus a constant)."""
+    from types import SimpleNamespace
+
+    from vlplan.tables import compute
+
+    def floor(setup):
+        return 1000 + 100 * setup.batch_size
+
+    def full(setup):
+        b = setup.batch_size
+        return floor(setup) + 30 + growth * b + (7 if b % 3 == 0 else 0)  # the reserve: >= 0, not monotone
+
+    calls = []
+    monkeypatch.setattr(compute, "peak_floor_bytes", floor)
+    monkeypatch.setattr(compute, "estimate", lambda setup: calls.append(setup.batch_size) or SimpleNamespace(
+        peak_bytes=full(setup)))
+    monkeypatch.setattr(compute, "replace", lambda setup, batch_size: SimpleNamespace(batch_size=batch_size))
+    one = SimpleNamespace(batch_size=1)
+    for budget in range(1000, 1000 + 100 * (compute.MAX_MICRO_BATCH + 3) + growth * 20, 37):
+        calls.clear()
+        fitting = [b for b in range(1, compute.MAX_MICRO_BATCH + 1)
+                   if full(SimpleNamespace(batch_size=b)) <= budget]
+        expected = max(fitting) if fitting and fitting == list(range(1, max(fitting) + 1)) else (
+            fitting[0] if fitting else None)
+        if fitting and fitting != list(range(1, max(fitting) + 1)):
+            continue  # not monotone at this budget: a search assumes it is
+        got = compute._largest_micro_batch(one, SimpleNamespace(peak_bytes=full(one)), budget)
+        assert got == expected, (budget, got, expected)
+        assert len(set(calls)) <= 6  # full estimates (replays) only near the boundary
