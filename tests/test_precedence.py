@@ -62,10 +62,13 @@ CASES = {
     "offload": ({"deepspeed": "DS", "finetuning_type": "full"}, ["--offload", "none"],
                 {"offload": "none", "zero": 3}),
     "stack": ({}, ["--stack", "vlplan"], {"stack": "vlplan"}),
+    # a LLaMA-Factory run on 2 GPUs launches through torchrun with expandable segments on; the typed flag wins
+    "expandable_segments": ({}, ["--num-gpus", "2", "--no-expandable-segments"], {"expandable_segments": False}),
 }
 # the opposite of each flag's default, where the default itself is typed above
 NEGATIONS = {
     "gradient_checkpointing": ({}, ["--no-gradient-checkpointing"], {"gradient_checkpointing": False}),
+    "expandable_segments": ({}, ["--num-gpus", "2"], {"expandable_segments": True}),
 }
 DS_OFFLOAD_Z3 = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
                                        "offload_param": {"device": "cpu"}},
