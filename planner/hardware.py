@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import VlplanError
-
-MIB = 2**20
-GIB = 2**30
+from .units import GIB, MIB
 
 
 @dataclass(frozen=True)
@@ -156,7 +154,7 @@ def host_ram_budget(setup, host_ram_gib: float | None) -> tuple[int | None, str 
     if host_ram_gib is not None:
         if not math.isfinite(host_ram_gib) or not 0 < host_ram_gib <= MAX_HOST_RAM_GIB:
             raise VlplanError(f"--host-ram-gib must be a number of GiB in (0, {MAX_HOST_RAM_GIB}], got {host_ram_gib}")
-        return int(host_ram_gib * 2**30), "--host-ram-gib"
+        return int(host_ram_gib * GIB), "--host-ram-gib"
     local = _local_gpus_mib()
     if setup.num_nodes == 1 and len(local) >= setup.num_gpus and all(
             abs(mib - setup.gpu.memory_mib) <= 0.02 * setup.gpu.memory_mib for mib in local[:setup.num_gpus]):

@@ -9,7 +9,9 @@ Each `*_inventory` function mirrors one transformers modeling file; the file is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 from .errors import VlplanError
 from .spec import ModelSpec, ProjectorSpec, TextSpec, VisionSpec
@@ -338,27 +340,30 @@ def param_counts(spec: ModelSpec) -> dict[str, int]:
     return counts
 
 
-# Where each component lives in the transformers model (module-name prefixes, most specific first). The profiler uses
-# these to freeze components and to attribute parameters; tests use them to count parameters per component.
-_LLAVA_STYLE = (("model.multi_modal_projector", PROJECTOR), ("model.vision_tower", VISION),
-                ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE))
-_QWEN_STYLE = (("model.visual.merger", PROJECTOR), ("model.visual", VISION), ("model.language_model", LANGUAGE),
-               ("lm_head", LANGUAGE))
-_IDEFICS3_STYLE = (("model.connector", PROJECTOR), ("model.vision_model", VISION), ("model.text_model", LANGUAGE),
-                   ("lm_head", LANGUAGE))
-HF_COMPONENT_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
-    # Qwen3-VL: model.visual.deepstack_merger_list.* falls under model.visual (VISION), see vision_inventory
-    "qwen2_vl": _QWEN_STYLE, "qwen2_5_vl": _QWEN_STYLE, "qwen3_vl": _QWEN_STYLE, "qwen3_vl_moe": _QWEN_STYLE,
-    "llava": _LLAVA_STYLE, "internvl": _LLAVA_STYLE, "gemma3": _LLAVA_STYLE, "paligemma": _LLAVA_STYLE,
-    "llava_next": (("model.image_newline", PROJECTOR), *_LLAVA_STYLE),
-    "mllama": (("model.multi_modal_projector", PROJECTOR), ("model.vision_model", VISION),
-               ("model.language_model", LANGUAGE), ("lm_head", LANGUAGE)),
-    "idefics3": _IDEFICS3_STYLE, "smolvlm": _IDEFICS3_STYLE,
-    # Remote-code families (names from their modeling files on the hub, not checked against a transformers class)
-    "minicpmv": (("resampler", PROJECTOR), ("vpm", VISION), ("llm", LANGUAGE)),  # modeling_minicpmv.py MiniCPMV
-    "phi3_v": (("model.vision_embed_tokens.img_processor", VISION), ("model.vision_embed_tokens", PROJECTOR),
-               ("model", LANGUAGE), ("lm_head", LANGUAGE)),  # modeling_phi3_v.py Phi3VForCausalLM
-}
+# Where each component lives in the transformers model (module-name prefixes, most specific first), from each family's
+# config.py (`COMPONENT_PREFIXES`), read on first use (a family config.py imports this module). The profiler uses these
+# to freeze components and to attribute parameters; tests use them to count parameters per component.
+class _ComponentPrefixes(Mapping):
+    """model_type -> ((module-name prefix, component), ...), gathered from the family registry on first access."""
+
+    @cached_property
+    def _table(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        from .families import FAMILIES, part
+
+        return {model_type: part(model_type, "config").COMPONENT_PREFIXES[model_type]
+                for family in FAMILIES for model_type in family.model_types}
+
+    def __getitem__(self, model_type: str) -> tuple[tuple[str, str], ...]:
+        return self._table[model_type]
+
+    def __iter__(self):
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+HF_COMPONENT_PREFIXES: Mapping[str, tuple[tuple[str, str], ...]] = _ComponentPrefixes()
 
 
 def component_of(family: str, module_name: str) -> str:

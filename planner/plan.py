@@ -22,8 +22,8 @@ from .memory.estimate import Estimate, estimate, peak_floor_bytes
 from .memory.estimate import host_ram_bytes as estimated_host_ram_bytes
 from .setup import TrainSetup
 from .throughput import StepTime, step_time
+from .units import GIB
 
-GIB = 2**30
 # The largest global batch `plan` searches (2**20 samples per optimizer step; fine-tuning runs use tens to thousands):
 # beyond it the search would enumerate divisors of an absurd number for no useful answer
 MAX_GLOBAL_BATCH_SIZE = 2**20

@@ -9,8 +9,9 @@ what to change.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from enum import Enum
+from typing import Literal, get_args
 
 from .errors import VlplanError
 from .hardware import GPU, MAX_GPU_MEMORY_GIB, find_gpu
@@ -34,16 +35,29 @@ class Train(str, Enum):
     FROZEN = "frozen"
 
 
-METHODS = ("full", "freeze", "lora", "qlora")
-PRECISIONS = ("bf16", "fp16", "fp32", "pure-bf16")
+# The choices of TrainSetup's string fields: a type checker reads the Literal, `__post_init__` refuses anything else
+# with one line naming the flag and the choices.
+Method = Literal["full", "freeze", "lora", "qlora"]
+Precision = Literal["bf16", "fp16", "fp32", "pure-bf16"]
 # adamw: torch AdamW(fused=True) = HF optim "adamw_torch_fused", the Trainer default with torch >= 2.8
-OPTIMIZERS = ("adamw", "adamw-foreach", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor")
-ATTENTIONS = ("sdpa", "fa2", "eager")
-OFFLOADS = ("none", "optimizer", "all")
+Optimizer = Literal["adamw", "adamw-foreach", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor"]
+Attention = Literal["sdpa", "fa2", "eager"]
+Offload = Literal["none", "optimizer", "all"]
 # The training stack that prepares the model (the order of checkpointing and adapters, which layers are checkpointed,
 # which inputs are made to require grad): `vlplan` is `vlplan run`'s own, `llamafactory` is LLaMA-Factory's loader
 # (patch_model -> init_adapter), `hf-trainer` a plain transformers Trainer with gradient_checkpointing=True.
-STACKS = ("vlplan", "llamafactory", "hf-trainer")
+Stack = Literal["vlplan", "llamafactory", "hf-trainer"]
+METHODS: tuple[str, ...] = get_args(Method)
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+ATTENTIONS: tuple[str, ...] = get_args(Attention)
+OFFLOADS: tuple[str, ...] = get_args(Offload)
+STACKS: tuple[str, ...] = get_args(Stack)
+# Our optimizer names -> transformers TrainingArguments.optim (the runner's Trainer, the profiler's optimizer, the
+# exported LLaMA-Factory YAML and TrainingArguments)
+HF_OPTIM: dict[str, str] = {"adamw": "adamw_torch_fused", "adamw-foreach": "adamw_torch",
+                            "adamw-8bit": "adamw_bnb_8bit", "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd",
+                            "adafactor": "adafactor"}
 
 # Upper bounds on sizes. They are there so that a typo (a few extra zeros) is refused at once with the bound named,
 # instead of an estimate that runs for minutes or runs out of memory (`--batch-size 1000000` took 58 s, `--images
@@ -87,16 +101,16 @@ class LoraSettings:
 @dataclass(frozen=True)
 class TrainSetup:
     model: ModelSpec
-    method: str = "lora"
+    method: Method = "lora"
     vision: Train = Train.FROZEN
     projector: Train = Train.FROZEN
     language: Train = Train.LORA
     lora: LoraSettings = field(default_factory=LoraSettings)
     # method "freeze": the last N language-model layers train in full (LLaMA-Factory freeze_trainable_layers)
     freeze_trainable_layers: int = 2
-    precision: str = "bf16"
+    precision: Precision = "bf16"
     quant_bits: int | None = None
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     seq_len: int = 2048
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
@@ -104,21 +118,21 @@ class TrainSetup:
     images: tuple[tuple[int, int], ...] = ((768, 768),)
     image_max_pixels: int | None = LF_IMAGE_MAX_PIXELS
     image_min_pixels: int | None = LF_IMAGE_MIN_PIXELS
-    attn: str = "sdpa"
+    attn: Attention = "sdpa"
     gradient_checkpointing: bool = True
     gpu: GPU = field(default_factory=lambda: find_gpu("h100-80g"))
     num_gpus: int = 1  # per node
     num_nodes: int = 1
     zero: int = 0
-    offload: str = "none"
+    offload: Offload = "none"
     max_grad_norm: float = 1.0
     # DeepSpeed buffers (None: the HF integration's "auto" values, hidden_size**2 elements)
     ds_reduce_bucket_size: int | None = None
     ds_overlap_comm: bool = False
-    stack: str = "vlplan"
+    stack: Stack = "vlplan"
     # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows one segment per pool in pages
     # instead of cudaMalloc'ing segments (planner/memory/allocator.py); it changes reserved memory, not live tensors.
-    # LLaMA-Factory's launcher sets it for torchrun runs (planner/io/llamafactory.py)
+    # LLaMA-Factory's launcher sets it for torchrun runs (planner/resolve.py expandable_segments_default)
     expandable_segments: bool = False
     # Recorded for the launch configs (LLaMA-Factory keys); the memory model does not read them yet
     packing: bool = False  # LLaMA-Factory packing / neat_packing: sequences filled to seq_len
@@ -397,7 +411,3 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
     return TrainSetup(model=model, method=method, vision=vision, projector=projector, language=language, lora=lora,
                       quant_bits=quant_bits, images=tuple(tuple(i) for i in images),
                       gpu=find_gpu(gpu) if isinstance(gpu, str) else gpu, **settings)
-
-
-def with_changes(setup: TrainSetup, **changes) -> TrainSetup:
-    return replace(setup, **changes)

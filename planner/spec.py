@@ -2,35 +2,45 @@
 
 A `ModelSpec` describes the three components that train differently (vision tower, projector, language model)
 separately, plus the image processor's limits. Specs are frozen dataclasses; the registry (`registry/`) holds
-literal entries, each preceded by the URL of the config it came from. `ModelSpec.from_name` resolves registry names
-and hub ids, `ModelSpec.from_hf_config` reads a local `config.json` (or model directory) without transformers.
+literal entries, each preceded by the URL of the config it came from (planner/families/<family>/specs.py);
+`registry.resolve` resolves registry names and hub ids, `ModelSpec.from_hf_config` reads a local `config.json` (or
+model directory) without transformers.
+
+The fields that select code (`arch`, `mlp`, `norm`) are typed choices: a value outside the `Literal` is refused at
+construction, so no consumer reads an unknown value as some default (an unknown vision norm was once read as RMSNorm).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 from .errors import VlplanError
 
-# Families whose language model and vision tower code vlplan models. The keys are the transformers `model_type`s
-# (remote-code families use the name of their remote `model_type`).
-FAMILIES = (
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "qwen3_vl_moe",
-    "llava",
-    "llava_next",
-    "internvl",
-    "gemma3",
-    "mllama",
-    "idefics3",
-    "smolvlm",
-    "paligemma",
-    "minicpmv",
-    "phi3_v",
-)
+from .families import MODEL_TYPES as FAMILIES  # the transformers model_types of the registered families
+
+# The decoder-layer code of the language model (see TextSpec)
+TextArch = Literal["qwen2", "qwen3", "qwen3_moe", "llama", "mistral", "gemma2", "gemma3", "mllama", "phi3"]
+TextMlp = Literal["gated_silu", "gated_gelu_tanh"]
+# The vision encoder code (see VisionSpec)
+VisionArch = Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "clip", "siglip", "idefics3", "intern_vit", "pixtral",
+                     "mllama"]
+VisionMlp = Literal["gelu", "quick_gelu", "gelu_tanh", "gated_silu"]
+Norm = Literal["layernorm", "rmsnorm"]
+# The connector code (see ProjectorSpec)
+ProjectorArch = Literal["qwen_merger", "qwen3_merger", "mlp2x_gelu", "internvl_mlp", "gemma3", "linear",
+                        "mllama_linear", "idefics3", "resampler", "phi3v"]
+ProjectorNorm = Literal["", "layernorm", "rmsnorm"]
+
+
+def check_choices(spec, where: str, **fields) -> None:
+    """Refuse a field whose value is not one of its `Literal` choices (`fields`: name -> the Literal type)."""
+    for name, choices in fields.items():
+        value, allowed = getattr(spec, name), get_args(choices)
+        if value not in allowed:
+            raise VlplanError(f"{where}.{name} {value!r} is not a modelled choice; use one of "
+                              f"{', '.join(repr(a) for a in allowed)}")
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,7 @@ class TextSpec:
     Qwen2 is "qwen2".
     """
 
-    arch: str
+    arch: TextArch
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -54,8 +64,8 @@ class TextSpec:
     vocab_size: int
     tie_word_embeddings: bool
     max_position_embeddings: int
-    mlp: str = "gated_silu"  # gated_silu | gated_gelu_tanh
-    norm: str = "rmsnorm"
+    mlp: TextMlp = "gated_silu"
+    norm: Literal["rmsnorm"] = "rmsnorm"  # every modelled language model; a LayerNorm LM would need its own terms
     qkv_bias: bool = False
     qk_norm: bool = False
     # Mixture of experts (Qwen3-VL-MoE): every layer's MLP is `num_experts` experts of `moe_intermediate_size`
@@ -71,6 +81,7 @@ class TextSpec:
     extra_embedding_rows: int = 0
 
     def __post_init__(self) -> None:
+        check_choices(self, "text", arch=TextArch, mlp=TextMlp, norm=Literal["rmsnorm"])
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
                      "vocab_size"):
             if getattr(self, name) <= 0:
@@ -98,7 +109,7 @@ class VisionSpec:
     with layer scale), "pixtral" (RMSNorm, gated SiLU MLP, 2D RoPE), "mllama" (local + global tiled ViT).
     """
 
-    arch: str
+    arch: VisionArch
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -108,8 +119,8 @@ class VisionSpec:
     image_size: int = 0  # fixed input resolution (CLIP 336, SigLIP 384/896); 0 for native-resolution encoders
     temporal_patch_size: int = 1
     spatial_merge_size: int = 1
-    mlp: str = "gelu"  # gelu | quick_gelu | gelu_tanh | gated_silu
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: VisionMlp = "gelu"
+    norm: Norm = "layernorm"
     qkv_bias: bool = True
     # Qwen2.5-VL windowed attention
     window_size: int = 0
@@ -139,6 +150,7 @@ class VisionSpec:
     intermediate_layers_indices: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        check_choices(self, "vision", arch=VisionArch, mlp=VisionMlp, norm=Norm)
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "patch_size"):
             if getattr(self, name) <= 0:
                 raise VlplanError(f"vision.{name} must be positive, got {getattr(self, name)}")
@@ -159,15 +171,18 @@ class ProjectorSpec:
     "resampler" (MiniCPM-V perceiver), "phi3v" (HD transform, Linear-GELU-Linear).
     """
 
-    arch: str
+    arch: ProjectorArch
     in_features: int
     out_features: int
     hidden_features: int = 0
     bias: bool = True
-    norm: str = ""  # "", "layernorm", "rmsnorm"
+    norm: ProjectorNorm = ""  # "": no norm
     pixel_shuffle: int = 1  # spatial merge factor applied before the projector (2 for 2x2)
     num_queries: int = 0  # resampler
     num_heads: int = 0  # resampler
+
+    def __post_init__(self) -> None:
+        check_choices(self, "projector", arch=ProjectorArch, norm=ProjectorNorm)
 
 
 @dataclass(frozen=True)
@@ -227,14 +242,7 @@ class ModelSpec:
         if self.family not in FAMILIES:
             raise VlplanError(f"unknown family {self.family!r}; known: {', '.join(FAMILIES)}")
 
-    # Constructors --------------------------------------------------------------------------------------------
-    @classmethod
-    def from_name(cls, name: str) -> "ModelSpec":
-        """A registry entry by name or hub id (case-insensitive), or a local config.json / model directory."""
-        from .registry import resolve
-
-        return resolve(name)
-
+    # Constructors (a registry name or hub id: `registry.resolve`) ------------------------------------------------
     @classmethod
     def from_hf_config(cls, path: str | Path) -> "ModelSpec":
         from .hf_config import spec_from_hf_config

@@ -102,29 +102,25 @@ def _fixed(p: ProcessorSpec, width: int, height: int) -> tuple[int, int, int, in
 _RULES = {"qwen_smart_resize": _qwen, "fixed": _fixed}
 
 
-# Rules of the tiling / fixed-view families live in planner/token_rules/<module>.py (`RULES = {name: fn}`, fn(processor,
-# width, height) -> (resized_width, resized_height, vision_patches, llm_tokens, views)), imported on demand.
-RULE_MODULES = {
-    "llava_next_anyres": "llava_next", "pixtral": "pixtral", "internvl_tiles": "internvl", "gemma3": "gemma3",
-    "mllama_tiles": "mllama", "idefics3_tiles": "idefics3", "minicpmv_slices": "minicpmv", "phi3v_crops": "phi3v",
-    "siglip_fixed": "paligemma",
-}
+# Rules of the tiling / fixed-view families live in planner/families/<family>/tokens.py (`RULES = {name: fn}`,
+# fn(processor, width, height) -> (resized_width, resized_height, vision_patches, llm_tokens, views)), imported on
+# first use through the family registry.
 
 
 def _rule(name: str):
     if name in _RULES:
         return _RULES[name]
-    module = RULE_MODULES.get(name)
-    if module is None:
-        return None
-    import importlib
+    from .families import token_rules
 
-    _RULES.update(importlib.import_module(f"{__package__}.token_rules.{module}").RULES)
-    return _RULES.get(name)
+    return token_rules().get(name)
 
 
-# Families whose LLaMA-Factory plugin applies the Qwen pre-resize on top of the generic one
-_QWEN_PLUGIN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+def uses_qwen2vl_plugin(model_type: str) -> bool:
+    """Whether LLaMA-Factory applies the Qwen pre-resize on top of the generic one (the family registry says)."""
+    from .families import family_of
+
+    family = family_of(model_type)
+    return bool(family and family.qwen2vl_plugin)
 
 
 def image_tokens(spec: ModelSpec, width: int, height: int, *, image_max_pixels: int | None = LF_IMAGE_MAX_PIXELS,
@@ -143,7 +139,7 @@ def image_tokens(spec: ModelSpec, width: int, height: int, *, image_max_pixels: 
     w, h = width, height
     if llamafactory:
         w, h = llamafactory_preresize(width, height, image_max_pixels, image_min_pixels)
-        if spec.family in _QWEN_PLUGIN_FAMILIES:
+        if uses_qwen2vl_plugin(spec.family):
             w, h = qwen_plugin_preresize(w, h)
     rw, rh, patches, tokens, views, *special = rule(spec.processor, w, h)
     # a rule may return a sixth value: the special tokens of this image when they depend on its size (tile tags)

@@ -29,7 +29,7 @@ import functools
 import os
 import sys
 import types
-from dataclasses import replace
+from pathlib import Path
 
 import torch
 import transformers
@@ -39,15 +39,12 @@ from torch.utils.checkpoint import checkpoint
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.hf_config import spec_to_hf_config
 from vlplan.planner.modules import HF_COMPONENT_PREFIXES, LANGUAGE, PROJECTOR, component_of
-from vlplan.planner.setup import Train, TrainSetup
+from vlplan.planner.setup import HF_OPTIM, Train, TrainSetup
 from vlplan.planner.spec import ModelSpec
 
 ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "fa2": "flash_attention_2"}
 COMPUTE_DTYPE = {"bf16": torch.bfloat16, "pure-bf16": torch.bfloat16, "fp16": torch.float16,
                  "fp32": torch.float32}
-# Our optimizer names -> transformers TrainingArguments.optim
-HF_OPTIM = {"adamw": "adamw_torch_fused", "adamw-foreach": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit",
-            "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd", "adafactor": "adafactor"}
 
 
 def compute_dtype(setup: TrainSetup) -> torch.dtype:
@@ -94,6 +91,57 @@ def _eager_where_no_sdpa(config) -> None:
         cls = MODEL_MAPPING.get(type(sub_config), None)
         if cls is not None and not getattr(cls, "_supports_sdpa", True):
             sub_config._attn_implementation = "eager"
+
+
+def load_model(setup: TrainSetup, path: str | Path, *, random_init: bool = False,
+               config_spec: ModelSpec | None = None) -> nn.Module:
+    """The transformers model of a run or a profile loaded from the model directory `path`: `from_pretrained` in the
+    compute dtype with the setup's attention kernel (QLoRA: quantized by bitsandbytes while loading, LLaMA-Factory's
+    config). `random_init`: random weights from the directory's config.json, or where `path` is no directory from
+    `config_spec` (default the setup's spec). The KV cache is off, as LLaMA-Factory's patch_config sets it."""
+    cls = getattr(transformers, setup.model.hf_class or "", None)
+    if cls is None:
+        raise VlplanError(f"{setup.model.name}: transformers {transformers.__version__} has no model class for the "
+                          f"{setup.model.family} family; vlplan run needs an installed model class")
+    attn = ATTN_IMPLEMENTATION[setup.attn]
+    path = Path(path)
+    if random_init:
+        if setup.method == "qlora":
+            raise VlplanError("--random-init builds unquantized weights; QLoRA quantizes while loading a checkpoint")
+        if path.is_dir():
+            config = transformers.AutoConfig.from_pretrained(path)
+        else:
+            config = hf_config(config_spec or setup.model, setup.attn)
+        model = cls._from_config(config, dtype=compute_dtype(setup), attn_implementation=attn)
+    else:
+        kwargs = dict(dtype=compute_dtype(setup), attn_implementation=attn)
+        if setup.method == "qlora":
+            kwargs.update(quantization_config=bnb_config(setup),
+                          device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
+        try:
+            model = cls.from_pretrained(path, **kwargs)
+        except ImportError as err:
+            raise VlplanError(f"loading {path}: {str(err).strip().splitlines()[0]}") from None
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None:
+            config.use_cache = False  # LLaMA-Factory patch_config: no KV cache in training
+    return model
+
+
+def bnb_config(setup: TrainSetup):
+    """LLaMA-Factory's bitsandbytes config (model_utils/quantization.py) for QLoRA."""
+    if not torch.cuda.is_available():
+        raise VlplanError("QLoRA quantizes with bitsandbytes, which needs a CUDA GPU; use --method lora on this "
+                          "machine")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise VlplanError("QLoRA needs bitsandbytes; pip install bitsandbytes") from None
+    if setup.quant_bits == 8:
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype(setup),
+                                           bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+                                           bnb_4bit_quant_storage=compute_dtype(setup))
 
 
 def create_model(setup: TrainSetup, spec: ModelSpec | None = None) -> nn.Module:
@@ -329,14 +377,3 @@ def make_optimizer(model: nn.Module, setup: TrainSetup, *, emulate_cuda: bool = 
     if emulate_cuda and cls is torch.optim.AdamW and not kwargs.get("fused"):
         kwargs = dict(kwargs, foreach=True)
     return cls(groups, **kwargs)
-
-
-def with_layers(spec: ModelSpec, text_layers: int | None = None, vision_layers: int | None = None) -> ModelSpec:
-    """A copy of `spec` with fewer layers (for extrapolated traces), keeping each kind of layer represented."""
-    text, vision = spec.text, spec.vision
-    if text_layers is not None:
-        text = replace(text, num_layers=text_layers)
-    if vision_layers is not None:
-        full = tuple(i for i in range(vision_layers) if i % 2 == 1) if vision.fullatt_block_indexes else ()
-        vision = replace(vision, num_layers=vision_layers, fullatt_block_indexes=full)
-    return replace(spec, text=text, vision=vision)

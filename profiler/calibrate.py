@@ -28,9 +28,8 @@ from pathlib import Path
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.memory import overheads
 from vlplan.planner.memory.estimate import PERSISTENT_PREFIXES
+from vlplan.planner.units import GIB, MIB
 
-MIB = 2**20
-GIB = 2**30
 HOPPER_MARKERS = ("H100", "H200", "H20", "H800", "GH200")
 
 

@@ -101,6 +101,7 @@ def confirm_plan(plan, *, backend: str = "cuda", timeout_s: float = 600.0, on_ev
     """Profile the plan's setup and the next micro-batch up, each in a fresh process (see module docstring)."""
     from vlplan.planner.memory.estimate import estimate
 
+    from .gpu import NoCudaError
     from .profile import ProfileOptions, check_profilable
     from .sweep import SweepConfig, run_isolated, sweep_device, terminate_as_exit
 
@@ -123,7 +124,11 @@ def confirm_plan(plan, *, backend: str = "cuda", timeout_s: float = 600.0, on_ev
     options = ProfileOptions(steps=CONFIRM_STEPS, backend=backend, memory_limit_bytes=limit)
     for _, candidate in setups:
         check_profilable(candidate, options)
-    device = sweep_device(backend)
+    try:
+        device = sweep_device(backend)
+    except NoCudaError:
+        raise VlplanError("confirmation needs a CUDA GPU (torch.cuda.is_available() is False here): the plan above "
+                          "is the estimate's; run `vlplan plan ... --confirm` on the GPU machine") from None
     measure = "NVML used peak" if backend == "cuda" else "live-tensor peak + the estimate's device overheads"
     confirmation = Confirmation(backend, device, measure)
     with tempfile.TemporaryDirectory(prefix="vlplan-confirm-") as tmp, terminate_as_exit():

@@ -22,6 +22,7 @@ import platform
 import torch
 
 from vlplan.planner.setup import TrainSetup
+from vlplan.planner.units import GIB
 
 from . import build, cuda_autocast, emulate
 from .memtrack import MemoryTracker, track_modules
@@ -50,7 +51,7 @@ class LimitedTracker(MemoryTracker):
             self.exceeded = {"live_bytes": self.current_bytes, "requested_bytes": requested}
             raise torch.OutOfMemoryError(
                 f"out of memory on the cpu backend: Tried to allocate {requested / 2**20:.2f} MiB with "
-                f"{before / 2**30:.4f} GiB live; --memory-limit-gib is {self.limit_bytes / 2**30:.4f} GiB "
+                f"{before / GIB:.4f} GiB live; --memory-limit-gib is {self.limit_bytes / GIB:.4f} GiB "
                 f"({func.__name__})")
         return out
 

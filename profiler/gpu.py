@@ -25,8 +25,13 @@ import torch
 
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
+from vlplan.planner.units import GIB
 
 from .profile import Backend, PhaseRecord, ProfileOptions
+
+class NoCudaError(VlplanError):
+    """This machine has no CUDA device (torch.cuda.is_available() is False)."""
+
 
 NO_CUDA = ("vlplan profile needs a CUDA GPU and torch.cuda.is_available() is False here; run it on a GPU machine "
            "(docs/profile.md), or pass --backend cpu for the CPU test/dev backend")
@@ -81,7 +86,7 @@ class CudaBackend(Backend):
     def __init__(self, options: ProfileOptions) -> None:
         super().__init__(options)
         if not torch.cuda.is_available():
-            raise VlplanError(NO_CUDA)
+            raise NoCudaError(NO_CUDA)
         self.device = torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
         self.handle = nvml_handle()
         if self.handle is None:
@@ -117,8 +122,8 @@ class CudaBackend(Backend):
         if self.options.memory_limit_bytes is not None:
             total = torch.cuda.get_device_properties(self.device).total_memory
             if self.options.memory_limit_bytes >= total:
-                raise VlplanError(f"--memory-limit-gib {self.options.memory_limit_bytes / 2**30:.2f} is not below "
-                                  f"the device's {total / 2**30:.2f} GiB")
+                raise VlplanError(f"--memory-limit-gib {self.options.memory_limit_bytes / GIB:.2f} is not below "
+                                  f"the device's {total / GIB:.2f} GiB")
             torch.cuda.set_per_process_memory_fraction(self.options.memory_limit_bytes / total, self.device)
         if self.options.snapshot:
             torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_MAX_ENTRIES, stacks="python")

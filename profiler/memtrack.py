@@ -342,12 +342,6 @@ def _probe_refs(tensor: torch.Tensor) -> int:
     return sys.getrefcount(tensor)  # counted in a frame like _sole_reference's
 
 
-def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(tensor, FakeTensor)
-
-
 def _module_group(name: str) -> str:
     """'model.language_model.layers.7.mlp.up_proj' -> 'model.language_model.layers.*.mlp.up_proj'."""
     return _LAYER_INDEX.sub(".*", name) if name else "(top level)"

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.units import GIB
 
-GIB = 2**30
 PHASE_COLORS = {"load": "#dddddd", "forward": "#cfe2f3", "loss": "#fce5cd", "backward": "#f4cccc",
                 "optimizer": "#d9ead3"}
 

@@ -33,17 +33,17 @@ import torch
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.memory.estimate import Estimate, estimate
 from vlplan.planner.setup import TrainSetup
+from vlplan.planner.units import GIB
 
 from . import build
 from .batch import synthetic_batch
 from .memtrack import rounded_bytes
+from .step import StepHooks, run_steps, trainer_forward
 
-GIB = 2**30
 LOAD = "load"
 TRAINING_PHASES = ("forward", "loss", "backward", "optimizer")
 PHASES = (LOAD,) + TRAINING_PHASES
 BACKENDS = ("cuda", "cpu")
-OOM_EXIT_CODE = 3  # as `vlplan run` (runner/train.py)
 # Terms measured by enumerating tensors (identical in every phase after the first optimizer step)
 PERSISTENT_TERMS = ("weights/", "adapters/", "optimizer/", "inputs/")
 STEP_TERM = "step tensors (activations, temporaries, gradients)"
@@ -461,9 +461,9 @@ def profile(setup: TrainSetup, options: ProfileOptions = ProfileOptions(), *, ba
 
 
 def _oom_report(setup, expected, backend: Backend, err: BaseException, start_bytes: int | None) -> dict:
-    """The runner's out-of-memory report (runner/oom.py): the phase, the estimate, the term most likely too low
+    """The runner's out-of-memory report (planner/oom.py): the phase, the estimate, the term most likely too low
     (judged from the memory measured before the first step, as `vlplan run` does) and the next setup to try."""
-    from vlplan.runner.oom import oom_report
+    from vlplan.planner.oom import oom_report
 
     report = oom_report(setup, expected, backend.phase or "load", err, start_bytes)
     report["step"] = backend.step
@@ -497,7 +497,7 @@ class _Run:
         self.optimizer = build.make_optimizer(model, setup, emulate_cuda=backend.name == "cpu")
         with torch.no_grad():
             self.batch = {k: v.to(backend.device) for k, v in synthetic_batch(setup, model).tensors.items()}
-        self.forward = trainer_forward(model, backend, setup)
+        self.forward = trainer_forward(model, build.autocast_dtype(setup), backend.autocast)
         self.handles = backend.watch(model, setup, self.batch) + self._loss_phase_hooks(model)
         self.terms.update(model_terms(model, setup))
         self.terms["inputs/batch"] = storage_bytes(self.batch.values())
@@ -515,30 +515,9 @@ class _Run:
                 if name.endswith("lm_head") and not name.endswith("lm_head.base_layer")]
 
     def steps(self, on_event) -> None:
-        setup, backend, model, optimizer = self.setup, self.backend, self.model, self.optimizer
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        micro_steps = min(setup.gradient_accumulation_steps, 2)
-        for step in range(1, self.options.steps + 1):
-            backend.sync()
-            start = time.perf_counter()
-            for _ in range(micro_steps):
-                backend.begin("forward", step)
-                loss = self.forward(**self.batch)["loss"]
-                backend.begin("backward", step)
-                loss.backward()
-                del loss
-            if step == self.options.steps:
-                self.terms.update(gradient_terms(model, setup))
-            backend.begin("optimizer", step)
-            if setup.max_grad_norm > 0:  # the HF Trainer clips only then
-                torch.nn.utils.clip_grad_norm_(trainable, setup.max_grad_norm, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            backend.after_optimizer_step(optimizer)
-            backend.end()
-            self.step_times.append(time.perf_counter() - start)
-            on_event("step", {"step": step, "steps": self.options.steps, "seconds": self.step_times[-1]})
-        self.terms.update(optimizer_terms(optimizer))
+        run_steps(self.setup, self.model, self.optimizer, self.batch, self.forward, self.options.steps,
+                  _BackendPhases(self, on_event))
+        self.terms.update(optimizer_terms(self.optimizer))
 
     def remove_hooks(self) -> None:
         for handle in self.handles:
@@ -551,17 +530,38 @@ class _Run:
         self.model = self.optimizer = self.batch = self.forward = None
 
 
+class _BackendPhases(StepHooks):
+    """The backend records each phase of each step (`begin` closes the running one) and the steps are timed between
+    device synchronizations; the gradients are measured before the last optimizer step frees them."""
+
+    def __init__(self, run: _Run, on_event) -> None:
+        self.run, self.on_event = run, on_event
+        self.start = 0.0
+
+    def step_start(self, step: int) -> None:
+        self.run.backend.sync()
+        self.start = time.perf_counter()
+
+    def phase(self, name: str, step: int) -> None:
+        if name == "optimizer" and step == self.run.options.steps:
+            self.run.terms.update(gradient_terms(self.run.model, self.run.setup))
+        self.run.backend.begin(name, step)
+
+    def step_end(self, step: int, optimizer) -> None:
+        self.run.backend.after_optimizer_step(optimizer)
+        self.run.backend.end()
+        self.run.step_times.append(time.perf_counter() - self.start)
+        self.on_event("step", {"step": step, "steps": self.run.options.steps, "seconds": self.run.step_times[-1]})
+
+
 def load_model(setup: TrainSetup, weights: str | None, backend: Backend):
     """The model with random weights built on the device from the spec, or the checkpoint in `weights` loaded as
-    `vlplan run` loads it (runner.train.load_model: from_pretrained in the compute dtype with the setup's attention;
+    `vlplan run` loads it (build.load_model: from_pretrained in the compute dtype with the setup's attention;
     QLoRA quantized by bitsandbytes while loading)."""
     if weights is None:
         with backend.creation():
             return build.create_model(setup)
-    from vlplan.runner.job import RunOptions
-    from vlplan.runner.train import load_model as runner_load_model
-
-    model = runner_load_model(setup, RunOptions(model=str(Path(weights).expanduser()), dataset="", output_dir=""))
+    model = build.load_model(setup, Path(weights).expanduser())
     return model if setup.method == "qlora" else model.to(backend.device)
 
 
@@ -577,21 +577,6 @@ def random_checkpoint(setup: TrainSetup, backend: Backend):
         gc.collect()
         backend.release()
         yield tmp
-
-
-def trainer_forward(model, backend: Backend, setup: TrainSetup):
-    """The forward the HF Trainer runs: accelerate wraps `model.forward` in autocast, then converts half-precision
-    outputs to fp32 (accelerate.utils.convert_outputs_to_fp32; an fp32 copy of the logits)."""
-    dtype = build.autocast_dtype(setup)
-    if dtype is None:
-        return model
-    from accelerate.utils import convert_outputs_to_fp32
-
-    def autocast_forward(**inputs):
-        with backend.autocast(dtype):
-            return model(**inputs)
-
-    return convert_outputs_to_fp32(autocast_forward)
 
 
 # Tensors by term ----------------------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ from importlib import metadata
 from pathlib import Path
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.io.files import write_json_atomic
+from vlplan.planner.units import GIB
 
 PROFILE_KEYS = ("steps", "weights", "memory_limit_gib", "timeout_s")
 DEFAULT_TIMEOUT_S = 600.0
@@ -159,7 +161,7 @@ def _resolve(index: int, raw: dict, path, backend: str, timeout_s: float) -> Swe
         profile_options = ProfileOptions(steps=int(raw.get("steps", 3)), backend=backend,
                                          weights=str(Path(raw["weights"]).expanduser().resolve())
                                          if raw.get("weights") else None,
-                                         memory_limit_bytes=int(float(limit) * 2**30) if limit else None)
+                                         memory_limit_bytes=int(float(limit) * GIB) if limit else None)
         check_profilable(resolved.setup, profile_options)
         timeout = float(raw.get("timeout_s", timeout_s))
         if timeout <= 0:
@@ -217,18 +219,7 @@ def append_records(path: Path, records: list[dict]) -> int:
     with _directory_lock(path.parent):
         existing = read_records(path)
         combined = existing + list(records)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(combined, f, indent=1, default=str)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_json_atomic(path, combined, indent=1, fsync=True)
         with contextlib.suppress(OSError):
             dir_fd = os.open(path.parent, os.O_RDONLY)
             try:
@@ -262,10 +253,10 @@ def sweep_device(backend: str) -> str:
         return "cpu"
     import torch
 
-    from .gpu import NO_CUDA, nvml_device
+    from .gpu import NO_CUDA, NoCudaError, nvml_device
 
     if not torch.cuda.is_available():
-        raise VlplanError(NO_CUDA)
+        raise NoCudaError(NO_CUDA)
     info = nvml_device()
     if info is None:
         raise VlplanError("vlplan profile reads device memory with NVML and found none: pip install nvidia-ml-py "
@@ -404,7 +395,9 @@ def worker_main(argv: list[str]) -> int:
     Exit codes: 0 measured, 3 out of memory (a record with oom=true), 2 bad input (a record with the error)."""
     import warnings
 
-    from .profile import OOM_EXIT_CODE, profile
+    from vlplan.planner.oom import OOM_EXIT_CODE
+
+    from .profile import profile
 
     job_path, out_path = Path(argv[0]), Path(argv[1])
     with job_path.open("rb") as f:
@@ -416,9 +409,7 @@ def worker_main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     record = result.to_record()
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(json.dumps(record, default=str))
-    os.replace(tmp, out_path)
+    write_json_atomic(out_path, record, indent=None)
     return OOM_EXIT_CODE if result.oom else 0
 
 

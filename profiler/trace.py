@@ -28,6 +28,7 @@ from vlplan.planner.setup import TrainSetup
 from . import build, cuda_autocast, emulate
 from .batch import synthetic_batch
 from .memtrack import MemoryTracker, Snapshot, track_modules
+from .step import StepHooks, run_steps, trainer_forward
 
 PHASES = ("forward", "loss", "backward", "optimizer")
 
@@ -194,32 +195,40 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
             category = f"gradients/{_component(setup.model.family, names[id(param)])}"
             handles.append(param.register_post_accumulate_grad_hook(
                 lambda p, category=category: tracker.track(p.grad, category)))
-        phase_peaks = _run_steps(setup, model, optimizer, batch, tracker, trainable, steps, mode)
+        phase_peaks = _run_steps(setup, model, optimizer, batch, tracker, steps, mode)
         segments = {k: v for k, v in tracker.segment_snapshots().items() if k.split("/")[0] in PHASES}
         for handle in handles:
             handle.remove()
     return StepTrace(phase_peaks, counts, time.perf_counter() - start, segments)
 
 
-def _trainer_forward(model, autocast: torch.dtype | None):
-    """The forward the HF Trainer runs: accelerate wraps `model.forward` in autocast and then converts the outputs'
-    half-precision tensors to fp32 (accelerate.utils.convert_outputs_to_fp32; an fp32 copy of the logits)."""
-    if autocast is None:
-        return model
+class _TrackerPhases(StepHooks):
+    """The tracker follows the steps: the phase of each, the peak reset before the last step (the steady state:
+    optimizer states exist from the first step on), the optimizer states tracked as they appear."""
 
-    def autocast_forward(**inputs):
-        with cuda_autocast.autocast(autocast):
-            return model(**inputs)
+    def __init__(self, tracker: MemoryTracker, steps: int) -> None:
+        self.tracker, self.steps = tracker, steps
 
-    from accelerate.utils import convert_outputs_to_fp32
+    def step_start(self, step: int) -> None:
+        if step == self.steps:
+            self.tracker.reset_peak()
 
-    return convert_outputs_to_fp32(autocast_forward)
+    def phase(self, name: str, step: int) -> None:
+        self.tracker.phase = name
+        if name == "backward":
+            self.tracker.subphase = "loss"
+
+    def step_end(self, step: int, optimizer) -> None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    kind = "step_counters" if value.dim() == 0 else "adam_states"
+                    self.tracker.track(value, f"optimizer/{kind}")
+        self.tracker.phase = "idle"
 
 
-def _run_steps(setup, model, optimizer, batch, tracker, trainable, steps, mode) -> dict[str, Snapshot]:
-    autocast = build.autocast_dtype(setup)
-    forward = _trainer_forward(model, autocast)
-    micro_steps = min(setup.gradient_accumulation_steps, 2)
+def _run_steps(setup, model, optimizer, batch, tracker, steps, mode) -> dict[str, Snapshot]:
+    forward = trainer_forward(model, build.autocast_dtype(setup))
     with mode, tracker:
         family = setup.model.family
         for name, param in model.named_parameters():
@@ -228,27 +237,7 @@ def _run_steps(setup, model, optimizer, batch, tracker, trainable, steps, mode) 
         for name, buf in model.named_buffers():
             tracker.track(buf, f"weights/{_component(family, name)}")
         tracker.tag(batch.tensors.values(), "inputs/batch")
-        for step in range(steps):
-            if step == steps - 1:
-                tracker.reset_peak()  # report the steady state: optimizer states exist from the first step on
-            for _ in range(micro_steps):
-                tracker.phase = "forward"
-                loss = forward(**batch.tensors)["loss"]
-                tracker.phase = "backward"
-                tracker.subphase = "loss"
-                loss.backward()
-                del loss
-            tracker.phase = "optimizer"
-            if setup.max_grad_norm > 0:  # the HF Trainer clips only then
-                torch.nn.utils.clip_grad_norm_(trainable, setup.max_grad_norm, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for state in optimizer.state.values():
-                for value in state.values():
-                    if isinstance(value, torch.Tensor):
-                        kind = "step_counters" if value.dim() == 0 else "adam_states"
-                        tracker.track(value, f"optimizer/{kind}")
-            tracker.phase = "idle"
+        run_steps(setup, model, optimizer, batch.tensors, forward, steps, _TrackerPhases(tracker, steps))
         tracker.snapshot_peak()
         return {phase: snap for phase, snap in tracker.phase_snapshots.items() if phase in PHASES}
 

@@ -21,16 +21,13 @@ import torch
 
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
-from vlplan.planner.tokens import llamafactory_preresize, qwen_plugin_preresize
+from vlplan.planner.tokens import llamafactory_preresize, qwen_plugin_preresize, uses_qwen2vl_plugin
 
 IGNORE_INDEX = -100  # LLaMA-Factory extras/constants.py IGNORE_INDEX (and torch's cross_entropy default)
 IMAGE_PLACEHOLDER = "<image>"  # LLaMA-Factory extras/constants.py IMAGE_PLACEHOLDER
 # How the chat text names one image before the processor expands it (LLaMA-Factory Qwen2VLPlugin.process_messages)
 QWEN_IMAGE_TEXT = "<|vision_start|>{token}<|vision_end|>"
-IMAGE_TEXT = {"qwen2_vl": QWEN_IMAGE_TEXT, "qwen2_5_vl": QWEN_IMAGE_TEXT, "qwen3_vl": QWEN_IMAGE_TEXT,
-              "qwen3_vl_moe": QWEN_IMAGE_TEXT}
-# Families whose LLaMA-Factory plugin is Qwen2VLPlugin (or a subclass): 28 px minimum side, aspect ratio capped
-QWEN_PLUGIN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# (the families whose plugin is Qwen2VLPlugin or a subclass: `Family.qwen2vl_plugin`; the others name it by the token)
 ROLES = ("system", "user", "assistant")
 
 
@@ -72,7 +69,7 @@ def load_image(path: str, setup: TrainSetup):
         image = image.resize(size)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    if setup.model.family in QWEN_PLUGIN_FAMILIES:
+    if uses_qwen2vl_plugin(setup.model.family):
         size = qwen_plugin_preresize(image.width, image.height)
         if size != image.size:
             image = image.resize(size)
@@ -90,7 +87,8 @@ class Encoder:
             raise VlplanError("the model directory has no chat template (chat_template.jinja / chat_template.json / "
                               "tokenizer_config.json); add the template the model was trained with")
         self.image_token = processor.image_token
-        self.image_text = IMAGE_TEXT.get(setup.model.family, "{token}").format(token=self.image_token)
+        text = QWEN_IMAGE_TEXT if uses_qwen2vl_plugin(setup.model.family) else "{token}"
+        self.image_text = text.format(token=self.image_token)
         self.eos_token = self.tokenizer.eos_token
         if self.eos_token is None:
             raise VlplanError("the tokenizer has no eos_token; set eos_token in tokenizer_config.json")

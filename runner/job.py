@@ -59,6 +59,7 @@ class RunOptions:
     random_init: bool = False
     smoke_test: bool = False
     auto_retry: bool = False
+    probe: bool = True  # one step on the heaviest micro-batch before training (runner/probe.py)
     launcher: str = "torchrun"
     node_rank: int = 0
     master_addr: str = "127.0.0.1"

@@ -1,6 +1,6 @@
 """Where a run's processes come from: this process, or torchrun / the DeepSpeed launcher / accelerate.
 
-One GPU (or the CPU) trains in this process. More GPUs or nodes start `python -m vlplan.cli.run` once per GPU
+One GPU (or the CPU) trains in this process. More GPUs or nodes start `python -m vlplan.runner.worker` once per GPU
 under a launcher, each handed the same job (`VLPLAN_JOB`, JSON: the resolved settings and run options), so every
 rank trains exactly the setup this process resolved. The launch environment follows LLaMA-Factory's torchrun path
 (src/llamafactory/launcher.py, OPTIM_TORCH): expandable CUDA segments and no NCCL record-streams. Without CUDA the
@@ -23,15 +23,16 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.io.files import write_json_atomic
+from vlplan.planner.oom import OOM_EXIT_CODE, next_setup
 from vlplan.planner.setup import TrainSetup
 
 from .job import JOB_ENV, SMOKE_TEST_STEPS, RunOptions, job_json
-from .oom import next_setup
 from .record import (OOM_REPORT_NAME, RECORD_NAME, STATE_DIR, TINY_MODEL_DIR, check_resume, last_checkpoint,
-                     prepare_output_dir, read_record, write_json_atomic)
-from .train import OOM_EXIT_CODE, Interrupted, RunOutOfMemory, train
+                     prepare_output_dir, read_record)
+from .train import Interrupted, RunOutOfMemory, train
 
-WORKER_MODULE = "vlplan.cli.run"
+WORKER_MODULE = "vlplan.runner.worker"  # runner/worker.py: one rank of a launch
 # LLaMA-Factory launcher.py (OPTIM_TORCH, on by default since v0.9.3) sets these on its torchrun path
 CUDA_LAUNCH_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}
 DEFAULT_MASTER_PORT = 29500  # torchrun's default

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.oom import ESTIMATE_TOLERANCE
+from vlplan.planner.units import GIB
 
 from .job import RunOptions
 
@@ -27,8 +29,6 @@ TINY_MODEL_DIR = "tiny-model"  # the smoke test's model, inside the output direc
 # What a vlplan run writes into its output directory before its first checkpoint
 RUN_ENTRIES = frozenset({RECORD_NAME, STATE_DIR, TINY_MODEL_DIR})
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# A measured peak further than this from the estimate gets a warning in the record
-ESTIMATE_TOLERANCE = 0.10
 
 
 def last_checkpoint(output_dir: Path) -> Path | None:
@@ -152,12 +152,6 @@ def _real(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else path
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def read_record(output_dir: Path) -> dict | None:
     path = output_dir / RECORD_NAME
     if not path.is_file():
@@ -223,6 +217,6 @@ def measured_peaks(result, warnings: list[str], nvml_peak_bytes: int) -> dict | 
         error = (value - estimated) / estimated
         measured["relative_error"][name] = round(error, 4)
         if abs(error) > ESTIMATE_TOLERANCE:
-            warnings.append(f"measured peak ({name}) {value / 2**30:.2f} GiB is {100 * error:+.0f}% off the estimate "
-                            f"{estimated / 2**30:.2f} GiB")
+            warnings.append(f"measured peak ({name}) {value / GIB:.2f} GiB is {100 * error:+.0f}% off the estimate "
+                            f"{estimated / GIB:.2f} GiB")
     return measured

@@ -25,15 +25,14 @@ from pathlib import Path
 import torch
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.io.files import write_json_atomic
 from vlplan.planner.memory.estimate import estimate
+from vlplan.planner.oom import oom_report
 from vlplan.planner.setup import TrainSetup
 
 from .job import RunOptions
-from .oom import oom_report
 from .record import (CHECKPOINT_PATTERN, OOM_REPORT_NAME, RECORD_NAME, STAGING_NAME, STATE_DIR, fsync_dir,
-                     last_checkpoint, measured_peaks, nvml_used_bytes, read_record, write_json_atomic)
-
-OOM_EXIT_CODE = 3
+                     last_checkpoint, measured_peaks, nvml_used_bytes, read_record)
 
 
 class Interrupted(Exception):
@@ -54,60 +53,13 @@ class RunOutOfMemory(Exception):
 
 # Model --------------------------------------------------------------------------------------------------------------
 def load_model(setup: TrainSetup, options: RunOptions):
-    """The transformers model of the run: `from_pretrained` of the directory in the compute dtype with the setup's
-    attention kernel (QLoRA: bitsandbytes-quantized), or `--random-init` from the directory's / the registry's
-    config."""
-    import transformers
+    """The run's transformers model, loaded by `profiler.build.load_model` (the one loader of run and profile): the
+    directory's checkpoint, or with `--random-init` random weights from the directory's or the registry's config."""
+    from vlplan.profiler.build import load_model as build_load_model
 
-    from vlplan.profiler.build import ATTN_IMPLEMENTATION, compute_dtype, hf_config
-
-    cls = getattr(transformers, setup.model.hf_class or "", None)
-    if cls is None:
-        raise VlplanError(f"{setup.model.name}: transformers {transformers.__version__} has no model class for the "
-                          f"{setup.model.family} family; vlplan run needs an installed model class")
-    attn = ATTN_IMPLEMENTATION[setup.attn]
     path = Path(options.model)
-    if options.random_init:
-        if setup.method == "qlora":
-            raise VlplanError("--random-init builds unquantized weights; QLoRA quantizes while loading a checkpoint")
-        if path.is_dir():
-            config = transformers.AutoConfig.from_pretrained(path)
-        else:
-            config = hf_config(random_init_spec(setup), setup.attn)
-        model = cls._from_config(config, dtype=compute_dtype(setup), attn_implementation=attn)
-    else:
-        kwargs = dict(dtype=compute_dtype(setup), attn_implementation=attn)
-        if setup.method == "qlora":
-            kwargs.update(quantization_config=bnb_config(setup),
-                          device_map={"": int(os.environ.get("LOCAL_RANK", "0"))})
-        try:
-            model = cls.from_pretrained(path, **kwargs)
-        except ImportError as err:
-            raise VlplanError(f"loading {path}: {str(err).strip().splitlines()[0]}") from None
-    for config in (model.config, getattr(model.config, "text_config", None)):
-        if config is not None:
-            config.use_cache = False  # LLaMA-Factory patch_config: no KV cache in training
-    return model
-
-
-def bnb_config(setup: TrainSetup):
-    """LLaMA-Factory's bitsandbytes config (model_utils/quantization.py) for QLoRA."""
-    if not torch.cuda.is_available():
-        raise VlplanError("QLoRA quantizes with bitsandbytes, which needs a CUDA GPU; use --method lora on this "
-                          "machine")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise VlplanError("QLoRA needs bitsandbytes; pip install bitsandbytes") from None
-    import transformers
-
-    from vlplan.profiler.build import compute_dtype
-
-    if setup.quant_bits == 8:
-        return transformers.BitsAndBytesConfig(load_in_8bit=True)
-    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute_dtype(setup),
-                                           bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
-                                           bnb_4bit_quant_storage=compute_dtype(setup))
+    random_spec = random_init_spec(setup) if options.random_init and not path.is_dir() else None
+    return build_load_model(setup, path, random_init=options.random_init, config_spec=random_spec)
 
 
 def random_init_spec(setup: TrainSetup):
@@ -256,7 +208,7 @@ def training_arguments(setup: TrainSetup, options: RunOptions):
 
     from vlplan.planner.io.deepspeed import deepspeed_config
     from vlplan.planner.io.hf_args import training_arguments as setup_arguments
-    from vlplan.profiler.build import HF_OPTIM
+    from vlplan.planner.setup import HF_OPTIM
 
     cuda = torch.cuda.is_available()
     args = setup_arguments(setup, output_dir=str(options.output_path))
@@ -331,7 +283,7 @@ def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: No
                 "random_init": options.random_init, "smoke_test": options.smoke_test,
                 "world_size": setup.world_size},
         "losses": [], "steps": 0, "checkpoint": None, "resumed_from": str(resume_from) if resume_from else None,
-        "measured": None, "warnings": [], "oom": None,
+        "measured": None, "warnings": [], "oom": None, "probe": None,
     }
     kept_losses: list[dict] = []
     if previous and resume_from is not None:
@@ -385,12 +337,21 @@ def train(setup: TrainSetup, options: RunOptions, on_event=lambda kind, data: No
                                        callbacks=make_callbacks(state, on_event, write_record))
         trainer.run_state = state
         trainer.remove_callback(PrinterCallback)
+        probe = None
+        if options.probe:  # the heaviest micro-batch's step first (runner/probe.py), at on_train_begin
+            from .probe import Probe, make_probe_callback
+
+            probe = Probe(setup, dataset, trainer.data_collator, state, on_event, main)
+            trainer.add_callback(make_probe_callback(trainer, probe, record, write_record))
         if resume_from is not None and _steps_of(resume_from) >= total_steps(trainer):
             return _already_trained(trainer, processor, resume_from, record, previous, write_record, on_event, main)
         try:
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except torch.OutOfMemoryError as err:
             report = oom_report(setup, result, state.phase, err, state.start_bytes)
+            if probe is not None and probe.running:
+                report = probe.annotate_oom(report)
+                record["probe"] = probe.entry
             record["oom"] = report
             record["steps"] = trainer.state.global_step
             write_record("oom")

@@ -8,11 +8,10 @@ depend on the matplotlib version and fonts; the numbers they draw are those of t
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from ..planner.errors import VlplanError
+from ..planner.io.files import write_atomic
 from .formats import GENERATED_MARK
 
 HEAD_BYTES = 4096  # a PNG's text chunks precede its pixels
@@ -40,20 +39,9 @@ def write_files(directory: Path, files: dict[str, str | bytes]) -> list[Path]:
             raise VlplanError(f"{path} exists and was not written by vlplan tables; move it away or choose another "
                               "--out folder")
     directory.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
     written = []
     for name, content in files.items():
-        data = content.encode() if isinstance(content, str) else content
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a written table is an ordinary file
-            os.replace(tmp, directory / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(directory / name, content)
         written.append(directory / name)
     return written
 

@@ -21,12 +21,11 @@ from .. import __version__
 from ..planner.errors import VlplanError
 from ..planner.hardware import find_gpu
 from ..planner.memory.estimate import estimate
+from ..planner.units import GIB, MIB
 from .compute import GPU_COUNTS, MAX_MICRO_BATCH, Row, row_setup
 from .formats import GENERATED_MARK
 from .spec import Table, image_pixels
 
-GIB = 2**30
-MIB = 2**20
 LF_CUTOFF_LEN = 2048  # LLaMA-Factory's cutoff_len default: the sequence length the one-point plots prefer
 PLOT_NAMES = ("max_micro_batch", "fewest_gpus", "peak_vs_image_pixels", "peak_vs_seq_len", "breakdown")
 CATEGORY_COLORS = {"weights": "#4c72b0", "adapters": "#64b5cd", "gradients": "#dd8452", "optimizer": "#c44e52",

@@ -1,4 +1,4 @@
-"""The estimator's activation model (planner/memory/families/llava.py, llava_next.py) against the tracer (a real
+"""The estimator's activation model (planner/families/llava/memory.py, llava_next.py) against the tracer (a real
 transformers LlavaForConditionalGeneration / LlavaNextForConditionalGeneration training step under fake tensors with
 CUDA emulation), per phase, on shrunken specs that keep every code path: CLIP with the CLS token and
 vision_feature_layer -2 (the last layer and post_layernorm get no gradient), LLaVA-NeXT's anyres views and
@@ -77,7 +77,7 @@ def test_simulation_matches_trace(name, kwargs):
 def test_clip_layers_after_the_feature_layer_get_no_optimizer_state():
     """vision_feature_layer -2: the last CLIP layer and post_layernorm feed no loss, so full fine-tuning gives them
     no gradient and AdamW no state (step._trainable)."""
-    from vlplan.planner.memory.families.llava import LlavaModel
+    from vlplan.planner.families.llava.memory import LlavaModel
     from vlplan.planner.memory.sim import Engine
 
     setup = make_setup(tiny("llava-1.5-7b"), seq_len=256, method="full", train_vision=True, train_projector=True)

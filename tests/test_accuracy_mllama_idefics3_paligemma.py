@@ -1,4 +1,4 @@
-"""The estimator's activation model (planner/memory/families/mllama.py, idefics3.py, paligemma.py) against the tracer
+"""The estimator's activation model (planner/families/mllama/memory.py, idefics3.py, paligemma.py) against the tracer
 (the real transformers Mllama / Idefics3 / PaliGemma training step under fake tensors with CUDA emulation), per
 phase, on shrunken specs that keep every code path: Mllama's four tile slots per image with the aspect-ratio mask,
 gated global layers and cross-attention layers on the image features; Idefics3's tiles, constant pixel masks and
@@ -90,7 +90,7 @@ def test_simulation_matches_trace(name, kwargs, counts):
 def test_mllama_refuses_training_the_image_path_with_reentrant_checkpointing():
     """Every checkpointed cross-attention layer back-propagates into the same image features: PyTorch fails on the
     second one, so neither the estimator nor the tracer pretends it runs."""
-    from vlplan.profiler.batches.mllama import mllama_batch
+    from vlplan.planner.families.mllama.batch import mllama_batch
 
     setup = make_setup(tiny("llama-3.2-11b-vision"), seq_len=64, train_vision=True)
     with pytest.raises(VlplanError, match="gradient checkpointing"):

@@ -1,4 +1,4 @@
-"""The estimator's activation model (planner/memory/families/qwen3_vl.py) against the tracer (a real transformers
+"""The estimator's activation model (planner/families/qwen3_vl/memory.py) against the tracer (a real transformers
 Qwen3VLForConditionalGeneration / Qwen3VLMoeForConditionalGeneration training step under fake tensors with CUDA
 emulation), per phase, on shrunken specs that keep every code path: the interpolated learned position embedding,
 2D vision RoPE, DeepStack mergers added after the first language-model layers, q/k RMSNorm, interleaved MRoPE, and
@@ -7,15 +7,12 @@ the MoE router with grouped-matmul experts (bf16 under LoRA, fp32 when trained i
 from dataclasses import replace
 
 import pytest
-
-from vlplan.planner.memory.families.qwen3_vl import layer_counts, spec_with_layers
+from tiny import assert_phases_match
+from vlplan.planner.families.qwen3_vl.memory import layer_counts, spec_with_layers
+from vlplan.planner.families.qwen3_vl.specs import qwen3_merger, qwen3_vl_vision
 from vlplan.planner.memory.step import simulate
 from vlplan.planner.registry import resolve
-from vlplan.planner.registry.qwen3_vl import qwen3_merger, qwen3_vl_vision
 from vlplan.planner.setup import make_setup
-
-from tiny import assert_phases_match
-
 
 
 def tiny(name: str):
@@ -80,7 +77,7 @@ def test_lora_skips_the_moe_router_and_experts():
     """The router (a plain weight used with F.linear) and the fused 3D experts are not nn.Linear: LoRA "all" adapts
     only the attention projections of the MoE language model, and the experts stay frozen bf16."""
     setup = make_setup(tiny("qwen3-vl-30b-a3b"), method="lora")
-    from vlplan.planner.memory.families.qwen3_vl import Qwen3VLModel
+    from vlplan.planner.families.qwen3_vl.memory import Qwen3VLModel
     from vlplan.planner.memory.sim import Engine
 
     model = Qwen3VLModel(Engine(), setup, MOE)

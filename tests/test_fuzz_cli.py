@@ -94,6 +94,7 @@ PLAN_FLAGS = {
     "--export-llamafactory": st.sampled_from(PATHS),
     "--export-deepspeed": st.sampled_from(PATHS),
     "--export-hf-args": st.sampled_from(PATHS),
+    "--maximize": _choice("image-max-pixels", "cutoff-len", "micro-batch", "video-frames", "nope", ""),
 }
 TOKENS_FLAGS = {"--image-max-pixels": st.sampled_from(INTS), "--image-min-pixels": st.sampled_from(INTS),
                 "--image": st.sampled_from(SIZES)}
@@ -247,6 +248,8 @@ def test_tokens_never_crashes(argv):
 @example(["plan", "--model", "qwen2-vl-2b", "-g", "1000000000"])
 @example(["plan", "--model", "qwen2-vl-2b", "-g", "8", "--export-llamafactory", "files"])
 @example(["plan", "--model", "qwen2-vl-2b", "-g", "8", "--mfu", "nan", "--epochs", "-1"])
+@example(["plan", "--model", "qwen2-vl-2b", "-g", "1000000000", "--maximize", "cutoff-len"])
+@example(["plan", "--model", "qwen2-vl-2b", "-g", "8", "--maximize", "image-max-pixels", "--images", "0"])
 def test_plan_never_crashes(argv):
     check_command(argv)
 

@@ -4,10 +4,11 @@ meta device; remote-code families match their published totals; every registry n
 from dataclasses import replace
 
 import pytest
-
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.families.minicpmv import specs as minicpmv
+from vlplan.planner.families.phi3_v import specs as phi3_v
 from vlplan.planner.modules import COMPONENTS, model_inventory, param_counts
-from vlplan.planner.registry import all_specs, minicpmv, phi3_v, resolve
+from vlplan.planner.registry import all_specs, resolve
 from vlplan.planner.spec import FAMILIES
 
 transformers = pytest.importorskip("transformers")

@@ -2,6 +2,7 @@
 consumers' own parsers, and an import of the export plans the same."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -140,20 +141,29 @@ def test_an_export_path_that_is_a_folder_is_one_line_and_writes_nothing(tmp_path
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
-    """A read-only folder (simulated: the tests may run as root, who writes anywhere): one line, exit 2, and the
-    files already staged for the other exports are removed too."""
-    import pathlib
+    """A write that fails after the checks passed (simulated: the tests may run as root, who writes anywhere): one
+    line naming the file, exit 2, and the files already staged for the other exports are removed too."""
+    import os
+    import tempfile
 
     locked = tmp_path / "locked"
     locked.mkdir()
-    real_write = pathlib.Path.write_text
+    real_mkstemp, real_fdopen = tempfile.mkstemp, os.fdopen
+    folder_of = {}
 
-    def write_text(self, *args, **kwargs):
-        if self.parent == locked:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_write(self, *args, **kwargs)
+    def mkstemp(*args, dir=None, **kwargs):
+        fd, name = real_mkstemp(*args, dir=dir, **kwargs)
+        folder_of[fd] = Path(name).parent
+        return fd, name
 
-    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    def fdopen(fd, *args, **kwargs):
+        if folder_of.get(fd) == locked:
+            os.close(fd)
+            raise PermissionError(13, "Permission denied")
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "fdopen", fdopen)
     result = runner.invoke(app, [*PLAN, "--export-deepspeed", str(tmp_path / "ds.json"),
                                  "--export-hf-args", str(tmp_path / "args.json"),
                                  "--export-llamafactory", str(locked / "train.yaml")])

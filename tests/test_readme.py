@@ -216,3 +216,57 @@ def test_ci_runs_the_readme_test_command():
                 if line.startswith("python3 -m venv .venv") and line.endswith("python -m pytest")]
     assert len(commands) == 1, commands
     assert commands[0] in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+def python_api_example(text: str) -> str:
+    """The Python code block of the README's "## Python API" section."""
+    section = re.search(r"^## Python API\n(.*?)(?=^## )", text, re.DOTALL | re.MULTILINE)
+    assert section, "README.md has no '## Python API' section"
+    block = re.search(r"^```python\n(.*?)^```", section.group(1), re.DOTALL | re.MULTILINE)
+    assert block, "the Python API section has no python code block"
+    return block.group(1)
+
+
+def test_python_api_example_runs_without_torch(tmp_path):
+    """The example runs as written in a fresh interpreter, prints the estimate and the plan it computed, and leaves
+    torch and transformers unimported (the planner's promise)."""
+    code = python_api_example(README.read_text(encoding="utf-8"))
+    check = "\nimport sys\nprint('imported:', sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+    done = subprocess.run([sys.executable, "-c", code + check], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert re.fullmatch(r"peak \d+\.\d\d GiB per GPU \((forward|loss|backward|optimizer)\), fits: True", lines[0])
+    assert re.fullmatch(r"micro-batch \d+ x accumulation \d+ x 4 GPUs, ZeRO [0-3], \d+\.\d\d s per step", lines[-2])
+    assert lines[-1] == "imported: []"
+
+
+def file_tree_paths(text: str) -> list[str]:
+    """The paths the README's "## Files" tree names: the first column of each line (names separated by ", "),
+    nested by indentation under the folder lines (names ending in /)."""
+    section = re.search(r"^## Files\n(.*?)(?=^## |\Z)", text, re.DOTALL | re.MULTILINE)
+    assert section, "README.md has no '## Files' section"
+    block = re.search(r"^```\n(.*?)^```", section.group(1), re.DOTALL | re.MULTILINE)
+    folders: list[tuple[int, str]] = []  # (indent, path) of the enclosing folders
+    paths = []
+    for line in block.group(1).splitlines():
+        indent = len(line) - len(line.lstrip(" "))
+        column = re.split(r"\s{2,}", line.strip(), maxsplit=1)[0]
+        if not column or indent >= 20:  # a continuation of the description column
+            continue
+        folders = [(i, p) for i, p in folders if i < indent]
+        parent = folders[-1][1] if folders else ""
+        for name in column.split(", "):
+            if name.endswith("...") or not re.fullmatch(r"[\w.\-/]+", name):
+                continue
+            paths.append(parent + name)
+            if name.endswith("/"):
+                folders.append((indent, parent + name))
+    return paths
+
+
+def test_the_file_tree_names_files_that_exist():
+    paths = file_tree_paths(README.read_text(encoding="utf-8"))
+    assert "vlplan/__init__.py" in paths and "planner/memory/estimate.py" in paths
+    missing = [path for path in paths if not (REPO / path).exists()]
+    assert not missing, missing

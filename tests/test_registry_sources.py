@@ -6,8 +6,8 @@ import inspect
 from dataclasses import replace
 
 import pytest
-
-from vlplan.planner.registry import all_specs, qwen2_5_vl
+from vlplan.planner.families.qwen2_5_vl import specs as qwen2_5_vl
+from vlplan.planner.registry import all_specs
 from vlplan.planner.spec import unverified_warning
 
 SPECS = all_specs()
@@ -29,9 +29,9 @@ def _comment_before(spec) -> str:
 
 
 def _entry_module(spec):
-    from vlplan.planner import registry
+    from vlplan.planner.families import spec_modules
 
-    for module in registry._FAMILY_MODULES:
+    for module in spec_modules():
         if spec in module.SPECS:
             return module
     raise AssertionError(f"{spec.name} is in no registry module")
@@ -72,6 +72,6 @@ def test_the_notes_say_why_not_just_that():
 
 def test_qwen2_5_vl_large_towers_have_the_wider_mlp():
     """32B/72B configs write vision_config.intermediate_size 3456; the 3B/7B keep the class default 3420 (see the
-    sources in registry/qwen2_5_vl.py). A tower shared across sizes would silently lose 4,425,984 parameters."""
+    sources in families/qwen2_5_vl/specs.py). A tower shared across sizes would silently lose 4,425,984 parameters."""
     sizes = {spec.name: spec.vision.intermediate_size for spec in qwen2_5_vl.SPECS}
     assert sizes == {"qwen2.5-vl-3b": 3420, "qwen2.5-vl-7b": 3420, "qwen2.5-vl-32b": 3456, "qwen2.5-vl-72b": 3456}

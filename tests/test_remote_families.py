@@ -4,16 +4,15 @@ can run here. Their token rules are held to examples computed by hand from the r
 must run for every method and hold exactly the parameters of the module inventory."""
 
 import pytest
-
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.families.minicpmv import tokens as minicpm_rule
+from vlplan.planner.families.phi3_v import tokens as phi3v_rule
 from vlplan.planner.memory.families import model_for
 from vlplan.planner.memory.sim import DTYPE_BYTES, Engine
 from vlplan.planner.memory.step import simulate
 from vlplan.planner.modules import param_counts
 from vlplan.planner.registry import resolve
 from vlplan.planner.setup import make_setup
-from vlplan.planner.token_rules import minicpmv as minicpm_rule
-from vlplan.planner.token_rules import phi3v as phi3v_rule
 from vlplan.planner.tokens import image_tokens
 
 MINICPM = resolve("minicpm-v-2.6")
@@ -157,7 +156,7 @@ def test_analytic_model_runs_and_holds_the_inventory(name, kwargs):
 def test_minicpmv_pads_views_to_the_longest():
     """The vision tower runs every view of the batch padded to the longest one (pad_sequence), with a padding mask
     once the views differ in length."""
-    from vlplan.planner.memory.families.minicpmv import MiniCPMVModel, view_patches
+    from vlplan.planner.families.minicpmv.memory import MiniCPMVModel, view_patches
 
     setup = make_setup(MINICPM, images=[(1920, 1080), (448, 448)], seq_len=4096)
     # LLaMA-Factory pre-resize: 1920x1080 -> 1024x576 -> a 602x336 source view (43 x 24 patches) and two 420x476

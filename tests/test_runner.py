@@ -27,7 +27,7 @@ from vlplan.planner.registry import resolve  # noqa: E402
 from vlplan.planner.setup import make_setup  # noqa: E402
 from vlplan.runner import train as train_module  # noqa: E402
 from vlplan.runner.tiny import write_tiny_model  # noqa: E402
-from vlplan.runner.oom import next_setup, oom_report  # noqa: E402
+from vlplan.planner.oom import next_setup, oom_report  # noqa: E402
 
 runner = CliRunner()
 CLI = [sys.executable, "-m", "vlplan.cli.main"]
@@ -256,6 +256,9 @@ def test_two_processes_through_torchrun_with_gloo(env, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads(done.stdout)
     assert record["status"] == "completed" and record["steps"] == step + 1 and record["settings"]["world_size"] == 2
+    # each rank probed the same heaviest batch before its first step; the record holds the larger peak of the two
+    assert record["probe"]["status"] == "done" and record["probe"]["ranks"] == 2
+    assert record["probe"]["live_tensor_peak_bytes"] > 0
     assert [e["step"] for e in record["losses"]] == list(range(1, step + 2))
     assert all(math.isfinite(e["loss"]) for e in record["losses"])
     assert (out / "adapter_model.safetensors").is_file()
@@ -272,7 +275,7 @@ def test_dry_run_of_zero3_on_four_gpus(env, tmp_path):
     launch = json.loads(result.stdout)
     command = launch["command"]
     assert os.path.basename(command[0]) == "torchrun" or command[1:3] == ["-m", "torch.distributed.run"]
-    assert command[command.index("--nproc_per_node") + 1] == "4" and command[-2:] == ["-m", "vlplan.cli.run"]
+    assert command[command.index("--nproc_per_node") + 1] == "4" and command[-2:] == ["-m", "vlplan.runner.worker"]
     assert launch["env"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     job = json.loads(launch["env"]["VLPLAN_JOB"])
     assert job["settings"]["zero"] == 3 and job["options"]["output_dir"] == str(out)
@@ -299,7 +302,7 @@ def test_dry_run_of_zero3_on_four_gpus(env, tmp_path):
     result = run_cli("--model", env["qwen"], "--dataset", env["data"], "--output-dir", out, "--num-gpus", 4,
                      "--zero", 3, "--seq-len", 256, "--dry-run", "--json", "--launcher", "deepspeed")
     command = json.loads(result.stdout)["command"]
-    assert command[command.index("--num_gpus") + 1] == "4" and command[-2:] == ["--module", "vlplan.cli.run"]
+    assert command[command.index("--num_gpus") + 1] == "4" and command[-2:] == ["--module", "vlplan.runner.worker"]
     assert "--no_local_rank" in command
 
 

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
+from vlplan.planner.families.idefics3 import tokens as idefics3_rule
+from vlplan.planner.families.mllama import tokens as mllama_rule
 from vlplan.planner.registry import resolve
-from vlplan.planner.token_rules import idefics3 as idefics3_rule
-from vlplan.planner.token_rules import mllama as mllama_rule
 from vlplan.planner.tokens import image_tokens
 
 pytest.importorskip("transformers")
@@ -51,8 +50,10 @@ def mllama_processor():
 @FIXED
 @given(size=extreme)
 def test_mllama_tiles_equal_processor_canvas(mllama_processor, size):
-    from transformers.models.mllama.image_processing_pil_mllama import (convert_aspect_ratios_to_ids_np,
-                                                                         get_optimal_tiled_canvas)
+    from transformers.models.mllama.image_processing_pil_mllama import (
+        convert_aspect_ratios_to_ids_np,
+        get_optimal_tiled_canvas,
+    )
 
     w, h = size
     p = MLLAMA.processor

@@ -5,14 +5,14 @@ llamafactory.md section 1a): precision flags, `optim`, batch and accumulation, c
 LLaMA-Factory's reentrant default (`use_reentrant_gc: true`), the DeepSpeed config path, and `remove_unused_columns:
 false` (vision inputs are extra columns). What TrainingArguments cannot say (which components train, LoRA, QLoRA,
 image limits, pure bf16 weights) belongs to the model preparation (profiler/build.py), not here.
-`tests/test_io_export.py` constructs transformers' TrainingArguments from the result.
+`tests/test_plan_export.py` constructs transformers' TrainingArguments from the result.
 """
 
 from __future__ import annotations
 
 from ..errors import VlplanError
-from ..setup import TrainSetup
-from .llamafactory import OPTIM_TO_HF, default_deepspeed_name
+from ..setup import HF_OPTIM, TrainSetup
+from .llamafactory import default_deepspeed_name
 
 
 def training_arguments(setup: TrainSetup, *, output_dir: str = "saves/vlplan", deepspeed_path: str | None = None,
@@ -29,7 +29,7 @@ def training_arguments(setup: TrainSetup, *, output_dir: str = "saves/vlplan", d
         "gradient_accumulation_steps": setup.gradient_accumulation_steps,
         "bf16": bf16,
         "fp16": fp16,
-        "optim": OPTIM_TO_HF[setup.optimizer],
+        "optim": HF_OPTIM[setup.optimizer],
         "max_grad_norm": setup.max_grad_norm,
         "gradient_checkpointing": setup.gradient_checkpointing,
         "remove_unused_columns": False,

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from ..errors import VlplanError
-from ..setup import Train, TrainSetup, make_setup
+from ..setup import HF_OPTIM, Train, TrainSetup, make_setup
 from .deepspeed import DeepSpeedSettings, deepspeed_from_name, read_deepspeed
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -218,8 +218,6 @@ OPTIM_FROM_HF = {
     "adamw_bnb_8bit": "adamw-8bit", "adamw_8bit": "adamw-8bit", "paged_adamw_8bit": "paged-adamw-8bit",
     "sgd": "sgd", "adafactor": "adafactor",
 }
-OPTIM_TO_HF = {"adamw": "adamw_torch_fused", "adamw-foreach": "adamw_torch", "adamw-8bit": "adamw_bnb_8bit",
-               "paged-adamw-8bit": "paged_adamw_8bit", "sgd": "sgd", "adafactor": "adafactor"}
 
 # v0.9.0 wrote image_resolution as the longest side (default 512), v0.9.1 as pixels (512 * 512); a value at or below
 # this bound is read as a side length
@@ -604,7 +602,7 @@ def _optimizer(value, name: str, warnings: list[str]) -> str:
     else:
         raise VlplanError(f"{name}: optim {value!r} is not an optimizer vlplan knows; use one of "
                           f"{', '.join(OPTIM_FROM_HF)}")
-    warnings.append(f"{name}: optim {value} is modelled as {closest} ({OPTIM_TO_HF[closest]}), the closest in "
+    warnings.append(f"{name}: optim {value} is modelled as {closest} ({HF_OPTIM[closest]}), the closest in "
                     "optimizer-state bytes")
     return closest
 
@@ -766,7 +764,7 @@ def llamafactory_yaml(setup: TrainSetup, *, version: str = "latest", model_name_
     out.update(bf16=setup.precision == "bf16", fp16=setup.precision == "fp16")
     if setup.precision == "pure-bf16":
         out["pure_bf16"] = True  # weights and trainable parameters stay bf16; no AMP (bf16 false keeps DeepSpeed so)
-    out["optim"] = OPTIM_TO_HF[setup.optimizer]
+    out["optim"] = HF_OPTIM[setup.optimizer]
     out["flash_attn"] = {"sdpa": "sdpa", "eager": "disabled", "fa2": "fa2"}[setup.attn]
     out["disable_gradient_checkpointing"] = not setup.gradient_checkpointing
     if setup.liger_kernel:

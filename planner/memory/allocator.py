@@ -45,7 +45,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from dataclasses import dataclass
 
-MIB = 2**20
+from ..units import MIB
 
 K_MIN_BLOCK_SIZE = 512  # kMinBlockSize: all sizes are rounded to at least 512 bytes
 K_SMALL_SIZE = MIB  # kSmallSize: largest "small" allocation is 1 MiB

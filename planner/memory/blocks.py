@@ -141,59 +141,188 @@ def gated_mlp(e: Engine, h: T, gate: LinearParams, up: LinearParams, down: Linea
 # Language model -----------------------------------------------------------------------------------------------------
 
 
-class LlamaLayer:
-    """Qwen2DecoderLayer / LlamaDecoderLayer / MistralDecoderLayer (and the Qwen2-VL/2.5-VL text layers):
-    input_layernorm -> self_attn (q/k/v_proj, RoPE, attention, o_proj) -> residual -> post_attention_layernorm ->
-    mlp down_proj(act(gate_proj(x)) * up_proj(x)) -> residual."""
+class TextDecoderLayer:
+    """The decoder layer every modelled language model shares, its options set per family (class attributes):
+
+        input_layernorm -> self_attn (q/k/v_proj, [q_norm/k_norm], RoPE, attention, o_proj) -> [post_attention_layernorm]
+        -> residual -> pre-MLP norm -> mlp -> [post_feedforward_layernorm] -> residual
+
+    The defaults are Qwen2DecoderLayer / LlamaDecoderLayer / MistralDecoderLayer (transformers 5.23
+    models/{qwen2,llama,mistral}/modeling_*.py; also the Qwen2-VL/2.5-VL text layers). The options, each mirroring
+    where a family's modeling code differs (the order of operations and of frees is the code's, so the activations
+    left saved for backward and the temporaries freed are those of the real forward):
+
+    - `norm`: "rms" (LlamaRMSNorm: weight * normed in the input dtype) or "gemma" (Gemma RMSNorm: (1 + weight),
+      computed in fp32).
+    - `qk_norm`: None; "projection" (Qwen3: `q_norm(q_proj(x))`, `k_norm(k_proj(x))`, then v_proj); "attention"
+      (Gemma 3: q/k/v_proj, then q_norm, k_norm). RMSNorm over head_dim.
+    - `rope_frees`: "each" (the un-rotated q dies once q is rotated, then k) or "both" (both die after
+      `apply_rotary_pos_emb` returns both).
+    - `sandwich`: Gemma 2/3's post_attention_layernorm on the attention output and post_feedforward_layernorm on the
+      MLP output, before each residual add; the pre-MLP norm is then `pre_feedforward_layernorm`.
+    - `attn_prefix` / `mlp_prefix`: the module path of the projections ("self_attn." / "mlp." where the family's
+      parameter names say so; LoRA matches only the last name component).
+    - `norms_first`: the four sandwich norms are created before the projections (Gemma), else the layer's order.
+    - `act`: the gated MLP's activation (SiLU; gelu-tanh for Gemma); `make_mlp` for another MLP (Qwen3 MoE).
+    - `sliding window`: a property of the attention the context hands in (the layer's mask), not of the layer.
+    - attention weights: a context whose attention returns `(out, weights)` (`attention_weights = True`) keeps the
+      weights alive until the layer returns (`hidden_states, _ = self.self_attn(...)`).
+    - `inputs_die_before_o_proj`: the rotated q/k and v are dropped before o_proj allocates (the trace-validated
+      Llama/Qwen2 layer; it matters only where the kernel saved none of them, i.e. frozen layers), else they live
+      until the attention forward returns.
+    - `o_proj_bias`: o_proj has a bias when q/k/v have one (Gemma: `attention_bias` for all four), else never (Qwen2).
+    Cross-attention layers (Mllama) are their own class (families/mllama/memory.py).
+    """
+
+    norm = "rms"
+    qk_norm: str | None = None
+    rope_frees = "each"
+    sandwich = False
+    attn_prefix = ""
+    mlp_prefix = ""
+    norms_first = False
+    act = "silu"
+    attention_weights = False
+    inputs_die_before_o_proj = True
+    o_proj_bias = False
 
     def __init__(self, p: Params, index: int, trainable: bool = True) -> None:
         t = p.setup.model.text
         self.t = t
         prefix = f"language.layers.{index}"
-        q_out, kv_out = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
-        self.norm1 = p.vector(LANGUAGE, f"{prefix}.input_layernorm", t.hidden_size, trainable)
-        self.q = p.linear(LANGUAGE, f"{prefix}.q_proj", t.hidden_size, q_out, t.qkv_bias, trainable)
-        self.k = p.linear(LANGUAGE, f"{prefix}.k_proj", t.hidden_size, kv_out, t.qkv_bias, trainable)
-        self.v = p.linear(LANGUAGE, f"{prefix}.v_proj", t.hidden_size, kv_out, t.qkv_bias, trainable)
-        self.o = p.linear(LANGUAGE, f"{prefix}.o_proj", q_out, t.hidden_size, False, trainable)
-        self.norm2 = p.vector(LANGUAGE, f"{prefix}.post_attention_layernorm", t.hidden_size, trainable)
-        self.gate = p.linear(LANGUAGE, f"{prefix}.gate_proj", t.hidden_size, t.intermediate_size, False, trainable)
-        self.up = p.linear(LANGUAGE, f"{prefix}.up_proj", t.hidden_size, t.intermediate_size, False, trainable)
-        self.down = p.linear(LANGUAGE, f"{prefix}.down_proj", t.intermediate_size, t.hidden_size, False, trainable)
-        self.params = [x for x in (self.norm1, self.norm2) ] + [
-            q for lp in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+        h, q_out, kv_out = t.hidden_size, t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+        names = ("input_layernorm", "post_attention_layernorm") + (
+            ("pre_feedforward_layernorm", "post_feedforward_layernorm") if self.sandwich else ())
+        self.norms = {}
+        if self.norms_first:
+            self.norms = {name: p.vector(LANGUAGE, f"{prefix}.{name}", h, trainable) for name in names}
+        else:
+            self.norms["input_layernorm"] = p.vector(LANGUAGE, f"{prefix}.input_layernorm", h, trainable)
+        a = f"{prefix}.{self.attn_prefix}"
+        self.q = p.linear(LANGUAGE, f"{a}q_proj", h, q_out, t.qkv_bias, trainable)
+        self.k = p.linear(LANGUAGE, f"{a}k_proj", h, kv_out, t.qkv_bias, trainable)
+        self.v = p.linear(LANGUAGE, f"{a}v_proj", h, kv_out, t.qkv_bias, trainable)
+        self.o = p.linear(LANGUAGE, f"{a}o_proj", q_out, h, self.o_proj_bias and t.qkv_bias, trainable)
+        self.qk_norms = ()
+        if self.qk_norm:
+            self.qk_norms = (p.vector(LANGUAGE, f"{a}q_norm", t.head_dim, trainable),
+                             p.vector(LANGUAGE, f"{a}k_norm", t.head_dim, trainable))
+        if not self.norms_first:
+            for name in names[1:]:
+                self.norms[name] = p.vector(LANGUAGE, f"{prefix}.{name}", h, trainable)
+        self.mlp = self.make_mlp(p, prefix, trainable)
+        self.params = [*self.norms.values(), *self.qk_norms] + [
+            q for lp in (self.q, self.k, self.v, self.o) for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b)
+            if q is not None] + self.mlp.params
+
+    def make_mlp(self, p: Params, prefix: str, trainable: bool) -> "GatedMlp":
+        return GatedMlp(p, f"{prefix}.{self.mlp_prefix}", trainable, self.act)
 
     @property
     def has_trainable(self) -> bool:
         return any(q.trainable for q in self.params)
 
-    def __call__(self, e: Engine, x: T, ctx: "Context") -> T:
-        t = self.t
+    def _norm(self, e: Engine, x: T, weight: Param, rows: int, name: str) -> T:
+        if self.norm == "gemma":
+            return ops.gemma_rms_norm(e, x, weight, rows, name=name)
+        return ops.rms_norm(e, x, weight, rows, name=name)
+
+    def __call__(self, e: Engine, x: T, ctx) -> T:
         tokens = ctx.tokens
         residual = x
         # `hidden_states = self.input_layernorm(hidden_states)`: the normed input lives until self_attn returns
-        h = ops.rms_norm(e, x, self.norm1, tokens, name="input_layernorm")
-        q = apply_linear(e, h, self.q, "q_proj")
-        k = apply_linear(e, h, self.k, "k_proj")
-        v = apply_linear(e, h, self.v, "v_proj")
-        q_rot = ops.rope(e, q, ctx.cos, ctx.sin, name="q_rope")
-        del q
-        k_rot = ops.rope(e, k, ctx.cos, ctx.sin, name="k_rope")
-        del k
-        attn = ctx.attention(e, q_rot, k_rot, v, t.num_heads, t.num_kv_heads, "self_attn")
-        del q_rot, k_rot, v
-        o = apply_linear(e, attn, self.o, "o_proj")
-        del attn, h
+        h = self._norm(e, x, self.norms["input_layernorm"], tokens, "input_layernorm")
+        o, weights = self.self_attention(e, h, ctx)
+        del h
+        if self.sandwich:
+            n = self._norm(e, o, self.norms["post_attention_layernorm"], tokens, "post_attention_layernorm")
+            del o
+            o = n
+            del n
         x = ops.add(e, residual, o, name="attn_residual")
         del residual, o
         residual = x
-        h = ops.rms_norm(e, x, self.norm2, tokens, name="post_attention_layernorm")
+        pre = "pre_feedforward_layernorm" if self.sandwich else "post_attention_layernorm"
+        h = self._norm(e, x, self.norms[pre], tokens, pre)
         del x
-        down = gated_mlp(e, h, self.gate, self.up, self.down)
-        del h  # the mlp's argument lives until mlp returns
-        out = ops.add(e, residual, down, name="mlp_residual")
+        m = self.mlp(e, h, tokens)
+        del h  # the MLP's argument lives until it returns
+        if self.sandwich:
+            n = self._norm(e, m, self.norms["post_feedforward_layernorm"], tokens, "post_feedforward_layernorm")
+            del m
+            m = n
+            del n
+        out = ops.add(e, residual, m, name="mlp_residual")
+        del residual, m, weights  # the attention weights live until the layer returns
         return out
+
+    def self_attention(self, e: Engine, h: T, ctx) -> tuple[T, T | None]:
+        """The attention module's forward: (o_proj output, attention weights or None)."""
+        t, tokens = self.t, ctx.tokens
+        if self.qk_norm == "projection":
+            qp = apply_linear(e, h, self.q, "q_proj")
+            q = ops.rms_norm(e, qp, self.qk_norms[0], tokens * t.num_heads, name="q_norm")
+            del qp
+            kp = apply_linear(e, h, self.k, "k_proj")
+            k = ops.rms_norm(e, kp, self.qk_norms[1], tokens * t.num_kv_heads, name="k_norm")
+            del kp
+            v = apply_linear(e, h, self.v, "v_proj")
+        else:
+            q = apply_linear(e, h, self.q, "q_proj")
+            k = apply_linear(e, h, self.k, "k_proj")
+            v = apply_linear(e, h, self.v, "v_proj")
+            if self.qk_norm == "attention":
+                q_normed = self._norm(e, q, self.qk_norms[0], tokens * t.num_heads, "q_norm")
+                del q
+                k_normed = self._norm(e, k, self.qk_norms[1], tokens * t.num_kv_heads, "k_norm")
+                del k
+                q, k = q_normed, k_normed
+                del q_normed, k_normed
+        if self.rope_frees == "each":
+            q_rot = ops.rope(e, q, ctx.cos, ctx.sin, name="q_rope")
+            del q
+            k_rot = ops.rope(e, k, ctx.cos, ctx.sin, name="k_rope")
+            del k
+        else:
+            q_rot = ops.rope(e, q, ctx.cos, ctx.sin, name="q_rope")
+            k_rot = ops.rope(e, k, ctx.cos, ctx.sin, name="k_rope")
+            del q, k  # `query_states, key_states = apply_rotary_pos_emb(...)` returns both before the rebinding
+        attn, weights = self.attention_core(e, q_rot, k_rot, v, ctx)
+        if self.inputs_die_before_o_proj:
+            del q_rot, k_rot, v
+            o = apply_linear(e, attn, self.o, "o_proj")
+            del attn
+        else:
+            o = apply_linear(e, attn, self.o, "o_proj")
+            del attn, q_rot, k_rot, v  # locals of the attention forward until it returns
+        return o, weights
+
+    def attention_core(self, e: Engine, q: T, k: T, v: T, ctx) -> tuple[T, T | None]:
+        """The context's attention (sdpa / eager / flash, with the layer's mask): (output, weights or None)."""
+        out = ctx.attention(e, q, k, v, self.t.num_heads, self.t.num_kv_heads, "self_attn")
+        return out if self.attention_weights else (out, None)
+
+
+class GatedMlp:
+    """`down_proj(act_fn(gate_proj(x)) * up_proj(x))` with the layer's gate/up/down projections (see gated_mlp)."""
+
+    def __init__(self, p: Params, prefix: str, trainable: bool, act: str = "silu") -> None:
+        t = p.setup.model.text
+        h, i = t.hidden_size, t.intermediate_size
+        self.act = act
+        self.gate = p.linear(LANGUAGE, f"{prefix}gate_proj", h, i, False, trainable)
+        self.up = p.linear(LANGUAGE, f"{prefix}up_proj", h, i, False, trainable)
+        self.down = p.linear(LANGUAGE, f"{prefix}down_proj", i, h, False, trainable)
+        self.params = [q for lp in (self.gate, self.up, self.down) for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b)
+                       if q is not None]
+
+    def __call__(self, e: Engine, h: T, tokens: int) -> T:
+        return gated_mlp(e, h, self.gate, self.up, self.down, self.act)
+
+
+class LlamaLayer(TextDecoderLayer):
+    """Qwen2DecoderLayer / LlamaDecoderLayer / MistralDecoderLayer (and the Qwen2-VL/2.5-VL text layers): the
+    shared layer's defaults."""
 
 
 @dataclass

@@ -23,13 +23,6 @@ PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradie
 
 
 @dataclass
-class Term:
-    name: str
-    bytes: int
-    explanation: str = ""
-
-
-@dataclass
 class Estimate:
     setup: TrainSetup
     params: dict[str, int]
@@ -41,7 +34,6 @@ class Estimate:
     phase_allocated_bytes: dict[str, int]
     cpu_ram_bytes: int
     cpu_breakdown_bytes: dict[str, int]
-    explanations: dict[str, str] = field(default_factory=dict)
     allocator: dict = field(default_factory=dict)  # the caching-allocator replay behind cuda/allocator_reserve
 
     @property
@@ -139,7 +131,7 @@ def estimate(setup: TrainSetup) -> Estimate:
     assert peak == live.allocated_peak + breakdown["cuda/cublas_workspace"] + reserved + outside
     assert peak >= peak_floor_bytes(setup)
     return Estimate(setup, live.params, live.trainable, live.peak_phase, live.allocated_peak, peak, breakdown,
-                    live.phase_allocated, live.cpu_ram, live.cpu_breakdown, dict(live.explanations), allocator)
+                    live.phase_allocated, live.cpu_ram, live.cpu_breakdown, allocator)
 
 
 def peak_floor_bytes(setup: TrainSetup) -> int:
@@ -171,7 +163,6 @@ class _Live:
     phase_allocated: dict[str, int]
     cpu_ram: int
     cpu_breakdown: dict[str, int]
-    explanations: dict[str, str]
 
 
 def _live(setup: TrainSetup) -> _Live:
@@ -180,17 +171,16 @@ def _live(setup: TrainSetup) -> _Live:
     if result is None:
         params, trainable = param_summary(setup)
         sim = simulate_extrapolated(setup)
-        explanations: dict[str, str] = {}
         phases = {}
         for phase in PHASES:
             if phase not in sim.phase_breakdown:
                 continue
-            phases[phase] = _distributed(setup, dict(sim.phase_breakdown[phase]), params, trainable, explanations)
+            phases[phase] = _distributed(setup, dict(sim.phase_breakdown[phase]), params, trainable)
         allocated = {phase: sum(b.values()) for phase, b in phases.items()}
         peak_phase = max(allocated, key=allocated.get)
         cpu = _cpu_ram(setup, params, trainable)
         result = _Live(params, trainable, peak_phase, allocated[peak_phase], dict(phases[peak_phase]), allocated,
-                       sum(cpu.values()), cpu, explanations)
+                       sum(cpu.values()), cpu)
         if len(_LIVE) >= _LIVE_SIZE:
             _LIVE.pop(next(iter(_LIVE)))
         _LIVE[setup] = result
@@ -283,7 +273,7 @@ def _reserved(setup: TrainSetup, allocated_peak: int, outside: int, expandable_s
     return reserve, info
 
 
-def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable, explanations) -> dict[str, int]:
+def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable) -> dict[str, int]:
     """Replace the single-GPU model states of the simulation by their DDP / ZeRO per-GPU form."""
     if setup.zero:
         for key in [k for k in breakdown if k.startswith(("optimizer/", "gradients/"))]:

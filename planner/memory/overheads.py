@@ -8,8 +8,7 @@ come from published measurements, cited beside each.
 
 from __future__ import annotations
 
-MIB = 2**20
-GIB = 2**30
+from ..units import GIB, MIB
 
 # CUDA context plus the kernels loaded lazily during training (cuBLAS, cuDNN, fused attention, NCCL kernels).
 # pytorch PR #86509: 274 MiB right after the first CUDA tensor with lazy module loading; pytorch #109888 (ptrblck):

@@ -14,7 +14,7 @@ that carry only a size, a dtype and whether they require grad. This engine does 
 - `backward()` walks the tape in reverse: each node allocates the gradients of its inputs and parameters (plus the
   kernel's workspace), then releases its saved tensors and the incoming gradient, as the autograd engine does.
 
-It is pure Python (no torch) and is held to the byte-exact tracer (`vlplan trace`) by tests/test_accuracy.py.
+It is pure Python (no torch) and is held to the byte-exact tracer (`vlplan trace`) by tests/test_accuracy_*.py.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from vlplan.planner.memory.estimate import Estimate, estimate
+from vlplan import estimate
+from vlplan.planner.memory.estimate import Estimate
 from vlplan.planner.memory.explain import explain_term
 
 from .options import errors, setup_command

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import typer
 
+from vlplan import resolve_setup
 from vlplan.planner.errors import VlplanError
-from vlplan.planner.resolve import FILE_OPTIONS, SETUP_DEFAULTS, ResolvedSetup, resolve_setup
+from vlplan.planner.resolve import FILE_OPTIONS, SETUP_DEFAULTS, ResolvedSetup
 
 __all__ = ["FILE_OPTIONS", "SETUP_DEFAULTS", "SETUP_OPTIONS", "ResolvedSetup", "errors", "resolve_setup",
            "setup_command"]
@@ -157,3 +158,50 @@ class errors:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
         return False
+
+
+def llamafactory_files(dataset_parameter: str = "dataset", run_options: bool = True):
+    """Let `--from-llamafactory`'s dataset keys stand in for --dataset / --dataset-dir / --dataset-info /
+    --media-dir where those flags are not typed, before the shared flags are resolved (the dataset scan sets the
+    setup's images and sequence length). With `run_options`, the YAML's run options and warnings are left in the
+    context for the command. `dataset_parameter` is the parameter that stands for --dataset."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            path = kwargs.get("from_llamafactory")
+            if path is not None:
+                from vlplan.planner.io.llamafactory_run import llamafactory_dataset, llamafactory_run_options
+
+                with errors():
+                    yaml_options, warnings = llamafactory_run_options(path) if run_options else \
+                        (llamafactory_dataset(path), [])
+                    fill_dataset_flags(kwargs, yaml_options, dataset_parameter, str(path))
+                ctx = kwargs.get("ctx")
+                if ctx is not None:
+                    ctx.meta["llamafactory_run"] = (yaml_options, warnings)
+                    ctx.meta["dataset_flags"] = {key: kwargs.get(key) for key in DATASET_FLAGS}
+            return fn(**kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+DATASET_FLAGS = ("dataset", "dataset_dir", "dataset_info", "media_dir")
+
+
+def fill_dataset_flags(kwargs: dict, yaml_options: dict, dataset_key: str, yaml_name: str) -> None:
+    """The YAML's dataset (a dataset_info.json name) where no dataset is typed; its dataset_dir and dataset_info where
+    the dataset is a name (not a file) and those flags are not typed; its media_dir where --media-dir is not typed."""
+    from vlplan.planner.io.llamafactory_run import one_dataset
+
+    if kwargs.get(dataset_key) is None and "dataset" in yaml_options:
+        kwargs[dataset_key] = one_dataset(yaml_options["dataset"], yaml_name)
+    dataset = kwargs.get(dataset_key)
+    if dataset is not None and not Path(dataset).expanduser().exists() and kwargs.get("dataset_dir") is None:
+        for key in ("dataset_dir", "dataset_info"):
+            if kwargs.get(key) is None and key in yaml_options:
+                kwargs[key] = Path(yaml_options[key])
+    if kwargs.get("media_dir") is None and "media_dir" in yaml_options:
+        kwargs["media_dir"] = Path(yaml_options["media_dir"])

@@ -7,28 +7,32 @@ given; else this machine's RAM when the plan is for this machine; else the GPU t
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
+import sys
 from pathlib import Path
 
 import typer
 
+from vlplan import plan
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.hardware import host_ram_budget
-from vlplan.planner.plan import Plan, plan
+from vlplan.planner.plan import Plan
 
 from .options import errors, setup_command
-from .render import console, gib, print_json, table
+from .render import console, gib, gib_or_dash, print_json, table
 
 
 @setup_command
 def plan_command(
     setup,
     resolved,
-    global_batch_size: int = typer.Option(..., "--global-batch-size", "-g",
-                                          help="Samples per optimizer step over all GPUs."),
+    global_batch_size: int = typer.Option(None, "--global-batch-size", "-g",
+                                          help="Samples per optimizer step over all GPUs (required unless "
+                                               "--maximize keeps the batch settings fixed)."),
+    maximize: str = typer.Option(None, "--maximize", metavar="SETTING",
+                                 help="image-max-pixels | cutoff-len | micro-batch: the largest value whose estimate "
+                                      "fits the budget with the margin (exact bisection), the other settings fixed "
+                                      "as given, or planned with --global-batch-size; with --dataset, what it costs "
+                                      "the data (images resized, samples cut)."),
     margin: float = typer.Option(0.10, "--margin", help="Keep the estimated peak below capacity x (1 - margin)."),
     num_samples: int = typer.Option(0, "--num-samples", help="Dataset size, for time per epoch and GPU-hours."),
     epochs: float = typer.Option(None, "--epochs", help="Epochs, for GPU-hours and the exported YAML's "
@@ -67,6 +71,7 @@ def plan_command(
     """
     from dataclasses import replace
 
+    from vlplan.planner.io.exports import write_exports, yaml_epochs
     from vlplan.planner.plan import NothingFits
 
     if export_llamafactory is not None and setup.stack != "llamafactory" and "stack" not in resolved.typed:
@@ -74,15 +79,30 @@ def plan_command(
         setup = replace(setup, stack="llamafactory")
         typer.echo("warning: planning for LLaMA-Factory's stack, which trains the exported YAML (--stack vlplan to "
                    "plan for vlplan run)", err=True)
+    maximized = statement = None
     with errors():
         base = _input_yaml(resolved)
         host_bytes, host_source = host_ram_budget(setup, host_ram_gib)
-        planned_epochs = epochs if epochs is not None else _yaml_epochs(base)
+        planned_epochs = epochs if epochs is not None else yaml_epochs(base)
+        if global_batch_size is None and maximize is None:
+            raise VlplanError("--global-batch-size is required (the samples per optimizer step over all GPUs), "
+                              "unless --maximize searches one setting with the others fixed")
         try:
-            result = plan(setup, global_batch_size=global_batch_size, margin=margin,
-                          num_samples=num_samples or None, epochs=planned_epochs,
-                          mfu=None if mfu == 0 else mfu,  # 0: the default by attention kernel
-                          host_ram_bytes=host_bytes, host_ram_source=host_source)
+            if maximize is not None:  # inverse planning (planner/maximize.py)
+                from vlplan.planner.maximize import maximize as maximize_setting, maximized_plan
+
+                maximized = maximize_setting(
+                    setup, maximize, margin=margin, scan=resolved.scan, percentile=resolved.percentile,
+                    global_batch_size=global_batch_size,
+                    images_at_cap=resolved.scan is None and "image_size" not in resolved.typed,
+                    host_ram_bytes=host_bytes, host_ram_source=host_source, mfu=None if mfu == 0 else mfu)
+                result = maximized_plan(maximized, num_samples=num_samples or None, epochs=planned_epochs,
+                                        mfu=None if mfu == 0 else mfu)
+            else:
+                result = plan(setup, global_batch_size=global_batch_size, margin=margin,
+                              num_samples=num_samples or None, epochs=planned_epochs,
+                              mfu=None if mfu == 0 else mfu,  # 0: the default by attention kernel
+                              host_ram_bytes=host_bytes, host_ram_source=host_source)
         except NothingFits as err:
             if json_:
                 print_json({"fits": False, "error": str(err)})
@@ -91,18 +111,35 @@ def plan_command(
         written, notes = write_exports(result.setup, llamafactory=export_llamafactory, deepspeed=export_deepspeed,
                                        hf_args=export_hf_args, version=llamafactory_version, overwrite=overwrite,
                                        base=base, epochs=epochs)
+        if resolved.scan is not None:  # the plan against the data's distribution (planner/fit.py)
+            from vlplan.planner.fit import data_statement
+
+            statement = data_statement(result.setup, resolved.scan,
+                                       int(result.capacity_bytes * (1 - result.margin)))
     for note in notes:
         typer.echo(f"warning: {note}", err=True)
+    extras = {}
+    if maximized is not None:
+        extras["maximize"] = maximized.to_dict()
+    if statement is not None:
+        extras["data"] = statement
+        if not json_:
+            for line in statement["notes"]:
+                typer.echo(f"data: {line}", err=True)
+            for line in statement["warnings"]:
+                typer.echo(f"warning: {line}", err=True)
     if confirm:
-        from .profile import confirm_and_render
-
         confirm_and_render(result, explain, confirm_backend, json_,
-                           {**resolved.json_extras(), "exported": [str(p) for p in written]}, written)
+                           {**resolved.json_extras(), **extras, "exported": [str(p) for p in written]}, written)
         return
     if json_:
-        print_json({**result.to_dict(), **resolved.json_extras(), "exported": [str(p) for p in written]})
+        print_json({**result.to_dict(), **resolved.json_extras(), **extras, "exported": [str(p) for p in written]})
         return
     render_plan(result, explain)
+    if maximized is not None:
+        console.print(f"largest {maximized.key} that fits: {maximized.value} ({maximized.bound} bound)")
+        for reason in maximized.reasons:
+            console.print(f"- {reason}")
     for path in written:
         console.print(f"wrote {path}")
 
@@ -113,80 +150,6 @@ def _input_yaml(resolved) -> dict | None:
 
     path = resolved.sources.get("llamafactory")
     return load_yaml(path) if path else None
-
-
-def _yaml_epochs(base: dict | None) -> float:
-    value = (base or {}).get("num_train_epochs")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-        return float(value)
-    return 1.0
-
-
-def write_exports(setup, *, llamafactory: Path | None, deepspeed: Path | None, hf_args: Path | None,
-                  version: str = "latest", overwrite: bool = False, base: dict | None = None,
-                  epochs: float | None = None) -> tuple[list[Path], list[str]]:
-    """Write the requested config files for `setup`, and return them with notes for the user (placeholders to fill,
-    keys of the input YAML the plan removed). The YAML is a complete training file (`training_yaml`: every key of
-    `base` the plan does not decide is kept). With ZeRO on, the YAML and the TrainingArguments point at the
-    DeepSpeed JSON (`deepspeed` if given, else LLaMA-Factory's file name next to them, written too). Existing files
-    are kept unless `overwrite`; all contents are built, and every file written to a temporary name, before any is
-    put in place, so a failure leaves nothing behind."""
-    from vlplan.planner.io.deepspeed import deepspeed_config
-    from vlplan.planner.io.hf_args import training_arguments
-    from vlplan.planner.io.llamafactory import default_deepspeed_name, training_yaml
-
-    files: dict[Path, str] = {}
-    notes: list[str] = []
-    from .outputs import check_output_file
-
-    for path, flag in ((llamafactory, "--export-llamafactory"), (deepspeed, "--export-deepspeed"),
-                       (hf_args, "--export-hf-args")):
-        if path is not None:
-            check_output_file(path, flag)  # a folder, a read-only folder: one line before anything is built
-    uses_deepspeed = setup.zero > 0 or setup.offload != "none"
-    ds_path = deepspeed
-    if uses_deepspeed and ds_path is None and (llamafactory is not None or hf_args is not None):
-        ds_path = (llamafactory or hf_args).parent / default_deepspeed_name(setup)
-    if ds_path is not None and (uses_deepspeed or deepspeed is not None):
-        if not uses_deepspeed:
-            raise VlplanError("the plan does not use DeepSpeed (ZeRO 0, no offload): drop --export-deepspeed")
-        files[ds_path] = json.dumps(deepspeed_config(setup), indent=2) + "\n"
-    ds_ref = str(ds_path.resolve()) if uses_deepspeed and ds_path is not None else None
-    if llamafactory is not None:
-        exported = training_yaml(setup, version=version, base=base, deepspeed_path=ds_ref, epochs=epochs)
-        if llamafactory in files:
-            raise VlplanError(f"{llamafactory} is named for two exports; give each its own file")
-        files[llamafactory] = exported.text(version)
-        for key in exported.placeholders:
-            notes.append(f"{llamafactory}: {key} is a placeholder ({exported.config[key]}); set it before training")
-        if exported.removed:
-            notes.append(f"{llamafactory}: removed {', '.join(exported.removed)} from the input YAML (the plan "
-                         "decides them, or LLaMA-Factory "
-                         f"{'latest' if version == 'latest' else 'v' + version} does not accept them)")
-    if hf_args is not None:
-        if hf_args in files:
-            raise VlplanError(f"{hf_args} is named for two exports; give each its own file")
-        files[hf_args] = json.dumps(training_arguments(setup, deepspeed_path=ds_ref), indent=2) + "\n"
-    existing = [str(path) for path in files if path.exists()]
-    if existing and not overwrite:
-        raise VlplanError(f"{', '.join(existing)} already exist(s); choose another path or pass --overwrite")
-    for path in files:
-        if not path.parent.is_dir():
-            raise VlplanError(f"directory {path.parent} does not exist; create it or choose another path")
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for path, text in files.items():
-            tmp = path.with_name(f".{path.name}.tmp")
-            staged.append((tmp, path))
-            tmp.write_text(text)
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    except OSError as err:
-        for tmp, _ in staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        raise VlplanError(f"cannot write {path}: {err.strerror or err}") from None
-    return list(files), notes
 
 
 def render_plan(result: Plan, explain: bool) -> None:
@@ -241,3 +204,61 @@ def _assumption_text(key: str, value) -> str:
     if key.endswith("_s") and isinstance(value, (int, float)):
         return f"{value * 1000:g} ms"
     return str(value)
+
+
+# plan --confirm -----------------------------------------------------------------------------------------------------
+def confirm_and_render(plan, explain: bool, backend: str, json_: bool, extras: dict, written: list) -> None:
+    """`vlplan plan --confirm`: the plan (as without --confirm), then its confirmation by short profile runs; exit 1
+    when the chosen micro-batch does not hold on the device or cannot be checked (no CUDA GPU: one line)."""
+    from vlplan.profiler.confirm import confirm_plan
+
+    if not json_:
+        render_plan(plan, explain)
+        for path in written:
+            console.print(f"wrote {path}")
+    try:
+        if backend not in ("cuda", "cpu"):
+            raise VlplanError(f"--confirm-backend {backend!r} is not one of cuda, cpu")
+        confirmation = confirm_plan(plan, backend=backend, on_event=_confirm_event)
+    except VlplanError as err:
+        if json_:
+            print_json({**plan.to_dict(), **extras, "confirmation": {"error": str(err)}})
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    if json_:
+        print_json({**plan.to_dict(), **extras, "confirmation": confirmation.to_dict()})
+    else:
+        render_confirmation(confirmation)
+    if not confirmation.confirmed:
+        raise typer.Exit(1)
+
+
+def _confirm_event(kind: str, data: dict) -> None:
+    label = "the chosen" if data["role"] == "chosen" else "the next"
+    print(f"confirming: {label} micro-batch {data['batch_size']} ({CONFIRM_NOTE})...", file=sys.stderr, flush=True)
+
+
+CONFIRM_NOTE = "a short profile run in its own process"
+
+
+def render_confirmation(confirmation) -> None:
+    for run in confirmation.runs:
+        name = f"micro-batch {run.batch_size} ({'chosen' if run.role == 'chosen' else 'next one up'})"
+        if run.error:
+            console.print(f"{name}: could not be measured: {run.error}")
+        elif run.oom:
+            console.print(f"{name}: out of memory on {confirmation.device}")
+        else:
+            verdict = "within" if run.within_budget else "over"
+            console.print(f"{name}: measured peak {gib_or_dash(run.compared_bytes)} ({confirmation.measure}; estimate "
+                          f"{gib_or_dash(run.record.get('estimate_peak_bytes'))}), {verdict} the budget "
+                          f"{gib(run.budget_bytes)}")
+    if confirmation.confirmed:
+        tail = {True: "; the next one up breaks the margin", False: "; the next one up also fits: the estimate is "
+                "conservative here", None: ""}[confirmation.next_breaks]
+        console.print(f"[green]confirmed[/green] on {confirmation.device}: micro-batch "
+                      f"{confirmation.chosen.batch_size} holds{tail}")
+    else:
+        console.print(f"[red]not confirmed[/red] on {confirmation.device}: micro-batch "
+                      f"{confirmation.chosen.batch_size} does not stay within the budget; plan with a larger "
+                      "--margin or a smaller micro-batch")

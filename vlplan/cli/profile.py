@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import sys
 from pathlib import Path
 
@@ -12,10 +11,10 @@ import typer
 from rich.console import Console
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.io.files import check_output_file, writing
 
 from .options import SETUP_OPTIONS, errors, resolve_setup
-from .outputs import check_output_file, writing
-from .render import GIB, console, gib, print_json, table
+from .render import GIB, console, gib, gib_or_dash, percent, print_json, table
 
 stderr_console = Console(stderr=True)
 
@@ -110,7 +109,9 @@ def profile_command(
 def _profile(resolved, steps, backend, weights, memory_limit_gib, output, plot, snapshot, json_):
     with errors():
         try:
-            from vlplan.profiler.profile import OOM_EXIT_CODE, ProfileOptions, make_backend, profile
+            from vlplan import profile
+            from vlplan.planner.oom import OOM_EXIT_CODE
+            from vlplan.profiler.profile import ProfileOptions, make_backend
         except ImportError as err:
             raise VlplanError(f"profile needs torch and transformers ({err.name} is missing): pip install "
                               "'vlplan[gpu]'") from None
@@ -153,12 +154,10 @@ def _check_matplotlib() -> None:
 
 
 def _write_json(path: Path, data) -> None:
-    import os
+    from vlplan.planner.io.files import write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def _progress_event(kind: str, data: dict) -> None:
@@ -166,14 +165,6 @@ def _progress_event(kind: str, data: dict) -> None:
         print(f"step {data['step']}/{data['steps']}: {data['seconds']:.2f} s", file=sys.stderr, flush=True)
     elif kind == "phase":
         print(f"{data['phase']}...", file=sys.stderr, flush=True)
-
-
-def _pct(error) -> str:
-    return f"{100 * error:+.1f}%" if error is not None else "-"
-
-
-def _bytes(value) -> str:
-    return gib(value) if value is not None else "-"
 
 
 def render_profile(result) -> None:
@@ -184,27 +175,27 @@ def render_profile(result) -> None:
                   f"{'on' if s.gradient_checkpointing else 'off'}; on {device.get('name')} ({result.options.backend}"
                   f" backend), {result.options.steps} step(s); torch {result.versions['torch']}, transformers "
                   f"{result.versions['transformers']}")
-    rows = [[r["phase"], _bytes(r["measured_allocated_bytes"]), _bytes(r["estimate_allocated_bytes"]),
-             _pct(r["error"]), _bytes(r["reserved_peak_bytes"]), _bytes(r["device_used_peak_bytes"]),
+    rows = [[r["phase"], gib_or_dash(r["measured_allocated_bytes"]), gib_or_dash(r["estimate_allocated_bytes"]),
+             percent(r["error"]), gib_or_dash(r["reserved_peak_bytes"]), gib_or_dash(r["device_used_peak_bytes"]),
              f"{r['seconds']:.3f} s"] for r in result.phase_rows()]
     console.print(table("per phase (peaks; steps 2..N)", ["phase", "allocated", "estimate (live tensors)",
                                                           "error", "reserved", "device used (NVML)", "time"],
                         rows, {1, 2, 3, 4, 5, 6}))
     if result.oom is None:
-        rows = [[r["term"], _bytes(r["estimate_bytes"]), _bytes(r["measured_bytes"]), _pct(r["error"])]
+        rows = [[r["term"], gib_or_dash(r["estimate_bytes"]), gib_or_dash(r["measured_bytes"]), percent(r["error"])]
                 for r in result.term_rows()]
         console.print(table("per term", ["term", "estimate", "measured", "error"], rows, {1, 2, 3}))
     o = result.overheads
     if o.get("context_init_bytes") is not None or o.get("non_allocator_bytes") is not None:
-        console.print(f"CUDA context {_bytes(o.get('context_init_bytes'))} at start, "
-                      f"{_bytes(o.get('non_allocator_bytes'))} beyond the allocator after the steps; cuBLAS "
-                      f"workspaces {_bytes(o.get('cublas_workspace_bytes'))}")
+        console.print(f"CUDA context {gib_or_dash(o.get('context_init_bytes'))} at start, "
+                      f"{gib_or_dash(o.get('non_allocator_bytes'))} beyond the allocator after the steps; cuBLAS "
+                      f"workspaces {gib_or_dash(o.get('cublas_workspace_bytes'))}")
     parts = []
     if result.device_peak_bytes is not None:
         from vlplan.profiler.profile import relative_error
 
         parts.append(f"device peak {gib(result.device_peak_bytes)} (estimate {gib(e.peak_bytes)}, "
-                     f"{_pct(relative_error(e.peak_bytes, result.device_peak_bytes))})")
+                     f"{percent(relative_error(e.peak_bytes, result.device_peak_bytes))})")
     if result.allocated_peak_bytes is not None:
         parts.append(f"live-tensor peak {gib(result.allocated_peak_bytes)} in {result.peak_phase} (estimate "
                      f"{gib(e.allocated_peak_bytes)} in {e.peak_phase})")
@@ -258,13 +249,13 @@ def _record_line(record: dict) -> str:
     if record.get("error"):
         return f"[red]failed[/red] {label}: {record['error']}"
     if record.get("oom"):
-        return f"[yellow]out of memory[/yellow] {label} (estimate {_bytes(record.get('estimate_peak_bytes'))})"
+        return f"[yellow]out of memory[/yellow] {label} (estimate {gib_or_dash(record.get('estimate_peak_bytes'))})"
     measured = record.get("measured_peak_bytes")
     estimate = record.get("estimate_peak_bytes")
     if measured is None:
         measured, estimate = record.get("measured_allocated_peak_bytes"), record.get("estimate_allocated_peak_bytes")
     error = (estimate - measured) / measured if measured else None
-    return f"[green]measured[/green] {label}: {_bytes(measured)} vs estimate {_bytes(estimate)} ({_pct(error)})"
+    return f"[green]measured[/green] {label}: {gib_or_dash(measured)} vs estimate {gib_or_dash(estimate)} ({percent(error)})"
 
 
 # Calibration --------------------------------------------------------------------------------------------------------
@@ -299,69 +290,5 @@ def _calibrate(files: list[Path], markdown: bool, json_: bool):
     for measure, comparison in comparisons.items():
         median, worst = comparison.median_abs_error, comparison.worst_error
         console.print(f"{measure}: {len(comparison.errors)} compared, median |error| "
-                      f"{_pct(median).lstrip('+')}, worst {_pct(worst)}, {comparison.under_predictions} "
+                      f"{percent(median).lstrip('+')}, worst {percent(worst)}, {comparison.under_predictions} "
                       "under-prediction(s)")
-
-
-# plan --confirm -----------------------------------------------------------------------------------------------------
-def confirm_and_render(plan, explain: bool, backend: str, json_: bool, extras: dict, written: list) -> None:
-    """`vlplan plan --confirm`: the plan (as without --confirm), then its confirmation by short profile runs; exit 1
-    when the chosen micro-batch does not hold on the device or cannot be checked (no CUDA GPU: one line)."""
-    from vlplan.profiler.confirm import confirm_plan
-
-    from .plan import render_plan
-
-    if not json_:
-        render_plan(plan, explain)
-        for path in written:
-            console.print(f"wrote {path}")
-    try:
-        if backend not in ("cuda", "cpu"):
-            raise VlplanError(f"--confirm-backend {backend!r} is not one of cuda, cpu")
-        confirmation = confirm_plan(plan, backend=backend, on_event=_confirm_event)
-    except VlplanError as err:
-        if json_:
-            print_json({**plan.to_dict(), **extras, "confirmation": {"error": str(err)}})
-        message = str(err)
-        if "torch.cuda.is_available() is False" in message:
-            message = ("confirmation needs a CUDA GPU (torch.cuda.is_available() is False here): the plan above is "
-                       "the estimate's; run `vlplan plan ... --confirm` on the GPU machine")
-        typer.echo(f"error: {message}", err=True)
-        raise typer.Exit(1) from None
-    if json_:
-        print_json({**plan.to_dict(), **extras, "confirmation": confirmation.to_dict()})
-    else:
-        render_confirmation(confirmation)
-    if not confirmation.confirmed:
-        raise typer.Exit(1)
-
-
-def _confirm_event(kind: str, data: dict) -> None:
-    label = "the chosen" if data["role"] == "chosen" else "the next"
-    print(f"confirming: {label} micro-batch {data['batch_size']} ({CONFIRM_NOTE})...", file=sys.stderr, flush=True)
-
-
-CONFIRM_NOTE = "a short profile run in its own process"
-
-
-def render_confirmation(confirmation) -> None:
-    for run in confirmation.runs:
-        name = f"micro-batch {run.batch_size} ({'chosen' if run.role == 'chosen' else 'next one up'})"
-        if run.error:
-            console.print(f"{name}: could not be measured: {run.error}")
-        elif run.oom:
-            console.print(f"{name}: out of memory on {confirmation.device}")
-        else:
-            verdict = "within" if run.within_budget else "over"
-            console.print(f"{name}: measured peak {_bytes(run.compared_bytes)} ({confirmation.measure}; estimate "
-                          f"{_bytes(run.record.get('estimate_peak_bytes'))}), {verdict} the budget "
-                          f"{gib(run.budget_bytes)}")
-    if confirmation.confirmed:
-        tail = {True: "; the next one up breaks the margin", False: "; the next one up also fits: the estimate is "
-                "conservative here", None: ""}[confirmation.next_breaks]
-        console.print(f"[green]confirmed[/green] on {confirmation.device}: micro-batch "
-                      f"{confirmation.chosen.batch_size} holds{tail}")
-    else:
-        console.print(f"[red]not confirmed[/red] on {confirmation.device}: micro-batch "
-                      f"{confirmation.chosen.batch_size} does not stay within the budget; plan with a larger "
-                      "--margin or a smaller micro-batch")

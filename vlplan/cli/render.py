@@ -9,7 +9,8 @@ import sys
 from rich.console import Console, ConsoleDimensions
 from rich.table import Table
 
-GIB = 2**30
+from vlplan.planner.units import GIB
+
 # Width of output to a pipe or file (no COLUMNS set): wide enough that a table row or a message stays one line for
 # grep and friends, instead of rich's 80-column assumption folding it
 PIPE_WIDTH = 1000
@@ -35,6 +36,15 @@ console = _Console()
 
 def gib(nbytes: int | float) -> str:
     return f"{nbytes / GIB:.2f} GiB"
+
+
+def gib_or_dash(nbytes: int | float | None) -> str:
+    return gib(nbytes) if nbytes is not None else "-"
+
+
+def percent(error: float | None) -> str:
+    """A signed relative error as a percentage, "-" where there is none."""
+    return f"{100 * error:+.1f}%" if error is not None else "-"
 
 
 def print_json(data) -> None:

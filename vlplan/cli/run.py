@@ -1,8 +1,7 @@
-"""`vlplan run`: launch the real fine-tune with the planned settings (and the entry point of its launched ranks)."""
+"""`vlplan run`: launch the real fine-tune with the planned settings (its ranks run runner/worker.py)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import shlex
 import sys
@@ -13,55 +12,8 @@ import typer
 from vlplan.planner.errors import VlplanError
 from vlplan.runner.job import DEFAULT_EPOCHS
 
-from .options import errors, setup_command
+from .options import errors, llamafactory_files, setup_command
 from .render import print_json
-
-
-def llamafactory_files(dataset_parameter: str = "dataset", run_options: bool = True):
-    """Let `--from-llamafactory`'s dataset keys stand in for --dataset / --dataset-dir / --dataset-info /
-    --media-dir where those flags are not typed, before the shared flags are resolved (the dataset scan sets the
-    setup's images and sequence length). With `run_options`, the YAML's run options and warnings are left in the
-    context for the command. `dataset_parameter` is the parameter that stands for --dataset."""
-
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(**kwargs):
-            path = kwargs.get("from_llamafactory")
-            if path is not None:
-                from vlplan.planner.io.llamafactory_run import llamafactory_dataset, llamafactory_run_options
-
-                with errors():
-                    yaml_options, warnings = llamafactory_run_options(path) if run_options else \
-                        (llamafactory_dataset(path), [])
-                    fill_dataset_flags(kwargs, yaml_options, dataset_parameter, str(path))
-                ctx = kwargs.get("ctx")
-                if ctx is not None:
-                    ctx.meta["llamafactory_run"] = (yaml_options, warnings)
-                    ctx.meta["dataset_flags"] = {key: kwargs.get(key) for key in DATASET_FLAGS}
-            return fn(**kwargs)
-
-        return wrapper
-
-    return decorate
-
-
-DATASET_FLAGS = ("dataset", "dataset_dir", "dataset_info", "media_dir")
-
-
-def fill_dataset_flags(kwargs: dict, yaml_options: dict, dataset_key: str, yaml_name: str) -> None:
-    """The YAML's dataset (a dataset_info.json name) where no dataset is typed; its dataset_dir and dataset_info where
-    the dataset is a name (not a file) and those flags are not typed; its media_dir where --media-dir is not typed."""
-    from vlplan.planner.io.llamafactory_run import one_dataset
-
-    if kwargs.get(dataset_key) is None and "dataset" in yaml_options:
-        kwargs[dataset_key] = one_dataset(yaml_options["dataset"], yaml_name)
-    dataset = kwargs.get(dataset_key)
-    if dataset is not None and not Path(dataset).expanduser().exists() and kwargs.get("dataset_dir") is None:
-        for key in ("dataset_dir", "dataset_info"):
-            if kwargs.get(key) is None and key in yaml_options:
-                kwargs[key] = Path(yaml_options[key])
-    if kwargs.get("media_dir") is None and "media_dir" in yaml_options:
-        kwargs["media_dir"] = Path(yaml_options["media_dir"])
 
 
 @llamafactory_files()
@@ -110,6 +62,9 @@ def run_command(
                                                                 "of the model's family."),
     auto_retry: bool = typer.Option(False, "--auto-retry", help="After a CUDA out-of-memory error, retry with the "
                                                                 "next plan (half the micro-batch, same global batch)."),
+    no_probe: bool = typer.Option(False, "--no-probe", help="Skip the step on the heaviest micro-batch that runs "
+                                                            "before training (it makes an out-of-memory error "
+                                                            "surface at step 0)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the command, environment and generated configs; "
                                                           "run nothing."),
     launcher: str = typer.Option(None, "--launcher", help="torchrun | deepspeed | accelerate (more than one GPU or "
@@ -129,11 +84,13 @@ def run_command(
     accumulation, precision, optimizer, attention and ZeRO stage. With --from-llamafactory the YAML's
     model_name_or_path, dataset/dataset_dir, output_dir, learning rate, steps or epochs, scheduler, warmup, save,
     logging and seed keys apply too; flags typed on the command line win. Writes OUTPUT_DIR/vlplan_run.json (plan,
-    estimate, settings, per-step losses, measured CUDA peaks). Exit codes: 0 done, 2 bad input, 3 out of memory,
+    estimate, settings, per-step losses, measured CUDA peaks). Before the first step it trains one step on the
+    heaviest micro-batch of the data and puts the model, optimizer and random state back, so an out-of-memory error
+    surfaces at step 0 (the record's "probe": its samples and measured peak; --no-probe skips it). Exit codes: 0 done, 2 bad input, 3 out of memory,
     128 + signal when interrupted (a checkpoint is saved; continue with --resume).
     """
+    from vlplan import run
     from vlplan.runner.job import RunOptions, load_plan, setup_from_settings
-    from vlplan.runner.launch import run
 
     # the shared file flags (--dataset, --dataset-dir, --media-dir, --dataset-info) as typed or filled from the YAML
     params = {**ctx.params, **ctx.meta.get("dataset_flags", {})}
@@ -170,8 +127,8 @@ def run_command(
             plan_dict = load_plan(plan_file)
             setup = setup_from_settings(plan_dict["settings"], setup.model, f"--plan {plan_file}")
         elif global_batch_size is not None:
+            from vlplan import plan
             from vlplan.planner.hardware import host_ram_budget
-            from vlplan.planner.plan import plan
 
             # the run trains on this machine's nodes: plan offload within their RAM when this machine is the planned
             # one, else within the GPU type's stated assumption (as `vlplan plan` does)
@@ -182,7 +139,7 @@ def run_command(
         scan = getattr(resolved, "scan", None)
         options = RunOptions(cutoff_len=scan.cutoff_len if scan is not None else None, resume=resume,
                              overwrite=overwrite, random_init=random_init, smoke_test=smoke_test,
-                             auto_retry=auto_retry, plan=plan_dict, **chosen)
+                             auto_retry=auto_retry, probe=not no_probe, plan=plan_dict, **chosen)
         result, code = run(setup, options, dry_run=dry_run, on_event=render_event)
     if json_:
         print_json(result)
@@ -199,29 +156,11 @@ def _str(value) -> str | None:
 
 
 def render_event(kind: str, data: dict) -> None:
-    """Progress of the run, on stderr (stdout holds the result: the summary, or the JSON with --json)."""
-    if kind == "step":
-        parts = [f"step {data['step']}/{data['max_steps']}", f"loss {data['loss']:.4f}"]
-        if "learning_rate" in data:
-            parts.append(f"lr {data['learning_rate']:.2e}")
-        line = "  ".join(parts)
-    elif kind == "dataset":
-        dropped = ", ".join(f"{n} {why}" for why, n in data["dropped"].items())
-        line = (f"dataset: {data['kept']} of {data['samples']} samples (longest {data['longest_tokens']} tokens)"
-                + (f"; dropped {dropped}" if dropped else ""))
-    elif kind == "checkpoint":
-        line = f"saved {data['path']}"
-    elif kind == "launch":
-        line = (f"launching {data['processes_per_node']} x {data['nodes']} processes: {shlex.join(data['command'])} "
-                "(the job in VLPLAN_JOB)")
-    elif kind == "retry":
-        line = f"{data['message']}\nretrying: {data['change']}"
-    elif kind == "interrupted":
-        line = (f"interrupted by {data['signal']} at step {data['step']}; checkpoint {data['checkpoint']}; continue "
-                "with --resume")
-    else:
-        line = data.get("message", json.dumps(data))
-    print(line, file=sys.stderr, flush=True)
+    """Progress of the run, on stderr (stdout holds the result: the summary, or the JSON with --json); the same lines
+    as its launched ranks (runner/worker.py)."""
+    from vlplan.runner.worker import print_event
+
+    print_event(kind, data)
 
 
 def render_launch(launch: dict) -> None:
@@ -248,22 +187,16 @@ def render_record(record: dict, options) -> None:
     print(f"{status}: {record.get('steps', 0)} steps{trend}; record {Path(options.output_dir) / 'vlplan_run.json'}")
     if status == "completed":
         print(f"trained weights and processor saved to {options.output_dir}")
+    probe = record.get("probe") or {}
+    if probe.get("status") == "done":
+        peak = probe.get("max_memory_allocated_bytes") or probe.get("live_tensor_peak_bytes")
+        estimated = probe.get("estimate_allocated_peak_bytes")
+        print(f"heaviest micro-batch probed first: sample(s) {', '.join('#' + str(i) for i in probe['samples'])}, "
+              f"peak {peak / 2**30:.3f} GiB allocated"
+              + (f" (estimate {estimated / 2**30:.3f} GiB)" if estimated else ""))
+    elif probe.get("skipped"):
+        print(f"note: {probe['skipped']}", file=sys.stderr)
     if record.get("oom"):
         print(f"error: {record['oom']['message']}", file=sys.stderr)
     for warning in record.get("warnings") or []:
         print(f"warning: {warning}", file=sys.stderr)
-
-
-def worker_main() -> int:
-    """A rank started by `vlplan run`'s launcher (torchrun / deepspeed / accelerate): train the job it was handed."""
-    from vlplan.runner.launch import worker_main as train_job
-
-    try:
-        return train_job(on_event=render_event)
-    except VlplanError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import typer
 
+from vlplan import estimate
 from vlplan.planner.errors import VlplanError
-from vlplan.planner.memory.estimate import estimate
 
-from .options import errors, setup_command
+from .options import errors, llamafactory_files, setup_command
 from .render import console, gib, print_json, table
-from .run import llamafactory_files
 
 PROGRESS_MIN_SAMPLES = 5000  # smaller datasets scan in well under a second
 # Pillow refuses to open an image of more than twice Image.MAX_IMAGE_PIXELS (int(1024 * 1024 * 1024 // 4 // 3) by

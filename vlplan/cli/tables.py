@@ -12,6 +12,7 @@ import typer
 
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.hardware import gpu_names
+from vlplan.planner.io.files import check_output_dir, writing
 from vlplan.planner.registry import names as model_names
 from vlplan.planner.tokens import parse_size
 from vlplan.tables.compute import METHODS, Conditions
@@ -21,7 +22,6 @@ from vlplan.tables.presets import PRESETS, preset
 from vlplan.tables.spec import COMMON_GPUS, Table, TableSpec
 
 from .options import errors
-from .outputs import check_output_dir, writing
 from .render import print_json
 
 PROGRESS_MIN_ROWS = 200  # smaller tables take a few seconds

@@ -8,9 +8,9 @@ from pathlib import Path
 import typer
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.io.files import check_output_dir, writing
 
 from .options import errors
-from .outputs import check_output_dir, writing
 from .render import console, print_json
 
 # A tiny model is for smoke tests: more layers than the deepest registry checkpoint (80 in Qwen2.5-VL-72B) makes it

@@ -16,7 +16,7 @@ def trace_command(setup, resolved, layers: int = typer.Option(0, "--layers", hel
     """Trace one training step of the real transformers/peft model on fake tensors (no GPU, no weights)."""
     with errors():
         try:
-            from vlplan.profiler.trace import trace
+            from vlplan import trace
         except ImportError as err:
             from vlplan.planner.errors import VlplanError
 

@@ -1,0 +1,1 @@
+"""The paligemma family (model_type paligemma): its parts, registered in planner/families/__init__.py."""

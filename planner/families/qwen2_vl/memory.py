@@ -1,0 +1,158 @@
+"""Qwen2-VL and Qwen2.5-VL (transformers models/qwen2_vl, models/qwen2_5_vl).
+
+Mirrors transformers 5.23 models/qwen2_vl/modeling_qwen2_vl.py and models/qwen2_5_vl/modeling_qwen2_5_vl.py.
+"""
+
+from __future__ import annotations
+
+from ...memory import ops
+from ...memory.model import BaseModel, segment_attention
+from ...memory.sim import Engine, Node, T
+from ...memory.vision import QwenMerger, QwenVisionBlock
+from ...modules import VISION
+from ...setup import TrainSetup
+
+
+class QwenVLModel(BaseModel):
+    """Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration."""
+
+    def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
+        super().__init__(e, setup, counts)
+        v = setup.model.vision
+        self.images = setup.image_tokens()
+        if counts and "vision_full" in counts:
+            window, full = counts["vision_window"], counts["vision_full"]
+            kinds = [False] * window + [True] * full
+        elif counts and "vision" in counts:
+            kinds = [True] * counts["vision"]
+        else:
+            kinds = [(not v.fullatt_block_indexes) or i in v.fullatt_block_indexes for i in range(v.num_layers)]
+        self.patch_embed = e.param("vision.patch_embed", v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+                                   * v.hidden_size, self.p._dtype(self.p.full(VISION)), self.p.full(VISION), VISION,
+                                   shape=(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
+                                          v.patch_size))
+        self.blocks = [QwenVisionBlock(self.p, i, full) for i, full in enumerate(kinds)]
+        # vision rotary buffers: inv_freq and original_inv_freq, head_dim/4 fp32 each
+        self.vision_buffers = [e.param(f"vision.rotary_pos_emb.{n}", v.head_dim // 4, "fp32", False, VISION)
+                               for n in ("inv_freq", "original_inv_freq")]
+        self.merger = QwenMerger(self.p)
+
+    def inputs(self, e: Engine) -> dict[str, T]:
+        v = self.setup.model.vision
+        inputs = self.text_inputs(e)
+        inputs["mm_token_type_ids"] = e.new(self.tokens, "int32", name="mm_token_type_ids", category="inputs/batch")
+        patches = sum(t.vision_patches for t in self.images) * self.batch
+        if patches:
+            patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+            inputs["pixel_values"] = e.new(patches * patch_dim, "fp32", name="pixel_values", category="inputs/batch")
+            n = len(self.images) * self.batch
+            inputs["image_grid_thw"] = e.new(n * 3, "int64", name="image_grid_thw", category="inputs/batch")
+            inputs["position_ids"] = e.new(3 * self.tokens, "int64", name="position_ids", category="inputs/batch")
+            inputs["image_position_ids"] = e.new(patches * 2, "int64", name="vision_position_ids",
+                                                 category="inputs/batch")
+            inputs["image_cu_seqlens"] = e.new(n + 1, "int32", name="cu_seqlens", category="inputs/batch")
+            if v.window_size:
+                windows = window_segments(self.images, v, self.batch)
+                inputs["image_window_index"] = e.new(patches // 4, "int64", name="window_index", category="inputs/batch")
+                inputs["image_cu_window_seqlens"] = e.new(len(windows) + 1, "int32", name="cu_window_seqlens",
+                                                          category="inputs/batch")
+        return inputs
+
+    def encode(self, e: Engine, inputs: dict[str, T]) -> T:
+        x = self.embed_tokens(e)
+        if not self.images:
+            return x
+        e.scope = "vision"
+        v = self.setup.model.vision
+        patches = sum(t.vision_patches for t in self.images) * self.batch
+        # get_image_features: pixel_values.type(self.visual.dtype); PatchEmbed casts to the conv weight dtype
+        pixels = ops.cast(e, inputs["pixel_values"], self.patch_embed.dtype, name="pixel_values:cast")
+        # nn.Conv3d (no bias); `pixel_values = pixel_values.type(self.visual.dtype)` lives until get_image_features
+        # returns
+        hidden = ops.patch_conv(e, pixels, self.patch_embed, None, patches * v.hidden_size, "patch_embed")
+        hidden = e.hook_input(hidden)  # visual.get_input_embeddings() is patch_embed
+        if v.window_size:
+            # permute_input_for_window_attn: hidden_states[window_index] (a gathered copy)
+            hidden = _gather(e, hidden, "window_permute")
+        ctx = VisionContext(patches, self.images, v, self.batch, segment_attention(self.setup))
+        ctx.cos, ctx.sin = _vision_rotary(e, patches, v.head_dim)
+        if v.window_size:
+            ctx.cos, ctx.sin = _gather(e, ctx.cos, "cos_permute"), _gather(e, ctx.sin, "sin_permute")
+        for block in self.blocks:
+            hidden = self._run_layer(e, block, hidden, ctx)
+        del ctx
+        e.scope = "projector"
+        merged = self.merger(e, hidden, patches)
+        if v.window_size:
+            reverse = e.new(patches // 4, "int64", name="reverse_indices")  # torch.argsort(window_index)
+            merged = _gather(e, merged, "unpermute")
+            del reverse
+        del pixels
+        # get_image_features splits per image; forward cats them and casts to the text embeddings' dtype
+        cat = e.new(merged.numel, merged.dtype, name="image_embeds")
+        e.record(Node("cat", [merged] if merged.rg else [], [], []), cat)
+        image_embeds = ops.cast(e, cat, x.dtype, name="image_embeds:cast")
+        e.scope = "language"
+        mask = e.new(self.tokens, "bool", name="image_mask")
+        out = ops.masked_scatter(e, x, mask, image_embeds, name="inputs_embeds:scatter")
+        # The vision outputs (last_hidden_state, pooler_output) and image_embeds stay referenced until the
+        # language model returns (mm_encoder_outputs / image_embeds locals of Qwen2VLModel.forward)
+        self._keep = (hidden, merged, cat, image_embeds)
+        del mask
+        return out
+
+    def language(self, e: Engine, x: T) -> T:
+        out = super().language(e, x)
+        self._keep = None
+        return out
+
+
+def _gather(e: Engine, x: T, name: str) -> T:
+    """x[index] along the first dimension: a copy; IndexBackward saves only the index."""
+    out = e.new(x.numel, x.dtype, name=name)
+    e.record(Node("index", [x] if x.rg else [], [], []), out)
+    return out
+
+
+def _vision_rotary(e: Engine, patches: int, head_dim: int) -> tuple[T, T]:
+    """Qwen2VLVisionRotaryEmbedding.forward: freqs (patches, 2, head_dim/4) fp32, cos/sin scaled, then
+    recomposition_frequencies concatenates to (patches, head_dim) fp32."""
+    freqs = e.new(patches * head_dim // 2, "fp32", name="vision.freqs")
+    out = []
+    for name in ("cos", "sin"):
+        scaled = e.new(patches * head_dim // 2, "fp32", name=f"vision.{name}_scaled")
+        hw = e.new(patches * head_dim // 2, "fp32", name=f"vision.{name}_hw")
+        out.append(e.new(patches * head_dim, "fp32", name=f"vision.{name}"))
+        del hw
+        out.append(scaled)
+    cos, cos_scaled, sin, sin_scaled = out
+    del out, freqs, cos_scaled, sin_scaled
+    return cos, sin
+
+
+class VisionContext:
+    def __init__(self, tokens: int, images, v, batch: int, attention) -> None:
+        self.tokens = tokens
+        self.segments = [t.vision_patches for t in images] * batch
+        self.window_segments = window_segments(images, v, batch) if v.window_size else self.segments
+        self.attention_segments = attention
+        self.cos = self.sin = None
+
+
+def window_segments(images, v, batch: int) -> list[int]:
+    """transformers vision_utils.get_vision_window_index: windows of window_size // merge // patch merged units,
+    the grid padded up to whole windows; each window holds up to (8x8) patches of one image."""
+    unit = v.window_size // v.spatial_merge_size // v.patch_size
+    merge = v.spatial_merge_size ** 2
+    segments = []
+    for image in images:
+        gh = image.resized_height // v.patch_size // v.spatial_merge_size
+        gw = image.resized_width // v.patch_size // v.spatial_merge_size
+        rows = [min(unit, gh - r) for r in range(0, gh, unit)]
+        cols = [min(unit, gw - c) for c in range(0, gw, unit)]
+        segments += [r * c * merge for r in rows for c in cols]
+    return segments * batch
+
+
+
+MODELS = {"qwen2_vl": QwenVLModel, "qwen2_5_vl": QwenVLModel}

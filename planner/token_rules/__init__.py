@@ -1,1 +1,0 @@
-"""Image-to-token rules of the tiling and fixed-view families, one module per processor (discovered by tokens.py)."""
