@@ -111,6 +111,21 @@ MATRIX = [
     ("llava-1.5-7b", dict(method="lora", stack="llamafactory", batch_size=4, seq_len=2048)),
     ("internvl3-8b", dict(method="lora", stack="llamafactory", image_size=SQ1024)),
     ("qwen2.5-vl-7b", dict(method="lora", stack="hf-trainer")),
+    # memory levers (docs/memory-model.md "Memory levers"): Liger's fused linear cross-entropy (LLaMA-Factory
+    # enable_liger_kernel), per-component checkpointing (ms-swift vit_gradient_checkpointing), offloaded checkpointing
+    # (LLaMA-Factory use_unsloth_gc), LoRA on the language model with a full vision tower (ms-swift lora_llm_full_vit)
+    ("llava-1.5-7b", dict(method="lora", stack="llamafactory", liger_kernel=True, seq_len=2048)),
+    ("llava-1.5-7b", dict(method="full", stack="llamafactory", liger_kernel=True, seq_len=1024)),
+    ("qwen2.5-vl-7b", dict(method="full", train_vision=True, train_projector=True, vision_gradient_checkpointing=False,
+                           image_size=SQ1024)),
+    ("qwen2.5-vl-7b", dict(method="full", train_vision=True, train_projector=True, gradient_checkpointing=False,
+                           vision_gradient_checkpointing=True, seq_len=1024, image_size=SQ448)),
+    ("llava-1.5-7b", dict(method="full", train_vision=True, stack="hf-trainer", vision_gradient_checkpointing=False,
+                          seq_len=1024)),
+    ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", offload_checkpoints=True)),
+    ("qwen2-vl-7b", dict(method="full", train_vision=True, stack="llamafactory", offload_checkpoints=True,
+                         image_size=SQ448)),
+    ("qwen2.5-vl-7b", dict(method="lora", vision="full", projector="full", image_size=SQ448)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from .memory import liger
 from .setup import TrainSetup
 from .spec import unverified_warning
 
-NOT_MODELLED = {
-    "liger_kernel": "Liger kernels (enable_liger_kernel / use_liger_kernel) are not modelled: the estimate keeps the "
-                    "logits and fp32 loss temporaries that Liger's fused linear cross-entropy avoids (an upper "
-                    "bound, by up to a few GiB for large vocabularies)",
-}
+NOT_MODELLED: dict[str, str] = {}
 
 # a setup has no videos (vlplan does not model them yet), so the video caps cannot change its memory; a dataset
 # with videos is warned about by the scan (planner/dataset.py), which is where videos would enter
@@ -49,4 +46,6 @@ def setup_warnings(setup: TrainSetup) -> list[str]:
     for name, reason in NOT_MODELLED.items():
         if getattr(setup, name) != defaults[name]:
             warnings.append(f"{name} = {getattr(setup, name)}: {reason}")
+    if not liger.modelled(setup):  # modelled for some families and stacks only (planner/memory/liger.py)
+        warnings.append(f"liger_kernel = True: {liger.not_modelled_reason(setup)}")
     return warnings

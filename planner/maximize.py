@@ -244,17 +244,17 @@ def _plannable(setup: TrainSetup, global_batch_size: int, budget: int, host_ram_
     """"" when `plan.plan` finds a setting for `setup` (some ZeRO stage and offload at micro-batch 1, the least
     memory a micro-batch needs, with or without checkpointing, fits), else why not. Cheaper than planning at every
     value: the plan itself is made once, at the answer."""
-    from .plan import _cached_estimate, _strategies
+    from .plan import _cached_estimate, _sharding_options
 
     world = setup.world_size
     per_rank = max(world, round(global_batch_size / world) * world) // world if global_batch_size % world else \
         global_batch_size // world
     smallest = None
     for checkpointing in (True, False):
-        for zero, offload in _strategies(setup):
+        for sharding in _sharding_options(setup):  # the setup's own way of sharding: ZeRO stages or FSDP's
             try:
                 candidate = replace(setup, batch_size=1, gradient_accumulation_steps=per_rank,
-                                    gradient_checkpointing=checkpointing, zero=zero, offload=offload)
+                                    gradient_checkpointing=checkpointing, **sharding)
                 e = _cached_estimate(candidate)
             except VlplanError:
                 continue

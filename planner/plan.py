@@ -44,7 +44,7 @@ class Candidate:
         return {"micro_batch_size": s.batch_size, "gradient_accumulation_steps": s.gradient_accumulation_steps,
                 "zero_stage": s.zero, "offload": s.offload, "gradient_checkpointing": s.gradient_checkpointing,
                 "attn": s.attn, "peak_bytes": self.estimate.peak_bytes, "host_ram_bytes": self.estimate.cpu_ram_bytes,
-                "step_time_s": self.time.seconds}
+                "step_time_s": self.time.seconds, **_fsdp_fields(s)}
 
 
 @dataclass
@@ -63,6 +63,7 @@ class Plan:
     host_ram_budget_bytes: int = 0  # per node
     host_ram_source: str = ""  # where the budget comes from
     host_ram_assumed: bool = False  # the GPU type's assumption, not the caller's number
+    levers: list[str] = field(default_factory=list)  # memory levers the plan switched on to fit (`memory_levers`)
 
     @property
     def setup(self) -> TrainSetup:
@@ -85,7 +86,7 @@ class Plan:
         return {
             "micro_batch_size": s.batch_size, "gradient_accumulation_steps": s.gradient_accumulation_steps,
             "num_gpus": s.num_gpus, "num_nodes": s.num_nodes, "global_batch_size": self.global_batch_size,
-            "requested_global_batch_size": self.requested_global_batch_size, "zero_stage": s.zero,
+            "requested_global_batch_size": self.requested_global_batch_size, **_fsdp_fields(s), "zero_stage": s.zero,
             "offload": s.offload, "gradient_checkpointing": s.gradient_checkpointing, "attn": s.attn,
             "settings": s.describe(), "estimate": self.chosen.estimate.to_dict(), "step_time_s": self.step_time_s,
             "step_time_breakdown_s": self.chosen.time.parts, "mfu": self.chosen.time.mfu,
@@ -97,8 +98,13 @@ class Plan:
             "host_ram_assumed": self.host_ram_assumed,
             "reasons": self.reasons,
             "alternatives": [c.summary() for c in self.alternatives], "candidates_explored": self.explored,
-            "assumptions": self.assumptions,
+            "assumptions": self.assumptions, **({"levers": self.levers} if self.levers else {}),
         }
+
+
+def _fsdp_fields(setup: TrainSetup) -> dict:
+    """The sharding of an FSDP plan (listed only for FSDP: ZeRO plans read as before)."""
+    return {"sharding": "fsdp", "fsdp": setup.fsdp} if setup.sharding == "fsdp" else {}
 
 
 def _divisors(n: int) -> list[int]:
@@ -114,12 +120,47 @@ def _divisors(n: int) -> list[int]:
     return small + large[::-1]
 
 
+def _sharding_options(setup: TrainSetup, shardings: tuple[str, ...] | None = None) -> list[dict]:
+    """The sharding settings (TrainSetup changes) the frameworks accept for this setup: DeepSpeed's (ZeRO stage,
+    offload) pairs and FSDP's (strategy, offload), of the `shardings` asked for (default: the setup's own)."""
+    shardings = shardings or (setup.sharding,)
+    out: list[dict] = []
+    if "zero" in shardings:
+        extra = {} if setup.sharding == "zero" else {"sharding": "zero", "fsdp": "full_shard"}
+        out += [dict(extra, zero=zero, offload=offload) for zero, offload in _strategies(setup)]
+    if "fsdp" in shardings:
+        out += [dict(sharding="fsdp", zero=0, fsdp=fsdp, offload=offload)
+                for fsdp, offload in _fsdp_strategies(setup)]
+    return out
+
+
+def _fsdp_strategies(setup: TrainSetup) -> list[tuple[str, str]]:
+    """(FSDP strategy, offload) pairs: full_shard and shard_grad_op on several GPUs, hybrid_shard across nodes,
+    full_shard with CPU offload (FSDP2 offloads parameters, gradients and the optimizer step together; bitsandbytes
+    8-bit optimizers cannot step on the host). QLoRA shards 4-bit weights only."""
+    if setup.method == "qlora" and setup.quant_bits != 4:
+        return []
+    pairs = []
+    if setup.world_size > 1:
+        pairs += [("full_shard", "none"), ("shard_grad_op", "none")]
+        if setup.num_nodes > 1:
+            pairs.append(("hybrid_shard", "none"))
+    if setup.optimizer not in ("adamw-8bit", "paged-adamw-8bit"):
+        pairs.append(("full_shard", "all"))
+    return pairs
+
+
 def _strategies(setup: TrainSetup) -> list[tuple[int, str]]:
-    """(ZeRO stage, offload) pairs the frameworks accept for this setup."""
+    """(ZeRO stage, offload) pairs DeepSpeed accepts for this setup (QLoRA with ZeRO-3: 4-bit weights stored in the
+    compute dtype, as LLaMA-Factory sets bnb_4bit_quant_storage; not with offload). `_sharding_options` adds FSDP's."""
     pairs = [(0, "none")]
     multi = setup.world_size > 1
     for zero in (1, 2, 3):
-        if zero == 3 and (setup.method == "qlora" or setup.precision == "pure-bf16"):
+        if zero == 3 and ((setup.method == "qlora" and setup.quant_bits != 4) or setup.precision == "pure-bf16"):
+            continue
+        if zero == 3 and setup.method == "qlora":
+            if multi:
+                pairs.append((zero, "none"))
             continue
         if multi:
             pairs.append((zero, "none"))
@@ -134,10 +175,91 @@ def _strategies(setup: TrainSetup) -> list[tuple[int, str]]:
 def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num_samples: int | None = None,
          epochs: float = 1.0, mfu: float | None = None, attns: tuple[str, ...] | None = None,
          checkpointing: tuple[bool, ...] = (False, True), host_ram_bytes: int | None = None,
-         host_ram_source: str | None = None) -> Plan:
+         host_ram_source: str | None = None, shardings: tuple[str, ...] | None = None,
+         levers: bool = True) -> Plan:
     """The fastest settings whose estimated peak stays within capacity x (1 - margin) and whose host RAM per node
     stays within `host_ram_bytes` (default: the GPU type's stated assumption); see module docstring.
-    `host_ram_source` says where a given `host_ram_bytes` comes from (shown with the plan)."""
+    `host_ram_source` says where a given `host_ram_bytes` comes from (shown with the plan). `shardings`: "zero" and/or
+    "fsdp", the ways of sharding searched (default: the setup's `sharding`).
+
+    `levers`: when nothing fits, switch on the memory levers that leave the training math unchanged, one more at a
+    time (`memory_levers`: Liger's fused loss, the vision tower's checkpointing where it was off, offloaded
+    checkpointing), and plan again; the first that fits is kept, with the reason first among the plan's reasons."""
+    kwargs = dict(global_batch_size=global_batch_size, margin=margin, num_samples=num_samples, epochs=epochs,
+                  mfu=mfu, attns=attns, checkpointing=checkpointing, host_ram_bytes=host_ram_bytes,
+                  host_ram_source=host_ram_source, shardings=shardings)
+    try:
+        first: Plan | None = _search(setup, **kwargs)
+    except NothingFits as nothing:
+        first, error = None, nothing
+    if not levers or (first is not None and first.setup.offload == "none"):
+        if first is None:
+            raise error
+        return first
+    # Nothing fits, or only with DeepSpeed CPU offload (slow at every step): the levers first
+    switched: list[str] = []
+    fallback: Plan | None = None
+    for variant, what in memory_levers(setup):
+        switched.append(what)
+        try:
+            result = _search(variant, **kwargs)
+        except NothingFits:
+            continue
+        if first is None and fallback is None:
+            fallback = _with_levers(result, switched, "nothing fits")
+        if result.setup.offload == "none":
+            return _with_levers(result, switched, "nothing fits" if first is None else
+                                "only DeepSpeed CPU offload fits, which costs host transfers and CPU optimizer time "
+                                "at every step")
+    if first is not None:
+        return first
+    if fallback is not None:
+        return fallback
+    raise error
+
+
+def _with_levers(result: Plan, switched: list[str], without: str) -> Plan:
+    them = "them" if len(switched) > 1 else "it"
+    result.reasons.insert(0, f"switched on {', '.join(switched)}: without {them} {without} (the training math is "
+                             "unchanged)")
+    result.levers = list(switched)
+    return result
+
+
+def memory_levers(setup: TrainSetup) -> list[tuple[TrainSetup, str]]:
+    """The setups with one more memory lever switched on each (cumulative, the cheapest first), for levers that
+    change where tensors live but not what is computed: Liger's fused linear cross-entropy where it applies
+    (planner/memory/liger.py; its loss equals the unfused one up to float rounding), the vision tower checkpointed
+    when the setup switched that off, and LLaMA-Factory's offloaded checkpointing (inputs in host RAM, which
+    the host budget then has to hold)."""
+    from .memory import liger
+
+    out: list[tuple[TrainSetup, str]] = []
+    current = setup
+
+    def switch(what: str, **changes) -> None:
+        nonlocal current
+        try:
+            current = replace(current, **changes)
+        except VlplanError:
+            return
+        out.append((current, what))
+
+    if not setup.liger_kernel and liger.swaps(replace(setup, liger_kernel=True)):
+        switch("Liger's fused linear cross-entropy (enable_liger_kernel: no logits)", liger_kernel=True)
+    if setup.vision_gradient_checkpointing is False:
+        switch("the vision tower's gradient checkpointing", vision_gradient_checkpointing=None,
+               gradient_checkpointing=True)
+    if not setup.offload_checkpoints and setup.stack == "llamafactory":
+        switch("offloaded gradient checkpointing (use_unsloth_gc: checkpointed inputs in host RAM)",
+               offload_checkpoints=True, gradient_checkpointing=True)
+    return out
+
+
+def _search(setup: TrainSetup, *, global_batch_size: int, margin: float, num_samples: int | None, epochs: float,
+            mfu: float | None, attns: tuple[str, ...] | None, checkpointing: tuple[bool, ...],
+            host_ram_bytes: int | None, host_ram_source: str | None,
+            shardings: tuple[str, ...] | None) -> Plan:
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size <= 0:
         raise VlplanError(f"--global-batch-size must be a positive integer, got {global_batch_size}")
     if global_batch_size > MAX_GLOBAL_BATCH_SIZE:
@@ -174,18 +296,18 @@ def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num
     explored = 0
     for attn in attns:
         for gc in checkpointing:
-            for zero, offload in _strategies(setup):
+            for sharding in _sharding_options(setup, shardings):
                 micro, tried = _largest_micro(setup, per_rank, budget, host.bytes, attn=attn,
-                                              gradient_checkpointing=gc, zero=zero, offload=offload)
+                                              gradient_checkpointing=gc, **sharding)
                 explored += tried
-                largest_tried[(attn, gc, zero, offload)] = micro
+                largest_tried[(attn, gc, *sharding.values())] = micro
                 if micro is None:
                     continue
                 chosen = _candidate(replace(setup, batch_size=micro, gradient_accumulation_steps=per_rank // micro,
-                                            attn=attn, gradient_checkpointing=gc, zero=zero, offload=offload), mfu)
+                                            attn=attn, gradient_checkpointing=gc, **sharding), mfu)
                 fits.append(chosen)
     if not fits:
-        raise NothingFits(_nothing_fits_message(setup, budget, margin, per_rank, host))
+        raise NothingFits(_nothing_fits_message(setup, budget, margin, per_rank, host, shardings))
     # Offloading is for setups that do not fit otherwise: its per-step costs beyond the modeled transfers and CPU
     # Adam time (DeepSpeed's swapping and host synchronisation) are not in the time model, which would otherwise
     # prefer it for small models where one fewer micro-step outweighs the modeled transfer time
@@ -195,6 +317,8 @@ def plan(setup: TrainSetup, *, global_batch_size: int, margin: float = 0.10, num
     fits.sort(key=lambda c: (c.time.seconds, c.estimate.peak_bytes))
     best = fits[0]
     reasons += _reasons(best, fits, budget, capacity, margin, per_rank, host)
+    if shardings and len(set(shardings)) > 1:
+        reasons.append(_sharding_reason(best, fits))
     if offloaded and best.setup.offload == "none":
         reasons.append("no CPU offload: settings without it fit, and offloading costs host transfers and CPU "
                        "optimizer time at every step")
@@ -320,7 +444,9 @@ def _reasons(best: Candidate, fits: list[Candidate], budget: int, capacity: int,
     else:
         reasons.append("gradient checkpointing off: it fits without, saving the recomputation "
                        f"(~{100 * _recompute_share(s):.0f}% more compute with it)")
-    if s.zero:
+    if s.sharding == "fsdp":
+        reasons.append(f"FSDP {s.fsdp}{' with CPU offload' if s.offload != 'none' else ''}: {_fsdp_reason(best, fits)}")
+    elif s.zero:
         reasons.append(f"ZeRO-{s.zero}{' with ' + s.offload + ' offload' if s.offload != 'none' else ''}: "
                        f"{_zero_reason(best, fits)}")
     elif s.world_size > 1:
@@ -352,6 +478,35 @@ def _zero_reason(best: Candidate, fits: list[Candidate]) -> str:
             f"{fastest_ddp.time.seconds:.2f} s per step)")
 
 
+def _label(setup: TrainSetup) -> str:
+    return f"FSDP {setup.fsdp}" if setup.sharding == "fsdp" else f"ZeRO-{setup.zero}"
+
+
+def _fsdp_reason(best: Candidate, fits: list[Candidate]) -> str:
+    others = [c for c in fits if c.setup.sharding == "fsdp" and c.setup.fsdp != best.setup.fsdp]
+    if not others:
+        return "the only FSDP strategy that fits"
+    other = min(others, key=lambda c: c.time.seconds)
+    return (f"{best.time.seconds:.2f} s per step against {other.time.seconds:.2f} s for {other.setup.fsdp} "
+            f"(micro-batch {best.setup.batch_size} vs {other.setup.batch_size})")
+
+
+def _sharding_reason(best: Candidate, fits: list[Candidate]) -> str:
+    """Why FSDP or ZeRO (`--sharding auto`): the fastest candidate of the other kind, or that none of it fits."""
+    kind = best.setup.sharding
+    other = [c for c in fits if c.setup.sharding != kind]
+    name = {"fsdp": "FSDP", "zero": "DeepSpeed ZeRO"}
+    if not other:
+        return f"{name[kind]}: no {name['zero' if kind == 'fsdp' else 'fsdp']} setting fits"
+    runner = min(other, key=lambda c: (c.time.seconds, c.estimate.peak_bytes))
+    comm = {k: v for k, v in best.time.parts.items() if k.startswith(("allgather", "reduce_scatter", "allreduce"))}
+    return (f"{name[kind]} ({_label(best.setup)}) over {name[runner.setup.sharding]} ({_label(runner.setup)}, "
+            f"offload {runner.setup.offload}): {best.time.seconds:.2f} s against {runner.time.seconds:.2f} s per step "
+            f"(micro-batch {best.setup.batch_size} vs {runner.setup.batch_size}; peak "
+            f"{best.estimate.peak_bytes / GIB:.2f} vs {runner.estimate.peak_bytes / GIB:.2f} GiB; communication "
+            f"{sum(comm.values()):.2f} s)")
+
+
 def _assumptions(best: Candidate, host: HostBudget) -> dict:
     from . import throughput
 
@@ -363,14 +518,15 @@ def _assumptions(best: Candidate, host: HostBudget) -> dict:
             "tensor_rate_of": best.time.assumed_throughput_of or best.setup.gpu.name}
 
 
-def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_rank: int, host: HostBudget) -> str:
+def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_rank: int, host: HostBudget,
+                          shardings: tuple[str, ...] | None = None) -> str:
     """Why nothing fits (the smallest peak found, or the host RAM when a setting fits the GPUs but not the host) and
     which changes would fit."""
     smallest = host_limited = None
-    for zero, offload in _strategies(setup):
+    for sharding in _sharding_options(setup, shardings):
         try:
             e = _cached_estimate(replace(setup, batch_size=1, gradient_accumulation_steps=per_rank,
-                                         gradient_checkpointing=True, zero=zero, offload=offload))
+                                         gradient_checkpointing=True, **sharding))
         except VlplanError:
             continue
         if smallest is None or e.peak_bytes < smallest.peak_bytes:
@@ -384,14 +540,14 @@ def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_ran
     suggestions = []
     if host_limited is not None:
         s, need = host_limited.setup, host_limited.cpu_ram_bytes
-        parts.append(f"host RAM is the limit: ZeRO-{s.zero} with offload {s.offload} fits the GPUs (micro-batch 1, "
+        parts.append(f"host RAM is the limit: {_label(s)} with offload {s.offload} fits the GPUs (micro-batch 1, "
                      f"checkpointing: peak {host_limited.peak_bytes / GIB:.1f} GiB) but needs "
                      f"{need / GIB:.0f} GiB of host RAM per node ("
                      + ", ".join(f"{k} {v / GIB:.0f} GiB" for k, v in host_limited.cpu_breakdown_bytes.items()) + ")")
         suggestions.append(f"--host-ram-gib {math.ceil(need / GIB)} (nodes with that much RAM)")
     elif smallest is not None:
         s = smallest.setup
-        parts.append(f"the smallest setting (micro-batch 1, checkpointing, ZeRO-{s.zero}, offload {s.offload}) needs "
+        parts.append(f"the smallest setting (micro-batch 1, checkpointing, {_label(s)}, offload {s.offload}) needs "
                      f"{smallest.peak_bytes / GIB:.1f} GiB")
     suggestions += _suggestions(setup, budget, per_rank, host)
     if suggestions:

@@ -22,17 +22,20 @@ from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS
 SETUP_DEFAULTS = {
     "model": None, "method": "lora", "lora_rank": 8, "lora_alpha": None, "lora_target": "all", "lora_dropout": 0.0,
     "dora": False, "train_vision": False, "freeze_vision": False, "train_projector": False, "freeze_projector": False,
-    "freeze_llm": False, "train_llm": False, "freeze_trainable_layers": 2, "precision": "bf16", "quant_bits": None,
+    "freeze_llm": False, "train_llm": False, "vision": None, "projector": None, "language": None,
+    "freeze_trainable_layers": 2, "precision": "bf16", "quant_bits": None,
     "optimizer": "adamw", "seq_len": 2048, "batch_size": 1, "gradient_accumulation_steps": 1, "images": 1,
     "image_size": None, "image_max_pixels": LF_IMAGE_MAX_PIXELS, "image_min_pixels": LF_IMAGE_MIN_PIXELS,
-    "attn": "sdpa", "gradient_checkpointing": True, "gpu": "h100-80g", "gpu_memory_gib": None, "num_gpus": 1,
-    "num_nodes": 1, "zero": 0, "offload": "none", "stack": "vlplan",
+    "attn": "sdpa", "gradient_checkpointing": True,
+    "vision_gradient_checkpointing": None, "offload_checkpoints": False, "liger_kernel": False, "gpu": "h100-80g",
+    "gpu_memory_gib": None, "num_gpus": 1,
+    "num_nodes": 1, "zero": 0, "offload": "none", "sharding": "zero", "fsdp": "full_shard", "stack": "vlplan",
     "expandable_segments": None,  # None: from LLaMA-Factory's launcher or PYTORCH_CUDA_ALLOC_CONF, else off
     # files
-    "from_llamafactory": None, "deepspeed": None, "dataset": None, "percentile": None, "dataset_dir": None,
+    "from_llamafactory": None, "deepspeed": None, "accelerate_config": None, "dataset": None, "percentile": None, "dataset_dir": None,
     "media_dir": None, "dataset_info": None, "tokenizer": None,
 }
-FILE_OPTIONS = ("from_llamafactory", "deepspeed", "dataset", "percentile", "dataset_dir", "media_dir", "dataset_info",
+FILE_OPTIONS = ("from_llamafactory", "deepspeed", "accelerate_config", "dataset", "percentile", "dataset_dir", "media_dir", "dataset_info",
                 "tokenizer")
 # settings that only mean something for LoRA/QLoRA
 LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_target", "lora_dropout", "dora")
@@ -49,6 +52,7 @@ class ResolvedSetup:
     percentile: float | None = None
     sources: dict[str, str] = field(default_factory=dict)
     typed: set[str] = field(default_factory=set)  # the settings given (flags typed on the command line)
+    auto_sharding: bool = False  # `--sharding auto`: vlplan plan picks ZeRO or FSDP (other commands refuse it)
 
     def json_extras(self) -> dict:
         """What a command adds to its JSON: `warnings`, `sources` and, with --dataset, the scan's summary."""
@@ -125,8 +129,11 @@ def resolve_setup(progress=None, environ: Mapping[str, str] | None = None, **opt
     if unknown:
         raise VlplanError(f"unknown setup option(s) {', '.join(sorted(unknown))}")
     options = {name: options.get(name) for name in SETUP_DEFAULTS}
+    auto_sharding = options["sharding"] == "auto"
+    if auto_sharding:  # vlplan plan chooses between ZeRO and FSDP; the setup starts from the default
+        options["sharding"] = None
     explicit = {name: value for name, value in options.items() if name not in FILE_OPTIONS and value is not None}
-    resolved = ResolvedSetup(setup=None, typed=set(explicit))
+    resolved = ResolvedSetup(setup=None, typed=set(explicit), auto_sharding=auto_sharding)
     version_warning = transformers_warning()  # the installed transformers, if any: the one training would run
     if version_warning:
         resolved.warnings.append(version_warning)
@@ -156,8 +163,26 @@ def resolve_setup(progress=None, environ: Mapping[str, str] | None = None, **opt
             elif ds.fp16 is False and ds.bf16 is False:
                 choices["precision"] = "fp32"  # both switched off: DeepSpeed trains in fp32
         resolved.warnings += deepspeed_consistency(ds, {**choices, **flags}, str(path))
+    if options["accelerate_config"]:
+        from .io.accelerate import read_accelerate_config
+
+        if options["deepspeed"]:
+            raise VlplanError("--deepspeed and --accelerate-config both say how to shard; pass one of them")
+        path = options["accelerate_config"]
+        acc, warnings = read_accelerate_config(path)
+        resolved.warnings += warnings
+        resolved.sources["accelerate"] = str(path)
+        choices.update(acc.setup_fields())
+        if acc.precision is not None and not options["from_llamafactory"] and "precision" not in explicit:
+            choices["precision"] = acc.precision
     choices.update(flags)
+    _component_flags_over_presets(choices, flags)
     _drop_file_lora_settings(choices, flags)
+    if choices.get("sharding") == "fsdp" and {"ds_reduce_bucket_size", "ds_overlap_comm"} & set(choices):
+        # a DeepSpeed file read before a flag switched to FSDP: its bucket settings have no FSDP meaning
+        choices.pop("ds_reduce_bucket_size", None)
+        choices.pop("ds_overlap_comm", None)
+        resolved.warnings.append("--sharding fsdp: the DeepSpeed config's settings (reduce buckets) are not used")
     if not choices.get("model"):
         raise VlplanError("no model: pass --model NAME (see `vlplan models`) or --from-llamafactory with "
                           "model_name_or_path")
@@ -210,6 +235,20 @@ def expandable_segments_default(setup, environ: Mapping[str, str]) -> tuple[bool
     if value is None:
         return False, None
     return value, f"PYTORCH_CUDA_ALLOC_CONF={conf}"
+
+
+def _component_flags_over_presets(choices: dict, flags: dict) -> None:
+    """A typed `--vision/--projector/--language` mode wins over what a YAML's presets say for that component (its
+    freeze keys, its finetuning_type where the mode implies another method); against a typed preset flag it is
+    refused by `make_setup`."""
+    from .setup import implied_method
+
+    for key, preset in (("vision", "train_vision"), ("projector", "train_projector"), ("language", "freeze_llm")):
+        if key in flags and preset not in flags:
+            choices.pop(preset, None)
+    implied = implied_method(flags.get("vision"), flags.get("projector"), flags.get("language"))
+    if implied is not None and "method" not in flags and choices.get("method") not in (implied, "qlora"):
+        choices["method"] = implied
 
 
 def _drop_file_lora_settings(choices: dict, flags: dict) -> None:

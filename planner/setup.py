@@ -43,6 +43,10 @@ Precision = Literal["bf16", "fp16", "fp32", "pure-bf16"]
 Optimizer = Literal["adamw", "adamw-foreach", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor"]
 Attention = Literal["sdpa", "fa2", "eager"]
 Offload = Literal["none", "optimizer", "all"]
+# How the model states are sharded over the GPUs: DeepSpeed ZeRO (`zero` 0-3) or PyTorch FSDP2 (`fully_shard`,
+# launched by accelerate) with one of the FSDP strategies (planner/memory/fsdp.py)
+Sharding = Literal["zero", "fsdp"]
+FsdpStrategy = Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"]
 # The training stack that prepares the model (the order of checkpointing and adapters, which layers are checkpointed,
 # which inputs are made to require grad): `vlplan` is `vlplan run`'s own, `llamafactory` is LLaMA-Factory's loader
 # (patch_model -> init_adapter), `hf-trainer` a plain transformers Trainer with gradient_checkpointing=True.
@@ -53,6 +57,8 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 OFFLOADS: tuple[str, ...] = get_args(Offload)
 STACKS: tuple[str, ...] = get_args(Stack)
+SHARDINGS: tuple[str, ...] = get_args(Sharding)
+FSDP_STRATEGIES: tuple[str, ...] = get_args(FsdpStrategy)
 # Our optimizer names -> transformers TrainingArguments.optim (the runner's Trainer, the profiler's optimizer, the
 # exported LLaMA-Factory YAML and TrainingArguments)
 HF_OPTIM: dict[str, str] = {"adamw": "adamw_torch_fused", "adamw-foreach": "adamw_torch",
@@ -120,6 +126,12 @@ class TrainSetup:
     image_min_pixels: int | None = LF_IMAGE_MIN_PIXELS
     attn: Attention = "sdpa"
     gradient_checkpointing: bool = True
+    # The vision tower's layers checkpointed or not on their own (ms-swift vit_gradient_checkpointing); None: as
+    # `gradient_checkpointing`, which then stands for the language model alone
+    vision_gradient_checkpointing: bool | None = None
+    # Checkpointed layers' inputs kept in host RAM (LLaMA-Factory use_unsloth_gc, checkpointing.py
+    # `get_unsloth_gradient_checkpointing_func`) instead of on the GPU
+    offload_checkpoints: bool = False
     gpu: GPU = field(default_factory=lambda: find_gpu("h100-80g"))
     num_gpus: int = 1  # per node
     num_nodes: int = 1
@@ -129,6 +141,8 @@ class TrainSetup:
     # DeepSpeed buffers (None: the HF integration's "auto" values, hidden_size**2 elements)
     ds_reduce_bucket_size: int | None = None
     ds_overlap_comm: bool = False
+    sharding: Sharding = "zero"  # "fsdp": PyTorch FSDP2 through accelerate instead of DeepSpeed (zero stays 0)
+    fsdp: FsdpStrategy = "full_shard"  # the FSDP strategy (read only with sharding "fsdp")
     stack: Stack = "vlplan"
     # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows one segment per pool in pages
     # instead of cudaMalloc'ing segments (planner/memory/allocator.py); it changes reserved memory, not live tensors.
@@ -151,7 +165,8 @@ class TrainSetup:
     def _validate_choices(self) -> None:
         for value, choices, flag in ((self.method, METHODS, "--method"), (self.precision, PRECISIONS, "--precision"),
                                      (self.optimizer, OPTIMIZERS, "--optimizer"), (self.attn, ATTENTIONS, "--attn"),
-                                     (self.offload, OFFLOADS, "--offload"), (self.stack, STACKS, "--stack")):
+                                     (self.offload, OFFLOADS, "--offload"), (self.stack, STACKS, "--stack"),
+                                     (self.sharding, SHARDINGS, "--sharding"), (self.fsdp, FSDP_STRATEGIES, "--fsdp")):
             if value not in choices:
                 raise VlplanError(f"{flag} {value!r} is not one of {', '.join(choices)}")
         for value, flag, bound in ((self.seq_len, "--seq-len", MAX_SEQ_LEN),
@@ -204,9 +219,13 @@ class TrainSetup:
             raise VlplanError("--quant-bits quantizes the frozen base weights for QLoRA; use --method qlora")
         if self.method == "qlora" and self.quant_bits is None:
             raise VlplanError("--method qlora needs --quant-bits 4 or 8")
-        if self.method == "qlora" and self.zero == 3:
-            raise VlplanError("QLoRA cannot be combined with ZeRO-3 (DeepSpeed cannot partition bitsandbytes "
-                              "quantized weights); use --zero 2 or less")
+        if self.method == "qlora" and self.quant_bits != 4 and (self.zero == 3 or self.sharding == "fsdp"):
+            # LLaMA-Factory (model_utils/quantization.py): "Only 4-bit quantized model can use fsdp+qlora"; 4-bit
+            # weights are stored in the compute dtype (bnb_4bit_quant_storage) so ZeRO-3 and FSDP can shard them
+            raise VlplanError(f"QLoRA with {'FSDP' if self.sharding == 'fsdp' else 'ZeRO-3'} needs --quant-bits 4 "
+                              "(bitsandbytes 4-bit weights stored in the compute dtype; LLaMA-Factory refuses 8-bit)"
+                              "; use --quant-bits 4 or --zero 2")
+        self._validate_fsdp()
         if self.lora.dora and self.method not in ("lora", "qlora"):
             raise VlplanError("--dora is a LoRA variant; use it with --method lora or qlora")
         if self.precision == "pure-bf16" and self.zero == 3:
@@ -226,15 +245,44 @@ class TrainSetup:
             raise VlplanError(f"--freeze-trainable-layers {self.freeze_trainable_layers} is above the "
                               f"{self.model.text.num_layers} language-model layers of {self.model.name}; use at most "
                               f"{self.model.text.num_layers} (or --method full)")
-        if self.offload != "none" and self.zero == 0:
+        if self.offload != "none" and self.zero == 0 and self.sharding == "zero":
             raise VlplanError(f"--offload {self.offload} needs DeepSpeed ZeRO; add --zero 2 (optimizer) or --zero 3")
-        if self.offload == "all" and self.zero != 3:
+        if self.offload == "all" and self.zero != 3 and self.sharding == "zero":
             raise VlplanError("--offload all (parameters too) needs --zero 3; use --offload optimizer with ZeRO-1/2")
         if self.optimizer in ("adamw-8bit", "paged-adamw-8bit") and self.offload != "none":
             raise VlplanError("DeepSpeed optimizer offload runs its own CPU Adam; use --optimizer adamw with "
                               "--offload")
+        if self.vision_gradient_checkpointing is not None and self.stack == "llamafactory":
+            raise VlplanError("LLaMA-Factory checkpoints the vision tower and the language model together "
+                              "(prepare_model_for_training); per-component checkpointing (ms-swift's "
+                              "vit_gradient_checkpointing) needs --stack vlplan or hf-trainer")
+        if self.offload_checkpoints and not self.any_checkpointing:
+            raise VlplanError("--offload-checkpoints moves checkpointed layers' inputs to host RAM; it needs gradient "
+                              "checkpointing on")
+        if self.offload_checkpoints and self.stack != "llamafactory":
+            raise VlplanError("--offload-checkpoints is LLaMA-Factory's use_unsloth_gc; use it with --stack "
+                              "llamafactory")
         if self.method == "lora" or self.method == "qlora":
             self._validate_lora_targets()
+
+    def _validate_fsdp(self) -> None:
+        if self.sharding == "zero":
+            if self.fsdp != "full_shard":
+                raise VlplanError(f"--fsdp {self.fsdp} is an FSDP strategy; add --sharding fsdp (or drop --fsdp)")
+            return
+        if self.zero:
+            raise VlplanError(f"--zero {self.zero} is DeepSpeed's sharding, --sharding fsdp is PyTorch's; use one of "
+                              "them (--zero 0 with --sharding fsdp)")
+        if self.offload == "optimizer":
+            # FSDP2's CPUOffloadPolicy moves parameters, gradients and the optimizer step together (fully_shard)
+            raise VlplanError("FSDP offloads parameters, gradients and optimizer states together (CPUOffloadPolicy); "
+                              "use --offload all, or --sharding zero for optimizer-only offload")
+        if self.fsdp == "hybrid_shard" and self.num_nodes < 2:
+            raise VlplanError("--fsdp hybrid_shard shards within a node and replicates across nodes; it needs "
+                              "--num-nodes 2 or more (use full_shard on one node)")
+        if self.ds_reduce_bucket_size is not None or self.ds_overlap_comm:
+            raise VlplanError("DeepSpeed's reduce bucket settings do not apply to FSDP; drop them or use --sharding "
+                              "zero")
 
     def _validate_lora_targets(self) -> None:
         linears = []
@@ -291,6 +339,17 @@ class TrainSetup:
     def special_tokens_per_sample(self) -> int:
         return sum(t.special_tokens for t in self.image_tokens())
 
+    def checkpointing(self, component: str) -> bool:
+        """Whether the layers of `component` (vision or language) are checkpointed."""
+        if component == VISION and self.vision_gradient_checkpointing is not None:
+            return self.vision_gradient_checkpointing
+        return self.gradient_checkpointing
+
+    @property
+    def any_checkpointing(self) -> bool:
+        """Some layer is checkpointed: the model's `is_gradient_checkpointing`, which peft reads."""
+        return self.gradient_checkpointing or bool(self.vision_gradient_checkpointing)
+
     @property
     def world_size(self) -> int:
         return self.num_gpus * self.num_nodes
@@ -309,6 +368,8 @@ class TrainSetup:
         d["lora"]["targets"] = list(self.lora.targets)
         d["images"] = [f"{w}x{h}" for w, h in self.images]
         d["world_size"] = self.world_size
+        if self.sharding == "zero":  # the FSDP settings are listed only when FSDP shards (ZeRO setups read as before)
+            del d["sharding"], d["fsdp"]
         return d
 
 
@@ -353,17 +414,22 @@ def suggest_max_pixels(setup: TrainSetup) -> int | None:
 
 
 def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | None = None,
-               train_projector: bool | None = None, freeze_llm: bool = False, lora_rank: int | None = None,
+               train_projector: bool | None = None, freeze_llm: bool | None = None, lora_rank: int | None = None,
                lora_alpha: int | None = None, lora_target: str | list[str] | None = None, dora: bool | None = None,
                lora_dropout: float | None = None,
                quant_bits: int | None = None, num_images: int | None = None,
                image_size: tuple[int, int] | None = None, images: list[tuple[int, int]] | None = None,
-               gpu: GPU | str = "h100-80g", **settings) -> TrainSetup:
+               gpu: GPU | str = "h100-80g", vision: str | Train | None = None, projector: str | Train | None = None,
+               language: str | Train | None = None, **settings) -> TrainSetup:
     """Build a TrainSetup from CLI-style choices, applying the method presets and LLaMA-Factory's defaults.
 
     Defaults follow LLaMA-Factory: vision tower and projector frozen, LoRA rank 8 (alpha 2*rank) on every language-
     model linear, gradient checkpointing on, sdpa, bf16 AMP, one image at the `image_max_pixels` cap.
     `--method full` trains the language model only unless the vision tower or projector is asked for.
+    `vision` (frozen | lora | full), `projector` (frozen | full) and `language` (frozen | lora | full | freeze: the last
+    `freeze_trainable_layers` layers, i.e. `--method freeze`) say how each component trains, over the method's
+    preset (e.g. LoRA on the language model with the vision tower and projector in full, ms-swift's
+    lora_llm_full_vit); one that contradicts a preset flag (train_vision, train_projector, freeze_llm) is refused.
     The LoRA settings (`lora_rank`, `lora_alpha`, `lora_target`, `dora`, `lora_dropout`) are None when not given;
     one given with `--method full` or `freeze` (no adapters) is refused rather than ignored.
     """
@@ -380,6 +446,7 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
                               f"--method {method} has no adapters; use --method lora or qlora, or drop {names}")
     lora_rank = 8 if lora_rank is None else lora_rank
     lora_target = "all" if lora_target is None else lora_target
+    modes = _component_modes(method, vision, projector, language, train_vision, train_projector, freeze_llm)
     vision = Train.FROZEN
     if train_vision:
         vision = Train.LORA if adapter else Train.FULL
@@ -388,6 +455,8 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
         language = Train.FROZEN
     else:
         language = Train.LORA if adapter else Train.FULL
+    vision, projector, language = (modes.get(key, preset) for key, preset in
+                                   (("vision", vision), ("projector", projector), ("language", language)))
     if method == "qlora" and quant_bits is None:
         quant_bits = 4
     targets = tuple(t.strip() for t in (lora_target.split(",") if isinstance(lora_target, str) else lora_target)
@@ -411,3 +480,49 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
     return TrainSetup(model=model, method=method, vision=vision, projector=projector, language=language, lora=lora,
                       quant_bits=quant_bits, images=tuple(tuple(i) for i in images),
                       gpu=find_gpu(gpu) if isinstance(gpu, str) else gpu, **settings)
+
+
+COMPONENT_MODES = {"vision": ("frozen", "lora", "full"), "projector": ("frozen", "full"),
+                   "language": ("frozen", "lora", "full", "freeze")}
+
+
+def implied_method(vision: str | None, projector: str | None, language: str | None) -> str | None:
+    """The method per-component modes imply when no method is given: freeze for `--language freeze`, LoRA where a
+    component has adapters, full where the language model trains in full or nothing has adapters; None (the default
+    method stands) when the language model's mode is not given and no component asks for adapters."""
+    modes = {str(getattr(m, "value", m)) for m in (vision, projector, language) if m is not None}
+    if language is not None and str(getattr(language, "value", language)) == "freeze":
+        return "freeze"
+    if "lora" in modes:
+        return "lora"
+    if language is not None:
+        return "full"
+    return None
+
+
+def _component_modes(method: str, vision, projector, language, train_vision, train_projector,
+                     freeze_llm) -> dict[str, Train]:
+    """The per-component modes given (as Train), checked against their choices, the method and the preset flags."""
+    modes: dict[str, Train] = {}
+    for key, value in (("vision", vision), ("projector", projector), ("language", language)):
+        if value is None:
+            continue
+        value = str(getattr(value, "value", value))
+        if value not in COMPONENT_MODES[key]:
+            raise VlplanError(f"--{key} {value!r} is not one of {', '.join(COMPONENT_MODES[key])}")
+        if value == "freeze":
+            if method != "freeze":
+                raise VlplanError(f"--language freeze trains the last language-model layers (--method freeze), "
+                                  f"but the method is {method}; use --method freeze or another --language mode")
+            value = "full"
+        modes[key] = Train(value)
+    for key, flag, given in (("vision", "--train-vision", train_vision), ("projector", "--train-projector",
+                                                                           train_projector)):
+        if key in modes and given is not None and given != (modes[key] is not Train.FROZEN):
+            off = flag.replace("train", "freeze")
+            raise VlplanError(f"{flag if given else off} contradicts --{key} {modes[key].value}; pass one of them")
+    if "language" in modes and freeze_llm is not None and freeze_llm != (modes["language"] is Train.FROZEN):
+        raise VlplanError(f"{'--freeze-llm' if freeze_llm else '--train-llm'} contradicts --language "
+                          f"{modes['language'].value}; pass one of them")
+    return modes
+

@@ -71,9 +71,10 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
         backward += lm_linear + head
     if vision_trains:
         backward += forward_vision + (vit if trains[VISION] is Train.FULL else 0.0)
-    recompute = 0.0
-    if setup.gradient_checkpointing:
+    recompute = 0.0  # per component (ms-swift vit_gradient_checkpointing: `TrainSetup.checkpointing`)
+    if setup.checkpointing(LANGUAGE):
         recompute += (lm_linear + lm_attention) if lm_trains or vision_trains else 0.0
+    if setup.checkpointing(VISION):
         recompute += forward_vision if vision_trains else 0.0
     micro_flops = forward_lm + forward_vision + backward + recompute
     if mfu is None:
@@ -96,7 +97,9 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
     half = 2
     bandwidth = (INTERNODE_GBPS if setup.num_nodes > 1 else setup.gpu.link_gbps) * 1e9
     ring = (n - 1) / n if n > 1 else 0.0
-    if n > 1:
+    if setup.sharding == "fsdp":
+        parts.update(_fsdp_parts(setup, bandwidth, trainable))
+    elif n > 1:
         if setup.zero == 0:
             grad_bytes = trainable * (2 if setup.precision == "pure-bf16" else 4)
             parts["allreduce_gradients"] = 2 * ring * grad_bytes / bandwidth
@@ -109,13 +112,43 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
             # every micro-step gathers all parameters for forward and again for backward
             parts["allgather_parameters"] = micro_steps * 2 * ring * half * total / bandwidth
             parts["reduce_scatter_gradients"] = micro_steps * ring * half * trainable / bandwidth
-    if setup.offload != "none":
+    if setup.offload_checkpoints:
+        # use_unsloth_gc: each checkpointed layer's input to the host in forward and back in backward, per
+        # micro-step (non-blocking copies that may overlap compute: counted in full, an upper bound)
+        moved = t.num_layers * tokens * t.hidden_size if setup.checkpointing(LANGUAGE) and lm_trains else 0
+        if setup.checkpointing(VISION) and vision_trains:
+            moved += spec.vision.num_layers * patches * spec.vision.hidden_size
+        parts["offload_checkpoints"] = micro_steps * 2 * half * moved / (PCIE_GBPS * 1e9)
+    if setup.offload != "none" and setup.sharding == "zero":
         shard = trainable / n
         parts["offload_transfer"] = (2 * half * shard) / (PCIE_GBPS * 1e9)
         parts["cpu_adam"] = shard / CPU_ADAM_PARAMS_PER_S
         if setup.offload == "all":
             parts["offload_parameters"] = micro_steps * 2 * half * total / n / (PCIE_GBPS * 1e9)
     return StepTime(sum(parts.values()), parts, micro_flops * micro_steps, mfu, assumed)
+
+
+def _fsdp_parts(setup: TrainSetup, bandwidth: float, trainable: int) -> dict[str, float]:
+    """FSDP2's collectives (memory/fsdp.py `fsdp_communication_bytes`): all-gather and reduce-scatter over the shard
+    group (a node's GPUs for hybrid_shard, at the link's bandwidth), the replicas' all-reduce over the nodes (or all
+    GPUs for no_shard), CPU offload's PCIe traffic and the optimizer step on the CPU."""
+    from .memory.fsdp import fsdp_communication_bytes, shard_size
+
+    n = shard_size(setup)
+    shard_bandwidth = (setup.gpu.link_gbps if setup.fsdp == "hybrid_shard" else bandwidth / 1e9) * 1e9
+    ring = (n - 1) / n if n > 1 else 0.0
+    replicas = setup.world_size // n
+    parts = {}
+    for key, volume in fsdp_communication_bytes(setup).items():
+        if key == "offload_parameters":
+            parts[key] = volume / (PCIE_GBPS * 1e9)
+        elif key == "allreduce_gradients":
+            parts[key] = (replicas - 1) / replicas * volume / bandwidth
+        else:
+            parts[key] = ring * volume / shard_bandwidth
+    if setup.offload == "all":
+        parts["cpu_adam"] = trainable / n / CPU_ADAM_PARAMS_PER_S  # the optimizer step runs on the host
+    return parts
 
 
 def _trainable_params(setup: TrainSetup) -> int:

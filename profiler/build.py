@@ -265,10 +265,29 @@ def prepare_model(model: nn.Module, setup: TrainSetup) -> nn.Module:
         # reentrant checkpointing installed directly. A frozen vision tower's input never requires grad, so it
         # builds no graph (tests/test_accuracy_stack.py proves it on the trace).
         model = apply_method(model, setup)
-        if setup.gradient_checkpointing:
+        if setup.any_checkpointing:
             enable_gradient_checkpointing(model)
+    checkpoint_components(model, setup)
     model.train()
     return model
+
+
+def checkpoint_components(model: nn.Module, setup: TrainSetup) -> None:
+    """Per-component checkpointing (ms-swift's `vit_gradient_checkpointing`): checkpointing switched off again
+    (`GradientCheckpointingLayer.gradient_checkpointing = False`) for the layers of the component that is not
+    checkpointed."""
+    if setup.vision_gradient_checkpointing is None:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name, module in base.named_modules():
+        if getattr(module, "gradient_checkpointing", None) is not True:
+            continue
+        try:
+            component = component_of(setup.model.family, name)
+        except VlplanError:
+            component = LANGUAGE
+        if not setup.checkpointing(component):
+            module.gradient_checkpointing = False
 
 
 # LLaMA-Factory's preparation (llamafactory 0.9.5) ----------------------------------------------------------------
@@ -333,9 +352,9 @@ def _prepare_llamafactory(model: nn.Module, setup: TrainSetup) -> nn.Module:
        `is_gradient_checkpointing` and calls `enable_input_require_grads` (peft_model.py
        `_prepare_model_for_gradient_checkpointing`): every sub-model's input embeddings' output requires grad."""
     checkpointing = llamafactory_checkpointing()
-    args = types.SimpleNamespace(**LLAMAFACTORY_MODEL_ARGS,
+    args = types.SimpleNamespace(**dict(LLAMAFACTORY_MODEL_ARGS, use_unsloth_gc=setup.offload_checkpoints),
                                  disable_gradient_checkpointing=not setup.gradient_checkpointing)
-    checkpointing.prepare_model_for_training(model, args)
+    checkpointing.prepare_model_for_training(model, args)  # use_unsloth_gc: the trace emulates its copies
     if setup.gradient_checkpointing:
         for module in model.modules():
             func = getattr(module, "_gradient_checkpointing_func", None)
@@ -351,7 +370,7 @@ def _prepare_hf_trainer(model: nn.Module, setup: TrainSetup) -> nn.Module:
     layer, `use_reentrant=False`, and `enable_input_require_grads()` since a VLM's main input is `input_ids`
     (modeling_utils.py `_activation_checkpointing_enable`). A peft model forwards the call to the base model."""
     model = apply_method(model, setup, upcast=False)
-    if setup.gradient_checkpointing:
+    if setup.any_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=None, every_n_layers=1, offload=False)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.config.use_cache = False

@@ -25,7 +25,7 @@ import torch
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
 
-from . import build, cuda_autocast, emulate
+from . import build, checkpoint_offload, cuda_autocast, emulate, liger_emulate
 from .batch import synthetic_batch
 from .memtrack import MemoryTracker, Snapshot, track_modules
 from .step import StepHooks, run_steps, trainer_forward
@@ -63,6 +63,8 @@ class TraceResult:
     layers_traced: list[dict[str, int]] = field(default_factory=list)
     extrapolated: bool = False
     seconds: float = 0.0
+    emulated: list[str] = field(default_factory=list)  # kernels that ran as CPU emulations (besides CUDA's own)
+    host_offloaded_bytes: int = 0  # offloaded checkpointing: checkpointed inputs in host RAM at their peak, per GPU
 
     @classmethod
     def from_snapshots(cls, setup, phases: dict[str, Snapshot], layers_traced, extrapolated, seconds):
@@ -80,7 +82,8 @@ class TraceResult:
         for key, value in snap.by_category.items():
             by_category[key.split("/")[0]] = by_category.get(key.split("/")[0], 0) + value
         return cls(setup, snap.total_bytes, sum(breakdown.values()), peak_phase, breakdown, by_category,
-                   dict(snap.by_module), allocated, layers_traced, extrapolated, seconds)
+                   dict(snap.by_module), allocated, layers_traced, extrapolated, seconds,
+                   liger_emulate.emulated_kernels(setup))
 
     def to_dict(self) -> dict:
         from vlplan.planner.memory.estimate import param_summary
@@ -98,6 +101,7 @@ class TraceResult:
             "gpu": {"name": self.setup.gpu.name, "memory_bytes": self.setup.gpu.memory_bytes},
             "fits": self.peak_bytes <= self.setup.gpu.memory_bytes,
             "layers_traced": self.layers_traced, "extrapolated": self.extrapolated, "seconds": self.seconds,
+            "emulated": self.emulated, "host_offloaded_bytes": self.host_offloaded_bytes,
         }
 
 
@@ -179,7 +183,8 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
     spec = spec_with_layers(setup.model, counts)
     start = time.perf_counter()
     mode = emulate.fake_mode() if fake else contextlib.nullcontext()
-    with emulate.cuda_emulation(setup, fake=fake), cuda_autocast.cuda_autocast_policy(build.autocast_dtype(setup)):
+    with emulate.cuda_emulation(setup, fake=fake), cuda_autocast.cuda_autocast_policy(build.autocast_dtype(setup)), \
+            liger_emulate.liger_kernels(setup, setup.model.family), checkpoint_offload.emulated_offload(setup):
         with mode, (emulate.fake_module_conversions() if fake else contextlib.nullcontext()):
             model = build.create_model(setup, spec)
             model = build.prepare_model(model, replace(setup, model=spec))
@@ -199,7 +204,9 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
         segments = {k: v for k, v in tracker.segment_snapshots().items() if k.split("/")[0] in PHASES}
         for handle in handles:
             handle.remove()
-    return StepTrace(phase_peaks, counts, time.perf_counter() - start, segments)
+    result = StepTrace(phase_peaks, counts, time.perf_counter() - start, segments)
+    result.host_peak_bytes = checkpoint_offload.OffloadedCheckpoint.host_peak_bytes if setup.offload_checkpoints else 0
+    return result
 
 
 class _TrackerPhases(StepHooks):
@@ -291,5 +298,8 @@ def trace(setup: TrainSetup, *, layers: int | None = None, full: bool = False) -
         if phase not in phase_snaps or snap.total_bytes > phase_snaps[phase].total_bytes:
             phase_snaps[phase] = Snapshot(snap.total_bytes, phase, snap.by_category, snap.by_module)
     layers_traced = [runs[0].layers] + [run.layers for _, run in slopes.values()]
-    return TraceResult.from_snapshots(setup, phase_snaps, layers_traced, bool(slopes),
-                                      time.perf_counter() - start)
+    result = TraceResult.from_snapshots(setup, phase_snaps, layers_traced, bool(slopes), time.perf_counter() - start)
+    # the host copies are one per checkpointed layer: affine in the layer counts too
+    result.host_offloaded_bytes = runs[0].host_peak_bytes + sum(
+        extra * (run.host_peak_bytes - runs[0].host_peak_bytes) for extra, run in slopes.values())
+    return result

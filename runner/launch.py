@@ -98,6 +98,14 @@ def launch_for(setup: TrainSetup, options: RunOptions, *, devices: int | None = 
     else:
         notes.append(f"no CUDA device: {gpus} CPU processes per node over gloo")
     port = str(options.master_port or (free_port() if nodes == 1 else DEFAULT_MASTER_PORT))
+    if setup.sharding == "fsdp":  # accelerate with the plan's FSDP config (runner/fsdp_launch.py)
+        from .fsdp_launch import accelerate_config_path, fsdp_command, fsdp_config
+
+        configs["accelerate"] = fsdp_config(setup, bool(devices))
+        notes.append(f"the accelerate config is written to {accelerate_config_path(options.output_path)}")
+        command = fsdp_command(setup, options.output_path, node_rank=options.node_rank,
+                               master_addr=options.master_addr, port=port, worker_module=WORKER_MODULE)
+        return Launch(command, env, gpus, nodes, "accelerate", configs, notes)
     if options.launcher == "torchrun":
         command = _executable("torchrun", "torch.distributed.run") + [
             "--nnodes", str(nodes), "--node_rank", str(options.node_rank), "--nproc_per_node", str(gpus),
@@ -158,7 +166,11 @@ def smoke_test_setup(setup: TrainSetup, cuda: bool) -> tuple[TrainSetup, list[st
         if setup.attn == "fa2":
             changes["attn"] = "sdpa"
             notes.append("no CUDA: FlashAttention-2 -> sdpa")
-        if setup.zero or setup.offload != "none":
+        if setup.sharding == "fsdp":
+            # accelerate sets DistributedType.FSDP for GPU backends only (state.py): on the CPU it would run DDP
+            changes.update(sharding="zero", fsdp="full_shard", zero=0, offload="none")
+            notes.append("no CUDA: FSDP -> plain data parallel (accelerate runs FSDP on GPUs only)")
+        elif setup.zero or setup.offload != "none":
             changes.update(zero=0, offload="none")
             notes.append("no CUDA: DeepSpeed ZeRO -> plain data parallel (DeepSpeed needs CUDA)")
         if setup.method == "qlora":
@@ -253,7 +265,11 @@ def _check_devices(setup: TrainSetup, devices: int) -> None:
     if devices and setup.num_gpus > devices:
         raise VlplanError(f"--num-gpus {setup.num_gpus} but this node has {devices} CUDA devices; pass --num-gpus "
                           f"{devices} or fewer")
-    if not devices and (setup.zero or setup.offload != "none"):
+    if not devices and setup.sharding == "fsdp":
+        raise VlplanError("accelerate runs FSDP on CUDA GPUs only (on the CPU it falls back to plain data parallel) "
+                          "and this machine has none; use --dry-run to see the launch, or --smoke-test to try the "
+                          "pipeline on the CPU")
+    if not devices and setup.sharding == "zero" and (setup.zero or setup.offload != "none"):
         raise VlplanError("DeepSpeed ZeRO needs CUDA GPUs and this machine has none; use --dry-run to see the "
                           "launch, or --smoke-test to try the pipeline on the CPU")
 
@@ -321,6 +337,10 @@ def _attempt(setup: TrainSetup, options: RunOptions, devices: int, on_event) -> 
             return read_record(options.output_path), OOM_EXIT_CODE
         return record, _exit_code(record)
     launch = launch_for(setup, options, devices=devices)
+    if setup.sharding == "fsdp":
+        from .fsdp_launch import write_fsdp_config
+
+        write_fsdp_config(setup, options.output_path, devices > 0)
     on_event("launch", launch.to_dict())
     record_path = options.output_path / RECORD_NAME
     before = record_path.stat().st_mtime_ns if record_path.exists() else None

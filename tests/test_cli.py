@@ -95,7 +95,9 @@ BAD = [
     (["--model", "qwen2.5-vl-7b", "--batch-size", "-1"], "--batch-size must be positive"),
     (["--model", "qwen2.5-vl-7b", "--image-size", "0x100"], "positive"),
     (["--model", "qwen2.5-vl-7b", "--images", "-1"], "--images must be 0 or more"),
-    (["--model", "qwen2.5-vl-7b", "--method", "qlora", "--zero", "3", "--num-gpus", "2"], "QLoRA cannot be combined"),
+    # QLoRA 4-bit with ZeRO-3 is estimated (weights stored in the compute dtype); 8-bit is refused, as LLaMA-Factory
+    (["--model", "qwen2.5-vl-7b", "--method", "qlora", "--quant-bits", "8", "--zero", "3", "--num-gpus", "2"],
+     "needs --quant-bits 4"),
     (["--model", "qwen2.5-vl-7b", "--method", "lora", "--quant-bits", "4"], "--method qlora"),
     (["--model", "qwen2.5-vl-7b", "--precision", "pure-bf16", "--zero", "3"], "pure bf16"),
     (["--model", "qwen2.5-vl-7b", "--offload", "optimizer"], "needs DeepSpeed ZeRO"),

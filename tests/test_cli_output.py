@@ -100,6 +100,8 @@ def test_trace_output_names_layer_counts_in_words(monkeypatch):
         by_category = {"weights": 2**30, "temporaries": 2**28}
         peak_phase, allocated_peak_bytes, peak_bytes, seconds, extrapolated = "backward", 2**30, 2**31, 1.5, True
         layers_traced = [{"text": 2, "vision": 2}, {"text": 3, "vision": 2}, {"text": 2, "vision": 3}]
+        emulated: list = []
+        host_offloaded_bytes = 0
 
     monkeypatch.setattr(trace_module, "trace", lambda setup, **_: Result())
     result = run("trace", "--model", "qwen2-vl-2b", columns=80)

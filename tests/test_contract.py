@@ -62,12 +62,19 @@ CASES = {
     "ds_reduce_bucket_size": (dict(FULL, zero=2, num_gpus=2), dict(FULL, zero=2, num_gpus=2,
                                                                      ds_reduce_bucket_size=10 ** 9)),
     "ds_overlap_comm": (dict(FULL, zero=2, num_gpus=2), dict(FULL, zero=2, num_gpus=2, ds_overlap_comm=True)),
+    "sharding": (dict(FULL, num_gpus=2), dict(FULL, num_gpus=2, sharding="fsdp")),
+    "fsdp": (dict(FULL, num_gpus=2, sharding="fsdp"), dict(FULL, num_gpus=2, sharding="fsdp", fsdp="shard_grad_op")),
+    # modelled for LLaVA under LLaMA-Factory's stack (planner/memory/liger.py); elsewhere it warns (tests below)
+    "vision_gradient_checkpointing": (dict(FULL, train_vision=True),
+                                      dict(FULL, train_vision=True, vision_gradient_checkpointing=False)),
+    "offload_checkpoints": (dict(stack="llamafactory"), dict(stack="llamafactory", offload_checkpoints=True)),
+    "liger_kernel": (dict(model="llava-1.5-7b", stack="llamafactory"),
+                     dict(model="llava-1.5-7b", stack="llamafactory", liger_kernel=True)),
 }
 # fields listed as without effect or not modelled: a setting where it is set, to check it changes nothing
 QUIET_CASES = {
     "lora.alpha": dict(lora_alpha=64),
     "packing": dict(packing=True),
-    "liger_kernel": dict(liger_kernel=True),
     "video_max_pixels": dict(video_max_pixels=512 * 512),
     "video_min_pixels": dict(video_min_pixels=32 * 32),
     "video_fps": dict(video_fps=1.0),
@@ -178,7 +185,7 @@ LLAMAFACTORY_VALUES = {
     "quantization_device_map": "auto", "pure_bf16": True, "bf16": True, "fp16": True, "optim": "sgd",
     "flash_attn": "disabled", "disable_gradient_checkpointing": True, "gradient_checkpointing": False,
     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "max_grad_norm": 0.5,
-    "deepspeed": "ds_z3_config.json", "fsdp": "full_shard", "enable_liger_kernel": True, "use_liger_kernel": True,
+    "use_unsloth_gc": True, "deepspeed": "ds_z3_config.json", "fsdp": "full_shard", "enable_liger_kernel": True, "use_liger_kernel": True,
     "additional_target": "lm_head", "use_reentrant_gc": False,
 }
 # keys that only mean something next to another key (the YAML gets both)

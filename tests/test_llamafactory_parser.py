@@ -143,6 +143,12 @@ def parsed(tmp_path_factory):
         "no-template": ["--model", "phi-3.5-vision", "--method", "lora", "-g", "2"],
         "freeze-qwen3": ["--model", "qwen3-vl-8b", "--method", "freeze", "--num-gpus", "2", "-g", "8"],
         "own": ["--from-llamafactory", str(tmp / "own.yaml"), "-g", "4"],
+        # FSDP (accelerate config next to the YAML): QLoRA with 4-bit weights in the compute dtype, and a full
+        # fine-tune where the plan chooses between ZeRO and FSDP
+        "fsdp-qlora": ["--model", "qwen2.5-vl-7b", "--method", "qlora", "--num-gpus", "4", "-g", "16",
+                       "--sharding", "fsdp"],
+        "fsdp-auto-full": ["--model", "qwen2.5-vl-7b", "--method", "full", "--num-gpus", "8", "--num-nodes", "2",
+                           "-g", "64", "--sharding", "auto"],
     }
     for path in sorted(examples.rglob("*.yaml")):
         cases[f"example-{path.parent.name}-{path.stem}"] = ["--from-llamafactory", str(path), "--gpu", "h100-80g",
@@ -180,8 +186,13 @@ def test_llamafactory_parses_every_exported_yaml(parsed):
         assert got["micro_batch"] == plan_data["micro_batch_size"], name
         assert got["accumulation"] == plan_data["gradient_accumulation_steps"], name
         assert got["gradient_checkpointing"] == plan_data["gradient_checkpointing"], name
-        uses_deepspeed = plan_data["zero_stage"] > 0 or plan_data["offload"] != "none"
-        if uses_deepspeed:
+        fsdp = plan_data.get("sharding") == "fsdp"
+        uses_deepspeed = not fsdp and (plan_data["zero_stage"] > 0 or plan_data["offload"] != "none")
+        if fsdp:  # launched by accelerate with the FSDP config written next to the YAML
+            assert got["deepspeed"] is None, name
+            assert (path.parent / f"fsdp2_{plan_data['fsdp']}{'_offload' if plan_data['offload'] == 'all' else ''}"
+                    ".yaml").is_file(), name
+        elif uses_deepspeed:
             assert Path(got["deepspeed"]).is_file() and Path(got["deepspeed"]).parent == path.parent, name
         else:
             assert got["deepspeed"] is None, name
@@ -193,6 +204,8 @@ def test_llamafactory_parses_every_exported_yaml(parsed):
         else:
             assert got["template"] in templates, name
     assert checked >= 8
+    assert "error" not in parsed["cases"]["fsdp-qlora"][2] and "error" not in parsed["cases"]["fsdp-auto-full"][2]
+    assert parsed["cases"]["fsdp-auto-full"][0]["sharding"] == "fsdp"
 
 
 def test_a_users_own_file_keeps_its_run_keys(parsed):

@@ -61,9 +61,21 @@ CASES = {
     "zero": ({"deepspeed": "DS", "finetuning_type": "full"}, ["--zero", "0", "--offload", "none"], {"zero": 0}),
     "offload": ({"deepspeed": "DS", "finetuning_type": "full"}, ["--offload", "none"],
                 {"offload": "none", "zero": 3}),
+    "sharding": ({"deepspeed": "DS", "finetuning_type": "full"},
+                 ["--sharding", "fsdp", "--zero", "0", "--offload", "none", "--num-gpus", "2"],
+                 {"sharding": "fsdp", "zero": 0}),
+    "fsdp": ({"fsdp": "full_shard auto_wrap", "finetuning_type": "full"}, ["--fsdp", "shard_grad_op"],
+             {"sharding": "fsdp", "fsdp": "shard_grad_op"}),
     "stack": ({}, ["--stack", "vlplan"], {"stack": "vlplan"}),
     # a LLaMA-Factory run on 2 GPUs launches through torchrun with expandable segments on; the typed flag wins
     "expandable_segments": ({}, ["--num-gpus", "2", "--no-expandable-segments"], {"expandable_segments": False}),
+    "vision": ({"freeze_vision_tower": False}, ["--vision", "frozen"], {"vision": "frozen", "method": "lora"}),
+    "projector": ({"freeze_multi_modal_projector": True}, ["--projector", "full"], {"projector": "full"}),
+    "language": ({"finetuning_type": "lora"}, ["--language", "full"], {"language": "full", "method": "full"}),
+    "vision_gradient_checkpointing": ({}, ["--stack", "vlplan", "--no-vision-gradient-checkpointing"],
+                                      {"vision_gradient_checkpointing": False, "gradient_checkpointing": True}),
+    "offload_checkpoints": ({"use_unsloth_gc": False}, ["--offload-checkpoints"], {"offload_checkpoints": True}),
+    "liger_kernel": ({"enable_liger_kernel": True}, ["--no-liger-kernel"], {"liger_kernel": False}),
 }
 # the opposite of each flag's default, where the default itself is typed above
 NEGATIONS = {

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import VlplanError
 from .deepspeed import deepspeed_config
 from .files import check_output_file, write_files_atomic
-from .hf_args import training_arguments
+from .hf_args import check_exportable, training_arguments
 from .llamafactory import default_deepspeed_name, training_yaml
 
 
@@ -25,7 +25,7 @@ def yaml_epochs(base: dict | None) -> float:
 
 def write_exports(setup, *, llamafactory: Path | None, deepspeed: Path | None, hf_args: Path | None,
                   version: str = "latest", overwrite: bool = False, base: dict | None = None,
-                  epochs: float | None = None) -> tuple[list[Path], list[str]]:
+                  epochs: float | None = None, accelerate: Path | None = None) -> tuple[list[Path], list[str]]:
     """Write the requested config files for `setup`, and return them with notes for the user (placeholders to fill,
     keys of the input YAML the plan removed). The YAML is a complete training file (`training_yaml`: every key of
     `base` the plan does not decide is kept). With ZeRO on, the YAML and the TrainingArguments point at the
@@ -35,10 +35,27 @@ def write_exports(setup, *, llamafactory: Path | None, deepspeed: Path | None, h
     files: dict[Path, str] = {}
     notes: list[str] = []
     for path, flag in ((llamafactory, "--export-llamafactory"), (deepspeed, "--export-deepspeed"),
-                       (hf_args, "--export-hf-args")):
+                       (hf_args, "--export-hf-args"), (accelerate, "--export-accelerate")):
         if path is not None:
             check_output_file(path, flag)  # a folder, a read-only folder: one line before anything is built
-    uses_deepspeed = setup.zero > 0 or setup.offload != "none"
+    if hf_args is not None:
+        check_exportable(setup)  # what TrainingArguments cannot say (per-component / offloaded checkpointing)
+    uses_deepspeed = setup.sharding == "zero" and (setup.zero > 0 or setup.offload != "none")
+    if accelerate is not None or (setup.sharding == "fsdp" and llamafactory is not None):
+        from .accelerate import default_accelerate_name, dump_accelerate_config
+
+        acc_path = accelerate or llamafactory.parent / default_accelerate_name(setup)
+        files[acc_path] = dump_accelerate_config(setup)
+        if llamafactory is not None:
+            # LLaMA-Factory's FSDP launch (README "FSDP+QLoRA": accelerate launch --config_file ... src/train.py
+            # train.yaml); from the installed package, llamafactory/launcher.py run as __main__ is that src/train.py
+            # (run_exp() on the YAML; it is what its own torchrun path starts)
+            notes.append(f"launch with: accelerate launch --config_file {acc_path} -m llamafactory.launcher "
+                         f"{llamafactory}")
+    if hf_args is not None and setup.sharding == "fsdp":
+        notes.append(f"{hf_args}: the TrainingArguments carry no FSDP settings; launch with `accelerate launch "
+                     "--config_file` and the plan's accelerate config (--export-accelerate), which sets FSDP for the "
+                     "Trainer's accelerator")
     ds_path = deepspeed
     if uses_deepspeed and ds_path is None and (llamafactory is not None or hf_args is not None):
         ds_path = (llamafactory or hf_args).parent / default_deepspeed_name(setup)

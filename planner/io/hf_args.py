@@ -41,7 +41,7 @@ def training_arguments(setup: TrainSetup, *, output_dir: str = "saves/vlplan", d
         args["ddp_find_unused_parameters"] = False  # LLaMA-Factory sets it for LoRA under DDP
     if setup.liger_kernel:
         args["use_liger_kernel"] = True
-    if setup.zero > 0 or setup.offload != "none":
+    if setup.sharding == "zero" and (setup.zero > 0 or setup.offload != "none"):
         args["deepspeed"] = deepspeed_path or default_deepspeed_name(setup)
     if extra:
         clash = sorted(set(extra) & set(args))
@@ -49,3 +49,17 @@ def training_arguments(setup: TrainSetup, *, output_dir: str = "saves/vlplan", d
             raise VlplanError(f"extra TrainingArguments {', '.join(clash)} would override the setup's own values")
         args.update(extra)
     return args
+
+
+def check_exportable(setup: TrainSetup) -> None:
+    """TrainingArguments written for a plain HF Trainer (`--export-hf-args`) cannot say everything a setup can:
+    refuse, in one line, what its Trainer would train differently. (`vlplan run` prepares the model itself and uses
+    `training_arguments` only for the rest.)"""
+    if setup.vision_gradient_checkpointing is not None \
+            and setup.vision_gradient_checkpointing != setup.gradient_checkpointing:
+        raise VlplanError("TrainingArguments has one gradient_checkpointing switch for the whole model; per-component "
+                          "checkpointing (--vision-gradient-checkpointing) cannot be exported as HF arguments")
+    if setup.offload_checkpoints:
+        raise VlplanError("offloaded checkpointing is LLaMA-Factory's use_unsloth_gc; the HF Trainer has no such "
+                          "argument: export with --export-llamafactory")
+

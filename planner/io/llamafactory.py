@@ -180,12 +180,12 @@ SETUP_KEYS = frozenset({
     "quantization_device_map", "pure_bf16", "bf16", "fp16", "optim", "flash_attn", "disable_gradient_checkpointing",
     "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
     "deepspeed", "fsdp", "enable_liger_kernel", "use_liger_kernel", "additional_target", "use_reentrant_gc",
+    "use_unsloth_gc",
 })
 # Keys that change memory in ways vlplan does not model, with what the estimate then means (a warning each when set
 # to anything but its default).
 NOT_MODELLED = {
     "use_unsloth": "unsloth's patched kernels are not modelled (LLaMA-Factory applies them to text LLMs only)",
-    "use_unsloth_gc": "unsloth's CPU-offloaded gradient checkpointing is not modelled; the estimate is an upper bound",
     "shift_attn": "LongLoRA shift short attention is not modelled",
     "upcast_layernorm": "fp32 layer norms are not modelled (a few MiB of weights)",
     "upcast_lmhead_output": "the fp32 lm_head output (a second logits tensor in fp32) is not modelled; the "
@@ -479,6 +479,11 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
     # gradient_checkpointing: true makes the Trainer enable it regardless
     choices["gradient_checkpointing"] = (not r.bool("disable_gradient_checkpointing", False)
                                          or r.bool("gradient_checkpointing", False))
+    # use_unsloth_gc: checkpointed layers' inputs in host RAM (checkpointing.py get_unsloth_gradient_checkpointing_func)
+    choices["offload_checkpoints"] = r.bool("use_unsloth_gc", False) and choices["gradient_checkpointing"]
+    if r.bool("use_unsloth_gc", False) and not choices["gradient_checkpointing"]:
+        warnings.append(f"{name}: use_unsloth_gc offloads checkpointed inputs, but checkpointing is disabled: no "
+                        "effect")
     if r.bool("use_reentrant_gc", True) is False and choices["gradient_checkpointing"]:
         warnings.append(f"{name}: use_reentrant_gc false (non-reentrant checkpointing under LLaMA-Factory's stack) is "
                         "not modelled; the estimate uses LLaMA-Factory's default reentrant checkpointing")
@@ -487,9 +492,7 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
                         "enables it itself (prepare_model_for_training); modelled on, set "
                         "disable_gradient_checkpointing: true to train without it")
     liger = r.bool("enable_liger_kernel", False) or r.bool("use_liger_kernel", False)
-    if liger:
-        warnings.append(f"{name}: liger kernels (fused linear cross-entropy, fused norms) are not modelled; the "
-                        "loss-phase estimate is an upper bound")
+    if liger:  # modelled per family (planner/memory/liger.py); where it is not, setup_warnings says so
         if "use_liger_kernel" in config and "enable_liger_kernel" not in config:
             warnings.append(f"{name}: use_liger_kernel is the HF Trainer's switch; LLaMA-Factory's is "
                             "enable_liger_kernel")
@@ -508,7 +511,7 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
         warnings += deepspeed_consistency(ds, choices, name)
         choices.update(ds.setup_fields())
     elif config.get("fsdp"):
-        choices.update(_fsdp(config["fsdp"], name, warnings))
+        choices.update(_fsdp(config["fsdp"], name, warnings, config.get("fsdp_config")))
 
     warnings += _unread_keys(config, version, name)
     return choices, warnings
@@ -652,17 +655,31 @@ def deepspeed_consistency(ds: DeepSpeedSettings, choices: dict, name: str) -> li
     return warnings
 
 
-def _fsdp(value, name: str, warnings: list[str]) -> dict:
+def _fsdp(value, name: str, warnings: list[str], fsdp_config=None) -> dict:
+    """The HF Trainer's `fsdp` option (TrainingArguments FSDPOption: full_shard | shard_grad_op | hybrid_shard |
+    hybrid_shard_zero2 | no_shard, with offload and auto_wrap) as an FSDP setup. The Trainer runs FSDP version 1
+    unless `fsdp_config` says version 2; version 1 is estimated as FSDP2's strategy of the same name."""
     options = value.split() if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
-    if "full_shard" in options or "hybrid_shard" in options:
-        out = {"zero": 3, "offload": "all" if "offload" in options else "none"}
-    elif "shard_grad_op" in options or "hybrid_shard_zero2" in options:
-        out = {"zero": 2}
-    else:
-        warnings.append(f"{name}: fsdp {value!r} is not modelled; the estimate assumes DDP")
+    strategies = {"full_shard": "full_shard", "shard_grad_op": "shard_grad_op", "hybrid_shard": "hybrid_shard",
+                  "hybrid_shard_zero2": "hybrid_shard", "no_shard": "no_shard"}
+    named = [o for o in options if o in strategies]
+    if not named:
+        warnings.append(f"{name}: fsdp {value!r} names no sharding strategy; the estimate assumes DDP")
         return {}
-    warnings.append(f"{name}: FSDP {' '.join(options)} is modelled as DeepSpeed ZeRO-{out['zero']} with the same "
-                    "sharding (FSDP's flat-parameter buffers differ)")
+    out = {"sharding": "fsdp", "fsdp": strategies[named[0]], "zero": 0,
+           "offload": "all" if "offload" in options else "none"}
+    version = None
+    if isinstance(fsdp_config, dict):
+        version = fsdp_config.get("version", fsdp_config.get("fsdp_version"))
+    elif fsdp_config is not None:
+        warnings.append(f"{name}: fsdp_config {fsdp_config!r} is a file vlplan does not read; FSDP version 1 is "
+                        "assumed")
+    if str(version) != "2":
+        warnings.append(f"{name}: FSDP version 1 ({' '.join(options)}) is estimated as FSDP2's {out['fsdp']} (the "
+                        "same units and sharding; FSDP1's flat-parameter buffers are not modelled apart)")
+    if named[0] == "hybrid_shard_zero2":
+        warnings.append(f"{name}: hybrid_shard_zero2 keeps parameters unsharded after forward within a node; it is "
+                        "estimated as hybrid_shard (resharded): an underestimate")
     return out
 
 
@@ -750,6 +767,12 @@ def llamafactory_yaml(setup: TrainSetup, *, version: str = "latest", model_name_
             out["additional_target"] = projector_key(setup.model.family)
     if setup.method == "freeze":
         out["freeze_trainable_layers"] = setup.freeze_trainable_layers
+    if setup.method in ("lora", "qlora") and setup.vision is Train.FULL:
+        # finetuning_type lora puts adapters on an unfrozen vision tower (adapter.py find_all_linear_modules /
+        # visual.py patch_target_modules); a full tower would need additional_target, peft's modules_to_save copy
+        raise VlplanError("LLaMA-Factory cannot train the vision tower in full next to LoRA (freeze_vision_tower: "
+                          "false gives it adapters); export --vision lora, or launch LoRA on the language model with a "
+                          "full vision tower with ms-swift (lora_llm_full_vit)")
     out.update(_freeze_keys(setup, version))
     if setup.method == "qlora":
         out.update(quantization_bit=setup.quant_bits,
@@ -766,10 +789,17 @@ def llamafactory_yaml(setup: TrainSetup, *, version: str = "latest", model_name_
         out["pure_bf16"] = True  # weights and trainable parameters stay bf16; no AMP (bf16 false keeps DeepSpeed so)
     out["optim"] = HF_OPTIM[setup.optimizer]
     out["flash_attn"] = {"sdpa": "sdpa", "eager": "disabled", "fa2": "fa2"}[setup.attn]
+    if setup.vision_gradient_checkpointing is not None \
+            and setup.vision_gradient_checkpointing != setup.gradient_checkpointing:
+        raise VlplanError("LLaMA-Factory has no per-component checkpointing (disable_gradient_checkpointing switches "
+                          "both towers); drop --vision-gradient-checkpointing to export, or launch with ms-swift "
+                          "(vit_gradient_checkpointing)")
     out["disable_gradient_checkpointing"] = not setup.gradient_checkpointing
+    if setup.offload_checkpoints:
+        out["use_unsloth_gc"] = True
     if setup.liger_kernel:
         out["enable_liger_kernel"] = True
-    if setup.zero > 0 or setup.offload != "none":
+    if setup.sharding == "zero" and (setup.zero > 0 or setup.offload != "none"):
         out["deepspeed"] = deepspeed_path or default_deepspeed_name(setup)
     if extra:
         out.update(extra)
@@ -857,7 +887,7 @@ _SECTION_OF = {
     "packing": "dataset", "output_dir": "output", "per_device_train_batch_size": "train",
     "gradient_accumulation_steps": "train", "learning_rate": "train", "num_train_epochs": "train",
     "max_grad_norm": "train", "bf16": "train", "fp16": "train", "pure_bf16": "train", "optim": "train",
-    "disable_gradient_checkpointing": "train",
+    "disable_gradient_checkpointing": "train", "use_unsloth_gc": "model",
 }
 # Keys the plan decides even when it does not write them: a training YAML keeps none of them unless the export writes
 # it (a `deepspeed:` file for another ZeRO stage, FSDP next to DeepSpeed, the HF Trainer's own checkpointing switch,

@@ -17,9 +17,19 @@ from . import overheads
 from .allocator import ReplayResult, replay
 from .sim import recording_allocations
 from .step import PHASES, simulate, simulate_extrapolated, simulation_key
+from .fsdp import (
+    activation_setup,
+    fsdp_breakdown,
+    fsdp_states,
+    quant_state_bytes,
+    quantized_linear_params,
+    quantized_weight_bytes,
+    single_gpu_optimizer_bytes,
+    zero3_partitioned_params,
+)
 from .zero import ddp_bucket_bytes, deepspeed_model_states, reduce_bucket_bytes
 
-PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradients/", "zero", "ddp/")
+PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradients/", "zero", "ddp/")  # fsdp/: buffers
 
 
 @dataclass
@@ -172,13 +182,25 @@ def _live(setup: TrainSetup) -> _Live:
         params, trainable = param_summary(setup)
         sim = simulate_extrapolated(setup)
         phases = {}
+        fsdp = None
+        if setup.sharding == "fsdp":  # FSDP2 re-partitions the single-GPU states per phase (fsdp.py)
+            single = sim.phase_breakdown["optimizer"]
+            fsdp = fsdp_states(setup, single_gpu_optimizer_bytes(single), single.get("optimizer/step_counters", 0))
+            sim = simulate_extrapolated(activation_setup(setup))
         for phase in PHASES:
             if phase not in sim.phase_breakdown:
+                continue
+            if fsdp is not None:
+                phases[phase] = fsdp_breakdown(sim.phase_breakdown[phase], phase, fsdp)
                 continue
             phases[phase] = _distributed(setup, dict(sim.phase_breakdown[phase]), params, trainable)
         allocated = {phase: sum(b.values()) for phase, b in phases.items()}
         peak_phase = max(allocated, key=allocated.get)
         cpu = _cpu_ram(setup, params, trainable)
+        if fsdp is not None:
+            cpu.update(fsdp.cpu_per_node)
+        if sim.host_peak_bytes:  # offloaded checkpointing: every GPU process's checkpointed inputs in host RAM
+            cpu["host/offloaded_checkpoints"] = setup.num_gpus * sim.host_peak_bytes
         result = _Live(params, trainable, peak_phase, allocated[peak_phase], dict(phases[peak_phase]), allocated,
                        sum(cpu.values()), cpu)
         if len(_LIVE) >= _LIVE_SIZE:
@@ -279,14 +301,25 @@ def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable
         for key in [k for k in breakdown if k.startswith(("optimizer/", "gradients/"))]:
             breakdown.pop(key)
         half = 2 if setup.precision != "fp32" else 4
-        states = deepspeed_model_states(setup, params["total"], trainable["total"], _largest_module_params(setup),
-                                        half)
+        total = params["total"]
+        if setup.method == "qlora" and setup.zero == 3:  # 4-bit weights in half-dtype storage (fsdp.py)
+            total = zero3_partitioned_params(setup, total)
+        elif setup.method == "qlora":  # ZeRO-1/2 leave the quantized weights packed; the rest in the half dtype
+            total -= quantized_linear_params(setup)
+        states = deepspeed_model_states(setup, total, trainable["total"], _largest_module_params(setup), half)
         if setup.zero == 3 or states.gpu.get("weights/half") is not None:
-            for key in [k for k in breakdown if k.startswith(("weights/", "adapters/"))]:
+            # ZeRO-1/2 replace the base weights by their half-dtype copy; the simulation already holds the LoRA
+            # adapters in the half dtype under ZeRO (blocks.py), and `params` counts the base model only
+            replaced = ("weights/", "adapters/") if setup.zero == 3 else ("weights/",)
+            for key in [k for k in breakdown if k.startswith(replaced)]:
                 breakdown.pop(key)
         for key, value in states.gpu.items():
             breakdown[key] = breakdown.get(key, 0) + value
         breakdown["zero/reduce_bucket"] = reduce_bucket_bytes(setup, half)
+        if setup.method == "qlora" and setup.zero == 3:  # attributes of the 4-bit weights: not partitioned
+            breakdown["weights/quant_state"] = quant_state_bytes(setup)
+        elif setup.method == "qlora":
+            breakdown["weights/quantized"] = quantized_weight_bytes(setup)
     elif setup.world_size > 1:
         grads = sum(v for k, v in breakdown.items() if k.startswith("gradients/"))
         if not grads:  # the peak phase may precede gradients; DDP's buckets exist from the start

@@ -24,6 +24,25 @@ _TERMS = {
                              "(DeepSpeed estimate_zero3_model_states_mem_needs)",
     "zero/reduce_bucket": "DeepSpeed IPG gradient-reduction buffer: reduce_bucket_size elements of the half dtype "
                           "(HF 'auto': hidden_size**2), twice with overlap_comm",
+    "weights/fsdp_shard": "FSDP2: this rank's shard of every parameter as stored (trainable ones fp32 under mixed "
+                          "precision, accelerate fsdp2_prepare_model; frozen ones in the compute dtype) / shard group",
+    "weights/quantized": "QLoRA under ZeRO-1/2: the bitsandbytes weights packed (4-bit two a byte, 8-bit one) with their quant "
+                         "state; DeepSpeed casts floating-point parameters to the half dtype, not these (engine.py "
+                         "_cast_module_mixed_precision)",
+    "weights/quant_state": "QLoRA sharded: the 4-bit weights' absmax and code tables, attributes of the weights, "
+                           "whole on every GPU",
+    "optimizer/fsdp_shard": "FSDP2: the optimizer states of this rank's parameter shards (AdamW: 2 x stored dtype)",
+    "gradients/fsdp_shard": "FSDP2: sharded gradients in the stored dtype, made by each unit's reduce-scatter "
+                            "(_fsdp_collectives.py foreach_reduce); in backward those of the units done so far",
+    "fsdp/unsharded_parameters": "FSDP2: all-gathered parameters in param_dtype of the root and the units in flight "
+                                 "(_fsdp_param_group.py unshard / wait_for_unshard)",
+    "fsdp/all_gather_buffers": "FSDP2: all-gather outputs alive (the previous unit's held for overlap in forward, "
+                               "the next unit's prefetched in backward)",
+    "fsdp/unsharded_gradients": "FSDP2: the unit's gradients autograd makes in param_dtype before its reduce-scatter",
+    "fsdp/reduce_scatter_buffers": "FSDP2: reduce-scatter inputs in reduce_dtype (the previous unit's kept until the "
+                                   "next reduce-scatter)",
+    "fsdp/lm_head_unsharded_gradient": "FSDP2: an untied trainable lm_head's gradient, made at the start of "
+                                       "backward and reduced with the root unit at its end",
     "ddp/grad_buckets": "torch DDP reducer buckets: a flat copy of all gradients (gradient_as_bucket_view=False)",
     "inputs/": "the batch: input_ids, labels, pixel values and the vision index tensors the collator produces",
     "activations/vision": "tensors saved for backward and live temporaries of the vision tower (nothing is saved when "

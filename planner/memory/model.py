@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..modules import LANGUAGE, PROJECTOR, VISION
 from ..setup import Train, TrainSetup
 from ..spec import ModelSpec
-from . import ops
+from . import liger, ops
 from .blocks import Context, LlamaLayer, Params
 from .sim import DTYPE_BYTES, CheckpointFrame, Engine, Node, T, rounded
 from .stacks import checkpoint_reentrant
@@ -169,14 +169,15 @@ class BaseModel:
         """A layer, checkpointed (reentrant, only layers with trainable parameters; LLaMA-Factory's
         `get_custom_gradient_checkpointing_func`) when gradient checkpointing is on; under a plain HF Trainer every
         layer, non-reentrant (planner/memory/stacks.py)."""
-        if self.setup.gradient_checkpointing and not checkpoint_reentrant(self.setup):
+        checkpointed = self.setup.checkpointing(_layer_component(layer))  # per component (ms-swift vit_gc)
+        if checkpointed and not checkpoint_reentrant(self.setup):
             frame = CheckpointFrame(x, lambda leaf, layer=layer, ctx=ctx: layer(e, leaf, ctx), e.autocast)
             e.frame = frame
             try:
                 return layer(e, x, ctx)
             finally:
                 e.frame = None
-        if not (self.setup.gradient_checkpointing and layer.has_trainable):
+        if not (checkpointed and layer.has_trainable):
             return layer(e, x, ctx)
         x.rg = True  # `arg.requires_grad_(True)` on the hidden states
         was = e.grad_enabled
@@ -184,7 +185,13 @@ class BaseModel:
         out = layer(e, x, ctx)
         e.grad_enabled = was
         out.rg = False
-        node = Node("checkpoint", [x], [x], [])
+        if self.setup.offload_checkpoints:
+            # LLaMA-Factory's UnslothGradientCheckpointing (checkpointing.py): `hidden_states.to("cpu")` is saved
+            # instead of the input; backward copies it back to the GPU before the recompute (sim.py `_recompute`)
+            node = Node("checkpoint", [x], [], [])
+            node.offloaded = e.offload(x)
+        else:
+            node = Node("checkpoint", [x], [x], [])
         node.recompute = lambda leaf, layer=layer, ctx=ctx: layer(e, leaf, ctx)
         node.autocast = e.autocast
         e.record(node, out)
@@ -201,6 +208,11 @@ class BaseModel:
         e.set_phase("loss")
         e.scope = "loss"
         head = self.lm_head or self.embed
+        if "fused_linear_cross_entropy" in e.liger:  # Liger's lce_forward: no logits (planner/memory/liger.py)
+            loss = liger.fused_linear_cross_entropy(e, h, head, self.tokens, self.batch, t.hidden_size, t.vocab_size)
+            del h
+            e.scope = "language"
+            return loss
         logits = ops.linear(e, h, head, t.vocab_size, name="logits")
         logits32 = ops.cast(e, logits, "fp32", name="logits.float")
         labels = e.new(self.tokens + self.batch, "int64", name="labels_pad")
@@ -233,6 +245,11 @@ class BaseModel:
         return loss
 
 
+
+
+def _layer_component(layer) -> str:
+    """The component (vision or language) whose layer this is, from its parameters."""
+    return next((p.component for p in getattr(layer, "params", ())), LANGUAGE)
 
 
 def keep_checkpoint_arguments(model: BaseModel, out: T, ctx) -> None:
@@ -286,6 +303,8 @@ class ConditionalGenerationStep:
         h = hidden.pop()
         e.set_phase("loss")
         e.scope = "loss"
+        if "fused_linear_cross_entropy" in e.liger:
+            return self._fused_loss(e, h)
         logits = ops.linear(e, h, self.lm_head or self.embed, t.vocab_size, name="logits")
         if self.final_logit_softcapping is not None:
             divided = ops.scale(e, logits, name="logits/softcap")
@@ -311,6 +330,26 @@ class ConditionalGenerationStep:
             converted = [e.new(o.numel, "fp32", name=f"{o.name}:fp32_output") for o in outputs if o.dtype != "fp32"]
             del converted
         del logits, outputs
+        e.scope = "language"
+        attach_checkpoint_arguments(self, loss)
+        return loss
+
+
+    def _fused_loss(self, e: Engine, h: T) -> T:
+        """Liger's `lce_forward` (liger_kernel/transformers/model/<family>.py): the fused linear cross-entropy on the
+        last hidden state (planner/memory/liger.py) and no logits in the output; the forward then returns, the
+        autocast region ends, and accelerate converts the output's other half-precision tensors to fp32."""
+        t = self.setup.model.text
+        loss = liger.fused_linear_cross_entropy(e, h, self.lm_head or self.embed, self.tokens, self.batch,
+                                                t.hidden_size, t.vocab_size)
+        del h
+        outputs = list(self._outputs)
+        self._outputs = ()
+        e.cast_cache = {}
+        if e.autocast:
+            converted = [e.new(o.numel, "fp32", name=f"{o.name}:fp32_output") for o in outputs if o.dtype != "fp32"]
+            del converted
+        del outputs
         e.scope = "language"
         attach_checkpoint_arguments(self, loss)
         return loss

@@ -183,6 +183,8 @@ class Engine:
         # transformers `enable_input_require_grads` ran (stacks: planner/memory/stacks.py): the outputs of every
         # sub-model's input embeddings require grad (`hook_input`)
         self.input_grads = False
+        self.liger: frozenset = frozenset()  # the Liger kernel swaps in effect (planner/memory/liger.py `swaps`)
+        self.host_bytes = self.host_peak_bytes = 0  # checkpointed inputs offloaded to host RAM (`offload`)
         self.frame: CheckpointFrame | None = None  # the non-reentrant checkpoint running (forward or recompute)
         self._pending: list = []
         self._pending_key = ""
@@ -276,6 +278,10 @@ class Engine:
         self.kept_until_backward_end.append(t.node)
         return t
 
+    def offload(self, t: T) -> "HostCopy":
+        """`t.to("cpu")`: a host copy of `t` (host RAM, not GPU memory), held by whoever keeps the returned copy."""
+        return HostCopy(self, t.numel, t.dtype, t.name)
+
     def record(self, node: Node, out: T) -> None:
         """Attach an autograd node to `out` when grad mode is on and something needs a gradient."""
         if self.grad_enabled and (node.inputs or node.params):
@@ -366,13 +372,17 @@ class Engine:
                 self.scope = node.scope
             node.frame = None  # the node's saved variables (and their hooks) go after it runs
             work = self.new(node.workspace // 4, "fp32", name=f"workspace:{node.name}") if node.workspace else None
+            given = node.__dict__.pop("param_grads", {})  # gradients handed back as they are (Liger's fused loss)
             for p in node.params:
-                self._param_grad(p, node.param_grad_via)
+                self._param_grad(p, node.param_grad_via, given.pop(id(p), None))
+            del given
             for index, tensor in enumerate(node.inputs):
                 if not tensor.rg:
                     continue
                 how = node.grad_dtype.get(index, tensor.dtype)
-                if how == "passthrough":
+                if isinstance(how, T):  # a tensor the node computed (or reused) in place: handed back, no allocation
+                    grad, how = node.grad_dtype.pop(index), None
+                elif how == "passthrough":
                     grad = out_grad
                 else:
                     grad = self.new(tensor.numel, how, name=f"grad:{tensor.name}")
@@ -405,31 +415,39 @@ class Engine:
             grads[key] = self.new(max(previous.numel, grad.numel), previous.dtype, name=previous.name)
         # else: added into the buffered gradient in place (`old_var.add_(var)`); the new one dies
 
-    def _param_grad(self, p: Param, via: str | None) -> None:
+    def _param_grad(self, p: Param, via: str | None, given: T | None = None) -> None:
         """The weight gradient, computed in `via` (half precision under autocast) and accumulated into `.grad`.
 
         A parameter used by several nodes of one graph (tied embeddings) has one AccumulateGrad node: the engine
         sums the gradients in its InputBuffer (in place) and runs it once, after the last use, so the first gradient
         is held as a temporary until then and only then added into an existing `.grad`."""
         temp = self.new(p.numel, via, name=f"wgrad:{p.name}") if via and via != p.dtype else None
+
+        def incoming_grad(category: str | None = None) -> T:
+            nonlocal given
+            if given is not None:
+                grad, given = given, None
+                return grad
+            return self.new(p.numel, p.dtype, name=f"grad:{p.name}", category=category)
+
         if self.reduce_grads:
-            grad = self.new(p.numel, p.dtype, name=f"grad:{p.name}")  # reduced into the IPG bucket, then freed
+            grad = incoming_grad()  # reduced into the IPG bucket, then freed
             del grad, temp
             return
         uses = self._param_uses.get(id(p), 1)
         if uses > 1:
             self._param_uses[id(p)] = uses - 1
             if id(p) not in self._param_buffers:
-                self._param_buffers[id(p)] = (p, self.new(p.numel, p.dtype, name=f"grad:{p.name}"))
+                self._param_buffers[id(p)] = (p, incoming_grad())
             else:  # InputBuffer::accumulate: `old_var.add_(var)`, the new gradient dies
-                extra = self.new(p.numel, p.dtype, name=f"grad:{p.name}")
+                extra = incoming_grad()
                 del extra
             del temp
             return
         self._param_uses.pop(id(p), None)
         buffered = self._param_buffers.pop(id(p), (None, None))[1]
         category = f"gradients/{p.component}" if p.grad is None and buffered is None else None
-        incoming = self.new(p.numel, p.dtype, name=f"grad:{p.name}", category=category)
+        incoming = incoming_grad(category)
         if buffered is not None:  # added into the buffer in place
             del incoming
             incoming = buffered
@@ -472,7 +490,14 @@ class Engine:
     def _recompute(self, node: Node, out_grad: T, grads: dict) -> None:
         """Reentrant activation checkpointing: re-run the segment with grad enabled (and a fresh autocast cast
         cache), then back-propagate through it (torch.utils.checkpoint.CheckpointFunction.backward)."""
-        x = node.saved[0]
+        offloaded = getattr(node, "offloaded", None)
+        if offloaded is not None:  # UnslothGradientCheckpointing.backward: `hidden_states.to("cuda").detach()`
+            x = self.new(offloaded.numel, offloaded.dtype, name=f"{offloaded.name}:to_cuda")
+            x.node = node.inputs[0].node
+            node.offloaded = None
+            del offloaded
+        else:
+            x = node.saved[0]
         leaf = x.view(name=f"{x.name}:detached")
         leaf.rg = True
         leaf.node = Leaf(x, grads)
@@ -497,6 +522,19 @@ class Engine:
         # inputs until torch.autograd.backward(outputs, args) returns
         self._run(sub_nodes, sub_grads)
         del out, out_grad, leaf
+
+
+class HostCopy:
+    """A tensor copied to host RAM: counted in the engine's host bytes (not GPU memory) while it lives."""
+
+    def __init__(self, engine: Engine, numel: int, dtype: str, name: str) -> None:
+        self.engine, self.numel, self.dtype, self.name = engine, numel, dtype, name
+        self.nbytes = numel * DTYPE_BYTES[dtype]
+        engine.host_bytes += self.nbytes
+        engine.host_peak_bytes = max(engine.host_peak_bytes, engine.host_bytes)
+
+    def __del__(self) -> None:
+        self.engine.host_bytes -= self.nbytes
 
 
 class StopRecompute(Exception):

@@ -24,7 +24,7 @@ from ..setup import TrainSetup
 def input_embeddings_hooked(setup: TrainSetup) -> bool:
     """Whether `enable_input_require_grads` runs before the step: the outputs of every sub-model's input embeddings
     (the text embedding, and the vision tower's patch embedding where its class returns one) require grad."""
-    if not setup.gradient_checkpointing:
+    if not setup.any_checkpointing:
         return False
     if setup.stack == "llamafactory":
         return setup.method == "lora"  # peft on an unquantized model; QLoRA's 4/8-bit model skips the hook

@@ -11,6 +11,7 @@ import gc
 from dataclasses import dataclass, field, fields
 
 from ..setup import TrainSetup
+from . import liger
 from .families import model_for
 from .sdpa import sdpa_class
 from .sim import Engine, T
@@ -24,6 +25,7 @@ class SimResult:
     phase_peaks: dict[str, int]
     phase_breakdown: dict[str, dict[str, int]]
     params_bytes: dict[str, int] = field(default_factory=dict)
+    host_peak_bytes: int = 0  # checkpointed inputs held in host RAM (offloaded checkpointing), at their peak
 
     @property
     def peak_phase(self) -> str:
@@ -41,7 +43,9 @@ BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first lay
 # allocations reads them: estimate.py), and what is recorded only for launch configs. ZeRO
 # matters to the simulation only as on/off (gradients reduced into buckets instead of kept).
 SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_bucket_size", "ds_overlap_comm",
-                      "packing", "liger_kernel", "expandable_segments", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen")
+                      "sharding", "fsdp",  # FSDP re-partitions the single-GPU states analytically (fsdp.py)
+                      "packing", "expandable_segments", "video_max_pixels", "video_min_pixels", "video_fps",
+                      "video_maxlen")
 
 
 def simulation_key(setup: TrainSetup) -> tuple:
@@ -75,15 +79,22 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
 
     real = layer_counts(setup.model)
     base = base_layer_counts(setup, real, BASE_LAYERS)
-    if all(n <= base[kind] + 1 for kind, n in real.items()):
+    if all(n <= base[kind] + 1 for kind, n in real.items()) or setup.vision_gradient_checkpointing is not None:
+        # Per-component checkpointing (a checkpointed language model over an un-checkpointed trainable vision tower)
+        # moves the backward peak within a segment as layers are added (at 2-3 text layers it sits where the vision
+        # activations dominate, at full depth where the language model's gradients have piled up): the segments are
+        # not affine in the layer counts there, so the full depth is simulated (0.24 s for Qwen2.5-VL-7B)
         return simulate(setup)
     first = simulate(setup, base)
     segments = {k: (v[0], dict(v[1])) for k, v in first.segments.items()}
+    host = first.host_peak_bytes
     for kind, n in real.items():
         if n <= base[kind]:
             continue
         extra = n - base[kind]
-        other = simulate(setup, dict(base, **{kind: base[kind] + 1})).segments
+        bigger = simulate(setup, dict(base, **{kind: base[kind] + 1}))
+        host += extra * (bigger.host_peak_bytes - first.host_peak_bytes)
+        other = bigger.segments
         for key, (total, categories) in list(segments.items()):
             o_total, o_categories = other[key]
             b_total, b_categories = first.segments[key]
@@ -99,7 +110,7 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
         if phase not in peaks or total > peaks[phase]:
             peaks[phase] = total
             breakdown[phase] = {k: v for k, v in categories.items() if v}
-    result = SimResult({p: peaks[p] for p in PHASES if p in peaks}, breakdown)
+    result = SimResult({p: peaks[p] for p in PHASES if p in peaks}, breakdown, host_peak_bytes=host)
     result.segments = segments
     return result
 
@@ -121,6 +132,7 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e.gpu_name = setup.gpu.name
     e.reduce_grads = bool(setup.zero)
     e.input_grads = input_embeddings_hooked(setup)
+    e.liger = liger.swaps(setup)
     model = builder(e, setup, counts)
     # DeepSpeed keeps its own partitioned states (zero.py); the simulation holds the single-GPU torch ones
     states = [] if setup.zero else _optimizer_states(e, setup, model)
@@ -141,7 +153,7 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e._flush()
     peaks = {phase: e.phase_peaks[phase][0] for phase in PHASES if phase in e.phase_peaks}
     breakdown = {phase: {k: v for k, v in e.phase_peaks[phase][1].items() if v} for phase in peaks}
-    result = SimResult(peaks, breakdown)
+    result = SimResult(peaks, breakdown, host_peak_bytes=e.host_peak_bytes)
     result.blocks = e.phase_blocks
     result.segment_peaks = {k: v[0] for k, v in e.segment_peaks.items()}
     result.segments = {k: v for k, v in e.segment_peaks.items() if k.split("/")[0] in PHASES}

@@ -42,7 +42,8 @@ def render_estimate(result: Estimate, explain: bool = False) -> None:
                   f"{s.attn}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.stack} stack")
     console.print(f"seq {s.seq_len} x batch {s.batch_size}; images {images} -> {s.vision_tokens_per_sample} vision "
                   f"tokens ({s.vision_patches_per_sample} encoder patches) per sample; "
-                  f"{s.num_gpus * s.num_nodes} x {s.gpu.name}, ZeRO {s.zero}, offload {s.offload}")
+                  f"{s.num_gpus * s.num_nodes} x {s.gpu.name}, "
+                  + (f"FSDP {s.fsdp}" if s.sharding == "fsdp" else f"ZeRO {s.zero}") + f", offload {s.offload}")
     p, t = result.params, result.trainable_params
     console.print(f"parameters {p['total'] / 1e9:.3f} B (vision {p['vision'] / 1e9:.3f}, projector "
                   f"{p['projector'] / 1e9:.3f}, language {p['language'] / 1e9:.3f}); trainable {t['total'] / 1e6:.2f} M")

@@ -63,6 +63,12 @@ SETUP_OPTIONS = [
     _opt("freeze_projector", bool, "--freeze-projector", help="Keep the projector frozen (over a YAML)."),
     _opt("freeze_llm", bool, "--freeze-llm", help="Freeze the language model."),
     _opt("train_llm", bool, "--train-llm", help="Train the language model (over a YAML that freezes it)."),
+    _opt("vision", str | None, "--vision", help="How the vision tower trains: frozen | lora | full (over the "
+         "method's preset)."),
+    _opt("projector", str | None, "--projector", help="How the projector trains: frozen | full."),
+    _opt("language", str | None, "--language",
+         help="How the language model trains: frozen | lora | full | freeze (the last --freeze-trainable-layers). "
+              "E.g. --language lora --vision full --projector full: ms-swift's lora_llm_full_vit."),
     _opt("freeze_trainable_layers", int, "--freeze-trainable-layers",
          help="--method freeze: how many last language-model layers train."),
     _opt("precision", str, "--precision",
@@ -83,12 +89,29 @@ SETUP_OPTIONS = [
     _opt("attn", str, "--attn", help="sdpa | fa2 | eager."),
     _opt("gradient_checkpointing", bool, "--gradient-checkpointing/--no-gradient-checkpointing",
          help="Activation checkpointing (on by default, as LLaMA-Factory)."),
+    _opt("vision_gradient_checkpointing", bool | None,
+         "--vision-gradient-checkpointing/--no-vision-gradient-checkpointing",
+         help="Checkpoint the vision tower's layers or not, apart from the language model's (ms-swift "
+              "vit_gradient_checkpointing; default: as --gradient-checkpointing). Not with --stack llamafactory."),
+    _opt("offload_checkpoints", bool, "--offload-checkpoints",
+         help="Keep checkpointed layers' inputs in host RAM (LLaMA-Factory use_unsloth_gc; --stack llamafactory)."),
+    _opt("liger_kernel", bool, "--liger-kernel/--no-liger-kernel",
+         help="Liger kernels as LLaMA-Factory applies them (enable_liger_kernel): fused linear cross-entropy, no "
+              "logits. Modelled for LLaVA under --stack llamafactory; elsewhere a warning."),
     _opt("gpu", str, "--gpu", help="GPU id (see `vlplan gpus`)."),
     _opt("gpu_memory_gib", float | None, "--gpu-memory-gib", help="Any other GPU: its memory in GiB."),
     _opt("num_gpus", int, "--num-gpus", help="GPUs per node."),
     _opt("num_nodes", int, "--num-nodes", help="Nodes."),
     _opt("zero", int, "--zero", help="DeepSpeed ZeRO stage 0-3 (0: plain DDP)."),
-    _opt("offload", str, "--offload", help="none | optimizer | all (DeepSpeed CPU offload)."),
+    _opt("offload", str, "--offload",
+         help="none | optimizer | all: CPU offload (DeepSpeed; with --sharding fsdp only all: FSDP2's "
+              "CPUOffloadPolicy moves parameters, gradients and the optimizer step together)."),
+    _opt("sharding", str, "--sharding",
+         help="zero (DeepSpeed, --zero picks the stage) | fsdp (PyTorch FSDP2 through accelerate, --fsdp picks the "
+              "strategy). vlplan plan also takes auto: the faster of the two that fits."),
+    _opt("fsdp", str, "--fsdp",
+         help="With --sharding fsdp: full_shard | shard_grad_op (reshard_after_forward false) | hybrid_shard (shard "
+              "within a node, replicate across nodes) | no_shard."),
     _opt("stack", str, "--stack",
          help="The training stack that prepares the model: vlplan (vlplan run's own) | llamafactory (implied by "
               "--from-llamafactory) | hf-trainer."),
@@ -100,6 +123,9 @@ SETUP_OPTIONS = [
          help="A LLaMA-Factory training YAML (v0.9.1 to current keys); flags given on the command line override it."),
     _opt("deepspeed", Path | None, "--deepspeed", panel=FILES_PANEL,
          help="A DeepSpeed JSON config: ZeRO stage, offload, buckets (overrides the YAML's deepspeed: key)."),
+    _opt("accelerate_config", Path | None, "--accelerate-config", panel=FILES_PANEL,
+         help="An accelerate launch config (accelerate launch --config_file) with FSDP: strategy, offload, GPUs and "
+              "nodes, mixed precision."),
     _opt("dataset", Path | None, "--dataset", panel=FILES_PANEL,
          help="A LLaMA-Factory dataset (JSON/JSONL): plan for its longest sample (images and seq_len from the data)."),
     _opt("percentile", float | None, "--percentile", panel=FILES_PANEL,
@@ -118,13 +144,14 @@ SETUP_OPTION_NAMES = [p.name for p in SETUP_OPTIONS]
 assert SETUP_OPTION_NAMES == list(SETUP_DEFAULTS), "a setup flag per setting of vlplan.planner.resolve, in order"
 
 
-def setup_command(fn=None, *, dataset_argument: str | None = None, progress=None):
+def setup_command(fn=None, *, dataset_argument: str | None = None, progress=None, auto_sharding: bool = False):
     """Give `fn(setup, ...)` the shared flags; it receives the resolved TrainSetup as `setup`, and the
     `ResolvedSetup` (warnings, sources, dataset scan) as `resolved` when it has such a parameter. Warnings go to
     stderr. `dataset_argument` names a parameter of `fn` (a positional DATA argument) that stands for --dataset;
     `progress(kwargs)` returns a context manager giving a `progress(done, total)` callback (or None) for the scan."""
     if fn is None:
-        return functools.partial(setup_command, dataset_argument=dataset_argument, progress=progress)
+        return functools.partial(setup_command, dataset_argument=dataset_argument, progress=progress,
+                                 auto_sharding=auto_sharding)
     signature = inspect.signature(fn)
     own = [p for p in signature.parameters.values() if p.name not in ("setup", "resolved")]
     wants_resolved = "resolved" in signature.parameters
@@ -137,6 +164,9 @@ def setup_command(fn=None, *, dataset_argument: str | None = None, progress=None
             options["dataset"] = kwargs[dataset_argument]
         with (progress(kwargs) if progress else contextlib.nullcontext()) as callback, errors():
             resolved = resolve_setup(progress=callback, **options)
+            if resolved.auto_sharding and not auto_sharding:
+                raise VlplanError("--sharding auto lets vlplan plan choose between ZeRO and FSDP; here pass "
+                                  "--sharding zero or fsdp")
         for warning in resolved.warnings:
             typer.echo(f"warning: {warning}", err=True)
         if wants_resolved:

@@ -23,7 +23,7 @@ from .options import errors, setup_command
 from .render import console, gib, gib_or_dash, print_json, table
 
 
-@setup_command
+@setup_command(auto_sharding=True)
 def plan_command(
     setup,
     resolved,
@@ -46,12 +46,19 @@ def plan_command(
                                                                    "processes and CPU offload may use (default: this "
                                                                    "machine's RAM when the plan is for this machine, "
                                                                    "else an assumption per GPU type)."),
+    levers: bool = typer.Option(True, "--levers/--no-levers",
+                                help="When nothing fits, or only DeepSpeed CPU offload does, switch on memory levers "
+                                     "that leave the training math unchanged (Liger's fused loss, the vision tower's "
+                                     "checkpointing, offloaded checkpointing), with the reason."),
     explain: bool = typer.Option(False, "--explain", help="Show the reasons and assumptions in full."),
     export_llamafactory: Path = typer.Option(None, "--export-llamafactory", metavar="OUT.yaml",
                                              help="Write the plan as a LLaMA-Factory training YAML (with its "
                                                   "DeepSpeed JSON next to it when ZeRO is on)."),
     export_deepspeed: Path = typer.Option(None, "--export-deepspeed", metavar="DS.json",
                                           help="Write the plan's DeepSpeed config (ZeRO stage, offload, buffers)."),
+    export_accelerate: Path = typer.Option(None, "--export-accelerate", metavar="FSDP.yaml",
+                                           help="Write the plan's accelerate config (FSDP2) for `accelerate launch "
+                                                "--config_file` (written next to the YAML when the plan uses FSDP)."),
     export_hf_args: Path = typer.Option(None, "--export-hf-args", metavar="ARGS.json",
                                         help="Write the plan's transformers TrainingArguments as JSON."),
     llamafactory_version: str = typer.Option("latest", "--llamafactory-version",
@@ -77,16 +84,16 @@ def plan_command(
     from vlplan.planner.plan import NothingFits
     from vlplan.planner.resolve import expandable_segments_default
 
-    if export_llamafactory is not None and setup.stack != "llamafactory" and "stack" not in resolved.typed:
-        # LLaMA-Factory will prepare the model it trains from the export its own way: plan for that stack
-        setup = replace(setup, stack="llamafactory")
-        if "expandable_segments" not in resolved.typed:  # and for its launcher's allocator setting
-            expandable, _ = expandable_segments_default(setup, os.environ)
-            setup = replace(setup, expandable_segments=expandable)
-        typer.echo("warning: planning for LLaMA-Factory's stack, which trains the exported YAML (--stack vlplan to "
-                   "plan for vlplan run)", err=True)
     maximized = statement = None
     with errors():
+        if export_llamafactory is not None and setup.stack != "llamafactory" and "stack" not in resolved.typed:
+            # LLaMA-Factory will prepare the model it trains from the export its own way: plan for that stack
+            setup = replace(setup, stack="llamafactory")
+            if "expandable_segments" not in resolved.typed:  # and for its launcher's allocator setting
+                expandable, _ = expandable_segments_default(setup, os.environ)
+                setup = replace(setup, expandable_segments=expandable)
+            typer.echo("warning: planning for LLaMA-Factory's stack, which trains the exported YAML (--stack vlplan "
+                       "to plan for vlplan run)", err=True)
         base = _input_yaml(resolved)
         host_bytes, host_source = host_ram_budget(setup, host_ram_gib)
         planned_epochs = epochs if epochs is not None else yaml_epochs(base)
@@ -108,7 +115,9 @@ def plan_command(
                 result = plan(setup, global_batch_size=global_batch_size, margin=margin,
                               num_samples=num_samples or None, epochs=planned_epochs,
                               mfu=None if mfu == 0 else mfu,  # 0: the default by attention kernel
-                              host_ram_bytes=host_bytes, host_ram_source=host_source)
+                              host_ram_bytes=host_bytes, host_ram_source=host_source,
+                              shardings=("zero", "fsdp") if resolved.auto_sharding else None,
+                              levers=levers)
         except NothingFits as err:
             if json_:
                 print_json({"fits": False, "error": str(err)})
@@ -116,7 +125,7 @@ def plan_command(
             raise typer.Exit(1) from None
         written, notes = write_exports(result.setup, llamafactory=export_llamafactory, deepspeed=export_deepspeed,
                                        hf_args=export_hf_args, version=llamafactory_version, overwrite=overwrite,
-                                       base=base, epochs=epochs)
+                                       base=base, epochs=epochs, accelerate=export_accelerate)
         if resolved.scan is not None:  # the plan against the data's distribution (planner/fit.py)
             from vlplan.planner.fit import data_statement
 
@@ -163,7 +172,8 @@ def render_plan(result: Plan, explain: bool) -> None:
     d = result.to_dict()
     rows = [["micro-batch per GPU", s.batch_size], ["gradient accumulation", s.gradient_accumulation_steps],
             ["GPUs", f"{s.num_gpus} x {s.num_nodes} node(s) of {s.gpu.name}"],
-            ["global batch", result.global_batch_size], ["ZeRO stage", s.zero], ["offload", s.offload],
+            ["global batch", result.global_batch_size],
+            ["FSDP strategy", s.fsdp] if s.sharding == "fsdp" else ["ZeRO stage", s.zero], ["offload", s.offload],
             ["gradient checkpointing", "on" if s.gradient_checkpointing else "off"], ["attention", s.attn],
             ["peak per GPU", f"{gib(e.peak_bytes)} of {gib(result.capacity_bytes)} ({e.peak_phase})"],
             ["host RAM per node", f"{gib(e.cpu_ram_bytes)} of {gib(result.host_ram_budget_bytes)} "
@@ -173,10 +183,13 @@ def render_plan(result: Plan, explain: bool) -> None:
         rows.append(["time per epoch", f"{d['epoch_time_s'] / 3600:.2f} h"])
         rows.append(["GPU-hours", f"{d['gpu_hours']:.1f}"])
     console.print(table(f"plan for {s.model.name} {s.method}", ["setting", "value"], rows))
-    for reason in result.reasons if explain else result.reasons[:3]:
+    shown = result.reasons if explain else result.reasons[:3] + [r for r in result.reasons[3:]
+                                                                  if r.startswith(("FSDP", "DeepSpeed ZeRO"))]
+    for reason in shown:  # the choice between FSDP and ZeRO (--sharding auto) is always shown
         console.print(f"- {reason}")
     if result.alternatives:
-        alt = [[c.setup.batch_size, c.setup.gradient_accumulation_steps, c.setup.zero, c.setup.offload,
+        alt = [[c.setup.batch_size, c.setup.gradient_accumulation_steps,
+                f"FSDP {c.setup.fsdp}" if c.setup.sharding == "fsdp" else c.setup.zero, c.setup.offload,
                 "on" if c.setup.gradient_checkpointing else "off", gib(c.estimate.peak_bytes),
                 gib(c.estimate.cpu_ram_bytes), f"{c.time.seconds:.2f} s"] for c in result.alternatives]
         console.print(table("runners-up", ["micro", "accum", "ZeRO", "offload", "ckpt", "peak", "host RAM", "step"],

@@ -33,6 +33,10 @@ def trace_command(setup, resolved, layers: int = typer.Option(0, "--layers", hel
     console.print(f"live-tensor peak {gib(result.allocated_peak_bytes)} in {result.peak_phase}; with the estimator's "
                   f"device overheads {gib(result.peak_bytes)}; traced {layer_runs(result.layers_traced)} in "
                   f"{result.seconds:.1f} s{' (extrapolated to every layer)' if result.extrapolated else ''}")
+    for note in result.emulated:
+        console.print(f"emulated on the CPU: {note}")
+    if result.host_offloaded_bytes:
+        console.print(f"checkpointed inputs in host RAM: {gib(result.host_offloaded_bytes)} per GPU")
 
 
 def layer_runs(runs: list[dict[str, int]]) -> str:

@@ -1,0 +1,97 @@
+"""Liger's fused linear cross-entropy (LLaMA-Factory `enable_liger_kernel`): the estimator against the tracer, which
+runs LLaMA-Factory's own `apply_liger_kernel` with liger's autograd Function emulated on the CPU
+(profiler/liger_emulate.py); the flag, the warning where it is not modelled, and the LLaMA-Factory round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from vlplan.cli.main import app
+from vlplan.planner.coverage import setup_warnings
+from vlplan.planner.memory import liger
+from vlplan.planner.memory.estimate import estimate
+from vlplan.planner.memory.step import simulate
+from vlplan.planner.registry import resolve
+from vlplan.planner.setup import make_setup
+
+from tiny import assert_phases_match, tiny_spec
+
+SMALL = dict(seq_len=256, image_size=(112, 112), stack="llamafactory", liger_kernel=True)
+
+
+@pytest.mark.parametrize("tokens, hidden, vocab, expected", [
+    (4096 * 4, 4096, 32000, 2048),  # the example in fused_linear_cross_entropy_forward's comment
+    (2048, 3584, 152064, 64),  # Qwen2.5-7B: inc_factor 43 -> ceil(2048 / 43) = 48 -> 64
+    (100, 4096, 4096, 100),  # one chunk: never above BT
+])
+def test_chunk_size_follows_liger(tokens, hidden, vocab, expected):
+    assert liger.chunk_size(tokens, hidden, vocab) == expected
+
+
+def test_fused_loss_drops_the_logits_from_the_loss_phase():
+    base = make_setup(resolve("llava-1.5-7b"), stack="llamafactory", seq_len=4096)
+    plain, fused = estimate(base), estimate(make_setup(resolve("llava-1.5-7b"), stack="llamafactory", seq_len=4096,
+                                                       liger_kernel=True))
+    # without Liger the loss phase holds bf16 logits, their fp32 copy and log-softmax: 10 bytes per token x vocab
+    saved = plain.phase_allocated_bytes["loss"] - fused.phase_allocated_bytes["loss"]
+    assert saved > 8 * 4095 * 32064
+    assert not setup_warnings(make_setup(resolve("llava-1.5-7b"), stack="llamafactory", liger_kernel=True))
+
+
+@pytest.mark.parametrize("model, stack", [("qwen2.5-vl-7b", "llamafactory"), ("llava-1.5-7b", "vlplan")])
+def test_not_modelled_liger_warns_and_keeps_the_estimate(model, stack):
+    setup = make_setup(resolve(model), stack=stack, liger_kernel=True)
+    assert any(w.startswith("liger_kernel = True: Liger kernels") for w in setup_warnings(setup))
+    assert estimate(setup).peak_bytes == estimate(make_setup(resolve(model), stack=stack)).peak_bytes
+
+
+def test_unpatched_family_is_modelled_as_no_change():
+    # LLaMA-Factory's apply_liger_kernel has no branch for qwen3_vl: it logs and patches nothing
+    setup = make_setup(resolve("qwen3-vl-8b"), stack="llamafactory", liger_kernel=True)
+    assert not any("liger" in w for w in setup_warnings(setup))
+    assert liger.swaps(setup) == frozenset()
+
+
+def test_flag_and_llamafactory_round_trip(tmp_path):
+    out = tmp_path / "train.yaml"
+    result = CliRunner().invoke(app, ["plan", "--model", "llava-1.5-7b", "--stack", "llamafactory", "--liger-kernel",
+                                      "--global-batch-size", "8", "--export-llamafactory", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(out.read_text())["enable_liger_kernel"] is True
+    result = CliRunner().invoke(app, ["estimate", "--from-llamafactory", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["settings"]["liger_kernel"] is True and not any("liger" in w for w in data["warnings"])
+    plain = CliRunner().invoke(app, ["estimate", "--from-llamafactory", str(out), "--no-liger-kernel", "--json"])
+    assert json.loads(plain.stdout)["phase_allocated_bytes"]["loss"] > data["phase_allocated_bytes"]["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_simulation_matches_trace(method):
+    pytest.importorskip("transformers")
+    pytest.importorskip("liger_kernel")
+    pytest.importorskip("triton")  # liger's modules import it (the tracer never launches a kernel)
+    pytest.importorskip("llamafactory")
+    from vlplan.profiler.trace import run_trace
+
+    setup = make_setup(tiny_spec("llava-1.5-7b"), method=method, **SMALL)
+    traced = run_trace(setup)
+    assert_phases_match(simulate(setup), traced)
+    plain = simulate(make_setup(tiny_spec("llava-1.5-7b"), method=method, **dict(SMALL, liger_kernel=False)))
+    assert simulate(setup).phase_peaks["loss"] < plain.phase_peaks["loss"]
+
+
+@pytest.mark.slow
+def test_trace_says_what_it_emulated():
+    pytest.importorskip("liger_kernel")
+    pytest.importorskip("triton")
+    pytest.importorskip("llamafactory")
+    from vlplan.profiler.trace import trace
+
+    result = trace(make_setup(tiny_spec("llava-1.5-7b"), **SMALL), layers=1)
+    assert result.to_dict()["emulated"] and "LigerFusedLinearCrossEntropyFunction" in result.emulated[0]
