@@ -23,6 +23,13 @@ BEGIN, END = "<!-- accuracy_trace:begin -->", "<!-- accuracy_trace:end -->"
 
 SQ448, SQ1024, HD = (448, 448), (1024, 1024), (1920, 1080)
 
+
+def _clip():
+    """A 10 s 720p clip of 300 frames: LLaMA-Factory samples 20 frames at 2 fps (planner/video.py)."""
+    from vlplan.planner.video import Video
+
+    return (Video(1280, 720, frames=300, duration_s=10.0),)
+
 # (model, settings): every traced family (Qwen2/2.5/3-VL incl. MoE, LLaVA-1.5/NeXT, Pixtral, InternVL3, Gemma 3,
 # Llama 3.2 Vision, Idefics3/SmolVLM, PaliGemma 2); methods full (language only and with vision + projector), freeze,
 # LoRA (with and without dropout), DoRA, LoRA on the vision encoder; checkpointing on/off; sdpa and eager; seq
@@ -126,6 +133,12 @@ MATRIX = [
     ("qwen2-vl-7b", dict(method="full", train_vision=True, stack="llamafactory", offload_checkpoints=True,
                          image_size=SQ448)),
     ("qwen2.5-vl-7b", dict(method="lora", vision="full", projector="full", image_size=SQ448)),
+    # videos (Qwen2-VL, Qwen2.5-VL) and neat packing's block-diagonal mask
+    ("qwen2.5-vl-7b", dict(method="lora", num_images=0, videos=_clip(), seq_len=4096)),
+    ("qwen2.5-vl-7b", dict(method="lora", train_vision=True, image_size=SQ448, videos=_clip(), seq_len=4096)),
+    ("qwen2-vl-7b", dict(method="full", num_images=0, videos=_clip(), seq_len=4096)),
+    ("qwen2.5-vl-7b", dict(method="lora", packing=True, neat_packing=True, seq_len=4096, image_size=SQ448)),
+    ("qwen2-vl-7b", dict(method="full", packing=True, neat_packing=True, seq_len=2048, image_size=SQ448)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 
@@ -149,7 +162,7 @@ def run(models: list[tuple[str, dict]]) -> list[dict]:
         estimate_s = time.perf_counter() - start
         traced = trace(setup)
         error = (est.allocated_peak_bytes - traced.allocated_peak_bytes) / traced.allocated_peak_bytes
-        row = {"model": model, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        row = {"model": model, "settings": {k: _plain(v) for k, v in settings.items()},
                "estimate_allocated_peak_bytes": est.allocated_peak_bytes,
                "trace_allocated_peak_bytes": traced.allocated_peak_bytes,
                "error": error, "estimate_phase": est.peak_phase, "trace_phase": traced.peak_phase,
@@ -166,9 +179,16 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def _plain(value):
+    """A setting as JSON: tuples as lists, videos as their labels."""
+    if isinstance(value, tuple):
+        return [item.label() if hasattr(item, "label") else item for item in value]
+    return value
+
+
 def describe(settings: dict) -> str:
-    return ", ".join(f"{k}={'x'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
-                     for k, v in settings.items())
+    return ", ".join(f"{k}={'; '.join(v) if k == 'videos' else 'x'.join(map(str, v)) if isinstance(v, list) else v}"
+                     for k, v in ((k, _plain(v)) for k, v in settings.items()))
 
 
 def summary(rows: list[dict]) -> dict:

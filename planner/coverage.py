@@ -19,16 +19,10 @@ from .spec import unverified_warning
 
 NOT_MODELLED: dict[str, str] = {}
 
-# a setup has no videos (vlplan does not model them yet), so the video caps cannot change its memory; a dataset
-# with videos is warned about by the scan (planner/dataset.py), which is where videos would enter
-_NO_VIDEOS = ("the setup has no videos, so the video caps change nothing; `vlplan scan` and --dataset warn about "
-              "videos in the data, which are not yet counted")
 NO_EFFECT = {
-    "video_max_pixels": _NO_VIDEOS, "video_min_pixels": _NO_VIDEOS, "video_fps": _NO_VIDEOS,
-    "video_maxlen": _NO_VIDEOS,
-    "packing": "every row is already estimated at seq_len tokens, which is what packing fills (LLaMA-Factory's "
-               "cutoff_len - 1 is applied when the YAML is read); it changes only which dataset sample is planned "
-               "for",
+    "packing": "every row is already estimated at seq_len tokens, which is what a packed row holds (LLaMA-Factory "
+               "pads each to cutoff_len) under one causal mask; it changes which samples a --dataset row holds "
+               "(planner/packing.py); neat_packing's block-diagonal mask is its own field",
 }
 
 # LLaMA-Factory keys that vlplan reads and checks, without an effect on memory (so nothing to warn about)
@@ -48,4 +42,7 @@ def setup_warnings(setup: TrainSetup) -> list[str]:
             warnings.append(f"{name} = {getattr(setup, name)}: {reason}")
     if not liger.modelled(setup):  # modelled for some families and stacks only (planner/memory/liger.py)
         warnings.append(f"liger_kernel = True: {liger.not_modelled_reason(setup)}")
+    from .memory.packing import mask_warning
+
+    warnings += [w for w in (mask_warning(setup),) if w]
     return warnings

@@ -26,7 +26,10 @@ from typing import Callable, Iterable
 from .errors import VlplanError
 from .image_header import ImageError, image_size
 from .spec import ModelSpec
+from .setup import LF_VIDEO_FPS, LF_VIDEO_MAX_PIXELS, LF_VIDEO_MAXLEN, LF_VIDEO_MIN_PIXELS
 from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS, image_tokens
+from .video import QWEN2_VIDEO_FAMILIES
+from .video_scan import VideoCounter
 
 __all__ = ["Sample", "ImageError", "image_size", "read_dataset", "scan_dataset", "ScanResult", "setup_for_dataset",
            "DatasetFormat", "TextTokenCounter"]
@@ -413,6 +416,9 @@ class ScanResult:
     placeholder_mismatches: list[int]  # samples whose <image>/<video> count differs from their media
     videos: int
     warnings: list[str] = field(default_factory=list)
+    video_clips: list[tuple] = field(default_factory=list)  # per sample, the readable videos (planner/video.py)
+    missing_videos: list[str] = field(default_factory=list)
+    corrupt_videos: dict[str, str] = field(default_factory=dict)
 
     @property
     def samples(self) -> int:
@@ -460,6 +466,9 @@ class ScanResult:
             "corrupt_reasons": self.corrupt_images,
             "remote_images": self.remote_images,
             "placeholder_mismatches": self.placeholder_mismatches,
+            **({"longest_videos": [clip.label() for clip in self.video_clips[longest]],
+                "missing_videos": self.missing_videos, "corrupt_videos": self.corrupt_videos}
+               if self.videos else {}),
             "warnings": self.warnings,
         }
 
@@ -488,10 +497,13 @@ def scan_dataset(path: str | Path, spec: ModelSpec, *, dataset_dir: str | Path |
                  image_max_pixels: int | None = LF_IMAGE_MAX_PIXELS,
                  image_min_pixels: int | None = LF_IMAGE_MIN_PIXELS, cutoff_len: int = 2048,
                  tokenizer: str | Path | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> ScanResult:
+                 progress: Callable[[int, int], None] | None = None, video_max_pixels: int = LF_VIDEO_MAX_PIXELS,
+                 video_min_pixels: int = LF_VIDEO_MIN_PIXELS, video_fps: float = LF_VIDEO_FPS,
+                 video_maxlen: int = LF_VIDEO_MAXLEN) -> ScanResult:
     """Scan a dataset for `spec`: per-sample text, vision and total tokens, over-cutoff samples, bad images.
 
-    Missing and corrupt images are reported by name and the scan goes on (their tokens are not counted).
+    Missing and corrupt images and videos are reported by name and the scan goes on (their tokens are not counted).
+    Videos are read with PyAV and counted with LLaMA-Factory's video caps (planner/video_scan.py).
     `progress(done, total)` is called every few thousand samples.
     """
     if cutoff_len <= 0:
@@ -506,6 +518,9 @@ def scan_dataset(path: str | Path, spec: ModelSpec, *, dataset_dir: str | Path |
     missing, corrupt, remote = {}, {}, {}  # dicts keep first-seen order and drop repeats
     text_tokens, vision_tokens, special_tokens, image_sizes, mismatches = [], [], [], [], []
     videos = 0
+    video_counter = VideoCounter(spec, video_max_pixels=video_max_pixels, video_min_pixels=video_min_pixels,
+                                 video_fps=video_fps, video_maxlen=video_maxlen)
+    video_clips = []
     step = 2000
     for start in range(0, len(samples), step):
         chunk = samples[start:start + step]
@@ -546,9 +561,11 @@ def scan_dataset(path: str | Path, spec: ModelSpec, *, dataset_dir: str | Path |
                 readable.append(size)
                 llm += tokens
                 special += specials
-            vision_tokens.append(llm)
-            special_tokens.append(special)
+            video_llm, video_special, clips = video_counter.count(sample.videos)
+            vision_tokens.append(llm + video_llm)
+            special_tokens.append(special + video_special)
             image_sizes.append(tuple(readable))
+            video_clips.append(clips)
             videos += len(sample.videos)
             text = "".join(m["content"] for m in sample.messages)
             if (text.count(IMAGE_PLACEHOLDER) != len(sample.images)
@@ -556,9 +573,7 @@ def scan_dataset(path: str | Path, spec: ModelSpec, *, dataset_dir: str | Path |
                 mismatches.append(sample.index)
         if progress is not None:
             progress(min(start + step, len(samples)), len(samples))
-    if videos:
-        warnings.append(f"{_plural(videos, 'video')} not counted in the vision tokens (video headers are not "
-                        "read); their frames add tokens on top")
+    warnings += video_counter.warnings()
     if mismatches:
         warnings.append(f"{_plural(len(mismatches), 'sample')} with a different number of <image>/<video> "
                         "placeholders than media: LLaMA-Factory stops with 'The number of images does not match the "
@@ -573,21 +588,59 @@ def scan_dataset(path: str | Path, spec: ModelSpec, *, dataset_dir: str | Path |
                       text_tokens=text_tokens, vision_tokens=vision_tokens, special_tokens=special_tokens,
                       image_sizes=image_sizes, missing_images=sorted(missing), corrupt_images=dict(sorted(
                           corrupt.items())), remote_images=sorted(remote), placeholder_mismatches=mismatches,
-                      videos=videos, warnings=warnings)
+                      videos=videos, warnings=warnings, video_clips=video_clips,
+                      missing_videos=sorted(video_counter.missing), corrupt_videos=dict(sorted(
+                          video_counter.corrupt.items())))
+
+
+def _packed_setup(setup, scan: ScanResult, percentile: float | None):
+    """With packing, a row holds cutoff_len tokens of several samples (planner/packing.py): plan for the row whose
+    samples bring the most vision tokens, with all their images and videos."""
+    from .packing import pack
+
+    _check_scan(setup, scan)
+    totals = scan.total_tokens
+    packing = pack(totals, setup.seq_len)
+    if not packing.rows:
+        raise VlplanError(f"with packing, every sample is longer than cutoff_len - 1 = {setup.seq_len - 1} tokens "
+                          "and LLaMA-Factory drops them all; raise cutoff_len")
+    row = max(packing.rows, key=lambda r: (sum(scan.vision_tokens[i] for i in r), -min(r)))
+    warnings = [f"packing: {len(totals)} samples in {len(packing.rows)} rows of {setup.seq_len} tokens "
+                f"(LLaMA-Factory's greedy knapsack; up to {max(packing.samples_per_row())} samples a row); planning "
+                f"for the row of samples {', '.join(f'#{i}' for i in sorted(row))}, the most vision tokens "
+                f"({sum(scan.vision_tokens[i] for i in row)})"]
+    if percentile is not None:
+        warnings.append("--percentile is ignored with packing: every row holds cutoff_len tokens")
+    if packing.dropped:
+        warnings.append(f"{_plural(len(packing.dropped), 'sample')} longer than cutoff_len - 1 = {setup.seq_len - 1} "
+                        "tokens, which LLaMA-Factory drops when packing")
+    warnings += scan.warnings
+    images = tuple(size for i in sorted(row) for size in scan.image_sizes[i])
+    clips = tuple(clip for i in sorted(row) for clip in (scan.video_clips[i] if scan.video_clips else ()))
+    if clips and setup.model.family not in QWEN2_VIDEO_FAMILIES:
+        warnings.append(f"the row's {_plural(len(clips), 'video')} count in its tokens, but the memory of video "
+                        f"inputs is modelled for Qwen2-VL and Qwen2.5-VL only, not {setup.model.name}")
+        clips = ()
+    return replace(setup, images=images, videos=clips), warnings
+
+
+def _check_scan(setup, scan: ScanResult) -> None:
+    if (setup.image_max_pixels, setup.image_min_pixels) != (scan.image_max_pixels, scan.image_min_pixels):
+        raise VlplanError("the scan used other image_max_pixels/image_min_pixels than the setup; scan again with "
+                          "the setup's values")
+    if scan.model != setup.model.name:
+        raise VlplanError(f"the scan counted tokens for {scan.model}, the setup is {setup.model.name}")
 
 
 def setup_for_dataset(setup, scan: ScanResult, percentile: float | None = None):
     """The setup with the images and sequence length of the dataset's longest sample (or the sample at
     `percentile` of total tokens), and warnings about the samples it does not cover. -> (TrainSetup, warnings)"""
+    if setup.packing:
+        return _packed_setup(setup, scan, percentile)
     index = scan.pick(percentile)
     totals = scan.total_tokens
     seq_len = totals[index]
     warnings = []
-    if setup.packing:
-        # packed sequences fill seq_len whatever the samples' lengths; the planned sample's images sit inside one
-        warnings.append(f"packing: sequences are filled to {setup.seq_len} tokens; planning with sample #{index}'s "
-                        "images inside one packed sequence")
-        seq_len = max(seq_len, setup.seq_len)
     if percentile is not None:
         longer = sum(1 for t in totals if t > seq_len)
         warnings.append(f"planning for the p{percentile:g} sample #{index} ({totals[index]} tokens): "
@@ -609,4 +662,11 @@ def setup_for_dataset(setup, scan: ScanResult, percentile: float | None = None):
                           "the setup's values")
     if scan.model != setup.model.name:
         raise VlplanError(f"the scan counted tokens for {scan.model}, the setup is {setup.model.name}")
-    return replace(setup, images=scan.image_sizes[index], seq_len=max(seq_len, 1)), warnings
+    clips = scan.video_clips[index] if scan.video_clips else ()
+    if clips and setup.model.family not in QWEN2_VIDEO_FAMILIES:
+        # the tokens are in seq_len; the vision tower's memory over the frames is what is not modelled
+        warnings.append(f"sample #{index}'s {_plural(len(clips), 'video')} count in its tokens, but the memory of "
+                        f"video inputs is modelled for Qwen2-VL and Qwen2.5-VL only, not {setup.model.name}: the "
+                        "vision tower's activations over the frames are left out")
+        clips = ()
+    return replace(setup, images=scan.image_sizes[index], videos=clips, seq_len=max(seq_len, 1)), warnings

@@ -22,7 +22,7 @@ How each value becomes a setup (`setup_at`):
   supervised.py `infer_seqlen`), and a sample whose image tokens alone do not fit is left out of the estimate: it
   cannot train at that cutoff ("Image features and image tokens do not match", reported as a cost).
 - micro-batch is `batch_size` (accumulation kept).
-- video-frames is refused: vlplan does not model videos yet (no video in TrainSetup or in the estimator).
+- video-frames is refused: the search over video frames is not built yet (videos are estimated as given).
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ GIB = 2**30
 MAXIMIZABLE = {"image-max-pixels": ("image_max_pixels", "image_max_pixels"),
                "cutoff-len": ("seq_len", "cutoff_len"),
                "micro-batch": ("batch_size", "per_device_train_batch_size")}
-NOT_MODELLED = {"video-frames": "vlplan does not model videos yet (TrainSetup has no videos and the estimator counts "
-                                "no video frames), so --maximize video-frames has nothing to search; maximize "
-                                "image-max-pixels, cutoff-len or micro-batch"}
+NOT_MODELLED = {"video-frames": "--maximize video-frames is not built yet (the estimate takes videos from --videos or "
+                                "--dataset, but plan does not search their frames); maximize image-max-pixels, "
+                                "cutoff-len or micro-batch, or estimate given --video-frames / --video-maxlen"}
 # Extra values checked below the answer for monotonicity, besides those the search estimated
 MONOTONE_PROBES = 4
 FIRST_IDS = 5  # sample ids listed in a data cost

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .coverage import setup_warnings
 from .errors import VlplanError
+from .setup import LF_VIDEO_FPS, LF_VIDEO_MAX_PIXELS, LF_VIDEO_MAXLEN, LF_VIDEO_MIN_PIXELS
 from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS
 
 # Every setting `resolve_setup` takes, with the library's default (LLaMA-Factory's), in the CLI's flag order
@@ -26,6 +27,9 @@ SETUP_DEFAULTS = {
     "freeze_trainable_layers": 2, "precision": "bf16", "quant_bits": None,
     "optimizer": "adamw", "seq_len": 2048, "batch_size": 1, "gradient_accumulation_steps": 1, "images": 1,
     "image_size": None, "image_max_pixels": LF_IMAGE_MAX_PIXELS, "image_min_pixels": LF_IMAGE_MIN_PIXELS,
+    "videos": 0, "video_size": None, "video_frames": None, "video_duration": None,
+    "video_max_pixels": LF_VIDEO_MAX_PIXELS, "video_min_pixels": LF_VIDEO_MIN_PIXELS, "video_fps": LF_VIDEO_FPS,
+    "video_maxlen": LF_VIDEO_MAXLEN, "packing": False, "neat_packing": False,
     "attn": "sdpa", "gradient_checkpointing": True,
     "vision_gradient_checkpointing": None, "offload_checkpoints": False, "liger_kernel": False, "gpu": "h100-80g",
     "gpu_memory_gib": None, "num_gpus": 1,
@@ -99,12 +103,39 @@ def _given_choices(options: dict) -> dict:
         else:
             choices.update(num_images=count if count is not None else SETUP_DEFAULTS["images"],
                            image_size=sizes[0] if sizes else None, images=None)
+    if options.get("neat_packing"):
+        choices["packing"] = True  # DataArguments.__post_init__: neat_packing turns packing on
+    video_flags = ("videos", "video_size", "video_frames", "video_duration")
+    if any(options.get(name) is not None for name in video_flags):
+        choices["videos"] = _videos(*(options.get(name) for name in video_flags))
     renamed = {"images", "image_size", "gpu", "gpu_memory_gib", "train_vision", "freeze_vision", "train_projector",
-               "freeze_projector", "train_llm", "freeze_llm"}
+               "freeze_projector", "train_llm", "freeze_llm", *video_flags}
     for name, value in options.items():
         if name not in renamed and name not in FILE_OPTIONS and value is not None:
             choices[name] = value
     return choices
+
+
+def _videos(count: int | None, size: str | None, frames: int | None, duration_s: float | None) -> tuple:
+    """--videos N --video-size WxH with --video-frames F (the frames the model gets, a list LLaMA-Factory keeps
+    whole) and/or --video-duration S (a file sampled at video_fps up to video_maxlen; with --video-frames, the
+    file's frame count caps it) -> N equal `Video`s."""
+    from .video import Video, parse_video_size
+
+    if count is not None and count < 0:
+        raise VlplanError(f"--videos must be 0 or more, got {count}")
+    if count == 0:
+        if size is not None or frames is not None or duration_s is not None:
+            raise VlplanError("--videos 0 contradicts --video-size/--video-frames/--video-duration; drop them or "
+                              "give --videos N")
+        return ()
+    if size is None:
+        raise VlplanError("a video needs its size: add --video-size WxH (e.g. 1280x720)")
+    if frames is None and duration_s is None:
+        raise VlplanError("a video needs --video-frames F (frames the model gets) or --video-duration S (seconds, "
+                          "sampled at --video-fps up to --video-maxlen frames)")
+    width, height = parse_video_size(size)
+    return (Video(width, height, frames=frames, duration_s=duration_s),) * (1 if count is None else count)
 
 
 def _library_defaults() -> dict:
@@ -194,7 +225,10 @@ def resolve_setup(progress=None, environ: Mapping[str, str] | None = None, **opt
         resolved.sources["dataset"] = str(options["dataset"])
         if {"images", "image_size"} & set(explicit):
             resolved.warnings.append("--images/--image-size are ignored: the images come from --dataset")
-        base = build_setup({**choices, "images": [], "num_images": None, "image_size": None})
+        if {"videos", "video_size", "video_frames", "video_duration"} & set(explicit):
+            resolved.warnings.append("--videos/--video-size/--video-frames/--video-duration are ignored: the videos "
+                                     "come from --dataset")
+        base = build_setup({**choices, "images": [], "num_images": None, "image_size": None, "videos": ()})
         resolved.setup, resolved.scan, warnings = _dataset_setup(base, options, choices, progress)
         resolved.sample, resolved.percentile = resolved.scan.pick(options["percentile"]), options["percentile"]
         resolved.warnings += warnings
@@ -275,7 +309,9 @@ def _dataset_setup(base, options: dict, choices: dict, progress):
     scan = scan_dataset(options["dataset"], base.model, dataset_dir=options["dataset_dir"],
                         media_dir=options["media_dir"], dataset_info=options["dataset_info"],
                         image_max_pixels=base.image_max_pixels, image_min_pixels=base.image_min_pixels,
-                        cutoff_len=base.seq_len + 1 if base.packing else base.seq_len, tokenizer=tokenizer,
-                        progress=progress)
+                        cutoff_len=base.seq_len, tokenizer=tokenizer,
+                        progress=progress, video_max_pixels=base.video_max_pixels,
+                        video_min_pixels=base.video_min_pixels, video_fps=base.video_fps,
+                        video_maxlen=base.video_maxlen)
     setup, warnings = setup_for_dataset(base, scan, options["percentile"])
     return setup, scan, warnings

@@ -18,6 +18,7 @@ from .hardware import GPU, MAX_GPU_MEMORY_GIB, find_gpu
 from .modules import LANGUAGE, PROJECTOR, VISION, model_inventory
 from .spec import ModelSpec
 from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS, ImageTokens, image_tokens
+from .video import QWEN2_VIDEO_FAMILIES, Video, VideoTokens, check_video_family, video_tokens
 
 # LLaMA-Factory video defaults (src/llamafactory/hparams/model_args.py, ProcessorArguments; video_maxlen was 64 up to
 # v0.9.1)
@@ -75,6 +76,7 @@ MAX_SEQ_LEN = 2**24  # 16,777,216 tokens: 16x the longest context of today's lon
 MAX_BATCH_SIZE = 2**20  # micro-batch per GPU (plan's largest global batch, MAX_GLOBAL_BATCH_SIZE)
 MAX_IMAGES_PER_SAMPLE = 4096
 MAX_IMAGES_PER_MICRO_BATCH = 16384  # batch_size x images per sample
+MAX_VIDEOS_PER_SAMPLE = 256
 MAX_IMAGE_SIDE = 2**20  # px; PIL refuses images above ~179 M pixels by default (Image.MAX_IMAGE_PIXELS * 2)
 MAX_IMAGE_PIXELS = MAX_IMAGE_SIDE**2  # --image-max-pixels / --image-min-pixels (a square at the cap is in bounds)
 MAX_GRADIENT_ACCUMULATION_STEPS = 2**20
@@ -124,6 +126,8 @@ class TrainSetup:
     images: tuple[tuple[int, int], ...] = ((768, 768),)
     image_max_pixels: int | None = LF_IMAGE_MAX_PIXELS
     image_min_pixels: int | None = LF_IMAGE_MIN_PIXELS
+    # Videos in each sample (after the images, as LLaMA-Factory's plugins lay them out); planner/video.py
+    videos: tuple[Video, ...] = ()
     attn: Attention = "sdpa"
     gradient_checkpointing: bool = True
     # The vision tower's layers checkpointed or not on their own (ms-swift vit_gradient_checkpointing); None: as
@@ -148,8 +152,11 @@ class TrainSetup:
     # instead of cudaMalloc'ing segments (planner/memory/allocator.py); it changes reserved memory, not live tensors.
     # LLaMA-Factory's launcher sets it for torchrun runs (planner/resolve.py expandable_segments_default)
     expandable_segments: bool = False
+    # LLaMA-Factory packing: samples packed into rows of seq_len tokens (planner/packing.py); neat_packing adds the
+    # block-diagonal (batch, 1, seq, seq) attention mask for sdpa and eager
+    packing: bool = False
+    neat_packing: bool = False
     # Recorded for the launch configs (LLaMA-Factory keys); the memory model does not read them yet
-    packing: bool = False  # LLaMA-Factory packing / neat_packing: sequences filled to seq_len
     liger_kernel: bool = False  # LLaMA-Factory enable_liger_kernel (fused linear cross-entropy, fused norms)
     video_max_pixels: int = LF_VIDEO_MAX_PIXELS
     video_min_pixels: int = LF_VIDEO_MIN_PIXELS
@@ -196,6 +203,13 @@ class TrainSetup:
                 raise VlplanError(f"image size must be positive, got {w}x{h}")
             _check_bound(max(w, h), f"image side ({w}x{h})", MAX_IMAGE_SIDE)
         check_pixel_limits(self.image_max_pixels, self.image_min_pixels)
+        if self.videos:
+            _check_bound(len(self.videos), "--videos (videos per sample)", MAX_VIDEOS_PER_SAMPLE)
+            check_video_family(self.model)
+            if self.model.family not in QWEN2_VIDEO_FAMILIES:
+                raise VlplanError(f"{self.model.name}: the memory of video inputs is modelled for Qwen2-VL and "
+                                  "Qwen2.5-VL; `vlplan scan` counts Qwen3-VL's video tokens, but its estimate with "
+                                  "videos is not built yet")
         for value, flag in ((self.video_max_pixels, "video_max_pixels"), (self.video_min_pixels, "video_min_pixels"),
                             (self.video_fps, "video_fps"), (self.video_maxlen, "video_maxlen")):
             if not value > 0 or not math.isfinite(value):
@@ -245,6 +259,12 @@ class TrainSetup:
             raise VlplanError(f"--freeze-trainable-layers {self.freeze_trainable_layers} is above the "
                               f"{self.model.text.num_layers} language-model layers of {self.model.name}; use at most "
                               f"{self.model.text.num_layers} (or --method full)")
+        if self.neat_packing and not self.packing:
+            raise VlplanError("neat_packing packs samples: set packing too (LLaMA-Factory turns packing on with "
+                              "neat_packing)")
+        if self.neat_packing and self.attn == "sdpa" and self.precision == "fp32":
+            raise VlplanError("neat_packing with sdpa in fp32 (a masked fp32 attention kernel) is not modelled; use "
+                              "--precision bf16 or --attn eager")
         if self.offload != "none" and self.zero == 0 and self.sharding == "zero":
             raise VlplanError(f"--offload {self.offload} needs DeepSpeed ZeRO; add --zero 2 (optimizer) or --zero 3")
         if self.offload == "all" and self.zero != 3 and self.sharding == "zero":
@@ -309,6 +329,13 @@ class TrainSetup:
 
     def _validate_sequence(self) -> None:
         needed = self.vision_tokens_per_sample + self.special_tokens_per_sample
+        if needed > self.seq_len and self.videos:
+            per_video = ", ".join(str(t.llm_tokens) for t in self.video_tokens())
+            raise VlplanError(
+                f"the images and videos need {needed} tokens ({per_video} per video, "
+                f"{self.special_tokens_per_sample} special included) but --seq-len is {self.seq_len}: LLaMA-Factory "
+                f"would cut video tokens and crash with 'Video features and video tokens do not match'; raise "
+                f"--seq-len to at least {needed + 1} or lower --video-max-pixels / --video-maxlen / --video-fps")
         if needed > self.seq_len:
             tokens = self.image_tokens()
             per_image = ", ".join(str(t.llm_tokens) for t in tokens)
@@ -327,17 +354,24 @@ class TrainSetup:
         return [image_tokens(self.model, w, h, image_max_pixels=self.image_max_pixels,
                              image_min_pixels=self.image_min_pixels) for w, h in self.images]
 
+    def video_tokens(self) -> list[VideoTokens]:
+        return [video_tokens(self.model, video, video_max_pixels=self.video_max_pixels,
+                             video_min_pixels=self.video_min_pixels, video_fps=self.video_fps,
+                             video_maxlen=self.video_maxlen) for video in self.videos]
+
     @property
     def vision_tokens_per_sample(self) -> int:
-        return sum(t.llm_tokens for t in self.image_tokens())
+        return sum(t.llm_tokens for t in self.image_tokens()) + sum(t.llm_tokens for t in self.video_tokens())
 
     @property
     def vision_patches_per_sample(self) -> int:
-        return sum(t.vision_patches for t in self.image_tokens())
+        return (sum(t.vision_patches for t in self.image_tokens())
+                + sum(t.vision_patches for t in self.video_tokens()))
 
     @property
     def special_tokens_per_sample(self) -> int:
-        return sum(t.special_tokens for t in self.image_tokens())
+        return (sum(t.special_tokens for t in self.image_tokens())
+                + sum(t.special_tokens for t in self.video_tokens()))
 
     def checkpointing(self, component: str) -> bool:
         """Whether the layers of `component` (vision or language) are checkpointed."""
@@ -367,6 +401,12 @@ class TrainSetup:
             d[key] = getattr(self, key).value
         d["lora"]["targets"] = list(self.lora.targets)
         d["images"] = [f"{w}x{h}" for w, h in self.images]
+        if self.videos:
+            d["videos"] = [video.label() for video in self.videos]
+        else:
+            del d["videos"]  # absent, so that the records of image-only setups stay as they were
+        if not self.neat_packing:
+            del d["neat_packing"]  # likewise for setups without neat packing
         d["world_size"] = self.world_size
         if self.sharding == "zero":  # the FSDP settings are listed only when FSDP shards (ZeRO setups read as before)
             del d["sharding"], d["fsdp"]

@@ -53,7 +53,8 @@ def place_images(setup: TrainSetup, tokens: list[ImageTokens], image_token_id: i
 # Integer tensors whose values the model reads on the host (.tolist(), .item()): they must be constant fakes
 CONSTANT_KEYS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "image_grid_thw", "position_ids",
                  "image_position_ids", "image_cu_seqlens", "image_window_index", "image_cu_window_seqlens",
-                 "image_sizes")
+                 "image_sizes", "video_grid_thw", "video_position_ids", "video_cu_seqlens", "video_window_index",
+                 "video_cu_window_seqlens")
 
 
 def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
@@ -64,6 +65,12 @@ def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
     if builder is None:
         raise VlplanError(f"no synthetic batch for family {setup.model.family!r}")
     real = builder(setup, model)
+    from vlplan.planner.memory.packing import block_diagonal_mask_modelled
+
+    if block_diagonal_mask_modelled(setup):
+        from .packed_mask import packed_attention_mask
+
+        real["attention_mask"] = packed_attention_mask(setup)
     if fake_mode is None:
         return Batch(real)
     converter = fake_mode.fake_tensor_converter
@@ -79,6 +86,7 @@ def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
         largest = max(real[key].numel() for key in extra if key in real)
         fake_tensor.CONSTANT_NUMEL_LIMIT = max(fake_tensor.CONSTANT_NUMEL_LIMIT, largest)
     for key, tensor in real.items():
-        constant = key in CONSTANT_KEYS or key in extra
+        # (neat packing's float 4D attention_mask is read by no host code: an ordinary fake)
+        constant = key in extra or (key in CONSTANT_KEYS and not tensor.is_floating_point())
         tensors[key] = converter.from_real_tensor(fake_mode, tensor, make_constant=constant)
     return Batch(tensors, keepalive=list(real.values()))

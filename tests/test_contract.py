@@ -23,9 +23,13 @@ from vlplan.planner.io.llamafactory import llamafactory_choices
 from vlplan.planner.memory.estimate import estimate
 from vlplan.planner.registry import resolve
 from vlplan.planner.setup import LoraSettings, TrainSetup, make_setup
+from vlplan.planner.video import Video
 
 MODEL = "qwen2.5-vl-7b"
 FULL = dict(method="full")
+# a sample with a 20 s clip of 600 frames whose vision tower trains (its activations are held for backward)
+CLIP = dict(train_vision=True, seq_len=8192, videos=(Video(640, 360, frames=600, duration_s=20.0),))
+TINY_CLIP = dict(train_vision=True, videos=(Video(32, 32, frames=4),))
 
 # field -> (make_setup kwargs of the base setup, kwargs of the changed one); the changed setup must differ in that field
 CASES = {
@@ -49,6 +53,12 @@ CASES = {
     "images": ({}, dict(image_size=(448, 448))),
     "image_max_pixels": ({}, dict(image_max_pixels=512 * 512)),
     "image_min_pixels": (dict(image_size=(64, 64)), dict(image_size=(64, 64), image_min_pixels=256 * 256)),
+    "videos": (dict(seq_len=8192), dict(seq_len=8192, videos=(Video(640, 360, frames=600, duration_s=20.0),))),
+    "video_max_pixels": (CLIP, dict(CLIP, video_max_pixels=512 * 512)),
+    "video_min_pixels": (TINY_CLIP, dict(TINY_CLIP, video_min_pixels=128 * 128)),
+    "video_fps": (CLIP, dict(CLIP, video_fps=1.0)),
+    "video_maxlen": (CLIP, dict(CLIP, video_maxlen=32)),
+    "neat_packing": (dict(packing=True, seq_len=8192), dict(packing=True, neat_packing=True, seq_len=8192)),
     "attn": ({}, dict(attn="eager")),
     "gradient_checkpointing": ({}, dict(gradient_checkpointing=False)),
     "stack": ({}, dict(stack="llamafactory")),
@@ -75,10 +85,6 @@ CASES = {
 QUIET_CASES = {
     "lora.alpha": dict(lora_alpha=64),
     "packing": dict(packing=True),
-    "video_max_pixels": dict(video_max_pixels=512 * 512),
-    "video_min_pixels": dict(video_min_pixels=32 * 32),
-    "video_fps": dict(video_fps=1.0),
-    "video_maxlen": dict(video_maxlen=32),
 }
 NO_EFFECT_FIELDS = {**NO_EFFECT, "lora.alpha": "LoRA's scaling (alpha / rank) is a Python scalar"}
 

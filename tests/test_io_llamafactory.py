@@ -59,7 +59,8 @@ def test_freeze_with_unmodelled_knobs_warns_each():
     setup, warns = load("train_full/llava1_5_freeze_misc.yaml")
     assert (setup.method, setup.freeze_trainable_layers, setup.precision) == ("freeze", 4, "fp16")
     assert setup.batch_size == 8  # HF TrainingArguments default when the key is missing
-    assert (setup.packing, setup.seq_len) == (True, 1023)  # DataArguments: packing -> cutoff_len - 1
+    # DataArguments lowers cutoff_len by one with packing and pads each packed row to that + 1: the YAML's cutoff_len
+    assert (setup.packing, setup.seq_len) == (True, 1024)
     assert (setup.liger_kernel, setup.gradient_checkpointing, setup.attn) == (True, False, "eager")
     assert (setup.optimizer, setup.max_grad_norm) == ("adamw-foreach", 0.5)
     assert (setup.zero, setup.offload, setup.ds_reduce_bucket_size) == (2, "optimizer", 500_000_000)
@@ -218,6 +219,8 @@ def _setups():
     yield "freeze-packing-pure-bf16", make_setup(llava, method="freeze", freeze_trainable_layers=3, packing=True,
                                                  precision="pure-bf16", optimizer="adafactor", seq_len=4095,
                                                  gradient_checkpointing=False, liger_kernel=True, zero=1)
+    yield "neat-packing", make_setup(qwen, method="lora", packing=True, neat_packing=True, seq_len=4096,
+                                     video_fps=0.5, video_maxlen=64)
     yield "video-and-images", make_setup(qwen, method="lora", images=[(1280, 720), (300, 4000)], video_fps=1.0,
                                          video_maxlen=32, video_max_pixels=128 * 128, image_max_pixels=1003520,
                                          seq_len=8192, attn="eager", optimizer="sgd", max_grad_norm=0.3)

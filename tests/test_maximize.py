@@ -196,12 +196,13 @@ def test_a_plan_needs_a_global_batch_unless_it_maximizes():
 
 def test_video_frames_is_refused_in_one_line():
     setup = make_setup(resolve("qwen2.5-vl-7b"))
-    with pytest.raises(VlplanError, match="does not model videos yet"):
+    with pytest.raises(VlplanError, match="video-frames is not built yet"):
         maximize(setup, "video-frames")
     result = runner.invoke(app, ["plan", "--model", "qwen2.5-vl-7b", "--maximize", "video-frames"])
     assert result.exit_code == 2 and result.stderr.strip().splitlines() == [
-        "error: vlplan does not model videos yet (TrainSetup has no videos and the estimator counts no video frames), "
-        "so --maximize video-frames has nothing to search; maximize image-max-pixels, cutoff-len or micro-batch"]
+        "error: --maximize video-frames is not built yet (the estimate takes videos from --videos or --dataset, but "
+        "plan does not search their frames); maximize image-max-pixels, cutoff-len or micro-batch, or estimate given "
+        "--video-frames / --video-maxlen"]
 
 
 def test_the_cli_exports_the_value_to_llamafactory_yaml(tmp_path):

@@ -445,12 +445,10 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
         packing = stage == "pt"  # get_train_args: packing = packing if not None else stage == "pt"
     elif not isinstance(packing, bool):
         raise VlplanError(f"{name}: packing must be true or false, got {packing!r}")
-    packing = packing or neat
-    if neat:
-        warnings.append(f"{name}: neat_packing's block-diagonal attention is modelled as one causal sequence of "
-                        "cutoff_len - 1 tokens (an upper bound for attention scores)")
-    # DataArguments.__post_init__: `if self.packing: self.cutoff_len -= 1`; packed sequences fill it
-    choices.update(seq_len=cutoff - 1 if packing else cutoff, packing=packing)
+    packing = packing or neat  # DataArguments.__post_init__: `if self.neat_packing: self.packing = True`
+    # DataArguments.__post_init__ lowers cutoff_len by one with packing, and PackedSupervisedDatasetProcessor pads
+    # every row to that + 1: a packed row holds exactly the YAML's cutoff_len tokens (planner/packing.py)
+    choices.update(seq_len=cutoff, packing=packing, neat_packing=neat)
     if packing and cutoff < 2:
         raise VlplanError(f"{name}: cutoff_len must be at least 2 with packing, got {cutoff}")
 
@@ -778,7 +776,9 @@ def llamafactory_yaml(setup: TrainSetup, *, version: str = "latest", model_name_
         out.update(quantization_bit=setup.quant_bits,
                    quantization_method="bitsandbytes" if v <= (0, 9, 2) else "bnb", double_quantization=True)
 
-    out.update(cutoff_len=setup.seq_len + 1 if setup.packing else setup.seq_len, packing=setup.packing)
+    out.update(cutoff_len=setup.seq_len, packing=setup.packing)
+    if setup.neat_packing:
+        out["neat_packing"] = True
     out.update(per_device_train_batch_size=setup.batch_size,
                gradient_accumulation_steps=setup.gradient_accumulation_steps, max_grad_norm=setup.max_grad_norm)
     if setup.precision == "fp32":
@@ -884,7 +884,7 @@ _SECTION_OF = {
     "quantization_bit": "model", "quantization_method": "model", "double_quantization": "model",
     "flash_attn": "model", "enable_liger_kernel": "model",
     "dataset": "dataset", "dataset_dir": "dataset", "template": "dataset", "cutoff_len": "dataset",
-    "packing": "dataset", "output_dir": "output", "per_device_train_batch_size": "train",
+    "packing": "dataset", "neat_packing": "dataset", "output_dir": "output", "per_device_train_batch_size": "train",
     "gradient_accumulation_steps": "train", "learning_rate": "train", "num_train_epochs": "train",
     "max_grad_norm": "train", "bf16": "train", "fp16": "train", "pure_bf16": "train", "optim": "train",
     "disable_gradient_checkpointing": "train", "use_unsloth_gc": "model",

@@ -63,6 +63,8 @@ class Estimate:
                 "special_tokens_per_sample": self.setup.special_tokens_per_sample,
                 "seq_len": self.setup.seq_len,
                 "images": [t.to_dict() for t in tokens],
+                # only with videos, so that the records of image-only setups stay as they were
+                **({"videos": [t.to_dict() for t in self.setup.video_tokens()]} if self.setup.videos else {}),
             },
             "peak_bytes": self.peak_bytes,
             "allocated_peak_bytes": self.allocated_peak_bytes,

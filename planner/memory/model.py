@@ -24,6 +24,10 @@ class LMAttention:
         self.mask: T | None = None
 
     def __call__(self, e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, name: str) -> T:
+        if self.mask is not None and self.setup.neat_packing and self.setup.attn == "sdpa":
+            from .packing import block_diagonal_attention
+
+            return block_diagonal_attention(e, q, k, v, self.mask, heads, kv_heads, self.batch * self.seq, name)
         if self.setup.attn == "eager":
             return ops.eager_attention(e, q, k, v, heads, kv_heads, self.seq, self.seq, self.batch, self.mask,
                                        name=name)
@@ -130,9 +134,15 @@ class BaseModel:
 
     # Inputs -------------------------------------------------------------------------------------------------------
     def text_inputs(self, e: Engine) -> dict[str, T]:  # noqa: D401
-        """input_ids and labels (int64), as the collator gives them; no attention mask (see profiler/batch.py)."""
-        return {"input_ids": e.new(self.tokens, "int64", name="input_ids", category="inputs/batch"),
-                "labels": e.new(self.tokens, "int64", name="labels", category="inputs/batch")}
+        """input_ids and labels (int64), as the collator gives them; no attention mask (see profiler/batch.py), except
+        neat packing's block-diagonal one (planner/memory/packing.py)."""
+        inputs = {"input_ids": e.new(self.tokens, "int64", name="input_ids", category="inputs/batch"),
+                  "labels": e.new(self.tokens, "int64", name="labels", category="inputs/batch")}
+        from .packing import block_diagonal_mask_modelled, packed_attention_mask
+
+        if block_diagonal_mask_modelled(self.setup):
+            inputs["attention_mask"] = self.packed_mask = packed_attention_mask(e, self.setup)
+        return inputs
 
     # Language model -------------------------------------------------------------------------------------------------
     def embed_tokens(self, e: Engine) -> T:
@@ -155,7 +165,11 @@ class BaseModel:
     def language(self, e: Engine, x: T) -> T:
         ctx = Context(tokens=self.tokens, attention=LMAttention(self.setup, self.batch, self.seq))
         ctx.cos, ctx.sin = self.rotary(e, x)
-        if self.setup.attn == "eager":
+        if getattr(self, "packed_mask", None) is not None:
+            # neat packing: create_causal_mask returns the collator's 4D mask as is (masking_utils
+            # `_preprocess_mask_arguments`: "If the mask is already 4D, simply return as-is")
+            ctx.attention.mask = self.packed_mask
+        elif self.setup.attn == "eager":
             # masking_utils.create_causal_mask for eager: a (batch, 1, seq, seq) additive mask in the hidden dtype;
             # checkpointed layers keep it (and the RoPE tables) in their saved forward arguments until backward
             ctx.attention.mask = e.new(self.batch * self.seq * self.seq, x.dtype, name="causal_mask")

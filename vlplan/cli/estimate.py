@@ -27,7 +27,10 @@ def estimate_command(setup, resolved, json_: bool = typer.Option(False, "--json"
     if json_:
         print_json({**result.to_dict(), **resolved.json_extras()})
         return
-    if resolved.scan is not None:
+    if resolved.scan is not None and setup.packing:
+        console.print(f"dataset {resolved.scan.path}: {resolved.scan.samples} samples packed into rows of "
+                      f"{setup.seq_len} tokens; planning for the row with the most vision tokens (see the warning)")
+    elif resolved.scan is not None:
         longest = resolved.scan.to_dict()["longest"]
         console.print(f"dataset {resolved.scan.path}: {resolved.scan.samples} samples; planning for sample "
                       f"#{resolved.sample} ({setup.seq_len} tokens; the longest has {longest['total_tokens']})")
@@ -38,6 +41,9 @@ def render_estimate(result: Estimate, explain: bool = False) -> None:
     s = result.setup
     trains = ", ".join(f"{k} {v.value}" for k, v in s.trains.items())
     images = ", ".join(f"{w}x{h}" for w, h in s.images) or "none"
+    if s.videos:
+        images += "; videos " + ", ".join(f"{v.label()} ({t.frames} frames sampled, grid {t.grid_t}x{t.grid_h}x"
+                                          f"{t.grid_w})" for v, t in zip(s.videos, s.video_tokens()))
     console.print(f"[bold]{s.model.name}[/bold] {s.method} ({trains}); {s.precision}, {s.optimizer}, "
                   f"{s.attn}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.stack} stack")
     console.print(f"seq {s.seq_len} x batch {s.batch_size}; images {images} -> {s.vision_tokens_per_sample} vision "

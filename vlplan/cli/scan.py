@@ -115,7 +115,8 @@ def scan_command(setup, resolved,
                       f"would cut their image tokens and crash): {shown}")
     else:
         console.print(f"[green]every sample fits cutoff_len {scan.cutoff_len}[/green]")
-    for label, names in (("missing image", scan.missing_images), ("corrupt image", list(scan.corrupt_images))):
+    for label, names in (("missing image", scan.missing_images), ("corrupt image", list(scan.corrupt_images)),
+                         ("missing video", scan.missing_videos), ("unreadable video", list(scan.corrupt_videos))):
         if names:
             shown = ", ".join(names[:SHOW_INDICES]) + (" ..." if len(names) > SHOW_INDICES else "")
             console.print(f"[red]{_plural(len(names), label)}[/red]: {shown}")
@@ -125,5 +126,6 @@ def scan_command(setup, resolved,
                       f"{', '.join(map(str, scan.placeholder_mismatches[:SHOW_INDICES]))}")
     verdict = "[green]fits[/green]" if result.fits else "[red]does not fit[/red]"
     console.print(f"worst case (sample #{resolved.sample}, {setup.seq_len} tokens, images "
-                  f"{', '.join(f'{w}x{h}' for w, h in setup.images) or 'none'}): peak {gib(result.peak_bytes)} on "
+                  f"{', '.join(f'{w}x{h}' for w, h in setup.images) or 'none'}"
+                  f"{'; videos ' + ', '.join(v.label() for v in setup.videos) if setup.videos else ''}): peak {gib(result.peak_bytes)} on "
                   f"{setup.gpu.name} ({setup.method}, {setup.precision}, batch {setup.batch_size}): {verdict}")

@@ -5,6 +5,8 @@ Mirrors transformers 5.23 models/qwen2_vl/modeling_qwen2_vl.py and models/qwen2_
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from ...memory import ops
 from ...memory.model import BaseModel, segment_attention
 from ...memory.sim import Engine, Node, T
@@ -20,6 +22,9 @@ class QwenVLModel(BaseModel):
         super().__init__(e, setup, counts)
         v = setup.model.vision
         self.images = setup.image_tokens()
+        # each video enters the vision tower as grid_t frames of grid_h x grid_w patches (planner/video.py)
+        self.videos = setup.video_tokens()
+        self.video_frames = video_frames(self.videos)
         if counts and "vision_full" in counts:
             window, full = counts["vision_window"], counts["vision_full"]
             kinds = [False] * window + [True] * full
@@ -38,43 +43,82 @@ class QwenVLModel(BaseModel):
         self.merger = QwenMerger(self.p)
 
     def inputs(self, e: Engine) -> dict[str, T]:
-        v = self.setup.model.vision
         inputs = self.text_inputs(e)
         inputs["mm_token_type_ids"] = e.new(self.tokens, "int32", name="mm_token_type_ids", category="inputs/batch")
-        patches = sum(t.vision_patches for t in self.images) * self.batch
-        if patches:
-            patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-            inputs["pixel_values"] = e.new(patches * patch_dim, "fp32", name="pixel_values", category="inputs/batch")
-            n = len(self.images) * self.batch
-            inputs["image_grid_thw"] = e.new(n * 3, "int64", name="image_grid_thw", category="inputs/batch")
-            inputs["position_ids"] = e.new(3 * self.tokens, "int64", name="position_ids", category="inputs/batch")
-            inputs["image_position_ids"] = e.new(patches * 2, "int64", name="vision_position_ids",
-                                                 category="inputs/batch")
-            inputs["image_cu_seqlens"] = e.new(n + 1, "int32", name="cu_seqlens", category="inputs/batch")
-            if v.window_size:
-                windows = window_segments(self.images, v, self.batch)
-                inputs["image_window_index"] = e.new(patches // 4, "int64", name="window_index", category="inputs/batch")
-                inputs["image_cu_window_seqlens"] = e.new(len(windows) + 1, "int32", name="cu_window_seqlens",
-                                                          category="inputs/batch")
+        if self.images:
+            self._vision_inputs(e, inputs, "image", self.images, len(self.images))
+        if self.videos:
+            # pixel_values_videos, video_grid_thw and the video_* helper tensors (accepts_precomputed_kwargs with
+            # modality="video"); the rope positions come once, after the images' inputs when there are images
+            self._vision_inputs(e, inputs, "video", self.video_frames, len(self.videos))
         return inputs
+
+    def _vision_inputs(self, e: Engine, inputs: dict[str, T], kind: str, items, count: int) -> None:
+        v = self.setup.model.vision
+        patches = sum(t.vision_patches for t in items) * self.batch
+        patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        pixels = "pixel_values" if kind == "image" else "pixel_values_videos"
+        inputs[pixels] = e.new(patches * patch_dim, "fp32", name=pixels, category="inputs/batch")
+        n = count * self.batch
+        inputs[f"{kind}_grid_thw"] = e.new(n * 3, "int64", name=f"{kind}_grid_thw", category="inputs/batch")
+        if "position_ids" not in inputs:
+            inputs["position_ids"] = e.new(3 * self.tokens, "int64", name="position_ids", category="inputs/batch")
+        inputs[f"{kind}_position_ids"] = e.new(patches * 2, "int64", name="vision_position_ids",
+                                               category="inputs/batch")
+        # cu_seqlens: one boundary per image, per video frame (get_vision_cu_seqlens repeats h*w grid_t times)
+        segments = len(items) * self.batch
+        inputs[f"{kind}_cu_seqlens"] = e.new(segments + 1, "int32", name="cu_seqlens", category="inputs/batch")
+        if v.window_size:
+            windows = window_segments(items, v, self.batch)
+            inputs[f"{kind}_window_index"] = e.new(patches // 4, "int64", name="window_index",
+                                                   category="inputs/batch")
+            inputs[f"{kind}_cu_window_seqlens"] = e.new(len(windows) + 1, "int32", name="cu_window_seqlens",
+                                                        category="inputs/batch")
 
     def encode(self, e: Engine, inputs: dict[str, T]) -> T:
         x = self.embed_tokens(e)
-        if not self.images:
+        if not self.images and not self.videos:
             return x
+        # Qwen2VLModel.forward: get_image_features, then get_video_features (mm_encoder_outputs keeps both), then
+        # each is concatenated, cast and scattered into the embeddings in that order
+        towers = []
+        if self.images:
+            towers.append(("image", self._tower(e, inputs["pixel_values"], self.images)))
+        if self.videos:
+            towers.append(("video", self._tower(e, inputs["pixel_values_videos"], self.video_frames)))
+        keep = []
+        out = x
+        for kind, (hidden, merged) in towers:
+            e.scope = "projector"
+            # get_*_features splits per item; forward cats them and casts to the text embeddings' dtype
+            cat = e.new(merged.numel, merged.dtype, name=f"{kind}_embeds")
+            e.record(Node("cat", [merged] if merged.rg else [], [], []), cat)
+            embeds = ops.cast(e, cat, x.dtype, name=f"{kind}_embeds:cast")
+            e.scope = "language"
+            mask = e.new(self.tokens, "bool", name=f"{kind}_mask")
+            out = ops.masked_scatter(e, out, mask, embeds, name=f"inputs_embeds:scatter_{kind}")
+            # The vision outputs (last_hidden_state, pooler_output) and the embeddings stay referenced until the
+            # language model returns (mm_encoder_outputs / *_embeds locals of Qwen2VLModel.forward)
+            keep += [hidden, merged, cat, embeds]
+            del mask
+        self._keep = tuple(keep)
+        return out
+
+    def _tower(self, e: Engine, pixel_values: T, items) -> tuple[T, T]:
+        """get_image_features / get_video_features: the vision tower and merger over `items` (images, or video
+        frames: one attention segment each)."""
         e.scope = "vision"
         v = self.setup.model.vision
-        patches = sum(t.vision_patches for t in self.images) * self.batch
-        # get_image_features: pixel_values.type(self.visual.dtype); PatchEmbed casts to the conv weight dtype
-        pixels = ops.cast(e, inputs["pixel_values"], self.patch_embed.dtype, name="pixel_values:cast")
-        # nn.Conv3d (no bias); `pixel_values = pixel_values.type(self.visual.dtype)` lives until get_image_features
-        # returns
+        patches = sum(t.vision_patches for t in items) * self.batch
+        # get_*_features: pixel_values.type(self.visual.dtype); PatchEmbed casts to the conv weight dtype
+        pixels = ops.cast(e, pixel_values, self.patch_embed.dtype, name="pixel_values:cast")
+        # nn.Conv3d (no bias); the cast pixel values live until get_*_features returns
         hidden = ops.patch_conv(e, pixels, self.patch_embed, None, patches * v.hidden_size, "patch_embed")
         hidden = e.hook_input(hidden)  # visual.get_input_embeddings() is patch_embed
         if v.window_size:
             # permute_input_for_window_attn: hidden_states[window_index] (a gathered copy)
             hidden = _gather(e, hidden, "window_permute")
-        ctx = VisionContext(patches, self.images, v, self.batch, segment_attention(self.setup))
+        ctx = VisionContext(patches, items, v, self.batch, segment_attention(self.setup))
         ctx.cos, ctx.sin = _vision_rotary(e, patches, v.head_dim)
         if v.window_size:
             ctx.cos, ctx.sin = _gather(e, ctx.cos, "cos_permute"), _gather(e, ctx.sin, "sin_permute")
@@ -88,23 +132,20 @@ class QwenVLModel(BaseModel):
             merged = _gather(e, merged, "unpermute")
             del reverse
         del pixels
-        # get_image_features splits per image; forward cats them and casts to the text embeddings' dtype
-        cat = e.new(merged.numel, merged.dtype, name="image_embeds")
-        e.record(Node("cat", [merged] if merged.rg else [], [], []), cat)
-        image_embeds = ops.cast(e, cat, x.dtype, name="image_embeds:cast")
-        e.scope = "language"
-        mask = e.new(self.tokens, "bool", name="image_mask")
-        out = ops.masked_scatter(e, x, mask, image_embeds, name="inputs_embeds:scatter")
-        # The vision outputs (last_hidden_state, pooler_output) and image_embeds stay referenced until the
-        # language model returns (mm_encoder_outputs / image_embeds locals of Qwen2VLModel.forward)
-        self._keep = (hidden, merged, cat, image_embeds)
-        del mask
-        return out
+        return hidden, merged
 
     def language(self, e: Engine, x: T) -> T:
         out = super().language(e, x)
         self._keep = None
         return out
+
+
+def video_frames(videos) -> list:
+    """The frames of each video as the vision tower sees them: grid_t items of grid_h x grid_w patches, with the
+    resized size (window attention splits each frame into windows as it would an image:
+    vision_utils.get_vision_window_index reshapes each video to (grid_t, h, w))."""
+    return [SimpleNamespace(vision_patches=t.frame_patches, resized_height=t.resized_height,
+                            resized_width=t.resized_width) for t in videos for _ in range(t.grid_t)]
 
 
 def _gather(e: Engine, x: T, name: str) -> T:
