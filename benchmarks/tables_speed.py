@@ -31,6 +31,7 @@ TARGET_S_PER_10K = {"cold": 12.0, "warm": 2.0}  # issue 14: on 2 cores, nothing 
 METHODS = ["full", "freeze", "lora", "qlora"]
 SEQ_LENS = [2048, 8192]
 IMAGE_SIZES = [(448, 448), (768, 768), (1920, 1080)]
+SMALL_MODELS = ("qwen2.5-vl-3b", "qwen2.5-vl-7b", "llava-1.5-7b", "internvl3-2b", "gemma-3-4b")
 
 # Runs in a fresh interpreter: argv[1] is the worker count, argv[2] whether to time the simulations.
 CHILD = r"""
@@ -54,8 +55,8 @@ if time_simulations:
             sim["s"] += time.perf_counter() - start
 
     step._simulate_extrapolated = timed
-models, gpus = names(), list(CATALOG)
-methods, seq_lens, sizes = json.loads(sys.argv[3])
+methods, seq_lens, sizes, models = json.loads(sys.argv[3])
+models, gpus = models or names(), list(CATALOG)
 start = time.perf_counter()
 rows = compute_rows(models, methods, gpus, seq_lens, [tuple(s) for s in sizes], workers=workers)
 compute_s = time.perf_counter() - start
@@ -65,10 +66,13 @@ print(json.dumps({"rows": len(rows), "groups": len(rows) // len(gpus), "models":
 """
 
 
-def run_child(workers: int, time_simulations: bool, cache_dir: str, cache: str) -> dict:
+def run_child(workers: int, time_simulations: bool, cache_dir: str, cache: str, small: bool = False) -> dict:
     """One fresh process; `cache_dir` is the persistent result cache it reads and fills (planner/cache.py): empty for
     a cold run, filled by the cold run for a warm one."""
-    spec = json.dumps([METHODS, SEQ_LENS, [list(s) for s in IMAGE_SIZES]])
+    if small:  # a quick selection for before/after comparisons: 5 models x 4 methods x 16 GPUs, one seq and image
+        spec = json.dumps([METHODS, [2048], [[768, 768]], list(SMALL_MODELS)])
+    else:
+        spec = json.dumps([METHODS, SEQ_LENS, [list(s) for s in IMAGE_SIZES], []])
     env = dict(os.environ, VLPLAN_CACHE_DIR=cache_dir)
     env.pop("VLPLAN_NO_CACHE", None)
     load_before = os.getloadavg()[0]
@@ -92,6 +96,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to time")
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--small", action="store_true",
+                        help=f"only {', '.join(SMALL_MODELS)} at 2048 tokens and 768x768 (320 rows; not written)")
     args = parser.parse_args()
     import tempfile
 
@@ -99,11 +105,12 @@ def main() -> None:
     for w in args.workers.split(","):
         with tempfile.TemporaryDirectory(prefix="vlplan-cache-") as folder:
             for cache in ("cold", "warm"):
-                runs.append(run_child(int(w), time_simulations=int(w) == 1, cache_dir=folder, cache=cache))
+                runs.append(run_child(int(w), time_simulations=int(w) == 1, cache_dir=folder, cache=cache,
+                                      small=args.small))
     summary = {"python": platform.python_version(), "cpus": os.cpu_count(), "runs": runs,
                "target_s_per_10k_rows": TARGET_S_PER_10K}
     print(json.dumps(summary, indent=2))
-    if args.write:
+    if args.write and not args.small:
         write(summary)
 
 

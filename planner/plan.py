@@ -18,7 +18,8 @@ from functools import lru_cache
 
 from .errors import VlplanError
 from .hardware import assumed_host_ram
-from .memory.estimate import Estimate, estimate
+from .memory.estimate import Estimate, estimate, peak_floor_bytes
+from .memory.estimate import host_ram_bytes as estimated_host_ram_bytes
 from .setup import TrainSetup
 from .throughput import StepTime, step_time
 from .units import GIB
@@ -343,39 +344,74 @@ def _cached_estimate(setup: TrainSetup) -> Estimate:
     return estimate(setup)
 
 
-def _fits(setup: TrainSetup, budget: int, host_budget: int | None = None) -> bool:
-    """Whether the estimated peak is within the GPU budget and (when given) the host RAM per node within its own."""
+def _fits(setup: TrainSetup, budget: int, host_budget: int | None = None, floor: bool = False) -> bool:
+    """Whether the estimated peak is within the GPU budget and (when given) the host RAM per node within its own.
+    With `floor`, whether its lower bound is (`peak_floor_bytes`: no caching-allocator replay): a setup whose floor
+    does not fit does not fit."""
     try:
+        if _cached_floor(setup) > budget or (host_budget is not None and not _fits_host(setup, host_budget)):
+            return False
+        if floor:
+            return True
         e = _cached_estimate(setup)
     except VlplanError:
         return False
     return e.peak_bytes <= budget and (host_budget is None or e.cpu_ram_bytes <= host_budget)
 
 
+@lru_cache(maxsize=4096)
+def _cached_floor(setup: TrainSetup) -> int:
+    return peak_floor_bytes(setup)
+
+
+def _fits_host(setup: TrainSetup, host_budget: int) -> bool:
+    return estimated_host_ram_bytes(setup) <= host_budget
+
+
 def _largest_micro(setup: TrainSetup, per_rank: int, budget: int, host_budget: int | None,
                    **changes) -> tuple[int | None, int]:
     """The largest micro-batch dividing the per-rank batch that fits (memory grows with the micro-batch: binary
-    search), and how many estimates it took."""
+    search), and how many estimates it took. The search runs on the peak's lower bound (`peak_floor_bytes`, no
+    caching-allocator replay) first; the full estimate then checks the largest micro-batch whose floor fits, and
+    only when the reserved memory pushes it over the budget searches again below it: the replay runs for the one
+    or few micro-batches at the boundary, not for every one tried."""
     options = _divisors(per_rank)
     try:  # settings the setup refuses whatever the micro-batch (ZeRO-3 with QLoRA, fa2 on a V100): none fits
         replace(setup, batch_size=1, gradient_accumulation_steps=per_rank, **changes)
     except VlplanError:
         return None, 0
-    low, high, best, tried = 0, len(options) - 1, None, 0
-    while low <= high:
-        mid = (low + high) // 2
-        micro = options[mid]
-        try:
-            candidate = replace(setup, batch_size=micro, gradient_accumulation_steps=per_rank // micro, **changes)
-        except VlplanError:  # past a size bound of the setup (images per micro-batch): larger ones are refused too
-            high = mid - 1
-            continue
-        tried += 1
-        if _fits(candidate, budget, host_budget):
-            best, low = micro, mid + 1
-        else:
-            high = mid - 1
-    return best, tried
+    tried = 0
+
+    def search(high: int, floor: bool) -> int | None:
+        """The index of the largest option at or below `high` that fits (binary search), or None."""
+        nonlocal tried
+        low, best = 0, None
+        while low <= high:
+            mid = (low + high) // 2
+            micro = options[mid]
+            try:
+                candidate = replace(setup, batch_size=micro, gradient_accumulation_steps=per_rank // micro,
+                                    **changes)
+            except VlplanError:  # past a size bound of the setup (images per micro-batch): larger ones are refused
+                high = mid - 1
+                continue
+            tried += 1
+            if _fits(candidate, budget, host_budget, floor=floor):
+                best, low = mid, mid + 1
+            else:
+                high = mid - 1
+        return best
+
+    bound = search(len(options) - 1, floor=True)
+    if bound is None:
+        return None, tried
+    micro = options[bound]
+    tried += 1
+    if _fits(replace(setup, batch_size=micro, gradient_accumulation_steps=per_rank // micro, **changes), budget,
+             host_budget):
+        return micro, tried
+    best = search(bound - 1, floor=False)
+    return (None if best is None else options[best]), tried
 
 
 def _reasons(best: Candidate, fits: list[Candidate], budget: int, capacity: int, margin: float,

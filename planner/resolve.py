@@ -9,7 +9,9 @@ typed wins whatever its value (e.g. `--method lora` over a YAML with `finetuning
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .coverage import setup_warnings
@@ -33,6 +35,7 @@ SETUP_DEFAULTS = {
     "stage": "sft", "pref_loss": "sigmoid", "pref_ftx": 0.0, "pref_beta": 0.1, "gpu": "h100-80g",
     "gpu_memory_gib": None, "num_gpus": 1,
     "num_nodes": 1, "zero": 0, "offload": "none", "sharding": "zero", "fsdp": "full_shard", "stack": "vlplan",
+    "expandable_segments": None,  # None: from LLaMA-Factory's launcher or PYTORCH_CUDA_ALLOC_CONF, else off
     # files
     "from_llamafactory": None, "deepspeed": None, "accelerate_config": None, "dataset": None, "percentile": None, "dataset_dir": None,
     "media_dir": None, "dataset_info": None, "tokenizer": None,
@@ -144,10 +147,12 @@ def _library_defaults() -> dict:
     return _given_choices(defaults)
 
 
-def resolve_setup(progress=None, **options) -> ResolvedSetup:
+def resolve_setup(progress=None, environ: Mapping[str, str] | None = None, **options) -> ResolvedSetup:
     """The TrainSetup of the given settings and files (names as in `SETUP_DEFAULTS`; errors are VlplanError). A
     setting given as None (or left out) is not given; see the module docstring for the precedence of settings, YAML,
-    DeepSpeed JSON and dataset. `progress(done, total)` is called while a dataset is scanned."""
+    DeepSpeed JSON and dataset. `progress(done, total)` is called while a dataset is scanned. `environ` (default:
+    this process's environment) is where PYTORCH_CUDA_ALLOC_CONF and LLaMA-Factory's OPTIM_TORCH are read when
+    `expandable_segments` is not given (`expandable_segments_default`)."""
     from .io.deepspeed import read_deepspeed
     from .io.llamafactory import build_setup, deepspeed_consistency, llamafactory_choices
     from .versions import transformers_warning
@@ -228,8 +233,43 @@ def resolve_setup(progress=None, **options) -> ResolvedSetup:
         resolved.setup, resolved.scan, warnings = _dataset_setup(base, options, choices, progress)
         resolved.sample, resolved.percentile = resolved.scan.pick(options["percentile"]), options["percentile"]
         resolved.warnings += warnings
+    if "expandable_segments" not in explicit:
+        expandable, source = expandable_segments_default(resolved.setup, os.environ if environ is None else environ)
+        if source:
+            resolved.setup = replace(resolved.setup, expandable_segments=expandable)
+            resolved.sources["expandable_segments"] = source
     resolved.warnings += [w for w in setup_warnings(resolved.setup) if w not in resolved.warnings]
     return resolved
+
+
+def expandable_segments_default(setup, environ: Mapping[str, str]) -> tuple[bool, str | None]:
+    """Whether the training process will run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True when no setting
+    says so, and why (None: nothing says so; off).
+    - LLaMA-Factory (>= 0.9.3) launches every run of more than one process through torchrun and, unless OPTIM_TORCH
+      is switched off (default "1"), sets `env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"` for it,
+      over what the environment says (llamafactory/launcher.py `launch`; shared/reference/llamafactory.md). A
+      single-GPU run is not launched by torchrun (unless FORCE_TORCHRUN) and keeps the environment's value.
+    - Otherwise PYTORCH_CUDA_ALLOC_CONF of `environ` (the shell the training would start from), parsed as
+      c10/cuda/CUDAAllocatorConfig.cpp `parseArgs` does: comma-separated `key:value`, `expandable_segments` True or
+      False (the last one wins)."""
+    def enabled(name: str, default: str) -> bool:  # llamafactory.extras.misc.is_env_enabled
+        return environ.get(name, default).lower() in ("true", "y", "1")
+
+    torchrun = setup.world_size > 1 or enabled("FORCE_TORCHRUN", "0")
+    if setup.stack == "llamafactory" and torchrun and enabled("OPTIM_TORCH", "1"):
+        return True, "LLaMA-Factory's torchrun launch sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    conf = environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    value = None
+    for item in conf.replace(" ", "").split(","):
+        key, _, setting = item.partition(":")
+        if key == "expandable_segments":
+            if setting not in ("True", "False"):
+                raise VlplanError(f"PYTORCH_CUDA_ALLOC_CONF={conf}: expandable_segments takes True or False (as "
+                                  f"torch requires), not {setting!r}")
+            value = setting == "True"
+    if value is None:
+        return False, None
+    return value, f"PYTORCH_CUDA_ALLOC_CONF={conf}"
 
 
 def _component_flags_over_presets(choices: dict, flags: dict) -> None:

@@ -163,6 +163,10 @@ class TrainSetup:
     pref_loss: PrefLoss = "sigmoid"
     pref_ftx: float = 0.0
     pref_beta: float = 0.1
+    # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows one segment per pool in pages
+    # instead of cudaMalloc'ing segments (planner/memory/allocator.py); it changes reserved memory, not live tensors.
+    # LLaMA-Factory's launcher sets it for torchrun runs (planner/resolve.py expandable_segments_default)
+    expandable_segments: bool = False
     # LLaMA-Factory packing: samples packed into rows of seq_len tokens (planner/packing.py); neat_packing adds the
     # block-diagonal (batch, 1, seq, seq) attention mask for sdpa and eager
     packing: bool = False

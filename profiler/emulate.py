@@ -5,8 +5,9 @@ that differ between the CUDA and CPU implementations are reproduced here:
 
 - Autocast: CUDA's op lists differ from the CPU's (norms and softmax in fp32, ...): `cuda_autocast.py`.
 - Attention: `F.scaled_dot_product_attention` on CUDA with fp16/bf16 inputs, no mask and head_dim <= 256 runs a fused
-  kernel (cuDNN attention on Hopper with torch >= 2.11, else FlashAttention-2; aten/src/ATen/native/transformers/
-  cuda/attention.cu). Its output is laid out (batch, seq, heads, dim) and returned transposed, so transformers'
+  kernel, the one the planner's table gives for the setup's GPU (planner/memory/sdpa.py, from sdp_utils.cpp: cuDNN
+  attention on Hopper, FlashAttention-2 on other sm80+ GPUs, memory-efficient attention with a mask or before sm80;
+  aten/src/ATen/native/transformers/cuda/attention.cu). Its output is laid out (batch, seq, heads, dim) and returned transposed, so transformers'
   following `.transpose(1, 2).contiguous()` copies nothing; the CPU kernel returns (batch, heads, seq, dim), which
   costs one more copy downstream. `CudaAttention` reproduces the CUDA kernels' saved tensors and workspaces.
 - Dropout: `F.dropout` with 0 < p < 1 in training runs CUDA's fused `native_dropout` (output + bool mask, the mask
@@ -31,6 +32,8 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+from vlplan.planner.memory.sdpa import CUDNN, EFFICIENT, FLASH, MATH, sdpa_backend
 
 _ACTIVE_TRACKER = None  # set by `cuda_emulation` when a MemoryTracker is in use
 
@@ -62,9 +65,9 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-# Which fused kernel torch's CUDA SDPA picks for bf16/fp16 without a mask. torch >= 2.11 prefers cuDNN attention on
-# Hopper when the bundled cuDNN is newer than 9.15 (sdp_utils.cpp `check_prefer_cudnn_attention`), else FlashAttention-2.
-SDPA_KERNEL = "cudnn"
+# The GPU whose SDPA kernel choice the trace reproduces (`cuda_emulation` sets it from the setup): the choice itself
+# is the planner's table (planner/memory/sdpa.py `sdpa_backend`, from sdp_utils.cpp), shared with the estimator.
+_GPU_NAME = ""
 
 
 class CudaAttention(torch.autograd.Function):
@@ -81,7 +84,7 @@ class CudaAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, key, value, is_causal, scale, attn_bias=None):
+    def forward(ctx, query, key, value, is_causal, scale, backend, attn_bias=None):
         batch, heads, seq_q, _ = query.shape
         with tracker_paused():
             values = _original_sdpa(query, key, value, attn_mask=attn_bias, is_causal=is_causal, scale=scale,
@@ -92,10 +95,13 @@ class CudaAttention(torch.autograd.Function):
         with tracker_paused():
             out.copy_(values)
             del values
-        lse_shape = (batch, heads, seq_q, 1) if SDPA_KERNEL == "cudnn" else (batch, heads, seq_q)
+        # the fp32 logsumexp: cuDNN (batch, heads, seq, 1), FlashAttention-2 (batch, heads, seq), memory-efficient
+        # attention (batch, heads, seq rounded up to kAlignLSE = 32)
+        lse_shape = {CUDNN: (batch, heads, seq_q, 1), FLASH: (batch, heads, seq_q),
+                     EFFICIENT: (batch, heads, _round_up(seq_q, 32))}[backend]
         logsumexp = torch.empty(lse_shape, dtype=torch.float32, device=query.device)
         ctx.save_for_backward(query, key, value, out, logsumexp, attn_bias)
-        ctx.is_causal, ctx.scale = is_causal, scale
+        ctx.is_causal, ctx.scale, ctx.backend = is_causal, scale, backend
         return out
 
     @staticmethod
@@ -104,7 +110,7 @@ class CudaAttention(torch.autograd.Function):
         batch, heads, seq_q, dim = query.shape
         kv_heads = key.shape[1]
         device = query.device
-        if SDPA_KERNEL == "cudnn":
+        if ctx.backend != FLASH:  # cuDNN; memory-efficient attention modelled with cuDNN's workspace (sdpa.py)
             workspace = [torch.empty(batch, heads, seq_q, dim, dtype=torch.float32, device=device),
                          torch.empty(batch, heads, seq_q, dtype=torch.float32, device=device)]
             dq, dk, dv = (_empty_like_layout(t) for t in (query, key, value))
@@ -132,7 +138,7 @@ class CudaAttention(torch.autograd.Function):
             for target, grad in zip((dq, dk, dv), grads):
                 target.copy_(grad)
             del grads, values, inputs
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 def _empty_like_layout(t: torch.Tensor) -> torch.Tensor:
@@ -151,25 +157,29 @@ _original_sdpa = F.scaled_dot_product_attention
 
 def cuda_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
               **kwargs):
-    """F.scaled_dot_product_attention with CUDA's kernel choice: a fused kernel (`SDPA_KERNEL`) for fp16/bf16, no
-    mask, no dropout and head_dim <= 256 (multiple of 8); anything else runs the original function."""
+    """F.scaled_dot_product_attention with CUDA's kernel choice for the traced setup's GPU (planner/memory/sdpa.py
+    `sdpa_backend`): cuDNN, FlashAttention-2 or memory-efficient attention for fp16/bf16 without dropout; fp32, the
+    math kernel and anything else run the original function (the estimator's eager path)."""
     if torch.is_autocast_enabled("cpu"):
         # scaled_dot_product_attention is in autocast's lower-precision list: the dispatcher casts q, k, v first
         dtype = torch.get_autocast_dtype("cpu")
         query, key, value = (t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t
                              for t in (query, key, value))
-    flash_ok = (attn_mask is None and dropout_p == 0.0 and query.dtype in (torch.float16, torch.bfloat16)
-                and query.shape[-1] <= 256 and query.shape[-1] % 8 == 0 and query.dim() == 4)
-    if attn_mask is not None and SDPA_KERNEL == "cudnn" and attn_mask.dim() == 4 and (
-            dropout_p == 0.0 and query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256
-            and query.shape[-1] % 8 == 0 and query.dim() == 4):
-        return _cudnn_masked_sdpa(query, key, value, attn_mask, is_causal, scale)
-    if not flash_ok:
+    backend = MATH
+    if dropout_p == 0.0 and query.dim() == 4 and (attn_mask is None or attn_mask.dim() == 4) and query.dtype in _DTYPES:
+        backend = sdpa_backend(_GPU_NAME, _DTYPES[query.dtype], query.shape[-1], attn_mask is not None,
+                               value.shape[-1])
+    if backend == MATH or (backend == EFFICIENT and query.dtype == torch.float32):
         return _original_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, enable_gqa=enable_gqa, **kwargs)
+    if attn_mask is not None:
+        return _masked_sdpa(query, key, value, attn_mask, is_causal, scale, backend)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    return CudaAttention.apply(query, key, value, bool(is_causal), scale)
+    return CudaAttention.apply(query, key, value, bool(is_causal), scale, backend)
+
+
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 _original_dropout = F.dropout
@@ -184,10 +194,10 @@ def cuda_dropout(input, p=0.5, training=True, inplace=False):
     return _original_dropout(input, p, training, inplace)
 
 
-def _cudnn_masked_sdpa(query, key, value, attn_mask, is_causal, scale):
+def _masked_sdpa(query, key, value, attn_mask, is_causal, scale, backend):
     """CUDA SDPA with a mask (Gemma 3's sliding-window and image-bidirectional masks): no FlashAttention; cuDNN
     attention takes masks (sdp_utils.cpp `can_use_cudnn_attention` checks only the mask's shape) and is first in the
-    priority order on Hopper (`SDPA_KERNEL`). attention.cpp `convert_boolean_attn_mask_cudnn` turns a bool mask into
+    priority order on Hopper, memory-efficient attention runs elsewhere (planner/memory/sdpa.py). attention.cpp `convert_boolean_attn_mask_cudnn` turns a bool mask into
     an additive bias of the query dtype, `where(mask.logical_not(), -65504, 0)` (a transient bool tensor, then the
     bias, both of the mask's shape); under autocast a float mask is cast like q, k and v. transformers passes no
     `enable_gqa` with a mask (`use_gqa_in_sdpa`), so K and V arrive already expanded by `repeat_kv`."""
@@ -197,7 +207,7 @@ def _cudnn_masked_sdpa(query, key, value, attn_mask, is_causal, scale):
         bias = attn_mask.to(query.dtype) if torch.is_autocast_enabled("cpu") else attn_mask
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
-    return CudaAttention.apply(query, key, value, bool(is_causal), scale, bias)
+    return CudaAttention.apply(query, key, value, bool(is_causal), scale, backend, bias)
 
 
 def _apply_by_replacing(self, fn, recurse=True):
@@ -294,6 +304,8 @@ def cuda_emulation(setup, *, fake: bool = True):
 
     from torch._subclasses import fake_tensor
 
+    global _GPU_NAME
+    gpu_name, _GPU_NAME = _GPU_NAME, setup.gpu.name
     F.scaled_dot_product_attention = cuda_sdpa
     F.dropout = cuda_dropout
     torch.Tensor.masked_scatter = cuda_masked_scatter
@@ -322,6 +334,7 @@ def cuda_emulation(setup, *, fake: bool = True):
             yield
     finally:
         fake_tensor.CONSTANT_NUMEL_LIMIT = numel_limit
+        _GPU_NAME = gpu_name
         F.scaled_dot_product_attention = _original_sdpa
         F.dropout = _original_dropout
         torch.Tensor.masked_scatter = _original_masked_scatter

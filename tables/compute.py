@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from ..planner import cache
 from ..planner.errors import VlplanError
 from ..planner.hardware import GPU
-from ..planner.memory.estimate import Estimate, estimate
+from ..planner.memory.estimate import Estimate, estimate, peak_floor_bytes
 from ..planner.plan import _strategies
 from ..planner.registry import resolve
 from ..planner.setup import ATTENTIONS, TrainSetup, make_setup
@@ -177,17 +177,57 @@ def gpu_row(model: str, method: str, seq_len: int, image_size: tuple[int, int] |
 def _largest_micro_batch(setup: TrainSetup, first: Estimate, budget: int) -> int | None:
     """The largest micro-batch up to MAX_MICRO_BATCH whose estimate fits `budget`, found with few estimates:
     memory grows with the micro-batch, nearly linearly (convex: the peak is the largest of affine terms), so the
-    line through micro-batches 1 and 2 predicts the answer from above; regula falsi then brackets it exactly."""
+    line through micro-batches 1 and 2 predicts the answer from above; regula falsi then brackets it exactly.
+
+    The full estimate replays the step through the caching-allocator model, so the search avoids it: it guesses
+    with the peak's lower bound (`peak_floor_bytes`, no replay) plus micro-batch 1's reserve, then proves the guess
+    with full estimates at it and one above (a floor over the budget proves a size does not fit without a replay),
+    and only when the guess is off searches again on full estimates, below the guess or up to the largest size
+    whose floor fits. The answer is that of a search on full estimates."""
     if first.peak_bytes > budget:
         return None
+    floors = {1: peak_floor_bytes(setup)}
     peaks = {1: first.peak_bytes}
+
+    def floor(batch: int) -> int:
+        if batch not in floors:
+            floors[batch] = peak_floor_bytes(replace(setup, batch_size=batch))
+        return floors[batch]
+
+    def full(batch: int) -> int:  # the floor where it is over the budget already (no replay needed to know)
+        if batch not in peaks:
+            peaks[batch] = floor(batch) if floor(batch) > budget else estimate(
+                replace(setup, batch_size=batch)).peak_bytes
+        return peaks[batch]
+
+    # a guess: the floor plus micro-batch 1's reserve (the reserve grows with the micro-batch, so it guesses high)
+    reserve_1 = first.peak_bytes - floors[1]
+    guessed = _largest_under({1: first.peak_bytes}, lambda batch: floor(batch) + reserve_1, budget,
+                             MAX_MICRO_BATCH + 1)
+    if guessed > 1 and full(guessed) > budget:  # too high: the answer is below it
+        return _largest_under(peaks, full, budget, guessed)
+    if guessed == MAX_MICRO_BATCH or full(guessed + 1) > budget:  # proven: the guess fits, one more does not
+        return guessed
+    # too low: the answer is between the guess + 1 and the largest micro-batch whose floor fits
+    bound = _largest_under(floors, floor, budget, MAX_MICRO_BATCH + 1)
+    if full(bound) <= budget:
+        return bound
+    peaks_above = {1: peaks[guessed + 1]}  # regula falsi from guess + 1 (it fits) to bound (it does not)
+    offset = guessed
+    return offset + _largest_under(peaks_above, lambda b: full(b + offset), budget, bound - offset)
+
+
+def _largest_under(peaks: dict[int, int], compute, budget: int, high: int) -> int:
+    """The largest batch in [1, high) whose peak fits `budget`, given that batch 1 fits: regula falsi over the
+    peaks (`peaks`, the ones known, filled with `compute(batch)`); `high` is known not to fit, or is past the cap
+    (MAX_MICRO_BATCH + 1), where the line through the last two fitting sizes (1 and 2 at first) extrapolates."""
 
     def peak(batch: int) -> int:
         if batch not in peaks:
-            peaks[batch] = estimate(replace(setup, batch_size=batch)).peak_bytes
+            peaks[batch] = compute(batch)
         return peaks[batch]
 
-    low, high = 1, MAX_MICRO_BATCH + 1  # peak(low) fits; high is the smallest size known not to (or past the cap)
+    low = 1  # peak(low) fits; high is the smallest size known not to (or past the cap)
     while high - low > 1:
         if high <= MAX_MICRO_BATCH:  # bracketed: the line through both ends (regula falsi)
             left, right = low, high
@@ -218,6 +258,8 @@ def _fewest_gpus(setup: TrainSetup, budget: int, offload: bool) -> tuple[int | N
             try:
                 candidate = replace(sized, zero=zero, offload=where)
             except VlplanError:
+                continue
+            if peak_floor_bytes(candidate) > budget:  # its lower bound is over: no replay needed to rule it out
                 continue
             result = estimate(candidate)
             if result.peak_bytes <= budget:

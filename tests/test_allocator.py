@@ -218,6 +218,129 @@ def test_replay_is_deterministic_and_reserved_bounds_allocated():
     assert first.reserved_peak_bytes >= first.allocated_peak_bytes >= first.allocated_at_reserved_peak_bytes
 
 
+class ReferenceAllocator:
+    """A second, plain reading of the same rules of CUDACachingAllocator.cpp (default settings, one stream): every
+    segment a list of [offset, size, allocated] blocks in address order, best fit by a linear scan over all free
+    blocks of the pool (smallest size, then lowest address: `BlockComparatorSize`), no sorted sets or linked blocks.
+    Segments get the model's synthetic addresses (increasing, 2 MiB aligned), which only break ties."""
+
+    def __init__(self, capacity=None):
+        self.capacity, self.segments, self.next_address = capacity, [], 2 * MIB
+        self.reserved = self.allocated = self.reserved_peak = self.allocated_peak = 0
+        self.retries = 0
+
+    def malloc(self, nbytes):
+        size = max(512, -(-nbytes // 512) * 512)  # round_size
+        small = size <= MIB  # get_pool
+        found = self._best_fit(small, size)
+        if found is None:
+            alloc = 2 * MIB if small else 20 * MIB if size < 10 * MIB else -(-size // (2 * MIB)) * 2 * MIB
+            if self.capacity is not None and self.reserved + alloc > self.capacity:
+                # release_cached_blocks: every cached block that is a whole segment, then one retry
+                self.segments = [seg for seg in self.segments if not (len(seg["blocks"]) == 1
+                                                                      and not seg["blocks"][0][2])]
+                self.reserved = sum(seg["size"] for seg in self.segments)
+                self.retries += 1
+                if self.reserved + alloc > self.capacity:
+                    raise OutOfMemory("reference")
+            seg = {"base": self.next_address, "size": alloc, "small": small, "blocks": [[0, alloc, False]]}
+            self.next_address += -(-alloc // (2 * MIB)) * 2 * MIB
+            self.segments.append(seg)
+            self.reserved += alloc
+            self.reserved_peak = max(self.reserved_peak, self.reserved)
+            found = (seg, 0)
+        seg, index = found
+        block = seg["blocks"][index]
+        remaining = block[1] - size
+        if (remaining >= 512) if small else (remaining > MIB):  # should_split
+            seg["blocks"].insert(index + 1, [block[0] + size, remaining, False])
+            block[1] = size
+        block[2] = True
+        self.allocated += block[1]
+        self.allocated_peak = max(self.allocated_peak, self.allocated)
+        return seg, block[0]
+
+    def _best_fit(self, small, size):
+        best = None
+        for seg in self.segments:
+            if seg["small"] != small:
+                continue
+            for index, (offset, length, used) in enumerate(seg["blocks"]):
+                if not used and length >= size:
+                    key = (length, seg["base"] + offset)
+                    if best is None or key < best[0]:
+                        best = (key, seg, index)
+        return None if best is None else best[1:]
+
+    def free(self, handle):
+        seg, offset = handle
+        blocks = seg["blocks"]
+        index = next(i for i, b in enumerate(blocks) if b[0] == offset)
+        blocks[index][2] = False
+        self.allocated -= blocks[index][1]
+        if index + 1 < len(blocks) and not blocks[index + 1][2]:  # try_merge_blocks with the next block
+            blocks[index][1] += blocks.pop(index + 1)[1]
+        if index > 0 and not blocks[index - 1][2]:  # and with the previous one
+            blocks[index - 1][1] += blocks.pop(index)[1]
+
+
+def reference_replay(events, capacity=None):
+    allocator, live = ReferenceAllocator(capacity), {}
+    for key, nbytes in events:
+        if nbytes:
+            live[key] = allocator.malloc(nbytes)
+        elif key in live:
+            allocator.free(live.pop(key))
+    return allocator
+
+
+def random_events(seed, count=3000, largest=48 * MIB):
+    import random
+
+    rng, events, live = random.Random(seed), [], []
+    for i in range(count):
+        if live and rng.random() < 0.45:
+            events.append((live.pop(rng.randrange(len(live))), 0))
+        else:
+            # a mix of small-pool, 1-10 MiB and large requests, with many repeats (as a training step has)
+            size = rng.choice([rng.randint(1, MIB), rng.randint(MIB + 1, 10 * MIB), rng.randint(10 * MIB, largest),
+                               4 * MIB, 12 * MIB + 7, 700])
+            events.append((i, size))
+            live.append(i)
+    return events
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_replay_equals_the_plain_reference(seed):
+    """The model's sorted pools and linked blocks give what the plain reading of the rules gives, event for event."""
+    events = random_events(seed)
+    ours, reference = replay(events), reference_replay(events)
+    assert (ours.reserved_peak_bytes, ours.allocated_peak_bytes, ours.reserved_final_bytes) == (
+        reference.reserved_peak, reference.allocated_peak, reference.reserved)
+
+
+def test_replay_under_capacity_equals_the_plain_reference():
+    """Under a capacity the out-of-memory path (release the whole cached segments, retry once) matches the
+    reference too: capacities from the unlimited reserved peak down, both where the retry saves the step and where
+    the step runs out of memory."""
+    events = random_events(7, count=2000, largest=24 * MIB)
+    unlimited = replay(events)
+    outcomes = set()
+    for capacity in range(unlimited.reserved_peak_bytes - 2 * MIB, unlimited.allocated_peak_bytes, -8 * MIB):
+        limited = replay(events, capacity)
+        try:
+            reference = reference_replay(events, capacity)
+        except OutOfMemory:
+            assert limited.oom
+            outcomes.add("oom")
+            continue
+        assert not limited.oom and limited.retries == reference.retries >= 1
+        assert (limited.reserved_peak_bytes, limited.allocated_peak_bytes) == (reference.reserved_peak,
+                                                                              reference.allocated_peak)
+        outcomes.add("retried")
+    assert outcomes == {"oom", "retried"}
+
+
 # Allocation logs recorded from the tracer ---------------------------------------------------------------------------
 
 
@@ -258,6 +381,17 @@ def test_replay_of_a_traced_step(traced_log):
     # torch's allocated_bytes counts whole blocks (a large block is not split for a remainder of <= 1 MiB)
     assert allocator.allocated_peak >= live_peak
     assert allocator.reserved_peak >= allocator.allocated_peak
+
+
+@pytest.mark.slow
+def test_replay_of_a_traced_step_equals_the_plain_reference(traced_log):
+    """The tracer's log of a real (fake-tensor) training step through the model and through the plain reading of the
+    rules: the same reserved and allocated peaks."""
+    _, _, log = traced_log
+    ours, reference = replay(log), reference_replay(log)
+    assert (ours.reserved_peak_bytes, ours.allocated_peak_bytes, ours.reserved_final_bytes) == (
+        reference.reserved_peak, reference.allocated_peak, reference.reserved)
+    assert ours.reserved_peak_bytes > ours.allocated_peak_bytes  # the log is rich enough to cache something
 
 
 @pytest.mark.slow
@@ -305,7 +439,7 @@ def test_estimate_peak_is_the_replayed_reserved_memory(small_setup):
     )
     from vlplan.planner.memory.step import simulate_extrapolated
 
-    result = estimate(small_setup, reserve="replay")
+    result = estimate(small_setup)
     assert sum(result.breakdown_bytes.values()) == result.peak_bytes
     # the live-tensor peak is the simulation's, untouched by the replay
     assert result.allocated_peak_bytes == max(simulate_extrapolated(small_setup).phase_peaks.values())
@@ -329,8 +463,8 @@ def test_cublas_workspaces_share_a_20_mib_segment_off_hopper():
 def test_estimate_with_expandable_segments(small_setup):
     from vlplan.planner.memory.estimate import estimate
 
-    plain = estimate(small_setup, reserve="replay")
-    expandable = estimate(small_setup, reserve="replay", expandable_segments=True)
+    plain = estimate(small_setup)
+    expandable = estimate(replace(small_setup, expandable_segments=True))
     assert expandable.allocator["expandable_segments"] and not plain.allocator["expandable_segments"]
     assert expandable.allocated_peak_bytes == plain.allocated_peak_bytes
     assert sum(expandable.breakdown_bytes.values()) == expandable.peak_bytes
@@ -343,13 +477,12 @@ def test_estimate_near_capacity_replays_the_out_of_memory_retry(small_setup):
     from vlplan.planner.memory import overheads
     from vlplan.planner.memory.estimate import estimate
 
-    unlimited = estimate(small_setup, reserve="replay")
+    unlimited = estimate(small_setup)
     floor = unlimited.allocated_peak_bytes + 64 * MIB + overheads.CUDA_CONTEXT_BYTES
     assert unlimited.peak_bytes - floor > 256 * MIB  # cached memory worth squeezing
     for extra_mib in range(32, (unlimited.peak_bytes - floor) // MIB, 32):
         memory_mib = floor // MIB + extra_mib
-        squeezed = estimate(replace(small_setup, gpu=replace(small_setup.gpu, memory_mib=memory_mib)),
-                            reserve="replay")
+        squeezed = estimate(replace(small_setup, gpu=replace(small_setup.gpu, memory_mib=memory_mib)))
         assert sum(squeezed.breakdown_bytes.values()) == squeezed.peak_bytes
         assert squeezed.allocator["retries"] >= 1  # the unlimited replay's reserved peak exceeds this GPU
         if squeezed.allocator["oom_event"] is not None:  # cached blocks split from segments in use stay reserved
@@ -361,40 +494,101 @@ def test_estimate_near_capacity_replays_the_out_of_memory_retry(small_setup):
         raise AssertionError("no capacity between the live peak and the unlimited reserved peak fits")
 
 
-def test_the_default_reserve_is_the_named_factor(small_setup):
-    """Plan and tables search many setups: the replay (a full-depth simulation each) is asked for, not the default."""
-    from vlplan.planner.errors import VlplanError
-    from vlplan.planner.memory import overheads
-    from vlplan.planner.memory.estimate import PERSISTENT_PREFIXES, estimate
+def test_the_floor_bounds_the_peak_from_below(small_setup):
+    """`peak_floor_bytes` (what plan and tables search on before replaying) is the peak without the reserve: never
+    above it, for plain and expandable segments, one GPU and ZeRO on several."""
+    from vlplan.planner.memory.estimate import estimate, peak_floor_bytes
 
-    result = estimate(small_setup)
-    transient = sum(v for k, v in result.breakdown_bytes.items()
-                    if not k.startswith(PERSISTENT_PREFIXES) and not k.startswith("cuda/"))
-    assert result.breakdown_bytes["cuda/allocator_reserve"] == int(transient * overheads.ALLOCATOR_FRAGMENTATION)
-    assert result.allocator == {"reserve": "factor"}
-    with pytest.raises(VlplanError, match="add --reserve replay"):
-        estimate(small_setup, expandable_segments=True)
+    for setup in (small_setup, replace(small_setup, expandable_segments=True), replace(small_setup, batch_size=3),
+                  replace(small_setup, method="full", language=small_setup.language.FULL, num_gpus=2, zero=2)):
+        result = estimate(setup)
+        assert peak_floor_bytes(setup) == result.peak_bytes - result.breakdown_bytes.get("cuda/allocator_reserve", 0)
+        assert result.breakdown_bytes.get("cuda/allocator_reserve", 0) >= 0
 
 
-def test_estimate_command_replays_on_request():
+def test_estimate_command_replays():
     import json
 
     from typer.testing import CliRunner
 
     from vlplan.cli.main import app
 
-    def run(*args):
+    def run(*args, env=None):
         result = CliRunner().invoke(app, ["estimate", "--model", "qwen2-vl-2b", "--seq-len", "512", "--image-size",
-                                          "224x224", *args, "--json"])
+                                          "224x224", *args, "--json"], env=env)
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
 
-    factor, replayed = run(), run("--reserve", "replay")
-    expandable = run("--reserve", "replay", "--expandable-segments")
-    assert factor["allocator"] == {"reserve": "factor"} and replayed["allocator"]["reserve"] == "replay"
-    assert factor["allocated_peak_bytes"] == replayed["allocated_peak_bytes"] == expandable["allocated_peak_bytes"]
-    assert replayed["allocator"]["events"] > 1000 and expandable["allocator"]["expandable_segments"]
-    assert sum(replayed["breakdown_bytes"].values()) == replayed["peak_bytes"]
-    result = CliRunner().invoke(app, ["estimate", "--model", "qwen2-vl-2b", "--expandable-segments"])
-    assert result.exit_code == 2 and result.stderr.strip() == ("error: expandable segments change only the "
-                                                               "caching-allocator replay; add --reserve replay")
+    plain = run("--no-expandable-segments")
+    expandable = run("--expandable-segments")
+    assert plain["allocator"]["reserve"] == "replay" and not plain["allocator"]["expandable_segments"]
+    assert plain["allocated_peak_bytes"] == expandable["allocated_peak_bytes"]
+    assert plain["allocator"]["events"] > 1000 and expandable["allocator"]["expandable_segments"]
+    assert plain["settings"]["expandable_segments"] is False and expandable["settings"]["expandable_segments"]
+    assert sum(plain["breakdown_bytes"].values()) == plain["peak_bytes"]
+    # the shell's PYTORCH_CUDA_ALLOC_CONF is read when no flag says
+    from_env = run(env={"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128,expandable_segments:True"})
+    assert from_env["peak_bytes"] == expandable["peak_bytes"]
+    assert from_env["sources"]["expandable_segments"].startswith("PYTORCH_CUDA_ALLOC_CONF=")
+    result = CliRunner().invoke(app, ["estimate", "--model", "qwen2-vl-2b"],
+                                env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:yes"})
+    assert result.exit_code == 2 and "expandable_segments takes True or False" in result.stderr
+
+
+def test_llamafactory_torchrun_launch_turns_expandable_segments_on():
+    """llamafactory/launcher.py: a torchrun launch (more than one GPU, or FORCE_TORCHRUN) sets
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless OPTIM_TORCH is off; one GPU keeps the shell's value."""
+    from vlplan.planner.registry import resolve
+    from vlplan.planner.resolve import expandable_segments_default
+    from vlplan.planner.setup import make_setup
+
+    one = make_setup(resolve("qwen2-vl-2b"), stack="llamafactory")
+    two = replace(one, num_gpus=2)
+    assert expandable_segments_default(one, {}) == (False, None)
+    assert expandable_segments_default(two, {})[0] is True
+    assert expandable_segments_default(one, {"FORCE_TORCHRUN": "1"})[0] is True
+    assert expandable_segments_default(two, {"OPTIM_TORCH": "0"}) == (False, None)
+    assert expandable_segments_default(replace(two, stack="vlplan"), {}) == (False, None)
+    conf = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert expandable_segments_default(one, conf) == (True, "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    # the last setting wins, as in CUDAAllocatorConfig's parser
+    off = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True,expandable_segments:False"}
+    assert expandable_segments_default(one, off)[0] is False
+
+
+# Searches on the floor (plan, tables) ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("growth", [0, 1, 5, 40])
+def test_tables_search_finds_the_largest_fitting_micro_batch(monkeypatch, growth):
+    """tables' micro-batch search (a guess from the replay-free floor, then full estimates at the boundary) gives the
+    largest micro-batch whose full peak fits, for any budget: checked against a scan, with a synthetic peak whose
+    reserve grows with the micro-batch by `growth` units (0: the floor plus a constant)."""
+    from types import SimpleNamespace
+
+    from vlplan.tables import compute
+
+    def floor(setup):
+        return 1000 + 100 * setup.batch_size
+
+    def full(setup):
+        b = setup.batch_size
+        return floor(setup) + 30 + growth * b + (7 if b % 3 == 0 else 0)  # the reserve: >= 0, not monotone
+
+    calls = []
+    monkeypatch.setattr(compute, "peak_floor_bytes", floor)
+    monkeypatch.setattr(compute, "estimate", lambda setup: calls.append(setup.batch_size) or SimpleNamespace(
+        peak_bytes=full(setup)))
+    monkeypatch.setattr(compute, "replace", lambda setup, batch_size: SimpleNamespace(batch_size=batch_size))
+    one = SimpleNamespace(batch_size=1)
+    for budget in range(1000, 1000 + 100 * (compute.MAX_MICRO_BATCH + 3) + growth * 20, 37):
+        calls.clear()
+        fitting = [b for b in range(1, compute.MAX_MICRO_BATCH + 1)
+                   if full(SimpleNamespace(batch_size=b)) <= budget]
+        expected = max(fitting) if fitting and fitting == list(range(1, max(fitting) + 1)) else (
+            fitting[0] if fitting else None)
+        if fitting and fitting != list(range(1, max(fitting) + 1)):
+            continue  # not monotone at this budget: a search assumes it is
+        got = compute._largest_micro_batch(one, SimpleNamespace(peak_bytes=full(one)), budget)
+        assert got == expected, (budget, got, expected)
+        assert len(set(calls)) <= 6  # full estimates (replays) only near the boundary

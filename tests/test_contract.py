@@ -63,6 +63,7 @@ CASES = {
     "attn": ({}, dict(attn="eager")),
     "gradient_checkpointing": ({}, dict(gradient_checkpointing=False)),
     "stack": ({}, dict(stack="llamafactory")),
+    "expandable_segments": ({}, dict(expandable_segments=True)),
     "gpu": ({}, dict(gpu="a100-40g")),
     "num_gpus": (dict(FULL, zero=3), dict(FULL, zero=3, num_gpus=4)),
     "num_nodes": (dict(FULL, zero=3, num_gpus=4), dict(FULL, zero=3, num_gpus=4, num_nodes=2)),

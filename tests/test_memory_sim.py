@@ -43,8 +43,9 @@ def test_simulation_ignores_the_cluster():
     base = make_setup(resolve("qwen2-vl-2b"), method="full", seq_len=1024, image_size=(448, 448), num_gpus=2,
                       zero=2)
     reference = simulate(base)
-    variants = dict(gpu=find_gpu("a100-40g"), num_gpus=8, num_nodes=2, offload="optimizer", zero=3,
-                    ds_reduce_bucket_size=10**6, ds_overlap_comm=True, packing=True,
+    # the GPU enters only through its SDPA kernels (planner/memory/sdpa.py): an H200 runs the H100's
+    variants = dict(gpu=find_gpu("h200-141g"), num_gpus=8, num_nodes=2, offload="optimizer", zero=3,
+                    ds_reduce_bucket_size=10**6, ds_overlap_comm=True, packing=True, expandable_segments=True,
                     pref_beta=0.5)  # DPO's beta: a scalar in the loss (on DPO setups: tests/test_contract.py)
     # FSDP's sharding settings re-partition the single-GPU simulation analytically (fsdp.py, tests/test_fsdp.py)
     assert set(variants) - {"zero"} == set(step.SIMULATION_IGNORES) - {"sharding", "fsdp"}
@@ -53,6 +54,7 @@ def test_simulation_ignores_the_cluster():
         assert step.simulation_key(other) == step.simulation_key(base), name
         assert simulate(other).phase_peaks == reference.phase_peaks, name
     assert step.simulation_key(replace(base, zero=0, num_gpus=2)) != step.simulation_key(base)
+    assert step.simulation_key(replace(base, gpu=find_gpu("a100-40g"))) != step.simulation_key(base)  # FlashAttention-2
     assert simulate_extrapolated(base) is simulate_extrapolated(replace(base, num_gpus=4))
 
 

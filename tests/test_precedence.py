@@ -67,6 +67,8 @@ CASES = {
     "fsdp": ({"fsdp": "full_shard auto_wrap", "finetuning_type": "full"}, ["--fsdp", "shard_grad_op"],
              {"sharding": "fsdp", "fsdp": "shard_grad_op"}),
     "stack": ({}, ["--stack", "vlplan"], {"stack": "vlplan"}),
+    # a LLaMA-Factory run on 2 GPUs launches through torchrun with expandable segments on; the typed flag wins
+    "expandable_segments": ({}, ["--num-gpus", "2", "--no-expandable-segments"], {"expandable_segments": False}),
     "vision": ({"freeze_vision_tower": False}, ["--vision", "frozen"], {"vision": "frozen", "method": "lora"}),
     "projector": ({"freeze_multi_modal_projector": True}, ["--projector", "full"], {"projector": "full"}),
     "language": ({"finetuning_type": "lora"}, ["--language", "full"], {"language": "full", "method": "full"}),
@@ -74,10 +76,26 @@ CASES = {
                                       {"vision_gradient_checkpointing": False, "gradient_checkpointing": True}),
     "offload_checkpoints": ({"use_unsloth_gc": False}, ["--offload-checkpoints"], {"offload_checkpoints": True}),
     "liger_kernel": ({"enable_liger_kernel": True}, ["--no-liger-kernel"], {"liger_kernel": False}),
+    "videos": ({}, ["--videos", "1", "--video-size", "640x360", "--video-frames", "16"],
+               {"videos": ["640x360, 16 frames"]}),
+    "video_size": ({}, ["--videos", "1", "--video-size", "320x240", "--video-frames", "8"],
+                   {"videos": ["320x240, 8 frames"]}),
+    "video_frames": ({}, ["--videos", "1", "--video-size", "640x360", "--video-frames", "4"],
+                     {"videos": ["640x360, 4 frames"]}),
+    "video_duration": ({}, ["--videos", "1", "--video-size", "640x360", "--video-duration", "4"],
+                       {"videos": ["640x360, 4 s"]}),
+    "video_max_pixels": ({"video_max_pixels": 16384}, ["--video-max-pixels", "65536"], {"video_max_pixels": 65536}),
+    "video_min_pixels": ({"video_min_pixels": 1024}, ["--video-min-pixels", "256"], {"video_min_pixels": 256}),
+    "video_fps": ({"video_fps": 1.0}, ["--video-fps", "2"], {"video_fps": 2.0}),
+    "video_maxlen": ({"video_maxlen": 64}, ["--video-maxlen", "128"], {"video_maxlen": 128}),
+    "packing": ({"packing": True}, ["--no-packing"], {"packing": False}),
+    # LLaMA-Factory's neat_packing turns packing on; typed off, the mask goes and the YAML's packing stays
+    "neat_packing": ({"neat_packing": True}, ["--no-neat-packing"], {"packing": True}),
 }
 # the opposite of each flag's default, where the default itself is typed above
 NEGATIONS = {
     "gradient_checkpointing": ({}, ["--no-gradient-checkpointing"], {"gradient_checkpointing": False}),
+    "expandable_segments": ({}, ["--num-gpus", "2"], {"expandable_segments": True}),
 }
 DS_OFFLOAD_Z3 = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
                                        "offload_param": {"device": "cpu"}},

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import VlplanError
 from ..modules import LANGUAGE, model_inventory
 from ..setup import Train, TrainSetup
 from . import overheads
 from .allocator import ReplayResult, replay
 from .sim import recording_allocations
-from .step import PHASES, simulate, simulate_extrapolated, simulation_key
+from .step import PHASES, register_memo, simulate, simulate_extrapolated, simulation_key
 from .fsdp import (
     activation_setup,
     fsdp_breakdown,
@@ -148,62 +147,97 @@ def _largest_module_params(setup: TrainSetup) -> int:
 _LARGEST: dict[int, tuple] = {}
 
 
-RESERVE_MODES = ("factor", "replay")
-
-
-def estimate(setup: TrainSetup, *, reserve: str = "factor", expandable_segments: bool = False) -> Estimate:
-    """`reserve`: how `cuda/allocator_reserve` (what the caching allocator holds beyond live tensors) is computed.
-    "factor" (the default): `overheads.ALLOCATOR_FRAGMENTATION` of the transient bytes at the peak, a named
-    uncalibrated constant. "replay": the step's full-depth allocation sequence replayed through the caching-allocator
-    model (allocator.py), about 0.1 s more per estimate, so not yet the default of plan and tables (a full-depth replay
-    per searched micro-batch made the sizing tables 8-9x slower). `expandable_segments`
-    (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True) applies to the replay only."""
-    if reserve not in RESERVE_MODES:
-        raise VlplanError(f"--reserve {reserve!r} is not one of {', '.join(RESERVE_MODES)}")
-    if expandable_segments and reserve != "replay":
-        raise VlplanError("expandable segments change only the caching-allocator replay; add --reserve replay")
-    params, trainable = param_summary(setup)
-    sim = simulate_extrapolated(setup)
-    phases = {}
-    fsdp = None
-    if setup.sharding == "fsdp":  # FSDP2 re-partitions the single-GPU states per phase (fsdp.py)
-        single = sim.phase_breakdown["optimizer"]
-        fsdp = fsdp_states(setup, single_gpu_optimizer_bytes(single), single.get("optimizer/step_counters", 0))
-        sim = simulate_extrapolated(activation_setup(setup))
-    for phase in PHASES:
-        if phase not in sim.phase_breakdown:
-            continue
-        if fsdp is not None:
-            phases[phase] = fsdp_breakdown(sim.phase_breakdown[phase], phase, fsdp)
-            continue
-        phases[phase] = _distributed(setup, dict(sim.phase_breakdown[phase]), params, trainable)
-    allocated = {phase: sum(b.values()) for phase, b in phases.items()}
-    peak_phase = max(allocated, key=allocated.get)
-    breakdown = dict(phases[peak_phase])
-    allocated_peak = allocated[peak_phase]
-    # -- reserved memory: the caching-allocator replay (allocator.py) ---------------------------------------------
+def estimate(setup: TrainSetup) -> Estimate:
+    """Per-GPU peak device memory of one step of `setup`: the live tensors at the peak (the symbolic simulation,
+    with ZeRO / DDP states), the CUDA overheads outside the caching allocator, and `cuda/allocator_reserve`, what
+    the caching allocator holds beyond the live tensors: the step's full-depth allocation sequence replayed through
+    the model of PyTorch's caching allocator (allocator.py; with `setup.expandable_segments` as
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True). Searches over many setups (plan, tables) bound the peak from
+    below first with `peak_floor_bytes`, which needs no replay."""
+    live = _live(setup)
     outside = overheads.CUDA_CONTEXT_BYTES + (overheads.NCCL_BYTES if setup.world_size > 1 else 0)
-    if reserve == "replay":
-        reserved, allocator = _reserved(setup, allocated_peak, outside, expandable_segments)
-    else:
-        transient = sum(v for k, v in breakdown.items() if not k.startswith(PERSISTENT_PREFIXES))
-        reserved, allocator = int(transient * overheads.ALLOCATOR_FRAGMENTATION), {"reserve": "factor"}
+    reserved, allocator = _reserved(setup, live.allocated_peak, outside, setup.expandable_segments)
+    breakdown = dict(live.breakdown)
     breakdown["cuda/context"] = overheads.CUDA_CONTEXT_BYTES
     breakdown["cuda/cublas_workspace"] = overheads.cublas_workspace_bytes(setup.gpu.name)
     breakdown["cuda/allocator_reserve"] = reserved
     if setup.world_size > 1:
         breakdown["cuda/nccl_buffers"] = overheads.NCCL_BYTES
-    # -------------------------------------------------------------------------------------------------------------
     breakdown = {k: v for k, v in sorted(breakdown.items()) if v}
     peak = sum(breakdown.values())
-    assert peak == allocated_peak + breakdown["cuda/cublas_workspace"] + reserved + outside
-    cpu = _cpu_ram(setup, params, trainable)
-    if fsdp is not None:
-        cpu.update(fsdp.cpu_per_node)
-    if sim.host_peak_bytes:  # offloaded checkpointing: every GPU process's checkpointed inputs in host RAM
-        cpu["host/offloaded_checkpoints"] = setup.num_gpus * sim.host_peak_bytes
-    return Estimate(setup, params, trainable, peak_phase, allocated_peak, peak, breakdown, allocated,
-                    sum(cpu.values()), cpu, allocator)
+    assert peak == live.allocated_peak + breakdown["cuda/cublas_workspace"] + reserved + outside
+    assert peak >= peak_floor_bytes(setup)
+    return Estimate(setup, live.params, live.trainable, live.peak_phase, live.allocated_peak, peak, breakdown,
+                    live.phase_allocated, live.cpu_ram, live.cpu_breakdown, allocator)
+
+
+def peak_floor_bytes(setup: TrainSetup) -> int:
+    """A lower bound of `estimate(setup).peak_bytes` that needs no caching-allocator replay: the live tensors at the
+    peak, the cuBLAS workspaces and the overheads outside the allocator, i.e. the peak with `cuda/allocator_reserve`
+    at 0. The reserve is never negative (the replayed reserved peak holds at least the allocated peak, which holds at
+    least the live bytes: blocks are rounded up, never down; `_reserved` asserts it), so a setup whose floor is over
+    a budget does not fit it. Plan and tables search micro-batches and GPU counts on this floor and replay only the
+    few setups at the boundary."""
+    live = _live(setup)
+    outside = overheads.CUDA_CONTEXT_BYTES + (overheads.NCCL_BYTES if setup.world_size > 1 else 0)
+    return live.allocated_peak + overheads.cublas_workspace_bytes(setup.gpu.name) + outside
+
+
+def host_ram_bytes(setup: TrainSetup) -> int:
+    """`estimate(setup).cpu_ram_bytes` without the replay (host RAM does not depend on the caching allocator)."""
+    return _live(setup).cpu_ram
+
+
+@dataclass
+class _Live:
+    """Everything of an estimate but the reserved memory: parameters, the live bytes per phase, host RAM."""
+
+    params: dict[str, int]
+    trainable: dict[str, int]
+    peak_phase: str
+    allocated_peak: int
+    breakdown: dict[str, int]
+    phase_allocated: dict[str, int]
+    cpu_ram: int
+    cpu_breakdown: dict[str, int]
+
+
+def _live(setup: TrainSetup) -> _Live:
+    """Memoized on the setup (frozen, hashable): `peak_floor_bytes` and `estimate` of one setup compute it once."""
+    result = _LIVE.get(setup)
+    if result is None:
+        params, trainable = param_summary(setup)
+        sim = simulate_extrapolated(setup)
+        phases = {}
+        fsdp = None
+        if setup.sharding == "fsdp":  # FSDP2 re-partitions the single-GPU states per phase (fsdp.py)
+            single = sim.phase_breakdown["optimizer"]
+            fsdp = fsdp_states(setup, single_gpu_optimizer_bytes(single), single.get("optimizer/step_counters", 0))
+            sim = simulate_extrapolated(activation_setup(setup))
+        for phase in PHASES:
+            if phase not in sim.phase_breakdown:
+                continue
+            if fsdp is not None:
+                phases[phase] = fsdp_breakdown(sim.phase_breakdown[phase], phase, fsdp)
+                continue
+            phases[phase] = _distributed(setup, dict(sim.phase_breakdown[phase]), params, trainable)
+        allocated = {phase: sum(b.values()) for phase, b in phases.items()}
+        peak_phase = max(allocated, key=allocated.get)
+        cpu = _cpu_ram(setup, params, trainable)
+        if fsdp is not None:
+            cpu.update(fsdp.cpu_per_node)
+        if sim.host_peak_bytes:  # offloaded checkpointing: every GPU process's checkpointed inputs in host RAM
+            cpu["host/offloaded_checkpoints"] = setup.num_gpus * sim.host_peak_bytes
+        result = _Live(params, trainable, peak_phase, allocated[peak_phase], dict(phases[peak_phase]), allocated,
+                       sum(cpu.values()), cpu)
+        if len(_LIVE) >= _LIVE_SIZE:
+            _LIVE.pop(next(iter(_LIVE)))
+        _LIVE[setup] = result
+    return result
+
+
+_LIVE: dict[TrainSetup, _Live] = register_memo({})
+_LIVE_SIZE = 4096
 
 
 # Reserved memory: the caching-allocator replay -----------------------------------------------------------------------
@@ -281,7 +315,11 @@ def _reserved(setup: TrainSetup, allocated_peak: int, outside: int, expandable_s
             result = limited
             info.update(reserved_peak_bytes=result.reserved_peak_bytes + shift + cublas_reserved,
                         reserved_minus_allocated_at_reserved_peak_bytes=result.fragmentation_bytes)
-    return result.reserved_peak_bytes - live_peak + cublas_reserved - cublas, info
+    reserve = result.reserved_peak_bytes - live_peak + cublas_reserved - cublas
+    # never negative: reserved >= allocated (blocks of segments) >= live bytes (each rounded up), and the cuBLAS
+    # segments hold at least the workspaces; `peak_floor_bytes` (the searches' lower bound) relies on it
+    assert reserve >= 0, (result, live_peak)
+    return reserve, info
 
 
 def _distributed(setup: TrainSetup, breakdown: dict[str, int], params, trainable) -> dict[str, int]:

@@ -60,9 +60,9 @@ _TERMS = {
     "cuda/cublas_workspace": "cuBLAS workspaces: 32 MiB per handle on Hopper (8 MiB elsewhere), forward and autograd "
                              "threads (CublasHandlePool.cpp)",
     "cuda/allocator_reserve": "memory the CUDA caching allocator reserves beyond the live tensors at the peak "
-                              "(max_memory_reserved - max_memory_allocated): 8% of the transient bytes "
-                              "(overheads.ALLOCATOR_FRAGMENTATION, uncalibrated), or with --reserve replay the step's "
-                              "allocations replayed through its rules (memory/allocator.py)",
+                              "(max_memory_reserved - max_memory_allocated): the step's allocations replayed "
+                              "through its rules (memory/allocator.py; --expandable-segments for "
+                              "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True)",
     "cuda/nccl_buffers": "NCCL communicator buffers outside the allocator (overheads.NCCL_BYTES)",
 }
 

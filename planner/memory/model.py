@@ -36,7 +36,7 @@ class LMAttention:
         if q.dtype == "fp32":
             # fp32 without autocast: no fused kernel takes fp32 with GQA; torch falls back to the math kernel
             return ops.eager_attention(e, q, k, v, heads, kv_heads, self.seq, self.seq, self.batch, None, name=name)
-        return ops.fused_attention(e, q, k, v, heads, self.batch * self.seq, name=name)
+        return ops.fused_attention(e, q, k, v, heads, self.batch * self.seq, name=name, seq=self.seq)
 
 
 def segment_attention(setup: TrainSetup):

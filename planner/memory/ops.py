@@ -8,6 +8,8 @@ bytes rounded to 512-byte blocks.
 
 from __future__ import annotations
 
+from ..errors import VlplanError
+from .sdpa import EFFICIENT, FLASH, MATH, sdpa_backend
 from .sim import DTYPE_BYTES, Engine, Node, Param, T
 
 
@@ -428,9 +430,58 @@ def layer_norm(e: Engine, x: T, weight: Param, bias: Param, tokens: int, name: s
 # Attention ----------------------------------------------------------------------------------------------------------
 
 
-def fused_attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: str = "", calls: int = 1) -> T:
-    """torch CUDA SDPA fused kernel (cuDNN / FlashAttention-2): saves q, k, v, the output and an fp32 logsumexp of
-    (heads, tokens); its backward allocates a fp32 dq accumulator and softmax sum (b*h*s*d*4 + b*h*s*4 bytes).
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _sdpa_kernel(e: Engine, q: T, heads: int, tokens: int, calls: int, masked: bool) -> tuple[str, int]:
+    """The backend torch picks for this call on the simulated GPU (sdpa.py, the table the tracer also reads) and the
+    head dim."""
+    head_dim = q.numel // (calls * heads * tokens)
+    backend = sdpa_backend(e.gpu_name, q.dtype, head_dim, masked)
+    if backend == MATH:
+        raise VlplanError(f"torch's SDPA would run its math kernel for {q.dtype} attention with head dim {head_dim} "
+                          f"on {e.gpu_name or 'this GPU'} (no fused kernel takes it: planner/memory/sdpa.py), which "
+                          "vlplan does not model; use --attn eager, or a precision the GPU's kernels take")
+    return backend, head_dim
+
+
+def _lse_numel(backend: str, heads: int, tokens: int, seq: int) -> int:
+    """The fp32 logsumexp the kernel saves: (batch, heads, seq) for cuDNN (a trailing 1) and FlashAttention-2
+    (flash_api.cpp `softmax_lse`); memory-efficient attention pads seq to kAlignLSE = 32
+    (attention.cu `_efficient_attention_forward`: `ceil_div(M, kAlignLSE) * kAlignLSE`)."""
+    if backend == EFFICIENT:
+        return heads * (tokens // seq) * _round_up(seq, 32)
+    return heads * tokens
+
+
+def _backward_workspace(backend: str, q: T, k: T, heads: int, tokens: int, seq: int, head_dim: int) -> int:
+    """Bytes the attention backward allocates besides dq, dk, dv, alive until they are all made:
+    - cuDNN (and memory-efficient attention, whose CUTLASS workspace depends on the kernel's tile shapes: modelled
+      with cuDNN's layout, a stated approximation): a fp32 dQ accumulator and a fp32 softmax row sum,
+      b*h*s*d*4 + b*h*s*4 bytes.
+    - FlashAttention-2 (flash_api.cpp `mha_bwd`): `softmax_d` fp32 (batch, heads, seq rounded to 128) and `dq_accum`
+      fp32 (batch, seq rounded to 128, heads, head dim rounded to 32, or 64 above 128); with grouped-query
+      attention dk and dv per query head, (batch, seq_k, heads, head dim) each in the input dtype, before the sum
+      over each group."""
+    if backend != FLASH:
+        return q.numel * 4 + heads * tokens * 4
+    batch = tokens // seq
+    seq_rounded = _round_up(seq, 128)
+    dim_rounded = _round_up(head_dim, 32 if head_dim <= 128 else 64)
+    workspace = batch * heads * seq_rounded * 4 + batch * seq_rounded * heads * dim_rounded * 4
+    kv_heads = k.numel // (tokens * head_dim)
+    if kv_heads != heads:
+        workspace += 2 * batch * seq * heads * head_dim * DTYPE_BYTES[k.dtype]
+    return workspace
+
+
+def fused_attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: str = "", calls: int = 1,
+                    seq: int | None = None) -> T:
+    """torch CUDA SDPA fused kernel without a mask, the one the GPU runs (sdpa.py: cuDNN on Hopper,
+    FlashAttention-2 on other sm80+ GPUs, memory-efficient attention before sm80): saves q, k, v, the output and an
+    fp32 logsumexp (`_lse_numel`); its backward allocates the kernel's workspace (`_backward_workspace`). `seq` is
+    the length of each sequence of the `tokens` (default: one sequence), for the kernels' rounding.
 
     `calls` > 1: that many back-to-back calls on equal slices of q, k, v that need no gradient (a frozen vision
     tower's images or windows). Each call's output is kept and its logsumexp dropped at once, so the memory is the
@@ -438,28 +489,35 @@ def fused_attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: 
     inputs = [t for t in (q, k, v) if t.rg]
     if calls > 1 and inputs:
         raise ValueError("grouped attention calls are for inputs without gradient")
+    seq = tokens if seq is None else seq
+    backend, head_dim = _sdpa_kernel(e, q, heads, tokens, calls, masked=False)
     out = e.new(q.numel, q.dtype, name=name, blocks=calls)
-    lse = e.new(heads * tokens, "fp32", name=f"{name}.lse")
-    node = Node("sdpa", inputs, [q, k, v, out, lse] if inputs else [], [], workspace=q.numel * 4 + heads * tokens * 4)
+    lse = e.new(_lse_numel(backend, heads, tokens, seq), "fp32", name=f"{name}.lse")
+    node = Node("sdpa", inputs, [q, k, v, out, lse] if inputs else [], [],
+                workspace=_backward_workspace(backend, q, k, heads, tokens, seq, head_dim))
     e.record(node, out)
     del lse
     return out
 
 
-def masked_fused_attention(e: Engine, q: T, k: T, v: T, mask: T, heads: int, tokens: int, name: str = "") -> T:
+def masked_fused_attention(e: Engine, q: T, k: T, v: T, mask: T, heads: int, tokens: int, name: str = "",
+                           seq: int | None = None) -> T:
     """torch CUDA SDPA with an additive float mask (Mllama's aspect-ratio and cross-attention masks, Pixtral's block
-    mask): FlashAttention takes no mask, so on Hopper cuDNN attention runs, first in the priority order and accepting
-    masks (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp `can_use_cudnn_attention`; the tracer's
-    profiler/emulate.py `_cudnn_masked_sdpa`). q, k and v come in the kernel's dtype; under autocast a mask of another
+    mask): FlashAttention takes no mask, so cuDNN attention runs on Hopper (first in the priority order, accepting
+    masks: sdp_utils.cpp `can_use_cudnn_attention`) and memory-efficient attention elsewhere (sdpa.py; the tracer's
+    profiler/emulate.py `_masked_sdpa`). q, k and v come in the kernel's dtype; under autocast a mask of another
     dtype is cast to the query's (a copy per call). Its backward needs the bias (derivatives.yaml
-    `_scaled_dot_product_cudnn_attention` passes `attn_bias`), so the kernel saves q, k, v, the output, an fp32
-    logsumexp of (heads, tokens) and the bias; the backward allocates the same fp32 workspace as without a mask."""
+    `_scaled_dot_product_cudnn_attention` / `_scaled_dot_product_efficient_attention` pass `attn_bias`), so the
+    kernel saves q, k, v, the output, an fp32 logsumexp and the bias; the backward allocates the workspace of
+    `_backward_workspace`."""
+    seq = tokens if seq is None else seq
+    backend, head_dim = _sdpa_kernel(e, q, heads, tokens, 1, masked=True)
     bias = cast(e, mask, q.dtype, name=f"{name}.bias") if e.autocast else mask
     out = e.new(q.numel, q.dtype, name=name)
-    lse = e.new(heads * tokens, "fp32", name=f"{name}.lse")
+    lse = e.new(_lse_numel(backend, heads, tokens, seq), "fp32", name=f"{name}.lse")
     inputs = [t for t in (q, k, v) if t.rg]
     node = Node("sdpa_masked", inputs, [q, k, v, out, lse, bias] if inputs else [], [],
-                workspace=q.numel * 4 + heads * tokens * 4)
+                workspace=_backward_workspace(backend, q, k, heads, tokens, seq, head_dim))
     e.record(node, out)
     del lse, bias
     return out

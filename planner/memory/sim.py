@@ -178,6 +178,7 @@ class Engine:
         self.tape: list[weakref.ref] = []
         self.grad_enabled = True
         self.autocast: str | None = None  # "bf16"/"fp16" inside the autocast region
+        self.gpu_name = ""  # the GPU whose SDPA kernels run (sdpa.py; "" is an unknown GPU: the Hopper row)
         self.cast_cache: dict[int, T] = {}
         self.params: list[Param] = []
         self.scope = "language"  # the component whose code runs now: names activation/temporary categories

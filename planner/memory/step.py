@@ -16,6 +16,7 @@ from .. import cache
 from ..setup import Train, TrainSetup
 from . import liger, preference
 from .families import model_for
+from .sdpa import sdpa_class
 from .sim import Engine, T
 from .stacks import input_embeddings_hooked
 
@@ -41,11 +42,12 @@ BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first lay
 
 
 # Settings the simulated step does not read: the cluster (GPU type and count, what DeepSpeed offloads and its
-# buffers: zero.py and estimate.py add those analytically), and what is recorded only for launch configs. ZeRO
+# buffers: zero.py and estimate.py add those analytically), the caching allocator's settings (the replay of the step's
+# allocations reads them: estimate.py), and what is recorded only for launch configs. ZeRO
 # matters to the simulation only as on/off (gradients reduced into buckets instead of kept).
 SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_bucket_size", "ds_overlap_comm",
                       "sharding", "fsdp",  # FSDP re-partitions the single-GPU states analytically (fsdp.py)
-                      "packing", "pref_beta")
+                      "packing", "expandable_segments", "pref_beta")
 
 
 def simulation_key(setup: TrainSetup) -> tuple:
@@ -57,7 +59,9 @@ def simulation_key(setup: TrainSetup) -> tuple:
     cached = _KEYS.get(id(setup))
     if cached is not None and cached[0] is setup:
         return cached[1]
-    key = tuple((f.name, _key_value(setup, f.name)) for f in fields(setup) if f.name not in SIMULATION_IGNORES)
+    # the GPU enters only through the attention kernels it runs (sdpa.py): GPUs that run the same ones share
+    key = tuple((f.name, _key_value(setup, f.name)) for f in fields(setup) if f.name not in SIMULATION_IGNORES) + (
+        ("sdpa", sdpa_class(setup.gpu.name)),)
     if len(_KEYS) >= _MEMO_SIZE:
         _KEYS.clear()
     _KEYS[id(setup)] = (setup, key)
@@ -244,9 +248,19 @@ _CONSTRUCTIONS: dict[tuple, tuple | None] = {}
 
 
 def clear_memos() -> None:
-    """Forget every memoized simulation, key and shared difference (tests switching SHORTCUTS)."""
-    for memo in (_MEMO, _KEYS, _TEXT_DELTAS, _CONSTRUCTIONS):
+    """Forget every memoized simulation, key and shared difference, and the memos built on them elsewhere
+    (`register_memo`; tests switching SHORTCUTS or emptying the persistent cache)."""
+    for memo in (_MEMO, _KEYS, _TEXT_DELTAS, _CONSTRUCTIONS, *_DERIVED_MEMOS):
         memo.clear()
+
+
+_DERIVED_MEMOS: list[dict] = []
+
+
+def register_memo(memo: dict) -> dict:
+    """A memo of results derived from simulations (estimate.py's live peaks), cleared with them."""
+    _DERIVED_MEMOS.append(memo)
+    return memo
 
 
 @contextmanager
@@ -277,6 +291,7 @@ def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bo
 
 def _engine(setup: TrainSetup, detail: bool = False) -> Engine:
     e = Engine(detail)
+    e.gpu_name = setup.gpu.name
     e.reduce_grads = bool(setup.zero)
     e.input_grads = input_embeddings_hooked(setup)
     e.liger = liger.swaps(setup)

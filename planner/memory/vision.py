@@ -147,7 +147,7 @@ def batched_attention(setup: TrainSetup, length: int):
             q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
         if setup.attn == "eager" or q.dtype == "fp32":
             return ops.eager_attention(e, q, k, v, heads, heads, length, length, tokens // length, None, name=name)
-        return ops.fused_attention(e, q, k, v, heads, tokens, name=name)
+        return ops.fused_attention(e, q, k, v, heads, tokens, name=name, seq=length)
 
     return attention
 

@@ -14,15 +14,7 @@ from .render import console, gib, print_json, table
 
 @setup_command
 def estimate_command(setup, resolved, json_: bool = typer.Option(False, "--json", help="Print JSON."),
-                     explain: bool = typer.Option(False, "--explain", help="Explain every term with its source."),
-                     reserve: str = typer.Option("factor", "--reserve",
-                                                 help="How reserved-but-unallocated memory is counted: factor (8% of "
-                                                      "the transient bytes, a named constant) | replay (the step's "
-                                                      "allocations replayed through a model of PyTorch's caching "
-                                                      "allocator; ~0.1 s more)."),
-                     expandable_segments: bool = typer.Option(
-                         False, "--expandable-segments",
-                         help="With --reserve replay: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.")):
+                     explain: bool = typer.Option(False, "--explain", help="Explain every term with its source.")):
     """Estimate per-GPU peak VRAM (and host RAM) of one training step.
 
     Defaults follow LLaMA-Factory: vision tower and projector frozen, LoRA rank 8 on every language-model linear,
@@ -31,7 +23,7 @@ def estimate_command(setup, resolved, json_: bool = typer.Option(False, "--json"
     dataset's longest sample (--dataset); flags given on the command line override them.
     """
     with errors():
-        result = estimate(setup, reserve=reserve, expandable_segments=expandable_segments)
+        result = estimate(setup)
     if json_:
         print_json({**result.to_dict(), **resolved.json_extras()})
         return

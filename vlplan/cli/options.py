@@ -99,10 +99,10 @@ SETUP_OPTIONS = [
     _opt("video_min_pixels", int, "--video-min-pixels", help="LLaMA-Factory pre-resize floor of each video frame."),
     _opt("video_fps", float, "--video-fps", help="LLaMA-Factory frames sampled per second of video."),
     _opt("video_maxlen", int, "--video-maxlen", help="LLaMA-Factory cap on the frames sampled per video."),
-    _opt("packing", bool, "--packing",
+    _opt("packing", bool, "--packing/--no-packing",
          help="LLaMA-Factory packing: samples packed into rows of --cutoff-len tokens (with --dataset: the row with "
               "the most vision tokens is planned)."),
-    _opt("neat_packing", bool, "--neat-packing",
+    _opt("neat_packing", bool, "--neat-packing/--no-neat-packing",
          help="LLaMA-Factory neat_packing: packing with a block-diagonal mask ((batch, 1, seq, seq) for sdpa/eager)."),
     _opt("attn", str, "--attn", help="sdpa | fa2 | eager."),
     _opt("gradient_checkpointing", bool, "--gradient-checkpointing/--no-gradient-checkpointing",
@@ -140,6 +140,9 @@ SETUP_OPTIONS = [
     _opt("stack", str, "--stack",
          help="The training stack that prepares the model: vlplan (vlplan run's own) | llamafactory (implied by "
               "--from-llamafactory) | hf-trainer."),
+    _opt("expandable_segments", bool, "--expandable-segments/--no-expandable-segments",
+         help="PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True for the caching allocator (default: as "
+              "LLaMA-Factory's torchrun launch sets it, else as this shell's PYTORCH_CUDA_ALLOC_CONF, else off)."),
     # Files --------------------------------------------------------------------------------------------------------
     _opt("from_llamafactory", Path | None, "--from-llamafactory", panel=FILES_PANEL,
          help="A LLaMA-Factory training YAML (v0.9.1 to current keys); flags given on the command line override it."),

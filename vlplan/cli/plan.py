@@ -7,6 +7,8 @@ given; else this machine's RAM when the plan is for this machine; else the GPU t
 
 from __future__ import annotations
 
+import os
+
 import sys
 from pathlib import Path
 
@@ -80,12 +82,16 @@ def plan_command(
 
     from vlplan.planner.io.exports import write_exports, yaml_epochs
     from vlplan.planner.plan import NothingFits
+    from vlplan.planner.resolve import expandable_segments_default
 
     maximized = statement = None
     with errors():
         if export_llamafactory is not None and setup.stack != "llamafactory" and "stack" not in resolved.typed:
             # LLaMA-Factory will prepare the model it trains from the export its own way: plan for that stack
             setup = replace(setup, stack="llamafactory")
+            if "expandable_segments" not in resolved.typed:  # and for its launcher's allocator setting
+                expandable, _ = expandable_segments_default(setup, os.environ)
+                setup = replace(setup, expandable_segments=expandable)
             typer.echo("warning: planning for LLaMA-Factory's stack, which trains the exported YAML (--stack vlplan "
                        "to plan for vlplan run)", err=True)
         base = _input_yaml(resolved)

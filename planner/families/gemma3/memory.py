@@ -10,7 +10,7 @@ What differs from the LLaMA-style models of model.py:
   (batch, 1, seq, seq) masks before the language model: full attention OR bidirectional-within-each-image, and the
   same AND the sliding window (`create_masks_for_vision_model`). With a mask, transformers' sdpa path expands K/V
   with `repeat_kv` (no `enable_gqa`) and CUDA cannot use FlashAttention: cuDNN attention takes the mask as an
-  additive bias of the query dtype (emulate.py `_cudnn_masked_sdpa`), built per call and kept for backward with the
+  additive bias of the query dtype (emulate.py `_masked_sdpa`), built per call and kept for backward with the
   expanded K/V. Eager attention adds the masks, which are float in the embeddings' dtype.
 - SigLIP and the decoder layers keep the attention weights they return (`hidden_states, _ = self.self_attn(...)`)
   until the layer returns: only eager attention has any.

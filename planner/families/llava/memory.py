@@ -12,7 +12,7 @@ torch's SDPA picks cuDNN attention, first in the priority order on Hopper and ac
 takes the mask as an additive bias and its backward needs it (derivatives.yaml `_scaled_dot_product_cudnn_attention`
 passes `attn_bias` to the backward), so each layer's node saves q, k, v, the output, the fp32 logsumexp and the
 bias; under autocast a mask not in the autocast dtype is cast first (SDPA is on autocast's lower-precision list), a
-copy per layer. profiler/emulate.py `_cudnn_masked_sdpa` emulates the same kernel for the tracer.
+copy per layer. profiler/emulate.py `_masked_sdpa` emulates the same kernel for the tracer.
 
 Mirrors transformers 5.23 models/llava/modeling_llava.py (CLIP: models/clip/modeling_clip.py, Pixtral: models/pixtral/modeling_pixtral.py).
 """

@@ -11,7 +11,7 @@ global state concatenated with a stack of five local ones (1280 * 6 = 7680 featu
 are plain nn.Modules: gradient checkpointing never wraps them.
 
 SDPA with a mask has no FlashAttention kernel; on Hopper cuDNN attention takes the mask as an additive bias that its
-backward keeps with q, k and v (profiler/emulate.py `_cudnn_masked_sdpa`). K and V of grouped-query attention are
+backward keeps with q, k and v (profiler/emulate.py `_masked_sdpa`). K and V of grouped-query attention are
 expanded by `repeat_kv` first when a mask is given (transformers `use_gqa_in_sdpa`).
 
 Language model (MllamaTextModel): LLaMA self-attention layers and, at `cross_attention_layers`, cross-attention layers:
