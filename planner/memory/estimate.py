@@ -94,6 +94,10 @@ def param_summary(setup: TrainSetup) -> tuple[dict[str, int], dict[str, int]]:
                 per_layer = sum(l.params for l in inv.layer_linears) + _layer_other(setup)
                 count = per_layer * min(setup.freeze_trainable_layers, setup.model.text.num_layers)
             trainable[name] = count
+        elif mode is Train.LORA and setup.method == "oft":
+            targets = setup.lora.targets
+            trainable[name] = sum(linear.count * _oft_params(setup, linear.in_features) for linear in inv.linears
+                                  if linear.lora_all and ("all" in targets or linear.name in targets))
         elif mode is Train.LORA:
             targets = setup.lora.targets
             trainable[name] = sum(
@@ -105,6 +109,12 @@ def param_summary(setup: TrainSetup) -> tuple[dict[str, int], dict[str, int]]:
             trainable[name] = 0
     trainable["total"] = sum(trainable.values())
     return params, trainable
+
+
+def _oft_params(setup: TrainSetup, in_features: int) -> int:
+    """peft OFT: one (blocks, b(b-1)/2) skew-symmetric parameter per adapted linear (OFTLayer.update_layer)."""
+    blocks, size = setup.oft.blocks(in_features)
+    return blocks * size * (size - 1) // 2
 
 
 def _layer_other(setup: TrainSetup) -> int:
