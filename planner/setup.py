@@ -461,6 +461,8 @@ class TrainSetup:
             del d["videos"]  # absent, so that the records of image-only setups stay as they were
         if not self.neat_packing:
             del d["neat_packing"]  # likewise for setups without neat packing
+        if self.method != "oft":
+            del d["oft"]  # the OFT settings are listed only for OFT (other setups read as before)
         d["world_size"] = self.world_size
         if self.sharding == "zero":  # the FSDP settings are listed only when FSDP shards (ZeRO setups read as before)
             del d["sharding"], d["fsdp"]
