@@ -21,7 +21,7 @@ NOT_MODELLED: dict[str, str] = {}
 
 NO_EFFECT = {
     "oft.module_dropout": "peft builds OFT's MultiplicativeDropoutLayer but `oft.Linear.forward` never calls it (peft "
-                          "0.18 tuners/oft/layer.py): the rotation and its saved tensors are the same",
+                          "0.21 tuners/oft/layer.py): the rotation and its saved tensors are the same",
     "packing": "every row is already estimated at seq_len tokens, which is what a packed row holds (LLaMA-Factory "
                "pads each to cutoff_len) under one causal mask; it changes which samples a --dataset row holds "
                "(planner/packing.py); neat_packing's block-diagonal mask is its own field",
@@ -29,8 +29,6 @@ NO_EFFECT = {
 
 # LLaMA-Factory keys that vlplan reads and checks, without an effect on memory (so nothing to warn about)
 LLAMAFACTORY_NO_EFFECT = {
-    "oft.module_dropout": "peft builds OFT's MultiplicativeDropoutLayer but `oft.Linear.forward` never calls it (peft "
-                          "0.18 tuners/oft/layer.py): the rotation and its saved tensors are the same",
     "quantization_type": "fp4 and nf4 pack the same 4 bits per weight with the same absmax blocks (bitsandbytes "
                          "functional.quantize_4bit); only the code table's values differ",
 }

@@ -117,7 +117,7 @@ class OftSettings:
     rank: int = 0  # LLaMA-Factory oft_rank
     block_size: int = 32  # LLaMA-Factory oft_block_size
     # LLaMA-Factory module_dropout: peft builds MultiplicativeDropoutLayer but oft.Linear.forward never calls it
-    # (peft 0.18 tuners/oft/layer.py), so it changes no memory
+    # (peft 0.21 tuners/oft/layer.py), so it changes no memory
     module_dropout: float = 0.0
 
     def __post_init__(self) -> None:

@@ -216,7 +216,7 @@ OFT_CAYLEY_NEUMANN_TERMS = 5  # peft OFTConfig.num_cayley_neumann_terms default;
 
 def oft_linear(e: Engine, x: T, base: Param, oft_r: Param, in_features: int, out_features: int, block_size: int,
                bias: Param | None = None, name: str = "") -> T:
-    """peft OFT `oft.Linear.forward` (peft 0.18 tuners/oft/layer.py): x cast to the adapter dtype, rotated block by
+    """peft OFT `oft.Linear.forward` (peft 0.21 tuners/oft/layer.py): x cast to the adapter dtype, rotated block by
     block by `OFTRotationModule.forward`, cast back and fed to the frozen base layer:
 
     Q = skew(oft_R)                      zeros(r, b, b); index_put_ of the upper triangle; `matrix - matrix.T`
