@@ -48,11 +48,11 @@ class Inventory:
     # Linears per repeated layer (one entry per module, count 1), for the activation model
     layer_linears: tuple[Linear, ...] = ()
 
-    @property
+    @cached_property  # computed once per (immutable) inventory: the plan's throughput model asks many times
     def linear_params(self) -> int:
         return sum(linear.params for linear in self.linears)
 
-    @property
+    @cached_property
     def params(self) -> int:
         return self.linear_params + self.other_params
 
@@ -323,7 +323,23 @@ def projector_inventory(projector: ProjectorSpec, vision: VisionSpec) -> Invento
 
 
 def model_inventory(spec: ModelSpec) -> dict[str, Inventory]:
-    """Inventories per component. Family-specific extras (e.g. LLaVA-NeXT's image_newline) are added here."""
+    """Inventories per component. Family-specific extras (e.g. LLaVA-NeXT's image_newline) are added here. Memoized
+    on the spec object itself (a frozen dataclass: hashing a whole spec per lookup would cost more than the
+    inventory); setups derived with `dataclasses.replace` share their spec."""
+    hit = _INVENTORIES.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return dict(hit[1])
+    inventories = _model_inventory(spec)
+    if len(_INVENTORIES) >= 256:
+        _INVENTORIES.clear()
+    _INVENTORIES[id(spec)] = (spec, inventories)  # the spec is kept alive, so its id is not reused meanwhile
+    return dict(inventories)
+
+
+_INVENTORIES: dict[int, tuple[ModelSpec, dict[str, Inventory]]] = {}
+
+
+def _model_inventory(spec: ModelSpec) -> dict[str, Inventory]:
     vision = vision_inventory(spec.vision)
     projector = projector_inventory(spec.projector, spec.vision)
     language = text_inventory(spec.text)

@@ -127,7 +127,24 @@ def image_tokens(spec: ModelSpec, width: int, height: int, *, image_max_pixels: 
                  image_min_pixels: int | None = LF_IMAGE_MIN_PIXELS, llamafactory: bool = True) -> ImageTokens:
     """Patches and tokens of one W x H image after LLaMA-Factory's preprocessing (its pre-resize to
     `image_max_pixels`/`image_min_pixels` and the plugin's own fixes), then the processor's rule.
-    `llamafactory=False`: the transformers processor alone, as in plain transformers training."""
+    `llamafactory=False`: the transformers processor alone, as in plain transformers training. Memoized on the spec
+    object and the arguments."""
+    key = (id(spec), width, height, image_max_pixels, image_min_pixels, llamafactory)
+    hit = _IMAGE_TOKENS.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    tokens = _image_tokens(spec, width, height, image_max_pixels, image_min_pixels, llamafactory)
+    if len(_IMAGE_TOKENS) >= 4096:
+        _IMAGE_TOKENS.clear()
+    _IMAGE_TOKENS[key] = (spec, tokens)  # the spec is kept alive, so its id is not reused meanwhile
+    return tokens
+
+
+_IMAGE_TOKENS: dict[tuple, tuple] = {}
+
+
+def _image_tokens(spec: ModelSpec, width: int, height: int, image_max_pixels: int | None,
+                  image_min_pixels: int | None, llamafactory: bool) -> ImageTokens:
     if width <= 0 or height <= 0:
         raise VlplanError(f"image size must be positive, got {width}x{height}")
     for value, flag in ((image_max_pixels, "--image-max-pixels"), (image_min_pixels, "--image-min-pixels")):

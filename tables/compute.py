@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from ..planner import cache
 from ..planner.errors import VlplanError
 from ..planner.hardware import GPU
 from ..planner.memory.estimate import Estimate, estimate
@@ -128,8 +129,26 @@ def compute_rows(models: list[str], methods: list[str], gpus: list[GPU], seq_len
 
 
 def _group(task: tuple, gpus: list[GPU], conditions: Conditions) -> list[Row]:
+    """One group's rows, read from the persistent cache (planner/cache.py) when an earlier table computed them with
+    the same code; the key holds the resolved model spec, so an edited local config.json is not read back."""
     model, method, seq_len, image_size = task
-    return [gpu_row(model, method, seq_len, image_size, gpu, conditions) for gpu in gpus]
+    try:
+        spec = resolve(model)
+    except VlplanError:
+        spec = None
+    key = (spec, method, seq_len, image_size, tuple(gpus), conditions)
+    stored = cache.load(CACHE_NAMESPACE, key)
+    if isinstance(stored, list) and len(stored) == len(gpus):
+        try:
+            return [Row(**row) for row in stored]
+        except TypeError:  # malformed entry: recompute
+            pass
+    rows = [gpu_row(model, method, seq_len, image_size, gpu, conditions) for gpu in gpus]
+    cache.store(CACHE_NAMESPACE, key, [row.to_dict() for row in rows])
+    return rows
+
+
+CACHE_NAMESPACE = "table-rows"
 
 
 def gpu_row(model: str, method: str, seq_len: int, image_size: tuple[int, int] | None, gpu: GPU,

@@ -23,3 +23,10 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
         for item in gpu_items:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _private_result_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own empty persistent result cache (planner/cache.py), never the user's nor another test's."""
+    monkeypatch.setenv("VLPLAN_CACHE_DIR", str(tmp_path_factory.mktemp("vlplan-cache")))
+    monkeypatch.delenv("VLPLAN_NO_CACHE", raising=False)

@@ -81,7 +81,22 @@ class Estimate:
 
 
 def param_summary(setup: TrainSetup) -> tuple[dict[str, int], dict[str, int]]:
-    """Parameters per component, and the trainable ones (LoRA adapters counted where they attach)."""
+    """Parameters per component, and the trainable ones (LoRA adapters counted where they attach). Memoized on the
+    spec object and the settings read (fresh dicts each call)."""
+    key = (id(setup.model), setup.method, setup.vision, setup.projector, setup.language, setup.lora,
+           setup.freeze_trainable_layers)
+    hit = _PARAM_SUMMARIES.get(key)
+    if hit is None or hit[0] is not setup.model:
+        if len(_PARAM_SUMMARIES) >= 4096:
+            _PARAM_SUMMARIES.clear()
+        hit = _PARAM_SUMMARIES[key] = (setup.model, *_param_summary(setup))
+    return dict(hit[1]), dict(hit[2])
+
+
+_PARAM_SUMMARIES: dict[tuple, tuple] = {}
+
+
+def _param_summary(setup: TrainSetup) -> tuple[dict[str, int], dict[str, int]]:
     inventories = model_inventory(setup.model)
     params = {name: inv.params for name, inv in inventories.items()}
     params["total"] = sum(params.values())
@@ -125,12 +140,21 @@ def _layer_other(setup: TrainSetup) -> int:
 
 def _largest_module_params(setup: TrainSetup) -> int:
     """DeepSpeed's `largest_layer_params`: the most parameters any single module owns (embedding, lm_head, ...)."""
+    hit = _LARGEST.get(id(setup.model))
+    if hit is not None and hit[0] is setup.model:
+        return hit[1]
     t = setup.model.text
     largest = (t.vocab_size + t.extra_embedding_rows) * t.hidden_size
     for inv in model_inventory(setup.model).values():
         for linear in inv.linears:
             largest = max(largest, linear.in_features * linear.out_features + linear.out_features * linear.bias)
+    if len(_LARGEST) >= 256:
+        _LARGEST.clear()
+    _LARGEST[id(setup.model)] = (setup.model, largest)  # the spec kept alive: its id is not reused meanwhile
     return largest
+
+
+_LARGEST: dict[int, tuple] = {}
 
 
 RESERVE_MODES = ("factor", "replay")

@@ -99,6 +99,16 @@ class BaseModel:
     # them in: the transformers classes register the vision tower and projector before the language model, and the
     # ForConditionalGeneration's lm_head after the model
     param_order = (VISION, PROJECTOR, LANGUAGE)
+    # The exact shortcuts of step._simulate_extrapolated that hold for the family (tests/test_speed_shortcuts.py
+    # holds every registry model to the full simulation and fails where a family breaks one): one more frozen
+    # vision layer adds only its weights to every segment of the step
+    frozen_vision_layers_add_weights_only = True
+
+    @classmethod
+    def text_layer_delta_shared(cls, spec: ModelSpec) -> bool:
+        """Whether one more language-model layer adds the same to every segment of the step whatever the images'
+        sizes (so one difference serves a table's image sizes)."""
+        return True
 
     def optimizer_order(self, params: list) -> list:
         """`params` in named_parameters order, as far as it matters for memory: by component (`param_rank`), in

@@ -42,7 +42,9 @@ class Storage:
 
     def __init__(self, engine: "Engine", nbytes: int, category: str, owner: str, blocks: int = 1) -> None:
         self.engine, self.category, self.owner, self.blocks = engine, category, owner, blocks
-        self.nbytes = blocks * rounded(nbytes // blocks)
+        size = nbytes // blocks if blocks != 1 else nbytes
+        # blocks * rounded(size), inlined: the engine's most frequent call
+        self.nbytes = blocks * (-(-size // BLOCK_BYTES) * BLOCK_BYTES) if size > 0 else 0
         engine._alloc(self)
 
     def __del__(self) -> None:
@@ -164,6 +166,7 @@ class Engine:
         self.phase_blocks: dict[str, list] = {}
         self.current = 0
         self.by_category: dict[str, int] = {}
+        self._phase = self._scope = ""
         self.phase = "setup"
         self.phase_peaks: dict[str, tuple[int, dict[str, int]]] = {}
         # peaks per (phase, scope) segment with their breakdowns: each is affine in the layer counts
@@ -190,9 +193,35 @@ class Engine:
         self._param_uses: dict[int, int] = {}  # parameters used by several nodes of the graph being run backward
         self._param_buffers: dict[int, tuple] = {}  # their gradients summed so far (the AccumulateGrad InputBuffer)
 
+    # Phase and scope: the segment "phase/scope" and the default category of a new tensor follow them (kept as
+    # strings, not formatted per allocation) ------------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: str) -> None:
+        self._phase = phase
+        self._follow()
+
+    @property
+    def scope(self) -> str:
+        return self._scope
+
+    @scope.setter
+    def scope(self, scope: str) -> None:
+        if scope != self._scope:
+            self._scope = scope
+            self._follow()
+
+    def _follow(self) -> None:
+        self._segment = f"{self._phase}/{self._scope}"
+        kind = "activations" if self._phase in ("forward", "loss") else "temporaries"
+        self._default_category = f"{kind}/{self._scope}"
+
     # Accounting -----------------------------------------------------------------------------------------------
     def _alloc(self, storage: Storage) -> None:
-        segment = f"{self.phase}/{self.scope}"
+        segment = self._segment
         if self._pending and self._pending_key != segment:
             self._flush()
         self.current += storage.nbytes
@@ -205,10 +234,10 @@ class Engine:
         if best is None or self.current > best[0]:
             self.segment_peaks[segment] = (self.current, None)
             self._pending.append((self.segment_peaks, segment, self.segment_blocks))
-        best = self.phase_peaks.get(self.phase)
+        best = self.phase_peaks.get(self._phase)
         if best is None or self.current > best[0]:
-            self.phase_peaks[self.phase] = (self.current, None)
-            self._pending.append((self.phase_peaks, self.phase, self.phase_blocks))
+            self.phase_peaks[self._phase] = (self.current, None)
+            self._pending.append((self.phase_peaks, self._phase, self.phase_blocks))
         if self._pending:
             self._pending_key = segment
 
@@ -244,8 +273,7 @@ class Engine:
             blocks: int = 1) -> T:
         """A fresh tensor of `numel` elements; `blocks` > 1: that many equal allocations of numel / blocks each."""
         if category is None:
-            kind = "activations" if self.phase in ("forward", "loss") else "temporaries"
-            category = f"{kind}/{self.scope}"
+            category = self._default_category
         frame = self.frame
         if frame is not None:  # allocations inside a non-reentrant checkpoint are counted (`_checkpointed`)
             if frame.recomputing and frame.allocs == frame.stop_before:

@@ -8,9 +8,11 @@ quantities the tracer measures on the real modeling code.
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
-from ..setup import TrainSetup
+from .. import cache
+from ..setup import Train, TrainSetup
 from . import liger
 from .families import model_for
 from .sim import Engine, T
@@ -46,9 +48,33 @@ SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_buck
 
 
 def simulation_key(setup: TrainSetup) -> tuple:
-    """What the simulation of `setup` depends on: setups with equal keys have equal simulations."""
-    return tuple((f.name, bool(setup.zero) if f.name == "zero" else getattr(setup, f.name))
-                 for f in fields(setup) if f.name not in SIMULATION_IGNORES)
+    """What the simulation of `setup` depends on: setups with equal keys have equal simulations. An fp16 setup has
+    the key of its bf16 twin (both half types are 2 bytes and every branch of the simulated code treats them alike)
+    except with 8-bit QLoRA, whose bitsandbytes matmul casts its input to fp16 (a copy only when it is not fp16
+    already): tests/test_speed_shortcuts.py checks, for every registry model and method, that the two simulations
+    are equal exactly where the keys are."""
+    cached = _KEYS.get(id(setup))
+    if cached is not None and cached[0] is setup:
+        return cached[1]
+    key = tuple((f.name, _key_value(setup, f.name)) for f in fields(setup) if f.name not in SIMULATION_IGNORES)
+    if len(_KEYS) >= _MEMO_SIZE:
+        _KEYS.clear()
+    _KEYS[id(setup)] = (setup, key)
+    return key
+
+
+def _key_value(setup: TrainSetup, name: str):
+    if name == "zero":
+        return bool(setup.zero)
+    if name == "precision" and SHORTCUTS and setup.precision == "fp16" and setup.quant_bits != 8:
+        return "bf16"
+    return getattr(setup, name)
+
+
+# The exact shortcuts of `simulate_extrapolated` (each checked against the full simulation for every registry model by
+# tests/test_speed_shortcuts.py); tests switch them off to get the full simulation to compare with
+SHORTCUTS = True
+_KEYS: dict[int, tuple] = {}  # id(setup) -> (setup, key): a setup is immutable, its key computed once
 
 
 def simulate_extrapolated(setup: TrainSetup) -> SimResult:
@@ -59,7 +85,11 @@ def simulate_extrapolated(setup: TrainSetup) -> SimResult:
     key = simulation_key(setup)
     result = _MEMO.get(key)
     if result is None:
-        result = _simulate_extrapolated(setup)
+        result = _load(key) if SHORTCUTS else None
+        if result is None:
+            result = _simulate_extrapolated(setup)
+            if SHORTCUTS:
+                _store(key, result)
         if len(_MEMO) >= _MEMO_SIZE:
             _MEMO.pop(next(iter(_MEMO)))
         _MEMO[key] = result
@@ -68,6 +98,24 @@ def simulate_extrapolated(setup: TrainSetup) -> SimResult:
 
 _MEMO: dict[tuple, SimResult] = {}
 _MEMO_SIZE = 8192
+CACHE_NAMESPACE = "simulation"
+
+
+def _load(key: tuple) -> SimResult | None:
+    """The persistent cache's result for `key` (planner/cache.py), or None."""
+    value = cache.load(CACHE_NAMESPACE, key)
+    try:
+        peaks, breakdown, segments, host = value
+        result = SimResult(dict(peaks), {phase: dict(b) for phase, b in breakdown.items()}, host_peak_bytes=host)
+        result.segments = {name: (total, dict(categories)) for name, (total, categories) in segments.items()}
+    except (TypeError, ValueError, AttributeError):  # absent (None) or malformed
+        return None
+    return result
+
+
+def _store(key: tuple, result: SimResult) -> None:
+    cache.store(CACHE_NAMESPACE, key, [result.phase_peaks, result.phase_breakdown, result.segments,
+                                       result.host_peak_bytes])
 
 
 def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
@@ -88,16 +136,13 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
         if n <= base[kind]:
             continue
         extra = n - base[kind]
-        bigger = simulate(setup, dict(base, **{kind: base[kind] + 1}))
-        host += extra * (bigger.host_peak_bytes - first.host_peak_bytes)
-        other = bigger.segments
+        delta, host_delta = _layer_delta(setup, base, kind, first)
+        host += extra * host_delta
         for key, (total, categories) in list(segments.items()):
-            o_total, o_categories = other[key]
-            b_total, b_categories = first.segments[key]
-            total += extra * (o_total - b_total)
-            for cat in set(categories) | set(o_categories):
-                categories[cat] = categories.get(cat, 0) + extra * (o_categories.get(cat, 0)
-                                                                    - b_categories.get(cat, 0))
+            d_total, d_categories = delta[key]
+            total += extra * d_total
+            for cat, d in d_categories.items():
+                categories[cat] = categories.get(cat, 0) + extra * d
             segments[key] = (total, categories)
     peaks: dict[str, int] = {}
     breakdown: dict[str, dict[str, int]] = {}
@@ -109,6 +154,108 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
     result = SimResult({p: peaks[p] for p in PHASES if p in peaks}, breakdown, host_peak_bytes=host)
     result.segments = segments
     return result
+
+
+def _layer_delta(setup: TrainSetup, base: dict[str, int], kind: str, first: SimResult) -> tuple[dict, int]:
+    """What one more layer of `kind` adds to each segment's peak and breakdown, {segment: (bytes, {category: bytes})},
+    and to the host peak (offloaded checkpoint inputs): the difference of the simulations at `base` and at `base`
+    plus that layer. Two exact shortcuts spare the second simulation (SHORTCUTS; each holds for the families whose
+    activation model says so, and tests/test_speed_shortcuts.py holds every registry model to the full simulation):
+    - a frozen vision layer (its component frozen, no `enable_input_require_grads` hook making the tower's input
+      require grad: stacks.py, `BaseModel.frozen_vision_layers_add_weights_only`) builds no autograd graph, so it adds
+      its weights and nothing else to every segment: the construction of the model at both counts (no step) gives
+      them, shared by every micro-batch;
+    - one more language-model layer adds the same to every segment whatever the image size
+      (`BaseModel.text_layer_delta_shared`; without videos): the difference is shared by the setups that differ only
+      in their images' sizes."""
+    builder = model_for(setup.model.family)
+    bigger = dict(base, **{kind: base[kind] + 1})
+    if SHORTCUTS and kind.startswith("vision") and setup.vision is Train.FROZEN \
+            and not input_embeddings_hooked(setup) and builder.frozen_vision_layers_add_weights_only:
+        weights = _construction_delta(setup, base, bigger)
+        if weights is not None:  # no graph: nothing saved, nothing offloaded to the host
+            return {key: weights for key in first.segments}, 0
+    shared_key = None
+    # not with videos: then the difference moves with the image size for every family that has videos (Qwen2-VL,
+    # Qwen2.5-VL), as tests/test_speed_shortcuts.py showed
+    if SHORTCUTS and kind == "text" and setup.images and not setup.videos \
+            and builder.text_layer_delta_shared(setup.model):
+        shared_key = (simulation_key_without_images(setup), tuple(sorted(base.items())))
+        shared = _TEXT_DELTAS.get(shared_key)
+        if shared is not None and shared[0].keys() == first.segments.keys():
+            return shared
+    bigger_result = simulate(setup, bigger)
+    other = bigger_result.segments
+    delta = {}
+    for key, (b_total, b_categories) in first.segments.items():
+        o_total, o_categories = other[key]
+        delta[key] = (o_total - b_total, {cat: o_categories.get(cat, 0) - b_categories.get(cat, 0)
+                                          for cat in set(b_categories) | set(o_categories)})
+    answer = delta, bigger_result.host_peak_bytes - first.host_peak_bytes
+    if shared_key is not None:
+        if len(_TEXT_DELTAS) >= _MEMO_SIZE:
+            _TEXT_DELTAS.pop(next(iter(_TEXT_DELTAS)))
+        _TEXT_DELTAS[shared_key] = answer
+    return answer
+
+
+IMAGE_FIELDS = ("images", "image_max_pixels", "image_min_pixels")
+
+
+def simulation_key_without_images(setup: TrainSetup) -> tuple:
+    """The simulation key with the images' sizes left out (their number kept)."""
+    kept = tuple(item for item in simulation_key(setup) if item[0] not in IMAGE_FIELDS)
+    return kept + (("images", len(setup.images)),)
+
+
+_TEXT_DELTAS: dict[tuple, tuple[dict, int]] = {}
+
+
+def _construction_delta(setup: TrainSetup, base: dict[str, int], bigger: dict[str, int]):
+    """(bytes, {category: bytes}) that building the model at `bigger` layer counts allocates beyond building it at
+    `base` (no step run), or None when it is not only weights. Memoized without the micro-batch."""
+    key = (simulation_key(setup), tuple(sorted(base.items())), tuple(sorted(bigger.items())))
+    key = tuple(item for item in key[0] if item[0] not in ("batch_size", "gradient_accumulation_steps")) + key[1:]
+    if key in _CONSTRUCTIONS:
+        return _CONSTRUCTIONS[key]
+    built = []
+    for counts in (base, bigger):
+        e = _engine(setup)
+        model = model_for(setup.model.family)(e, setup, counts)
+        built.append((e.current, dict(e.by_category)))
+        del model, e
+    (b_total, b_categories), (o_total, o_categories) = built
+    categories = {cat: o_categories.get(cat, 0) - b_categories.get(cat, 0)
+                  for cat in set(b_categories) | set(o_categories)}
+    categories = {cat: d for cat, d in categories.items() if d}
+    answer = (o_total - b_total, categories) if all(c.startswith("weights/") for c in categories) else None
+    if len(_CONSTRUCTIONS) >= _MEMO_SIZE:
+        _CONSTRUCTIONS.pop(next(iter(_CONSTRUCTIONS)))
+    _CONSTRUCTIONS[key] = answer
+    return answer
+
+
+_CONSTRUCTIONS: dict[tuple, tuple | None] = {}
+
+
+def clear_memos() -> None:
+    """Forget every memoized simulation, key and shared difference (tests switching SHORTCUTS)."""
+    for memo in (_MEMO, _KEYS, _TEXT_DELTAS, _CONSTRUCTIONS):
+        memo.clear()
+
+
+@contextmanager
+def full_simulation():
+    """Within the block, `simulate_extrapolated` takes none of the shortcuts (and shares no memo with outside it)."""
+    global SHORTCUTS
+    was = SHORTCUTS
+    SHORTCUTS = False
+    clear_memos()
+    try:
+        yield
+    finally:
+        SHORTCUTS = was
+        clear_memos()
 
 
 def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bool = False) -> SimResult:
@@ -123,11 +270,16 @@ def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bo
             gc.enable()
 
 
-def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
+def _engine(setup: TrainSetup, detail: bool = False) -> Engine:
     e = Engine(detail)
     e.reduce_grads = bool(setup.zero)
     e.input_grads = input_embeddings_hooked(setup)
     e.liger = liger.swaps(setup)
+    return e
+
+
+def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
+    e = _engine(setup, detail)
     model = builder(e, setup, counts)
     # DeepSpeed keeps its own partitioned states (zero.py); the simulation holds the single-GPU torch ones
     states = [] if setup.zero else _optimizer_states(e, setup, model)

@@ -67,6 +67,12 @@ class Idefics3Vision(SiglipVision):
 class Idefics3Model(ConditionalGenerationStep, BaseModel):
     """Idefics3ForConditionalGeneration (Idefics3-8B-Llama3, SmolVLM-Instruct)."""
 
+    @classmethod
+    def text_layer_delta_shared(cls, spec) -> bool:
+        """No: where the loss segment peaks depends on the image size, so one more language-model layer does not add
+        the same to it at every size (tests/test_speed_shortcuts.py shows it)."""
+        return False
+
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         super().__init__(e, setup, counts)
         spec = setup.model

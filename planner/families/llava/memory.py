@@ -296,6 +296,12 @@ class LlavaModel(LlavaBase):
     """LlavaForConditionalGeneration: CLIP (vision_feature_layer -2, strategy "default": CLS dropped) or Pixtral
     (vision_feature_layer -1, strategy "full", all images packed into one sequence) tower, projector, LM."""
 
+    @classmethod
+    def text_layer_delta_shared(cls, spec) -> bool:
+        """Not with a Pixtral tower: where the loss segment peaks depends on the image size there, so one more
+        language-model layer does not add the same to it at every size (tests/test_speed_shortcuts.py shows it)."""
+        return spec.vision.arch != "pixtral"
+
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         super().__init__(e, setup, counts)
         self.pixtral = setup.model.vision.arch == "pixtral"

@@ -54,6 +54,12 @@ class LlavaNextModel(LlavaBase):
     """LlavaNextForConditionalGeneration: CLIP (vision_feature_layer -2, "default") on all views of all images as one
     batch, projector, pack_image_features, language model."""
 
+    @classmethod
+    def text_layer_delta_shared(cls, spec) -> bool:
+        """No: where the loss segment peaks depends on the image size, so one more language-model layer does not add
+        the same to it at every size (tests/test_speed_shortcuts.py shows it)."""
+        return False
+
     def param_rank(self, p, rank: dict[str, int]) -> float:
         """image_newline is LlavaNextModel's own parameter: named_parameters yields it before the submodules'."""
         return -1 if p is getattr(self, "image_newline", None) else super().param_rank(p, rank)

@@ -398,6 +398,10 @@ class MllamaModel(ConditionalGenerationStep, BaseModel):
 
     # MllamaModel registers vision_model, language_model, multi_modal_projector (lm_head last, as everywhere)
     param_order = (VISION, LANGUAGE, PROJECTOR)
+    # One more frozen vision layer adds more than its weights: the tower keeps the outputs of chosen local layers
+    # (`intermediate_layers_indices`) for the projector, and their positions move with the layer counts
+    # (`spec_with_layers`); tests/test_speed_shortcuts.py shows the shortcut would be wrong here
+    frozen_vision_layers_add_weights_only = False
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         spec = setup.model

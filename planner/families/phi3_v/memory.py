@@ -157,6 +157,10 @@ class Phi3VModel(ConditionalGenerationStep, BaseModel):
     """Phi3VForCausalLM (microsoft/Phi-3.5-vision-instruct). Analytic, not trace-validated (see the module
     docstring)."""
 
+    # One more frozen vision layer adds its output too: the tower runs with output_hidden_states=True and every hidden
+    # state stays alive (`ClipTower`); tests/test_speed_shortcuts.py shows the shortcut would be wrong here
+    frozen_vision_layers_add_weights_only = False
+
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         spec = setup.model
         counts = counts or {"text": spec.text.num_layers, "vision": spec.vision.num_layers}
