@@ -83,7 +83,7 @@ class Estimate:
 def param_summary(setup: TrainSetup) -> tuple[dict[str, int], dict[str, int]]:
     """Parameters per component, and the trainable ones (LoRA adapters counted where they attach). Memoized on the
     spec object and the settings read (fresh dicts each call)."""
-    key = (id(setup.model), setup.method, setup.vision, setup.projector, setup.language, setup.lora,
+    key = (id(setup.model), setup.method, setup.vision, setup.projector, setup.language, setup.lora, setup.oft,
            setup.freeze_trainable_layers)
     hit = _PARAM_SUMMARIES.get(key)
     if hit is None or hit[0] is not setup.model:
