@@ -20,6 +20,8 @@ from .spec import unverified_warning
 NOT_MODELLED: dict[str, str] = {}
 
 NO_EFFECT = {
+    "oft.module_dropout": "peft builds OFT's MultiplicativeDropoutLayer but `oft.Linear.forward` never calls it (peft "
+                          "0.21 tuners/oft/layer.py): the rotation and its saved tensors are the same",
     "packing": "every row is already estimated at seq_len tokens, which is what a packed row holds (LLaMA-Factory "
                "pads each to cutoff_len) under one causal mask; it changes which samples a --dataset row holds "
                "(planner/packing.py); neat_packing's block-diagonal mask is its own field",
