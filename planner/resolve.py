@@ -22,7 +22,7 @@ from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS
 # Every setting `resolve_setup` takes, with the library's default (LLaMA-Factory's), in the CLI's flag order
 SETUP_DEFAULTS = {
     "model": None, "method": "lora", "lora_rank": 8, "lora_alpha": None, "lora_target": "all", "lora_dropout": 0.0,
-    "dora": False, "train_vision": False, "freeze_vision": False, "train_projector": False, "freeze_projector": False,
+    "dora": False, "oft_rank": None, "oft_block_size": None, "module_dropout": None, "train_vision": False, "freeze_vision": False, "train_projector": False, "freeze_projector": False,
     "freeze_llm": False, "train_llm": False, "vision": None, "projector": None, "language": None,
     "freeze_trainable_layers": 2, "precision": "bf16", "quant_bits": None,
     "optimizer": "adamw", "seq_len": 2048, "batch_size": 1, "gradient_accumulation_steps": 1, "images": 1,
@@ -282,22 +282,26 @@ def _component_flags_over_presets(choices: dict, flags: dict) -> None:
         if key in flags and preset not in flags:
             choices.pop(preset, None)
     implied = implied_method(flags.get("vision"), flags.get("projector"), flags.get("language"))
-    if implied is not None and "method" not in flags and choices.get("method") not in (implied, "qlora"):
+    if implied is not None and "method" not in flags and choices.get("method") not in (implied, "qlora", "oft"):
         choices["method"] = implied
 
 
 def _drop_file_lora_settings(choices: dict, flags: dict) -> None:
-    """LoRA settings only mean something for LoRA/QLoRA: a typed LoRA flag with another method is refused; LoRA keys
-    of a YAML are dropped when a flag switches the method to full or freeze."""
-    if choices.get("method", SETUP_DEFAULTS["method"]) in ("lora", "qlora"):
+    """LoRA settings only mean something for LoRA/QLoRA (OFT reads lora_target only): a typed LoRA flag with another
+    method is refused; LoRA keys of a YAML are dropped when a flag switches the method to full, freeze or oft."""
+    method = choices.get("method", SETUP_DEFAULTS["method"])
+    if method in ("lora", "qlora"):
         return
-    typed = [name for name in LORA_OPTIONS if name in flags]
+    # OFT adapts the linears LLaMA-Factory's `lora_target` names (adapter.py `_setup_lora_tuning`)
+    kept = ("lora_target",) if method == "oft" else ()
+    typed = [name for name in LORA_OPTIONS if name in flags and name not in kept]
     if typed:
         flag = "--" + typed[0].replace("_", "-")
         raise VlplanError(f"{flag} applies to LoRA adapters, but the method is {choices['method']}; use --method lora "
                           f"or qlora, or drop {flag}")
     for name in LORA_OPTIONS:
-        choices.pop(name, None)
+        if name not in kept:
+            choices.pop(name, None)
 
 
 def _dataset_setup(base, options: dict, choices: dict, progress):

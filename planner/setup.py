@@ -38,7 +38,7 @@ class Train(str, Enum):
 
 # The choices of TrainSetup's string fields: a type checker reads the Literal, `__post_init__` refuses anything else
 # with one line naming the flag and the choices.
-Method = Literal["full", "freeze", "lora", "qlora"]
+Method = Literal["full", "freeze", "lora", "qlora", "oft"]
 Precision = Literal["bf16", "fp16", "fp32", "pure-bf16"]
 # adamw: torch AdamW(fused=True) = HF optim "adamw_torch_fused", the Trainer default with torch >= 2.8
 Optimizer = Literal["adamw", "adamw-foreach", "adamw-8bit", "paged-adamw-8bit", "sgd", "adafactor"]
@@ -115,6 +115,57 @@ class LoraSettings:
 
 
 @dataclass(frozen=True)
+class OftSettings:
+    """Orthogonal fine-tuning (LLaMA-Factory `finetuning_type: oft`, OFTArguments; peft OFTConfig). Exactly one of
+    `rank` (blocks per adapted linear) and `block_size` is non-zero, as peft's OFTConfig requires (r x oft_block_size
+    == in_features). LLaMA-Factory passes only these two and `module_dropout`; coft, block_share and the Cayley-Neumann
+    series (5 terms) keep peft's defaults. The adapted linears are LLaMA-Factory's `lora_target` (adapter.py
+    `_setup_lora_tuning` builds OFTConfig's target_modules from it; `oft_target` is parsed but not read)."""
+
+    rank: int = 0  # LLaMA-Factory oft_rank
+    block_size: int = 32  # LLaMA-Factory oft_block_size
+    # LLaMA-Factory module_dropout: peft builds MultiplicativeDropoutLayer but oft.Linear.forward never calls it
+    # (peft 0.21 tuners/oft/layer.py), so it changes no memory
+    module_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or self.block_size < 0:
+            raise VlplanError(f"--oft-rank and --oft-block-size must be 0 or positive, got {self.rank} and "
+                              f"{self.block_size}")
+        if (self.rank == 0) == (self.block_size == 0):
+            raise VlplanError(f"OFT takes either --oft-rank or --oft-block-size, the other 0 (peft OFTConfig: r x "
+                              f"oft_block_size == in_features), got {self.rank} and {self.block_size}")
+        if not (isinstance(self.module_dropout, (int, float)) and 0.0 <= self.module_dropout < 1.0):
+            raise VlplanError(f"--module-dropout must be in [0, 1), got {self.module_dropout}")
+
+    def blocks(self, in_features: int) -> tuple[int, int]:
+        """(blocks, block size) peft gives a linear with `in_features` inputs (`OFTLayer.update_layer`, with
+        `adjust_oft_parameters` moving a size that does not divide in_features to the nearest divisor)."""
+        if self.rank == 0:
+            size = self.block_size
+            if in_features % size or size > in_features:
+                size = _adjust_oft(in_features, size)
+            return in_features // size, size
+        rank = self.rank
+        if in_features % rank or rank > in_features:
+            rank = _adjust_oft(in_features, rank)
+        return rank, in_features // rank
+
+
+def _adjust_oft(in_features: int, value: int) -> int:
+    """peft `OFTLayer.adjust_oft_parameters`: the divisor of in_features nearest `value` (the lower one on a tie)."""
+    if value >= in_features:
+        return in_features
+    higher = value
+    while higher <= in_features and in_features % higher:
+        higher += 1
+    lower = value
+    while lower > 1 and in_features % lower:
+        lower -= 1
+    return lower if value - lower <= higher - value else higher
+
+
+@dataclass(frozen=True)
 class TrainSetup:
     model: ModelSpec
     method: Method = "lora"
@@ -122,6 +173,7 @@ class TrainSetup:
     projector: Train = Train.FROZEN
     language: Train = Train.LORA
     lora: LoraSettings = field(default_factory=LoraSettings)
+    oft: OftSettings = field(default_factory=OftSettings)  # method "oft"
     # method "freeze": the last N language-model layers train in full (LLaMA-Factory freeze_trainable_layers)
     freeze_trainable_layers: int = 2
     precision: Precision = "bf16"
@@ -238,8 +290,9 @@ class TrainSetup:
         if all(t is Train.FROZEN for t in trains):
             raise VlplanError("nothing trains: every component is frozen; drop --freeze-llm or add --train-vision/"
                               "--train-projector")
-        if self.method in ("lora", "qlora") and self.language is Train.FULL:
-            raise VlplanError("--method lora trains the language model with adapters, not in full; use --method full")
+        if self.method in ("lora", "qlora", "oft") and self.language is Train.FULL:
+            raise VlplanError(f"--method {self.method} trains the language model with adapters, not in full; use "
+                              "--method full")
         if self.method in ("full", "freeze") and Train.LORA in trains:
             raise VlplanError(f"--method {self.method} has no LoRA adapters; use --method lora for adapters")
         if self.method == "freeze" and self.language is Train.FROZEN:
@@ -258,6 +311,11 @@ class TrainSetup:
         self._validate_fsdp()
         if self.lora.dora and self.method not in ("lora", "qlora"):
             raise VlplanError("--dora is a LoRA variant; use it with --method lora or qlora")
+        if self.oft != OftSettings() and self.method != "oft":
+            raise VlplanError("--oft-rank, --oft-block-size and --module-dropout are OFT settings; use them with "
+                              "--method oft")
+        if self.method == "oft" and self.sharding == "fsdp":
+            raise VlplanError("OFT under FSDP is not modelled yet; use --sharding zero (or --method lora)")
         if self.precision == "pure-bf16" and self.zero == 3:
             raise VlplanError("pure bf16 cannot be combined with ZeRO-3 (LLaMA-Factory refuses it); use --precision "
                               "bf16 or --zero 2")
@@ -298,7 +356,7 @@ class TrainSetup:
         if self.offload_checkpoints and self.stack != "llamafactory":
             raise VlplanError("--offload-checkpoints is LLaMA-Factory's use_unsloth_gc; use it with --stack "
                               "llamafactory")
-        if self.method == "lora" or self.method == "qlora":
+        if self.method in ("lora", "qlora", "oft"):
             self._validate_lora_targets()
         if self.stage != "sft":
             self._validate_preference()
@@ -469,6 +527,8 @@ class TrainSetup:
             del d["videos"]  # absent, so that the records of image-only setups stay as they were
         if not self.neat_packing:
             del d["neat_packing"]  # likewise for setups without neat packing
+        if self.method != "oft":
+            del d["oft"]  # the OFT settings are listed only for OFT (other setups read as before)
         d["world_size"] = self.world_size
         if self.sharding == "zero":  # the FSDP settings are listed only when FSDP shards (ZeRO setups read as before)
             del d["sharding"], d["fsdp"]
@@ -518,7 +578,8 @@ def suggest_max_pixels(setup: TrainSetup) -> int | None:
 def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | None = None,
                train_projector: bool | None = None, freeze_llm: bool | None = None, lora_rank: int | None = None,
                lora_alpha: int | None = None, lora_target: str | list[str] | None = None, dora: bool | None = None,
-               lora_dropout: float | None = None,
+               lora_dropout: float | None = None, oft_rank: int | None = None, oft_block_size: int | None = None,
+               module_dropout: float | None = None,
                quant_bits: int | None = None, num_images: int | None = None,
                image_size: tuple[int, int] | None = None, images: list[tuple[int, int]] | None = None,
                gpu: GPU | str = "h100-80g", vision: str | Train | None = None, projector: str | Train | None = None,
@@ -533,11 +594,22 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
     preset (e.g. LoRA on the language model with the vision tower and projector in full, ms-swift's
     lora_llm_full_vit); one that contradicts a preset flag (train_vision, train_projector, freeze_llm) is refused.
     The LoRA settings (`lora_rank`, `lora_alpha`, `lora_target`, `dora`, `lora_dropout`) are None when not given;
-    one given with `--method full` or `freeze` (no adapters) is refused rather than ignored.
+    one given with `--method full` or `freeze` (no adapters) is refused rather than ignored. `--method oft` reads
+    `lora_target` only (LLaMA-Factory builds OFTConfig's target_modules from it) and the OFT settings (`oft_rank`,
+    `oft_block_size`, `module_dropout`); `oft_rank` alone sets the block size to 0 (peft takes one of the two).
     """
     if method not in METHODS:
         raise VlplanError(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    adapter = method in ("lora", "qlora")
+    adapter = method in ("lora", "qlora", "oft")
+    if method == "oft":
+        given = [flag for flag, value in (("--lora-rank", lora_rank), ("--lora-alpha", lora_alpha),
+                                          ("--dora", dora or None), ("--lora-dropout", lora_dropout)) if value is not None]
+        if given:
+            raise VlplanError(f"{', '.join(given)}: LoRA settings, but --method oft trains orthogonal blocks; use "
+                              "--oft-rank / --oft-block-size (--lora-target still picks the adapted linears)")
+    elif any(value is not None for value in (oft_rank, oft_block_size, module_dropout)):
+        raise VlplanError("--oft-rank, --oft-block-size and --module-dropout are OFT settings; use them with "
+                          "--method oft")
     if not adapter:
         given = [flag for flag, value in (("--lora-rank", lora_rank), ("--lora-alpha", lora_alpha),
                                           ("--lora-target", lora_target), ("--dora", dora or None),
@@ -565,6 +637,10 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
                     if t.strip())
     lora = LoraSettings(rank=lora_rank, alpha=lora_alpha if lora_alpha is not None else 2 * lora_rank,
                         targets=targets, dora=bool(dora), dropout=0.0 if lora_dropout is None else lora_dropout)
+    if oft_rank and oft_block_size is None:
+        oft_block_size = 0
+    oft = OftSettings(rank=oft_rank or 0, block_size=32 if oft_block_size is None else oft_block_size,
+                      module_dropout=module_dropout or 0.0)
     if images is None:
         count = 1 if num_images is None else num_images
         if count < 0:
@@ -580,6 +656,7 @@ def make_setup(model: ModelSpec, *, method: str = "lora", train_vision: bool | N
             image_size = (side, side)
         images = [image_size] * count
     return TrainSetup(model=model, method=method, vision=vision, projector=projector, language=language, lora=lora,
+                      oft=oft,
                       quant_bits=quant_bits, images=tuple(tuple(i) for i in images),
                       gpu=find_gpu(gpu) if isinstance(gpu, str) else gpu, **settings)
 

@@ -201,17 +201,25 @@ def apply_method(model: nn.Module, setup: TrainSetup, upcast: bool = True) -> nn
         param.requires_grad_(setup.trains[component_of(family, name)] is Train.FULL)
     if setup.method == "freeze":
         _freeze_layers_for_freeze_method(model, setup)
-    if setup.method in ("lora", "qlora"):
+    if setup.method in ("lora", "qlora", "oft"):
         import peft
 
-        config = peft.LoraConfig(r=setup.lora.rank, lora_alpha=setup.lora.alpha, lora_dropout=setup.lora.dropout,
-                                 target_modules=lora_target_modules(model, setup), use_dora=setup.lora.dora,
-                                 bias="none")
+        if setup.method == "oft":
+            # LLaMA-Factory adapter.py `_setup_lora_tuning`: OFTConfig(r=oft_rank, oft_block_size=oft_block_size,
+            # target_modules=<lora_target>, module_dropout=module_dropout, modules_to_save=additional_target)
+            config = peft.OFTConfig(r=setup.oft.rank, oft_block_size=setup.oft.block_size,
+                                    module_dropout=setup.oft.module_dropout,
+                                    target_modules=lora_target_modules(model, setup), bias="none")
+        else:
+            config = peft.LoraConfig(r=setup.lora.rank, lora_alpha=setup.lora.alpha, lora_dropout=setup.lora.dropout,
+                                     target_modules=lora_target_modules(model, setup), use_dora=setup.lora.dora,
+                                     bias="none")
         model = peft.get_peft_model(model, config)
         # peft froze everything but the adapters; components trained in full (e.g. the projector) train again
         base = model.get_base_model()
+        adapter_prefix = "oft_" if setup.method == "oft" else "lora_"
         for name, param in base.named_parameters():
-            if "lora_" not in name and setup.trains[component_of(family, name)] is Train.FULL:
+            if adapter_prefix not in name and setup.trains[component_of(family, name)] is Train.FULL:
                 param.requires_grad_(True)
     if upcast and setup.precision != "pure-bf16" and setup.zero != 3:
         for param in model.parameters():

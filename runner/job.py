@@ -13,14 +13,15 @@ from pathlib import Path
 
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.hardware import custom_gpu, find_gpu
-from vlplan.planner.setup import LoraSettings, Train, TrainSetup
+from vlplan.planner.setup import LoraSettings, OftSettings, Train, TrainSetup
 from vlplan.planner.spec import ModelSpec
 from vlplan.planner.tokens import parse_size
 
 JOB_ENV = "VLPLAN_JOB"  # the job of a launched worker process, as JSON
 LAUNCHERS = ("torchrun", "deepspeed", "accelerate")
-# LLaMA-Factory's example learning rates (examples/train_lora/*.yaml 1.0e-4, examples/train_full/*.yaml 1.0e-5)
-DEFAULT_LEARNING_RATE = {"lora": 1e-4, "qlora": 1e-4, "full": 1e-5, "freeze": 1e-5}
+# LLaMA-Factory's example learning rates (examples/train_lora/*.yaml 1.0e-4, examples/train_full/*.yaml 1.0e-5); OFT
+# takes the adapter rate of the LoRA examples (an assumption: no OFT example was checked)
+DEFAULT_LEARNING_RATE = {"lora": 1e-4, "qlora": 1e-4, "oft": 1e-4, "full": 1e-5, "freeze": 1e-5}
 DEFAULT_EPOCHS = 3.0  # LLaMA-Factory's examples and HF TrainingArguments.num_train_epochs
 SMOKE_TEST_STEPS = 3
 # transformers trainer_utils.SchedulerType (5.x; "greedy" needs a metric and is left out) and SaveStrategy ("best"
@@ -137,6 +138,8 @@ def setup_from_settings(settings: dict, spec: ModelSpec, what: str = "settings")
             lora = dict(values["lora"])
             lora["targets"] = tuple(lora.get("targets", ("all",)))
             values["lora"] = LoraSettings(**lora)
+        if "oft" in values:
+            values["oft"] = OftSettings(**values["oft"])
         if "images" in values:
             values["images"] = tuple(parse_size(s) if isinstance(s, str) else tuple(s) for s in values["images"])
         if "gpu" in values:

@@ -22,7 +22,7 @@ from vlplan.planner.io.llamafactory import SETUP_KEYS as LLAMAFACTORY_READ
 from vlplan.planner.io.llamafactory import llamafactory_choices
 from vlplan.planner.memory.estimate import estimate
 from vlplan.planner.registry import resolve
-from vlplan.planner.setup import LoraSettings, TrainSetup, make_setup
+from vlplan.planner.setup import LoraSettings, OftSettings, TrainSetup, make_setup
 from vlplan.planner.video import Video
 
 MODEL = "qwen2.5-vl-7b"
@@ -43,6 +43,8 @@ CASES = {
     "lora.targets": ({}, dict(lora_target="q_proj,v_proj")),
     "lora.dora": ({}, dict(dora=True)),
     "lora.dropout": (dict(gradient_checkpointing=False), dict(gradient_checkpointing=False, lora_dropout=0.05)),
+    "oft.rank": (dict(method="oft"), dict(method="oft", oft_rank=8)),
+    "oft.block_size": (dict(method="oft"), dict(method="oft", oft_block_size=16)),
     "freeze_trainable_layers": (dict(method="freeze"), dict(method="freeze", freeze_trainable_layers=4)),
     "precision": ({}, dict(precision="fp32")),
     "quant_bits": (dict(method="qlora"), dict(method="qlora", quant_bits=8)),
@@ -87,6 +89,7 @@ CASES = {
 # fields listed as without effect or not modelled: a setting where it is set, to check it changes nothing
 QUIET_CASES = {
     "lora.alpha": dict(lora_alpha=64),
+    "oft.module_dropout": (dict(method="oft"), dict(method="oft", module_dropout=0.1)),
     "packing": dict(packing=True),
     # (base, changed) where the field means something only next to others
     "pref_beta": (DPO, dict(DPO, pref_beta=0.5)),
@@ -100,6 +103,8 @@ def _field_names() -> list[str]:
     for f in fields(TrainSetup):
         if f.name == "lora":
             names += [f"lora.{g.name}" for g in fields(LoraSettings)]
+        elif f.name == "oft":
+            names += [f"oft.{g.name}" for g in fields(OftSettings)]
         else:
             names.append(f.name)
     return names
@@ -145,7 +150,7 @@ def test_a_modelled_field_changes_the_estimate(name):
 @pytest.mark.parametrize("name", sorted(QUIET_CASES))
 def test_a_listed_field_changes_nothing_and_a_not_modelled_one_warns(name):
     assert name in NOT_MODELLED or name in NO_EFFECT_FIELDS
-    case = QUIET_CASES[name]
+    case = QUIET_CASES[name]  # the changed setup's kwargs, or (base kwargs, changed kwargs)
     base, changed = (_setup(case[0]), _setup(case[1])) if isinstance(case, tuple) else (_setup({}), _setup(case))
     assert _value(base, name) != _value(changed, name)
     # a field that starts to change the estimate must leave the lists (and get a case in CASES)
@@ -199,8 +204,9 @@ LLAMAFACTORY_VALUES = {
     "flash_attn": "disabled", "disable_gradient_checkpointing": True, "gradient_checkpointing": False,
     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "max_grad_norm": 0.5,
     "use_unsloth_gc": True, "deepspeed": "ds_z3_config.json", "fsdp": "full_shard", "enable_liger_kernel": True, "use_liger_kernel": True,
-    "additional_target": "lm_head", "use_reentrant_gc": False, "pref_beta": 0.2, "pref_ftx": 0.5,
-    "pref_loss": "orpo", "ref_model": "Qwen/Qwen2.5-VL-7B-Instruct", "ld_alpha": 0.5,
+    "additional_target": "lm_head", "use_reentrant_gc": False, "oft_rank": 8, "oft_block_size": 16,
+    "module_dropout": 0.1, "oft_target": "q_proj", "pref_beta": 0.2, "pref_ftx": 0.5, "pref_loss": "orpo",
+    "ref_model": "Qwen/Qwen2.5-VL-7B-Instruct", "ld_alpha": 0.5,
 }
 # keys that only mean something next to another key (the YAML gets both)
 COMPANIONS = {
@@ -208,8 +214,11 @@ COMPANIONS = {
     "double_quantization": {"quantization_bit": 4}, "train_mm_proj_only": {"finetuning_type": "full"},
     "freeze_trainable_layers": {"finetuning_type": "freeze"}, "freeze_multi_modal_projector": {
         "finetuning_type": "full"}, "freeze_language_model": {"freeze_multi_modal_projector": False},
-    "fp16": {"bf16": False}, "pref_beta": {"stage": "dpo"}, "pref_ftx": {"stage": "dpo"},
-    "pref_loss": {"stage": "dpo"}, "ref_model": {"stage": "dpo"}, "ld_alpha": {"stage": "dpo"},
+    "fp16": {"bf16": False}, "oft_rank": {"finetuning_type": "oft", "oft_block_size": 0},
+    "oft_block_size": {"finetuning_type": "oft"}, "module_dropout": {"finetuning_type": "oft"},
+    "oft_target": {"finetuning_type": "oft"},
+    "pref_beta": {"stage": "dpo"}, "pref_ftx": {"stage": "dpo"}, "pref_loss": {"stage": "dpo"},
+    "ref_model": {"stage": "dpo"}, "ld_alpha": {"stage": "dpo"},
 }
 BASE_YAML = {"model_name_or_path": MODEL, "finetuning_type": "lora", "bf16": True}
 

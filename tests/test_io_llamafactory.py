@@ -132,7 +132,10 @@ def test_closest_choices_warn(key, value, expected):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"finetuning_type": "oft"}, "oft .*not modelled"),
+    ({"finetuning_type": "oft", "quantization_bit": 4}, "quantized OFT"),
+    ({"finetuning_type": "oft", "oft_rank": 8}, "either --oft-rank or --oft-block-size"),
+    ({"finetuning_type": "oft", "oft_block_size": -1}, "oft_block_size must be at least 0"),
+    ({"finetuning_type": "oft", "image_resolution": 512}, "oft came with LLaMA-Factory v0.9.4"),
     ({"finetuning_type": "qlora"}, "finetuning_type 'qlora' is not one of"),
     ({"quantization_bit": 4, "finetuning_type": "full"}, "quantization_bit needs finetuning_type lora"),
     ({"quantization_bit": 3}, "quantization_bit 3 is not modelled"),
@@ -221,6 +224,9 @@ def _setups():
                                                  gradient_checkpointing=False, liger_kernel=True, zero=1)
     yield "neat-packing", make_setup(qwen, method="lora", packing=True, neat_packing=True, seq_len=4096,
                                      video_fps=0.5, video_maxlen=64)
+    yield "oft-rank", make_setup(qwen, method="oft", oft_rank=16, lora_target="q_proj,v_proj", module_dropout=0.1)
+    yield "oft-vision-projector", make_setup(llava, method="oft", oft_block_size=16, train_vision=True,
+                                             train_projector=True)
     yield "video-and-images", make_setup(qwen, method="lora", images=[(1280, 720), (300, 4000)], video_fps=1.0,
                                          video_maxlen=32, video_max_pixels=128 * 128, image_max_pixels=1003520,
                                          seq_len=8192, attn="eager", optimizer="sgd", max_grad_norm=0.3)
@@ -240,6 +246,8 @@ def _for_version(setup, version):
 
 
 def _expressible(setup, version) -> bool:
+    if setup.method == "oft" and version in ("0.9.0", "0.9.1", "0.9.2", "0.9.3"):
+        return False  # finetuning_type oft came with v0.9.4
     old = version in ("0.9.0", "0.9.1")
     if old and (setup.language is Train.FROZEN and not (setup.method == "full" and setup.projector is Train.FULL)):
         return False

@@ -58,6 +58,8 @@ for path in sys.argv[1:]:
                       "lr_scheduler_type": str(training.lr_scheduler_type), "logging_steps": training.logging_steps,
                       "save_steps": training.save_steps, "warmup_steps": training.warmup_steps,
                       "finetuning_type": finetuning.finetuning_type, "stage": finetuning.stage,
+                      "oft_rank": finetuning.oft_rank, "oft_block_size": finetuning.oft_block_size,
+                      "lora_target": finetuning.lora_target,
                       "gradient_checkpointing": not model.disable_gradient_checkpointing,
                       "image_max_pixels": model.image_max_pixels, "pref_loss": finetuning.pref_loss,
                       "pref_beta": finetuning.pref_beta, "pref_ftx": finetuning.pref_ftx}))
@@ -143,6 +145,9 @@ def parsed(tmp_path_factory):
         "qlora-llava": ["--model", "llava-1.5-7b", "--method", "qlora", "--gpu", "rtx4090-24g", "-g", "4"],
         "no-template": ["--model", "phi-3.5-vision", "--method", "lora", "-g", "2"],
         "freeze-qwen3": ["--model", "qwen3-vl-8b", "--method", "freeze", "--num-gpus", "2", "-g", "8"],
+        # OFT: LLaMA-Factory's finetuning_type oft with its oft_* keys, the adapted linears in lora_target
+        "oft": ["--model", "qwen2.5-vl-7b", "--method", "oft", "--oft-rank", "16", "--lora-target",
+                "q_proj,v_proj", "-g", "8"],
         "own": ["--from-llamafactory", str(tmp / "own.yaml"), "-g", "4"],
         # FSDP (accelerate config next to the YAML): QLoRA with 4-bit weights in the compute dtype, and a full
         # fine-tune where the plan chooses between ZeRO and FSDP
@@ -210,6 +215,9 @@ def test_llamafactory_parses_every_exported_yaml(parsed):
         else:
             assert got["template"] in templates, name
     assert checked >= 8
+    oft = parsed["cases"]["oft"][2]
+    assert (oft["finetuning_type"], oft["oft_rank"], oft["oft_block_size"], oft["lora_target"]) == (
+        "oft", 16, 0, ["q_proj", "v_proj"])
     assert "error" not in parsed["cases"]["fsdp-qlora"][2] and "error" not in parsed["cases"]["fsdp-auto-full"][2]
     assert parsed["cases"]["fsdp-auto-full"][0]["sharding"] == "fsdp"
 

@@ -32,10 +32,11 @@ MODELS = names()
 V100 = find_gpu("v100-32g")
 VIDEO = dict(method="lora", videos=(Video(640, 360, duration_s=4.0),), seq_len=16384)  # Qwen2-VL/2.5-VL only
 PACKED = dict(method="full", packing=True, batch_size=2)
+OFT = dict(method="oft", stack="llamafactory")  # peft's OFT rotation on every language-model linear
 METHODS = [dict(method="full"), dict(method="freeze"), dict(method="lora"), dict(method="qlora", quant_bits=4),
            dict(method="qlora", quant_bits=8), dict(method="lora", stack="llamafactory", attn="eager"),
            dict(method="full", stack="hf-trainer", optimizer="adafactor"),
-           dict(method="lora", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"), VIDEO, PACKED]
+           dict(method="lora", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"), VIDEO, PACKED, OFT]
 
 
 def _setup(model: str, **kw):
@@ -131,11 +132,13 @@ def test_fp16_exception_is_real():
 VISION_CASES = (dict(method="lora"), dict(method="full", batch_size=2), dict(method="qlora", quant_bits=4),
                 dict(method="lora", stack="llamafactory", num_images=2, seq_len=16384),
                 dict(method="full", stack="hf-trainer", attn="eager", seq_len=4096),
-                dict(method="lora", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"), VIDEO, PACKED)
+                dict(method="lora", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"), VIDEO, PACKED,
+                OFT)
 TEXT_SIZES = [(224, 224), (448, 448), (768, 768), (1920, 1080)]
 TEXT_CASES = (dict(method="lora"), dict(method="lora", seq_len=4096), dict(method="freeze"),
               dict(method="full", batch_size=2), dict(method="lora", stack="llamafactory", num_images=2, seq_len=16384),
-              dict(method="full", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"), VIDEO, PACKED)
+              dict(method="full", liger_kernel=True, offload_checkpoints=True, stack="llamafactory"), VIDEO, PACKED,
+              OFT)
 
 
 def _vision_shortcut_wrong(model: str, kw: dict) -> bool:

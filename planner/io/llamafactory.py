@@ -180,7 +180,8 @@ SETUP_KEYS = frozenset({
     "quantization_device_map", "pure_bf16", "bf16", "fp16", "optim", "flash_attn", "disable_gradient_checkpointing",
     "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
     "deepspeed", "fsdp", "enable_liger_kernel", "use_liger_kernel", "additional_target", "use_reentrant_gc",
-    "use_unsloth_gc", "pref_beta", "pref_ftx", "pref_loss", "ref_model", "ld_alpha",
+    "use_unsloth_gc", "oft_rank", "oft_block_size", "module_dropout", "oft_target", "pref_beta", "pref_ftx",
+    "pref_loss", "ref_model", "ld_alpha",
 })
 # Keys that change memory in ways vlplan does not model, with what the estimate then means (a warning each when set
 # to anything but its default).
@@ -353,12 +354,15 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
         if (config.get("ld_alpha") or None) is not None:
             raise VlplanError(f"{name}: ld_alpha (LD-DPO's length masks in get_batch_logps) is not modelled; drop it")
     finetuning = r.choice("finetuning_type", "lora", ("lora", "oft", "freeze", "full"))
-    if finetuning == "oft":
-        raise VlplanError(f"{name}: finetuning_type oft (orthogonal fine-tuning) is not modelled by vlplan; use "
-                          "lora, freeze or full")
+    if finetuning == "oft" and _version_key(version) < (0, 9, 4):
+        raise VlplanError(f"{name}: finetuning_type oft came with LLaMA-Factory v0.9.4; this file reads as "
+                          f"v{version}")
     quant_bits = None
     if config.get("quantization_bit") is not None:
         quant_bits = r.int("quantization_bit", None)
+        if finetuning == "oft":
+            raise VlplanError(f"{name}: quantization_bit with finetuning_type oft (quantized OFT) is not modelled; "
+                              "drop quantization_bit or use finetuning_type lora")
         if finetuning != "lora":
             raise VlplanError(f"{name}: quantization_bit needs finetuning_type lora (LLaMA-Factory: 'Quantization is "
                               f"only compatible with the LoRA or OFT method.'), got {finetuning}")
@@ -386,7 +390,7 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
                                   "quantization_device_map") if config.get(key) is not None]
         if unused:
             warnings.append(f"{name}: {', '.join(unused)} only apply with quantization_bit; ignored")
-    method = {"lora": "qlora" if quant_bits else "lora", "freeze": "freeze", "full": "full"}[finetuning]
+    method = {"lora": "qlora" if quant_bits else "lora", "oft": "oft", "freeze": "freeze", "full": "full"}[finetuning]
     choices["method"] = method
     if quant_bits:
         choices["quant_bits"] = quant_bits
@@ -406,8 +410,8 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
                         f"{finetuning} tuning (it had no freeze_multi_modal_projector); modelled frozen as in later "
                         "versions")
     train_projector = not freeze_projector
-    if finetuning == "lora":
-        # LoRA: peft freezes every non-adapter weight and lora_target all skips the projector
+    if finetuning in ("lora", "oft"):
+        # LoRA (and OFT, which adapter.py sets up in the same `_setup_lora_tuning`): peft freezes every non-adapter weight and lora_target all skips the projector
         # (model_utils/misc.py::find_all_linear_modules), so the projector trains only when additional_target names
         # it (peft modules_to_save: a trainable full copy)
         extra = _lora_target(config.get("additional_target") or "none", name).split(",")
@@ -431,6 +435,19 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
         choices.update(lora_rank=rank, lora_alpha=r.int("lora_alpha", None),
                        lora_dropout=r.float("lora_dropout", 0.0, below=1.0), dora=r.bool("use_dora", False),
                        lora_target=_lora_target(config.get("lora_target", "all"), name))
+    if finetuning == "oft":
+        # adapter.py `_setup_lora_tuning`: OFTConfig(r=oft_rank, oft_block_size=oft_block_size,
+        # target_modules=<lora_target>, module_dropout=module_dropout); `oft_target` is split but never read
+        choices.update(oft_rank=r.int("oft_rank", 0, minimum=0),
+                       oft_block_size=r.int("oft_block_size", 32, minimum=0),
+                       module_dropout=r.float("module_dropout", 0.0, below=1.0),
+                       lora_target=_lora_target(config.get("lora_target", "all"), name))
+        if config.get("oft_target", "all") not in ("all", None):
+            warnings.append(f"{name}: oft_target {config['oft_target']!r} is not read by LLaMA-Factory (adapter.py "
+                            "builds OFT's target modules from lora_target); modelled with lora_target")
+        for key in ("lora_rank", "lora_alpha", "lora_dropout", "use_dora"):
+            if config.get(key) not in (None, False):
+                warnings.append(f"{name}: {key} is a LoRA setting; finetuning_type oft does not read it")
     if finetuning == "freeze":
         layers = config.get("freeze_trainable_layers", 2)
         if isinstance(layers, bool) or not isinstance(layers, int) or layers == 0:
@@ -769,14 +786,20 @@ def llamafactory_yaml(setup: TrainSetup, *, version: str = "latest", model_name_
     out.update(stage=setup.stage, do_train=True, finetuning_type={"qlora": "lora"}.get(setup.method, setup.method))
     if setup.stage == "dpo":
         out.update(pref_beta=setup.pref_beta, pref_ftx=setup.pref_ftx, pref_loss=setup.pref_loss)
+    if setup.method == "oft" and v < (0, 9, 4):
+        raise VlplanError(f"LLaMA-Factory v{version} cannot express finetuning_type oft (it came with v0.9.4); "
+                          "export for v0.9.4 or later")
     if setup.method in ("lora", "qlora"):
         out.update(lora_rank=setup.lora.rank, lora_alpha=setup.lora.alpha, lora_dropout=setup.lora.dropout,
                    lora_target=",".join(setup.lora.targets), use_dora=setup.lora.dora)
-        if setup.projector is not Train.FROZEN:
-            out["additional_target"] = projector_key(setup.model.family)
+    if setup.method == "oft":
+        out.update(oft_rank=setup.oft.rank, oft_block_size=setup.oft.block_size,
+                   module_dropout=setup.oft.module_dropout, lora_target=",".join(setup.lora.targets))
+    if setup.method in ("lora", "qlora", "oft") and setup.projector is not Train.FROZEN:
+        out["additional_target"] = projector_key(setup.model.family)
     if setup.method == "freeze":
         out["freeze_trainable_layers"] = setup.freeze_trainable_layers
-    if setup.method in ("lora", "qlora") and setup.vision is Train.FULL:
+    if setup.method in ("lora", "qlora", "oft") and setup.vision is Train.FULL:
         # finetuning_type lora puts adapters on an unfrozen vision tower (adapter.py find_all_linear_modules /
         # visual.py patch_target_modules); a full tower would need additional_target, peft's modules_to_save copy
         raise VlplanError("LLaMA-Factory cannot train the vision tower in full next to LoRA (freeze_vision_tower: "
@@ -1042,9 +1065,9 @@ def _merge_into(out: TrainingYaml, base: dict, memory: dict, setup: TrainSetup, 
         # keep the file's other fully trained modules; the plan decides only whether the projector is among them
         others = [t for t in _lora_target(base["additional_target"], "additional_target").split(",")
                   if t != "none" and not projector_key_in([t], setup.model)]
-        if setup.method in ("lora", "qlora") and setup.projector is not Train.FROZEN:
+        if setup.method in ("lora", "qlora", "oft") and setup.projector is not Train.FROZEN:
             others.append(projector_key(setup.model.family))
-        if others and setup.method in ("lora", "qlora"):
+        if others and setup.method in ("lora", "qlora", "oft"):
             written["additional_target"] = ",".join(others)
     for key, value in base.items():
         if key in written:

@@ -28,6 +28,14 @@ class LinearParams:
     quant_bits: int | None = None  # QLoRA: the frozen base weight is a bitsandbytes 4/8-bit weight
     magnitude: Param | None = None  # DoRA magnitude vector (out_features)
     dropout: bool = False  # peft lora_dropout > 0: nn.Dropout on the adapter path's input (else nn.Identity)
+    oft_r: Param | None = None  # OFT: the (blocks, block_size * (block_size - 1) / 2) skew-symmetric parameters
+    oft_block_size: int = 0
+
+    @property
+    def tensors(self) -> list[Param]:
+        """The layer's parameters a module walk finds (decides, e.g., whether a layer holds trainable ones): weight,
+        bias and the LoRA or OFT adapter matrices."""
+        return [q for q in (self.weight, self.bias, self.lora_a, self.lora_b, self.oft_r) if q is not None]
 
 
 class Params:
@@ -68,7 +76,17 @@ class Params:
                              component, shape=(out_features, in_features))
         b = self.e.param(f"{name}.bias", out_features, self._dtype(trainable), trainable, component) if bias else None
         lp = LinearParams(w, out_features, b, in_features=in_features, quant_bits=bits)
-        if self.setup.trains[component] is Train.LORA and self.lora_targets(name):
+        if self.setup.trains[component] is Train.LORA and self.lora_targets(name) and self.setup.method == "oft":
+            # peft OFTLayer.update_layer: one OFTRotationModule per linear, weight (r, b(b-1)/2) zero-initialised,
+            # created in fp32 like LoRA's (get_peft_model autocast_adapter_dtype=True)
+            blocks, size = self.setup.oft.blocks(in_features)
+            lp.oft_r = self.e.param(f"{name}.oft_R", blocks * (size * (size - 1) // 2), self.adapter_dtype, True,
+                                    component, kind="adapters", shape=(blocks, size * (size - 1) // 2))
+            lp.oft_block_size = size
+            # the module's non-persistent `rows` and `cols` buffers: the two rows of one int64
+            # `torch.triu_indices(b, b, 1)`, so one storage of 2 x b(b-1)/2
+            self.e.param(f"{name}.oft_R.triu_indices", size * (size - 1), "int64", False, component, kind="adapters")
+        elif self.setup.trains[component] is Train.LORA and self.lora_targets(name):
             # peft creates adapters in fp32 (get_peft_model autocast_adapter_dtype=True), pure bf16 included
             rank = self.setup.lora.rank
             dtype = self.adapter_dtype
@@ -124,6 +142,9 @@ def apply_linear(e: Engine, x: T, lp: LinearParams, name: str = "") -> T:
             return ops.quant_linear(e, x, lp.weight, lp.in_features, lp.out_features, lp.quant_bits, name=name)
         return ops.qlora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.in_features, lp.out_features, lp.rank,
                                 lp.quant_bits, name=name, dropout=lp.dropout)
+    if lp.oft_r is not None:
+        return ops.oft_linear(e, x, lp.weight, lp.oft_r, lp.in_features, lp.out_features, lp.oft_block_size, lp.bias,
+                              name=name)
     if lp.magnitude is not None:
         return ops.dora_linear(e, x, lp.weight, lp.lora_a, lp.lora_b, lp.magnitude, lp.out_features, lp.rank, lp.bias,
                                name=name, dropout=lp.dropout)
@@ -220,8 +241,7 @@ class TextDecoderLayer:
                 self.norms[name] = p.vector(LANGUAGE, f"{prefix}.{name}", h, trainable)
         self.mlp = self.make_mlp(p, prefix, trainable)
         self.params = [*self.norms.values(), *self.qk_norms] + [
-            q for lp in (self.q, self.k, self.v, self.o) for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b)
-            if q is not None] + self.mlp.params
+            q for lp in (self.q, self.k, self.v, self.o) for q in lp.tensors] + self.mlp.params
 
     def make_mlp(self, p: Params, prefix: str, trainable: bool) -> "GatedMlp":
         return GatedMlp(p, f"{prefix}.{self.mlp_prefix}", trainable, self.act)
@@ -321,8 +341,7 @@ class GatedMlp:
         self.gate = p.linear(LANGUAGE, f"{prefix}gate_proj", h, i, False, trainable)
         self.up = p.linear(LANGUAGE, f"{prefix}up_proj", h, i, False, trainable)
         self.down = p.linear(LANGUAGE, f"{prefix}down_proj", i, h, False, trainable)
-        self.params = [q for lp in (self.gate, self.up, self.down) for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b)
-                       if q is not None]
+        self.params = [q for lp in (self.gate, self.up, self.down) for q in lp.tensors]
 
     def __call__(self, e: Engine, h: T, tokens: int) -> T:
         return gated_mlp(e, h, self.gate, self.up, self.down, self.act)

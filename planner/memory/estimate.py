@@ -83,7 +83,7 @@ class Estimate:
 def param_summary(setup: TrainSetup) -> tuple[dict[str, int], dict[str, int]]:
     """Parameters per component, and the trainable ones (LoRA adapters counted where they attach). Memoized on the
     spec object and the settings read (fresh dicts each call)."""
-    key = (id(setup.model), setup.method, setup.vision, setup.projector, setup.language, setup.lora,
+    key = (id(setup.model), setup.method, setup.vision, setup.projector, setup.language, setup.lora, setup.oft,
            setup.freeze_trainable_layers)
     hit = _PARAM_SUMMARIES.get(key)
     if hit is None or hit[0] is not setup.model:
@@ -109,6 +109,10 @@ def _param_summary(setup: TrainSetup) -> tuple[dict[str, int], dict[str, int]]:
                 per_layer = sum(l.params for l in inv.layer_linears) + _layer_other(setup)
                 count = per_layer * min(setup.freeze_trainable_layers, setup.model.text.num_layers)
             trainable[name] = count
+        elif mode is Train.LORA and setup.method == "oft":
+            targets = setup.lora.targets
+            trainable[name] = sum(linear.count * _oft_params(setup, linear.in_features) for linear in inv.linears
+                                  if linear.lora_all and ("all" in targets or linear.name in targets))
         elif mode is Train.LORA:
             targets = setup.lora.targets
             trainable[name] = sum(
@@ -120,6 +124,12 @@ def _param_summary(setup: TrainSetup) -> tuple[dict[str, int], dict[str, int]]:
             trainable[name] = 0
     trainable["total"] = sum(trainable.values())
     return params, trainable
+
+
+def _oft_params(setup: TrainSetup, in_features: int) -> int:
+    """peft OFT: one (blocks, b(b-1)/2) skew-symmetric parameter per adapted linear (OFTLayer.update_layer)."""
+    blocks, size = setup.oft.blocks(in_features)
+    return blocks * size * (size - 1) // 2
 
 
 def _layer_other(setup: TrainSetup) -> int:

@@ -6,7 +6,8 @@ _TERMS = {
     "weights/": "parameters of {component}: frozen ones in the compute dtype, trainable ones upcast to fp32 unless "
                 "pure bf16 (LLaMA-Factory adapter.py); QLoRA linears as bitsandbytes NF4/int8 with their quant state",
     "adapters/": "LoRA A and B of {component}: rank x (in + out) per targeted linear, fp32 (peft get_peft_model "
-                 "autocast_adapter_dtype)",
+                 "autocast_adapter_dtype); OFT: blocks x b(b-1)/2 fp32 per targeted linear and its int64 "
+                 "triu_indices buffers (peft tuners/oft/layer.py)",
     "optimizer/adam_states": "AdamW exp_avg and exp_avg_sq: 2 x trainable params x param dtype (torch optim/adam.py "
                              "_init_group)",
     "optimizer/step_counters": "fused AdamW keeps a 0-d fp32 step tensor per parameter on the device (one 512-byte "

@@ -213,6 +213,92 @@ def dora_linear(e: Engine, x: T, base: Param, lora_a: Param, lora_b: Param, magn
     return out
 
 
+OFT_CAYLEY_NEUMANN_TERMS = 5  # peft OFTConfig.num_cayley_neumann_terms default; LLaMA-Factory does not set it
+
+
+def oft_linear(e: Engine, x: T, base: Param, oft_r: Param, in_features: int, out_features: int, block_size: int,
+               bias: Param | None = None, name: str = "") -> T:
+    """peft OFT `oft.Linear.forward` (peft 0.21 tuners/oft/layer.py): x cast to the adapter dtype, rotated block by
+    block by `OFTRotationModule.forward`, cast back and fed to the frozen base layer:
+
+    Q = skew(oft_R)                      zeros(r, b, b); index_put_ of the upper triangle; `matrix - matrix.T`
+    R = I + 2Q + 2Q^2 + 2Q^3 + Q^4       `_cayley_batch` with use_cayley_neumann (5 terms): bmm chain, in-place adds
+    x' = einsum("...rk,rkc->...rc", x.reshape(..., r, b), R)    -> a permuted view of a bmm result, then
+    x'.reshape(x.shape).to(fp32)         a contiguous copy of it, then its fp32 cast
+    result = base_layer(x'.to(fp32).to(x.dtype))
+
+    Under CUDA autocast bmm and einsum are on the lower-precision list: every bmm casts its fp32 operands (Q is no
+    leaf, so each use is a fresh copy) and saves the copies; the einsum saves bf16 copies of x and R. The frozen
+    base layer saves only its weight. Its backward (traced): the einsum's fp32 input gradient is produced
+    non-contiguous and copied once more by the reshape's backward (the `workspace` of the cast node)."""
+    blocks = in_features // block_size
+    square = blocks * block_size * block_size
+    dtype = oft_r.dtype
+    xa = cast(e, x, dtype, name=f"{name}.oft_in")  # peft `_cast_input_dtype` to the adapter dtype
+    # `_pytorch_skew_symmetric`: zeros, then index_put_ of the parameter's values (IndexPutBackward gives its grad)
+    matrix = e.new(square, dtype, name=f"{name}.oft_skew_zeros")
+    e.record(Node("index_put_", [], [], [oft_r]), matrix)
+    skew = e.new(square, dtype, name=f"{name}.oft_skew")
+    node = Node("sub", [matrix, matrix], [], [])  # SubBackward: grad passed to self, `-grad` (a copy) to other
+    node.grad_dtype[0] = "passthrough"
+    e.record(node, skew)
+    del matrix, node  # (without grad mode the unrecorded node would hold the zeros)
+    eye = e.new(block_size * block_size, dtype, name=f"{name}.oft_eye")
+    rotation = e.new(square, dtype, name=f"{name}.oft_rotation")  # `torch.eye(b).repeat(r, 1, 1)`
+    del eye
+
+    def add_(term: T) -> None:
+        """`R.add_(term[, alpha])`: the in-place node passes R's gradient through and gives the term its own
+        (a scaled copy, computed in R's dtype then cast to the term's)."""
+        inputs = ([rotation] if rotation.rg else []) + [term]
+        node = Node("add_", inputs, [], [], workspace=square * DTYPE_BYTES[dtype] if term.dtype != dtype else 0)
+        if rotation.rg:
+            node.grad_dtype[0] = "passthrough"
+        e.record(node, rotation)
+
+    def bmm(a: T, b: T, label: str) -> T:
+        a_in, b_in = input_for_matmul(e, a), input_for_matmul(e, b)
+        out = e.new(square, e.autocast or promote(a_in.dtype, b_in.dtype), name=f"{name}.{label}")
+        e.record(Node("bmm", [a_in, b_in], [b_in, a_in], []), out)
+        return out
+
+    terms = OFT_CAYLEY_NEUMANN_TERMS
+    if terms > 1:
+        add_(skew)
+        if terms > 2:
+            power = bmm(skew, skew, "oft_q2")
+            add_(power)
+            for step in range(3, terms - 1):
+                power = bmm(power, skew, f"oft_q{step}")
+                add_(power)
+            power = bmm(power, skew, f"oft_q{terms - 1}")
+            add_(power)
+            del power
+    del skew
+    # the einsum: autocast copies of the input and of R (both saved by its bmm), a bmm result and its contiguous copy
+    x_in = e.new(xa.numel, e.autocast or dtype, name=f"{name}.oft_einsum_in") if e.autocast else xa
+    if x_in is not xa:
+        e.record(Node("to_copy", [xa] if xa.rg else [], [], [], workspace=xa.nbytes if xa.rg else 0), x_in)
+    r_in = input_for_matmul(e, rotation)
+    product = e.new(xa.numel, x_in.dtype, name=f"{name}.oft_einsum")
+    e.record(Node("einsum", [t for t in (x_in, r_in) if t.rg], ([x_in] if r_in.rg else []) + ([r_in] if x_in.rg
+                                                                                               else []), []), product)
+    del r_in, x_in
+    # einsum returns a permuted view of its bmm result (`x_rotated_reshaped`, a local until forward returns);
+    # `.reshape(*folded_shape)` copies it
+    rotated = _copy(e, product, product.numel, f"{name}.oft_rotated")
+    if rotated.node is not None:
+        rotated.node.grad_dtype[0] = "passthrough"
+    rotated32 = cast(e, rotated, dtype, name=f"{name}.oft_rotated_out")  # `.to(required_dtype)`
+    # OFTRotationModule.forward returns (its locals `orth_rotate`, `x_rotated_reshaped` and the copy die); `x` of
+    # oft.Linear.forward rebinds to the result, which frees the adapter-dtype input
+    del rotated, product, rotation, xa
+    xin = cast(e, rotated32, x.dtype, name=f"{name}.oft_base_in")  # `x.to(previous_dtype)`
+    result = linear(e, xin, base, out_features, bias, name=name)
+    del xin, rotated32
+    return result
+
+
 def quant_linear(e: Engine, x: T, weight: Param, in_features: int, out_features: int, bits: int,
                  name: str = "") -> T:
     """bitsandbytes `MatMul4Bit` / `MatMul8bitLt` on a frozen quantized weight (bitsandbytes/autograd/_functions.py).

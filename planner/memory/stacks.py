@@ -27,7 +27,7 @@ def input_embeddings_hooked(setup: TrainSetup) -> bool:
     if not setup.any_checkpointing:
         return False
     if setup.stack == "llamafactory":
-        return setup.method == "lora"  # peft on an unquantized model; QLoRA's 4/8-bit model skips the hook
+        return setup.method in ("lora", "oft")  # peft on an unquantized model; QLoRA's 4/8-bit model skips the hook
     return setup.stack == "hf-trainer"
 
 

@@ -36,7 +36,7 @@ class QwenVisionBlock:
             self.fc1 = p.linear(VISION, f"{prefix}.fc1", d, v.intermediate_size, True)
             self.fc2 = p.linear(VISION, f"{prefix}.fc2", v.intermediate_size, d, True)
         self.params = [q for group in (self.norm1, self.norm2) for q in group] + [
-            q for lp in self._linears() for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+            q for lp in self._linears() for q in lp.tensors]
 
     def _linears(self):
         if self.v.mlp == "gated_silu":
@@ -173,7 +173,7 @@ class EncoderLayerParams:
         self.fc2 = p.linear(VISION, f"{prefix}.fc2", v.intermediate_size, d, True)
         self.params = [*self.ln1, *self.ln2] + [
             q for lp in (self.q, self.k, self.v_proj, self.o, self.fc1, self.fc2)
-            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+            for q in lp.tensors]
 
     @property
     def has_trainable(self) -> bool:

@@ -47,7 +47,7 @@ SETUP_OPTIONS = [
     _opt("model", str | None, "--model", "-m",
          help="Registry name (see `vlplan models`), hub id, or a local config.json / model directory. Required "
               "unless --from-llamafactory names one (model_name_or_path)."),
-    _opt("method", str, "--method", help="full | freeze | lora | qlora."),
+    _opt("method", str, "--method", help="full | freeze | lora | qlora | oft (orthogonal fine-tuning, peft OFT)."),
     _opt("lora_rank", int, "--lora-rank", help="LoRA rank."),
     _opt("lora_alpha", int | None, "--lora-alpha", help="LoRA alpha (default: 2 x rank, as LLaMA-Factory)."),
     _opt("lora_target", str, "--lora-target",
@@ -56,6 +56,13 @@ SETUP_OPTIONS = [
     _opt("lora_dropout", float, "--lora-dropout",
          help="LoRA dropout on each adapter's input (LLaMA-Factory lora_dropout; ms-swift's default is 0.05)."),
     _opt("dora", bool, "--dora", help="DoRA instead of LoRA."),
+    _opt("oft_rank", int | None, "--oft-rank",
+         help="--method oft: orthogonal blocks per adapted linear (LLaMA-Factory oft_rank; sets the block size to 0)."),
+    _opt("oft_block_size", int | None, "--oft-block-size",
+         help="--method oft: size of each orthogonal block (LLaMA-Factory oft_block_size; default 32 unless "
+              "--oft-rank). The adapted linears are --lora-target's, as in LLaMA-Factory."),
+    _opt("module_dropout", float | None, "--module-dropout",
+         help="--method oft: LLaMA-Factory module_dropout (peft's OFT layer never applies it: no memory change)."),
     _opt("train_vision", bool, "--train-vision",
          help="Train the vision tower (in full for full/freeze, with LoRA for lora/qlora). Frozen by default."),
     _opt("freeze_vision", bool, "--freeze-vision", help="Keep the vision tower frozen (over a YAML)."),

@@ -44,7 +44,7 @@ class InternVitLayer:
         self.params = [q for pair in self.norms.values() for q in pair if q is not None] + [
             q for q in (self.q_norm, self.k_norm, self.lambda_1, self.lambda_2) if q is not None] + [
             q for lp in (self.q, self.k, self.v_proj, self.o, self.fc1, self.fc2)
-            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+            for q in lp.tensors]
 
     @property
     def has_trainable(self) -> bool:

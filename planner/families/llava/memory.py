@@ -127,7 +127,7 @@ class PixtralLayer:
         self.down = p.linear(VISION, f"{prefix}.feed_forward.down_proj", v.intermediate_size, d, False)
         self.params = [self.attention_norm, self.ffn_norm] + [
             q for lp in (self.q, self.k, self.v_proj, self.o, self.gate, self.up, self.down)
-            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+            for q in lp.tensors]
 
     @property
     def has_trainable(self) -> bool:

@@ -333,7 +333,7 @@ class MllamaCrossLayer:
         self.down = p.linear(LANGUAGE, f"{prefix}.down_proj", t.intermediate_size, h, False, trainable)
         self.params = [self.norm1, self.norm2, self.q_norm, self.k_norm, self.attn_gate, self.mlp_gate] + [
             q for lp in (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+            for q in lp.tensors]
 
     @property
     def has_trainable(self) -> bool:

@@ -100,7 +100,7 @@ class Phi3Layer:
         self.down = p.linear(LANGUAGE, f"{prefix}.down_proj", t.intermediate_size, h, False, trainable)
         self.params = [self.norm1, self.norm2] + [
             q for lp in (self.qkv, self.o, self.gate_up, self.down)
-            for q in (lp.weight, lp.bias, lp.lora_a, lp.lora_b) if q is not None]
+            for q in lp.tensors]
 
     @property
     def has_trainable(self) -> bool:

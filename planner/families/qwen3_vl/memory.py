@@ -57,7 +57,7 @@ def _params_of(*groups) -> list:
     out = []
     for group in groups:
         if hasattr(group, "weight"):  # LinearParams
-            out += [q for q in (group.weight, group.bias, group.lora_a, group.lora_b) if q is not None]
+            out += group.tensors
         else:
             out += list(group)
     return out
