@@ -494,7 +494,7 @@ class TrainSetup:
     @property
     def uses_reference_copy(self) -> bool:
         """The reference is a second, frozen model (train/trainer_utils.py `create_ref_model`: a copy of the model for
-        every finetuning_type but lora; for LoRA and QLoRA `ref_model = None` and the trainer runs the policy with
+        every finetuning_type but lora, OFT included; for LoRA and QLoRA `ref_model = None` and the trainer runs the policy with
         its adapters disabled, `compute_reference_log_probs`)."""
         return self.uses_reference and self.method not in ("lora", "qlora")
 

@@ -30,6 +30,8 @@ CASES = [
     (tiny_llava, "llava-1.5-7b", dict(**LF), dict(text=2, vision=2)),
     (tiny_llava, "llava-1.5-7b", dict(**LF, pref_loss="orpo"), dict(text=2, vision=2)),
     (tiny_llava, "llava-1.5-7b", dict(**LF, pref_ftx=1.0, batch_size=2), dict(text=2, vision=2)),
+    # OFT: create_ref_model loads a frozen copy for every finetuning_type but lora
+    (tiny_spec, "qwen2.5-vl-3b", dict(**LF, **QWEN, method="oft"), None),
     # the trainer zeroes LoRA's dropout (trl disable_dropout_in_model)
     (tiny_spec, "qwen2.5-vl-3b", dict(**LF, **QWEN, lora_dropout=0.05), None),
 ]
