@@ -41,6 +41,22 @@ def test_warm_estimate_reads_the_cold_simulation_back(count_simulations):
     assert json.dumps(warm, sort_keys=True) == json.dumps(cold, sort_keys=True)
 
 
+def test_warm_estimate_reads_the_replay_back(count_simulations, monkeypatch):
+    """The caching-allocator replay (full-depth simulation + replay, most of a cold plan's time) is stored too: a
+    warm estimate runs neither, and its reserve is the cold one."""
+    from vlplan.planner.memory import estimate as estimate_module
+
+    full_depth = []
+    inner = estimate_module.simulate
+    monkeypatch.setattr(estimate_module, "simulate", lambda setup: full_depth.append(setup) or inner(setup))
+    cold = estimate(_setup()).to_dict()
+    assert len(full_depth) == 1
+    step.clear_memos()
+    warm = estimate(_setup()).to_dict()
+    assert len(full_depth) == 1
+    assert warm == cold
+
+
 def test_corrupt_entries_are_recomputed(count_simulations):
     cold = estimate(_setup()).to_dict()
     for path in cache.cache_dir().rglob("*.json"):

@@ -9,11 +9,14 @@ caching allocator are the named constants of `overheads.py`. `breakdown_bytes` s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
+from .. import cache
 from ..modules import LANGUAGE, model_inventory
 from ..setup import Train, TrainSetup
 from . import overheads
+from . import step as _step
 from .allocator import ReplayResult, replay
 from .sim import recording_allocations
 from .step import PHASES, register_memo, simulate, simulate_extrapolated, simulation_key
@@ -267,6 +270,15 @@ def reserved_replay(setup: TrainSetup, expandable_segments: bool = False,
     key = (simulation_key(setup), expandable_segments)
     if capacity_bytes is None and key in _REPLAYS:
         return _REPLAYS[key]
+    if capacity_bytes is None and _step.SHORTCUTS:  # the persistent cache (planner/cache.py): repeated plans, tables
+        stored = cache.load(REPLAY_NAMESPACE, key)
+        try:
+            answer = ReplayResult(**stored[0]), int(stored[1])
+        except (TypeError, ValueError, KeyError, IndexError):  # absent (None) or malformed
+            answer = None
+        if answer is not None:
+            _remember_replay(key, answer)
+            return answer
     log, live_peak = _LOGS.get(key[0], (None, 0))
     if log is None:
         with recording_allocations() as logs:
@@ -277,15 +289,22 @@ def reserved_replay(setup: TrainSetup, expandable_segments: bool = False,
         _LOGS[key[0]] = (log, live_peak)
     answer = replay(log, capacity_bytes, expandable_segments), live_peak
     if capacity_bytes is None:
-        if len(_REPLAYS) >= _REPLAYS_SIZE:
-            _REPLAYS.pop(next(iter(_REPLAYS)))
-        _REPLAYS[key] = answer
+        _remember_replay(key, answer)
+        if _step.SHORTCUTS:
+            cache.store(REPLAY_NAMESPACE, key, [dataclasses.asdict(answer[0]), answer[1]])
     return answer
 
 
-_REPLAYS: dict[tuple, tuple[ReplayResult, int]] = {}
+def _remember_replay(key: tuple, answer: tuple[ReplayResult, int]) -> None:
+    if len(_REPLAYS) >= _REPLAYS_SIZE:
+        _REPLAYS.pop(next(iter(_REPLAYS)))
+    _REPLAYS[key] = answer
+
+
+REPLAY_NAMESPACE = "replay"
+_REPLAYS: dict[tuple, tuple[ReplayResult, int]] = register_memo({})
 _REPLAYS_SIZE = 4096
-_LOGS: dict[tuple, tuple[list, int]] = {}
+_LOGS: dict[tuple, tuple[list, int]] = register_memo({})
 _LOGS_SIZE = 4
 
 
