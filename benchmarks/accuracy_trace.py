@@ -142,6 +142,10 @@ MATRIX = [
     # OFT (LLaMA-Factory finetuning_type oft; peft's OFT layer: Cayley-Neumann rotation of each linear's input)
     ("qwen2.5-vl-7b", dict(method="oft", stack="llamafactory", image_size=SQ448)),
     ("llava-1.5-7b", dict(method="oft", oft_block_size=16, gradient_checkpointing=False, seq_len=1024)),
+    # preference training (LLaMA-Factory stage dpo; traced at full depth): DPO with the LoRA policy's adapters
+    # disabled as the reference, ORPO (no reference)
+    ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", stage="dpo", seq_len=1024, image_size=SQ448)),
+    ("llava-1.5-7b", dict(method="lora", stack="llamafactory", stage="dpo", pref_loss="orpo", seq_len=1024)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 

@@ -245,7 +245,7 @@ def memory_levers(setup: TrainSetup) -> list[tuple[TrainSetup, str]]:
             return
         out.append((current, what))
 
-    if not setup.liger_kernel and liger.swaps(replace(setup, liger_kernel=True)):
+    if setup.stage == "sft" and not setup.liger_kernel and liger.swaps(replace(setup, liger_kernel=True)):
         switch("Liger's fused linear cross-entropy (enable_liger_kernel: no logits)", liger_kernel=True)
     if setup.vision_gradient_checkpointing is False:
         switch("the vision tower's gradient checkpointing", vision_gradient_checkpointing=None,

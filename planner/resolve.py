@@ -31,7 +31,8 @@ SETUP_DEFAULTS = {
     "video_max_pixels": LF_VIDEO_MAX_PIXELS, "video_min_pixels": LF_VIDEO_MIN_PIXELS, "video_fps": LF_VIDEO_FPS,
     "video_maxlen": LF_VIDEO_MAXLEN, "packing": False, "neat_packing": False,
     "attn": "sdpa", "gradient_checkpointing": True,
-    "vision_gradient_checkpointing": None, "offload_checkpoints": False, "liger_kernel": False, "gpu": "h100-80g",
+    "vision_gradient_checkpointing": None, "offload_checkpoints": False, "liger_kernel": False,
+    "stage": "sft", "pref_loss": "sigmoid", "pref_ftx": 0.0, "pref_beta": 0.1, "gpu": "h100-80g",
     "gpu_memory_gib": None, "num_gpus": 1,
     "num_nodes": 1, "zero": 0, "offload": "none", "sharding": "zero", "fsdp": "full_shard", "stack": "vlplan",
     "expandable_segments": None,  # None: from LLaMA-Factory's launcher or PYTORCH_CUDA_ALLOC_CONF, else off

@@ -52,12 +52,20 @@ FsdpStrategy = Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"
 # which inputs are made to require grad): `vlplan` is `vlplan run`'s own, `llamafactory` is LLaMA-Factory's loader
 # (patch_model -> init_adapter), `hf-trainer` a plain transformers Trainer with gradient_checkpointing=True.
 Stack = Literal["vlplan", "llamafactory", "hf-trainer"]
+# The training stage: supervised fine-tuning, or LLaMA-Factory's preference stage `dpo` (CustomDPOTrainer,
+# llamafactory/train/dpo/trainer.py) with its `pref_loss`: "sigmoid" (DPO, a reference model's forward), "orpo" and
+# "simpo" (no reference model: FinetuningArguments.use_ref_model = stage == "dpo" and pref_loss not in orpo/simpo).
+# LF's other preference losses (hinge, ipo, kto_pair) and the `kto`, `rm` and `ppo` stages are not modelled.
+Stage = Literal["sft", "dpo"]
+PrefLoss = Literal["sigmoid", "orpo", "simpo"]
 METHODS: tuple[str, ...] = get_args(Method)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 OFFLOADS: tuple[str, ...] = get_args(Offload)
 STACKS: tuple[str, ...] = get_args(Stack)
+STAGES: tuple[str, ...] = get_args(Stage)
+PREF_LOSSES: tuple[str, ...] = get_args(PrefLoss)
 SHARDINGS: tuple[str, ...] = get_args(Sharding)
 FSDP_STRATEGIES: tuple[str, ...] = get_args(FsdpStrategy)
 # Our optimizer names -> transformers TrainingArguments.optim (the runner's Trainer, the profiler's optimizer, the
@@ -200,6 +208,13 @@ class TrainSetup:
     sharding: Sharding = "zero"  # "fsdp": PyTorch FSDP2 through accelerate instead of DeepSpeed (zero stays 0)
     fsdp: FsdpStrategy = "full_shard"  # the FSDP strategy (read only with sharding "fsdp")
     stack: Stack = "vlplan"
+    # Preference training (planner/memory/preference.py): each sample is a chosen and a rejected sequence, both in
+    # one forward of 2 x batch_size rows; `pref_ftx` adds the chosen sequences' SFT loss (LF pref_ftx); `pref_beta`
+    # (LF pref_beta) is recorded for the launch configs, the memory does not depend on it
+    stage: Stage = "sft"
+    pref_loss: PrefLoss = "sigmoid"
+    pref_ftx: float = 0.0
+    pref_beta: float = 0.1
     # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows one segment per pool in pages
     # instead of cudaMalloc'ing segments (planner/memory/allocator.py); it changes reserved memory, not live tensors.
     # LLaMA-Factory's launcher sets it for torchrun runs (planner/resolve.py expandable_segments_default)
@@ -225,7 +240,8 @@ class TrainSetup:
         for value, choices, flag in ((self.method, METHODS, "--method"), (self.precision, PRECISIONS, "--precision"),
                                      (self.optimizer, OPTIMIZERS, "--optimizer"), (self.attn, ATTENTIONS, "--attn"),
                                      (self.offload, OFFLOADS, "--offload"), (self.stack, STACKS, "--stack"),
-                                     (self.sharding, SHARDINGS, "--sharding"), (self.fsdp, FSDP_STRATEGIES, "--fsdp")):
+                                     (self.sharding, SHARDINGS, "--sharding"), (self.fsdp, FSDP_STRATEGIES, "--fsdp"),
+                                     (self.stage, STAGES, "--stage"), (self.pref_loss, PREF_LOSSES, "--pref-loss")):
             if value not in choices:
                 raise VlplanError(f"{flag} {value!r} is not one of {', '.join(choices)}")
         for value, flag, bound in ((self.seq_len, "--seq-len", MAX_SEQ_LEN),
@@ -342,6 +358,34 @@ class TrainSetup:
                               "llamafactory")
         if self.method in ("lora", "qlora", "oft"):
             self._validate_lora_targets()
+        if self.stage != "sft":
+            self._validate_preference()
+
+    def _validate_preference(self) -> None:
+        """What of LLaMA-Factory's DPO stage is modelled (planner/memory/preference.py)."""
+        if self.stack != "llamafactory":
+            raise VlplanError("--stage dpo is LLaMA-Factory's CustomDPOTrainer; use it with --stack llamafactory")
+        if self.packing:
+            raise VlplanError("--stage dpo pairs a chosen and a rejected sequence per sample; LLaMA-Factory does not "
+                              "pack pairwise data: drop packing")
+        if self.sharding == "fsdp":
+            raise VlplanError("--stage dpo under FSDP (the reference model prepared by fsdp2_prepare_model) is not "
+                              "modelled; use --sharding zero")
+        if self.zero == 3 and self.uses_reference_copy:
+            raise VlplanError("--stage dpo with a full or freeze reference model under ZeRO-3 (its weights "
+                              "partitioned by TRL's prepare_deepspeed) is not modelled; use --zero 2, --method lora, "
+                              "or --pref-loss orpo/simpo (no reference model)")
+        if self.lora.dropout > 0 and self.lora.dora:
+            # the trainer zeroes every dropout (trl disable_dropout_in_model): modelled as none for LoRA, but peft's
+            # DoRA takes another path for an nn.Dropout than for nn.Identity
+            raise VlplanError("--stage dpo with DoRA and --lora-dropout > 0 (a zeroed nn.Dropout) is not modelled; set "
+                              "--lora-dropout 0")
+        if self.liger_kernel:
+            raise VlplanError("--stage dpo with Liger kernels (LF enable_liger_kernel) is not modelled; drop it")
+        if self.vision_gradient_checkpointing is not None or self.offload_checkpoints:
+            raise VlplanError("--stage dpo with per-component or offloaded checkpointing is not modelled; drop it")
+        if not (isinstance(self.pref_ftx, (int, float)) and self.pref_ftx >= 0):
+            raise VlplanError(f"--pref-ftx must be 0 or more, got {self.pref_ftx}")
 
     def _validate_fsdp(self) -> None:
         if self.sharding == "zero":
@@ -441,6 +485,24 @@ class TrainSetup:
     def any_checkpointing(self) -> bool:
         """Some layer is checkpointed: the model's `is_gradient_checkpointing`, which peft reads."""
         return self.gradient_checkpointing or bool(self.vision_gradient_checkpointing)
+
+    @property
+    def uses_reference(self) -> bool:
+        """LLaMA-Factory's FinetuningArguments.use_ref_model: a DPO loss that needs the reference model's log-probs."""
+        return self.stage == "dpo" and self.pref_loss not in ("orpo", "simpo")
+
+    @property
+    def uses_reference_copy(self) -> bool:
+        """The reference is a second, frozen model (train/trainer_utils.py `create_ref_model`: a copy of the model for
+        every finetuning_type but lora, OFT included; for LoRA and QLoRA `ref_model = None` and the trainer runs the policy with
+        its adapters disabled, `compute_reference_log_probs`)."""
+        return self.uses_reference and self.method not in ("lora", "qlora")
+
+    @property
+    def rows_per_micro_batch(self) -> int:
+        """Sequences in one forward: the pairwise collator (data/collator.py `PairwiseDataCollatorWithPadding`) puts
+        the chosen then the rejected sequence of each sample in one batch of 2 x batch_size rows."""
+        return 2 * self.batch_size if self.stage == "dpo" else self.batch_size
 
     @property
     def world_size(self) -> int:

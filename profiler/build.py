@@ -347,6 +347,15 @@ def _bound_layer_call(custom):
     return adapted
 
 
+def reference_model(setup: TrainSetup, spec: ModelSpec | None = None) -> nn.Module:
+    """The DPO reference model of a full or freeze fine-tune: LLaMA-Factory's `create_ref_model` loads the model
+    again with `is_trainable=False` (model/loader.py `load_model`: `model.requires_grad_(False)`, fp32 parameters
+    cast to the compute dtype, `model.eval()`; no checkpointing, no adapters, no input hooks)."""
+    model = create_model(setup, spec)
+    model.requires_grad_(False)
+    return model.eval()
+
+
 def _prepare_llamafactory(model: nn.Module, setup: TrainSetup) -> nn.Module:
     """LLaMA-Factory's loader order (model/loader.py `load_model`: patch_model, then init_adapter).
 

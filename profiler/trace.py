@@ -189,7 +189,14 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
             model = build.create_model(setup, spec)
             model = build.prepare_model(model, replace(setup, model=spec))
             optimizer = build.make_optimizer(model, setup, emulate_cuda=True)
-        batch = synthetic_batch(replace(setup, model=spec), model, mode if fake else None)
+            reference = build.reference_model(setup, spec) if setup.uses_reference_copy else None
+            if setup.stage == "dpo":  # CustomDPOTrainer.__init__: trl disable_dropout_in_model (every nn.Dropout p 0)
+                for module in model.modules():
+                    if isinstance(module, torch.nn.Dropout):
+                        module.p = 0.0
+        # the pairwise collator's batch: chosen and rejected rows (setup.rows_per_micro_batch)
+        batch = synthetic_batch(replace(setup, model=spec, batch_size=setup.rows_per_micro_batch), model,
+                                mode if fake else None)
         tracker = MemoryTracker(detail=detail)
         tracker.scope_of = functools.partial(_component, setup.model.family)
         emulate.set_tracker(tracker)
@@ -200,7 +207,7 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
             category = f"gradients/{_component(setup.model.family, names[id(param)])}"
             handles.append(param.register_post_accumulate_grad_hook(
                 lambda p, category=category: tracker.track(p.grad, category)))
-        phase_peaks = _run_steps(setup, model, optimizer, batch, tracker, steps, mode)
+        phase_peaks = _run_steps(setup, model, optimizer, batch, tracker, steps, mode, reference)
         segments = {k: v for k, v in tracker.segment_snapshots().items() if k.split("/")[0] in PHASES}
         for handle in handles:
             handle.remove()
@@ -234,8 +241,15 @@ class _TrackerPhases(StepHooks):
         self.tracker.phase = "idle"
 
 
-def _run_steps(setup, model, optimizer, batch, tracker, steps, mode) -> dict[str, Snapshot]:
+def _run_steps(setup, model, optimizer, batch, tracker, steps, mode, reference=None) -> dict[str, Snapshot]:
     forward = trainer_forward(model, build.autocast_dtype(setup))
+    if setup.stage == "dpo":  # LLaMA-Factory's CustomDPOTrainer step (profiler/preference.py)
+        from .preference import preference_loss
+
+        # accelerate's prepare_model wraps the reference copy's forward in the same autocast (evaluation_mode only
+        # skips the DDP wrapper: accelerator.py `prepare_model`)
+        ref_forward = trainer_forward(reference, build.autocast_dtype(setup)) if reference is not None else None
+        forward = preference_loss(setup, model, forward, ref_forward)
     with mode, tracker:
         family = setup.model.family
         for name, param in model.named_parameters():
@@ -243,6 +257,9 @@ def _run_steps(setup, model, optimizer, batch, tracker, steps, mode) -> dict[str
             tracker.track(param, f"{kind}/{_component(family, name)}")
         for name, buf in model.named_buffers():
             tracker.track(buf, f"weights/{_component(family, name)}")
+        if reference is not None:
+            for name, tensor in [*reference.named_parameters(), *reference.named_buffers()]:
+                tracker.track(tensor, f"reference/{_component(family, name)}")
         tracker.tag(batch.tensors.values(), "inputs/batch")
         run_steps(setup, model, optimizer, batch.tensors, forward, steps, _TrackerPhases(tracker, steps))
         tracker.snapshot_peak()
@@ -271,7 +288,9 @@ def trace(setup: TrainSetup, *, layers: int | None = None, full: bool = False) -
         raise VlplanError(f"--layers must be 1 or more (0: automatic), got {layers}")
     start = time.perf_counter()
     real = layer_counts(setup.model)
-    base = real if full else _base_counts(setup, real, layers)
+    # DPO: the reference forward re-runs the layers inside the loss phase, so which visit of a segment peaks changes
+    # with depth; traced at full depth, as the estimator simulates it (planner/memory/step.py)
+    base = real if full or setup.stage == "dpo" else _base_counts(setup, real, layers)
     runs = [run_trace(setup, base)]
     slopes = {}
     for kind, n in real.items():

@@ -30,6 +30,7 @@ FULL = dict(method="full")
 # a sample with a 20 s clip of 600 frames whose vision tower trains (its activations are held for backward)
 CLIP = dict(train_vision=True, seq_len=8192, videos=(Video(640, 360, frames=600, duration_s=20.0),))
 TINY_CLIP = dict(train_vision=True, videos=(Video(32, 32, frames=4),))
+DPO = dict(stack="llamafactory", stage="dpo")
 
 # field -> (make_setup kwargs of the base setup, kwargs of the changed one); the changed setup must differ in that field
 CASES = {
@@ -80,6 +81,8 @@ CASES = {
     "vision_gradient_checkpointing": (dict(FULL, train_vision=True),
                                       dict(FULL, train_vision=True, vision_gradient_checkpointing=False)),
     "offload_checkpoints": (dict(stack="llamafactory"), dict(stack="llamafactory", offload_checkpoints=True)),
+    "stage": (dict(stack="llamafactory"), dict(stack="llamafactory", stage="dpo")),
+    "pref_loss": (dict(stack="llamafactory", stage="dpo"), dict(stack="llamafactory", stage="dpo", pref_loss="orpo")),
     "liger_kernel": (dict(model="llava-1.5-7b", stack="llamafactory"),
                      dict(model="llava-1.5-7b", stack="llamafactory", liger_kernel=True)),
 }
@@ -88,6 +91,9 @@ QUIET_CASES = {
     "lora.alpha": dict(lora_alpha=64),
     "oft.module_dropout": (dict(method="oft"), dict(method="oft", module_dropout=0.1)),
     "packing": dict(packing=True),
+    # (base, changed) where the field means something only next to others
+    "pref_beta": (DPO, dict(DPO, pref_beta=0.5)),
+    "pref_ftx": (DPO, dict(DPO, pref_ftx=1.0)),
 }
 NO_EFFECT_FIELDS = {**NO_EFFECT, "lora.alpha": "LoRA's scaling (alpha / rank) is a Python scalar"}
 
@@ -187,7 +193,7 @@ def test_trace_warns_about_a_not_modelled_setting(tmp_path):
 # LLaMA-Factory and DeepSpeed keys ---------------------------------------------------------------------------------
 # A value for each key vlplan reads, other than LLaMA-Factory's default, valid with BASE_YAML
 LLAMAFACTORY_VALUES = {
-    "model_name_or_path": "qwen2.5-vl-3b", "stage": "pt", "finetuning_type": "full", "lora_rank": 16,
+    "model_name_or_path": "qwen2.5-vl-3b", "stage": "dpo", "finetuning_type": "full", "lora_rank": 16,
     "lora_alpha": 64, "lora_dropout": 0.1, "lora_target": "q_proj", "use_dora": True, "freeze_trainable_layers": 4,
     "freeze_vision_tower": False, "freeze_multi_modal_projector": False, "freeze_language_model": True,
     "train_mm_proj_only": True, "image_max_pixels": 262144, "image_min_pixels": 4096, "image_resolution": 512,
@@ -199,7 +205,8 @@ LLAMAFACTORY_VALUES = {
     "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "max_grad_norm": 0.5,
     "use_unsloth_gc": True, "deepspeed": "ds_z3_config.json", "fsdp": "full_shard", "enable_liger_kernel": True, "use_liger_kernel": True,
     "additional_target": "lm_head", "use_reentrant_gc": False, "oft_rank": 8, "oft_block_size": 16,
-    "module_dropout": 0.1, "oft_target": "q_proj",
+    "module_dropout": 0.1, "oft_target": "q_proj", "pref_beta": 0.2, "pref_ftx": 0.5, "pref_loss": "orpo",
+    "ref_model": "Qwen/Qwen2.5-VL-7B-Instruct", "ld_alpha": 0.5,
 }
 # keys that only mean something next to another key (the YAML gets both)
 COMPANIONS = {
@@ -210,6 +217,8 @@ COMPANIONS = {
     "fp16": {"bf16": False}, "oft_rank": {"finetuning_type": "oft", "oft_block_size": 0},
     "oft_block_size": {"finetuning_type": "oft"}, "module_dropout": {"finetuning_type": "oft"},
     "oft_target": {"finetuning_type": "oft"},
+    "pref_beta": {"stage": "dpo"}, "pref_ftx": {"stage": "dpo"}, "pref_loss": {"stage": "dpo"},
+    "ref_model": {"stage": "dpo"}, "ld_alpha": {"stage": "dpo"},
 }
 BASE_YAML = {"model_name_or_path": MODEL, "finetuning_type": "lora", "bf16": True}
 

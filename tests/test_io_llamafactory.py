@@ -383,7 +383,7 @@ def test_a_local_model_is_named_by_its_folder(tmp_path):
 def test_an_input_file_keeps_every_key_the_plan_does_not_decide():
     base = yaml.safe_load((FIXTURES / "train_qlora" / "qwen2vl_lora_sft_otfq.yaml").read_text())
     base.update(gradient_checkpointing=True, pure_bf16=False, warmup_ratio=0.03, eval_strategy="steps",
-                eval_steps=50, val_size=0.1, my_unknown_key=1, stage="dpo",
+                eval_steps=50, val_size=0.1, my_unknown_key=1, stage="dpo", use_dora=False,  # DPO + DoRA dropout: refused
                 additional_target="visual.merger,embed_tokens")
     setup, _ = setup_from_llamafactory(base)
     base["fsdp"] = "full_shard"  # a file that sharded with FSDP: the plan's DeepSpeed settings replace it
@@ -393,7 +393,7 @@ def test_an_input_file_keeps_every_key_the_plan_does_not_decide():
     # the plan's numbers
     assert (config["per_device_train_batch_size"], config["gradient_accumulation_steps"]) == (1, 8)
     assert config["disable_gradient_checkpointing"] is True
-    # everything else of the file, the stage included (planned as SFT, trained as the file says)
+    # everything else of the file, the stage included (planned as DPO, planner/memory/preference.py)
     for key in ("model_name_or_path", "dataset", "template", "output_dir", "learning_rate", "num_train_epochs",
                 "eval_strategy", "eval_steps", "val_size", "my_unknown_key", "lora_dropout", "image_min_pixels"):
         assert config[key] == base[key], key

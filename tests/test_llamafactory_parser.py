@@ -61,7 +61,8 @@ for path in sys.argv[1:]:
                       "oft_rank": finetuning.oft_rank, "oft_block_size": finetuning.oft_block_size,
                       "lora_target": finetuning.lora_target,
                       "gradient_checkpointing": not model.disable_gradient_checkpointing,
-                      "image_max_pixels": model.image_max_pixels}))
+                      "image_max_pixels": model.image_max_pixels, "pref_loss": finetuning.pref_loss,
+                      "pref_beta": finetuning.pref_beta, "pref_ftx": finetuning.pref_ftx}))
 """
 
 
@@ -154,6 +155,11 @@ def parsed(tmp_path_factory):
                        "--sharding", "fsdp"],
         "fsdp-auto-full": ["--model", "qwen2.5-vl-7b", "--method", "full", "--num-gpus", "8", "--num-nodes", "2",
                            "-g", "64", "--sharding", "auto"],
+        # preference stages: a full DPO fine-tune (a frozen reference copy) under ZeRO-2, and ORPO with LoRA
+        "dpo-full": ["--model", "qwen2.5-vl-3b", "--method", "full", "--stage", "dpo", "--stack", "llamafactory",
+                     "--pref-beta", "0.2", "--num-gpus", "8", "--zero", "2", "-g", "32"],
+        "orpo-lora": ["--model", "qwen2.5-vl-7b", "--stage", "dpo", "--pref-loss", "orpo", "--pref-ftx", "0.5",
+                      "--stack", "llamafactory", "-g", "8"],
     }
     for path in sorted(examples.rglob("*.yaml")):
         cases[f"example-{path.parent.name}-{path.stem}"] = ["--from-llamafactory", str(path), "--gpu", "h100-80g",
@@ -214,6 +220,18 @@ def test_llamafactory_parses_every_exported_yaml(parsed):
         "oft", 16, 0, ["q_proj", "v_proj"])
     assert "error" not in parsed["cases"]["fsdp-qlora"][2] and "error" not in parsed["cases"]["fsdp-auto-full"][2]
     assert parsed["cases"]["fsdp-auto-full"][0]["sharding"] == "fsdp"
+
+
+def test_preference_stages_reach_llamafactory(parsed):
+    """--stage dpo and its keys (pref_loss, pref_beta, pref_ftx) are what LLaMA-Factory's parser reads back, and
+    LLaMA-Factory's own DPO example keeps its stage."""
+    cases = parsed["cases"]
+    assert {k: cases["dpo-full"][2][k] for k in ("stage", "pref_loss", "pref_beta")} == dict(
+        stage="dpo", pref_loss="sigmoid", pref_beta=0.2)
+    assert {k: cases["orpo-lora"][2][k] for k in ("stage", "pref_loss", "pref_ftx")} == dict(
+        stage="dpo", pref_loss="orpo", pref_ftx=0.5)
+    example = cases["example-train_lora-qwen2_5vl_lora_dpo"][2]
+    assert "error" not in example and (example["stage"], example["pref_loss"]) == ("dpo", "sigmoid")
 
 
 def test_a_users_own_file_keeps_its_run_keys(parsed):

@@ -10,7 +10,8 @@ from vlplan.planner.registry import resolve
 from vlplan.planner.setup import HF_OPTIM, OPTIMIZERS, TrainSetup
 
 FLAGS = {"method": "--method", "precision": "--precision", "optimizer": "--optimizer", "attn": "--attn",
-         "offload": "--offload", "stack": "--stack", "sharding": "--sharding", "fsdp": "--fsdp"}
+         "offload": "--offload", "stack": "--stack", "sharding": "--sharding", "fsdp": "--fsdp", "stage": "--stage",
+         "pref_loss": "--pref-loss"}
 HINTS = typing.get_type_hints(TrainSetup)
 LITERAL_FIELDS = sorted(name for name, hint in HINTS.items() if typing.get_origin(hint) is typing.Literal)
 

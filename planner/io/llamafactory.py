@@ -180,7 +180,8 @@ SETUP_KEYS = frozenset({
     "quantization_device_map", "pure_bf16", "bf16", "fp16", "optim", "flash_attn", "disable_gradient_checkpointing",
     "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
     "deepspeed", "fsdp", "enable_liger_kernel", "use_liger_kernel", "additional_target", "use_reentrant_gc",
-    "use_unsloth_gc", "oft_rank", "oft_block_size", "module_dropout", "oft_target",
+    "use_unsloth_gc", "oft_rank", "oft_block_size", "module_dropout", "oft_target", "pref_beta", "pref_ftx",
+    "pref_loss", "ref_model", "ld_alpha",
 })
 # Keys that change memory in ways vlplan does not model, with what the estimate then means (a warning each when set
 # to anything but its default).
@@ -340,9 +341,18 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
 
     # Stage and method ------------------------------------------------------------------------------------------------
     stage = r.choice("stage", "sft", ("pt", "sft", "rm", "ppo", "dpo", "kto"))
-    if stage not in ("sft", "pt"):
-        warnings.append(f"{name}: stage {stage} is modelled as sft (no reference, reward or value model, one "
-                        "sequence per sample)")
+    if stage in ("rm", "ppo", "kto"):
+        raise VlplanError(f"{name}: stage {stage} is not modelled (vlplan models sft, pt and dpo with pref_loss "
+                          "sigmoid, orpo or simpo)")
+    if stage == "dpo":  # hparams/finetuning_args.py RLHFArguments (pref_beta 0.1, pref_ftx 0.0, pref_loss sigmoid)
+        choices.update(stage="dpo", pref_beta=r.float("pref_beta", 0.1), pref_ftx=r.float("pref_ftx", 0.0),
+                       pref_loss=r.choice("pref_loss", "sigmoid",
+                                          ("sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo")))
+        if config.get("ref_model") is not None:
+            raise VlplanError(f"{name}: ref_model (a separate reference model) is not modelled; vlplan models the "
+                              "model itself as the reference (adapters disabled for LoRA); drop ref_model")
+        if (config.get("ld_alpha") or None) is not None:
+            raise VlplanError(f"{name}: ld_alpha (LD-DPO's length masks in get_batch_logps) is not modelled; drop it")
     finetuning = r.choice("finetuning_type", "lora", ("lora", "oft", "freeze", "full"))
     if finetuning == "oft" and _version_key(version) < (0, 9, 4):
         raise VlplanError(f"{name}: finetuning_type oft came with LLaMA-Factory v0.9.4; this file reads as "
@@ -773,7 +783,9 @@ def llamafactory_yaml(setup: TrainSetup, *, version: str = "latest", model_name_
         out.update(video_max_pixels=setup.video_max_pixels, video_min_pixels=setup.video_min_pixels)
     out.update(video_fps=setup.video_fps, video_maxlen=setup.video_maxlen)
 
-    out.update(stage="sft", do_train=True, finetuning_type={"qlora": "lora"}.get(setup.method, setup.method))
+    out.update(stage=setup.stage, do_train=True, finetuning_type={"qlora": "lora"}.get(setup.method, setup.method))
+    if setup.stage == "dpo":
+        out.update(pref_beta=setup.pref_beta, pref_ftx=setup.pref_ftx, pref_loss=setup.pref_loss)
     if setup.method == "oft" and v < (0, 9, 4):
         raise VlplanError(f"LLaMA-Factory v{version} cannot express finetuning_type oft (it came with v0.9.4); "
                           "export for v0.9.4 or later")
@@ -1042,7 +1054,7 @@ def _set_changed(out: TrainingYaml, base: dict, key: str, value) -> None:
 def _merge_into(out: TrainingYaml, base: dict, memory: dict, setup: TrainSetup, version: str) -> None:
     accepted = llamafactory_keys(version)
     written = dict(memory)
-    # what the plan does not decide stays the file's own: its stage (DPO, KTO... are planned as SFT) and do_train,
+    # what the plan does not decide stays the file's own: its stage (the plan keeps the file's stage) and do_train,
     # and how it names the model when that is the planned model
     for key in ("stage", "do_train"):
         if key in base:

@@ -95,7 +95,9 @@ class Params:
             lp.lora_b = self.e.param(f"{name}.lora_B", out_features * rank, dtype, True, component, kind="adapters",
                                      shape=(out_features, rank))
             lp.rank = rank
-            lp.dropout = self.setup.lora.dropout > 0
+            # DPO: the trainer sets every nn.Dropout's p to 0 (trl disable_dropout_in_model), and F.dropout with p 0
+            # returns its input (ATen Dropout.cpp `_dropout_impl`): as no dropout
+            lp.dropout = self.setup.lora.dropout > 0 and self.setup.stage != "dpo"
             if self.setup.lora.dora:
                 lp.magnitude = self.e.param(f"{name}.lora_magnitude_vector", out_features, dtype, True, component,
                                             kind="adapters")
@@ -129,6 +131,12 @@ class Params:
 
 
 def apply_linear(e: Engine, x: T, lp: LinearParams, name: str = "") -> T:
+    if e.adapters_disabled and lp.lora_a is not None:
+        # peft `disable_adapter()` (DPO's reference forward): LoRA / DoRA layers return `self.base_layer(x)`
+        # (tuners/lora/layer.py `Linear.forward`, tuners/lora/bnb.py `Linear4bit.forward`: `if self.disable_adapters`)
+        if lp.quant_bits:
+            return ops.quant_linear(e, x, lp.weight, lp.in_features, lp.out_features, lp.quant_bits, name=name)
+        return ops.linear(e, x, lp.weight, lp.out_features, lp.bias, name=name)
     if lp.quant_bits:
         if lp.lora_a is None:
             return ops.quant_linear(e, x, lp.weight, lp.in_features, lp.out_features, lp.quant_bits, name=name)

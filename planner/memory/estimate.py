@@ -32,7 +32,8 @@ from .fsdp import (
 )
 from .zero import ddp_bucket_bytes, deepspeed_model_states, reduce_bucket_bytes
 
-PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradients/", "zero", "ddp/")  # fsdp/: buffers
+PERSISTENT_PREFIXES = ("weights/", "adapters/", "optimizer/", "inputs/", "gradients/", "zero", "ddp/",
+                       "reference/")  # reference/: DPO's frozen reference copy (preference.py)  # fsdp/: buffers
 
 
 @dataclass

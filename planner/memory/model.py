@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..modules import LANGUAGE, PROJECTOR, VISION
 from ..setup import Train, TrainSetup
 from ..spec import ModelSpec
-from . import liger, ops
+from . import liger, ops, preference
 from .blocks import Context, LlamaLayer, Params
 from .sim import DTYPE_BYTES, CheckpointFrame, Engine, Node, T, rounded
 from .stacks import checkpoint_reentrant
@@ -143,6 +143,12 @@ class BaseModel:
                                    LANGUAGE, shape=(t.vocab_size, t.hidden_size))
 
     # Inputs -------------------------------------------------------------------------------------------------------
+    def graph_held_inputs(self, e: Engine) -> tuple[str, ...]:
+        """The batch inputs the autograd graph keeps (saved by its nodes) until backward. They are the batch's own
+        tensors, alive anyway, except under DPO, whose trainer clones the batch per forward (planner/memory/
+        preference.py): a trainable embedding saves its indices (EmbeddingBackward)."""
+        return ("input_ids",) if self.embed.trainable else ()
+
     def text_inputs(self, e: Engine) -> dict[str, T]:  # noqa: D401
         """input_ids and labels (int64), as the collator gives them; no attention mask (see profiler/batch.py), except
         neat packing's block-diagonal one (planner/memory/packing.py)."""
@@ -238,6 +244,11 @@ class BaseModel:
             e.scope = "language"
             return loss
         logits = ops.linear(e, h, head, t.vocab_size, name="logits")
+        if self.setup.stage == "dpo":  # no labels: the output's fp32 logits go to the DPO trainer (preference.py)
+            logits32 = preference.logits_output(e, logits)
+            del logits, h
+            e.scope = "language"
+            return logits32
         logits32 = ops.cast(e, logits, "fp32", name="logits.float")
         labels = e.new(self.tokens + self.batch, "int64", name="labels_pad")
         shifted = e.new(self.tokens, "int64", name="shift_labels")
@@ -338,6 +349,8 @@ class ConditionalGenerationStep:
             del divided
             logits = ops.scale(e, capped, name="logits*softcap")
             del capped
+        if self.setup.stage == "dpo":
+            return self._logits_output(e, logits, h)
         logits32 = ops.cast(e, logits, "fp32", name="logits.float")
         labels = e.new(self.tokens + self.batch, "int64", name="labels_pad")
         shifted = labels if self.batch == 1 else e.new(self.tokens, "int64", name="shift_labels")
@@ -358,6 +371,25 @@ class ConditionalGenerationStep:
         attach_checkpoint_arguments(self, loss)
         return loss
 
+
+    def _logits_output(self, e: Engine, logits: T, h: T) -> T:
+        """DPO (no labels, no loss in the model): the forward returns (the last hidden state goes), the autocast region
+        ends, accelerate's convert_outputs_to_fp32 copies the output's half-precision tensors to fp32 while the
+        originals live, and the trainer keeps the fp32 logits (`.logits.to(torch.float32)`: a copy only without
+        autocast). planner/memory/preference.py."""
+        del h
+        outputs = [logits, *self._outputs]
+        self._outputs = ()
+        e.cast_cache = {}
+        if e.autocast:
+            converted = [preference.logits_output(e, o) if o.dtype != "fp32" else o for o in outputs]
+        else:
+            converted = [preference.logits_output(e, logits)]
+        logits32 = converted[0]
+        del converted, outputs, logits
+        e.scope = "language"
+        attach_checkpoint_arguments(self, logits32)
+        return logits32
 
     def _fused_loss(self, e: Engine, h: T) -> T:
         """Liger's `lce_forward` (liger_kernel/transformers/model/<family>.py): the fused linear cross-entropy on the

@@ -187,6 +187,10 @@ class Engine:
         # sub-model's input embeddings require grad (`hook_input`)
         self.input_grads = False
         self.liger: frozenset = frozenset()  # the Liger kernel swaps in effect (planner/memory/liger.py `swaps`)
+        # DPO's reference forward (planner/memory/preference.py): peft's `disable_adapter()` (LoRA layers run their
+        # base layer alone), and the frozen reference copy's parameters counted under `reference/*`
+        self.adapters_disabled = False
+        self.param_kind: str | None = None
         self.host_bytes = self.host_peak_bytes = 0  # checkpointed inputs offloaded to host RAM (`offload`)
         self.frame: CheckpointFrame | None = None  # the non-reentrant checkpoint running (forward or recompute)
         self._pending: list = []
@@ -288,6 +292,7 @@ class Engine:
     def param(self, name: str, numel: int, dtype: str, trainable: bool, component: str,
               kind: str = "weights", shape: tuple[int, ...] | None = None) -> Param:
         p = Param(name, numel, dtype, trainable, component, shape=shape)
+        kind = self.param_kind or kind
         storage = Storage(self, numel * DTYPE_BYTES[dtype], f"{kind}/{component}", name)
         p.tensor = T(numel, dtype, trainable, storage, name)
         self.params.append(p)
@@ -299,7 +304,8 @@ class Engine:
         require grad already, it makes a leaf that requires grad: everything computed from it records a graph, and
         the leaf's AccumulateGrad node holds the tensor, so it and the `.grad` it receives live until the graph is
         freed after backward."""
-        if not self.input_grads or t.rg:
+        if not self.input_grads or t.rg or not self.grad_enabled:
+            # under no_grad `requires_grad_(True)` makes a leaf no op records: it dies with its references
             return t
         t.rg = True
         t.node = InputLeaf(t)

@@ -7,13 +7,14 @@ quantities the tracer measures on the real modeling code.
 
 from __future__ import annotations
 
+import copy
 import gc
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from .. import cache
 from ..setup import Train, TrainSetup
-from . import liger
+from . import liger, preference
 from .families import model_for
 from .sdpa import sdpa_class
 from .sim import Engine, T
@@ -46,7 +47,7 @@ BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first lay
 # matters to the simulation only as on/off (gradients reduced into buckets instead of kept).
 SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_bucket_size", "ds_overlap_comm",
                       "sharding", "fsdp",  # FSDP re-partitions the single-GPU states analytically (fsdp.py)
-                      "packing", "expandable_segments")
+                      "packing", "expandable_segments", "pref_beta")
 
 
 def simulation_key(setup: TrainSetup) -> tuple:
@@ -127,11 +128,15 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
 
     real = layer_counts(setup.model)
     base = base_layer_counts(setup, real, BASE_LAYERS)
-    if all(n <= base[kind] + 1 for kind, n in real.items()) or setup.vision_gradient_checkpointing is not None:
+    if all(n <= base[kind] + 1 for kind, n in real.items()) or setup.vision_gradient_checkpointing is not None \
+            or setup.stage == "dpo":
         # Per-component checkpointing (a checkpointed language model over an un-checkpointed trainable vision tower)
         # moves the backward peak within a segment as layers are added (at 2-3 text layers it sits where the vision
         # activations dominate, at full depth where the language model's gradients have piled up): the segments are
-        # not affine in the layer counts there, so the full depth is simulated (0.24 s for Qwen2.5-VL-7B)
+        # not affine in the layer counts there, so the full depth is simulated (0.24 s for Qwen2.5-VL-7B). Likewise
+        # DPO: the reference forward runs the layers again inside the policy's loss phase, and which of the phase's
+        # visits to a segment peaks changes with depth (extrapolated, Qwen2.5-VL-7B full DPO's backward came out
+        # 19 GiB under the full simulation)
         return simulate(setup)
     first = simulate(setup, base)
     segments = {k: (v[0], dict(v[1])) for k, v in first.segments.items()}
@@ -295,14 +300,28 @@ def _engine(setup: TrainSetup, detail: bool = False) -> Engine:
 
 def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e = _engine(setup, detail)
-    model = builder(e, setup, counts)
+    reference = None
+    if setup.stage == "dpo":
+        # the model runs the pairwise collator's 2 x batch_size rows; a full / freeze fine-tune's reference is a
+        # frozen copy in the compute dtype (planner/memory/preference.py)
+        forward_setup = replace(setup, batch_size=setup.rows_per_micro_batch)
+        model = builder(e, forward_setup, counts)
+        if setup.uses_reference_copy:
+            e.param_kind = "reference"
+            reference = builder(e, reference_setup(forward_setup), counts)
+            e.param_kind = None
+    else:
+        model = builder(e, setup, counts)
     # DeepSpeed keeps its own partitioned states (zero.py); the simulation holds the single-GPU torch ones
     states = [] if setup.zero else _optimizer_states(e, setup, model)
     inputs = model.inputs(e)
     micro_steps = min(setup.gradient_accumulation_steps, 2)
     for _ in range(micro_steps):
         e.set_phase("forward")
-        loss = model.forward(e, inputs)
+        if setup.stage == "dpo":
+            loss = preference.preference_loss(e, setup, model, reference, inputs)
+        else:
+            loss = model.forward(e, inputs)
         e.backward(loss)
         del loss
     e.set_phase("optimizer")
@@ -321,6 +340,18 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     result.segments = {k: v for k, v in e.segment_peaks.items() if k.split("/")[0] in PHASES}
     result.segment_blocks = e.segment_blocks
     return result
+
+
+def reference_setup(setup: TrainSetup) -> TrainSetup:
+    """The DPO reference copy of a full / freeze fine-tune as LLaMA-Factory loads it (`create_ref_model` ->
+    `load_model(is_trainable=False)`): every parameter frozen in the compute dtype, no checkpointing (only trainable
+    models are prepared for training), so no input hooks."""
+    frozen = copy.copy(setup)  # nothing trains: a setup TrainSetup's validation refuses from users, made directly
+    for name, value in dict(method="full", vision=Train.FROZEN, projector=Train.FROZEN, language=Train.FROZEN,
+                            gradient_checkpointing=False, vision_gradient_checkpointing=None,
+                            offload_checkpoints=False).items():
+        object.__setattr__(frozen, name, value)
+    return frozen
 
 
 def _trainable(model) -> list:

@@ -45,7 +45,9 @@ def render_estimate(result: Estimate, explain: bool = False) -> None:
         images += "; videos " + ", ".join(f"{v.label()} ({t.frames} frames sampled, grid {t.grid_t}x{t.grid_h}x"
                                           f"{t.grid_w})" for v, t in zip(s.videos, s.video_tokens()))
     console.print(f"[bold]{s.model.name}[/bold] {s.method} ({trains}); {s.precision}, {s.optimizer}, "
-                  f"{s.attn}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.stack} stack")
+                  f"{s.attn}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.stack} stack"
+                  + (f"; stage dpo, pref_loss {s.pref_loss} (chosen + rejected: {s.rows_per_micro_batch} rows per "
+                     "micro-batch" + (", reference forward)" if s.uses_reference else ")") if s.stage == "dpo" else ""))
     console.print(f"seq {s.seq_len} x batch {s.batch_size}; images {images} -> {s.vision_tokens_per_sample} vision "
                   f"tokens ({s.vision_patches_per_sample} encoder patches) per sample; "
                   f"{s.num_gpus * s.num_nodes} x {s.gpu.name}, "

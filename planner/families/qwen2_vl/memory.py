@@ -12,7 +12,7 @@ from ...memory.model import BaseModel, segment_attention
 from ...memory.sim import Engine, Node, T
 from ...memory.vision import QwenMerger, QwenVisionBlock
 from ...modules import VISION
-from ...setup import TrainSetup
+from ...setup import Train, TrainSetup
 
 
 class QwenVLModel(BaseModel):
@@ -41,6 +41,15 @@ class QwenVLModel(BaseModel):
         self.vision_buffers = [e.param(f"vision.rotary_pos_emb.{n}", v.head_dim // 4, "fp32", False, VISION)
                                for n in ("inv_freq", "original_inv_freq")]
         self.merger = QwenMerger(self.p)
+
+    def graph_held_inputs(self, e: Engine) -> tuple[str, ...]:
+        """With a vision graph (a trainable tower, or LLaMA-Factory's input hook on the patch embedding) its index
+        and boundary inputs are saved too (traced: the rotary position ids, cu_seqlens, the window index)."""
+        held = super().graph_held_inputs(e)
+        if e.input_grads or self.setup.vision is not Train.FROZEN:
+            held += tuple(f"{kind}_{key}" for kind in ("image", "video")
+                          for key in ("position_ids", "cu_seqlens", "window_index", "cu_window_seqlens"))
+        return held
 
     def inputs(self, e: Engine) -> dict[str, T]:
         inputs = self.text_inputs(e)
