@@ -97,6 +97,10 @@ CASES = {
     "packing": ({"packing": True}, ["--no-packing"], {"packing": False}),
     # LLaMA-Factory's neat_packing turns packing on; typed off, the mask goes and the YAML's packing stays
     "neat_packing": ({"neat_packing": True}, ["--no-neat-packing"], {"packing": True}),
+    "stage": ({"stage": "dpo"}, ["--stage", "sft"], {"stage": "sft"}),
+    "pref_loss": ({"stage": "dpo", "pref_loss": "orpo"}, ["--pref-loss", "sigmoid"], {"pref_loss": "sigmoid"}),
+    "pref_ftx": ({"stage": "dpo", "pref_ftx": 0.5}, ["--pref-ftx", "0"], {"pref_ftx": 0.0}),
+    "pref_beta": ({"stage": "dpo", "pref_beta": 0.5}, ["--pref-beta", "0.1"], {"pref_beta": 0.1}),
 }
 # the opposite of each flag's default, where the default itself is typed above
 NEGATIONS = {
