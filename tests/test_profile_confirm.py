@@ -19,11 +19,11 @@ runner = CliRunner()
 
 @pytest.mark.slow
 def test_plan_confirm_measures_the_chosen_and_the_next_micro_batch(tmp_path):
-    """A GPU of 712 MiB: with a 10% margin micro-batch 2 fits (estimate 669.99 MB of a 671.93 MB budget) and 4 does
-    not (685.6 MB), on the estimate and on the measurement."""
+    """A GPU of 732 MiB: with a 10% margin micro-batch 2 fits (estimate 685.77 MB of a 690.8 MB budget, the reserve
+    from the caching-allocator replay) and 4 does not (694.16 MB), on the estimate and on the measurement."""
     (tmp_path / "config.json").write_text(json.dumps(spec_to_hf_config(tiny_spec("qwen2-vl-2b"))))
     args = ["plan", "--model", str(tmp_path), "--seq-len", "128", "--image-size", "224x224", "--precision", "fp32",
-            "-g", "4", "--gpu-memory-gib", "0.6953125"]
+            "-g", "4", "--gpu-memory-gib", "0.71484375"]
     result = runner.invoke(app, [*args, "--confirm", "--confirm-backend", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
