@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
 from vlplan.profiler.batch import TEXT_TOKEN_ID
@@ -13,6 +12,7 @@ def gemma3_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     (Gemma3Processor `full_image_sequence`; pan & scan crops are further views, each wrapped alike),
     token_type_ids (int64, 1 on image tokens: LLaMA-Factory `_get_gemma3_token_type_ids`), which make
     Gemma3Model build the bidirectional-within-image attention masks, and pixel_values (views, 3, 896, 896) fp32."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     spec = setup.model
     vision = spec.vision
     config = model.config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from vlplan.planner.setup import TrainSetup
 from vlplan.profiler.batch import place_images
 
@@ -13,6 +12,7 @@ def idefics3_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     The values are non-zero: `Idefics3Model.get_image_features` drops all-zero (padding) images, which the tracer
     evaluates on these constant tensors. Placeholders: views * image_seq_len <image> tokens per image (the tile tags
     around them are ordinary text tokens for memory)."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     spec = setup.model
     tokens = setup.image_tokens()
     ids, _ = place_images(setup, tokens, spec.image_token_id, None)

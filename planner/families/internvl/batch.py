@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from vlplan.planner.setup import TrainSetup
 from vlplan.profiler.batch import place_images
 
@@ -12,6 +11,7 @@ def internvl_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     `replace_image_token`; `<img>`/`</img>` are the two ids below `<IMG_CONTEXT>` in the InternVL3 tokenizer), and
     pixel_values (tiles of all images, 3, 448, 448) fp32: GotOcr2ImageProcessor stacks every image's tiles (and
     thumbnail) along the first axis and InternVLModel runs them as one batch."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     spec = setup.model
     vision = spec.vision
     tokens = setup.image_tokens()

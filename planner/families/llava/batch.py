@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from vlplan.planner.setup import TrainSetup
 from vlplan.profiler.batch import TEXT_TOKEN_ID, place_images
 
@@ -12,6 +11,7 @@ IMG_BREAK_ID, IMG_END_ID = 12, 13  # Pixtral-12B's [IMG_BREAK] / [IMG_END] (tekk
 def llava_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     """LLaVA-1.5: pixel_values (images, 3, 336, 336) fp32 as CLIPImageProcessor returns them. Pixtral: see
     `pixtral_batch`."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     spec = setup.model
     if spec.vision.arch == "pixtral":
         return pixtral_batch(setup, model)
@@ -30,6 +30,7 @@ def pixtral_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     every image padded to the largest height and width of the batch (`do_pad`), and image_sizes (images, 2) holding
     each image's resized (height, width). Each image row is `[IMG]` x columns followed by `[IMG_BREAK]`, the last
     row by `[IMG_END]`."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     spec = setup.model
     tokens = setup.image_tokens()
     ids = torch.full((setup.seq_len,), TEXT_TOKEN_ID, dtype=torch.long)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from vlplan.planner.setup import TrainSetup
 from vlplan.planner.tokens import llamafactory_preresize
 from vlplan.profiler.batch import place_images
@@ -12,6 +11,7 @@ def llava_next_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     """pixel_values (images, views, 3, 336, 336) fp32: each image's base view and anyres tiles, the views dimension
     zero-padded to the largest image of the batch (LlavaNextImageProcessor `_pad_for_batching`); image_sizes
     (images, 2) holding the (height, width) the processor saw, i.e. after LLaMA-Factory's pre-resize."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     spec = setup.model
     tokens = setup.image_tokens()
     ids, _ = place_images(setup, tokens, spec.image_token_id, None)

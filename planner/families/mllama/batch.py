@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from vlplan.planner.setup import TrainSetup
 from vlplan.profiler.batch import TEXT_TOKEN_ID
 
@@ -16,6 +15,7 @@ def mllama_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     int64 that LLaMA-Factory's MllamaPlugin builds (`get_cross_attention_token_mask`,
     `convert_sparse_cross_attention_mask_to_dense`): every token from an image's <|image|> on attends to that image's
     real tiles."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     from .memory import check_setup
 
     check_setup(setup)

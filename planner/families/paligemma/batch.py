@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from vlplan.planner.setup import TrainSetup
 from vlplan.profiler.batch import TEXT_TOKEN_ID
 
@@ -12,6 +11,7 @@ def paligemma_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     whole sequence; `get_mm_inputs` adds `token_type_ids` = 0 on those image tokens and 1 on every text token
     (`_get_paligemma_token_type_ids`), so the images form the bidirectional prefix block and the text is causal.
     pixel_values: (images, 3, size, size) fp32 from SiglipImageProcessor."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     spec = setup.model
     tokens = setup.image_tokens()
     image_len = sum(t.llm_tokens for t in tokens)

@@ -14,7 +14,6 @@ computed here; the model gets the positions precomputed.
 
 from __future__ import annotations
 
-import torch
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
 from vlplan.profiler.batch import TEXT_TOKEN_ID, place_images
@@ -23,6 +22,7 @@ from vlplan.profiler.batch import TEXT_TOKEN_ID, place_images
 def qwen_vl_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     """Qwen2-VL / Qwen2.5-VL: pixel_values (sum of patches, C*T*P*P) fp32 as Qwen2VLImageProcessor returns them,
     image_grid_thw, rope position_ids from the model's own `get_rope_index`, and the vision helper tensors."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
     if setup.videos:
@@ -58,6 +58,7 @@ def qwen_vl_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
 
 def place_media(setup: TrainSetup, runs: list[tuple[int, int, int]], start_end: tuple[int, int]):
     """input_ids and mm_token_type_ids (batch, seq) with each (token id, count, type) run wrapped in start/end."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     ids = torch.full((setup.seq_len,), TEXT_TOKEN_ID, dtype=torch.long)
     types = torch.zeros(setup.seq_len, dtype=torch.int32)
     pos = 1
@@ -73,6 +74,7 @@ def place_media(setup: TrainSetup, runs: list[tuple[int, int, int]], start_end: 
 
 
 def qwen_vl_video_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     from transformers.vision_utils import (
         get_vision_cu_seqlens,
         get_vision_position_ids,

@@ -3,7 +3,6 @@ tower's data-dependent helper tensors, precomputed)."""
 
 from __future__ import annotations
 
-import torch
 from vlplan.planner.setup import TrainSetup
 from vlplan.profiler.batch import place_images
 
@@ -15,6 +14,7 @@ def qwen3_vl_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     indices/weights of the learned position embedding. They go in as `image_*` kwargs, which
     `accepts_precomputed_kwargs` strips to the names the vision_utils helpers pop (models/qwen3_vl/modeling_qwen3_vl.py
     Qwen3VLVisionModel.forward; transformers/vision_utils.py)."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     from transformers.vision_utils import (
         get_vision_cu_seqlens,
         get_vision_interpolation_indices_and_weights,
