@@ -1,10 +1,16 @@
 import os
 
 import pytest
+from hypothesis import settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Property tests draw the same examples on every run (the suite is deterministic: a failure reproduces, a pass does
+# not depend on the seed) and keep no example database in the checkout. Tests' own @settings add to this profile.
+settings.register_profile("vlplan", derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vlplan"))
 
 
 def pytest_collection_modifyitems(config, items):
