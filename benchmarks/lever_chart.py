@@ -63,7 +63,7 @@ HF_TRAINER = {"stack": "hf-trainer"}  # per-component checkpointing is refused w
 BASELINE_KEY = "baseline"
 LEVERS: tuple[Lever, ...] = (
     Lever(BASELINE_KEY, "baseline (no lever)", {}),
-    Lever("gradient_checkpointing", "gradient checkpointing (both towers, vs off)", {},
+    Lever("gradient_checkpointing", "gradient checkpointing (LLaMA-Factory's, vs off)", {},
           {"gradient_checkpointing": False}),
     Lever("llm_checkpointing", "LLM checkpointing only, vs none (hf-trainer)",
           {**HF_TRAINER, "vision_gradient_checkpointing": False}, {**HF_TRAINER, "gradient_checkpointing": False}),
