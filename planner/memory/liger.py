@@ -35,8 +35,12 @@ The swapped Functions (liger_kernel/ops/*.py), what they allocate and save:
   Backward: DX like X; per trainable weight/bias a (SMs x H) fp32 buffer, summed and cast to the parameter dtype.
 
 Not modelled (a warning, and the estimate without Liger: an upper bound):
-- gemma3, mllama, paligemma: their patches swap RMSNorm (gemma casting), GEGLU/SwiGLU and, globally,
-  `torch.nn.LayerNorm` (mllama, paligemma), which are not modelled yet.
+- gemma3, mllama, paligemma: their patches also swap the Gemma RMSNorm (`LigerRMSNormForGemma3` and Gemma 2's:
+  gemma casting, offset 1, not in place), GEGLU (`LigerGELUMulFunction`) or SwiGLU, `apply_rotary_pos_emb` (the
+  in-place `LigerRopeFunction`; transformers 5.23's Gemma 3 attention calls the module global, so it applies, and
+  its `ensure_contiguous` copies the transposed q/k after q_norm/k_norm) and, through `modeling_siglip.nn` /
+  `modeling_mllama.nn`, `torch.nn.LayerNorm` itself; Mllama's fused loss patches `MllamaForCausalLM.forward`,
+  which a `MllamaForConditionalGeneration` fine-tune does not run. Not modelled yet.
 - the vlplan and hf-trainer stacks: transformers' Trainer applies `use_liger_kernel` to the model instance
   (`_apply_liger_kernel_to_instance`), which patches other modules (llava's text tower too).
 """
