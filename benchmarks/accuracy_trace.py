@@ -150,7 +150,7 @@ MATRIX = [
     # transformers 5.23, so the trace runs liger's own patch over a port of its lce_forward): fused loss, LigerRMSNorm
     # (2.5-VL: vision norms too), LigerSwiGLUMLP, LigerLayerNorm (2-VL vision)
     ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", liger_kernel=True)),
-    ("qwen2-vl-2b", dict(method="full", stack="llamafactory", liger_kernel=True, seq_len=1024, image_size=SQ448)),
+    ("qwen2-vl-7b", dict(method="full", stack="llamafactory", liger_kernel=True, seq_len=1024, image_size=SQ448)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 
