@@ -146,6 +146,11 @@ MATRIX = [
     # disabled as the reference, ORPO (no reference)
     ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", stage="dpo", seq_len=1024, image_size=SQ448)),
     ("llava-1.5-7b", dict(method="lora", stack="llamafactory", stage="dpo", pref_loss="orpo", seq_len=1024)),
+    # Liger on Qwen2.5-VL / Qwen2-VL (planner/memory/liger.py: liger 0.8.5's Qwen forward does not import against
+    # transformers 5.23, so the trace runs liger's own patch over a port of its lce_forward): fused loss, LigerRMSNorm
+    # (2.5-VL: vision norms too), LigerSwiGLUMLP, LigerLayerNorm (2-VL vision)
+    ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", liger_kernel=True)),
+    ("qwen2-vl-7b", dict(method="full", stack="llamafactory", liger_kernel=True, seq_len=1024, image_size=SQ448)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 

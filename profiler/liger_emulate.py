@@ -11,6 +11,22 @@ implementation allocates and saves:
   `fused_linear_cross_entropy_forward`): no logits; the gradients of the hidden states (and of the head weight when
   it trains) are computed in the forward, chunk by chunk (chunk_size = next_power_of_2(ceil(BT / ceil(V / H)))), and
   saved; backward returns them (`fused_linear_cross_entropy_backward` skips its scaling when grad_output is 1).
+- `LigerRMSNormFunction` (ops/rms_norm.py `rms_norm_forward` / `rms_norm_backward`): Y like X, RSTD fp32 per row,
+  saves X, W, RSTD; backward writes dX into dY with `in_place` (else `zeros_like(dY)`), and for a trainable weight
+  a (SMs x H) fp32 buffer summed and cast to W's dtype.
+- `LigerSiLUMulFunction` (ops/swiglu.py) and `LigerGELUMulFunction` (ops/geglu.py): c like a, saves a and b;
+  backward writes the gradients into a and b and returns them.
+- `LigerLayerNormFunction` (ops/layer_norm.py; `liger_kernel.functional.layer_norm` dispatches to it, the
+  nvidia-triton implementation, on a plain install): Y like X, Mean and RSTD fp32, saves X, W, B, Mean, RSTD;
+  backward DX like X and a (SMs x H) fp32 buffer per trainable weight/bias, summed and cast.
+
+The SM count those backward buffers use is the setup GPU's (planner/memory/liger.py `sm_count`).
+
+liger 0.8.5's Qwen2-VL/2.5-VL forwards (liger_kernel/transformers/model/qwen2_vl.py, qwen2_5_vl.py) do not import
+against transformers 5.23 (planner/memory/liger.py `import_failure`), so LLaMA-Factory's load fails there. To trace
+the patch as it applies where it imports, the tracer puts a port of their `lce_forward` (`_qwen_lce_forward`, the
+same code less the output class that no longer exists) in their place in `sys.modules` for the block; liger's own
+`apply_liger_kernel_to_qwen2(_5)_vl` then runs unchanged and does every other swap itself.
 
 The trace output lists the emulated kernels (`emulated_kernels`). Everything is restored on exit: liger's patches
 rebind module globals and class attributes of transformers' modeling modules.
@@ -131,6 +147,249 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return gradients[: len(ctx.needs_input_grad)]
 
 
+_SM_COUNT = [132]  # the setup GPU's SM count while `liger_kernels` is active
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """liger_kernel/ops/rms_norm.py `LigerRMSNormFunction` (`@ensure_contiguous`; `rms_norm_forward`,
+    `rms_norm_backward`)."""
+
+    @staticmethod
+    def forward(ctx, X, W, eps, offset=0.0, casting_mode="llama", in_place=True, row_mode=None):
+        X = X.contiguous()
+        Y = torch.empty_like(X)
+        RSTD = torch.empty(_rows(X), dtype=torch.float32, device=X.device)  # llama / gemma casting: fp32
+        with tracker_paused(), torch.no_grad():
+            x32 = X.float()
+            rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)
+            RSTD.copy_(rstd.reshape(-1))
+            w = W.float() + offset if W is not None else 1.0
+            if casting_mode == "llama":
+                Y.copy_((x32 * rstd[..., None]).to(X.dtype) * w)
+            else:
+                Y.copy_(x32 * rstd[..., None] * w)
+        ctx.offset, ctx.in_place, ctx.eps = offset, in_place, eps
+        ctx.elementwise_affine = W is not None
+        if W is not None:
+            ctx.save_for_backward(X, W, RSTD)
+        else:
+            ctx.save_for_backward(X, RSTD)
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        if ctx.elementwise_affine:
+            X, W, RSTD = ctx.saved_tensors
+        else:
+            (X, RSTD), W = ctx.saved_tensors, None
+        dY = dY.contiguous()
+        needs_dw = ctx.needs_input_grad[1] if ctx.elementwise_affine else False
+        _dW = torch.empty((_SM_COUNT[0], X.shape[-1]), dtype=torch.float32, device=X.device) if needs_dw else None
+        dX = dY if ctx.in_place else torch.zeros_like(dY)
+        with tracker_paused(), torch.no_grad():
+            x32, dy32 = X.float(), dY.float()
+            rstd = RSTD.reshape(X.shape[:-1])[..., None]
+            w = W.float() + ctx.offset if W is not None else torch.ones((), device=X.device)
+            xhat = x32 * rstd
+            m = dy32 * w
+            dx = rstd * (m - xhat * (m * xhat).mean(-1, keepdim=True))
+            if needs_dw:
+                _dW.zero_()
+                _dW[0].copy_((dy32 * xhat).reshape(-1, X.shape[-1]).sum(0))
+            dX.copy_(dx.to(dX.dtype))
+        dW = _dW.sum(dim=0).to(W.dtype) if needs_dw else None
+        return dX, dW, None, None, None, None, None
+
+
+class _GatedProductFunction(torch.autograd.Function):
+    """`c = torch.empty_like(a)`, saves a and b; backward writes da, db into a, b and returns them."""
+
+    @staticmethod
+    def activation(a):
+        raise NotImplementedError
+
+    @classmethod
+    def _forward(cls, ctx, a, b):
+        a, b = a.contiguous(), b.contiguous()
+        c = torch.empty_like(a)
+        with tracker_paused(), torch.no_grad():
+            c.copy_(cls.activation(a.float()) * b.float())
+        ctx.save_for_backward(a, b)
+        return c
+
+    @classmethod
+    def _backward(cls, ctx, dc):
+        a, b = ctx.saved_tensors
+        dc = dc.contiguous()
+        with tracker_paused(), torch.enable_grad():
+            a32 = a.detach().float().requires_grad_(True)
+            act = cls.activation(a32)
+            (dact,) = torch.autograd.grad(act, a32, dc.float())
+            db = act.detach() * dc.float()
+            da = dact * b.float()
+        with tracker_paused(), torch.no_grad():  # in place into the saved inputs (the Triton kernel's stores)
+            a.copy_(da.to(a.dtype))
+            b.copy_(db.to(b.dtype))
+        return a, b
+
+
+class SiLUMulFunction(_GatedProductFunction):
+    """liger_kernel/ops/swiglu.py `LigerSiLUMulFunction` (`swiglu_forward` / `swiglu_backward`), multipliers 1."""
+
+    activation = staticmethod(torch.nn.functional.silu)
+
+    @staticmethod
+    def forward(ctx, a, b, gate_multiplier=1.0, down_multiplier=1.0):
+        if float(gate_multiplier) != 1.0 or float(down_multiplier) != 1.0:
+            raise VlplanError("the Liger SwiGLU emulation covers gate and down multipliers of 1 only")
+        return SiLUMulFunction._forward(ctx, a, b)
+
+    @staticmethod
+    def backward(ctx, dc):
+        return SiLUMulFunction._backward(ctx, dc) + (None, None)
+
+
+class GELUMulFunction(_GatedProductFunction):
+    """liger_kernel/ops/geglu.py `LigerGELUMulFunction` (`geglu_forward` / `geglu_backward`, tanh GELU)."""
+
+    activation = staticmethod(lambda x: torch.nn.functional.gelu(x, approximate="tanh"))
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return GELUMulFunction._forward(ctx, a, b)
+
+    @staticmethod
+    def backward(ctx, dc):
+        return GELUMulFunction._backward(ctx, dc)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    """liger_kernel/ops/layer_norm.py `LigerLayerNormFunction` (`@ensure_contiguous`; `layer_norm_forward`,
+    `layer_norm_backward`)."""
+
+    @staticmethod
+    def forward(ctx, X, W, B, eps):
+        X = X.contiguous()
+        Y = torch.empty_like(X)
+        Mean = torch.empty(_rows(X), dtype=torch.float32, device=X.device)
+        RSTD = torch.empty(_rows(X), dtype=torch.float32, device=X.device)
+        with tracker_paused(), torch.no_grad():
+            x32 = X.float()
+            mean = x32.mean(-1)
+            rstd = torch.rsqrt(x32.var(-1, unbiased=False) + eps)
+            Mean.copy_(mean.reshape(-1))
+            RSTD.copy_(rstd.reshape(-1))
+            Y.copy_((x32 - mean[..., None]) * rstd[..., None] * W.float() + B.float())
+        ctx.save_for_backward(X, W, B, Mean, RSTD)
+        return Y
+
+    @staticmethod
+    def backward(ctx, dY):
+        X, W, B, Mean, RSTD = ctx.saved_tensors
+        dY = dY.contiguous()
+        needs_dw, needs_db = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        H = X.shape[-1]
+        _DW = torch.empty((_SM_COUNT[0], H), dtype=torch.float32, device=W.device) if needs_dw else None
+        _DB = torch.empty((_SM_COUNT[0], H), dtype=torch.float32, device=W.device) if needs_db else None
+        DX = torch.empty(X.shape, dtype=X.dtype, device=X.device)
+        with tracker_paused(), torch.no_grad():
+            x32, dy32 = X.float(), dY.float()
+            xhat = (x32 - Mean.reshape(X.shape[:-1])[..., None]) * RSTD.reshape(X.shape[:-1])[..., None]
+            wdy = dy32 * W.float()
+            c1 = (xhat * wdy).mean(-1, keepdim=True)
+            c2 = wdy.mean(-1, keepdim=True)
+            DX.copy_(((wdy - (xhat * c1 + c2)) * RSTD.reshape(X.shape[:-1])[..., None]).to(X.dtype))
+            if needs_dw:
+                _DW.zero_()
+                _DW[0].copy_((dy32 * xhat).reshape(-1, H).sum(0))
+            if needs_db:
+                _DB.zero_()
+                _DB[0].copy_(dy32.reshape(-1, H).sum(0))
+        DW = _DW.sum(dim=0).to(W.dtype) if needs_dw else None
+        DB = _DB.sum(dim=0).to(B.dtype) if needs_db else None
+        return DX, DW, DB, None
+
+
+def _functional_layer_norm(x, weight, bias=None, eps=1e-6, *, impl=None, mode=None, backend=None):
+    """liger_kernel/functional.py `layer_norm` as it dispatches on a plain install (ops/backends/_triton/
+    layer_norm.py `layer_norm_triton`: `LigerLayerNormFunction.apply`)."""
+    if bias is None:
+        bias = torch.zeros_like(weight)
+    return LayerNormFunction.apply(x, weight, bias, eps)
+
+
+def _qwen_lce_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                      inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
+                      output_hidden_states=None, return_dict=None, pixel_values=None, pixel_values_videos=None,
+                      image_grid_thw=None, video_grid_thw=None, rope_deltas=None, mm_token_type_ids=None,
+                      cache_position=None, second_per_grid_ts=None, skip_logits=None, **kwargs):
+    """liger_kernel/transformers/model/qwen2_5_vl.py (and qwen2_vl.py) `lce_forward`, ported: the same calls in the
+    same order; the output is transformers' `CausalLMOutputWithPast` (liger's subclass of the gone
+    `Qwen2_5_VLCausalLMOutputWithPast` carries rope_deltas, which 5.23's model output no longer has, and
+    token_accuracy, None here)."""
+    from liger_kernel.transformers.model.loss_utils import unpack_cross_entropy_result
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    module = sys.modules[type(self).__module__]
+    output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+    output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                            else self.config.output_hidden_states)
+    return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+    extra = {"second_per_grid_ts": second_per_grid_ts} if "qwen2_5_vl" in module.__name__ else {}
+    outputs = self.model(input_ids=input_ids, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
+                         image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, **extra,
+                         position_ids=position_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
+                         output_hidden_states=output_hidden_states, return_dict=return_dict,
+                         mm_token_type_ids=mm_token_type_ids, cache_position=cache_position, **kwargs)
+    hidden_states = outputs[0]
+    shift_labels = kwargs.pop("shift_labels", None)
+    loss = logits = None
+    if skip_logits is None:
+        skip_logits = self.training and (labels is not None or shift_labels is not None)
+    if skip_logits:
+        result = _port_loss_function()(hidden_states=hidden_states, lm_head_weight=self.lm_head.weight, labels=labels,
+                                       shift_labels=shift_labels, hidden_size=self.config.text_config.hidden_size,
+                                       **kwargs)
+        loss, _, _, _ = unpack_cross_entropy_result(result)
+    else:
+        logits = self.lm_head(hidden_states)
+        if labels is not None or shift_labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, shift_labels=shift_labels,
+                                      vocab_size=self.config.text_config.vocab_size)
+    if not return_dict:
+        output = (logits,) + outputs[1:]
+        return (loss,) + output if loss is not None else output
+    return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+_PORT_MODULES = ("liger_kernel.transformers.model.qwen2_vl", "liger_kernel.transformers.model.qwen2_5_vl")
+
+
+def _port_loss_function():
+    """The port module's `LigerForCausalLMLoss` (wrapped for the loss phase like liger's own modules')."""
+    return sys.modules[_PORT_MODULES[1]].LigerForCausalLMLoss
+
+
+def _port_modules() -> list:
+    """Module objects standing in for liger's Qwen forward modules that fail to import: `lce_forward` is the port,
+    `LigerForCausalLMLoss` liger's own (liger_kernel/transformers/model/loss_utils.py)."""
+    from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss
+
+    out = []
+    for name in _PORT_MODULES:
+        module = types.ModuleType(name, "vlplan's port of liger's Qwen lce_forward (profiler/liger_emulate.py)")
+        module.lce_forward = _qwen_lce_forward
+        module.LigerForCausalLMLoss = LigerForCausalLMLoss
+        out.append((name, module))
+    return out
+
+
 def _in_loss_phase(loss_function):
     def run(*args, **kwargs):
         from . import emulate
@@ -145,10 +404,18 @@ def _in_loss_phase(loss_function):
 def emulated_kernels(setup) -> list[str]:
     """What the trace of `setup` ran as CPU emulations of Liger's Triton kernels, for its output."""
     names = {"fused_linear_cross_entropy": "LigerFusedLinearCrossEntropyFunction "
-                                           "(liger_kernel/ops/fused_linear_cross_entropy.py)"}
+                                           "(liger_kernel/ops/fused_linear_cross_entropy.py)",
+             "rms_norm": "LigerRMSNormFunction (liger_kernel/ops/rms_norm.py)",
+             "swiglu": "LigerSiLUMulFunction (liger_kernel/ops/swiglu.py)",
+             "geglu": "LigerGELUMulFunction (liger_kernel/ops/geglu.py)",
+             "layer_norm": "LigerLayerNormFunction (liger_kernel/ops/layer_norm.py)"}
     swaps = liger_model.swaps(setup)
     notes = [f"{names[s]}: Triton does not run on a CPU; the same saved and allocated tensors, values from torch ops"
              for s in sorted(swaps)]
+    if liger_model.import_failure(setup):
+        notes.append("liger_kernel/transformers/model/{qwen2_vl,qwen2_5_vl}.py `lce_forward`: ported "
+                     "(profiler/liger_emulate.py `_qwen_lce_forward`), as liger 0.8.5's does not import against "
+                     "transformers 5.23 (LLaMA-Factory's load fails there)")
     if setup.offload_checkpoints:
         notes.append("LLaMA-Factory's UnslothGradientCheckpointing (model_utils/checkpointing.py): its .to('cpu') / "
                      ".to('cuda') copies (profiler/checkpoint_offload.py), the host copies counted apart")
@@ -158,6 +425,10 @@ def emulated_kernels(setup) -> list[str]:
 # Where liger's patched modules look the Functions up (module globals bound at import)
 _FUNCTION_SITES = (
     ("liger_kernel.transformers.functional", "LigerFusedLinearCrossEntropyFunction", FusedLinearCrossEntropyFunction),
+    ("liger_kernel.transformers.rms_norm", "LigerRMSNormFunction", RMSNormFunction),
+    ("liger_kernel.transformers.swiglu", "LigerSiLUMulFunction", SiLUMulFunction),
+    ("liger_kernel.transformers.geglu", "LigerGELUMulFunction", GELUMulFunction),
+    ("liger_kernel.transformers.layer_norm", "_functional_layer_norm", _functional_layer_norm),
 )
 
 
@@ -180,8 +451,17 @@ def liger_kernels(setup, model_type: str):
     from llamafactory.model.model_utils.liger_kernel import apply_liger_kernel
 
     saved = _snapshot(model_type)
+    for name, _, _ in _FUNCTION_SITES:
+        importlib.import_module(name)
     sites = [(sys.modules[name], attr, getattr(sys.modules[name], attr)) for name, attr, _ in _FUNCTION_SITES]
+    # liger's mllama/gemma3/paligemma patches rebind `nn.LayerNorm` on torch.nn itself
+    sites.append((torch.nn, "LayerNorm", torch.nn.LayerNorm))
+    ports = _port_modules() if liger_model.import_failure(setup) else []
+    previous_sm = _SM_COUNT[0]
+    _SM_COUNT[0] = liger_model.sm_count(setup.gpu.name)
     try:
+        for name, module in ports:
+            sys.modules[name] = module
         for (module, attr, _), (_, _, emulated) in zip(sites, _FUNCTION_SITES):
             setattr(module, attr, emulated)
         apply_liger_kernel(types.SimpleNamespace(model_type=model_type),
@@ -195,6 +475,10 @@ def liger_kernels(setup, model_type: str):
     finally:
         for module, attr, original in sites:
             setattr(module, attr, original)
+        for name, module in ports:
+            if sys.modules.get(name) is module:
+                del sys.modules[name]
+        _SM_COUNT[0] = previous_sm
         _restore(saved)
 
 

@@ -77,7 +77,7 @@ CASES = {
     "ds_overlap_comm": (dict(FULL, zero=2, num_gpus=2), dict(FULL, zero=2, num_gpus=2, ds_overlap_comm=True)),
     "sharding": (dict(FULL, num_gpus=2), dict(FULL, num_gpus=2, sharding="fsdp")),
     "fsdp": (dict(FULL, num_gpus=2, sharding="fsdp"), dict(FULL, num_gpus=2, sharding="fsdp", fsdp="shard_grad_op")),
-    # modelled for LLaVA under LLaMA-Factory's stack (planner/memory/liger.py); elsewhere it warns (tests below)
+    # modelled for LLaVA and Qwen2(.5)-VL under LLaMA-Factory's stack (planner/memory/liger.py); elsewhere it warns
     "vision_gradient_checkpointing": (dict(FULL, train_vision=True),
                                       dict(FULL, train_vision=True, vision_gradient_checkpointing=False)),
     "offload_checkpoints": (dict(stack="llamafactory"), dict(stack="llamafactory", offload_checkpoints=True)),

@@ -1,10 +1,13 @@
 """Liger's fused linear cross-entropy (LLaMA-Factory `enable_liger_kernel`): the estimator against the tracer, which
-runs LLaMA-Factory's own `apply_liger_kernel` with liger's autograd Function emulated on the CPU
-(profiler/liger_emulate.py); the flag, the warning where it is not modelled, and the LLaMA-Factory round trip."""
+runs LLaMA-Factory's own `apply_liger_kernel` with liger's autograd Functions emulated on the CPU
+(profiler/liger_emulate.py); the Qwen2-VL/2.5-VL patch, which fails to import on the modelled versions (said, and
+modelled as it applies where it imports); the flag, the warning where it is not modelled, and the LLaMA-Factory
+round trip."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -42,11 +45,61 @@ def test_fused_loss_drops_the_logits_from_the_loss_phase():
     assert not setup_warnings(make_setup(resolve("llava-1.5-7b"), stack="llamafactory", liger_kernel=True))
 
 
-@pytest.mark.parametrize("model, stack", [("qwen2.5-vl-7b", "llamafactory"), ("llava-1.5-7b", "vlplan")])
+@pytest.mark.parametrize("model, stack", [("gemma-3-4b", "llamafactory"), ("llava-1.5-7b", "vlplan")])
 def test_not_modelled_liger_warns_and_keeps_the_estimate(model, stack):
     setup = make_setup(resolve(model), stack=stack, liger_kernel=True)
     assert any(w.startswith("liger_kernel = True: Liger kernels") for w in setup_warnings(setup))
     assert estimate(setup).peak_bytes == estimate(make_setup(resolve(model), stack=stack)).peak_bytes
+
+
+@pytest.mark.parametrize("model", ["qwen2-vl-7b", "qwen2.5-vl-7b"])
+def test_qwen_patch_is_modelled_and_says_it_fails_to_load_here(model):
+    setup = make_setup(resolve(model), stack="llamafactory", seq_len=2048, liger_kernel=True)
+    [warning] = [w for w in setup_warnings(setup) if "liger" in w]
+    assert "ImportError" in warning and "liger-kernel 0.8.5" in warning and "transformers 5.23" in warning
+    plain = estimate(make_setup(resolve(model), stack="llamafactory", seq_len=2048))
+    fused = estimate(setup)
+    # no logits: the loss phase drops bf16 logits, their fp32 copy and log-softmax (10 bytes x tokens x 152k vocab)
+    assert plain.phase_allocated_bytes["loss"] - fused.phase_allocated_bytes["loss"] > 2 * 2047 * 152064
+    assert {"rms_norm", "swiglu"} <= liger.swaps(setup)
+    # `vlplan plan` does not switch on a lever that stops training from starting on the modelled versions
+    from vlplan.planner.plan import memory_levers
+
+    assert not any("Liger" in what for _, what in memory_levers(replace(setup, liger_kernel=False)))
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_patch_really_fails_with_the_installed_versions(model_type):
+    """The oracle for `import_failure`: LLaMA-Factory's own apply_liger_kernel with the installed liger-kernel and
+    transformers raises ImportError for the Qwen VL model types (and patches nothing first)."""
+    pytest.importorskip("liger_kernel")
+    pytest.importorskip("triton")
+    pytest.importorskip("llamafactory")
+    import types
+
+    from vlplan.profiler.build import llamafactory_checkpointing
+
+    llamafactory_checkpointing()
+    from llamafactory.model.model_utils.liger_kernel import apply_liger_kernel
+
+    spec = resolve("qwen2-vl-7b" if model_type == "qwen2_vl" else "qwen2.5-vl-7b")
+    module = __import__(f"transformers.models.{model_type}.modeling_{model_type}", fromlist=["x"])
+    before = dict(vars(module))
+    with pytest.raises(ImportError, match=liger.IMPORT_FAILURES[spec.family][1]):
+        apply_liger_kernel(types.SimpleNamespace(model_type=model_type),
+                           types.SimpleNamespace(enable_liger_kernel=True), is_trainable=True, require_logits=False)
+    assert dict(vars(module)) == before
+    assert liger.import_failure(make_setup(spec, stack="llamafactory", liger_kernel=True))
+
+
+def test_tied_trainable_head_gap_is_said():
+    # measured: Qwen2-VL-2B full under LLaMA-Factory, estimate 25.12 GiB, trace 25.99 GiB (one more 151936 x 1536
+    # fp32 gradient in the trace); LoRA (frozen head) and untied heads have no such gap
+    full = make_setup(resolve("qwen2-vl-2b"), stack="llamafactory", method="full", liger_kernel=True)
+    assert any("tied lm_head" in w for w in setup_warnings(full))
+    for setup in (make_setup(resolve("qwen2-vl-2b"), stack="llamafactory", method="lora", liger_kernel=True),
+                  make_setup(resolve("llava-1.5-7b"), stack="llamafactory", method="full", liger_kernel=True)):
+        assert not any("tied lm_head" in w for w in setup_warnings(setup))
 
 
 def test_unpatched_family_is_modelled_as_no_change():
@@ -83,6 +136,24 @@ def test_simulation_matches_trace(method):
     traced = run_trace(setup)
     assert_phases_match(simulate(setup), traced)
     plain = simulate(make_setup(tiny_spec("llava-1.5-7b"), method=method, **dict(SMALL, liger_kernel=False)))
+    assert simulate(setup).phase_peaks["loss"] < plain.phase_peaks["loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["qwen2-vl-7b", "qwen2.5-vl-7b"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_qwen_simulation_matches_trace(model, method):
+    """Liger's Qwen patch as liger's own apply_liger_kernel_to_qwen2(_5)_vl applies it (LLaMA-Factory's dispatch),
+    over the ported lce_forward, with the RMSNorm / SwiGLU / LayerNorm / fused-loss Functions emulated."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("liger_kernel")
+    pytest.importorskip("triton")
+    pytest.importorskip("llamafactory")
+    from vlplan.profiler.trace import run_trace
+
+    setup = make_setup(tiny_spec(model), method=method, **SMALL)
+    assert_phases_match(simulate(setup), run_trace(setup))
+    plain = simulate(make_setup(tiny_spec(model), method=method, **dict(SMALL, liger_kernel=False)))
     assert simulate(setup).phase_peaks["loss"] < plain.phase_peaks["loss"]
 
 

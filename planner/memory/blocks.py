@@ -157,7 +157,16 @@ def apply_linear(e: Engine, x: T, lp: LinearParams, name: str = "") -> T:
 def gated_mlp(e: Engine, h: T, gate: LinearParams, up: LinearParams, down: LinearParams, act: str = "silu") -> T:
     """`down_proj(act_fn(gate_proj(x)) * up_proj(x))`: LlamaMLP, MistralMLP, Qwen2MLP, Qwen3VLTextMLP, PixtralMLP and
     MllamaTextMLP (SiLU), Gemma2MLP and Gemma3MLP (gelu-tanh). The gate dies once activated; the product is a local
-    until down_proj returns."""
+    until down_proj returns. Liger's LigerSwiGLUMLP (SiLU) runs one fused Function on the two projections
+    (planner/memory/liger.py `gated_product`)."""
+    if act == "silu" and "swiglu" in e.liger:
+        from . import liger
+
+        g = apply_linear(e, h, gate, "gate_proj")
+        u = apply_linear(e, h, up, "up_proj")
+        prod = liger.gated_product(e, g, u, "swiglu", name="act*up")
+        del g, u
+        return apply_linear(e, prod, down, "down_proj")
     g = apply_linear(e, h, gate, "gate_proj")
     a = ops.unary(e, act, g, name="act")
     del g

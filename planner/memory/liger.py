@@ -8,13 +8,39 @@ InternVL, LLaVA-NeXT, Idefics3, Phi-3-vision, MiniCPM-V: modelled as no change).
 
 - llava: `LlavaForConditionalGeneration.forward` -> liger's llava `lce_forward` only (without a model instance the
   text and vision towers are not patched): the fused linear cross-entropy below, and no logits in the output.
+- qwen2_5_vl: `Qwen2_5_VLForConditionalGeneration.forward` -> liger's qwen2_5_vl `lce_forward` (the fused loss, no
+  logits); `Qwen2_5_VLRMSNorm` -> `LigerRMSNorm` (every instance built afterwards: the text layers' and final norms,
+  and the vision blocks' norm1/norm2 and the merger's ln_q, which use the same class); `Qwen2MLP` (the text MLP) ->
+  `LigerSwiGLUMLP`. Its `rope` swap rebinds `apply_multimodal_rotary_pos_emb`, which transformers 5.23's attention
+  no longer calls (the M-RoPE sections are composed in `Qwen2_5_VLRotaryEmbedding`): no change.
+- qwen2_vl: the same, with `Qwen2VLRMSNorm` (text only) and the vision tower's `LayerNorm` (norm1/norm2 and the
+  merger's ln_q, `from torch.nn import LayerNorm` rebound in the modeling module) -> `LigerLayerNorm`.
+
+The Qwen patches do not apply on the versions vlplan models: liger 0.8.5's `model/qwen2_vl.py` and
+`model/qwen2_5_vl.py` import `LigerQwen2VLCausalLMOutputWithPast` / `LigerQwen2_5_VLCausalLMOutputWithPast`, which
+`model/output_classes.py` defines only when transformers has `Qwen2VLCausalLMOutputWithPast` /
+`Qwen2_5_VLCausalLMOutputWithPast` (transformers 5.23 has neither), and `apply_liger_kernel_to_qwen2(_5)_vl` imports
+that module before it patches anything, so LLaMA-Factory's `apply_liger_kernel` raises ImportError and training
+never starts. The estimate says so (`import_failure`) and models the patch as it applies where it imports.
+
+The swapped Functions (liger_kernel/ops/*.py), what they allocate and save:
+- `LigerRMSNormFunction` (rms_norm.py): Y like X (X's dtype, whatever the weight's), RSTD fp32 per row; saves X, W,
+  RSTD. Backward: dX written into dY in place (`in_place=True`, LigerRMSNorm's default; else `zeros_like(dY)`);
+  with a trainable weight a (SMs x H) fp32 partial-sum buffer, then `_dW.sum(0).to(W.dtype)`.
+- `LigerSiLUMulFunction` (swiglu.py) / `LigerGELUMulFunction` (geglu.py): c like a; saves a (gate_proj's output)
+  and b (up_proj's); backward writes da and db into a and b in place and returns them: no new gradient tensors,
+  and the activation's output is never saved.
+- `LigerLayerNormFunction` (layer_norm.py, the nvidia-triton implementation that `liger_kernel.functional.
+  layer_norm` dispatches to on a plain install): Y like X, Mean and RSTD fp32 per row; saves X, W, B, Mean, RSTD.
+  Backward: DX like X; per trainable weight/bias a (SMs x H) fp32 buffer, summed and cast to the parameter dtype.
 
 Not modelled (a warning, and the estimate without Liger: an upper bound):
-- qwen2_vl, qwen2_5_vl: liger 0.8.5's Qwen forwards subclass `Qwen2VLCausalLMOutputWithPast` /
-  `Qwen2_5_VLCausalLMOutputWithPast` and read `outputs.rope_deltas`, which transformers 5.23 no longer has: the patch
-  fails at import (so LLaMA-Factory's load fails) on the release vlplan models.
-- gemma3, mllama, paligemma: their patches swap RMSNorm (gemma casting), GEGLU/SwiGLU and, globally,
-  `torch.nn.LayerNorm` (mllama, paligemma), which are not modelled yet.
+- gemma3, mllama, paligemma: their patches also swap the Gemma RMSNorm (`LigerRMSNormForGemma3` and Gemma 2's:
+  gemma casting, offset 1, not in place), GEGLU (`LigerGELUMulFunction`) or SwiGLU, `apply_rotary_pos_emb` (the
+  in-place `LigerRopeFunction`; transformers 5.23's Gemma 3 attention calls the module global, so it applies, and
+  its `ensure_contiguous` copies the transposed q/k after q_norm/k_norm) and, through `modeling_siglip.nn` /
+  `modeling_mllama.nn`, `torch.nn.LayerNorm` itself; Mllama's fused loss patches `MllamaForCausalLM.forward`,
+  which a `MllamaForConditionalGeneration` fine-tune does not run. Not modelled yet.
 - the vlplan and hf-trainer stacks: transformers' Trainer applies `use_liger_kernel` to the model instance
   (`_apply_liger_kernel_to_instance`), which patches other modules (llava's text tower too).
 """
@@ -28,7 +54,59 @@ LLAMAFACTORY_LIGER_FAMILIES = frozenset({"gemma3", "llava", "mllama", "paligemma
 # The swaps modelled per family (class-level patches as LLaMA-Factory applies them; see the module docstring)
 SWAPS = {
     "llava": frozenset({"fused_linear_cross_entropy"}),
+    "qwen2_5_vl": frozenset({"fused_linear_cross_entropy", "rms_norm", "swiglu"}),
+    "qwen2_vl": frozenset({"fused_linear_cross_entropy", "rms_norm", "swiglu", "layer_norm"}),
 }
+# The swaps whose backward allocates a (SMs x H) fp32 buffer per trainable weight: the GPU's SM count enters
+NORM_SWAPS = frozenset({"rms_norm", "layer_norm"})
+# Families whose liger 0.8.5 patch module does not import against transformers 5.23 (see the module docstring):
+# (liger module, the output class it imports, the transformers class that is gone)
+IMPORT_FAILURES = {
+    "qwen2_vl": ("liger_kernel/transformers/model/qwen2_vl.py", "LigerQwen2VLCausalLMOutputWithPast",
+                 "Qwen2VLCausalLMOutputWithPast"),
+    "qwen2_5_vl": ("liger_kernel/transformers/model/qwen2_5_vl.py", "LigerQwen2_5_VLCausalLMOutputWithPast",
+                   "Qwen2_5_VLCausalLMOutputWithPast"),
+}
+# `torch.cuda.get_device_properties(...).multi_processor_count` of the catalog's GPUs (NVIDIA's datasheets and
+# architecture whitepapers; MI300X: 304 compute units, which ROCm reports there), read by liger's norm backward
+# (ops/rms_norm.py `rms_norm_backward`, ops/layer_norm.py `layer_norm_backward`) for its partial-sum buffers
+SM_COUNTS = {"t4-16g": 40, "l4-24g": 58, "a10g-24g": 80, "rtx3090-24g": 82, "rtx4090-24g": 128, "rtx5090-32g": 170,
+             "v100-32g": 80, "a100-40g": 108, "l40s-48g": 142, "a6000-48g": 84, "a100-80g": 108,
+             "h100-pcie-80g": 114, "h100-80g": 132, "h20-96g": 78, "h200-141g": 132, "mi300x-192g": 304}
+DEFAULT_SM_COUNT = 132  # an unknown GPU: the H100 SXM's (the planner's default GPU)
+
+
+def sm_count(gpu_name: str) -> int:
+    return SM_COUNTS.get(gpu_name, DEFAULT_SM_COUNT)
+
+
+def import_failure(setup) -> str | None:
+    """The one-line reason `enable_liger_kernel` fails at load for `setup` on the modelled versions, or None."""
+    if not setup.liger_kernel or setup.stack != "llamafactory" or setup.model.family not in IMPORT_FAILURES:
+        return None
+    module, liger_class, gone = IMPORT_FAILURES[setup.model.family]
+    return (f"with liger-kernel 0.8.5 and transformers 5.23 LLaMA-Factory 0.9.5's apply_liger_kernel raises "
+            f"ImportError at load ({module} imports {liger_class}, defined only when transformers has {gone}; "
+            f"5.23 has not): training does not start on these versions; estimated as the patch applies where it "
+            f"imports (fused loss, Liger RMSNorm/SwiGLU{'/LayerNorm' if 'layer_norm' in SWAPS[setup.model.family] else ''})")
+
+
+def tied_head_gap(setup) -> str | None:
+    """A known gap: the fused loss with a tied, trainable lm_head (the input embedding's weight), where the traced
+    step holds one more vocab x hidden gradient than the estimate (Qwen2-VL-2B full, LLaMA-Factory: estimate 25.12,
+    trace 25.99 GiB); None elsewhere."""
+    from ..setup import Train
+    from ..modules import LANGUAGE
+
+    if "fused_linear_cross_entropy" not in swaps(setup) or not setup.model.text.tie_word_embeddings:
+        return None
+    if setup.trains[LANGUAGE] is not Train.FULL or setup.method == "freeze":
+        return None
+    t = setup.model.text
+    return (f"Liger's fused loss with the tied lm_head/embedding trained: the trace holds one more "
+            f"{t.vocab_size} x {t.hidden_size} weight gradient than the estimate (up to "
+            f"{t.vocab_size * t.hidden_size * 4 / 2**30:.2f} GiB more than estimated; not yet modelled)")
+
 
 def modelled(setup) -> bool:
     """Whether the estimate models `setup.liger_kernel` (True also where it changes nothing)."""
@@ -46,8 +124,7 @@ def not_modelled_reason(setup) -> str:
         return (f"Liger kernels are modelled as LLaMA-Factory applies them (enable_liger_kernel, --stack "
                 f"llamafactory); the {setup.stack} stack's use_liger_kernel patches the model instance, which is not "
                 "modelled: the estimate keeps the logits and fp32 loss temporaries (an upper bound)")
-    why = ("liger 0.8.5's Qwen forward does not import against transformers 5.x" if family in ("qwen2_vl", "qwen2_5_vl")
-           else "its norm and MLP swaps are not modelled yet")
+    why = "its norm and MLP swaps are not modelled yet"
     return (f"Liger kernels for {family} are not modelled ({why}; modelled: {', '.join(sorted(SWAPS))}, and no change "
             "for the families LLaMA-Factory does not patch); the estimate keeps the logits and fp32 loss temporaries "
             "(an upper bound)")
@@ -157,3 +234,51 @@ def _weight_cast(e: Engine, head: Param, cached: bool = True) -> T | None:
 
 def promote_dtype(a: str, b: str) -> str:
     return a if DTYPE_BYTES[a] >= DTYPE_BYTES[b] else b
+
+
+def rms_norm(e: Engine, x: T, weight: Param, rows: int, name: str = "", in_place: bool = True) -> T:
+    """`LigerRMSNorm.forward` -> `LigerRMSNormFunction` (ops/rms_norm.py `rms_norm_forward`): Y like X (X's dtype,
+    whatever the weight's), RSTD fp32 per row (llama and gemma casting); saves X, W, RSTD. Backward
+    (`rms_norm_backward`): dX is dY itself with `in_place` (`LigerRMSNorm`'s default), else `zeros_like(dY)`; a
+    trainable weight adds a (SMs x H) fp32 buffer and `_dW.sum(0).to(W.dtype)`."""
+    out = e.new(x.numel, x.dtype, name=name)
+    rstd = e.new(rows, "fp32", name=f"{name}.rstd")
+    params = [weight] if weight.trainable else []
+    node = Node("liger_rms_norm", [x] if x.rg else [], [x, rstd], params,
+                workspace=sm_count(e.gpu_name) * weight.numel * 4 if params else 0)
+    node.param_grad_via = "fp32"  # `_dW.sum(dim=0)` in fp32, then `.to(W.dtype)`
+    if in_place and x.rg:
+        node.grad_dtype[0] = "passthrough"
+    e.record(node, out)
+    del rstd
+    return out
+
+
+def gated_product(e: Engine, a: T, b: T, kind: str, name: str = "") -> T:
+    """`LigerSiLUMulFunction` (ops/swiglu.py, `kind` "swiglu") / `LigerGELUMulFunction` (ops/geglu.py, "geglu"):
+    `c = torch.empty_like(a)`; saves a and b (the gate and up projections); backward writes da and db into a and b
+    in place and returns them (no new gradients)."""
+    out = e.new(a.numel, a.dtype, name=name)
+    inputs = [t for t in (a, b) if t.rg]
+    node = Node(f"liger_{kind}", inputs, [a, b], [])
+    for index, t in enumerate(inputs):
+        node.grad_dtype[index] = t
+    e.record(node, out)
+    return out
+
+
+def layer_norm(e: Engine, x: T, weight: Param, bias: Param, rows: int, name: str = "") -> T:
+    """`LigerLayerNorm.forward` -> `LigerLayerNormFunction` (ops/layer_norm.py `layer_norm_forward`): Y like X, Mean
+    and RSTD fp32 per row, no autocast cast (a custom Function); saves X, W, B, Mean, RSTD. Backward
+    (`layer_norm_backward`): DX like X; each trainable weight/bias a (SMs x H) fp32 buffer, summed and cast to its
+    dtype."""
+    out = e.new(x.numel, x.dtype, name=name)
+    mean = e.new(rows, "fp32", name=f"{name}.mean")
+    rstd = e.new(rows, "fp32", name=f"{name}.rstd")
+    params = [p for p in (weight, bias) if p.trainable]
+    node = Node("liger_layer_norm", [x] if x.rg else [], [x, mean, rstd], params,
+                workspace=len(params) * sm_count(e.gpu_name) * weight.numel * 4)
+    node.param_grad_via = "fp32"
+    e.record(node, out)
+    del mean, rstd
+    return out

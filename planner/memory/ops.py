@@ -439,7 +439,11 @@ def unary(e: Engine, kind: str, x: T, name: str = "") -> T:
 
 def rms_norm(e: Engine, x: T, weight: Param, tokens: int, name: str = "") -> T:
     """transformers `*RMSNorm.forward` (e.g. Qwen2RMSNorm): x.to(fp32); x * rsqrt(x.pow(2).mean(-1) + eps);
-    weight * x.to(input_dtype)."""
+    weight * x.to(input_dtype). Swapped for Liger's (planner/memory/liger.py) where its patch rebinds the class."""
+    if "rms_norm" in e.liger:
+        from . import liger
+
+        return liger.rms_norm(e, x, weight, tokens, name=name)
     x32 = cast(e, x, "fp32", name=f"{name}.fp32")
     sq = e.new(x32.numel, "fp32", name=f"{name}.pow")  # pow saves its input
     e.record(Node("pow", [x32] if x32.rg else [], [x32], []), sq)
@@ -496,7 +500,12 @@ def gemma_rms_norm(e: Engine, x: T, weight: Param, rows: int, name: str = "") ->
 
 def layer_norm(e: Engine, x: T, weight: Param, bias: Param, tokens: int, name: str = "") -> T:
     """nn.LayerNorm: under CUDA autocast layer_norm runs in fp32 (input cast to fp32, fp32 output); it saves its
-    input, mean and rstd ((tokens, 1) fp32 each) and the weight."""
+    input, mean and rstd ((tokens, 1) fp32 each) and the weight. Swapped for Liger's (planner/memory/liger.py) where
+    its patch rebinds the class."""
+    if "layer_norm" in e.liger:
+        from . import liger
+
+        return liger.layer_norm(e, x, weight, bias, tokens, name=name)
     xin = cast(e, x, "fp32", name=f"{name}.fp32") if e.autocast else x
     # autocast casts the weight and bias as well: a fresh fp32 copy of half-precision (frozen) ones, which
     # native_layer_norm saves with the input when the input needs a gradient

@@ -62,6 +62,8 @@ def simulation_key(setup: TrainSetup) -> tuple:
     # the GPU enters only through the attention kernels it runs (sdpa.py): GPUs that run the same ones share
     key = tuple((f.name, _key_value(setup, f.name)) for f in fields(setup) if f.name not in SIMULATION_IGNORES) + (
         ("sdpa", sdpa_class(setup.gpu.name)),)
+    if liger.swaps(setup) & liger.NORM_SWAPS:  # Liger's norm backward sizes a buffer by the GPU's SM count
+        key += (("liger_sm_count", liger.sm_count(setup.gpu.name)),)
     if len(_KEYS) >= _MEMO_SIZE:
         _KEYS.clear()
     _KEYS[id(setup)] = (setup, key)

@@ -122,7 +122,9 @@ SETUP_OPTIONS = [
          help="Keep checkpointed layers' inputs in host RAM (LLaMA-Factory use_unsloth_gc; --stack llamafactory)."),
     _opt("liger_kernel", bool, "--liger-kernel/--no-liger-kernel",
          help="Liger kernels as LLaMA-Factory applies them (enable_liger_kernel): fused linear cross-entropy, no "
-              "logits. Modelled for LLaVA under --stack llamafactory; elsewhere a warning."),
+              "logits (Qwen2-VL/2.5-VL: also Liger RMSNorm/SwiGLU/LayerNorm, with a warning that liger 0.8.5's "
+              "patch fails to load on transformers 5.23). Modelled for LLaVA and Qwen2(.5)-VL under --stack "
+              "llamafactory; elsewhere a warning."),
     _opt("stage", str, "--stage",
          help="sft | dpo (LLaMA-Factory's preference stage: chosen and rejected rows, the reference forward; "
               "--stack llamafactory)."),
