@@ -332,6 +332,10 @@ class TrainSetup:
         if self.neat_packing and not self.packing:
             raise VlplanError("neat_packing packs samples: set packing too (LLaMA-Factory turns packing on with "
                               "neat_packing)")
+        if self.neat_packing and self.attn == "fa2" and self.batch_size > 1:
+            # LLaMA-Factory collator.py SFTDataCollatorWith4DAttentionMask: "bsz should be 1 for neat packing"
+            raise VlplanError("neat_packing with FlashAttention-2 runs one packed row per micro-batch (LLaMA-Factory "
+                              "asserts a batch size of 1); use --batch-size 1 (more samples fit in a longer row)")
         if self.neat_packing and self.attn == "sdpa" and self.precision == "fp32":
             raise VlplanError("neat_packing with sdpa in fp32 (a masked fp32 attention kernel) is not modelled; use "
                               "--precision bf16 or --attn eager")
