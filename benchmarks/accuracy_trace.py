@@ -151,6 +151,11 @@ MATRIX = [
     # (2.5-VL: vision norms too), LigerSwiGLUMLP, LigerLayerNorm (2-VL vision)
     ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", liger_kernel=True)),
     ("qwen2-vl-7b", dict(method="full", stack="llamafactory", liger_kernel=True, seq_len=1024, image_size=SQ448)),
+    # Qwen3-VL videos (timestamps between the temporal patches, DeepStack features of the video) and neat packing
+    # under FlashAttention-2 (flash-attn's varlen kernel emulated: profiler/flash_emulate.py)
+    ("qwen3-vl-8b", dict(method="lora", num_images=0, videos=_clip(), seq_len=4096)),
+    ("qwen2.5-vl-7b", dict(method="lora", packing=True, neat_packing=True, attn="fa2", seq_len=4096,
+                           image_size=SQ448)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 

@@ -28,7 +28,6 @@ from .image_header import ImageError, image_size
 from .spec import ModelSpec
 from .setup import LF_VIDEO_FPS, LF_VIDEO_MAX_PIXELS, LF_VIDEO_MAXLEN, LF_VIDEO_MIN_PIXELS
 from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS, image_tokens
-from .video import QWEN2_VIDEO_FAMILIES
 from .video_scan import VideoCounter
 
 __all__ = ["Sample", "ImageError", "image_size", "read_dataset", "scan_dataset", "ScanResult", "setup_for_dataset",
@@ -617,10 +616,6 @@ def _packed_setup(setup, scan: ScanResult, percentile: float | None):
     warnings += scan.warnings
     images = tuple(size for i in sorted(row) for size in scan.image_sizes[i])
     clips = tuple(clip for i in sorted(row) for clip in (scan.video_clips[i] if scan.video_clips else ()))
-    if clips and setup.model.family not in QWEN2_VIDEO_FAMILIES:
-        warnings.append(f"the row's {_plural(len(clips), 'video')} count in its tokens, but the memory of video "
-                        f"inputs is modelled for Qwen2-VL and Qwen2.5-VL only, not {setup.model.name}")
-        clips = ()
     return replace(setup, images=images, videos=clips), warnings
 
 
@@ -663,10 +658,4 @@ def setup_for_dataset(setup, scan: ScanResult, percentile: float | None = None):
     if scan.model != setup.model.name:
         raise VlplanError(f"the scan counted tokens for {scan.model}, the setup is {setup.model.name}")
     clips = scan.video_clips[index] if scan.video_clips else ()
-    if clips and setup.model.family not in QWEN2_VIDEO_FAMILIES:
-        # the tokens are in seq_len; the vision tower's memory over the frames is what is not modelled
-        warnings.append(f"sample #{index}'s {_plural(len(clips), 'video')} count in its tokens, but the memory of "
-                        f"video inputs is modelled for Qwen2-VL and Qwen2.5-VL only, not {setup.model.name}: the "
-                        "vision tower's activations over the frames are left out")
-        clips = ()
     return replace(setup, images=scan.image_sizes[index], videos=clips, seq_len=max(seq_len, 1)), warnings

@@ -18,7 +18,7 @@ from .hardware import GPU, MAX_GPU_MEMORY_GIB, find_gpu
 from .modules import LANGUAGE, PROJECTOR, VISION, model_inventory
 from .spec import ModelSpec
 from .tokens import LF_IMAGE_MAX_PIXELS, LF_IMAGE_MIN_PIXELS, ImageTokens, image_tokens
-from .video import QWEN2_VIDEO_FAMILIES, Video, VideoTokens, check_video_family, video_tokens
+from .video import Video, VideoTokens, check_video_family, video_tokens
 
 # LLaMA-Factory video defaults (src/llamafactory/hparams/model_args.py, ProcessorArguments; video_maxlen was 64 up to
 # v0.9.1)
@@ -274,10 +274,6 @@ class TrainSetup:
         if self.videos:
             _check_bound(len(self.videos), "--videos (videos per sample)", MAX_VIDEOS_PER_SAMPLE)
             check_video_family(self.model)
-            if self.model.family not in QWEN2_VIDEO_FAMILIES:
-                raise VlplanError(f"{self.model.name}: the memory of video inputs is modelled for Qwen2-VL and "
-                                  "Qwen2.5-VL; `vlplan scan` counts Qwen3-VL's video tokens, but its estimate with "
-                                  "videos is not built yet")
         for value, flag in ((self.video_max_pixels, "video_max_pixels"), (self.video_min_pixels, "video_min_pixels"),
                             (self.video_fps, "video_fps"), (self.video_maxlen, "video_maxlen")):
             if not value > 0 or not math.isfinite(value):
@@ -336,6 +332,10 @@ class TrainSetup:
         if self.neat_packing and not self.packing:
             raise VlplanError("neat_packing packs samples: set packing too (LLaMA-Factory turns packing on with "
                               "neat_packing)")
+        if self.neat_packing and self.attn == "fa2" and self.batch_size > 1:
+            # LLaMA-Factory collator.py SFTDataCollatorWith4DAttentionMask: "bsz should be 1 for neat packing"
+            raise VlplanError("neat_packing with FlashAttention-2 runs one packed row per micro-batch (LLaMA-Factory "
+                              "asserts a batch size of 1); use --batch-size 1 (more samples fit in a longer row)")
         if self.neat_packing and self.attn == "sdpa" and self.precision == "fp32":
             raise VlplanError("neat_packing with sdpa in fp32 (a masked fp32 attention kernel) is not modelled; use "
                               "--precision bf16 or --attn eager")

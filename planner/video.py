@@ -98,6 +98,8 @@ class VideoTokens:
     llm_tokens: int  # <|video_pad|> tokens in the language-model sequence
     special_tokens: int  # text tokens around them (vision start/end; Qwen3-VL's timestamps)
     seconds_per_grid: float  # Qwen2.5-VL second_per_grid_ts: temporal_patch_size / sampled fps
+    # Qwen3-VL: the tokens of each temporal patch's "<t seconds>" text before its <|vision_start|> (empty otherwise)
+    timestamp_tokens: tuple[int, ...] = ()
 
     @property
     def frame_patches(self) -> int:
@@ -171,10 +173,12 @@ def video_tokens(spec: ModelSpec, video: Video, *, video_max_pixels: int, video_
     grid_t, grid_h, grid_w = math.ceil(frames / temporal), rh // p.patch_size, rw // p.patch_size
     patches = grid_t * grid_h * grid_w
     special = 2  # <|vision_start|> ... <|vision_end|>
+    stamps = ()
     if spec.family in QWEN3_VIDEO_FAMILIES:
-        special = sum(2 + timestamp_tokens(t) for t in qwen3_timestamps(video, indices, video_fps, temporal))
+        stamps = tuple(timestamp_tokens(t) for t in qwen3_timestamps(video, indices, video_fps, temporal))
+        special = sum(2 + n for n in stamps)
     return VideoTokens(video.width, video.height, frames, rw, rh, grid_t, grid_h, grid_w, patches,
-                       patches // p.merge_size**2, special, temporal / fps_sampled)
+                       patches // p.merge_size**2, special, temporal / fps_sampled, stamps)
 
 
 def smart_resize_frames(num_frames: int, height: int, width: int, temporal_factor: int, factor: int,

@@ -65,12 +65,16 @@ def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
     if builder is None:
         raise VlplanError(f"no synthetic batch for family {setup.model.family!r}")
     real = builder(setup, model)
-    from vlplan.planner.memory.packing import block_diagonal_mask_modelled
+    from vlplan.planner.memory.packing import block_diagonal_mask_modelled, varlen_attention_modelled
 
     if block_diagonal_mask_modelled(setup):
         from .packed_mask import packed_attention_mask
 
         real["attention_mask"] = packed_attention_mask(setup)
+    if varlen_attention_modelled(setup):
+        from .packed_mask import packed_position_ids
+
+        real["position_ids"] = packed_position_ids(setup, real)
     if fake_mode is None:
         return Batch(real)
     converter = fake_mode.fake_tensor_converter

@@ -25,7 +25,7 @@ import torch
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
 
-from . import build, checkpoint_offload, cuda_autocast, emulate, liger_emulate
+from . import build, checkpoint_offload, cuda_autocast, emulate, flash_emulate, liger_emulate
 from .batch import synthetic_batch
 from .memtrack import MemoryTracker, Snapshot, track_modules
 from .step import StepHooks, run_steps, trainer_forward
@@ -176,15 +176,16 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
         raise VlplanError("trace cannot run bitsandbytes 4/8-bit layers on the CPU; QLoRA is estimated analytically")
     if setup.optimizer in ("adamw-8bit", "paged-adamw-8bit"):
         raise VlplanError("trace cannot run bitsandbytes 8-bit optimizers on the CPU; use --optimizer adamw")
-    if setup.attn == "fa2":
-        raise VlplanError("trace emulates the CUDA kernels of sdpa and eager attention; use --attn sdpa (FlashAttention"
-                          " under sdpa saves the same tensors as FA2)")
+    if setup.attn == "fa2" and not setup.neat_packing:
+        raise VlplanError("trace emulates FlashAttention-2's varlen kernel (neat packing) but not its dense one; use "
+                          "--attn sdpa (FlashAttention under sdpa saves the same tensors as FA2) or --neat-packing")
     counts = counts or layer_counts(setup.model)
     spec = spec_with_layers(setup.model, counts)
     start = time.perf_counter()
     mode = emulate.fake_mode() if fake else contextlib.nullcontext()
     with emulate.cuda_emulation(setup, fake=fake), cuda_autocast.cuda_autocast_policy(build.autocast_dtype(setup)), \
-            liger_emulate.liger_kernels(setup, setup.model.family), checkpoint_offload.emulated_offload(setup):
+            liger_emulate.liger_kernels(setup, setup.model.family), checkpoint_offload.emulated_offload(setup), \
+            flash_emulate.flash_attention_2(setup):
         with mode, (emulate.fake_module_conversions() if fake else contextlib.nullcontext()):
             model = build.create_model(setup, spec)
             model = build.prepare_model(model, replace(setup, model=spec))

@@ -49,3 +49,32 @@ def test_videos_change_the_estimate():
     peaks = [estimate(s).peak_bytes for s in (base, clip, more)]
     assert peaks[0] < peaks[1] < peaks[2]
     assert clip.vision_tokens_per_sample > base.vision_tokens_per_sample
+
+
+# Qwen3-VL (planner/families/qwen3_vl/memory.py): the video tower run after the image tower, one attention segment per
+# temporal patch, the interpolated position embedding over every frame, the DeepStack features of the video (merged
+# with the images' into one tensor per layer when both are there), and the timestamps' text between the frames
+QWEN3_CASES = [
+    # a 7-frame list (8 after LLaMA-Factory's padding: 4 temporal patches), no image, LoRA
+    ("qwen3-vl-4b", dict(method="lora", num_images=0, videos=(Video(160, 120, frames=7),)), "DENSE"),
+    # an image and a clip with its duration, the vision tower and projector trained in full: the joint DeepStack
+    # features carry gradients
+    ("qwen3-vl-4b", dict(method="full", train_vision=True, train_projector=True, image_size=(128, 128),
+                         videos=(Video(200, 150, frames=90, duration_s=3.0),)), "DENSE"),
+    # the MoE model, an image and two videos, no checkpointing
+    ("qwen3-vl-30b-a3b", dict(method="lora", image_size=(128, 128), gradient_checkpointing=False,
+                              videos=(Video(160, 120, frames=6), Video(128, 128, duration_s=2.0))), "MOE"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kwargs, counts", QWEN3_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(QWEN3_CASES)])
+def test_qwen3_video_simulation_matches_trace(name, kwargs, counts):
+    pytest.importorskip("transformers")
+    import test_accuracy_qwen3_vl as qwen3
+    from vlplan.profiler.trace import run_trace
+
+    setup = make_setup(qwen3.tiny(name), **{"seq_len": 512, "video_max_pixels": 128 * 128, **kwargs})
+    assert setup.video_tokens() and all(t.timestamp_tokens for t in setup.video_tokens())
+    layers = getattr(qwen3, counts)
+    assert_phases_match(simulate(setup, layers), run_trace(setup, layers))

@@ -78,15 +78,21 @@ def test_scan_warns_for_a_model_without_video(dataset):
     assert [w for w in scan.warnings if "2 video(s) not counted" in w and "takes no video" in w]
 
 
-def test_qwen3_counts_but_does_not_estimate_video_memory(dataset):
+def test_qwen3_estimates_the_scanned_videos(dataset):
+    """Qwen3-VL's video memory is modelled (planner/families/qwen3_vl/memory.py): the sample's clips go into the
+    setup, and its vision tokens equal the scan's."""
     from vlplan.planner.dataset import setup_for_dataset
+    from vlplan.planner.memory.estimate import estimate
     from vlplan.planner.setup import make_setup
 
     spec = resolve("qwen3-vl-8b")
     scan = scan_dataset(dataset / "data.json", spec)
     assert scan.vision_tokens[0] > 0
     setup, warnings = setup_for_dataset(make_setup(spec, num_images=0), scan)
-    assert setup.videos == () and [w for w in warnings if "modelled for Qwen2-VL and Qwen2.5-VL only" in w]
+    assert len(setup.videos) == len(scan.video_clips[0]) > 0
+    assert setup.vision_tokens_per_sample == scan.vision_tokens[0]
+    assert not [w for w in warnings if "modelled for" in w]
+    assert estimate(setup).peak_bytes > estimate(make_setup(spec, num_images=0, seq_len=setup.seq_len)).peak_bytes
 
 
 def test_video_clip_validation():

@@ -8,6 +8,7 @@ from ..setup import Train, TrainSetup
 from ..spec import ModelSpec
 from . import liger, ops, preference
 from .blocks import Context, LlamaLayer, Params
+from .packing import PACKED_SAMPLES, varlen_attention_modelled
 from .sim import DTYPE_BYTES, CheckpointFrame, Engine, Node, T, rounded
 from .stacks import checkpoint_reentrant
 
@@ -22,12 +23,18 @@ class LMAttention:
     def __init__(self, setup: TrainSetup, batch: int, seq: int) -> None:
         self.setup, self.batch, self.seq = setup, batch, seq
         self.mask: T | None = None
+        self.packed_sequences = 0  # neat packing under FA2: the samples of the row (BaseModel.language sets it)
 
     def __call__(self, e: Engine, q: T, k: T, v: T, heads: int, kv_heads: int, name: str) -> T:
         if self.mask is not None and self.setup.neat_packing and self.setup.attn == "sdpa":
             from .packing import block_diagonal_attention
 
             return block_diagonal_attention(e, q, k, v, self.mask, heads, kv_heads, self.batch * self.seq, name)
+        if self.packed_sequences:  # neat packing under FlashAttention-2: the varlen kernel over the samples
+            from .packing import flash_varlen_attention
+
+            return flash_varlen_attention(e, q, k, v, heads, kv_heads, self.batch * self.seq, self.packed_sequences,
+                                          name, from_position_ids=True)
         if self.setup.attn == "eager":
             return ops.eager_attention(e, q, k, v, heads, kv_heads, self.seq, self.seq, self.batch, self.mask,
                                        name=name)
@@ -47,6 +54,12 @@ def segment_attention(setup: TrainSetup):
         outs = []
         if e.autocast:
             q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
+        if setup.attn == "fa2":
+            # FlashAttention-2: the vision attention passes cu_seqlens, one varlen call over every segment
+            from .packing import flash_varlen_attention
+
+            return flash_varlen_attention(e, q, k, v, heads, heads, sum(segments), len(segments), name,
+                                          from_position_ids=False)
         fused = setup.attn != "eager" and q.dtype != "fp32"
         frozen = not (q.rg or k.rg or v.rg)
         if fused and frozen:
@@ -158,6 +171,10 @@ class BaseModel:
 
         if block_diagonal_mask_modelled(self.setup):
             inputs["attention_mask"] = self.packed_mask = packed_attention_mask(e, self.setup)
+        if varlen_attention_modelled(self.setup):
+            # neat packing under FA2: the collator's per-sample rope positions with the text row prepended,
+            # (4, batch, seq) int64 (profiler/packed_mask.py `packed_position_ids`)
+            inputs["position_ids"] = e.new(4 * self.tokens, "int64", name="position_ids", category="inputs/batch")
         return inputs
 
     # Language model -------------------------------------------------------------------------------------------------
@@ -185,6 +202,8 @@ class BaseModel:
             # neat packing: create_causal_mask returns the collator's 4D mask as is (masking_utils
             # `_preprocess_mask_arguments`: "If the mask is already 4D, simply return as-is")
             ctx.attention.mask = self.packed_mask
+        elif varlen_attention_modelled(self.setup):
+            ctx.attention.packed_sequences = PACKED_SAMPLES
         elif self.setup.attn == "eager":
             # masking_utils.create_causal_mask for eager: a (batch, 1, seq, seq) additive mask in the hidden dtype;
             # checkpointed layers keep it (and the RoPE tables) in their saved forward arguments until backward

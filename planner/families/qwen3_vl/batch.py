@@ -1,19 +1,51 @@
 """Qwen3-VL / Qwen3-VL-MoE batches (Qwen2VLImageProcessor output with patch 16, rope positions and the vision
-tower's data-dependent helper tensors, precomputed)."""
+tower's data-dependent helper tensors, precomputed).
+
+With videos, what LLaMA-Factory's Qwen3VLPlugin and collator hand the model: each sample holds its images, then its
+videos; an image is `<|vision_start|>` + placeholders + `<|vision_end|>`, a video is, per temporal patch,
+`<{t:.1f} seconds>` (text) + `<|vision_start|>` + grid_h*grid_w/merge**2 `<|video_pad|>` + `<|vision_end|>`
+(Qwen3VLPlugin.process_messages; planner/video.py counts the timestamp tokens). pixel_values_videos is (sum of
+grid_t*h*w, C*T*P*P) fp32 as Qwen3VLVideoProcessor returns it; video_grid_thw one row per video; get_rope_index
+splits it per temporal patch to match the timestamps between them."""
 
 from __future__ import annotations
 
+from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
-from vlplan.profiler.batch import place_images
+from vlplan.profiler.batch import TEXT_TOKEN_ID
+
+
+def _place(setup: TrainSetup, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and mm_token_type_ids (batch, seq): images (type 1), then each video's temporal patches (type 2),
+    each after its timestamp text."""
+    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
+
+    runs = [(0, config.image_token_id, t.llm_tokens, 1) for t in setup.image_tokens()]
+    for video in setup.video_tokens():
+        per_frame = video.llm_tokens // video.grid_t
+        runs += [(stamp, config.video_token_id, per_frame, 2) for stamp in video.timestamp_tokens]
+    ids = torch.full((setup.seq_len,), TEXT_TOKEN_ID, dtype=torch.long)
+    types = torch.zeros(setup.seq_len, dtype=torch.int32)
+    pos = 1
+    for text, token_id, count, kind in runs:
+        pos += text  # the timestamp's text tokens
+        ids[pos] = config.vision_start_token_id
+        ids[pos + 1:pos + 1 + count] = token_id
+        types[pos + 1:pos + 1 + count] = kind
+        ids[pos + 1 + count] = config.vision_end_token_id
+        pos += count + 2
+    if pos > setup.seq_len:
+        raise VlplanError(f"the images and videos need {pos} tokens but the sequence holds {setup.seq_len}")
+    return ids.repeat(setup.batch_size, 1), types.repeat(setup.batch_size, 1)
 
 
 def qwen3_vl_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
-    """pixel_values (sum of patches, C*T*P*P) fp32 as the processor returns them, image_grid_thw, rope position_ids
-    from the model's own `get_rope_index`, and what Qwen3VLVisionModel.forward would compute from grid_thw with host
-    syncs (`.tolist()`, `repeat_interleave`): vision rope positions, cu_seqlens and the bilinear interpolation
-    indices/weights of the learned position embedding. They go in as `image_*` kwargs, which
-    `accepts_precomputed_kwargs` strips to the names the vision_utils helpers pop (models/qwen3_vl/modeling_qwen3_vl.py
-    Qwen3VLVisionModel.forward; transformers/vision_utils.py)."""
+    """pixel_values (sum of patches, C*T*P*P) fp32 as the processor returns them (pixel_values_videos for videos),
+    the grids, rope position_ids from the model's own `get_rope_index`, and what Qwen3VLVisionModel.forward would
+    compute from grid_thw with host syncs (`.tolist()`, `repeat_interleave`): vision rope positions, cu_seqlens and
+    the bilinear interpolation indices/weights of the learned position embedding. They go in as `image_*` /
+    `video_*` kwargs, which `accepts_precomputed_kwargs` strips to the names the vision_utils helpers pop
+    (models/qwen3_vl/modeling_qwen3_vl.py Qwen3VLVisionModel.forward; transformers/vision_utils.py)."""
     import torch  # lazily: the planner never imports torch (tests/test_layers.py)
     from transformers.vision_utils import (
         get_vision_cu_seqlens,
@@ -21,31 +53,35 @@ def qwen3_vl_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
         get_vision_position_ids,
     )
 
-    spec = setup.model
-    vision = spec.vision
-    tokens = setup.image_tokens()
-    config = model.config
-    ids, types = place_images(setup, tokens, spec.image_token_id,
-                              (config.vision_start_token_id, config.vision_end_token_id))
+    vision = setup.model.vision
+    images, videos = setup.image_tokens(), setup.video_tokens()
+    ids, types = _place(setup, model.config)
     # No attention_mask: see qwen_vl.py (transformers drops an all-ones mask for sdpa)
     batch = {"input_ids": ids, "labels": ids.clone(), "mm_token_type_ids": types}
-    if tokens:
-        grids = [[1, t.resized_height // vision.patch_size, t.resized_width // vision.patch_size] for t in tokens]
-        grid = torch.tensor(grids * setup.batch_size, dtype=torch.long)
-        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-        patches = int(grid.prod(-1).sum())
-        batch["pixel_values"] = torch.empty(patches, patch_dim, dtype=torch.float32)
-        batch["image_grid_thw"] = grid
-        batch["image_position_ids"] = get_vision_position_ids(grid, vision.spatial_merge_size)
-        batch["image_cu_seqlens"] = get_vision_cu_seqlens(grid)
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    grids = {}
+    for kind, pixels, rows in (
+            ("image", "pixel_values", [[1, t.resized_height // vision.patch_size,
+                                        t.resized_width // vision.patch_size] for t in images]),
+            ("video", "pixel_values_videos", [[t.grid_t, t.grid_h, t.grid_w] for t in videos])):
+        if not rows:
+            continue
+        grid = torch.tensor(rows * setup.batch_size, dtype=torch.long)
+        grids[kind] = grid
+        batch[pixels] = torch.empty(int(grid.prod(-1).sum()), patch_dim, dtype=torch.float32)
+        batch[f"{kind}_grid_thw"] = grid
+        batch[f"{kind}_position_ids"] = get_vision_position_ids(grid, vision.spatial_merge_size)
+        batch[f"{kind}_cu_seqlens"] = get_vision_cu_seqlens(grid)
         # Qwen3VLVisionModel: bilinear, align_corners=True over the int(sqrt(num_position_embeddings)) grid
         indices, weights = get_vision_interpolation_indices_and_weights(
             grid, num_grid_per_side=int(vision.num_position_embeddings**0.5), mode="bilinear", align_corners=True,
             spatial_merge_size=vision.spatial_merge_size)
-        batch["image_interp_indices"] = indices
-        batch["image_interp_weights"] = weights
+        batch[f"{kind}_interp_indices"] = indices
+        batch[f"{kind}_interp_weights"] = weights
+    if grids:
         rope_model = model.get_base_model() if hasattr(model, "get_base_model") else model
-        position_ids, _ = rope_model.model.get_rope_index(ids, types, image_grid_thw=grid)
+        position_ids, _ = rope_model.model.get_rope_index(ids, types, image_grid_thw=grids.get("image"),
+                                                          video_grid_thw=grids.get("video"))
         batch["position_ids"] = position_ids
     return batch
 

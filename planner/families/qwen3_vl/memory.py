@@ -24,6 +24,7 @@ from ...memory.vision import vision_rope
 from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...setup import TrainSetup
 from ...spec import ModelSpec
+from ..qwen2_vl.memory import video_frames
 
 # Layer types ---------------------------------------------------------------------------------------------------------
 
@@ -270,6 +271,17 @@ def _index_node(source: T, index: T) -> Node:
     return Node("index", inputs, [index] if inputs else [], [])
 
 
+def _index_put(e: Engine, target: T, values: T, mask: T) -> T:
+    """`target[mask, :] = values` in place. IndexPutBackward0 (derivatives.yaml `index_put_`) saves the indices;
+    its backward gives `values` grad[mask] and, when the target needs a gradient, the target
+    grad.index_put(mask, zeros_like(values)): the zeros are the backward's transient workspace."""
+    out = target.view(name=f"{target.name}:index_put")
+    inputs = [t for t in (target, values) if t.rg]
+    workspace = values.numel * DTYPE_BYTES[values.dtype] if target.rg else 0
+    e.record(Node("index_put_", inputs, [mask] if inputs else [], [], workspace=workspace), out)
+    return out
+
+
 def _grouped_mm(e: Engine, x: T, weight, offsets: T, in_features: int, out_features: int, name: str) -> T:
     """transformers `_grouped_linear` -> torch.nn.functional.grouped_mm(input.to(weight.dtype), weight.transpose(-2,
     -1), offs): not autocast-enabled, so it runs in the weight's dtype (fp32 for trained experts: CUDA's
@@ -339,42 +351,61 @@ class Qwen3VLModel(BaseModel):
         # model's rotary buffers come with BaseModel)
         self.vision_buffers = [e.param(f"vision.rotary_pos_emb.{n}", v.head_dim // 4, "fp32", False, VISION)
                                for n in ("inv_freq", "original_inv_freq")]
-        self.patches = sum(t.vision_patches for t in self.images) * self.batch
-        self.image_tokens = sum(t.llm_tokens for t in self.images) * self.batch
+        # videos (planner/video.py): grid_t frames of grid_h x grid_w patches each, one attention segment per frame
+        # (vision_utils.get_vision_cu_seqlens repeats h*w grid_t times), through the same tower after the images
+        self.videos = setup.video_tokens()
+        self.video_frames = video_frames(self.videos)
+        self.image_patches = sum(t.vision_patches for t in self.images) * self.batch
+        self.video_patches = sum(t.vision_patches for t in self.videos) * self.batch
+        self.patches = self.image_patches + self.video_patches
+        # the language-model positions DeepStack features are added to: image and video placeholders
+        self.visual_tokens = sum(t.llm_tokens for t in (*self.images, *self.videos)) * self.batch
 
     def inputs(self, e: Engine) -> dict[str, T]:
-        v = self.setup.model.vision
         inputs = self.text_inputs(e)
         inputs["mm_token_type_ids"] = e.new(self.tokens, "int32", name="mm_token_type_ids", category="inputs/batch")
-        patches = self.patches
-        if patches:
-            batch = dict(category="inputs/batch")
-            patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-            n = len(self.images) * self.batch
-            inputs["pixel_values"] = e.new(patches * patch_dim, "fp32", name="pixel_values", **batch)
-            inputs["image_grid_thw"] = e.new(n * 3, "int64", name="image_grid_thw", **batch)
-            inputs["image_position_ids"] = e.new(patches * 2, "int64", name="vision_position_ids", **batch)
-            inputs["image_cu_seqlens"] = e.new(n + 1, "int32", name="cu_seqlens", **batch)
-            # get_vision_interpolation_indices_and_weights (bilinear): 4 taps per patch
-            inputs["image_interp_indices"] = e.new(patches * 4, "int64", name="interp_indices", **batch)
-            inputs["image_interp_weights"] = e.new(patches * 4, "fp32", name="interp_weights", **batch)
-            inputs["position_ids"] = e.new(3 * self.tokens, "int64", name="position_ids", **batch)
+        if self.image_patches:
+            self._vision_inputs(e, inputs, "image", self.image_patches, len(self.images), len(self.images))
+        if self.video_patches:
+            # pixel_values_videos, video_grid_thw and the video_* helpers (get_video_features is wrapped by
+            # accepts_precomputed_kwargs(modality="video")); cu_seqlens has one boundary per frame
+            self._vision_inputs(e, inputs, "video", self.video_patches, len(self.videos), len(self.video_frames))
         return inputs
 
-    # Vision -----------------------------------------------------------------------------------------------------
-    def vision(self, e: Engine, inputs: dict[str, T]) -> tuple[T, T, list[T]]:
-        """Qwen3VLModel.get_image_features + Qwen3VLVisionModel.forward: (last hidden state, merged features,
-        DeepStack features)."""
+    def _vision_inputs(self, e: Engine, inputs: dict[str, T], kind: str, patches: int, count: int,
+                       segments: int) -> None:
         v = self.setup.model.vision
-        d, patches = v.hidden_size, self.patches
+        batch = dict(category="inputs/batch")
+        patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+        pixels = "pixel_values" if kind == "image" else "pixel_values_videos"
+        inputs[pixels] = e.new(patches * patch_dim, "fp32", name=pixels, **batch)
+        inputs[f"{kind}_grid_thw"] = e.new(count * self.batch * 3, "int64", name=f"{kind}_grid_thw", **batch)
+        inputs[f"{kind}_position_ids"] = e.new(patches * 2, "int64", name="vision_position_ids", **batch)
+        inputs[f"{kind}_cu_seqlens"] = e.new(segments * self.batch + 1, "int32", name="cu_seqlens", **batch)
+        # get_vision_interpolation_indices_and_weights (bilinear): 4 taps per patch, every frame of a video too
+        inputs[f"{kind}_interp_indices"] = e.new(patches * 4, "int64", name="interp_indices", **batch)
+        inputs[f"{kind}_interp_weights"] = e.new(patches * 4, "fp32", name="interp_weights", **batch)
+        if "position_ids" not in inputs:
+            inputs["position_ids"] = e.new(3 * self.tokens, "int64", name="position_ids", **batch)
+
+    # Vision -----------------------------------------------------------------------------------------------------
+    def vision(self, e: Engine, inputs: dict[str, T], kind: str = "image") -> tuple[T, T, list[T]]:
+        """Qwen3VLModel.get_image_features (get_video_features calls it on the videos) + Qwen3VLVisionModel.forward:
+        (last hidden state, merged features, DeepStack features)."""
+        v = self.setup.model.vision
+        if kind == "image":
+            pixel_values, items, patches = inputs["pixel_values"], self.images, self.image_patches
+        else:
+            pixel_values, items, patches = inputs["pixel_values_videos"], self.video_frames, self.video_patches
+        d = v.hidden_size
         e.scope = "vision"
         # get_image_features: `pixel_values = pixel_values.type(self.visual.dtype)`, a local until it returns
-        pixels = ops.cast(e, inputs["pixel_values"], self.patch_embed.dtype, name="pixel_values:cast")
-        hidden = self._patch_embed(e, pixels)
+        pixels = ops.cast(e, pixel_values, self.patch_embed.dtype, name="pixel_values:cast")
+        hidden = self._patch_embed(e, pixels, patches)
         # pos_embed(interp_indices) * interp_weights[:, :, None] -> .sum(1) (fp32 under autocast) -> .to(bf16)
         taps = e.new(patches * 4 * d, self.pos_embed.dtype, name="pos_embed.taps")
         e.record(Node("embedding", [], [], [self.pos_embed] if self.pos_embed.trainable else []), taps)
-        weighted = ops.mul(e, taps, inputs["image_interp_weights"], name="pos_embed.weighted")
+        weighted = ops.mul(e, taps, inputs[f"{kind}_interp_weights"], name="pos_embed.weighted")
         del taps
         pos_embeds = e.new(patches * d, "fp32" if e.autocast else weighted.dtype, name="pos_embeds")
         e.record(Node("sum", [weighted] if weighted.rg else [], [], []), pos_embeds)
@@ -382,8 +413,7 @@ class Qwen3VLModel(BaseModel):
         pos_cast = ops.cast(e, pos_embeds, hidden.dtype, name="pos_embeds:cast")
         hidden = ops.add(e, hidden, pos_cast, name="hidden+pos")
         del pos_cast
-        ctx = VisionContext(patches, [t.vision_patches for t in self.images] * self.batch,
-                            segment_attention(self.setup))
+        ctx = VisionContext(patches, [t.vision_patches for t in items] * self.batch, segment_attention(self.setup))
         # Qwen3VLVisionRotaryEmbedding (no grad): cos and sin of (patches, head_dim) fp32
         ctx.cos = e.new(patches * v.head_dim, "fp32", name="vision.cos")
         ctx.sin = e.new(patches * v.head_dim, "fp32", name="vision.sin")
@@ -398,40 +428,77 @@ class Qwen3VLModel(BaseModel):
         del ctx, pos_embeds, pixels  # locals of the vision forward / get_image_features
         return hidden, merged, features
 
-    def _patch_embed(self, e: Engine, pixels: T) -> T:
+    def _patch_embed(self, e: Engine, pixels: T, patches: int) -> T:
         """Qwen3VLVisionPatchEmbed: Conv3d with bias, output (patches, d)."""
         v = self.setup.model.vision
-        return ops.patch_conv(e, pixels, self.patch_embed, self.patch_bias, self.patches * v.hidden_size,
-                              "patch_embed")
+        return ops.patch_conv(e, pixels, self.patch_embed, self.patch_bias, patches * v.hidden_size, "patch_embed")
 
     def encode(self, e: Engine, inputs: dict[str, T]) -> T:
-        """Qwen3VLModel.forward up to the language model: embeddings, image features scattered into the image
-        positions, and the DeepStack features (cat of the per-image splits: copies) for the first layers."""
+        """Qwen3VLModel.forward up to the language model: the image tower, then the video tower (get_video_features),
+        then each one's features scattered into its placeholder positions, and the DeepStack features (cat of the
+        per-item splits: copies; with images and videos both, merged into one (visual tokens, d) tensor per layer)
+        for the first layers."""
         x = self.embed_tokens(e)
         self._deepstack, self._mask, self._keep = [], None, None
         if not self.patches:
             return x
-        hidden, merged, features = self.vision(e, inputs)
+        towers = [(kind, self.vision(e, inputs, kind)) for kind, patches in
+                  (("image", self.image_patches), ("video", self.video_patches)) if patches]
         e.scope = "language"
-        # pooler_output split per image, then torch.cat(...).to(inputs_embeds.dtype): a copy
-        cat = e.new(merged.numel, merged.dtype, name="image_embeds")
-        e.record(Node("cat", [merged] if merged.rg else [], [], []), cat)
-        image_embeds = ops.cast(e, cat, x.dtype, name="image_embeds:cast")
-        del cat  # a temporary unless the cast is a no-op
-        # get_placeholder_mask: image and video masks (the video one is the `_` of `image_mask, _ = ...`)
-        mask = e.new(self.tokens, "bool", name="image_mask")
-        video_mask = e.new(self.tokens, "bool", name="video_mask")
-        out = ops.masked_scatter(e, x, mask, image_embeds, name="inputs_embeds:scatter")
-        deepstack = []
-        for feature in features:
-            copy = e.new(feature.numel, feature.dtype, name="deepstack_visual_embeds")
-            e.record(Node("cat", [feature] if feature.rg else [], [], []), copy)
-            deepstack.append(copy)
+        keep, masks = [], {}
+        out = x
+        for kind, (hidden, merged, features) in towers:
+            # pooler_output split per item, then torch.cat(...).to(inputs_embeds.dtype): a copy
+            cat = e.new(merged.numel, merged.dtype, name=f"{kind}_embeds")
+            e.record(Node("cat", [merged] if merged.rg else [], [], []), cat)
+            embeds = ops.cast(e, cat, x.dtype, name=f"{kind}_embeds:cast")
+            del cat  # a temporary unless the cast is a no-op
+            # get_placeholder_mask returns both masks: `image_mask, _ = ...` keeps the video one in `_`, then
+            # `_, video_mask = ...` rebinds `_` to the second image mask (the first video mask is freed)
+            image_mask = e.new(self.tokens, "bool", name="image_mask")
+            video_mask = e.new(self.tokens, "bool", name="video_mask")
+            masks[kind] = image_mask if kind == "image" else video_mask
+            masks["_"] = video_mask if kind == "image" else image_mask
+            del image_mask, video_mask
+            out = ops.masked_scatter(e, out, masks[kind], embeds, name=f"inputs_embeds:scatter_{kind}")
+            keep += [hidden, merged, features, embeds]
+        if len(towers) == 1:
+            (kind, (_, _, features)), = towers
+            deepstack = [self._cat(e, feature, "deepstack_visual_embeds") for feature in features]
+            mask = masks[kind]
+        else:
+            mask, deepstack, joint = self._joint_deepstack(e, masks, towers[0][1][2], towers[1][1][2])
+            keep.append(joint)
         # mm_encoder_outputs (last_hidden_state, pooler_output, deepstack_features) and the locals of
         # Qwen3VLModel.forward stay referenced until the language model returns
-        self._keep = (hidden, merged, features, image_embeds, video_mask)
+        self._keep = (keep, masks)
         self._deepstack, self._mask = deepstack, mask
         return out
+
+    def _cat(self, e: Engine, feature: T, name: str) -> T:
+        copy = e.new(feature.numel, feature.dtype, name=name)
+        e.record(Node("cat", [feature] if feature.rg else [], [], []), copy)
+        return copy
+
+    def _joint_deepstack(self, e: Engine, masks: dict, image_features: list[T], video_features: list[T]):
+        """Qwen3VLModel.forward with images and videos: visual_pos_masks = image_mask | video_mask; the masks of
+        each kind within it (`image_mask[visual_pos_masks]`); per DeepStack layer the image and video features
+        concatenated (copies), a `new_zeros(visual tokens, d)` and both written into it in place (index_put_).
+        Returns (visual_pos_masks, the per-layer joint features, the loop's last locals)."""
+        visual = e.new(self.tokens, "bool", name="visual_pos_masks")
+        joint_masks = [e.new(self.visual_tokens, "bool", name=f"{kind}_mask_joint") for kind in ("image", "video")]
+        width = self.setup.model.projector.out_features
+        deepstack = []
+        img = vid = None
+        for image_feature, video_feature in zip(image_features, video_features):
+            # `img_embed = torch.cat(img_embed, dim=0)`: the loop rebinds them, freeing the previous layer's copies
+            img = self._cat(e, image_feature, "deepstack_image_embeds")
+            vid = self._cat(e, video_feature, "deepstack_video_embeds")
+            joint = e.new(self.visual_tokens * width, img.dtype, name="embed_joint")
+            joint = _index_put(e, joint, img, joint_masks[0])
+            deepstack.append(_index_put(e, joint, vid, joint_masks[1]))
+            del joint
+        return visual, deepstack, (joint_masks, img, vid)
 
     # Language model ----------------------------------------------------------------------------------------------
     def language(self, e: Engine, x: T) -> T:
@@ -461,7 +528,7 @@ class Qwen3VLModel(BaseModel):
 
     def _deepstack_process(self, e: Engine, hidden: T, mask: T, embeds: T) -> T:
         """visual_embeds.to(hidden dtype); hidden.clone(); hidden[mask, :] + visual_embeds; index_put_ back."""
-        rows = self.image_tokens
+        rows = self.visual_tokens
         width = self.setup.model.text.hidden_size
         visual = ops.cast(e, embeds, hidden.dtype, name="deepstack:cast")
         clone = e.new(hidden.numel, hidden.dtype, name="deepstack:clone")
