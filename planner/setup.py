@@ -525,8 +525,8 @@ class TrainSetup:
     @property
     def uses_reference(self) -> bool:
         """A reference model's forward: LLaMA-Factory's FinetuningArguments.use_ref_model for DPO (a loss that needs
-        the reference log-probs), always for KTO (train/kto/workflow.py `create_ref_model`, `compute_reference_log_probs`
-        in every step)."""
+        the reference log-probs), always for KTO (train/kto/workflow.py `create_ref_model`; the trainer's
+        `compute_reference_log_probs` in every step)."""
         return self.stage == "kto" or (self.stage == "dpo" and self.pref_loss not in ("orpo", "simpo"))
 
     @property
@@ -567,9 +567,9 @@ class TrainSetup:
         if not self.neat_packing:
             del d["neat_packing"]  # likewise for setups without neat packing
         if self.method != "oft":
-            del d["oft"]
-        if self.stage != "kto":  # the KTO weights are listed only for KTO (other setups read as before)
-            del d["kto_chosen_weight"], d["kto_rejected_weight"]  # the OFT settings are listed only for OFT (other setups read as before)
+            del d["oft"]  # the OFT settings are listed only for OFT (other setups read as before)
+        if self.stage != "kto":  # likewise the KTO weights for KTO
+            del d["kto_chosen_weight"], d["kto_rejected_weight"]
         d["world_size"] = self.world_size
         if self.sharding == "zero":  # the FSDP settings are listed only when FSDP shards (ZeRO setups read as before)
             del d["sharding"], d["fsdp"]

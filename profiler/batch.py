@@ -68,7 +68,7 @@ def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
     if setup.stage == "kto":  # KTODataCollatorWithPadding's KL rows, attention masks and tags (profiler/preference.py)
         from .preference import kto_inputs
 
-        kto_inputs(setup, real)
+        kto_inputs(real)
     from vlplan.planner.memory.packing import block_diagonal_mask_modelled
 
     if block_diagonal_mask_modelled(setup):

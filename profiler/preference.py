@@ -151,7 +151,7 @@ def preference_loss(setup, model, forward, ref_forward=None):
 
 
 # KTO ----------------------------------------------------------------------------------------------------------------
-def kto_inputs(setup, batch: dict) -> None:
+def kto_inputs(batch: dict) -> None:
     """KTODataCollatorWithPadding's keys beside the target rows (`batch`, real tensors): the attention masks (all
     ones: unpadded rows), the KL rows' input ids and labels (the synthetic KL row has the target row's layout: the
     same prompt and images, a completion of the same length) and `kto_tags`, the first `kto_chosen_rows` desirable."""

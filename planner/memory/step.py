@@ -47,7 +47,7 @@ BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first lay
 # matters to the simulation only as on/off (gradients reduced into buckets instead of kept).
 SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_bucket_size", "ds_overlap_comm",
                       "sharding", "fsdp",  # FSDP re-partitions the single-GPU states analytically (fsdp.py)
-                      "packing", "expandable_segments", "pref_beta")
+                      "packing", "expandable_segments", "pref_beta", "kto_chosen_weight", "kto_rejected_weight")
 
 
 def simulation_key(setup: TrainSetup) -> tuple:
