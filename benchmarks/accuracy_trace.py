@@ -146,6 +146,10 @@ MATRIX = [
     # disabled as the reference, ORPO (no reference)
     ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", stage="dpo", seq_len=1024, image_size=SQ448)),
     ("llava-1.5-7b", dict(method="lora", stack="llamafactory", stage="dpo", pref_loss="orpo", seq_len=1024)),
+    # KTO (LLaMA-Factory stage kto; traced at full depth): target and KL forwards on the policy, both on the LoRA
+    # policy with adapters disabled as the reference
+    ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", stage="kto", seq_len=1024, image_size=SQ448)),
+    ("llava-1.5-7b", dict(method="lora", stack="llamafactory", stage="kto", batch_size=2, seq_len=1024)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 
