@@ -211,3 +211,29 @@ def test_cli_takes_the_stage():
     assert dpo["peak_bytes"] > sft["peak_bytes"]
     refused = runner.invoke(app, ["estimate", "--model", "qwen2.5-vl-7b", "--stage", "dpo"])
     assert refused.exit_code != 0 and "--stack llamafactory" in refused.output
+
+
+def test_cli_estimates_and_plans_kto(tmp_path):
+    import json
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from vlplan.cli.main import app
+
+    runner = CliRunner()
+    args = ["--model", "qwen2.5-vl-7b", "--stack", "llamafactory", "--stage", "kto", "--kto-chosen-weight", "1.5"]
+    result = runner.invoke(app, ["estimate", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    settings = json.loads(result.stdout)["settings"]
+    assert (settings["stage"], settings["kto_chosen_weight"], settings["kto_rejected_weight"]) == ("kto", 1.5, 1.0)
+    text = runner.invoke(app, ["estimate", *args])
+    assert text.exit_code == 0 and "stage kto" in text.output
+    out = tmp_path / "kto.yaml"
+    plan = runner.invoke(app, ["plan", *args, "-g", "8", "--export-llamafactory", str(out), "--json"])
+    assert plan.exit_code == 0, plan.output
+    data = json.loads(plan.stdout)
+    assert data["settings"]["stage"] == "kto" and data["step_time_breakdown_s"]["reference_forward"] > 0
+    exported = yaml.safe_load(out.read_text())
+    assert (exported["stage"], exported["kto_chosen_weight"], exported["pref_beta"]) == ("kto", 1.5, 0.1)
+    assert "pref_loss" not in exported
