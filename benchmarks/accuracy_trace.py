@@ -156,6 +156,10 @@ MATRIX = [
     ("qwen3-vl-8b", dict(method="lora", num_images=0, videos=_clip(), seq_len=4096)),
     ("qwen2.5-vl-7b", dict(method="lora", packing=True, neat_packing=True, attn="fa2", seq_len=4096,
                            image_size=SQ448)),
+    # KTO (LLaMA-Factory stage kto; traced at full depth): target and KL forwards on the policy, both on the LoRA
+    # policy with adapters disabled as the reference
+    ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", stage="kto", seq_len=1024, image_size=SQ448)),
+    ("llava-1.5-7b", dict(method="lora", stack="llamafactory", stage="kto", batch_size=2, seq_len=1024)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 

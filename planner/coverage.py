@@ -23,6 +23,10 @@ NO_EFFECT = {
     "pref_beta": "DPO's beta scales (batch,) log-ratios in the loss: a Python scalar",
     "pref_ftx": "the chosen rows' SFT term adds a few (batch,) tensors after the reference forward, below every "
                 "phase's peak (planner/memory/preference.py)",
+    "kto_chosen_weight": "KTO's weight of the desirable losses scales (batch,) tensors in TRL's kto_loss: a Python "
+                         "scalar",
+    "kto_rejected_weight": "KTO's weight of the undesirable losses scales (batch,) tensors in TRL's kto_loss: a "
+                           "Python scalar",
     "oft.module_dropout": "peft builds OFT's MultiplicativeDropoutLayer but `oft.Linear.forward` never calls it (peft "
                           "0.21 tuners/oft/layer.py): the rotation and its saved tensors are the same",
     "packing": "every row is already estimated at seq_len tokens, which is what a packed row holds (LLaMA-Factory "

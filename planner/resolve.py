@@ -32,7 +32,8 @@ SETUP_DEFAULTS = {
     "video_maxlen": LF_VIDEO_MAXLEN, "packing": False, "neat_packing": False,
     "attn": "sdpa", "gradient_checkpointing": True,
     "vision_gradient_checkpointing": None, "offload_checkpoints": False, "liger_kernel": False,
-    "stage": "sft", "pref_loss": "sigmoid", "pref_ftx": 0.0, "pref_beta": 0.1, "gpu": "h100-80g",
+    "stage": "sft", "pref_loss": "sigmoid", "pref_ftx": 0.0, "pref_beta": 0.1, "kto_chosen_weight": 1.0,
+    "kto_rejected_weight": 1.0, "gpu": "h100-80g",
     "gpu_memory_gib": None, "num_gpus": 1,
     "num_nodes": 1, "zero": 0, "offload": "none", "sharding": "zero", "fsdp": "full_shard", "stack": "vlplan",
     "expandable_segments": None,  # None: from LLaMA-Factory's launcher or PYTORCH_CUDA_ALLOC_CONF, else off

@@ -54,10 +54,15 @@ FsdpStrategy = Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"
 Stack = Literal["vlplan", "llamafactory", "hf-trainer"]
 # The training stage: supervised fine-tuning, or LLaMA-Factory's preference stage `dpo` (CustomDPOTrainer,
 # llamafactory/train/dpo/trainer.py) with its `pref_loss`: "sigmoid" (DPO, a reference model's forward), "orpo" and
-# "simpo" (no reference model: FinetuningArguments.use_ref_model = stage == "dpo" and pref_loss not in orpo/simpo).
-# LF's other preference losses (hinge, ipo, kto_pair) and the `kto`, `rm` and `ppo` stages are not modelled.
-Stage = Literal["sft", "dpo"]
+# "simpo" (no reference model: FinetuningArguments.use_ref_model = stage == "dpo" and pref_loss not in orpo/simpo),
+# or `kto` (CustomKTOTrainer, llamafactory/train/kto/trainer.py: one desirable or undesirable completion per sample,
+# the KL rows of mismatched completions, always a reference model; it does not read pref_loss).
+# LF's other preference losses (hinge, ipo, kto_pair) and the `rm` and `ppo` stages are not modelled.
+Stage = Literal["sft", "dpo", "kto"]
 PrefLoss = Literal["sigmoid", "orpo", "simpo"]
+# The families whose KTO step is held to a trace (tests/test_accuracy_preference.py): their batches carry no key
+# that CustomKTOTrainer.forward drops
+KTO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava")
 METHODS: tuple[str, ...] = get_args(Method)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
@@ -215,6 +220,10 @@ class TrainSetup:
     pref_loss: PrefLoss = "sigmoid"
     pref_ftx: float = 0.0
     pref_beta: float = 0.1
+    # KTO's weights of the desirable and undesirable losses (LF kto_chosen_weight, kto_rejected_weight): Python
+    # scalars of TRL's `kto_loss`, recorded for the launch configs
+    kto_chosen_weight: float = 1.0
+    kto_rejected_weight: float = 1.0
     # PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: the caching allocator grows one segment per pool in pages
     # instead of cudaMalloc'ing segments (planner/memory/allocator.py); it changes reserved memory, not live tensors.
     # LLaMA-Factory's launcher sets it for torchrun runs (planner/resolve.py expandable_segments_default)
@@ -362,30 +371,51 @@ class TrainSetup:
             self._validate_preference()
 
     def _validate_preference(self) -> None:
-        """What of LLaMA-Factory's DPO stage is modelled (planner/memory/preference.py)."""
+        """What of LLaMA-Factory's DPO and KTO stages is modelled (planner/memory/preference.py)."""
+        stage = f"--stage {self.stage}"
         if self.stack != "llamafactory":
-            raise VlplanError("--stage dpo is LLaMA-Factory's CustomDPOTrainer; use it with --stack llamafactory")
+            trainer = "CustomDPOTrainer" if self.stage == "dpo" else "CustomKTOTrainer"
+            raise VlplanError(f"{stage} is LLaMA-Factory's {trainer}; use it with --stack llamafactory")
         if self.packing:
-            raise VlplanError("--stage dpo pairs a chosen and a rejected sequence per sample; LLaMA-Factory does not "
-                              "pack pairwise data: drop packing")
+            raise VlplanError(f"{stage} keeps each sample's sequences apart; LLaMA-Factory does not pack preference "
+                              "data: drop packing")
         if self.sharding == "fsdp":
-            raise VlplanError("--stage dpo under FSDP (the reference model prepared by fsdp2_prepare_model) is not "
+            raise VlplanError(f"{stage} under FSDP (the reference model prepared by fsdp2_prepare_model) is not "
                               "modelled; use --sharding zero")
         if self.zero == 3 and self.uses_reference_copy:
-            raise VlplanError("--stage dpo with a full or freeze reference model under ZeRO-3 (its weights "
-                              "partitioned by TRL's prepare_deepspeed) is not modelled; use --zero 2, --method lora, "
-                              "or --pref-loss orpo/simpo (no reference model)")
+            raise VlplanError(f"{stage} with a full or freeze reference model under ZeRO-3 (its weights "
+                              "partitioned by TRL's prepare_deepspeed) is not modelled; use --zero 2, --method lora"
+                              + (", or --pref-loss orpo/simpo (no reference model)" if self.stage == "dpo" else ""))
         if self.lora.dropout > 0 and self.lora.dora:
             # the trainer zeroes every dropout (trl disable_dropout_in_model): modelled as none for LoRA, but peft's
             # DoRA takes another path for an nn.Dropout than for nn.Identity
-            raise VlplanError("--stage dpo with DoRA and --lora-dropout > 0 (a zeroed nn.Dropout) is not modelled; set "
+            raise VlplanError(f"{stage} with DoRA and --lora-dropout > 0 (a zeroed nn.Dropout) is not modelled; set "
                               "--lora-dropout 0")
         if self.liger_kernel:
-            raise VlplanError("--stage dpo with Liger kernels (LF enable_liger_kernel) is not modelled; drop it")
+            raise VlplanError(f"{stage} with Liger kernels (LF enable_liger_kernel) is not modelled; drop it")
         if self.vision_gradient_checkpointing is not None or self.offload_checkpoints:
-            raise VlplanError("--stage dpo with per-component or offloaded checkpointing is not modelled; drop it")
+            raise VlplanError(f"{stage} with per-component or offloaded checkpointing is not modelled; drop it")
         if not (isinstance(self.pref_ftx, (int, float)) and self.pref_ftx >= 0):
             raise VlplanError(f"--pref-ftx must be 0 or more, got {self.pref_ftx}")
+        if self.stage == "kto":
+            self._validate_kto()
+
+    def _validate_kto(self) -> None:
+        """KTO as LLaMA-Factory 0.9.5 runs it: CustomKTOTrainer.forward hands the model input_ids, attention_mask,
+        pixel_values and the image keys (image_grid_thw, image_sizes, ...) only."""
+        if self.pref_loss != "sigmoid":
+            raise VlplanError(f"--pref-loss {self.pref_loss} is a DPO loss; LLaMA-Factory's KTO trainer does not read "
+                              "it: drop --pref-loss with --stage kto")
+        for value, flag in ((self.kto_chosen_weight, "--kto-chosen-weight"),
+                            (self.kto_rejected_weight, "--kto-rejected-weight")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise VlplanError(f"{flag} must be 0 or more, got {value}")
+        if self.videos:
+            raise VlplanError("--stage kto with videos: LLaMA-Factory's CustomKTOTrainer.forward does not pass "
+                              "pixel_values_videos to the model (train/kto/trainer.py); drop the videos")
+        if self.model.family not in KTO_FAMILIES:
+            raise VlplanError(f"--stage kto is modelled and traced for {', '.join(KTO_FAMILIES)}; "
+                              f"{self.model.family} is not (its KTO forward's inputs are not checked)")
 
     def _validate_fsdp(self) -> None:
         if self.sharding == "zero":
@@ -487,9 +517,17 @@ class TrainSetup:
         return self.gradient_checkpointing or bool(self.vision_gradient_checkpointing)
 
     @property
+    def preference(self) -> bool:
+        """A preference stage (dpo, kto): the model returns fp32 logits to the trainer's log-prob code instead of a
+        loss, and the trainer zeroes every dropout (trl disable_dropout_in_model)."""
+        return self.stage != "sft"
+
+    @property
     def uses_reference(self) -> bool:
-        """LLaMA-Factory's FinetuningArguments.use_ref_model: a DPO loss that needs the reference model's log-probs."""
-        return self.stage == "dpo" and self.pref_loss not in ("orpo", "simpo")
+        """A reference model's forward: LLaMA-Factory's FinetuningArguments.use_ref_model for DPO (a loss that needs
+        the reference log-probs), always for KTO (train/kto/workflow.py `create_ref_model`; the trainer's
+        `compute_reference_log_probs` in every step)."""
+        return self.stage == "kto" or (self.stage == "dpo" and self.pref_loss not in ("orpo", "simpo"))
 
     @property
     def uses_reference_copy(self) -> bool:
@@ -501,7 +539,8 @@ class TrainSetup:
     @property
     def rows_per_micro_batch(self) -> int:
         """Sequences in one forward: the pairwise collator (data/collator.py `PairwiseDataCollatorWithPadding`) puts
-        the chosen then the rejected sequence of each sample in one batch of 2 x batch_size rows."""
+        the chosen then the rejected sequence of each sample in one batch of 2 x batch_size rows. KTO's collator
+        (`KTODataCollatorWithPadding`) gives batch_size target rows and batch_size KL rows, run in separate forwards."""
         return 2 * self.batch_size if self.stage == "dpo" else self.batch_size
 
     @property
@@ -529,6 +568,8 @@ class TrainSetup:
             del d["neat_packing"]  # likewise for setups without neat packing
         if self.method != "oft":
             del d["oft"]  # the OFT settings are listed only for OFT (other setups read as before)
+        if self.stage != "kto":  # likewise the KTO weights for KTO
+            del d["kto_chosen_weight"], d["kto_rejected_weight"]
         d["world_size"] = self.world_size
         if self.sharding == "zero":  # the FSDP settings are listed only when FSDP shards (ZeRO setups read as before)
             del d["sharding"], d["fsdp"]

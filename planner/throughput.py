@@ -9,6 +9,11 @@ Assumptions (named, printed by `vlplan plan --explain`):
 - Collective bandwidth per GPU: the catalog's link (NVLink/PCIe) within a node, 25 GB/s between nodes; ring
   algorithms move (N-1)/N of the buffer per rank for reduce-scatter and all-gather, twice that for all-reduce.
 - CPU offload: PCIe at 25 GB/s each way, DeepSpeedCPUAdam at 1e9 parameters/s per process.
+- Preference stages (LLaMA-Factory): DPO's policy forward and backward run on 2 x batch_size rows (chosen and
+  rejected) and, for the sigmoid loss, the reference forward on the same rows without backward; KTO's policy
+  forward and backward run on batch_size target rows, and three forwards of batch_size rows run without backward
+  (the policy's KL rows, the reference's target and KL rows: planner/memory/preference.py). A LoRA reference is the
+  policy with its adapters disabled: the base model's FLOPs.
 - A GPU given only by its memory (`--gpu-memory-gib`) has no known throughput: its step times are computed at the
   reference GPU's tensor rate (REFERENCE_GPU) so candidates can still be ranked, and `assumed_throughput_of` says so.
 """
@@ -48,8 +53,9 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
     spec = setup.model
     inv = model_inventory(spec)
     t = spec.text
-    tokens = setup.batch_size * setup.seq_len
-    patches = setup.batch_size * setup.vision_patches_per_sample
+    rows = setup.rows_per_micro_batch  # batch_size; DPO: chosen and rejected rows in one forward
+    tokens = rows * setup.seq_len
+    patches = rows * setup.vision_patches_per_sample
     trains = setup.trains
 
     # forward FLOPs per micro-batch
@@ -58,8 +64,7 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
     head = 2.0 * t.vocab_size * t.hidden_size * tokens
     images = [im.vision_patches for im in setup.image_tokens()]
     vit = _linear_flops_per_token(inv[VISION]) * patches + _linear_flops_per_token(inv[PROJECTOR]) * patches / 4
-    vit_attention = 4.0 * spec.vision.num_layers * spec.vision.hidden_size * sum(p * p for p in images) \
-        * setup.batch_size
+    vit_attention = 4.0 * spec.vision.num_layers * spec.vision.hidden_size * sum(p * p for p in images) * rows
     forward_lm = lm_linear + lm_attention + head
     forward_vision = vit + vit_attention
 
@@ -76,7 +81,14 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
         recompute += (lm_linear + lm_attention) if lm_trains or vision_trains else 0.0
     if setup.checkpointing(VISION):
         recompute += forward_vision if vision_trains else 0.0
-    micro_flops = forward_lm + forward_vision + backward + recompute
+    # forwards without backward (no_grad): DPO's reference forward, KTO's KL forward and reference forwards
+    no_grad_forwards = {}
+    if setup.stage == "dpo" and setup.uses_reference:
+        no_grad_forwards["reference_forward"] = forward_lm + forward_vision
+    elif setup.stage == "kto":
+        no_grad_forwards["kl_forward"] = forward_lm + forward_vision
+        no_grad_forwards["reference_forward"] = 2 * (forward_lm + forward_vision)
+    micro_flops = forward_lm + forward_vision + backward + recompute + sum(no_grad_forwards.values())
     if mfu is None:
         mfu = MFU_EAGER if setup.attn == "eager" else MFU_FUSED
     peak = setup.gpu.tflops_bf16 * 1e12
@@ -86,8 +98,11 @@ def step_time(setup: TrainSetup, mfu: float | None = None) -> StepTime:
         peak = find_gpu(REFERENCE_GPU).tflops_bf16 * 1e12
     parts = {}
     micro_steps = setup.gradient_accumulation_steps
-    parts["compute"] = micro_steps * (micro_flops - recompute) / (peak * mfu)
+    extra = sum(no_grad_forwards.values())
+    parts["compute"] = micro_steps * (micro_flops - recompute - extra) / (peak * mfu)
     parts["recompute"] = micro_steps * recompute / (peak * mfu)
+    for key, flops in no_grad_forwards.items():
+        parts[key] = micro_steps * flops / (peak * mfu)
     parts["micro_step_overhead"] = micro_steps * MICRO_STEP_OVERHEAD_S
 
     # communication per step

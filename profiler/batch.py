@@ -54,7 +54,7 @@ def place_images(setup: TrainSetup, tokens: list[ImageTokens], image_token_id: i
 CONSTANT_KEYS = ("input_ids", "labels", "attention_mask", "mm_token_type_ids", "image_grid_thw", "position_ids",
                  "image_position_ids", "image_cu_seqlens", "image_window_index", "image_cu_window_seqlens",
                  "image_sizes", "video_grid_thw", "video_position_ids", "video_cu_seqlens", "video_window_index",
-                 "video_cu_window_seqlens")
+                 "video_cu_window_seqlens", "kl_input_ids", "kl_labels", "kl_attention_mask", "kto_tags")
 
 
 def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
@@ -65,6 +65,10 @@ def synthetic_batch(setup: TrainSetup, model, fake_mode=None) -> Batch:
     if builder is None:
         raise VlplanError(f"no synthetic batch for family {setup.model.family!r}")
     real = builder(setup, model)
+    if setup.stage == "kto":  # KTODataCollatorWithPadding's KL rows, attention masks and tags (profiler/preference.py)
+        from .preference import kto_inputs
+
+        kto_inputs(real)
     from vlplan.planner.memory.packing import block_diagonal_mask_modelled, varlen_attention_modelled
 
     if block_diagonal_mask_modelled(setup):

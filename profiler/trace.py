@@ -191,11 +191,12 @@ def run_trace(setup: TrainSetup, counts: dict[str, int] | None = None, *, fake: 
             model = build.prepare_model(model, replace(setup, model=spec))
             optimizer = build.make_optimizer(model, setup, emulate_cuda=True)
             reference = build.reference_model(setup, spec) if setup.uses_reference_copy else None
-            if setup.stage == "dpo":  # CustomDPOTrainer.__init__: trl disable_dropout_in_model (every nn.Dropout p 0)
+            if setup.preference:  # CustomDPOTrainer / CustomKTOTrainer.__init__: trl disable_dropout_in_model
                 for module in model.modules():
                     if isinstance(module, torch.nn.Dropout):
                         module.p = 0.0
-        # the pairwise collator's batch: chosen and rejected rows (setup.rows_per_micro_batch)
+        # the pairwise collator's batch: chosen and rejected rows (setup.rows_per_micro_batch); KTO's collator adds
+        # the KL rows and the tags (profiler/batch.py)
         batch = synthetic_batch(replace(setup, model=spec, batch_size=setup.rows_per_micro_batch), model,
                                 mode if fake else None)
         tracker = MemoryTracker(detail=detail)
@@ -244,7 +245,7 @@ class _TrackerPhases(StepHooks):
 
 def _run_steps(setup, model, optimizer, batch, tracker, steps, mode, reference=None) -> dict[str, Snapshot]:
     forward = trainer_forward(model, build.autocast_dtype(setup))
-    if setup.stage == "dpo":  # LLaMA-Factory's CustomDPOTrainer step (profiler/preference.py)
+    if setup.preference:  # LLaMA-Factory's CustomDPOTrainer / CustomKTOTrainer step (profiler/preference.py)
         from .preference import preference_loss
 
         # accelerate's prepare_model wraps the reference copy's forward in the same autocast (evaluation_mode only
@@ -291,7 +292,7 @@ def trace(setup: TrainSetup, *, layers: int | None = None, full: bool = False) -
     real = layer_counts(setup.model)
     # DPO: the reference forward re-runs the layers inside the loss phase, so which visit of a segment peaks changes
     # with depth; traced at full depth, as the estimator simulates it (planner/memory/step.py)
-    base = real if full or setup.stage == "dpo" else _base_counts(setup, real, layers)
+    base = real if full or setup.preference else _base_counts(setup, real, layers)
     runs = [run_trace(setup, base)]
     slopes = {}
     for kind, n in real.items():

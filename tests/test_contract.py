@@ -31,6 +31,7 @@ FULL = dict(method="full")
 CLIP = dict(train_vision=True, seq_len=8192, videos=(Video(640, 360, frames=600, duration_s=20.0),))
 TINY_CLIP = dict(train_vision=True, videos=(Video(32, 32, frames=4),))
 DPO = dict(stack="llamafactory", stage="dpo")
+KTO = dict(stack="llamafactory", stage="kto")
 
 # field -> (make_setup kwargs of the base setup, kwargs of the changed one); the changed setup must differ in that field
 CASES = {
@@ -94,6 +95,8 @@ QUIET_CASES = {
     # (base, changed) where the field means something only next to others
     "pref_beta": (DPO, dict(DPO, pref_beta=0.5)),
     "pref_ftx": (DPO, dict(DPO, pref_ftx=1.0)),
+    "kto_chosen_weight": (KTO, dict(KTO, kto_chosen_weight=2.0)),
+    "kto_rejected_weight": (KTO, dict(KTO, kto_rejected_weight=0.5)),
 }
 NO_EFFECT_FIELDS = {**NO_EFFECT, "lora.alpha": "LoRA's scaling (alpha / rank) is a Python scalar"}
 
@@ -206,7 +209,7 @@ LLAMAFACTORY_VALUES = {
     "use_unsloth_gc": True, "deepspeed": "ds_z3_config.json", "fsdp": "full_shard", "enable_liger_kernel": True, "use_liger_kernel": True,
     "additional_target": "lm_head", "use_reentrant_gc": False, "oft_rank": 8, "oft_block_size": 16,
     "module_dropout": 0.1, "oft_target": "q_proj", "pref_beta": 0.2, "pref_ftx": 0.5, "pref_loss": "orpo",
-    "ref_model": "Qwen/Qwen2.5-VL-7B-Instruct", "ld_alpha": 0.5,
+    "ref_model": "Qwen/Qwen2.5-VL-7B-Instruct", "ld_alpha": 0.5, "kto_chosen_weight": 1.5, "kto_rejected_weight": 0.5,
 }
 # keys that only mean something next to another key (the YAML gets both)
 COMPANIONS = {
@@ -219,6 +222,7 @@ COMPANIONS = {
     "oft_target": {"finetuning_type": "oft"},
     "pref_beta": {"stage": "dpo"}, "pref_ftx": {"stage": "dpo"}, "pref_loss": {"stage": "dpo"},
     "ref_model": {"stage": "dpo"}, "ld_alpha": {"stage": "dpo"},
+    "kto_chosen_weight": {"stage": "kto"}, "kto_rejected_weight": {"stage": "kto"},
 }
 BASE_YAML = {"model_name_or_path": MODEL, "finetuning_type": "lora", "bf16": True}
 

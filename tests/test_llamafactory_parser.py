@@ -62,7 +62,9 @@ for path in sys.argv[1:]:
                       "lora_target": finetuning.lora_target,
                       "gradient_checkpointing": not model.disable_gradient_checkpointing,
                       "image_max_pixels": model.image_max_pixels, "pref_loss": finetuning.pref_loss,
-                      "pref_beta": finetuning.pref_beta, "pref_ftx": finetuning.pref_ftx}))
+                      "pref_beta": finetuning.pref_beta, "pref_ftx": finetuning.pref_ftx,
+                      "kto_chosen_weight": finetuning.kto_chosen_weight,
+                      "kto_rejected_weight": finetuning.kto_rejected_weight}))
 """
 
 
@@ -160,6 +162,11 @@ def parsed(tmp_path_factory):
                      "--pref-beta", "0.2", "--num-gpus", "8", "--zero", "2", "-g", "32"],
         "orpo-lora": ["--model", "qwen2.5-vl-7b", "--stage", "dpo", "--pref-loss", "orpo", "--pref-ftx", "0.5",
                       "--stack", "llamafactory", "-g", "8"],
+        # KTO: LoRA (the reference: adapters disabled) with its loss weights, and a full fine-tune (a frozen copy)
+        "kto-lora": ["--model", "qwen2.5-vl-7b", "--stage", "kto", "--kto-chosen-weight", "1.5",
+                     "--kto-rejected-weight", "0.75", "--pref-beta", "0.3", "--stack", "llamafactory", "-g", "8"],
+        "kto-full": ["--model", "llava-1.5-7b", "--method", "full", "--stage", "kto", "--pref-ftx", "0.1",
+                     "--stack", "llamafactory", "--num-gpus", "8", "--zero", "2", "-g", "32"],
     }
     for path in sorted(examples.rglob("*.yaml")):
         cases[f"example-{path.parent.name}-{path.stem}"] = ["--from-llamafactory", str(path), "--gpu", "h100-80g",
@@ -223,13 +230,27 @@ def test_llamafactory_parses_every_exported_yaml(parsed):
 
 
 def test_preference_stages_reach_llamafactory(parsed):
-    """--stage dpo and its keys (pref_loss, pref_beta, pref_ftx) are what LLaMA-Factory's parser reads back, and
-    LLaMA-Factory's own DPO example keeps its stage."""
+    """--stage dpo and its keys (pref_loss, pref_beta, pref_ftx), --stage kto and its keys (pref_beta, pref_ftx,
+    kto_chosen_weight, kto_rejected_weight) are what LLaMA-Factory's parser reads back (and vlplan reads the exported
+    files back to the same settings), and LLaMA-Factory's own DPO example keeps its stage."""
     cases = parsed["cases"]
     assert {k: cases["dpo-full"][2][k] for k in ("stage", "pref_loss", "pref_beta")} == dict(
         stage="dpo", pref_loss="sigmoid", pref_beta=0.2)
     assert {k: cases["orpo-lora"][2][k] for k in ("stage", "pref_loss", "pref_ftx")} == dict(
         stage="dpo", pref_loss="orpo", pref_ftx=0.5)
+    fields = ("stage", "pref_beta", "pref_ftx", "kto_chosen_weight", "kto_rejected_weight")
+    assert {k: cases["kto-lora"][2][k] for k in fields} == dict(
+        stage="kto", pref_beta=0.3, pref_ftx=0.0, kto_chosen_weight=1.5, kto_rejected_weight=0.75)
+    assert {k: cases["kto-full"][2][k] for k in (*fields, "finetuning_type")} == dict(
+        stage="kto", pref_beta=0.1, pref_ftx=0.1, kto_chosen_weight=1.0, kto_rejected_weight=1.0,
+        finetuning_type="full")
+    # the exported file read back by vlplan: the same setup (the round trip)
+    for name in ("kto-lora", "kto-full"):
+        plan_data, path, _ = cases[name]
+        back = runner.invoke(app, ["estimate", "--from-llamafactory", str(path), "--json"])
+        assert back.exit_code == 0, back.output
+        settings = json.loads(back.stdout)["settings"]
+        assert {k: settings[k] for k in fields} == {k: plan_data["settings"][k] for k in fields}, name
     example = cases["example-train_lora-qwen2_5vl_lora_dpo"][2]
     assert "error" not in example and (example["stage"], example["pref_loss"]) == ("dpo", "sigmoid")
 

@@ -101,6 +101,10 @@ CASES = {
     "pref_loss": ({"stage": "dpo", "pref_loss": "orpo"}, ["--pref-loss", "sigmoid"], {"pref_loss": "sigmoid"}),
     "pref_ftx": ({"stage": "dpo", "pref_ftx": 0.5}, ["--pref-ftx", "0"], {"pref_ftx": 0.0}),
     "pref_beta": ({"stage": "dpo", "pref_beta": 0.5}, ["--pref-beta", "0.1"], {"pref_beta": 0.1}),
+    "kto_chosen_weight": ({"stage": "kto", "kto_chosen_weight": 2.0}, ["--kto-chosen-weight", "1"],
+                          {"kto_chosen_weight": 1.0}),
+    "kto_rejected_weight": ({"stage": "kto", "kto_rejected_weight": 0.5}, ["--kto-rejected-weight", "1"],
+                            {"kto_rejected_weight": 1.0}),
 }
 # the opposite of each flag's default, where the default itself is typed above
 NEGATIONS = {

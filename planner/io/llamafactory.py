@@ -181,7 +181,7 @@ SETUP_KEYS = frozenset({
     "gradient_checkpointing", "per_device_train_batch_size", "gradient_accumulation_steps", "max_grad_norm",
     "deepspeed", "fsdp", "enable_liger_kernel", "use_liger_kernel", "additional_target", "use_reentrant_gc",
     "use_unsloth_gc", "oft_rank", "oft_block_size", "module_dropout", "oft_target", "pref_beta", "pref_ftx",
-    "pref_loss", "ref_model", "ld_alpha",
+    "pref_loss", "ref_model", "ld_alpha", "kto_chosen_weight", "kto_rejected_weight",
 })
 # Keys that change memory in ways vlplan does not model, with what the estimate then means (a warning each when set
 # to anything but its default).
@@ -341,18 +341,25 @@ def llamafactory_choices(source: str | Path | dict, *, version: str | None = Non
 
     # Stage and method ------------------------------------------------------------------------------------------------
     stage = r.choice("stage", "sft", ("pt", "sft", "rm", "ppo", "dpo", "kto"))
-    if stage in ("rm", "ppo", "kto"):
-        raise VlplanError(f"{name}: stage {stage} is not modelled (vlplan models sft, pt and dpo with pref_loss "
+    if stage in ("rm", "ppo"):
+        raise VlplanError(f"{name}: stage {stage} is not modelled (vlplan models sft, pt, kto and dpo with pref_loss "
                           "sigmoid, orpo or simpo)")
     if stage == "dpo":  # hparams/finetuning_args.py RLHFArguments (pref_beta 0.1, pref_ftx 0.0, pref_loss sigmoid)
         choices.update(stage="dpo", pref_beta=r.float("pref_beta", 0.1), pref_ftx=r.float("pref_ftx", 0.0),
                        pref_loss=r.choice("pref_loss", "sigmoid",
                                           ("sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo")))
-        if config.get("ref_model") is not None:
-            raise VlplanError(f"{name}: ref_model (a separate reference model) is not modelled; vlplan models the "
-                              "model itself as the reference (adapters disabled for LoRA); drop ref_model")
         if (config.get("ld_alpha") or None) is not None:
             raise VlplanError(f"{name}: ld_alpha (LD-DPO's length masks in get_batch_logps) is not modelled; drop it")
+    if stage == "kto":  # RLHFArguments (kto_chosen_weight, kto_rejected_weight 1.0); CustomKTOTrainer: no pref_loss
+        choices.update(stage="kto", pref_beta=r.float("pref_beta", 0.1), pref_ftx=r.float("pref_ftx", 0.0),
+                       kto_chosen_weight=r.float("kto_chosen_weight", 1.0),
+                       kto_rejected_weight=r.float("kto_rejected_weight", 1.0))
+        if config.get("pref_loss", "sigmoid") not in (None, "sigmoid"):
+            warnings.append(f"{name}: pref_loss {config['pref_loss']!r} is a DPO loss; LLaMA-Factory's KTO trainer "
+                            "does not read it")
+    if stage in ("dpo", "kto") and config.get("ref_model") is not None:
+        raise VlplanError(f"{name}: ref_model (a separate reference model) is not modelled; vlplan models the "
+                          "model itself as the reference (adapters disabled for LoRA); drop ref_model")
     finetuning = r.choice("finetuning_type", "lora", ("lora", "oft", "freeze", "full"))
     if finetuning == "oft" and _version_key(version) < (0, 9, 4):
         raise VlplanError(f"{name}: finetuning_type oft came with LLaMA-Factory v0.9.4; this file reads as "
@@ -786,6 +793,9 @@ def llamafactory_yaml(setup: TrainSetup, *, version: str = "latest", model_name_
     out.update(stage=setup.stage, do_train=True, finetuning_type={"qlora": "lora"}.get(setup.method, setup.method))
     if setup.stage == "dpo":
         out.update(pref_beta=setup.pref_beta, pref_ftx=setup.pref_ftx, pref_loss=setup.pref_loss)
+    if setup.stage == "kto":
+        out.update(pref_beta=setup.pref_beta, pref_ftx=setup.pref_ftx, kto_chosen_weight=setup.kto_chosen_weight,
+                   kto_rejected_weight=setup.kto_rejected_weight)
     if setup.method == "oft" and v < (0, 9, 4):
         raise VlplanError(f"LLaMA-Factory v{version} cannot express finetuning_type oft (it came with v0.9.4); "
                           "export for v0.9.4 or later")

@@ -95,9 +95,9 @@ class Params:
             lp.lora_b = self.e.param(f"{name}.lora_B", out_features * rank, dtype, True, component, kind="adapters",
                                      shape=(out_features, rank))
             lp.rank = rank
-            # DPO: the trainer sets every nn.Dropout's p to 0 (trl disable_dropout_in_model), and F.dropout with p 0
+            # DPO / KTO: the trainer sets every nn.Dropout's p to 0 (trl disable_dropout_in_model), F.dropout with p 0
             # returns its input (ATen Dropout.cpp `_dropout_impl`): as no dropout
-            lp.dropout = self.setup.lora.dropout > 0 and self.setup.stage != "dpo"
+            lp.dropout = self.setup.lora.dropout > 0 and not self.setup.preference
             if self.setup.lora.dora:
                 lp.magnitude = self.e.param(f"{name}.lora_magnitude_vector", out_features, dtype, True, component,
                                             kind="adapters")

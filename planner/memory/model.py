@@ -263,9 +263,13 @@ class BaseModel:
             e.scope = "language"
             return loss
         logits = ops.linear(e, h, head, t.vocab_size, name="logits")
-        if self.setup.stage == "dpo":  # no labels: the output's fp32 logits go to the DPO trainer (preference.py)
+        if self.setup.preference:  # no labels: the fp32 logits go to the DPO / KTO trainer (preference.py)
+            # the forward returns (the last hidden state goes unless saved), the autocast region ends with its
+            # weight-cast cache, then accelerate's convert_outputs_to_fp32 copies the logits
+            del h
+            e.cast_cache = {}
             logits32 = preference.logits_output(e, logits)
-            del logits, h
+            del logits
             e.scope = "language"
             return logits32
         logits32 = ops.cast(e, logits, "fp32", name="logits.float")
@@ -368,7 +372,7 @@ class ConditionalGenerationStep:
             del divided
             logits = ops.scale(e, capped, name="logits*softcap")
             del capped
-        if self.setup.stage == "dpo":
+        if self.setup.preference:
             return self._logits_output(e, logits, h)
         logits32 = ops.cast(e, logits, "fp32", name="logits.float")
         labels = e.new(self.tokens + self.batch, "int64", name="labels_pad")

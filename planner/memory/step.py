@@ -47,7 +47,7 @@ BASE_LAYERS = 2  # layers per type simulated before extrapolating (the first lay
 # matters to the simulation only as on/off (gradients reduced into buckets instead of kept).
 SIMULATION_IGNORES = ("gpu", "num_gpus", "num_nodes", "offload", "ds_reduce_bucket_size", "ds_overlap_comm",
                       "sharding", "fsdp",  # FSDP re-partitions the single-GPU states analytically (fsdp.py)
-                      "packing", "expandable_segments", "pref_beta")
+                      "packing", "expandable_segments", "pref_beta", "kto_chosen_weight", "kto_rejected_weight")
 
 
 def simulation_key(setup: TrainSetup) -> tuple:
@@ -131,14 +131,14 @@ def _simulate_extrapolated(setup: TrainSetup) -> SimResult:
     real = layer_counts(setup.model)
     base = base_layer_counts(setup, real, BASE_LAYERS)
     if all(n <= base[kind] + 1 for kind, n in real.items()) or setup.vision_gradient_checkpointing is not None \
-            or setup.stage == "dpo":
+            or setup.preference:
         # Per-component checkpointing (a checkpointed language model over an un-checkpointed trainable vision tower)
         # moves the backward peak within a segment as layers are added (at 2-3 text layers it sits where the vision
         # activations dominate, at full depth where the language model's gradients have piled up): the segments are
         # not affine in the layer counts there, so the full depth is simulated (0.24 s for Qwen2.5-VL-7B). Likewise
         # DPO: the reference forward runs the layers again inside the policy's loss phase, and which of the phase's
         # visits to a segment peaks changes with depth (extrapolated, Qwen2.5-VL-7B full DPO's backward came out
-        # 19 GiB under the full simulation)
+        # 19 GiB under the full simulation), and KTO's three no-grad forwards after the policy's
         return simulate(setup)
     first = simulate(setup, base)
     segments = {k: (v[0], dict(v[1])) for k, v in first.segments.items()}
@@ -303,8 +303,9 @@ def _engine(setup: TrainSetup, detail: bool = False) -> Engine:
 def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e = _engine(setup, detail)
     reference = None
-    if setup.stage == "dpo":
-        # the model runs the pairwise collator's 2 x batch_size rows; a full / freeze fine-tune's reference is a
+    if setup.preference:
+        # the model runs the pairwise collator's 2 x batch_size rows (DPO; KTO: batch_size target or KL rows per
+        # forward); a full / freeze fine-tune's reference is a
         # frozen copy in the compute dtype (planner/memory/preference.py)
         forward_setup = replace(setup, batch_size=setup.rows_per_micro_batch)
         model = builder(e, forward_setup, counts)
@@ -317,10 +318,12 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     # DeepSpeed keeps its own partitioned states (zero.py); the simulation holds the single-GPU torch ones
     states = [] if setup.zero else _optimizer_states(e, setup, model)
     inputs = model.inputs(e)
+    if setup.stage == "kto":  # KTODataCollatorWithPadding's KL rows and kto_tags
+        preference.add_kto_inputs(e, setup, inputs)
     micro_steps = min(setup.gradient_accumulation_steps, 2)
     for _ in range(micro_steps):
         e.set_phase("forward")
-        if setup.stage == "dpo":
+        if setup.preference:
             loss = preference.preference_loss(e, setup, model, reference, inputs)
         else:
             loss = model.forward(e, inputs)

@@ -47,7 +47,9 @@ def render_estimate(result: Estimate, explain: bool = False) -> None:
     console.print(f"[bold]{s.model.name}[/bold] {s.method} ({trains}); {s.precision}, {s.optimizer}, "
                   f"{s.attn}, checkpointing {'on' if s.gradient_checkpointing else 'off'}, {s.stack} stack"
                   + (f"; stage dpo, pref_loss {s.pref_loss} (chosen + rejected: {s.rows_per_micro_batch} rows per "
-                     "micro-batch" + (", reference forward)" if s.uses_reference else ")") if s.stage == "dpo" else ""))
+                     "micro-batch" + (", reference forward)" if s.uses_reference else ")") if s.stage == "dpo" else "")
+                  + (f"; stage kto (target and KL rows: 4 forwards of {s.batch_size} rows, 3 without grad, 2 on the "
+                     "reference)" if s.stage == "kto" else ""))
     console.print(f"seq {s.seq_len} x batch {s.batch_size}; images {images} -> {s.vision_tokens_per_sample} vision "
                   f"tokens ({s.vision_patches_per_sample} encoder patches) per sample; "
                   f"{s.num_gpus * s.num_nodes} x {s.gpu.name}, "

@@ -126,12 +126,19 @@ SETUP_OPTIONS = [
               "patch fails to load on transformers 5.23). Modelled for LLaVA and Qwen2(.5)-VL under --stack "
               "llamafactory; elsewhere a warning."),
     _opt("stage", str, "--stage",
-         help="sft | dpo (LLaMA-Factory's preference stage: chosen and rejected rows, the reference forward; "
-              "--stack llamafactory)."),
+         help="sft | dpo | kto (LLaMA-Factory's preference stages: DPO's chosen and rejected rows, KTO's target "
+              "and KL rows, the reference forward; --stack llamafactory)."),
     _opt("pref_loss", str, "--pref-loss",
          help="With --stage dpo: sigmoid (DPO, a reference model) | orpo | simpo (no reference model)."),
-    _opt("pref_ftx", float, "--pref-ftx", help="With --stage dpo: weight of the chosen rows' SFT loss (pref_ftx)."),
-    _opt("pref_beta", float, "--pref-beta", help="With --stage dpo: pref_beta (recorded for the launch configs)."),
+    _opt("pref_ftx", float, "--pref-ftx",
+         help="With --stage dpo or kto: weight of the chosen rows' SFT loss (pref_ftx)."),
+    _opt("pref_beta", float, "--pref-beta",
+         help="With --stage dpo or kto: pref_beta (recorded for the launch configs)."),
+    _opt("kto_chosen_weight", float, "--kto-chosen-weight",
+         help="With --stage kto: weight of the desirable losses (kto_chosen_weight; recorded for the launch configs)."),
+    _opt("kto_rejected_weight", float, "--kto-rejected-weight",
+         help="With --stage kto: weight of the undesirable losses (kto_rejected_weight; recorded for the launch "
+              "configs)."),
     _opt("gpu", str, "--gpu", help="GPU id (see `vlplan gpus`)."),
     _opt("gpu_memory_gib", float | None, "--gpu-memory-gib", help="Any other GPU: its memory in GiB."),
     _opt("num_gpus", int, "--num-gpus", help="GPUs per node."),
