@@ -91,23 +91,6 @@ def import_failure(setup) -> str | None:
             f"imports (fused loss, Liger RMSNorm/SwiGLU{'/LayerNorm' if 'layer_norm' in SWAPS[setup.model.family] else ''})")
 
 
-def tied_head_gap(setup) -> str | None:
-    """A known gap: the fused loss with a tied, trainable lm_head (the input embedding's weight), where the traced
-    step holds one more vocab x hidden gradient than the estimate (Qwen2-VL-2B full, LLaMA-Factory: estimate 25.12,
-    trace 25.99 GiB); None elsewhere."""
-    from ..setup import Train
-    from ..modules import LANGUAGE
-
-    if "fused_linear_cross_entropy" not in swaps(setup) or not setup.model.text.tie_word_embeddings:
-        return None
-    if setup.trains[LANGUAGE] is not Train.FULL or setup.method == "freeze":
-        return None
-    t = setup.model.text
-    return (f"Liger's fused loss with the tied lm_head/embedding trained: the trace holds one more "
-            f"{t.vocab_size} x {t.hidden_size} weight gradient than the estimate (up to "
-            f"{t.vocab_size * t.hidden_size * 4 / 2**30:.2f} GiB more than estimated; not yet modelled)")
-
-
 def modelled(setup) -> bool:
     """Whether the estimate models `setup.liger_kernel` (True also where it changes nothing)."""
     if not setup.liger_kernel:
