@@ -56,6 +56,14 @@ SWAPS = {
     "llava": frozenset({"fused_linear_cross_entropy"}),
     "qwen2_5_vl": frozenset({"fused_linear_cross_entropy", "rms_norm", "swiglu"}),
     "qwen2_vl": frozenset({"fused_linear_cross_entropy", "rms_norm", "swiglu", "layer_norm"}),
+    # apply_liger_kernel_to_gemma3: the text patch (Gemma3RMSNorm -> LigerRMSNormForGemma3, Gemma3MLP ->
+    # LigerGEGLUMLP, apply_rotary_pos_emb -> liger_rotary_pos_emb), SigLIP's nn.LayerNorm -> LigerLayerNorm, and
+    # Gemma3ForConditionalGeneration.forward -> multimodal_forward (the fused loss)
+    "gemma3": frozenset({"fused_linear_cross_entropy", "rms_norm", "geglu", "rope", "layer_norm"}),
+    # apply_liger_kernel_to_mllama: MllamaTextRMSNorm -> LigerRMSNorm, MllamaTextMLP -> LigerSwiGLUMLP,
+    # apply_rotary_pos_emb, nn.LayerNorm -> LigerLayerNorm (the vision tower); its fused loss patches
+    # MllamaForCausalLM.forward, which MllamaForConditionalGeneration never calls: the logits stay
+    "mllama": frozenset({"rms_norm", "swiglu", "rope", "layer_norm"}),
 }
 # The swaps whose backward allocates a (SMs x H) fp32 buffer per trainable weight: the GPU's SM count enters
 NORM_SWAPS = frozenset({"rms_norm", "layer_norm"})
@@ -66,6 +74,12 @@ IMPORT_FAILURES = {
                  "Qwen2VLCausalLMOutputWithPast"),
     "qwen2_5_vl": ("liger_kernel/transformers/model/qwen2_5_vl.py", "LigerQwen2_5_VLCausalLMOutputWithPast",
                    "Qwen2_5_VLCausalLMOutputWithPast"),
+}
+# Families whose liger 0.8.5 patch applies on transformers 5.23 but whose patched forward fails at the first step
+RUNTIME_FAILURES = {
+    "paligemma": ("liger 0.8.5's PaliGemma lce_forward (liger_kernel/transformers/model/paligemma.py) fails at the "
+                  "first step on transformers 5.23: `self.get_image_features(pixel_values)` now returns a "
+                  "BaseModelOutputWithPooling, so `image_features.numel()` raises AttributeError"),
 }
 # `torch.cuda.get_device_properties(...).multi_processor_count` of the catalog's GPUs (NVIDIA's datasheets and
 # architecture whitepapers; MI300X: 304 compute units, which ROCm reports there), read by liger's norm backward
@@ -107,7 +121,7 @@ def not_modelled_reason(setup) -> str:
         return (f"Liger kernels are modelled as LLaMA-Factory applies them (enable_liger_kernel, --stack "
                 f"llamafactory); the {setup.stack} stack's use_liger_kernel patches the model instance, which is not "
                 "modelled: the estimate keeps the logits and fp32 loss temporaries (an upper bound)")
-    why = "its norm and MLP swaps are not modelled yet"
+    why = RUNTIME_FAILURES.get(family, "not modelled yet")
     return (f"Liger kernels for {family} are not modelled ({why}; modelled: {', '.join(sorted(SWAPS))}, and no change "
             "for the families LLaMA-Factory does not patch); the estimate keeps the logits and fp32 loss temporaries "
             "(an upper bound)")
@@ -219,21 +233,52 @@ def promote_dtype(a: str, b: str) -> str:
     return a if DTYPE_BYTES[a] >= DTYPE_BYTES[b] else b
 
 
-def rms_norm(e: Engine, x: T, weight: Param, rows: int, name: str = "", in_place: bool = True) -> T:
+def rms_norm(e: Engine, x: T, weight: Param, rows: int, name: str = "", in_place: bool = True,
+             transposed: bool = False) -> T:
     """`LigerRMSNorm.forward` -> `LigerRMSNormFunction` (ops/rms_norm.py `rms_norm_forward`): Y like X (X's dtype,
     whatever the weight's), RSTD fp32 per row (llama and gemma casting); saves X, W, RSTD. Backward
     (`rms_norm_backward`): dX is dY itself with `in_place` (`LigerRMSNorm`'s default), else `zeros_like(dY)`; a
-    trainable weight adds a (SMs x H) fp32 buffer and `_dW.sum(0).to(W.dtype)`."""
+    trainable weight adds a (SMs x H) fp32 buffer and `_dW.sum(0).to(W.dtype)`.
+
+    `transposed`: X is a (batch, heads, seq, head_dim) view of a projection laid out (batch, seq, heads, head_dim)
+    (Gemma 3's q_norm/k_norm, Mllama's cross-attention q_norm/k_norm): `@ensure_contiguous` copies it (the copy is
+    what the Function saves) and, in backward, copies dY (the attention's gradient comes back in the projection's
+    layout) before the kernel; dX is then that copy (in place) or a fresh one, laid out (batch, heads, seq, dim),
+    and the projection's `.view(...).transpose(1, 2)` reshapes it back to a copy (ViewBackward)."""
+    if transposed and x.rg:  # the `.view(hidden_shape).transpose(1, 2)` whose backward reshapes a copy
+        view = x.view(name=f"{name}.transposed")
+        e.record(Node("reshape_copy", [x], [], []), view)
+        x = view
+    saved = e.new(x.numel, x.dtype, name=f"{name}.contiguous") if transposed else x
     out = e.new(x.numel, x.dtype, name=name)
     rstd = e.new(rows, "fp32", name=f"{name}.rstd")
     params = [weight] if weight.trainable else []
-    node = Node("liger_rms_norm", [x] if x.rg else [], [x, rstd], params,
-                workspace=sm_count(e.gpu_name) * weight.numel * 4 if params else 0)
+    workspace = sm_count(e.gpu_name) * weight.numel * 4 if params else 0
+    if transposed and x.rg and not in_place:  # `dY.contiguous()`, alive until the backward returns
+        workspace += x.numel * DTYPE_BYTES[x.dtype]
+    node = Node("liger_rms_norm", [x] if x.rg else [], [saved, rstd], params, workspace=workspace)
     node.param_grad_via = "fp32"  # `_dW.sum(dim=0)` in fp32, then `.to(W.dtype)`
-    if in_place and x.rg:
+    if in_place and x.rg and not transposed:
         node.grad_dtype[0] = "passthrough"
     e.record(node, out)
-    del rstd
+    del rstd, saved
+    return out
+
+
+def rope(e: Engine, x: T, copy: bool, name: str = "") -> T:
+    """`liger_rotary_pos_emb` -> `LigerRopeFunction` (ops/rope.py `rope_forward`): x transposed back to its physical
+    (batch, seq, heads, dim) layout and `.contiguous()`, rotated in place, returned transposed; saves cos and sin
+    (the model's tables, no copy). Straight after a projection's `.view(...).transpose(1, 2)` that layout is
+    contiguous: no copy, the projection's output itself is rotated and returned (`copy` False). After Gemma 3's
+    q_norm/k_norm (laid out (batch, heads, seq, dim)) it is a copy. Backward rotates dq/dk in place (the attention's
+    gradients come back laid out (batch, seq, heads, dim)): nothing allocated."""
+    if not copy:
+        return x
+    out = e.new(x.numel, x.dtype, name=name)
+    node = Node("liger_rope", [x] if x.rg else [], [], [])
+    if x.rg:
+        node.grad_dtype[0] = "passthrough"
+    e.record(node, out)
     return out
 
 
