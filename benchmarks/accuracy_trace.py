@@ -151,6 +151,13 @@ MATRIX = [
     # (2.5-VL: vision norms too), LigerSwiGLUMLP, LigerLayerNorm (2-VL vision)
     ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", liger_kernel=True)),
     ("qwen2-vl-7b", dict(method="full", stack="llamafactory", liger_kernel=True, seq_len=1024, image_size=SQ448)),
+    # Liger on Gemma 3 (Gemma RMSNorm, GEGLU, in-place RoPE, SigLIP LayerNorm, fused loss) and Mllama (RMSNorm,
+    # SwiGLU, RoPE, vision LayerNorm; no fused loss: liger patches MllamaForCausalLM only). Mllama without
+    # checkpointing: LLaMA-Factory's reentrant checkpointing of two or more cross-attention layers fails in the trace
+    # with or without Liger ("backward through the graph a second time")
+    ("gemma-3-4b", dict(method="lora", stack="llamafactory", liger_kernel=True)),
+    ("llama-3.2-11b-vision", dict(method="lora", stack="llamafactory", liger_kernel=True, gradient_checkpointing=False,
+                                  seq_len=1024, image_size=SQ448)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 

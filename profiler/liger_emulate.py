@@ -20,6 +20,11 @@ implementation allocates and saves:
   nvidia-triton implementation, on a plain install): Y like X, Mean and RSTD fp32, saves X, W, B, Mean, RSTD;
   backward DX like X and a (SMs x H) fp32 buffer per trainable weight/bias, summed and cast.
 
+- `LigerRopeFunction` (ops/rope.py `rope_forward` / `rope_backward`): q and k transposed to (batch, seq, heads,
+  dim) and `.contiguous()` (a copy only where that layout is not contiguous), rotated in place, returned transposed;
+  saves cos and sin. Reached through liger's op dispatcher (ops/backends/_triton/rope.py `rope_triton`), whose
+  backend discovery the tracer runs before the forward.
+
 The SM count those backward buffers use is the setup GPU's (planner/memory/liger.py `sm_count`).
 
 liger 0.8.5's Qwen2-VL/2.5-VL forwards (liger_kernel/transformers/model/qwen2_vl.py, qwen2_5_vl.py) do not import

@@ -34,13 +34,20 @@ The swapped Functions (liger_kernel/ops/*.py), what they allocate and save:
   layer_norm` dispatches to on a plain install): Y like X, Mean and RSTD fp32 per row; saves X, W, B, Mean, RSTD.
   Backward: DX like X; per trainable weight/bias a (SMs x H) fp32 buffer, summed and cast to the parameter dtype.
 
+- gemma3 (`apply_liger_kernel_to_gemma3`): `Gemma3RMSNorm` -> `LigerRMSNormForGemma3` (offset 1, gemma casting, not
+  in place; every instance, the projector's mm_soft_emb_norm too), `Gemma3MLP` -> `LigerGEGLUMLP`,
+  `apply_rotary_pos_emb` -> `liger_rotary_pos_emb` (transformers 5.23's Gemma 3 attention calls the module global),
+  SigLIP's `nn.LayerNorm` -> `LigerLayerNorm`, and `Gemma3ForConditionalGeneration.forward` -> `multimodal_forward`
+  (the fused loss). q_norm/k_norm run on transposed projections: `@ensure_contiguous` copies (`rms_norm`
+  `transposed`), and RoPE then copies the norm's output (`rope`).
+- mllama (`apply_liger_kernel_to_mllama`): `MllamaTextRMSNorm` -> `LigerRMSNorm`, `MllamaTextMLP` ->
+  `LigerSwiGLUMLP`, the RoPE swap (on the projections themselves: no copy), `nn.LayerNorm` (rebound on torch.nn
+  itself through `modeling_mllama.nn`) -> `LigerLayerNorm`. Its fused loss patches `MllamaForCausalLM.forward`, which
+  a `MllamaForConditionalGeneration` fine-tune never calls: the logits stay.
+
 Not modelled (a warning, and the estimate without Liger: an upper bound):
-- gemma3, mllama, paligemma: their patches also swap the Gemma RMSNorm (`LigerRMSNormForGemma3` and Gemma 2's:
-  gemma casting, offset 1, not in place), GEGLU (`LigerGELUMulFunction`) or SwiGLU, `apply_rotary_pos_emb` (the
-  in-place `LigerRopeFunction`; transformers 5.23's Gemma 3 attention calls the module global, so it applies, and
-  its `ensure_contiguous` copies the transposed q/k after q_norm/k_norm) and, through `modeling_siglip.nn` /
-  `modeling_mllama.nn`, `torch.nn.LayerNorm` itself; Mllama's fused loss patches `MllamaForCausalLM.forward`,
-  which a `MllamaForConditionalGeneration` fine-tune does not run. Not modelled yet.
+- paligemma: the patch applies, but its `lce_forward` fails at the first step on transformers 5.23
+  (`RUNTIME_FAILURES`).
 - the vlplan and hf-trainer stacks: transformers' Trainer applies `use_liger_kernel` to the model instance
   (`_apply_liger_kernel_to_instance`), which patches other modules (llava's text tower too).
 """
