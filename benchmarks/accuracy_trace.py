@@ -160,6 +160,13 @@ MATRIX = [
     # policy with adapters disabled as the reference
     ("qwen2.5-vl-7b", dict(method="lora", stack="llamafactory", stage="kto", seq_len=1024, image_size=SQ448)),
     ("llava-1.5-7b", dict(method="lora", stack="llamafactory", stage="kto", batch_size=2, seq_len=1024)),
+    # Liger on Gemma 3 (Gemma RMSNorm, GEGLU, in-place RoPE, SigLIP LayerNorm, fused loss) and Mllama (RMSNorm,
+    # SwiGLU, RoPE, vision LayerNorm; no fused loss: liger patches MllamaForCausalLM only). Mllama without
+    # checkpointing: LLaMA-Factory's reentrant checkpointing of two or more cross-attention layers fails in the trace
+    # with or without Liger ("backward through the graph a second time")
+    ("gemma-3-4b", dict(method="lora", stack="llamafactory", liger_kernel=True)),
+    ("llama-3.2-11b-vision", dict(method="lora", stack="llamafactory", liger_kernel=True, gradient_checkpointing=False,
+                                  seq_len=1024, image_size=SQ448)),
 ]
 QUICK = [0, 3, 10, 18, 30, 33, 47, 53]
 

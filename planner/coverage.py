@@ -53,8 +53,6 @@ def setup_warnings(setup: TrainSetup) -> list[str]:
         warnings.append(f"liger_kernel = True: {liger.not_modelled_reason(setup)}")
     elif liger.import_failure(setup):  # modelled, but the patch fails at load on the modelled versions
         warnings.append(f"liger_kernel = True: {liger.import_failure(setup)}")
-    if liger.tied_head_gap(setup):
-        warnings.append(f"liger_kernel = True: {liger.tied_head_gap(setup)}")
     from .memory.packing import mask_warning
 
     warnings += [w for w in (mask_warning(setup),) if w]

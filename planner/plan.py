@@ -246,7 +246,9 @@ def memory_levers(setup: TrainSetup) -> list[tuple[TrainSetup, str]]:
         out.append((current, what))
 
     # not where the patch fails at load on the modelled versions (liger 0.8.5's Qwen2-VL/2.5-VL forwards)
-    if setup.stage == "sft" and not setup.liger_kernel and liger.swaps(replace(setup, liger_kernel=True)) and \
+    # (and only where the fused loss applies: Mllama's patch leaves the logits)
+    if setup.stage == "sft" and not setup.liger_kernel and \
+            "fused_linear_cross_entropy" in liger.swaps(replace(setup, liger_kernel=True)) and \
             not liger.import_failure(replace(setup, liger_kernel=True)):
         switch("Liger's fused linear cross-entropy (enable_liger_kernel: no logits)", liger_kernel=True)
     if setup.vision_gradient_checkpointing is False:

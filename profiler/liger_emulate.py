@@ -20,6 +20,11 @@ implementation allocates and saves:
   nvidia-triton implementation, on a plain install): Y like X, Mean and RSTD fp32, saves X, W, B, Mean, RSTD;
   backward DX like X and a (SMs x H) fp32 buffer per trainable weight/bias, summed and cast.
 
+- `LigerRopeFunction` (ops/rope.py `rope_forward` / `rope_backward`): q and k transposed to (batch, seq, heads,
+  dim) and `.contiguous()` (a copy only where that layout is not contiguous), rotated in place, returned transposed;
+  saves cos and sin. Reached through liger's op dispatcher (ops/backends/_triton/rope.py `rope_triton`), whose
+  backend discovery the tracer runs before the forward.
+
 The SM count those backward buffers use is the setup GPU's (planner/memory/liger.py `sm_count`).
 
 liger 0.8.5's Qwen2-VL/2.5-VL forwards (liger_kernel/transformers/model/qwen2_vl.py, qwen2_5_vl.py) do not import
@@ -314,6 +319,52 @@ class LayerNormFunction(torch.autograd.Function):
         return DX, DW, DB, None
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_forward's cos/sin handling: 4-D tables squeezed, 2-D ones unsqueezed to (1, seq, dim); views only."""
+    if cos.ndim == 4:
+        cos, sin = cos.squeeze(1), sin.squeeze(1)
+    if cos.ndim == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    return cos, sin
+
+
+class RopeFunction(torch.autograd.Function):
+    """liger_kernel/ops/rope.py `LigerRopeFunction` (`rope_forward` / `rope_backward`, full rotary width): q and k
+    are transposed back to their physical (batch, seq, heads, dim) layout and made `.contiguous()` (a copy only where
+    that layout is not already contiguous, e.g. after Gemma 3's q_norm/k_norm), rotated in place by the kernel and
+    returned transposed; cos and sin (`.contiguous()`, no copy for transformers' tables) are saved. Backward does the
+    same to dq and dk."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids=None, unsqueeze_dim=1, rotary_dim=None):
+        if rotary_dim is not None and rotary_dim != q.shape[-1]:
+            raise VlplanError("the Liger RoPE emulation covers a full rotary width only")
+        cos, sin = _rope_tables(cos, sin)
+        q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()
+        with tracker_paused(), torch.no_grad():
+            c, s_ = cos[:, :, None, :], sin[:, :, None, :]
+            for x in (q, k):
+                x.copy_(x * c + _rotate_half(x) * s_)
+        ctx.save_for_backward(cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        dq, dk = dq.transpose(1, 2).contiguous(), dk.transpose(1, 2).contiguous()
+        with tracker_paused(), torch.no_grad():
+            c, s_ = cos[:, :, None, :], sin[:, :, None, :]
+            for x in (dq, dk):
+                x.copy_(x * c - _rotate_half(x) * s_)
+        return dq.transpose(1, 2), dk.transpose(1, 2), None, None, None, None, None
+
+
 def _functional_layer_norm(x, weight, bias=None, eps=1e-6, *, impl=None, mode=None, backend=None):
     """liger_kernel/functional.py `layer_norm` as it dispatches on a plain install (ops/backends/_triton/
     layer_norm.py `layer_norm_triton`: `LigerLayerNormFunction.apply`)."""
@@ -408,7 +459,8 @@ def emulated_kernels(setup) -> list[str]:
              "rms_norm": "LigerRMSNormFunction (liger_kernel/ops/rms_norm.py)",
              "swiglu": "LigerSiLUMulFunction (liger_kernel/ops/swiglu.py)",
              "geglu": "LigerGELUMulFunction (liger_kernel/ops/geglu.py)",
-             "layer_norm": "LigerLayerNormFunction (liger_kernel/ops/layer_norm.py)"}
+             "layer_norm": "LigerLayerNormFunction (liger_kernel/ops/layer_norm.py)",
+             "rope": "LigerRopeFunction (liger_kernel/ops/rope.py)"}
     swaps = liger_model.swaps(setup)
     notes = [f"{names[s]}: Triton does not run on a CPU; the same saved and allocated tensors, values from torch ops"
              for s in sorted(swaps)]
@@ -429,6 +481,7 @@ _FUNCTION_SITES = (
     ("liger_kernel.transformers.swiglu", "LigerSiLUMulFunction", SiLUMulFunction),
     ("liger_kernel.transformers.geglu", "LigerGELUMulFunction", GELUMulFunction),
     ("liger_kernel.transformers.layer_norm", "_functional_layer_norm", _functional_layer_norm),
+    ("liger_kernel.ops.backends._triton.rope", "LigerRopeFunction", RopeFunction),
 )
 
 
@@ -453,6 +506,12 @@ def liger_kernels(setup, model_type: str):
     saved = _snapshot(model_type)
     for name, _, _ in _FUNCTION_SITES:
         importlib.import_module(name)
+    # liger's op registry imports the backends of a dispatched op (rope) at its first call and logs each that fails
+    # (CuTe DSL, Ascend) with the ImportError as an argument; inside the traced forward that error's traceback would
+    # keep the forward's frames, and their tensors, alive wherever log records are kept (pytest's log capture)
+    discover = getattr(importlib.import_module("liger_kernel.backends.registry"), "_discover", None)
+    if discover is not None:
+        discover("rope")
     sites = [(sys.modules[name], attr, getattr(sys.modules[name], attr)) for name, attr, _ in _FUNCTION_SITES]
     # liger's mllama/gemma3/paligemma patches rebind `nn.LayerNorm` on torch.nn itself
     sites.append((torch.nn, "LayerNorm", torch.nn.LayerNorm))

@@ -292,7 +292,10 @@ class MemoryTracker(TorchDispatchMode):
             return
         if self._blocks.get(out.untyped_storage()) is not None:  # the output aliases an existing storage
             return
-        if not source.category.startswith(("temporaries", "gradients")):
+        # a gradient is a backward temporary or a `.grad`, or one the forward computed and its Function hands back
+        # (Liger's fused loss: the hidden states' and head weight's gradients, activations/loss, summed with the
+        # tied embedding's in its AccumulateGrad buffer)
+        if not source.category.startswith(("temporaries", "gradients", "activations/loss")):
             return
         # the output now owns the bytes; the first input's block counts nothing from here on
         if self.allocation_log is not None:  # in the log: the input's block is freed and the output takes it

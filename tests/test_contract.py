@@ -175,7 +175,8 @@ def test_every_not_modelled_field_has_a_quiet_case():
 ])
 def test_commands_warn_about_a_not_modelled_setting(tmp_path, command):
     config = tmp_path / "train.yaml"
-    config.write_text(f"model_name_or_path: {MODEL}\nfinetuning_type: lora\nbf16: true\nenable_liger_kernel: true\n")
+    # PaliGemma: liger's patch fails at its first step on the modelled versions, so Liger is not modelled there
+    config.write_text("model_name_or_path: paligemma2-3b\nfinetuning_type: lora\nbf16: true\nenable_liger_kernel: true\n")
     result = CliRunner().invoke(app, [*command, "--from-llamafactory", str(config)])
     assert result.exit_code == 0, result.output
     assert "warning: liger_kernel = True: with liger-kernel 0.8.5" in result.stderr  # the patch fails to import

@@ -159,12 +159,13 @@ def gated_mlp(e: Engine, h: T, gate: LinearParams, up: LinearParams, down: Linea
     MllamaTextMLP (SiLU), Gemma2MLP and Gemma3MLP (gelu-tanh). The gate dies once activated; the product is a local
     until down_proj returns. Liger's LigerSwiGLUMLP (SiLU) runs one fused Function on the two projections
     (planner/memory/liger.py `gated_product`)."""
-    if act == "silu" and "swiglu" in e.liger:
+    kind = {"silu": "swiglu", "gelu_tanh": "geglu"}.get(act)
+    if kind in e.liger:  # LigerSwiGLUMLP / LigerGEGLUMLP: one fused Function on the two projections
         from . import liger
 
         g = apply_linear(e, h, gate, "gate_proj")
         u = apply_linear(e, h, up, "up_proj")
-        prod = liger.gated_product(e, g, u, "swiglu", name="act*up")
+        prod = liger.gated_product(e, g, u, kind, name="act*up")
         del g, u
         return apply_linear(e, prod, down, "down_proj")
     g = apply_linear(e, h, gate, "gate_proj")
@@ -308,14 +309,31 @@ class TextDecoderLayer:
             q = apply_linear(e, h, self.q, "q_proj")
             k = apply_linear(e, h, self.k, "k_proj")
             v = apply_linear(e, h, self.v, "v_proj")
-            if self.qk_norm == "attention":
+            if self.qk_norm == "attention" and "rms_norm" in e.liger:  # on the transposed projections
+                from . import liger
+
+                in_place = self.norm != "gemma"
+                q_normed = liger.rms_norm(e, q, self.qk_norms[0], tokens * t.num_heads, "q_norm", in_place, True)
+                del q
+                k_normed = liger.rms_norm(e, k, self.qk_norms[1], tokens * t.num_kv_heads, "k_norm", in_place, True)
+                del k
+                q, k = q_normed, k_normed
+                del q_normed, k_normed
+            elif self.qk_norm == "attention":
                 q_normed = self._norm(e, q, self.qk_norms[0], tokens * t.num_heads, "q_norm")
                 del q
                 k_normed = self._norm(e, k, self.qk_norms[1], tokens * t.num_kv_heads, "k_norm")
                 del k
                 q, k = q_normed, k_normed
                 del q_normed, k_normed
-        if self.rope_frees == "each":
+        if "rope" in e.liger:  # liger_rotary_pos_emb: rotates both in place (a copy after q/k_norm)
+            from . import liger
+
+            copy = self.qk_norm == "attention"
+            q_rot = liger.rope(e, q, copy, name="q_rope")
+            k_rot = liger.rope(e, k, copy, name="k_rope")
+            del q, k
+        elif self.rope_frees == "each":
             q_rot = ops.rope(e, q, ctx.cos, ctx.sin, name="q_rope")
             del q
             k_rot = ops.rope(e, k, ctx.cos, ctx.sin, name="k_rope")

@@ -34,13 +34,20 @@ The swapped Functions (liger_kernel/ops/*.py), what they allocate and save:
   layer_norm` dispatches to on a plain install): Y like X, Mean and RSTD fp32 per row; saves X, W, B, Mean, RSTD.
   Backward: DX like X; per trainable weight/bias a (SMs x H) fp32 buffer, summed and cast to the parameter dtype.
 
+- gemma3 (`apply_liger_kernel_to_gemma3`): `Gemma3RMSNorm` -> `LigerRMSNormForGemma3` (offset 1, gemma casting, not
+  in place; every instance, the projector's mm_soft_emb_norm too), `Gemma3MLP` -> `LigerGEGLUMLP`,
+  `apply_rotary_pos_emb` -> `liger_rotary_pos_emb` (transformers 5.23's Gemma 3 attention calls the module global),
+  SigLIP's `nn.LayerNorm` -> `LigerLayerNorm`, and `Gemma3ForConditionalGeneration.forward` -> `multimodal_forward`
+  (the fused loss). q_norm/k_norm run on transposed projections: `@ensure_contiguous` copies (`rms_norm`
+  `transposed`), and RoPE then copies the norm's output (`rope`).
+- mllama (`apply_liger_kernel_to_mllama`): `MllamaTextRMSNorm` -> `LigerRMSNorm`, `MllamaTextMLP` ->
+  `LigerSwiGLUMLP`, the RoPE swap (on the projections themselves: no copy), `nn.LayerNorm` (rebound on torch.nn
+  itself through `modeling_mllama.nn`) -> `LigerLayerNorm`. Its fused loss patches `MllamaForCausalLM.forward`, which
+  a `MllamaForConditionalGeneration` fine-tune never calls: the logits stay.
+
 Not modelled (a warning, and the estimate without Liger: an upper bound):
-- gemma3, mllama, paligemma: their patches also swap the Gemma RMSNorm (`LigerRMSNormForGemma3` and Gemma 2's:
-  gemma casting, offset 1, not in place), GEGLU (`LigerGELUMulFunction`) or SwiGLU, `apply_rotary_pos_emb` (the
-  in-place `LigerRopeFunction`; transformers 5.23's Gemma 3 attention calls the module global, so it applies, and
-  its `ensure_contiguous` copies the transposed q/k after q_norm/k_norm) and, through `modeling_siglip.nn` /
-  `modeling_mllama.nn`, `torch.nn.LayerNorm` itself; Mllama's fused loss patches `MllamaForCausalLM.forward`,
-  which a `MllamaForConditionalGeneration` fine-tune does not run. Not modelled yet.
+- paligemma: the patch applies, but its `lce_forward` fails at the first step on transformers 5.23
+  (`RUNTIME_FAILURES`).
 - the vlplan and hf-trainer stacks: transformers' Trainer applies `use_liger_kernel` to the model instance
   (`_apply_liger_kernel_to_instance`), which patches other modules (llava's text tower too).
 """
@@ -56,6 +63,14 @@ SWAPS = {
     "llava": frozenset({"fused_linear_cross_entropy"}),
     "qwen2_5_vl": frozenset({"fused_linear_cross_entropy", "rms_norm", "swiglu"}),
     "qwen2_vl": frozenset({"fused_linear_cross_entropy", "rms_norm", "swiglu", "layer_norm"}),
+    # apply_liger_kernel_to_gemma3: the text patch (Gemma3RMSNorm -> LigerRMSNormForGemma3, Gemma3MLP ->
+    # LigerGEGLUMLP, apply_rotary_pos_emb -> liger_rotary_pos_emb), SigLIP's nn.LayerNorm -> LigerLayerNorm, and
+    # Gemma3ForConditionalGeneration.forward -> multimodal_forward (the fused loss)
+    "gemma3": frozenset({"fused_linear_cross_entropy", "rms_norm", "geglu", "rope", "layer_norm"}),
+    # apply_liger_kernel_to_mllama: MllamaTextRMSNorm -> LigerRMSNorm, MllamaTextMLP -> LigerSwiGLUMLP,
+    # apply_rotary_pos_emb, nn.LayerNorm -> LigerLayerNorm (the vision tower); its fused loss patches
+    # MllamaForCausalLM.forward, which MllamaForConditionalGeneration never calls: the logits stay
+    "mllama": frozenset({"rms_norm", "swiglu", "rope", "layer_norm"}),
 }
 # The swaps whose backward allocates a (SMs x H) fp32 buffer per trainable weight: the GPU's SM count enters
 NORM_SWAPS = frozenset({"rms_norm", "layer_norm"})
@@ -66,6 +81,12 @@ IMPORT_FAILURES = {
                  "Qwen2VLCausalLMOutputWithPast"),
     "qwen2_5_vl": ("liger_kernel/transformers/model/qwen2_5_vl.py", "LigerQwen2_5_VLCausalLMOutputWithPast",
                    "Qwen2_5_VLCausalLMOutputWithPast"),
+}
+# Families whose liger 0.8.5 patch applies on transformers 5.23 but whose patched forward fails at the first step
+RUNTIME_FAILURES = {
+    "paligemma": ("liger 0.8.5's PaliGemma lce_forward (liger_kernel/transformers/model/paligemma.py) fails at the "
+                  "first step on transformers 5.23: `self.get_image_features(pixel_values)` now returns a "
+                  "BaseModelOutputWithPooling, so `image_features.numel()` raises AttributeError"),
 }
 # `torch.cuda.get_device_properties(...).multi_processor_count` of the catalog's GPUs (NVIDIA's datasheets and
 # architecture whitepapers; MI300X: 304 compute units, which ROCm reports there), read by liger's norm backward
@@ -91,23 +112,6 @@ def import_failure(setup) -> str | None:
             f"imports (fused loss, Liger RMSNorm/SwiGLU{'/LayerNorm' if 'layer_norm' in SWAPS[setup.model.family] else ''})")
 
 
-def tied_head_gap(setup) -> str | None:
-    """A known gap: the fused loss with a tied, trainable lm_head (the input embedding's weight), where the traced
-    step holds one more vocab x hidden gradient than the estimate (Qwen2-VL-2B full, LLaMA-Factory: estimate 25.12,
-    trace 25.99 GiB); None elsewhere."""
-    from ..setup import Train
-    from ..modules import LANGUAGE
-
-    if "fused_linear_cross_entropy" not in swaps(setup) or not setup.model.text.tie_word_embeddings:
-        return None
-    if setup.trains[LANGUAGE] is not Train.FULL or setup.method == "freeze":
-        return None
-    t = setup.model.text
-    return (f"Liger's fused loss with the tied lm_head/embedding trained: the trace holds one more "
-            f"{t.vocab_size} x {t.hidden_size} weight gradient than the estimate (up to "
-            f"{t.vocab_size * t.hidden_size * 4 / 2**30:.2f} GiB more than estimated; not yet modelled)")
-
-
 def modelled(setup) -> bool:
     """Whether the estimate models `setup.liger_kernel` (True also where it changes nothing)."""
     if not setup.liger_kernel:
@@ -124,7 +128,7 @@ def not_modelled_reason(setup) -> str:
         return (f"Liger kernels are modelled as LLaMA-Factory applies them (enable_liger_kernel, --stack "
                 f"llamafactory); the {setup.stack} stack's use_liger_kernel patches the model instance, which is not "
                 "modelled: the estimate keeps the logits and fp32 loss temporaries (an upper bound)")
-    why = "its norm and MLP swaps are not modelled yet"
+    why = RUNTIME_FAILURES.get(family, "not modelled yet")
     return (f"Liger kernels for {family} are not modelled ({why}; modelled: {', '.join(sorted(SWAPS))}, and no change "
             "for the families LLaMA-Factory does not patch); the estimate keeps the logits and fp32 loss temporaries "
             "(an upper bound)")
@@ -236,21 +240,52 @@ def promote_dtype(a: str, b: str) -> str:
     return a if DTYPE_BYTES[a] >= DTYPE_BYTES[b] else b
 
 
-def rms_norm(e: Engine, x: T, weight: Param, rows: int, name: str = "", in_place: bool = True) -> T:
+def rms_norm(e: Engine, x: T, weight: Param, rows: int, name: str = "", in_place: bool = True,
+             transposed: bool = False) -> T:
     """`LigerRMSNorm.forward` -> `LigerRMSNormFunction` (ops/rms_norm.py `rms_norm_forward`): Y like X (X's dtype,
     whatever the weight's), RSTD fp32 per row (llama and gemma casting); saves X, W, RSTD. Backward
     (`rms_norm_backward`): dX is dY itself with `in_place` (`LigerRMSNorm`'s default), else `zeros_like(dY)`; a
-    trainable weight adds a (SMs x H) fp32 buffer and `_dW.sum(0).to(W.dtype)`."""
+    trainable weight adds a (SMs x H) fp32 buffer and `_dW.sum(0).to(W.dtype)`.
+
+    `transposed`: X is a (batch, heads, seq, head_dim) view of a projection laid out (batch, seq, heads, head_dim)
+    (Gemma 3's q_norm/k_norm, Mllama's cross-attention q_norm/k_norm): `@ensure_contiguous` copies it (the copy is
+    what the Function saves) and, in backward, copies dY (the attention's gradient comes back in the projection's
+    layout) before the kernel; dX is then that copy (in place) or a fresh one, laid out (batch, heads, seq, dim),
+    and the projection's `.view(...).transpose(1, 2)` reshapes it back to a copy (ViewBackward)."""
+    if transposed and x.rg:  # the `.view(hidden_shape).transpose(1, 2)` whose backward reshapes a copy
+        view = x.view(name=f"{name}.transposed")
+        e.record(Node("reshape_copy", [x], [], []), view)
+        x = view
+    saved = e.new(x.numel, x.dtype, name=f"{name}.contiguous") if transposed else x
     out = e.new(x.numel, x.dtype, name=name)
     rstd = e.new(rows, "fp32", name=f"{name}.rstd")
     params = [weight] if weight.trainable else []
-    node = Node("liger_rms_norm", [x] if x.rg else [], [x, rstd], params,
-                workspace=sm_count(e.gpu_name) * weight.numel * 4 if params else 0)
+    workspace = sm_count(e.gpu_name) * weight.numel * 4 if params else 0
+    if transposed and x.rg and not in_place:  # `dY.contiguous()`, alive until the backward returns
+        workspace += x.numel * DTYPE_BYTES[x.dtype]
+    node = Node("liger_rms_norm", [x] if x.rg else [], [saved, rstd], params, workspace=workspace)
     node.param_grad_via = "fp32"  # `_dW.sum(dim=0)` in fp32, then `.to(W.dtype)`
-    if in_place and x.rg:
+    if in_place and x.rg and not transposed:
         node.grad_dtype[0] = "passthrough"
     e.record(node, out)
-    del rstd
+    del rstd, saved
+    return out
+
+
+def rope(e: Engine, x: T, copy: bool, name: str = "") -> T:
+    """`liger_rotary_pos_emb` -> `LigerRopeFunction` (ops/rope.py `rope_forward`): x transposed back to its physical
+    (batch, seq, heads, dim) layout and `.contiguous()`, rotated in place, returned transposed; saves cos and sin
+    (the model's tables, no copy). Straight after a projection's `.view(...).transpose(1, 2)` that layout is
+    contiguous: no copy, the projection's output itself is rotated and returned (`copy` False). After Gemma 3's
+    q_norm/k_norm (laid out (batch, heads, seq, dim)) it is a copy. Backward rotates dq/dk in place (the attention's
+    gradients come back laid out (batch, seq, heads, dim)): nothing allocated."""
+    if not copy:
+        return x
+    out = e.new(x.numel, x.dtype, name=name)
+    node = Node("liger_rope", [x] if x.rg else [], [], [])
+    if x.rg:
+        node.grad_dtype[0] = "passthrough"
+    e.record(node, out)
     return out
 
 

@@ -467,7 +467,13 @@ def gemma_rms_norm(e: Engine, x: T, weight: Param, rows: int, name: str = "") ->
     """Gemma2RMSNorm.forward / Gemma3RMSNorm.forward (models/gemma2/modeling_gemma2.py,
     models/gemma3/modeling_gemma3.py, the same code): `output = self._norm(x.float())` (x * rsqrt(x.pow(2).mean(-1) +
     eps), all fp32), then `output * (1.0 + self.weight.float())` in fp32 and `.type_as(x)`. Unlike `rms_norm`, the
-    variance is a temporary of `_norm` and the weight multiplies before the cast back."""
+    variance is a temporary of `_norm` and the weight multiplies before the cast back. Swapped for Liger's
+    `LigerRMSNormForGemma3` / Gemma 2's (offset 1, gemma casting, not in place; planner/memory/liger.py) where its
+    patch rebinds the class."""
+    if "rms_norm" in e.liger:
+        from . import liger
+
+        return liger.rms_norm(e, x, weight, rows, name=name, in_place=False)
     x32 = cast(e, x, "fp32", name=f"{name}.fp32")
     sq = e.new(x32.numel, "fp32", name=f"{name}.pow")
     e.record(Node("pow", [x32] if x32.rg else [], [x32], []), sq)

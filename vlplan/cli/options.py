@@ -123,8 +123,9 @@ SETUP_OPTIONS = [
     _opt("liger_kernel", bool, "--liger-kernel/--no-liger-kernel",
          help="Liger kernels as LLaMA-Factory applies them (enable_liger_kernel): fused linear cross-entropy, no "
               "logits (Qwen2-VL/2.5-VL: also Liger RMSNorm/SwiGLU/LayerNorm, with a warning that liger 0.8.5's "
-              "patch fails to load on transformers 5.23). Modelled for LLaVA and Qwen2(.5)-VL under --stack "
-              "llamafactory; elsewhere a warning."),
+              "patch fails to load on transformers 5.23; Gemma 3: Gemma RMSNorm/GEGLU/RoPE/LayerNorm too; Mllama: "
+              "RMSNorm/SwiGLU/RoPE/LayerNorm, no fused loss). Modelled for LLaVA, Qwen2(.5)-VL, Gemma 3 and Mllama "
+              "under --stack llamafactory; elsewhere a warning."),
     _opt("stage", str, "--stage",
          help="sft | dpo | kto (LLaMA-Factory's preference stages: DPO's chosen and rejected rows, KTO's target "
               "and KL rows, the reference forward; --stack llamafactory)."),

@@ -346,12 +346,12 @@ class MllamaCrossLayer:
         h = ops.rms_norm(e, x, self.norm1, tokens, name="input_layernorm")
         # MllamaTextCrossAttention.forward
         q = apply_linear(e, h, self.q, "q_proj")
-        q_normed = ops.rms_norm(e, q, self.q_norm, tokens * heads, name="q_norm")
+        q_normed = _head_norm(e, q, self.q_norm, tokens * heads, "q_norm")
         del q
         k = apply_linear(e, ctx.cross, self.k, "k_proj")
         value = apply_linear(e, ctx.cross, self.v, "v_proj")
         kv_rows = ctx.cross.numel // t.hidden_size
-        k_normed = ops.rms_norm(e, k, self.k_norm, kv_rows * kv_heads, name="k_norm")
+        k_normed = _head_norm(e, k, self.k_norm, kv_rows * kv_heads, "k_norm")
         del k
         attn = self._attention(e, q_normed, k_normed, value, ctx, kv_rows)
         o = apply_linear(e, attn, self.o, "o_proj")
@@ -502,3 +502,13 @@ class MllamaModel(ConditionalGenerationStep, BaseModel):
 
 
 MODELS = {"mllama": MllamaModel}
+
+
+def _head_norm(e: Engine, x: T, weight, rows: int, name: str) -> T:
+    """MllamaTextRMSNorm on `proj(x).view(...).transpose(1, 2)`; Liger's LigerRMSNorm (in place) copies the transposed
+    input first (planner/memory/liger.py `rms_norm`, `transposed`)."""
+    if "rms_norm" in e.liger:
+        from ...memory import liger
+
+        return liger.rms_norm(e, x, weight, rows, name=name, in_place=True, transposed=True)
+    return ops.rms_norm(e, x, weight, rows, name=name)
