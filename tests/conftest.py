@@ -6,6 +6,15 @@ from hypothesis import settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI's output is tested as in a pipe unless a test sets COLUMNS itself: pytest-xdist's workers inherit COLUMNS=80,
+# which rich's console reads once, when vlplan.cli.render is imported
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+# Under pytest-xdist (the default run: pyproject's addopts), torch's threads in each worker and in the processes the
+# tests start share the cores among the workers instead of each taking them all
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 # Property tests draw the same examples on every run (the suite is deterministic: a failure reproduces, a pass does
 # not depend on the seed) and keep no example database in the checkout. Tests' own @settings add to this profile.
