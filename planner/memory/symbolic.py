@@ -36,7 +36,7 @@ import copy
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from math import comb
+from math import comb, gcd
 
 from ..setup import TrainSetup
 from . import sim, step
@@ -45,23 +45,18 @@ G = 2048  # the sequence-length granule: s = G * sigma + rho
 _W = 64  # bits per slot
 _FULL, _HALF, _MASK = 1 << _W, 1 << (_W - 1), (1 << _W) - 1
 _DEG = 3  # exponents 0..2 of b and of sigma
-_SLOTS = 1 + _DEG * _DEG
-_CONST = 1 << _W  # the constant coefficient's unit
+_MONOMIALS = _DEG * _DEG  # term index i * _DEG + j: b**i * sigma**j
+ATOMS = 16  # term index _MONOMIALS + k: the k-th floor atom of the pass, floor(R_k / m_k)
+_SLOTS = 1 + _MONOMIALS + ATOMS
+_CONST = 1 << _W  # the constant coefficient's unit (term 0)
 _ONE = 1 + _CONST  # the integer 1 as a packed polynomial: value 1, constant 1
-
-
-def _shift(i: int, j: int) -> int:
-    return _W * (1 + _DEG * i + j)
-
-
-_EXPONENTS = [(i, j) for i in range(_DEG) for j in range(_DEG)]
-
+_B, _SIGMA = _DEG, 1  # term indices of b and sigma
 
 _plain = int.__int__  # the packed value as a plain int (Poly's own operators are symbolic)
 
 
 def _decode(raw: int) -> tuple[int, tuple]:
-    """(value at the reference point, ((i, j, coefficient), ...) nonzero) of a packed polynomial."""
+    """(value at the reference point, ((term index, coefficient), ...) nonzero) of a packed polynomial."""
     raw = _plain(raw)
     got = _DECODED.get(raw)
     if got is None:
@@ -74,7 +69,7 @@ def _decode(raw: int) -> tuple[int, tuple]:
             slots.append(low)
             rest = (rest - low) >> _W
         assert rest == 0, "a polynomial outside the packed range"
-        got = slots[0], tuple((i, j, c) for (i, j), c in zip(_EXPONENTS, slots[1:]) if c)
+        got = slots[0], tuple((index, c) for index, c in enumerate(slots[1:]) if c)
         if len(_DECODED) > 1 << 17:
             _DECODED.clear()
         _DECODED[raw] = got
@@ -91,14 +86,12 @@ def _value(raw: int) -> int:
 
 
 def _encode(terms, value: int):
-    """A Poly (or the int it is when constant) from ((i, j, c), ...) and its reference value."""
-    if all(i == 0 and j == 0 for i, j, _ in terms):
+    """A Poly (or the int it is when constant) from ((term index, c), ...) and its reference value."""
+    if all(index == 0 for index, _ in terms):
         return value
     raw = value
-    for i, j, c in terms:
-        if i >= _DEG or j >= _DEG:
-            raise OverflowError(f"b^{i} s^{j}: beyond the symbolic degree")
-        raw += c << _shift(i, j)
+    for index, c in terms:
+        raw += c << (_W * (1 + index))
     return Poly(raw)
 
 
@@ -197,8 +190,9 @@ class Poly(int):
 
     def __repr__(self) -> str:
         value, terms = _decode(self)
-        text = " + ".join(f"{c}" + "".join(f"*{n}^{e}" if e > 1 else f"*{n}" for n, e in (("b", i), ("sigma", j)) if e)
-                          for i, j, c in terms)
+        names = [("1", "sigma", "sigma^2"), ("b", "b*sigma", "b*sigma^2"), ("b^2", "b^2*sigma", "b^2*sigma^2")]
+        text = " + ".join(f"{c}*{names[i // _DEG][i % _DEG] if i < _MONOMIALS else f'atom{i - _MONOMIALS}'}"
+                          for i, c in terms)
         return f"Poly({text}; {value} at the reference)"
 
     __str__ = __repr__
@@ -228,35 +222,38 @@ for _name in ("__truediv__", "__rtruediv__", "__pow__", "__rpow__", "__rmod__", 
 def _multiply(a: Poly, o: Poly):
     va, ta = _decode(a)
     vo, to = _decode(o)
+    if any(index >= _MONOMIALS for index, _ in ta + to):  # an atom times a variable: not kept symbolic
+        return specialize(a) * specialize(o)
     terms: dict = {}
-    for i, j, c in ta:
-        for k, m, e in to:
-            terms[(i + k, j + m)] = terms.get((i + k, j + m), 0) + c * e
-    return _encode(tuple((i, j, c) for (i, j), c in terms.items() if c), va * vo)
+    for x, c in ta:
+        for y, e in to:
+            i, j = x // _DEG + y // _DEG, x % _DEG + y % _DEG
+            if i >= _DEG or j >= _DEG:
+                return specialize(a) * specialize(o)
+            terms[i * _DEG + j] = terms.get(i * _DEG + j, 0) + c * e
+    return _encode(tuple((index, c) for index, c in terms.items() if c), va * vo)
 
 
 def _floor_divide(p: Poly, m: int):
     """floor(p / m), m > 0: each coefficient c = m * q + r (|r| < m, r of c's sign) splits p into m * Q + R, so
-    floor(p / m) = Q + floor(R / m). R is 0 (a size in whole blocks), or a constant, or small: the rounding of a tensor
-    of a few elements per sample (an int64 label per sequence, a boundary per image); floor(R / m) is then its value
-    at the reference point, guarded `floor(R / m) == q`."""
+    floor(p / m) = Q + floor(R / m). R is 0 (a size in whole 512-byte blocks, whole 128-token tiles), or a constant,
+    or the rounding of a tensor of a few elements per sample (an int64 label per sequence, a boundary per image):
+    then floor(R / m) is a new term of the pass, an *atom* (a quasi-polynomial: evaluated as floor(R / m) at each
+    (b, s), bounded by (R - m + 1) / m and R / m where a comparison needs its sign). Past `ATOMS` atoms, its value at
+    the reference point, guarded `floor(R / m) == q`."""
     value = _value(p)
     key = (_plain(p) - value, m)
     template = _FLOORS.get(key)
     if template is None:
         _, terms = _decode(p)
-        quotient, remainder = [], []
-        for i, j, c in terms:
+        q_raw, remainder = 0, []
+        for index, c in terms:
             q, r = divmod(c, m) if c >= 0 else (-(-c // m), -(-c % m))
-            if q:
-                quotient.append((i, j, q))
+            q_raw += q << (_W * (1 + index))
             if r:
-                remainder.append((i, j, r))
-        q_raw = 0
-        for i, j, c in quotient:
-            q_raw += c << _shift(i, j)
-        variable = tuple((i, j, r) for i, j, r in remainder if i or j)
-        constant = sum(r for i, j, r in remainder if not (i or j))
+                remainder.append((index, r))
+        variable = tuple((index, r) for index, r in remainder if index)
+        constant = sum(r for index, r in remainder if not index)
         template = _FLOORS[key] = (q_raw, variable, constant)
         if len(_FLOORS) > 1 << 16:
             _FLOORS.clear()
@@ -265,10 +262,12 @@ def _floor_divide(p: Poly, m: int):
     if not variable:
         floor_r = constant // m
     else:
-        b0, sigma0 = _TRACE[-1].variables
-        r_value = constant + sum(c * b0 ** i * sigma0 ** j for i, j, c in variable)
-        floor_r = r_value // m
-        _guard(("floor", variable + ((0, 0, constant),), m, floor_r))
+        atom = _TRACE[-1].atom(variable + ((0, constant),) if constant else variable, m)
+        if atom is not None:
+            return Poly(q_raw + (1 << (_W * (1 + atom))) + result)
+        trace = _TRACE[-1]
+        floor_r = (constant + sum(c * trace.values[index] for index, c in variable)) // m
+        _guard(("floor", variable + ((0, constant),), m, floor_r))
     if q_raw == 0:
         return result  # only the rounded part: a constant under the guard
     return Poly(q_raw + floor_r * _CONST + result)
@@ -282,22 +281,24 @@ def _divide(p: Poly, o: Poly):
     both specialized."""
     vp, tp = _decode(p)
     vo, to = _decode(o)
-    if len(to) == 1:  # a monomial divisor
-        ((ki, kj, co),) = to
+    if len(to) == 1 and to[0][0] < _MONOMIALS:  # a monomial divisor
+        ((x, co),) = to
+        ki, kj = divmod(x, _DEG)
         quotient = []
-        for i, j, c in tp:
-            if i < ki or j < kj or c % co:
+        for y, c in tp:
+            i, j = divmod(y, _DEG)
+            if y >= _MONOMIALS or i < ki or j < kj or c % co:
                 break
-            quotient.append((i - ki, j - kj, c // co))
+            quotient.append(((i - ki) * _DEG + j - kj, c // co))
         else:
             if vo and vp % vo == 0:
                 return _encode(tuple(quotient), vp // vo)
     elif len(tp) == len(to):  # a constant multiple
-        ratio = {(i, j): c for i, j, c in to}
-        i, j, c = tp[0]
-        if (i, j) in ratio and c % ratio[(i, j)] == 0:
-            k = c // ratio[(i, j)]
-            if all(ratio.get((i, j)) is not None and c == k * ratio[(i, j)] for i, j, c in tp) and vp == k * vo:
+        ratio = dict(to)
+        index, c = tp[0]
+        if index in ratio and c % ratio[index] == 0:
+            k = c // ratio[index]
+            if all(ratio.get(index) is not None and c == k * ratio[index] for index, c in tp) and vp == k * vo:
                 return k
     return specialize(p) // specialize(o)
 
@@ -364,17 +365,45 @@ class Repeated:
 
 
 class Trace:
-    """One symbolic pass in progress: its reference point and guards ({key: guard})."""
+    """One symbolic pass in progress: its reference point, atoms and guards ({key: guard})."""
 
     def __init__(self, b0: int, s0: int) -> None:
         self.reference = (b0, s0)
         self.rho = s0 % G
-        self.sigma_min = 1 if self.rho == 0 else 0  # s >= 1
-        self.variables = (b0, (s0 - self.rho) // G)
+        self.sigma_min = sigma_min(self.rho)
+        x0, y0 = variables(b0, s0, self.rho)
+        self.values = [x0 ** (index // _DEG) * y0 ** (index % _DEG) for index in range(_MONOMIALS)]
+        self.atoms: list[tuple[tuple, int]] = []  # (R's terms, m): atom k is floor(R / m)
+        self._atom_index: dict = {}
         self.guards: dict = {}
+        self.signs: dict = {}  # _signs of polynomials with atoms (their bounds depend on this pass's atoms)
+
+    def atom(self, remainder: tuple, m: int) -> int | None:
+        """The term index of floor(remainder / m), made on first use; None when every atom slot is taken."""
+        key = (remainder, m)
+        index = self._atom_index.get(key)
+        if index is None:
+            if len(self.atoms) == ATOMS:
+                return None
+            index = self._atom_index[key] = _MONOMIALS + len(self.atoms)
+            self.atoms.append(key)
+            self.values.append(sum(c * self.values[i] for i, c in remainder) // m)
+        return index
 
 
 _TRACE: list[Trace] = []
+
+
+def sigma_min(rho: int) -> int:
+    """The least sigma: s = G * sigma + rho >= 1."""
+    return 1 if rho == 0 else 0
+
+
+def variables(b: int, s: int, rho: int) -> tuple[int, int] | None:
+    """(x, y) = (b - 1, sigma - sigma_min) of (b, s), both >= 0; None where s mod G is not rho."""
+    if s % G != rho or b < 1 or s < 1:
+        return None
+    return b - 1, (s - rho) // G - sigma_min(rho)
 
 
 def _guard(key: tuple) -> None:
@@ -394,26 +423,62 @@ _SIGNS: dict = {}
 
 
 def _signs(raw: int) -> tuple[bool, bool, bool, bool]:
-    """(p > 0, p < 0, p >= 0, p <= 0) over b >= 1, sigma >= sigma_min, each True only where provable: the
-    coefficients of p(1 + x, sigma_min + y), x, y >= 0, all of one sign. Memoized on the coefficients."""
-    key = (_plain(raw) - _value(raw), _TRACE[-1].sigma_min)
+    """(p > 0, p < 0, p >= 0, p <= 0) over the domain x, y >= 0, each True only where provable: p's coefficients
+    (over x = b - 1, y = sigma - sigma_min) all of one sign. An atom floor(R / m) is replaced by its lower bound
+    (R - m + 1) / m or its upper bound R / m, whichever gives the bound of p sought (`_bounds`)."""
+    key = _plain(raw) - _value(raw)
     got = _SIGNS.get(key)
     if got is None:
-        _, terms = _decode(raw)
-        low = key[1]
-        shifted: dict = {}
-        for i, j, c in terms:
-            for k in range(i + 1):
-                for n in range(j + 1):
-                    shifted[(k, n)] = shifted.get((k, n), 0) + c * comb(i, k) * comb(j, n) * low ** (j - n)
-        const = shifted.get((0, 0), 0)
-        nonneg = all(c >= 0 for c in shifted.values())
-        nonpos = all(c <= 0 for c in shifted.values())
-        got = (nonneg and const > 0, nonpos and const < 0, nonneg, nonpos)
-        if len(_SIGNS) > 1 << 17:
-            _SIGNS.clear()
-        _SIGNS[key] = got
+        trace = _TRACE[-1]
+        got = trace.signs.get(key)
+        if got is None:
+            _, terms = _decode(raw)
+            if all(index < _MONOMIALS for index, _ in terms):
+                got = _coefficient_signs(terms, terms)
+                if len(_SIGNS) > 1 << 17:
+                    _SIGNS.clear()
+                _SIGNS[key] = got
+            else:
+                low, high = _bounds(terms, trace)
+                got = (False, False, False, False) if low is None else _coefficient_signs(low, high)
+                trace.signs[key] = got
     return got
+
+
+def _coefficient_signs(low, high) -> tuple[bool, bool, bool, bool]:
+    """(low > 0, high < 0, low >= 0, high <= 0) from the coefficients of a lower and an upper bound."""
+    low_const = next((c for index, c in low if index == 0), 0)
+    high_const = next((c for index, c in high if index == 0), 0)
+    nonneg = all(c >= 0 for _, c in low)
+    nonpos = all(c <= 0 for _, c in high)
+    return nonneg and low_const > 0, nonpos and high_const < 0, nonneg, nonpos
+
+
+def _bounds(terms, trace: Trace):
+    """(lower, upper) monomial bounds of M * p, M the product of the divisors of p's atoms; (None, None) where an
+    atom's R holds an atom itself."""
+    scale = 1
+    for index, _ in terms:
+        if index >= _MONOMIALS:
+            remainder, m = trace.atoms[index - _MONOMIALS]
+            if any(i >= _MONOMIALS for i, _ in remainder):
+                return None, None
+            scale *= m
+    low: dict = {}
+    high: dict = {}
+    for index, c in terms:
+        if index < _MONOMIALS:
+            low[index] = low.get(index, 0) + c * scale
+            high[index] = high.get(index, 0) + c * scale
+            continue
+        remainder, m = trace.atoms[index - _MONOMIALS]
+        k = c * (scale // m)
+        for i, r in remainder:  # c * floor(R / m) in [c * (R - m + 1) / m, c * R / m] for c > 0 (reversed for c < 0)
+            low[i] = low.get(i, 0) + k * r
+            high[i] = high.get(i, 0) + k * r
+        target = low if c > 0 else high
+        target[0] = target.get(0, 0) - k * (m - 1)
+    return tuple(low.items()), tuple(high.items())
 
 
 def _greater(diff, strict: bool) -> bool:
@@ -445,16 +510,26 @@ def _zero(diff) -> bool:
     return False
 
 
-def _poly_at(terms, b: int, sigma: int) -> int:
+def slot_values(x: int, y: int, atoms) -> list:
+    """The value of every term at (x, y): the monomials, then the atoms in order (an atom may use earlier ones)."""
+    values = [x ** (index // _DEG) * y ** (index % _DEG) for index in range(_MONOMIALS)]
+    for remainder, m in atoms:
+        values.append(sum(c * values[i] for i, c in remainder) // m)
+    return values
+
+
+def _at(x, values: list) -> int:
+    if type(x) is int:
+        return x
     total = 0
-    for i, j, c in terms:
-        total += c * b ** i * sigma ** j
+    for index, c in x:
+        total += c * values[index]
     return total
 
 
-def guard_holds(guard: tuple, b: int, sigma: int) -> bool:
-    kind, terms = guard[0], guard[1]
-    value = _poly_at(terms, b, sigma)
+def guard_holds(guard: tuple, values: list) -> bool:
+    kind = guard[0]
+    value = _at(guard[1], values)
     if kind == "gt":
         return value > 0
     if kind == "ge":
@@ -553,26 +628,63 @@ class Blocks:
 
 def _offer(candidates: list, value) -> bool:
     """Whether `value`, a later local maximum, can be the first largest somewhere: not when an earlier candidate is
-    provably at least as large. Drops the earlier candidates it provably exceeds."""
+    provably at least as large. Drops the earlier candidates it provably exceeds, and those left under a chord
+    (`_under_chord`)."""
     if type(value) is int and all(type(v) is int for v, _ in candidates):  # concrete: the running maximum alone
         if candidates and candidates[-1][0] >= value:
             return False
         candidates.clear()
         return True
     keep = []
-    for v, snapshot in candidates:
-        diff = v - value
-        if type(diff) is int:
-            if diff >= 0:
-                return False
-            continue  # provably exceeded
-        signs = _signs(diff)
-        if signs[2]:
+    for candidate in candidates:
+        diff = candidate[0] - value
+        if _sign(diff, True):  # earlier >= new everywhere: the earlier one is the first largest
             return False
-        if not signs[1]:
-            keep.append((v, snapshot))
+        if not _sign(-diff, False):  # unless new > earlier everywhere
+            keep.append(candidate)
+    while len(keep) >= 2 and _under_chord(keep[-2][0], keep[-1][0], value):
+        keep.pop()
     candidates[:] = keep
     return True
+
+
+_BIAS = sum(_HALF << (_W * k) for k in range(_SLOTS))  # every slot + 2**63: no borrows, each sign in its bit 63
+_MONOMIAL_SIGNS = sum(_HALF << (_W * (1 + k)) for k in range(_MONOMIALS))
+_ATOMS_ZERO = sum(_HALF << (_W * k) for k in range(ATOMS))  # the atom slots of a biased value whose atoms are 0
+
+
+def _sign(diff, weak: bool) -> bool:
+    """diff >= 0 (weak) or diff > 0 provably over the domain. The common case, equal atoms and coefficients of one
+    sign, is read off the packed slots at once; the rest goes through `_signs`."""
+    if type(diff) is int:
+        return diff >= 0 if weak else diff > 0
+    biased = _plain(diff) + _BIAS
+    if biased >> (_W * (1 + _MONOMIALS)) == _ATOMS_ZERO:
+        if biased & _MONOMIAL_SIGNS != _MONOMIAL_SIGNS:
+            return False  # a negative coefficient, no atom: not provable
+        return weak or (biased >> _W) & _MASK > _HALF
+    return _signs(diff)[2 if weak else 0]
+
+
+_CHORD_LIMIT = 1 << 8
+
+
+def _under_chord(a, b, new) -> bool:
+    """b <= (p * a + q * new) / (p + q) over the whole domain, p / q the ratio of the steps b - a and new - b at the
+    reference point (exact for an affine chain, as the peaks over a stack of layers are: gradients accumulate as
+    activations are freed). Then b is never the first largest: where it reaches the chord's maximum, the three are
+    equal and a, earlier, is first."""
+    v_a = a if type(a) is int else _value(a)
+    v_b = b if type(b) is int else _value(b)
+    v_new = new if type(new) is int else _value(new)
+    d1, d2 = v_b - v_a, v_new - v_b
+    if not d1 or not d2 or (d1 > 0) != (d2 > 0):
+        return False
+    g = gcd(d1, d2)
+    p, q = abs(d2 // g), abs(d1 // g)
+    if p > _CHORD_LIMIT or q > _CHORD_LIMIT:
+        return False
+    return _sign(a * p + new * q - b * (p + q), True)
 
 
 ENGINES: list[SymbolicEngine] = []
@@ -586,16 +698,13 @@ def _compiled(x):
     return x if type(x) is not Poly else _decode(x)[1]
 
 
-def _at(x, b: int, sigma: int) -> int:
-    return x if type(x) is int else _poly_at(x, b, sigma)
-
-
 @dataclass
 class SymbolicPass:
     """One symbolic simulation: what `step.simulate(setup, counts)` gives at any (b, s) where `guards` hold."""
 
     reference: tuple[int, int]
     rho: int  # s mod G: every (b, s) the pass serves has it
+    atoms: list  # (R's terms, m): floor(R / m), in order
     guards: list
     segments: dict[str, list]  # segment -> [(value, breakdown)] candidates in event order, values compiled
     phases: dict[str, list]
@@ -603,23 +712,28 @@ class SymbolicPass:
     log: list | None = None
     stats: dict = field(default_factory=dict)
 
+    def values(self, b: int, s: int) -> list | None:
+        """The terms' values at (b, s), or None where the pass's guards do not all hold."""
+        xy = variables(b, s, self.rho)
+        if xy is None:
+            return None
+        values = slot_values(*xy, self.atoms)
+        return values if all(guard_holds(g, values) for g in self.guards) else None
+
     def holds(self, b: int, s: int) -> bool:
-        if s % G != self.rho or b < 1 or s < 1:
-            return False
-        sigma = (s - self.rho) // G
-        return all(guard_holds(g, b, sigma) for g in self.guards)
+        return self.values(b, s) is not None
 
     def evaluate(self, b: int, s: int) -> step.SimResult:
         """The concrete simulation's result at (b, s) (where `holds(b, s)`)."""
-        sigma = (s - self.rho) // G
+        values = slot_values(*variables(b, s, self.rho), self.atoms)
 
         def peak(candidates):
             best = None
             for value, breakdown in candidates:
-                v = _at(value, b, sigma)
+                v = _at(value, values)
                 if best is None or v > best[0]:
                     best = (v, breakdown)
-            return best[0], {k: _at(x, b, sigma) for k, x in best[1].items()}
+            return best[0], {k: _at(x, values) for k, x in best[1].items()}
 
         phase_peaks, phase_breakdown = {}, {}
         for phase in step.PHASES:
@@ -627,31 +741,32 @@ class SymbolicPass:
                 total, breakdown = peak(self.phases[phase])
                 phase_peaks[phase] = total
                 phase_breakdown[phase] = {k: v for k, v in breakdown.items() if v}
-        result = step.SimResult(phase_peaks, phase_breakdown, host_peak_bytes=_at(self.host_peak, b, sigma))
+        result = step.SimResult(phase_peaks, phase_breakdown, host_peak_bytes=_at(self.host_peak, values))
         result.segments = {key: peak(candidates) for key, candidates in self.segments.items()}
         return result
 
     def evaluate_log(self, b: int, s: int) -> list:
         """The allocation log at (b, s), as `sim.recording_allocations` records it."""
-        sigma = (s - self.rho) // G
+        values = slot_values(*variables(b, s, self.rho), self.atoms)
         log = []
         for entry in self.log:
             if type(entry) is Blocks:
-                size = _at(entry.size, b, sigma)
-                log.extend(((entry.key, j), size) for j in range(_at(entry.count, b, sigma)))
+                size = _at(entry.size, values)
+                log.extend(((entry.key, j), size) for j in range(_at(entry.count, values)))
             else:
                 key, n = entry
-                log.append((key, n if type(n) is int else _poly_at(n, b, sigma)))
+                log.append((key, n if type(n) is int else _at(n, values)))
         return log
 
 
 def symbolic_setup(setup: TrainSetup) -> TrainSetup:
     """`setup` with batch_size = b and seq_len = s = G * sigma + rho as polynomials (within a trace)."""
     trace = _TRACE[-1]
-    b0, sigma0 = trace.variables
     symbolic = copy.copy(setup)  # TrainSetup's validation takes integers: set past it, as step.reference_setup does
-    object.__setattr__(symbolic, "batch_size", _encode(((1, 0, 1),), b0))
-    object.__setattr__(symbolic, "seq_len", _encode(((0, 1, G), (0, 0, trace.rho)), setup.seq_len))
+    # b = 1 + x, s = G * (sigma_min + y) + rho
+    object.__setattr__(symbolic, "batch_size", _encode(((0, 1), (_B, 1)), setup.batch_size))
+    object.__setattr__(symbolic, "seq_len", _encode(((0, G * trace.sigma_min + trace.rho), (_SIGMA, G)),
+                                                   setup.seq_len))
     return symbolic
 
 
@@ -698,7 +813,8 @@ def symbolic_simulate(setup: TrainSetup, counts: dict[str, int] | None = None, l
             if len(ENGINES) != 1:
                 raise RuntimeError(f"expected one engine per pass, got {len(ENGINES)}")
             e = ENGINES.pop()
-            result = SymbolicPass((setup.batch_size, setup.seq_len), trace.rho, list(trace.guards.values()),
+            result = SymbolicPass((setup.batch_size, setup.seq_len), trace.rho, list(trace.atoms),
+                                  list(trace.guards.values()),
                                   _compile_candidates(e.segment_candidates), _compile_candidates(e.phase_candidates),
                                   _compiled(e.host_peak_bytes),
                                   [_compiled_entry(entry) for entry in logs[0]] if log else None)
@@ -707,6 +823,6 @@ def symbolic_simulate(setup: TrainSetup, counts: dict[str, int] | None = None, l
         if gc_was_enabled:
             gc.enable()
     result.stats = {"guards": len(result.guards),
-                    "candidates": sum(len(c) for c in result.segments.values()),
+                    "candidates": sum(len(c) for c in result.segments.values()), "atoms": len(result.atoms),
                     "specialized": sum(1 for g in result.guards if g[0] == "eq")}
     return result
