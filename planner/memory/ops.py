@@ -573,7 +573,7 @@ def fused_attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: 
     tower's images or windows). Each call's output is kept and its logsumexp dropped at once, so the memory is the
     outputs as `calls` blocks plus one transient logsumexp: exactly the sequence of separate calls at its maximum."""
     inputs = [t for t in (q, k, v) if t.rg]
-    if calls > 1 and inputs:
+    if inputs and calls > 1:
         raise ValueError("grouped attention calls are for inputs without gradient")
     seq = tokens if seq is None else seq
     backend, head_dim = _sdpa_kernel(e, q, heads, tokens, calls, masked=False)

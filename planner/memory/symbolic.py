@@ -160,6 +160,8 @@ class Poly(int):
 
     # comparisons: the outcome at the reference point, guarded unless it holds over the whole domain
     def __gt__(self, o):
+        if o == 0 and type(o) is int and _plain(self) in _POSITIVE:  # a size: `size > 0` in every storage
+            return True
         return _greater(self - o, True) if type(o) in (int, Poly) else NotImplemented
 
     def __ge__(self, o):
@@ -178,7 +180,7 @@ class Poly(int):
         return (not _zero(self - o)) if type(o) in (int, Poly) else NotImplemented
 
     def __bool__(self):
-        return not _zero(self)
+        return _plain(self) in _POSITIVE or not _zero(self)
 
     __hash__ = int.__hash__
 
@@ -277,29 +279,30 @@ _FLOORS: dict = {}
 
 
 def _divide(p: Poly, o: Poly):
-    """p // o for p a polynomial multiple of o (tokens // seq, a view's numel // calls): the exact quotient; else
-    both specialized."""
+    """p // o for p a polynomial multiple of o (tokens // seq, a view's numel // calls): the exact quotient, by long
+    division on the leading terms (lexicographic in the exponents of x, then y); else both specialized."""
     vp, tp = _decode(p)
     vo, to = _decode(o)
-    if len(to) == 1 and to[0][0] < _MONOMIALS:  # a monomial divisor
-        ((x, co),) = to
-        ki, kj = divmod(x, _DEG)
-        quotient = []
-        for y, c in tp:
-            i, j = divmod(y, _DEG)
-            if y >= _MONOMIALS or i < ki or j < kj or c % co:
+    if vo and vp % vo == 0 and all(index < _MONOMIALS for index, _ in tp + to):
+        rest = {divmod(index, _DEG): c for index, c in tp}
+        divisor = {divmod(index, _DEG): c for index, c in to}
+        lead = max(divisor)
+        quotient: dict = {}
+        while rest:
+            top = max(rest)
+            if top[0] < lead[0] or top[1] < lead[1] or rest[top] % divisor[lead]:
                 break
-            quotient.append(((i - ki) * _DEG + j - kj, c // co))
+            k, shift = rest[top] // divisor[lead], (top[0] - lead[0], top[1] - lead[1])
+            quotient[shift] = quotient.get(shift, 0) + k
+            for (i, j), c in divisor.items():
+                key = (i + shift[0], j + shift[1])
+                left = rest.get(key, 0) - k * c
+                if left:
+                    rest[key] = left
+                else:
+                    rest.pop(key, None)
         else:
-            if vo and vp % vo == 0:
-                return _encode(tuple(quotient), vp // vo)
-    elif len(tp) == len(to):  # a constant multiple
-        ratio = dict(to)
-        index, c = tp[0]
-        if index in ratio and c % ratio[index] == 0:
-            k = c // ratio[index]
-            if all(ratio.get(index) is not None and c == k * ratio[index] for index, c in tp) and vp == k * vo:
-                return k
+            return _encode(tuple((i * _DEG + j, c) for (i, j), c in quotient.items() if c), vp // vo)
     return specialize(p) // specialize(o)
 
 
@@ -437,12 +440,18 @@ def _signs(raw: int) -> tuple[bool, bool, bool, bool]:
                 got = _coefficient_signs(terms, terms)
                 if len(_SIGNS) > 1 << 17:
                     _SIGNS.clear()
+                    _POSITIVE.clear()
                 _SIGNS[key] = got
+                if got[0]:
+                    _POSITIVE.add(_plain(raw))
             else:
                 low, high = _bounds(terms, trace)
                 got = (False, False, False, False) if low is None else _coefficient_signs(low, high)
                 trace.signs[key] = got
     return got
+
+
+_POSITIVE: set = set()  # packed polynomials without atoms provably > 0 (sizes): the engine's most frequent test
 
 
 def _coefficient_signs(low, high) -> tuple[bool, bool, bool, bool]:
@@ -690,6 +699,20 @@ def _under_chord(a, b, new) -> bool:
 ENGINES: list[SymbolicEngine] = []
 
 
+class SymbolicStorage(sim.Storage):
+    """sim.Storage's size, `blocks * rounded(nbytes / blocks)`, without its shortcut for one block (`nbytes // 1` is
+    nbytes): a symbolic block count (grouped attention calls, b - 1 of them) then takes one branch at b = 2 and
+    above. Used by the engine during a trace (`_tracing`); the exactness tests hold it to sim.Storage."""
+
+    __slots__ = ()
+
+    def __init__(self, engine, nbytes, category: str, owner: str, blocks=1) -> None:
+        self.engine, self.category, self.owner, self.blocks = engine, category, owner, blocks
+        size = nbytes // blocks
+        self.nbytes = blocks * (-(-size // sim.BLOCK_BYTES) * sim.BLOCK_BYTES) if size > 0 else 0
+        engine._alloc(self)
+
+
 # A pass ---------------------------------------------------------------------------------------------------------------
 
 
@@ -748,14 +771,22 @@ class SymbolicPass:
     def evaluate_log(self, b: int, s: int) -> list:
         """The allocation log at (b, s), as `sim.recording_allocations` records it."""
         values = slot_values(*variables(b, s, self.rho), self.atoms)
+        sizes: dict = {}  # a size's terms (one tuple per distinct polynomial, `_decode`'s memo) -> its value here
         log = []
+        append = log.append
         for entry in self.log:
             if type(entry) is Blocks:
                 size = _at(entry.size, values)
                 log.extend(((entry.key, j), size) for j in range(_at(entry.count, values)))
-            else:
-                key, n = entry
-                log.append((key, n if type(n) is int else _at(n, values)))
+                continue
+            n = entry[1]
+            if type(n) is int:
+                append(entry)
+                continue
+            size = sizes.get(id(n))
+            if size is None:
+                size = sizes[id(n)] = _at(n, values)
+            append((entry[0], size))
         return log
 
 
@@ -774,13 +805,14 @@ def symbolic_setup(setup: TrainSetup) -> TrainSetup:
 def _tracing(b0: int, s0: int):
     trace = Trace(b0, s0)
     _TRACE.append(trace)
-    engine_class = step.Engine
-    step.Engine = SymbolicEngine  # step._engine builds the engine by this name
+    engine_class, storage_class = step.Engine, sim.Storage
+    step.Engine = SymbolicEngine  # step._engine builds the engine by this name, Engine.new its storages by this one
+    sim.Storage = SymbolicStorage
     ENGINES.clear()
     try:
         yield trace
     finally:
-        step.Engine = engine_class
+        step.Engine, sim.Storage = engine_class, storage_class
         _TRACE.pop()
         ENGINES.clear()
 
@@ -824,5 +856,5 @@ def symbolic_simulate(setup: TrainSetup, counts: dict[str, int] | None = None, l
             gc.enable()
     result.stats = {"guards": len(result.guards),
                     "candidates": sum(len(c) for c in result.segments.values()), "atoms": len(result.atoms),
-                    "specialized": sum(1 for g in result.guards if g[0] == "eq")}
+                    "equalities": sum(1 for g in result.guards if g[0] == "eq")}
     return result
