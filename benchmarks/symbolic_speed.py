@@ -33,10 +33,10 @@ from pathlib import Path
 
 os.environ["VLPLAN_NO_CACHE"] = "1"
 
-from vlplan.planner.hardware import CATALOG  # noqa: E402
-from vlplan.planner.memory import estimate as estimate_module  # noqa: E402
-from vlplan.planner.memory import sim, step, symbolic  # noqa: E402
-from vlplan.tables.compute import compute_rows  # noqa: E402
+from vlplan.planner.hardware import CATALOG
+from vlplan.planner.memory import estimate as estimate_module
+from vlplan.planner.memory import sim, step, symbolic
+from vlplan.tables.compute import compute_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- symbolic_speed:begin -->", "<!-- symbolic_speed:end -->"

@@ -579,8 +579,9 @@ def fused_attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: 
     backend, head_dim = _sdpa_kernel(e, q, heads, tokens, calls, masked=False)
     out = e.new(q.numel, q.dtype, name=name, blocks=calls)
     lse = e.new(_lse_numel(backend, heads, tokens, seq), "fp32", name=f"{name}.lse")
+    # without inputs that need a gradient no node is recorded, so no backward and no workspace (grouped calls)
     node = Node("sdpa", inputs, [q, k, v, out, lse] if inputs else [], [],
-                workspace=_backward_workspace(backend, q, k, heads, tokens, seq, head_dim))
+                workspace=_backward_workspace(backend, q, k, heads, tokens, seq, head_dim) if inputs else 0)
     e.record(node, out)
     del lse
     return out

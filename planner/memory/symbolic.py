@@ -36,7 +36,7 @@ import copy
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from math import comb, gcd
+from math import gcd
 
 from ..setup import TrainSetup
 from . import sim, step
