@@ -193,7 +193,7 @@ def write(summary: dict) -> None:
     kinds = "\n".join(f"| {kind} | {v['passes']} | {v['symbolic_s']:.2f} s | {v['concrete_s']:.2f} s | "
                       f"{v['ratio']:.2f}x |" for kind, v in s["by_kind"].items())
     block = f"""{BEGIN}
-Measured {date.today().isoformat()}, Python {platform.python_version()}, CPU time (user + sys) on this shared 2-core
+Measured {s.get('date', date.today().isoformat())}, Python {platform.python_version()}, CPU time (user + sys) on this shared 2-core
 machine (1-minute load average {s['load_average']:.1f}; `python benchmarks/symbolic_speed.py --write`). The Qwen2.5-VL
 table: 4 models x 4 methods x {len(CATALOG)} GPU types x sequences 2048, 8192 x images 448x448, 768x768, 1920x1080,
 {s['rows']:,} rows, persistent cache off.
@@ -240,10 +240,15 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="update docs/speed.md")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--no-verify", action="store_true", help="skip the exactness check (timing only)")
+    parser.add_argument("--from-json", help="write docs/speed.md from a summary this script printed, not a new run")
     args = parser.parse_args()
-    table = record_table(args.models.split(","), METHODS, SEQ_LENS, IMAGE_SIZES)
-    summary = analyse(table, verify=not args.no_verify)
-    print(json.dumps(summary, indent=1))
+    if args.from_json:
+        summary = json.loads(Path(args.from_json).read_text())
+    else:
+        table = record_table(args.models.split(","), METHODS, SEQ_LENS, IMAGE_SIZES)
+        summary = analyse(table, verify=not args.no_verify)
+        summary["date"] = date.today().isoformat()
+        print(json.dumps(summary, indent=1))
     if summary["mismatches"]:
         sys.exit(f"{len(summary['mismatches'])} symbolic results differ from the concrete simulator")
     if args.write:

@@ -1,33 +1,33 @@
 """The step simulator run once with the micro-batch and the sequence length as symbols (issue 14 item 3, a prototype).
 
-`symbolic_simulate(setup, counts)` drives the unchanged simulator (`step._simulate`: the family's model code,
-blocks.py, ops.py, sim.py's autograd engine) with `batch_size = b` and `seq_len = s` as `Poly` values, polynomials in
-(b, s). Every size the code computes from them is then a polynomial too, and every branch that depends on them is
-taken as at a reference point (b0, s0), the setup's own values, with a *guard* recorded: a comparison's outcome
-(`Poly.__gt__` and the others: `max`, `min`, `bool`, a kernel's choice by head size), a rounding (`-(-n // 512) * 512`
-is a polynomial only where the rounded part does not move: `floor(R / 512) == q`), or a value the code needs as a plain
-integer (`range`, `len`, a list repeated `batch` times: the guard `p == p(b0, s0)`, a specialization). A pass yields
+`symbolic_simulate(setup, counts, log)` drives the unchanged simulator (`step._simulate`: the family's model code,
+blocks.py, ops.py, sim.py's autograd engine) with `batch_size = b` and `seq_len = s` as `Poly` values. Every size the
+code computes from them is then a polynomial too, and every branch that depends on them is taken as at a reference
+point (b0, s0), the setup's own values, with a *guard* recorded unless it holds over the whole domain: a comparison's
+outcome (`Poly.__gt__` and the others: `max`, `min`, `bool`, a kernel's choice by head size), a rounding, or a value
+the code needs as a plain integer (`range`, `len`: the guard `p == p(b0, s0)`, a specialization). A pass yields
 
-- per phase and per segment (phase/scope), the live-bytes peak with its breakdown, as a set of candidate polynomials:
-  the peak of a sequence of events is a maximum of polynomials, so the engine (`SymbolicEngine`) keeps each local
-  maximum unless an earlier candidate is provably at least as large, or a later one provably larger, over the whole
-  domain b >= 1, s >= 1 (`_signs`);
-- the allocation log (the caching-allocator replay's input) as polynomials;
+- per phase and per segment (phase/scope), the live-bytes peak with its breakdown, as a list of candidates: the peak
+  of a sequence of events is a maximum of polynomials, so `SymbolicEngine` keeps each local maximum that can still be
+  the first largest somewhere (`_offer`);
+- the allocation log (the caching-allocator replay's input) with polynomial sizes;
 - the guards under which both hold.
 
-For another (b, s), `SymbolicPass.holds(b, s)` evaluates the guards; where they hold, `evaluate(b, s)` is the concrete
-simulator's result exactly (tests/test_symbolic.py compares every field); where one trips, the caller simulates
-concretely. The caching-allocator replay (allocator.py) runs on the evaluated, concrete log: it is not symbolic.
-benchmarks/symbolic_speed.py measures a pass against a concrete one and how many concrete simulations of the
-Qwen2.5-VL table matrix one pass replaces (docs/speed.md, "The symbolic simulator: measured").
+For another (b, s), `SymbolicPass.holds(b, s)` evaluates the guards; where they hold, `evaluate(b, s)` and
+`evaluate_log(b, s)` are the concrete simulator's result and log exactly (tests/test_symbolic.py); where one trips,
+the caller simulates concretely. The caching-allocator replay (allocator.py) runs on the evaluated, concrete log: it
+is not symbolic. benchmarks/symbolic_speed.py measures a pass against a concrete one and how many concrete passes of
+the Qwen2.5-VL table one pass replaces (docs/speed.md, "The symbolic simulator: measured").
 
-Representation. A polynomial is a Python int (a subclass, `Poly`) packing signed 64-bit slots: slot 0 holds its value
-at the reference point, the others the integer coefficients of b**i * sigma**j (i, j <= 2), where the sequence length
-is s = G * sigma + rho (G = 2048, rho = s0 mod G, every pass guarded `s mod G == rho`): sizes rounded to 512-byte
-blocks, or a kernel's 128-token tiles, then stay polynomials with integer coefficients. Sums, differences and
-multiples by integers, nearly all the simulator's arithmetic, are then one big-integer operation, so the symbolic pass
-costs a small multiple of the concrete one (the measurement); products, floor divisions and comparisons decode the
-slots (memoized on the packed value).
+Representation. A polynomial is an int subclass (`Poly`) packing signed 64-bit slots: slot 0 its value at the
+reference point, then the integer coefficients of x**i * y**j (i, j <= 2) in the shifted variables x = b - 1 and
+y = sigma - sigma_min, where s = G * sigma + rho (G = 2048, rho = s0 mod G: every pass serves one residue), then the
+coefficients of up to `ATOMS` floor atoms. Over the domain x, y >= 0 a polynomial whose coefficients are all of one
+sign has that sign, so most comparisons are decided for the whole domain by reading the slots, with no guard. Sums,
+differences and integer multiples, nearly all the simulator's arithmetic, are one big-integer operation; products,
+floor divisions and comparisons decode the slots (memoized on the packed value). A floor division keeps whole blocks
+polynomial (a coefficient's multiple of the divisor) and turns the rest, the rounding of a small per-sample tensor,
+into an atom floor(R / m), a term of its own evaluated at each point (`_floor_divide`).
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ from . import sim, step
 G = 2048  # the sequence-length granule: s = G * sigma + rho
 _W = 64  # bits per slot
 _FULL, _HALF, _MASK = 1 << _W, 1 << (_W - 1), (1 << _W) - 1
-_DEG = 3  # exponents 0..2 of b and of sigma
-_MONOMIALS = _DEG * _DEG  # term index i * _DEG + j: b**i * sigma**j
+_DEG = 3  # exponents 0..2 of x = b - 1 and y = sigma - sigma_min
+_MONOMIALS = _DEG * _DEG  # term index i * _DEG + j: x**i * y**j
 ATOMS = 16  # term index _MONOMIALS + k: the k-th floor atom of the pass, floor(R_k / m_k)
 _SLOTS = 1 + _MONOMIALS + ATOMS
 _CONST = 1 << _W  # the constant coefficient's unit (term 0)
 _ONE = 1 + _CONST  # the integer 1 as a packed polynomial: value 1, constant 1
-_B, _SIGMA = _DEG, 1  # term indices of b and sigma
+_B, _SIGMA = _DEG, 1  # term indices of x and y
 
 _plain = int.__int__  # the packed value as a plain int (Poly's own operators are symbolic)
 
@@ -96,9 +96,10 @@ def _encode(terms, value: int):
 
 
 class Poly(int):
-    """An integer polynomial in (b, sigma), packed (see the module docstring). Python treats it as an int where C code
-    reads it directly (so a list repeated by it is handled here, `__rmul__`); every method that would read the packed
-    value as a number is overridden: arithmetic stays symbolic, comparisons decide at the reference point and guard."""
+    """An integer polynomial in x = b - 1 and y = sigma - sigma_min (and atoms), packed (see the module docstring).
+    Python treats it as an int where C code reads it directly (so a list repeated by it is handled here, `__rmul__`);
+    every method that would read the packed value as a number is overridden: arithmetic stays symbolic, comparisons
+    decide at the reference point and guard."""
 
     __slots__ = ()
 
@@ -192,7 +193,7 @@ class Poly(int):
 
     def __repr__(self) -> str:
         value, terms = _decode(self)
-        names = [("1", "sigma", "sigma^2"), ("b", "b*sigma", "b*sigma^2"), ("b^2", "b^2*sigma", "b^2*sigma^2")]
+        names = [("1", "y", "y^2"), ("x", "x*y", "x*y^2"), ("x^2", "x^2*y", "x^2*y^2")]
         text = " + ".join(f"{c}*{names[i // _DEG][i % _DEG] if i < _MONOMIALS else f'atom{i - _MONOMIALS}'}"
                           for i, c in terms)
         return f"Poly({text}; {value} at the reference)"
