@@ -193,10 +193,10 @@ def write(summary: dict) -> None:
     kinds = "\n".join(f"| {kind} | {v['passes']} | {v['symbolic_s']:.2f} s | {v['concrete_s']:.2f} s | "
                       f"{v['ratio']:.2f}x |" for kind, v in s["by_kind"].items())
     block = f"""{BEGIN}
-Measured {s.get('date', date.today().isoformat())}, Python {platform.python_version()}, CPU time (user + sys) on this shared 2-core
-machine (1-minute load average {s['load_average']:.1f}; `python benchmarks/symbolic_speed.py --write`). The Qwen2.5-VL
-table: 4 models x 4 methods x {len(CATALOG)} GPU types x sequences 2048, 8192 x images 448x448, 768x768, 1920x1080,
-{s['rows']:,} rows, persistent cache off.
+Measured {s.get('date', date.today().isoformat())}, Python {platform.python_version()}, CPU time (user + sys) on this
+shared 2-core machine (1-minute load average {s['load_average']:.1f}; `python benchmarks/symbolic_speed.py --write`).
+The Qwen2.5-VL table: 4 models x 4 methods x {len(CATALOG)} GPU types x sequences 2048, 8192 x images 448x448,
+768x768, 1920x1080, {s['rows']:,} rows, persistent cache off.
 
 Exactness: every one of the {s['verified']:,} concrete passes the table makes was recomputed from a symbolic pass and
 compared with a fresh concrete pass (phase peaks, breakdowns, segments, host peak, and the allocation log of the
@@ -209,11 +209,11 @@ full-depth passes): **{len(s['mismatches'])} differences**.
 
 | sharing | count |
 |---|---:|
-| concrete simulator passes the table makes | {s['concrete_passes']:,} |
+| concrete simulator passes the table makes (2-3-layer passes of the extrapolation, full-depth passes of the replay) | {s['concrete_passes']:,} |
 | groups (simulation key without micro-batch and sequence, layer counts, log) | {s['groups']:,} |
 | symbolic passes needed (a new one where no earlier one's guards hold) | {s['symbolic_passes']:,} |
 | concrete passes replaced per symbolic pass | **{s['concrete_per_symbolic_pass']:.2f}** |
-| the issue's policy, one pass per group and a concrete fallback: visits its guards serve / fallbacks | {s['first_pass_policy']['served']:,} / {s['first_pass_policy']['concrete_fallbacks']:,} |
+| the issue's policy, one pass per group and a concrete pass where its guards trip: later visits served / fallbacks | {s['first_pass_policy']['served']:,} / {s['first_pass_policy']['concrete_fallbacks']:,} |
 
 | CPU time | concrete (today) | symbolic (projected) |
 |---|---:|---:|
@@ -221,9 +221,9 @@ full-depth passes): **{len(s['mismatches'])} differences**.
 | caching-allocator replays (concrete either way) | {c['replay']:.2f} s | {c['replay']:.2f} s |
 | the whole table | {c['table']:.2f} s | {s['table_cpu_projected_s']:.2f} s |
 
-Simulator passes {s['passes_cpu_speedup']:.2f}x faster, the table {s['table_cpu_speedup']:.2f}x; the concrete passes
-are {100 * s['concrete_share_of_table']:.0f}% of the table's time today and the replays
-{100 * s['replay_share_of_table']:.0f}%.
+With symbolic passes the simulator passes would take {1 / s['passes_cpu_speedup']:.2f}x their CPU time today and the
+table {1 / s['table_cpu_speedup']:.2f}x. Today the concrete passes are {100 * s['concrete_share_of_table']:.0f}% of the
+table's CPU time and the replays {100 * s['replay_share_of_table']:.0f}%.
 {END}"""
     path = ROOT / "docs" / "speed.md"
     text = path.read_text()
