@@ -122,6 +122,7 @@ def analyse(table: dict, verify: bool = True) -> dict:
     for call in table["calls"]:
         groups.setdefault(group_key(*call[:3]), []).append(call)
     passes, served, built, evaluate_s, first_pass_holds = [], 0, 0, 0.0, 0
+    beyond_regimes = 0  # passes beyond one per program a group visits (micro-batch 1, micro-batches from 2)
     mismatches, checked = [], 0
     ratio_by_kind: dict = {}
     for key, calls in groups.items():
@@ -139,7 +140,7 @@ def analyse(table: dict, verify: bool = True) -> dict:
                 totals[0] += 1
                 totals[1] += symbolic_s
                 totals[2] += concrete_s
-                passes.append({"symbolic_s": symbolic_s, "concrete_s": concrete_s, "kind": kind,
+                passes.append({"call": calls[index], "symbolic_s": symbolic_s, "concrete_s": concrete_s, "kind": kind,
                                "guards": chosen.stats["guards"], "atoms": chosen.stats["atoms"],
                                "equalities": chosen.stats["equalities"], "b": b, "s": s})
                 built += 1
@@ -160,6 +161,10 @@ def analyse(table: dict, verify: bool = True) -> dict:
                         logged and canonical_log(log) != canonical_log(expected_log)):
                     mismatches.append({"model": setup.model.name, "method": setup.method, "b": b, "s": s,
                                        "counts": counts, "logged": logged})
+    for calls_of_group in groups.values():
+        regimes = {min(call[0].batch_size, 2) for call in calls_of_group}
+        made = sum(1 for call in calls_of_group if any(p["call"] is call for p in passes))
+        beyond_regimes += made - len(regimes)
     calls = len(table["calls"])
     symbolic_s = sum(p["symbolic_s"] for p in passes)
     concrete_built_s = sum(p["concrete_s"] for p in passes)
@@ -184,6 +189,7 @@ def analyse(table: dict, verify: bool = True) -> dict:
         "verified": checked, "mismatches": mismatches,
         "guards_max": max(p["guards"] for p in passes), "atoms_max": max(p["atoms"] for p in passes),
         "passes_with_equality_guards": sum(1 for p in passes if p["equalities"]),
+        "passes_beyond_one_per_program": beyond_regimes,
         "load_average": os.getloadavg()[0],
     }
 
