@@ -50,7 +50,7 @@ def segment_attention(setup: TrainSetup):
     """Vision attention over packed images: one attention call per image (or window), outputs concatenated."""
 
     def attention(e: Engine, q: T, k: T, v: T, heads: int, segments: list[int], name: str) -> T:
-        d = q.numel // sum(segments)
+        d = q.numel // _total(segments)
         outs = []
         if e.autocast:
             q, k, v = (ops.cast(e, t, e.autocast) for t in (q, k, v))
@@ -81,12 +81,22 @@ def segment_attention(setup: TrainSetup):
     return attention
 
 
+def _total(lengths: list[int]) -> int:
+    """sum(lengths); a symbolic repetition of per-sample lengths (planner/memory/symbolic.py `Repeated`) sums itself."""
+    total = getattr(lengths, "total", None)
+    return total() if total is not None else sum(lengths)
+
+
 def _grouped_calls(lengths: list[int], out_bytes, lse_bytes) -> list[tuple[int, int]]:
     """(length, calls) groups that reproduce the peak of calling attention once per segment in order, when no input
     needs a gradient: each call keeps its output and drops its logsumexp. If every output block outweighs every
     logsumexp, the running total only grows, so the peak is all outputs plus the last call's logsumexp, whatever
     the order: segments are grouped by length and the last one stays last. Otherwise only consecutive equal
-    lengths are grouped (the same sequence of totals)."""
+    lengths are grouped (the same sequence of totals). A symbolic repetition of per-sample lengths
+    (planner/memory/symbolic.py `Repeated`) groups itself, its counts symbolic in the micro-batch."""
+    grouped = getattr(lengths, "grouped_calls", None)
+    if grouped is not None:
+        return grouped(out_bytes, lse_bytes)
     if len(lengths) > 1 and min(rounded(out_bytes(n)) for n in set(lengths)) >= max(
             rounded(lse_bytes(n)) for n in set(lengths)):
         counts: dict[int, int] = {}

@@ -588,14 +588,15 @@ def fused_attention(e: Engine, q: T, k: T, v: T, heads: int, tokens: int, name: 
     tower's images or windows). Each call's output is kept and its logsumexp dropped at once, so the memory is the
     outputs as `calls` blocks plus one transient logsumexp: exactly the sequence of separate calls at its maximum."""
     inputs = [t for t in (q, k, v) if t.rg]
-    if calls > 1 and inputs:
+    if inputs and calls > 1:
         raise ValueError("grouped attention calls are for inputs without gradient")
     seq = tokens if seq is None else seq
     backend, head_dim = _sdpa_kernel(e, q, heads, tokens, calls, masked=False)
     out = e.new(q.numel, q.dtype, name=name, blocks=calls)
     lse = e.new(_lse_numel(backend, heads, tokens, seq), "fp32", name=f"{name}.lse")
+    # without inputs that need a gradient no node is recorded, so no backward and no workspace (grouped calls)
     node = Node("sdpa", inputs, [q, k, v, out, lse] if inputs else [], [],
-                workspace=_backward_workspace(backend, q, k, heads, tokens, seq, head_dim))
+                workspace=_backward_workspace(backend, q, k, heads, tokens, seq, head_dim) if inputs else 0)
     e.record(node, out)
     del lse
     return out

@@ -78,10 +78,10 @@ class QwenVLModel(BaseModel):
         segments = len(items) * self.batch
         inputs[f"{kind}_cu_seqlens"] = e.new(segments + 1, "int32", name="cu_seqlens", category="inputs/batch")
         if v.window_size:
-            windows = window_segments(items, v, self.batch)
+            windows = len(window_segments(items, v, 1)) * self.batch  # the same windows in every sample
             inputs[f"{kind}_window_index"] = e.new(patches // 4, "int64", name="window_index",
                                                    category="inputs/batch")
-            inputs[f"{kind}_cu_window_seqlens"] = e.new(len(windows) + 1, "int32", name="cu_window_seqlens",
+            inputs[f"{kind}_cu_window_seqlens"] = e.new(windows + 1, "int32", name="cu_window_seqlens",
                                                         category="inputs/batch")
 
     def encode(self, e: Engine, inputs: dict[str, T]) -> T:
