@@ -10,6 +10,7 @@ caching allocator are the named constants of `overheads.py`. `breakdown_bytes` s
 from __future__ import annotations
 
 import dataclasses
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from .. import cache
@@ -17,7 +18,7 @@ from ..modules import LANGUAGE, model_inventory
 from ..setup import Train, TrainSetup
 from . import overheads
 from . import step as _step
-from .allocator import ReplayResult, replay
+from .allocator import ReplayResult, _replay_default, replay
 from .sim import recording_allocations
 from .step import PHASES, register_memo, simulate, simulate_extrapolated, simulation_key
 from .fsdp import (
@@ -287,7 +288,14 @@ def reserved_replay(setup: TrainSetup, expandable_segments: bool = False,
         if len(_LOGS) >= _LOGS_SIZE:
             _LOGS.pop(next(iter(_LOGS)))
         _LOGS[key[0]] = (log, live_peak)
-    answer = replay(log, capacity_bytes, expandable_segments), live_peak
+    if capacity_bytes is None and not expandable_segments:  # keep the reserved bytes as they grew: `peak_over`
+        growth: list[int] = []
+        answer = _replay_default(log, None, growth), live_peak
+        if len(_GROWTHS) >= _REPLAYS_SIZE:
+            _GROWTHS.pop(next(iter(_GROWTHS)))
+        _GROWTHS[key] = growth
+    else:
+        answer = replay(log, capacity_bytes, expandable_segments), live_peak
     if capacity_bytes is None:
         _remember_replay(key, answer)
         if _step.SHORTCUTS:
@@ -306,6 +314,41 @@ _REPLAYS: dict[tuple, tuple[ReplayResult, int]] = register_memo({})
 _REPLAYS_SIZE = 4096
 _LOGS: dict[tuple, tuple[list, int]] = register_memo({})
 _LOGS_SIZE = 4
+# the reserved bytes after each new segment of the unlimited replays (`_replay_default`'s `growth`), by replay key
+_GROWTHS: dict[tuple, list[int]] = register_memo({})
+
+
+def peak_over(setup: TrainSetup, budget: int) -> bool:
+    """Whether `estimate(setup).peak_bytes > budget` is certain without the replay under the GPU's capacity (the
+    one `_reserved` runs when the unlimited reserved peak is over it): True proves the setup does not fit `budget`,
+    False says nothing. A search (plan) asks it before the full estimate of a setup it would drop if over.
+
+    The replay under a capacity is the unlimited one up to the first new segment that would pass the capacity (the
+    out-of-memory path changes nothing before it: with the default settings `release_available_cached_blocks` is a
+    no-op and nothing is released), so its reserved peak is at least the reserved bytes `r0` just before that
+    segment; if it runs out of memory, the estimate keeps the unlimited peak, which is over the capacity, hence over
+    `r0` too. The peak is the reserved peak plus terms the replay does not change (`_reserved`), so `r0` plus them
+    over `budget` proves the peak over it. With expandable segments (not recorded) or a replay read back from the
+    persistent cache, it answers by the floor alone."""
+    if peak_floor_bytes(setup) > budget:
+        return True
+    if setup.expandable_segments:
+        return False
+    live = _live(setup)
+    outside = overheads.CUDA_CONTEXT_BYTES + (overheads.NCCL_BYTES if setup.world_size > 1 else 0)
+    cublas_reserved = cublas_reserved_bytes(setup.gpu.name, False)
+    result, live_peak = reserved_replay(setup, False)
+    shift = live.allocated_peak - live_peak
+    fixed = shift + cublas_reserved + outside  # peak_bytes = reserved peak + fixed (see `_reserved`)
+    capacity = setup.gpu.memory_bytes - fixed
+    if not result.reserved_peak_bytes > capacity >= live_peak:  # no replay under the capacity: the peak is known
+        return result.reserved_peak_bytes + fixed > budget
+    growth = _GROWTHS.get((simulation_key(setup), False))
+    if growth is None:
+        return False
+    first_over = bisect_right(growth, capacity)  # the first new segment past the capacity
+    reserved_before = growth[first_over - 1] if first_over else 0
+    return reserved_before + fixed > budget
 
 
 def cublas_reserved_bytes(gpu_name: str, expandable_segments: bool = False) -> int:
@@ -314,9 +357,15 @@ def cublas_reserved_bytes(gpu_name: str, expandable_segments: bool = False) -> i
     when the first matmul of each thread runs and are kept for the process's life, so they hold their own segments
     (on Hopper two 32 MiB ones; elsewhere both 8.125 MiB workspaces share one 20 MiB segment). Replayed apart from
     the step: what they leave free in their segment (3.75 MiB off Hopper) is not offered to the step's tensors."""
-    workspace = overheads.cublas_workspace_bytes(gpu_name) // overheads.CUBLAS_WORKSPACES
-    events = [(i, workspace) for i in range(overheads.CUBLAS_WORKSPACES)]
-    return replay(events, expandable_segments=expandable_segments).reserved_peak_bytes
+    key = (gpu_name, expandable_segments)
+    if key not in _CUBLAS_RESERVED:  # memoized: every estimate asks, a table's rows for a handful of GPU types
+        workspace = overheads.cublas_workspace_bytes(gpu_name) // overheads.CUBLAS_WORKSPACES
+        events = [(i, workspace) for i in range(overheads.CUBLAS_WORKSPACES)]
+        _CUBLAS_RESERVED[key] = replay(events, expandable_segments=expandable_segments).reserved_peak_bytes
+    return _CUBLAS_RESERVED[key]
+
+
+_CUBLAS_RESERVED: dict[tuple[str, bool], int] = {}
 
 
 def _reserved(setup: TrainSetup, allocated_peak: int, outside: int, expandable_segments: bool) -> tuple[int, dict]:
