@@ -34,6 +34,7 @@ def test_empty_and_free_only_sequences():
     assert _replay_default([(1, 0), (2, 0)], None) == replay_model([(1, 0), (2, 0)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,kw", [("qwen2.5-vl-7b", dict(method="lora")),
                                       ("llava-1.5-7b", dict(method="qlora", gradient_checkpointing=True)),
                                       ("gemma-3-4b", dict(method="full", batch_size=2))])
@@ -54,3 +55,75 @@ def test_default_replay_of_simulated_steps(model, kw, monkeypatch):
     for capacity in (unlimited.reserved_peak_bytes - 64 * MIB, unlimited.allocated_peak_bytes + 2 * MIB,
                      unlimited.allocated_peak_bytes - 2 * MIB):
         assert _replay_default(log, capacity) == replay_model(log, capacity), capacity
+
+
+# The estimate's replays: under the capacity first, and the plan's proof of a peak over its budget ------------------
+
+
+def _squeezed_setups():
+    """qwen2-vl-2b LoRA on GPUs from just above the live peak to above the unlimited reserved peak: no retry, retries
+    that save the step, and out-of-memory (with plain and expandable segments, one GPU and ZeRO-2 on two)."""
+    from dataclasses import replace
+
+    from vlplan.planner.memory import overheads, step
+    from vlplan.planner.memory.estimate import estimate
+    from vlplan.planner.registry import resolve
+    from vlplan.planner.setup import make_setup
+
+    base = make_setup(resolve("qwen2-vl-2b"), method="lora", seq_len=512, image_size=(224, 224))
+    step.clear_memos()
+    unlimited = estimate(base)
+    floor = unlimited.allocated_peak_bytes + 64 * MIB + overheads.CUDA_CONTEXT_BYTES
+    setups = []
+    for variant in (base, replace(base, expandable_segments=True), replace(base, num_gpus=2, zero=2)):
+        for extra_mib in range(-64, (unlimited.peak_bytes - floor) // MIB + 256, 96):
+            gpu = replace(base.gpu, memory_mib=floor // MIB + extra_mib)
+            setups.append(replace(variant, gpu=gpu))
+    return setups
+
+
+def _answer(result) -> tuple:
+    return result.peak_bytes, result.breakdown_bytes, result.allocator, result.fits
+
+
+@pytest.mark.slow
+def test_replay_under_the_capacity_first_gives_the_same_estimates():
+    """An estimate whose setup was not replayed yet replays under the GPU's capacity first (one replay where the
+    capacity is reached, `estimate._reserved`); the answers equal those of the unlimited replay first, across the
+    cases of no retry, a saving retry and out of memory."""
+    from vlplan.planner.memory import step
+    from vlplan.planner.memory.estimate import estimate, reserved_replay
+
+    setups = _squeezed_setups()
+    cold, warm, outcomes = [], [], set()
+    for setup in setups:
+        step.clear_memos()  # nothing replayed: the capacity-first path
+        cold.append(_answer(estimate(setup)))
+        step.clear_memos()
+        reserved_replay(setup, setup.expandable_segments)  # the unlimited replay first: the plain path
+        warm.append(_answer(estimate(setup)))
+        outcomes.add((cold[-1][2]["retries"] > 0, cold[-1][2]["oom_event"] is not None))
+    step.clear_memos()
+    assert cold == warm
+    assert outcomes == {(False, False), (True, False), (True, True)}
+
+
+@pytest.mark.slow
+def test_peak_over_proves_only_peaks_over_the_budget():
+    """`estimate.peak_over` (plan drops a setup on it without its replay under the capacity) is True only where the
+    estimate's peak is over the budget, and it decides some setups whose floor fits the budget (the growth bound)."""
+    from vlplan.planner.memory import step
+    from vlplan.planner.memory.estimate import estimate, peak_floor_bytes, peak_over
+
+    decided_by_growth = 0
+    for setup in _squeezed_setups():
+        step.clear_memos()
+        peak = estimate(setup).peak_bytes
+        for budget in (peak - 1, peak, peak_floor_bytes(setup), int(setup.gpu.memory_bytes * 0.9),
+                       setup.gpu.memory_bytes):
+            step.clear_memos()
+            if peak_over(setup, budget):
+                assert peak > budget, (setup.gpu.memory_mib, budget)
+                decided_by_growth += peak_floor_bytes(setup) <= budget
+    step.clear_memos()
+    assert decided_by_growth

@@ -266,41 +266,77 @@ def reserved_replay(setup: TrainSetup, expandable_segments: bool = False,
     The replay runs the full-depth simulation: reserved memory is not affine in the layer counts (a layer's tensors
     may fit in cached blocks or need new segments, in patterns with periods of several layers), so the 2-and-3-layer
     extrapolation of `simulate_extrapolated` does not carry over to it (docs/memory-model.md, "Reserved memory: the
-    caching allocator"). Memoized with unlimited capacity; the logs of the last few setups are kept for the replays
-    under a GPU's capacity."""
+    caching allocator"). Memoized, with unlimited capacity (also in the persistent cache) and under a capacity; the
+    logs of the last few setups are kept for the replays under a GPU's capacity."""
     key = (simulation_key(setup), expandable_segments)
-    if capacity_bytes is None and key in _REPLAYS:
+    if capacity_bytes is None:
+        answer = _known_replay(key)
+        if answer is None:
+            log, live_peak = _step_log(setup, key[0])
+            growth: list[int] = []
+            answer = _replay(log, None, expandable_segments, growth), live_peak
+            _remember_unlimited(key, answer, growth)
+        return answer
+    log, live_peak = _step_log(setup, key[0])
+    return _limited_replay(key, log, capacity_bytes), live_peak
+
+
+def _known_replay(key: tuple) -> tuple[ReplayResult, int] | None:
+    """The unlimited replay of `key` from the memo or the persistent cache (planner/cache.py), or None."""
+    if key in _REPLAYS:
         return _REPLAYS[key]
-    if capacity_bytes is None and _step.SHORTCUTS:  # the persistent cache (planner/cache.py): repeated plans, tables
-        stored = cache.load(REPLAY_NAMESPACE, key)
-        try:
-            answer = ReplayResult(**stored[0]), int(stored[1])
-        except (TypeError, ValueError, KeyError, IndexError):  # absent (None) or malformed
-            answer = None
-        if answer is not None:
-            _remember_replay(key, answer)
-            return answer
-    log, live_peak = _LOGS.get(key[0], (None, 0))
-    if log is None:
-        with recording_allocations() as logs:
-            result = simulate(setup)
-        log, live_peak = logs[0], max(result.phase_peaks.values())
-        if len(_LOGS) >= _LOGS_SIZE:
-            _LOGS.pop(next(iter(_LOGS)))
-        _LOGS[key[0]] = (log, live_peak)
-    if capacity_bytes is None and not expandable_segments:  # keep the reserved bytes as they grew: `peak_over`
-        growth: list[int] = []
-        answer = _replay_default(log, None, growth), live_peak
+    if not _step.SHORTCUTS:
+        return None
+    stored = cache.load(REPLAY_NAMESPACE, key)
+    try:
+        answer = ReplayResult(**stored[0]), int(stored[1])
+    except (TypeError, ValueError, KeyError, IndexError):  # absent (None) or malformed
+        return None
+    _remember_replay(key, answer)
+    return answer
+
+
+def _step_log(setup: TrainSetup, sim_key: tuple) -> tuple[list, int]:
+    """The allocation log of the full-depth simulation of `setup` and its live-tensor peak (the last few kept)."""
+    hit = _LOGS.get(sim_key)
+    if hit is not None:
+        return hit
+    with recording_allocations() as logs:
+        result = simulate(setup)
+    hit = logs[0], max(result.phase_peaks.values())
+    if len(_LOGS) >= _LOGS_SIZE:
+        _LOGS.pop(next(iter(_LOGS)))
+    _LOGS[sim_key] = hit
+    return hit
+
+
+def _replay(log: list, capacity: int | None, expandable_segments: bool, growth: list | None) -> ReplayResult:
+    """`allocator.replay`, recording the reserved bytes as they grow (`growth`) with the default settings."""
+    if expandable_segments:
+        return replay(log, capacity, expandable_segments)
+    return _replay_default(log, capacity, growth)
+
+
+def _remember_unlimited(key: tuple, answer: tuple[ReplayResult, int], growth: list[int] | None) -> None:
+    _remember_replay(key, answer)
+    if growth is not None and not key[1]:  # `peak_over` reads how the reserved bytes grew (default settings)
         if len(_GROWTHS) >= _REPLAYS_SIZE:
             _GROWTHS.pop(next(iter(_GROWTHS)))
         _GROWTHS[key] = growth
-    else:
-        answer = replay(log, capacity_bytes, expandable_segments), live_peak
-    if capacity_bytes is None:
-        _remember_replay(key, answer)
-        if _step.SHORTCUTS:
-            cache.store(REPLAY_NAMESPACE, key, [dataclasses.asdict(answer[0]), answer[1]])
-    return answer
+    if _step.SHORTCUTS:
+        cache.store(REPLAY_NAMESPACE, key, [dataclasses.asdict(answer[0]), answer[1]])
+
+
+def _limited_replay(key: tuple, log: list, capacity: int, growth: list | None = None) -> ReplayResult:
+    """The replay of `key`'s log under `capacity` bytes, memoized."""
+    limited_key = (key, capacity)
+    result = _LIMITED.get(limited_key)
+    if result is None:
+        result = _replay(log, capacity, key[1], growth)
+        if len(_LIMITED) >= _REPLAYS_SIZE:
+            _LIMITED.pop(next(iter(_LIMITED)))
+        _LIMITED[limited_key] = result
+    return result
 
 
 def _remember_replay(key: tuple, answer: tuple[ReplayResult, int]) -> None:
@@ -314,6 +350,7 @@ _REPLAYS: dict[tuple, tuple[ReplayResult, int]] = register_memo({})
 _REPLAYS_SIZE = 4096
 _LOGS: dict[tuple, tuple[list, int]] = register_memo({})
 _LOGS_SIZE = 4
+_LIMITED: dict[tuple, ReplayResult] = register_memo({})  # ((simulation key, expandable), capacity) -> replay
 # the reserved bytes after each new segment of the unlimited replays (`_replay_default`'s `growth`), by replay key
 _GROWTHS: dict[tuple, list[int]] = register_memo({})
 
@@ -376,23 +413,41 @@ def _reserved(setup: TrainSetup, allocated_peak: int, outside: int, expandable_s
 
     The replay first runs with unlimited memory. When that reserved peak would not fit the GPU but the live peak
     would, it runs again under the GPU's capacity: the allocator then frees its cached segments and retries before
-    running out of memory (`malloc`), and the peak is what it reserved under that limit."""
+    running out of memory (`malloc`), and the peak is what it reserved under that limit. (A setup not replayed yet
+    is replayed under the capacity first, which gives the same answers with one replay where the capacity is
+    reached: see below.)"""
     cublas = overheads.cublas_workspace_bytes(setup.gpu.name)
     cublas_reserved = cublas_reserved_bytes(setup.gpu.name, expandable_segments)
-    result, live_peak = reserved_replay(setup, expandable_segments)
+    key = (simulation_key(setup), expandable_segments)
+    unlimited, limited = _known_replay(key), None
+    if unlimited is None:
+        # Not replayed yet: replay under the capacity first. Up to the first new segment past the capacity the
+        # replay under it is the unlimited one, so one that never reaches the capacity (no retry) is the unlimited
+        # replay, and one that does is the replay the estimate needs (only when it runs out of memory is the
+        # unlimited one needed too): one replay instead of two where the capacity is reached
+        log, live_peak = _step_log(setup, key[0])
+        capacity = setup.gpu.memory_bytes - outside - (allocated_peak - live_peak) - cublas_reserved
+        if capacity >= live_peak:
+            growth = [] if (key, capacity) not in _LIMITED else None
+            limited = _limited_replay(key, log, capacity, growth)
+            if not limited.retries and not limited.oom:
+                unlimited, limited = (limited, live_peak), None
+                _remember_unlimited(key, unlimited, growth)
+        if unlimited is None and (limited is None or limited.oom):
+            unlimited = reserved_replay(setup, expandable_segments)
+    if unlimited is not None:
+        result, live_peak = unlimited
     shift = allocated_peak - live_peak  # analytic ZeRO / DDP terms (0 on one GPU without ZeRO)
     capacity = setup.gpu.memory_bytes - outside - shift - cublas_reserved
+    if limited is None and result.reserved_peak_bytes > capacity >= live_peak:
+        limited, _ = reserved_replay(setup, expandable_segments, capacity)
+    if limited is not None and not limited.oom:
+        result = limited
     info = {"reserve": "replay", "expandable_segments": expandable_segments,
             "reserved_peak_bytes": result.reserved_peak_bytes + shift + cublas_reserved,
             "reserved_minus_allocated_at_reserved_peak_bytes": result.fragmentation_bytes,
-            "events": result.events, "oom_event": None, "retries": 0}
-    if result.reserved_peak_bytes > capacity >= live_peak:
-        limited, _ = reserved_replay(setup, expandable_segments, capacity)
-        info.update(oom_event=limited.oom_event, retries=limited.retries)
-        if not limited.oom:
-            result = limited
-            info.update(reserved_peak_bytes=result.reserved_peak_bytes + shift + cublas_reserved,
-                        reserved_minus_allocated_at_reserved_peak_bytes=result.fragmentation_bytes)
+            "events": result.events, "oom_event": None if limited is None else limited.oom_event,
+            "retries": 0 if limited is None else limited.retries}
     reserve = result.reserved_peak_bytes - live_peak + cublas_reserved - cublas
     # never negative: reserved >= allocated (blocks of segments) >= live bytes (each rounded up), and the cuBLAS
     # segments hold at least the workspaces; `peak_floor_bytes` (the searches' lower bound) relies on it
