@@ -127,3 +127,41 @@ def test_peak_over_proves_only_peaks_over_the_budget():
                 decided_by_growth += peak_floor_bytes(setup) <= budget
     step.clear_memos()
     assert decided_by_growth
+
+
+def _canonical(log: list) -> list:
+    """A log with its storage keys numbered by allocation (ids are reused once freed): what a replay reads."""
+    live, out = {}, []
+    for key, size in log:
+        if size:
+            live[key] = len(out)
+            out.append((len(out), size))
+        else:
+            out.append((live.pop(key), 0))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,kw", [
+    ("qwen2.5-vl-7b", dict(method="lora")),
+    ("qwen2.5-vl-3b", dict(method="full", batch_size=2, zero=2, num_gpus=2)),
+    ("qwen2-vl-2b", dict(method="full", stage="dpo", seq_len=1024, stack="llamafactory")),
+    ("llava-1.5-7b", dict(method="qlora", gradient_checkpointing=True, optimizer="adafactor", stack="hf-trainer")),
+    ("gemma-3-4b", dict(method="freeze", stack="llamafactory", attn="eager", seq_len=2048)),
+    ("internvl3-2b", dict(method="full", offload_checkpoints=True, gradient_checkpointing=True,
+                          stack="llamafactory")),
+])
+def test_log_only_simulation_logs_what_the_simulation_does(model, kw):
+    """`step.simulate_log` (the estimate's replay input, `sim.LogEngine`: no peak breakdowns) gives the allocation
+    log `simulate` records and its largest phase peak."""
+    from vlplan.planner.memory import step
+    from vlplan.planner.memory.sim import recording_allocations
+    from vlplan.planner.registry import resolve
+    from vlplan.planner.setup import make_setup
+
+    setup = make_setup(resolve(model), **kw)
+    with recording_allocations() as logs:
+        result = step.simulate(setup)
+    log, live_peak = step.simulate_log(setup)
+    assert _canonical(log) == _canonical(logs[0])
+    assert live_peak == max(result.phase_peaks.values())

@@ -19,8 +19,7 @@ from ..setup import Train, TrainSetup
 from . import overheads
 from . import step as _step
 from .allocator import ReplayResult, _replay_default, replay
-from .sim import recording_allocations
-from .step import PHASES, register_memo, simulate, simulate_extrapolated, simulation_key
+from .step import PHASES, register_memo, simulate_extrapolated, simulate_log, simulation_key
 from .fsdp import (
     activation_setup,
     fsdp_breakdown,
@@ -301,9 +300,7 @@ def _step_log(setup: TrainSetup, sim_key: tuple) -> tuple[list, int]:
     hit = _LOGS.get(sim_key)
     if hit is not None:
         return hit
-    with recording_allocations() as logs:
-        result = simulate(setup)
-    hit = logs[0], max(result.phase_peaks.values())
+    hit = simulate_log(setup)  # `simulate(setup)` under `recording_allocations`, without the peaks' breakdowns
     if len(_LOGS) >= _LOGS_SIZE:
         _LOGS.pop(next(iter(_LOGS)))
     _LOGS[sim_key] = hit

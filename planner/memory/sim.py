@@ -573,6 +573,34 @@ class Engine:
         del out, out_grad, leaf
 
 
+class LogEngine(Engine):
+    """An Engine for the caching-allocator replay alone: it logs every allocation and free (always, as under
+    `recording_allocations`) and keeps the live-tensor peak of the step's phases (`live_peak`: the largest of
+    `phase_peaks` outside "setup"), not the per-phase and per-segment peaks or their breakdowns. The same program
+    runs, so the log is the one an Engine records (tests/test_allocator_fast.py)."""
+
+    def __init__(self, detail: bool = False) -> None:
+        super().__init__(detail)
+        if self.allocation_log is None:
+            self.allocation_log = []
+        self.live_peak = 0
+
+    def _alloc(self, storage: Storage) -> None:
+        nbytes = storage.nbytes
+        current = self.current = self.current + nbytes
+        by_category, category = self.by_category, storage.category
+        by_category[category] = by_category.get(category, 0) + nbytes
+        if nbytes:
+            if storage.blocks == 1:
+                self.allocation_log.append((id(storage), nbytes))
+            else:
+                _log_storage(self.allocation_log, storage, nbytes)
+        if self.detail:
+            self.live[id(storage)] = storage
+        if current > self.live_peak and self._phase != "setup":
+            self.live_peak = current
+
+
 class HostCopy:
     """A tensor copied to host RAM: counted in the engine's host bytes (not GPU memory) while it lives."""
 
