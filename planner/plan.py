@@ -18,7 +18,7 @@ from functools import lru_cache
 
 from .errors import VlplanError
 from .hardware import assumed_host_ram
-from .memory.estimate import Estimate, estimate, peak_floor_bytes, peak_over
+from .memory.estimate import Estimate, estimate, peak_floor_bytes
 from .memory.estimate import host_ram_bytes as estimated_host_ram_bytes
 from .setup import TrainSetup
 from .throughput import StepTime, step_time
@@ -353,8 +353,6 @@ def _fits(setup: TrainSetup, budget: int, host_budget: int | None = None, floor:
             return False
         if floor:
             return True
-        if peak_over(setup, budget):  # over without the replay under the GPU's capacity (estimate.peak_over)
-            return False
         e = _cached_estimate(setup)
     except VlplanError:
         return False

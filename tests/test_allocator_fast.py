@@ -57,7 +57,7 @@ def test_default_replay_of_simulated_steps(model, kw, monkeypatch):
         assert _replay_default(log, capacity) == replay_model(log, capacity), capacity
 
 
-# The estimate's replays: under the capacity first, and the plan's proof of a peak over its budget ------------------
+# The estimate's replays: under the capacity first ------------------------------------------------------------------
 
 
 def _squeezed_setups():
@@ -106,27 +106,6 @@ def test_replay_under_the_capacity_first_gives_the_same_estimates():
     step.clear_memos()
     assert cold == warm
     assert outcomes == {(False, False), (True, False), (True, True)}
-
-
-@pytest.mark.slow
-def test_peak_over_proves_only_peaks_over_the_budget():
-    """`estimate.peak_over` (plan drops a setup on it without its replay under the capacity) is True only where the
-    estimate's peak is over the budget, and it decides some setups whose floor fits the budget (the growth bound)."""
-    from vlplan.planner.memory import step
-    from vlplan.planner.memory.estimate import estimate, peak_floor_bytes, peak_over
-
-    decided_by_growth = 0
-    for setup in _squeezed_setups():
-        step.clear_memos()
-        peak = estimate(setup).peak_bytes
-        for budget in (peak - 1, peak, peak_floor_bytes(setup), int(setup.gpu.memory_bytes * 0.9),
-                       setup.gpu.memory_bytes):
-            step.clear_memos()
-            if peak_over(setup, budget):
-                assert peak > budget, (setup.gpu.memory_mib, budget)
-                decided_by_growth += peak_floor_bytes(setup) <= budget
-    step.clear_memos()
-    assert decided_by_growth
 
 
 def _canonical(log: list) -> list:

@@ -475,7 +475,7 @@ def replay_model(events, capacity_bytes: int | None = None, expandable_segments:
                         allocator.reserved, allocator.segments_at_peak, count, oom_event, allocator.retries)
 
 
-def _replay_default(events, capacity: int | None, growth: list | None = None) -> ReplayResult:
+def _replay_default(events, capacity: int | None) -> ReplayResult:
     """`replay_model` with the default settings (one stream, no expandable segments, unlimited max_split_size), every
     step of `CachingAllocator.malloc` / `free` inlined: a block is a list [size, address, prev, next, allocated,
     small, key] (key: its pool key while cached), a pool a sorted list of keys (`size << _SHIFT | address`, so the
@@ -484,7 +484,7 @@ def _replay_default(events, capacity: int | None, growth: list | None = None) ->
     get_allocation_size, 2 MiB aligned synthetic addresses; over the capacity: release_cached_blocks, every cached
     whole segment of the large then the small pool, and one retry), should_split (small pool: a remainder >= 512
     bytes; large pool: > 1 MiB), the remainder cached; free_block merges with the free previous then next block of
-    the segment. `growth`, when given, receives the reserved bytes after each new segment, in order."""
+    the segment."""
     small_keys: list[int] = []
     small_blocks: dict[int, list] = {}
     large_keys: list[int] = []
@@ -540,8 +540,6 @@ def _replay_default(events, capacity: int | None, growth: list | None = None) ->
                     reserved_peak = reserved
                     segments_at_peak = segments
                     pending = True
-                if growth is not None:
-                    growth.append(reserved)
             remaining = block[0] - size
             if remaining >= K_MIN_BLOCK_SIZE if small else remaining > K_SMALL_SIZE:  # should_split
                 prev = block[2]

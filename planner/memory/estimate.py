@@ -10,7 +10,6 @@ caching allocator are the named constants of `overheads.py`. `breakdown_bytes` s
 from __future__ import annotations
 
 import dataclasses
-from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from .. import cache
@@ -18,7 +17,7 @@ from ..modules import LANGUAGE, model_inventory
 from ..setup import Train, TrainSetup
 from . import overheads
 from . import step as _step
-from .allocator import ReplayResult, _replay_default, replay
+from .allocator import ReplayResult, replay
 from .step import PHASES, register_memo, simulate_extrapolated, simulate_log, simulation_key
 from .fsdp import (
     activation_setup,
@@ -272,9 +271,8 @@ def reserved_replay(setup: TrainSetup, expandable_segments: bool = False,
         answer = _known_replay(key)
         if answer is None:
             log, live_peak = _step_log(setup, key[0])
-            growth: list[int] = []
-            answer = _replay(log, None, expandable_segments, growth), live_peak
-            _remember_unlimited(key, answer, growth)
+            answer = replay(log, None, expandable_segments), live_peak
+            _remember_unlimited(key, answer)
         return answer
     log, live_peak = _step_log(setup, key[0])
     return _limited_replay(key, log, capacity_bytes), live_peak
@@ -307,29 +305,18 @@ def _step_log(setup: TrainSetup, sim_key: tuple) -> tuple[list, int]:
     return hit
 
 
-def _replay(log: list, capacity: int | None, expandable_segments: bool, growth: list | None) -> ReplayResult:
-    """`allocator.replay`, recording the reserved bytes as they grow (`growth`) with the default settings."""
-    if expandable_segments:
-        return replay(log, capacity, expandable_segments)
-    return _replay_default(log, capacity, growth)
-
-
-def _remember_unlimited(key: tuple, answer: tuple[ReplayResult, int], growth: list[int] | None) -> None:
+def _remember_unlimited(key: tuple, answer: tuple[ReplayResult, int]) -> None:
     _remember_replay(key, answer)
-    if growth is not None and not key[1]:  # `peak_over` reads how the reserved bytes grew (default settings)
-        if len(_GROWTHS) >= _REPLAYS_SIZE:
-            _GROWTHS.pop(next(iter(_GROWTHS)))
-        _GROWTHS[key] = growth
     if _step.SHORTCUTS:
         cache.store(REPLAY_NAMESPACE, key, [dataclasses.asdict(answer[0]), answer[1]])
 
 
-def _limited_replay(key: tuple, log: list, capacity: int, growth: list | None = None) -> ReplayResult:
+def _limited_replay(key: tuple, log: list, capacity: int) -> ReplayResult:
     """The replay of `key`'s log under `capacity` bytes, memoized."""
     limited_key = (key, capacity)
     result = _LIMITED.get(limited_key)
     if result is None:
-        result = _replay(log, capacity, key[1], growth)
+        result = replay(log, capacity, key[1])
         if len(_LIMITED) >= _REPLAYS_SIZE:
             _LIMITED.pop(next(iter(_LIMITED)))
         _LIMITED[limited_key] = result
@@ -348,41 +335,6 @@ _REPLAYS_SIZE = 4096
 _LOGS: dict[tuple, tuple[list, int]] = register_memo({})
 _LOGS_SIZE = 4
 _LIMITED: dict[tuple, ReplayResult] = register_memo({})  # ((simulation key, expandable), capacity) -> replay
-# the reserved bytes after each new segment of the unlimited replays (`_replay_default`'s `growth`), by replay key
-_GROWTHS: dict[tuple, list[int]] = register_memo({})
-
-
-def peak_over(setup: TrainSetup, budget: int) -> bool:
-    """Whether `estimate(setup).peak_bytes > budget` is certain without the replay under the GPU's capacity (the
-    one `_reserved` runs when the unlimited reserved peak is over it): True proves the setup does not fit `budget`,
-    False says nothing. A search (plan) asks it before the full estimate of a setup it would drop if over.
-
-    The replay under a capacity is the unlimited one up to the first new segment that would pass the capacity (the
-    out-of-memory path changes nothing before it: with the default settings `release_available_cached_blocks` is a
-    no-op and nothing is released), so its reserved peak is at least the reserved bytes `r0` just before that
-    segment; if it runs out of memory, the estimate keeps the unlimited peak, which is over the capacity, hence over
-    `r0` too. The peak is the reserved peak plus terms the replay does not change (`_reserved`), so `r0` plus them
-    over `budget` proves the peak over it. With expandable segments (not recorded) or a replay read back from the
-    persistent cache, it answers by the floor alone."""
-    if peak_floor_bytes(setup) > budget:
-        return True
-    if setup.expandable_segments:
-        return False
-    live = _live(setup)
-    outside = overheads.CUDA_CONTEXT_BYTES + (overheads.NCCL_BYTES if setup.world_size > 1 else 0)
-    cublas_reserved = cublas_reserved_bytes(setup.gpu.name, False)
-    result, live_peak = reserved_replay(setup, False)
-    shift = live.allocated_peak - live_peak
-    fixed = shift + cublas_reserved + outside  # peak_bytes = reserved peak + fixed (see `_reserved`)
-    capacity = setup.gpu.memory_bytes - fixed
-    if not result.reserved_peak_bytes > capacity >= live_peak:  # no replay under the capacity: the peak is known
-        return result.reserved_peak_bytes + fixed > budget
-    growth = _GROWTHS.get((simulation_key(setup), False))
-    if growth is None:
-        return False
-    first_over = bisect_right(growth, capacity)  # the first new segment past the capacity
-    reserved_before = growth[first_over - 1] if first_over else 0
-    return reserved_before + fixed > budget
 
 
 def cublas_reserved_bytes(gpu_name: str, expandable_segments: bool = False) -> int:
@@ -425,11 +377,10 @@ def _reserved(setup: TrainSetup, allocated_peak: int, outside: int, expandable_s
         log, live_peak = _step_log(setup, key[0])
         capacity = setup.gpu.memory_bytes - outside - (allocated_peak - live_peak) - cublas_reserved
         if capacity >= live_peak:
-            growth = [] if (key, capacity) not in _LIMITED else None
-            limited = _limited_replay(key, log, capacity, growth)
+            limited = _limited_replay(key, log, capacity)
             if not limited.retries and not limited.oom:
                 unlimited, limited = (limited, live_peak), None
-                _remember_unlimited(key, unlimited, growth)
+                _remember_unlimited(key, unlimited)
         if unlimited is None and (limited is None or limited.oom):
             unlimited = reserved_replay(setup, expandable_segments)
     if unlimited is not None:
