@@ -47,8 +47,8 @@ def test_warm_estimate_reads_the_replay_back(count_simulations, monkeypatch):
     from vlplan.planner.memory import estimate as estimate_module
 
     full_depth = []
-    inner = estimate_module.simulate
-    monkeypatch.setattr(estimate_module, "simulate", lambda setup: full_depth.append(setup) or inner(setup))
+    inner = estimate_module.simulate_log  # the replay's full-depth simulation (step.simulate_log)
+    monkeypatch.setattr(estimate_module, "simulate_log", lambda setup: full_depth.append(setup) or inner(setup))
     cold = estimate(_setup()).to_dict()
     assert len(full_depth) == 1
     step.clear_memos()

@@ -441,7 +441,20 @@ def replay(events, capacity_bytes: int | None = None, expandable_segments: bool 
     """Replay `events` through the allocator model: each event is `(key, nbytes)`, an allocation of `nbytes` > 0
     bytes under `key`, or `(key, 0)`, the free of the live allocation under `key` (a free of a key with no live
     allocation, e.g. a zero-byte tensor, which the allocator never sees, is skipped). Stops at the first
-    out-of-memory, whose event index is `oom_event`."""
+    out-of-memory, whose event index is `oom_event`.
+
+    With the default settings (no expandable segments, unlimited max_split_size) it runs `_replay_default`, the same
+    rules inlined into one loop (about 2x faster: the estimate's replay of a 7B step has some 27,000 events);
+    `replay_model` runs every setting through `CachingAllocator`, and tests/test_allocator_fast.py holds the two
+    equal, event for event, under capacities too."""
+    if not expandable_segments and max_split_size_bytes is None:
+        return _replay_default(events, capacity_bytes)
+    return replay_model(events, capacity_bytes, expandable_segments, max_split_size_bytes)
+
+
+def replay_model(events, capacity_bytes: int | None = None, expandable_segments: bool = False,
+                 max_split_size_bytes: int | None = None) -> ReplayResult:
+    """`replay` through the `CachingAllocator` object model (every setting)."""
     allocator = CachingAllocator(capacity_bytes, expandable_segments, max_split_size_bytes)
     live: dict = {}
     malloc, free = allocator.malloc, allocator.free
@@ -460,3 +473,126 @@ def replay(events, capacity_bytes: int | None = None, expandable_segments: bool 
                 free(block)
     return ReplayResult(allocator.reserved_peak, allocator.allocated_at_reserved_peak, allocator.allocated_peak,
                         allocator.reserved, allocator.segments_at_peak, count, oom_event, allocator.retries)
+
+
+def _replay_default(events, capacity: int | None) -> ReplayResult:
+    """`replay_model` with the default settings (one stream, no expandable segments, unlimited max_split_size), every
+    step of `CachingAllocator.malloc` / `free` inlined: a block is a list [size, address, prev, next, allocated,
+    small, key] (key: its pool key while cached), a pool a sorted list of keys (`size << _SHIFT | address`, so the
+    first key >= `size << _SHIFT` is best fit, ties to the lowest address) and a dict key -> block. The rules, in
+    order, as in the class: round_size, get_pool, get_free_block (best fit), alloc_block (a new segment of
+    get_allocation_size, 2 MiB aligned synthetic addresses; over the capacity: release_cached_blocks, every cached
+    whole segment of the large then the small pool, and one retry), should_split (small pool: a remainder >= 512
+    bytes; large pool: > 1 MiB), the remainder cached; free_block merges with the free previous then next block of
+    the segment."""
+    small_keys: list[int] = []
+    small_blocks: dict[int, list] = {}
+    large_keys: list[int] = []
+    large_blocks: dict[int, list] = {}
+    live: dict = {}
+    reserved = allocated = reserved_peak = allocated_at_peak = allocated_peak = 0
+    segments = segments_at_peak = retries = 0
+    next_address = _ADDRESS_ALIGN
+    pending = False
+    oom_event = None
+    count = 0
+    shift = _SHIFT
+    for count, (key, nbytes) in enumerate(events, 1):
+        if nbytes:
+            size = -(-nbytes // K_MIN_BLOCK_SIZE) * K_MIN_BLOCK_SIZE or K_MIN_BLOCK_SIZE  # round_size
+            small = size <= K_SMALL_SIZE  # get_pool
+            if small:
+                keys, blocks = small_keys, small_blocks
+            else:
+                keys, blocks = large_keys, large_blocks
+            i = bisect_left(keys, size << shift)  # get_free_block: best fit
+            if i < len(keys):
+                block = blocks.pop(keys.pop(i))
+            else:  # alloc_block: a new segment
+                if small:
+                    alloc_size = K_SMALL_BUFFER
+                elif size < K_MIN_LARGE_ALLOC:
+                    alloc_size = K_LARGE_BUFFER
+                else:
+                    alloc_size = -(-size // K_ROUND_LARGE) * K_ROUND_LARGE
+                if capacity is not None and reserved + alloc_size > capacity:
+                    # release_cached_blocks (large pool, then small): every cached whole segment, then one retry
+                    for pool_keys, pool_blocks in ((large_keys, large_blocks), (small_keys, small_blocks)):
+                        kept = []
+                        for k in pool_keys:
+                            b = pool_blocks[k]
+                            if b[2] is None and b[3] is None:
+                                del pool_blocks[k]
+                                reserved -= b[0]
+                                segments -= 1
+                            else:
+                                kept.append(k)
+                        pool_keys[:] = kept
+                    retries += 1
+                    if reserved + alloc_size > capacity:
+                        oom_event = count - 1
+                        break
+                block = [alloc_size, next_address, None, None, False, small, 0]
+                next_address += -(-alloc_size // _ADDRESS_ALIGN) * _ADDRESS_ALIGN
+                segments += 1
+                reserved += alloc_size
+                if reserved > reserved_peak:
+                    reserved_peak = reserved
+                    segments_at_peak = segments
+                    pending = True
+            remaining = block[0] - size
+            if remaining >= K_MIN_BLOCK_SIZE if small else remaining > K_SMALL_SIZE:  # should_split
+                prev = block[2]
+                new = [size, block[1], prev, block, True, small, 0]
+                if prev is not None:
+                    prev[3] = new
+                block[2] = new
+                block[1] += size
+                block[0] = remaining
+                k = block[6] = remaining << shift | block[1]
+                insort(keys, k)
+                blocks[k] = block
+                block = new
+            else:
+                block[4] = True
+            allocated += block[0]
+            if allocated > allocated_peak:
+                allocated_peak = allocated
+            if pending:  # the allocated bytes at the reserved peak include the block that raised it
+                allocated_at_peak = allocated
+                pending = False
+            live[key] = block
+        else:
+            block = live.pop(key, None)
+            if block is None:
+                continue
+            block[4] = False
+            allocated -= block[0]
+            if block[5]:
+                keys, blocks = small_keys, small_blocks
+            else:
+                keys, blocks = large_keys, large_blocks
+            prev = block[2]
+            if prev is not None and not prev[4]:  # try_merge_blocks with the free previous block: [prev block]
+                k = prev[6]
+                del keys[bisect_left(keys, k)]
+                del blocks[k]
+                block[0] += prev[0]
+                block[1] = prev[1]
+                before = block[2] = prev[2]
+                if before is not None:
+                    before[3] = block
+            nxt = block[3]
+            if nxt is not None and not nxt[4]:  # and with the free next block: [block next]
+                k = nxt[6]
+                del keys[bisect_left(keys, k)]
+                del blocks[k]
+                after = block[3] = nxt[3]
+                if after is not None:
+                    after[2] = block
+                block[0] += nxt[0]
+            k = block[6] = block[0] << shift | block[1]
+            insort(keys, k)
+            blocks[k] = block
+    return ReplayResult(reserved_peak, allocated_at_peak, allocated_peak, reserved, segments_at_peak, count,
+                        oom_event, retries)

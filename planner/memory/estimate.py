@@ -18,8 +18,7 @@ from ..setup import Train, TrainSetup
 from . import overheads
 from . import step as _step
 from .allocator import ReplayResult, replay
-from .sim import recording_allocations
-from .step import PHASES, register_memo, simulate, simulate_extrapolated, simulation_key
+from .step import PHASES, register_memo, simulate_extrapolated, simulate_log, simulation_key
 from .fsdp import (
     activation_setup,
     fsdp_breakdown,
@@ -265,34 +264,63 @@ def reserved_replay(setup: TrainSetup, expandable_segments: bool = False,
     The replay runs the full-depth simulation: reserved memory is not affine in the layer counts (a layer's tensors
     may fit in cached blocks or need new segments, in patterns with periods of several layers), so the 2-and-3-layer
     extrapolation of `simulate_extrapolated` does not carry over to it (docs/memory-model.md, "Reserved memory: the
-    caching allocator"). Memoized with unlimited capacity; the logs of the last few setups are kept for the replays
-    under a GPU's capacity."""
+    caching allocator"). Memoized, with unlimited capacity (also in the persistent cache) and under a capacity; the
+    logs of the last few setups are kept for the replays under a GPU's capacity."""
     key = (simulation_key(setup), expandable_segments)
-    if capacity_bytes is None and key in _REPLAYS:
-        return _REPLAYS[key]
-    if capacity_bytes is None and _step.SHORTCUTS:  # the persistent cache (planner/cache.py): repeated plans, tables
-        stored = cache.load(REPLAY_NAMESPACE, key)
-        try:
-            answer = ReplayResult(**stored[0]), int(stored[1])
-        except (TypeError, ValueError, KeyError, IndexError):  # absent (None) or malformed
-            answer = None
-        if answer is not None:
-            _remember_replay(key, answer)
-            return answer
-    log, live_peak = _LOGS.get(key[0], (None, 0))
-    if log is None:
-        with recording_allocations() as logs:
-            result = simulate(setup)
-        log, live_peak = logs[0], max(result.phase_peaks.values())
-        if len(_LOGS) >= _LOGS_SIZE:
-            _LOGS.pop(next(iter(_LOGS)))
-        _LOGS[key[0]] = (log, live_peak)
-    answer = replay(log, capacity_bytes, expandable_segments), live_peak
     if capacity_bytes is None:
-        _remember_replay(key, answer)
-        if _step.SHORTCUTS:
-            cache.store(REPLAY_NAMESPACE, key, [dataclasses.asdict(answer[0]), answer[1]])
+        answer = _known_replay(key)
+        if answer is None:
+            log, live_peak = _step_log(setup, key[0])
+            answer = replay(log, None, expandable_segments), live_peak
+            _remember_unlimited(key, answer)
+        return answer
+    log, live_peak = _step_log(setup, key[0])
+    return _limited_replay(key, log, capacity_bytes), live_peak
+
+
+def _known_replay(key: tuple) -> tuple[ReplayResult, int] | None:
+    """The unlimited replay of `key` from the memo or the persistent cache (planner/cache.py), or None."""
+    if key in _REPLAYS:
+        return _REPLAYS[key]
+    if not _step.SHORTCUTS:
+        return None
+    stored = cache.load(REPLAY_NAMESPACE, key)
+    try:
+        answer = ReplayResult(**stored[0]), int(stored[1])
+    except (TypeError, ValueError, KeyError, IndexError):  # absent (None) or malformed
+        return None
+    _remember_replay(key, answer)
     return answer
+
+
+def _step_log(setup: TrainSetup, sim_key: tuple) -> tuple[list, int]:
+    """The allocation log of the full-depth simulation of `setup` and its live-tensor peak (the last few kept)."""
+    hit = _LOGS.get(sim_key)
+    if hit is not None:
+        return hit
+    hit = simulate_log(setup)  # `simulate(setup)` under `recording_allocations`, without the peaks' breakdowns
+    if len(_LOGS) >= _LOGS_SIZE:
+        _LOGS.pop(next(iter(_LOGS)))
+    _LOGS[sim_key] = hit
+    return hit
+
+
+def _remember_unlimited(key: tuple, answer: tuple[ReplayResult, int]) -> None:
+    _remember_replay(key, answer)
+    if _step.SHORTCUTS:
+        cache.store(REPLAY_NAMESPACE, key, [dataclasses.asdict(answer[0]), answer[1]])
+
+
+def _limited_replay(key: tuple, log: list, capacity: int) -> ReplayResult:
+    """The replay of `key`'s log under `capacity` bytes, memoized."""
+    limited_key = (key, capacity)
+    result = _LIMITED.get(limited_key)
+    if result is None:
+        result = replay(log, capacity, key[1])
+        if len(_LIMITED) >= _REPLAYS_SIZE:
+            _LIMITED.pop(next(iter(_LIMITED)))
+        _LIMITED[limited_key] = result
+    return result
 
 
 def _remember_replay(key: tuple, answer: tuple[ReplayResult, int]) -> None:
@@ -306,6 +334,7 @@ _REPLAYS: dict[tuple, tuple[ReplayResult, int]] = register_memo({})
 _REPLAYS_SIZE = 4096
 _LOGS: dict[tuple, tuple[list, int]] = register_memo({})
 _LOGS_SIZE = 4
+_LIMITED: dict[tuple, ReplayResult] = register_memo({})  # ((simulation key, expandable), capacity) -> replay
 
 
 def cublas_reserved_bytes(gpu_name: str, expandable_segments: bool = False) -> int:
@@ -314,9 +343,15 @@ def cublas_reserved_bytes(gpu_name: str, expandable_segments: bool = False) -> i
     when the first matmul of each thread runs and are kept for the process's life, so they hold their own segments
     (on Hopper two 32 MiB ones; elsewhere both 8.125 MiB workspaces share one 20 MiB segment). Replayed apart from
     the step: what they leave free in their segment (3.75 MiB off Hopper) is not offered to the step's tensors."""
-    workspace = overheads.cublas_workspace_bytes(gpu_name) // overheads.CUBLAS_WORKSPACES
-    events = [(i, workspace) for i in range(overheads.CUBLAS_WORKSPACES)]
-    return replay(events, expandable_segments=expandable_segments).reserved_peak_bytes
+    key = (gpu_name, expandable_segments)
+    if key not in _CUBLAS_RESERVED:  # memoized: every estimate asks, a table's rows for a handful of GPU types
+        workspace = overheads.cublas_workspace_bytes(gpu_name) // overheads.CUBLAS_WORKSPACES
+        events = [(i, workspace) for i in range(overheads.CUBLAS_WORKSPACES)]
+        _CUBLAS_RESERVED[key] = replay(events, expandable_segments=expandable_segments).reserved_peak_bytes
+    return _CUBLAS_RESERVED[key]
+
+
+_CUBLAS_RESERVED: dict[tuple[str, bool], int] = {}
 
 
 def _reserved(setup: TrainSetup, allocated_peak: int, outside: int, expandable_segments: bool) -> tuple[int, dict]:
@@ -327,23 +362,40 @@ def _reserved(setup: TrainSetup, allocated_peak: int, outside: int, expandable_s
 
     The replay first runs with unlimited memory. When that reserved peak would not fit the GPU but the live peak
     would, it runs again under the GPU's capacity: the allocator then frees its cached segments and retries before
-    running out of memory (`malloc`), and the peak is what it reserved under that limit."""
+    running out of memory (`malloc`), and the peak is what it reserved under that limit. (A setup not replayed yet
+    is replayed under the capacity first, which gives the same answers with one replay where the capacity is
+    reached: see below.)"""
     cublas = overheads.cublas_workspace_bytes(setup.gpu.name)
     cublas_reserved = cublas_reserved_bytes(setup.gpu.name, expandable_segments)
-    result, live_peak = reserved_replay(setup, expandable_segments)
+    key = (simulation_key(setup), expandable_segments)
+    unlimited, limited = _known_replay(key), None
+    if unlimited is None:
+        # Not replayed yet: replay under the capacity first. Up to the first new segment past the capacity the
+        # replay under it is the unlimited one, so one that never reaches the capacity (no retry) is the unlimited
+        # replay, and one that does is the replay the estimate needs (only when it runs out of memory is the
+        # unlimited one needed too): one replay instead of two where the capacity is reached
+        log, live_peak = _step_log(setup, key[0])
+        capacity = setup.gpu.memory_bytes - outside - (allocated_peak - live_peak) - cublas_reserved
+        if capacity >= live_peak:
+            limited = _limited_replay(key, log, capacity)
+            if not limited.retries and not limited.oom:
+                unlimited, limited = (limited, live_peak), None
+                _remember_unlimited(key, unlimited)
+        if unlimited is None and (limited is None or limited.oom):
+            unlimited = reserved_replay(setup, expandable_segments)
+    if unlimited is not None:
+        result, live_peak = unlimited
     shift = allocated_peak - live_peak  # analytic ZeRO / DDP terms (0 on one GPU without ZeRO)
     capacity = setup.gpu.memory_bytes - outside - shift - cublas_reserved
+    if limited is None and result.reserved_peak_bytes > capacity >= live_peak:
+        limited, _ = reserved_replay(setup, expandable_segments, capacity)
+    if limited is not None and not limited.oom:
+        result = limited
     info = {"reserve": "replay", "expandable_segments": expandable_segments,
             "reserved_peak_bytes": result.reserved_peak_bytes + shift + cublas_reserved,
             "reserved_minus_allocated_at_reserved_peak_bytes": result.fragmentation_bytes,
-            "events": result.events, "oom_event": None, "retries": 0}
-    if result.reserved_peak_bytes > capacity >= live_peak:
-        limited, _ = reserved_replay(setup, expandable_segments, capacity)
-        info.update(oom_event=limited.oom_event, retries=limited.retries)
-        if not limited.oom:
-            result = limited
-            info.update(reserved_peak_bytes=result.reserved_peak_bytes + shift + cublas_reserved,
-                        reserved_minus_allocated_at_reserved_peak_bytes=result.fragmentation_bytes)
+            "events": result.events, "oom_event": None if limited is None else limited.oom_event,
+            "retries": 0 if limited is None else limited.retries}
     reserve = result.reserved_peak_bytes - live_peak + cublas_reserved - cublas
     # never negative: reserved >= allocated (blocks of segments) >= live bytes (each rounded up), and the cuBLAS
     # segments hold at least the workspaces; `peak_floor_bytes` (the searches' lower bound) relies on it

@@ -227,23 +227,33 @@ class Engine:
     # Accounting -----------------------------------------------------------------------------------------------
     def _alloc(self, storage: Storage) -> None:
         segment = self._segment
-        if self._pending and self._pending_key != segment:
+        pending = self._pending
+        if pending and self._pending_key != segment:
             self._flush()
-        self.current += storage.nbytes
-        self.by_category[storage.category] = self.by_category.get(storage.category, 0) + storage.nbytes
-        if self.allocation_log is not None and storage.nbytes:  # allocator replay hook
-            _log_storage(self.allocation_log, storage, storage.nbytes)
+            pending = self._pending
+        nbytes = storage.nbytes
+        current = self.current = self.current + nbytes
+        by_category, category = self.by_category, storage.category
+        by_category[category] = by_category.get(category, 0) + nbytes
+        log = self.allocation_log
+        if log is not None and nbytes:  # allocator replay hook (`_log_storage`, inlined for one block)
+            if storage.blocks == 1:
+                log.append((id(storage), nbytes))
+            else:
+                _log_storage(log, storage, nbytes)
         if self.detail:
             self.live[id(storage)] = storage
-        best = self.segment_peaks.get(segment)
-        if best is None or self.current > best[0]:
-            self.segment_peaks[segment] = (self.current, None)
-            self._pending.append((self.segment_peaks, segment, self.segment_blocks))
-        best = self.phase_peaks.get(self._phase)
-        if best is None or self.current > best[0]:
-            self.phase_peaks[self._phase] = (self.current, None)
-            self._pending.append((self.phase_peaks, self._phase, self.phase_blocks))
-        if self._pending:
+        peaks = self.segment_peaks
+        best = peaks.get(segment)
+        if best is None or current > best[0]:
+            peaks[segment] = (current, None)
+            pending.append((peaks, segment, self.segment_blocks))
+        phase, peaks = self._phase, self.phase_peaks
+        best = peaks.get(phase)
+        if best is None or current > best[0]:
+            peaks[phase] = (current, None)
+            pending.append((peaks, phase, self.phase_blocks))
+        if pending:
             self._pending_key = segment
 
     def _flush(self) -> None:
@@ -260,12 +270,17 @@ class Engine:
     def _free(self, storage: Storage) -> None:
         if self._pending:
             self._flush()
+        nbytes = storage.nbytes
         if self.detail:
             self.live.pop(id(storage), None)
-        if self.allocation_log is not None and storage.nbytes:  # allocator replay hook
-            _log_storage(self.allocation_log, storage, 0)
-        self.current -= storage.nbytes
-        self.by_category[storage.category] -= storage.nbytes
+        log = self.allocation_log
+        if log is not None and nbytes:  # allocator replay hook (`_log_storage`, inlined for one block)
+            if storage.blocks == 1:
+                log.append((id(storage), 0))
+            else:
+                _log_storage(log, storage, 0)
+        self.current -= nbytes
+        self.by_category[storage.category] -= nbytes
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -556,6 +571,34 @@ class Engine:
         # inputs until torch.autograd.backward(outputs, args) returns
         self._run(sub_nodes, sub_grads)
         del out, out_grad, leaf
+
+
+class LogEngine(Engine):
+    """An Engine for the caching-allocator replay alone: it logs every allocation and free (always, as under
+    `recording_allocations`) and keeps the live-tensor peak of the step's phases (`live_peak`: the largest of
+    `phase_peaks` outside "setup"), not the per-phase and per-segment peaks or their breakdowns. The same program
+    runs, so the log is the one an Engine records (tests/test_allocator_fast.py)."""
+
+    def __init__(self, detail: bool = False) -> None:
+        super().__init__(detail)
+        if self.allocation_log is None:
+            self.allocation_log = []
+        self.live_peak = 0
+
+    def _alloc(self, storage: Storage) -> None:
+        nbytes = storage.nbytes
+        current = self.current = self.current + nbytes
+        by_category, category = self.by_category, storage.category
+        by_category[category] = by_category.get(category, 0) + nbytes
+        if nbytes:
+            if storage.blocks == 1:
+                self.allocation_log.append((id(storage), nbytes))
+            else:
+                _log_storage(self.allocation_log, storage, nbytes)
+        if self.detail:
+            self.live[id(storage)] = storage
+        if current > self.live_peak and self._phase != "setup":
+            self.live_peak = current
 
 
 class HostCopy:

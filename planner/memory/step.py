@@ -17,7 +17,7 @@ from ..setup import Train, TrainSetup
 from . import liger, preference
 from .families import model_for
 from .sdpa import sdpa_class
-from .sim import Engine, T
+from .sim import Engine, LogEngine, T
 from .stacks import input_embeddings_hooked
 
 PHASES = ("forward", "loss", "backward", "optimizer")
@@ -291,8 +291,24 @@ def simulate(setup: TrainSetup, counts: dict[str, int] | None = None, detail: bo
             gc.enable()
 
 
-def _engine(setup: TrainSetup, detail: bool = False) -> Engine:
-    e = Engine(detail)
+def simulate_log(setup: TrainSetup) -> tuple[list, int]:
+    """The full-depth step's allocation log (as `sim.recording_allocations` records it for `simulate(setup)`) and its
+    live-tensor peak (the largest phase peak of `simulate(setup)`), from an engine that keeps neither the per-phase
+    and per-segment peaks nor their breakdowns (`sim.LogEngine`): what the caching-allocator replay reads."""
+    builder = model_for(setup.model.family)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        e = _engine(setup, engine=LogEngine)
+        _step(builder, setup, None, e)
+        return e.allocation_log, e.live_peak
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _engine(setup: TrainSetup, detail: bool = False, engine: type = Engine) -> Engine:
+    e = engine(detail)
     e.gpu_name = setup.gpu.name
     e.reduce_grads = bool(setup.zero)
     e.input_grads = input_embeddings_hooked(setup)
@@ -302,6 +318,20 @@ def _engine(setup: TrainSetup, detail: bool = False) -> Engine:
 
 def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
     e = _engine(setup, detail)
+    _step(builder, setup, counts, e)
+    peaks = {phase: e.phase_peaks[phase][0] for phase in PHASES if phase in e.phase_peaks}
+    breakdown = {phase: {k: v for k, v in e.phase_peaks[phase][1].items() if v} for phase in peaks}
+    result = SimResult(peaks, breakdown, host_peak_bytes=e.host_peak_bytes)
+    result.blocks = e.phase_blocks
+    result.segment_peaks = {k: v[0] for k, v in e.segment_peaks.items()}
+    result.segments = {k: v for k, v in e.segment_peaks.items() if k.split("/")[0] in PHASES}
+    result.segment_blocks = e.segment_blocks
+    return result
+
+
+def _step(builder, setup: TrainSetup, counts, e: Engine) -> None:
+    """One training step on the engine: build the model, optimizer states, inputs, the micro-steps, the optimizer
+    step. Its locals (the model, states, inputs) die as it returns, in that order, as the real step's do."""
     reference = None
     if setup.preference:
         # the model runs the pairwise collator's 2 x batch_size rows (DPO; KTO: batch_size target or KL rows per
@@ -337,14 +367,6 @@ def _simulate(builder, setup: TrainSetup, counts, detail: bool) -> SimResult:
         e.new(1, "fp32", name="ds_step")  # the optimizer phase exists; DeepSpeed's own step works in place
     del states
     e._flush()
-    peaks = {phase: e.phase_peaks[phase][0] for phase in PHASES if phase in e.phase_peaks}
-    breakdown = {phase: {k: v for k, v in e.phase_peaks[phase][1].items() if v} for phase in peaks}
-    result = SimResult(peaks, breakdown, host_peak_bytes=e.host_peak_bytes)
-    result.blocks = e.phase_blocks
-    result.segment_peaks = {k: v[0] for k, v in e.segment_peaks.items()}
-    result.segments = {k: v for k, v in e.segment_peaks.items() if k.split("/")[0] in PHASES}
-    result.segment_blocks = e.segment_blocks
-    return result
 
 
 def reference_setup(setup: TrainSetup) -> TrainSetup:
