@@ -46,7 +46,8 @@ def test_simulation_ignores_the_cluster():
     # the GPU enters only through its SDPA kernels (planner/memory/sdpa.py): an H200 runs the H100's
     variants = dict(gpu=find_gpu("h200-141g"), num_gpus=8, num_nodes=2, offload="optimizer", zero=3,
                     ds_reduce_bucket_size=10**6, ds_overlap_comm=True, packing=True, expandable_segments=True,
-                    pref_beta=0.5)  # DPO's beta: a scalar in the loss (on DPO setups: tests/test_contract.py)
+                    pref_beta=0.5, kto_chosen_weight=2.0, kto_rejected_weight=0.5)  # scalars in the DPO / KTO
+    # losses (on preference setups: tests/test_contract.py)
     # FSDP's sharding settings re-partition the single-GPU simulation analytically (fsdp.py, tests/test_fsdp.py)
     assert set(variants) - {"zero"} == set(step.SIMULATION_IGNORES) - {"sharding", "fsdp"}
     for name, value in variants.items():

@@ -192,18 +192,22 @@ def test_table_subset_every_visited_pass_is_exact(monkeypatch):
     passes)."""
     monkeypatch.setenv("VLPLAN_NO_CACHE", "1")
     calls = []
-    simulate = step.simulate
+    simulate, simulate_log = step.simulate, estimate_module.simulate_log
 
     def recorded(setup, counts=None, detail=False):
         calls.append((setup, None if counts is None else dict(counts), sim._ALLOCATION_LOGS.get() is not None))
         return simulate(setup, counts, detail)
 
+    def recorded_log(setup):  # the replay's full-depth pass: simulate's allocation log (step.simulate_log)
+        calls.append((setup, None, True))
+        return simulate_log(setup)
+
     monkeypatch.setattr(step, "simulate", recorded)
-    monkeypatch.setattr(estimate_module, "simulate", recorded)
+    monkeypatch.setattr(estimate_module, "simulate_log", recorded_log)
     step.clear_memos()
     compute_rows([MODEL], ["lora"], [gpu("a100-80"), gpu("t4")], [2048, 8192], [(768, 768)])
     monkeypatch.setattr(step, "simulate", simulate)
-    monkeypatch.setattr(estimate_module, "simulate", simulate)
+    monkeypatch.setattr(estimate_module, "simulate_log", simulate_log)
     passes: dict = {}
     built = 0
     for setup, counts, logged in calls:

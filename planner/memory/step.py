@@ -307,8 +307,9 @@ def simulate_log(setup: TrainSetup) -> tuple[list, int]:
             gc.enable()
 
 
-def _engine(setup: TrainSetup, detail: bool = False, engine: type = Engine) -> Engine:
-    e = engine(detail)
+def _engine(setup: TrainSetup, detail: bool = False, engine: type | None = None) -> Engine:
+    # `Engine` looked up at call time: the symbolic prototype (symbolic.py) substitutes its own engine by this name
+    e = (engine or Engine)(detail)
     e.gpu_name = setup.gpu.name
     e.reduce_grads = bool(setup.zero)
     e.input_grads = input_embeddings_hooked(setup)
