@@ -211,11 +211,10 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 class _GatedProductFunction(torch.autograd.Function):
-    """`c = torch.empty_like(a)`, saves a and b; backward writes da, db into a, b and returns them."""
+    """`c = torch.empty_like(a)`, saves a and b; backward writes da, db into a, b and returns them. Each subclass
+    sets `activation` (SiLU for SwiGLU, tanh GELU for GEGLU)."""
 
-    @staticmethod
-    def activation(a):
-        raise NotImplementedError
+    activation: staticmethod
 
     @classmethod
     def _forward(cls, ctx, a, b):
