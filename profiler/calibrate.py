@@ -6,13 +6,13 @@ Records are the objects `vlplan profile --sweep` appends to benchmarks/results/g
 for nothing but the under-prediction tally (an OOM whose estimate said it fits is an under-prediction).
 
 How each constant is derived (the estimate should not under-predict, so each takes the largest value measured):
+(the caching allocator's reserve is not a constant: the estimate replays the step through a model of the allocator,
+and each profile compares its `cuda/allocator_reserve` with reserved - allocated measured, `ProfileResult.cuda_terms`)
 
 - CUDA_CONTEXT_BYTES: `overheads.non_allocator_bytes`, NVML's used memory beyond the caching allocator's segments at
   the end of the steps (context, lazily loaded kernels, library handles), rounded up to a MiB.
 - CUBLAS_WORKSPACE_HOPPER_BYTES / CUBLAS_WORKSPACE_OTHER_BYTES: `overheads.cublas_workspace_bytes` (what a forward
   and a backward matmul leave allocated) divided by CUBLAS_WORKSPACES handles, per kind of GPU.
-- ALLOCATOR_FRAGMENTATION: (reserved - allocated) in the measured peak phase over the estimate's transient bytes
-  (its breakdown at the peak less persistent and cuda/ terms), rounded up to 0.005.
 - NCCL_BYTES: `overheads.nccl_buffers_bytes` of records with more than one rank; `vlplan profile` runs one process,
   so these come from multi-GPU runs only; without such records the constant is reported as not measured.
 - PROCESS_HOST_BYTES: the profile process's peak resident set (`host_rss_peak_bytes`), rounded up to 64 MiB.
@@ -27,7 +27,6 @@ from pathlib import Path
 
 from vlplan.planner.errors import VlplanError
 from vlplan.planner.memory import overheads
-from vlplan.planner.memory.estimate import PERSISTENT_PREFIXES
 from vlplan.planner.units import GIB, MIB
 
 HOPPER_MARKERS = ("H100", "H200", "H20", "H800", "GH200")
@@ -101,12 +100,6 @@ def is_hopper(device: str) -> bool:
     return any(marker in (device or "").upper() for marker in HOPPER_MARKERS)
 
 
-def transient_bytes(breakdown: dict[str, int]) -> int:
-    """The estimate's non-persistent bytes at its peak (activations, temporaries): what the allocator reserve term
-    is a fraction of (planner/memory/estimate.py)."""
-    return sum(v for k, v in breakdown.items() if not k.startswith(PERSISTENT_PREFIXES) and not k.startswith("cuda/"))
-
-
 def calibrate(records: list[dict]) -> Calibration:
     good = usable(records)
     constants = []
@@ -121,18 +114,6 @@ def calibrate(records: list[dict]) -> Calibration:
             name, getattr(overheads, name), max(values) if values else None, "bytes", values,
             f"max of the measured workspace bytes / {overheads.CUBLAS_WORKSPACES} handles, "
             f"{'Hopper' if hopper else 'non-Hopper'} GPUs"))
-    fractions = []
-    for r in good:
-        phase = r.get("measured_peak_phase")
-        measured = (r.get("measured_phases") or {}).get(phase) or {}
-        reserved, allocated = measured.get("reserved_peak_bytes"), measured.get("allocated_peak_bytes")
-        transient = transient_bytes(r.get("estimate_breakdown_bytes") or {})
-        if reserved is not None and allocated is not None and transient > 0:
-            fractions.append((reserved - allocated) / transient)
-    constants.append(DerivedConstant(
-        "ALLOCATOR_FRAGMENTATION", overheads.ALLOCATOR_FRAGMENTATION,
-        _round_up(max(max(fractions), 0.0), 0.005) if fractions else None, "fraction", fractions,
-        "max of (reserved - allocated) in the peak phase / the estimate's transient bytes, rounded up to 0.005"))
     nccl = [float(v) for r in good if (r.get("config") or {}).get("world_size", 1) > 1
             and (v := _overhead(r, "nccl_buffers_bytes")) is not None]
     constants.append(DerivedConstant(

@@ -68,16 +68,16 @@ class TraceResult:
 
     @classmethod
     def from_snapshots(cls, setup, phases: dict[str, Snapshot], layers_traced, extrapolated, seconds):
-        from vlplan.planner.memory import overheads
+        from vlplan.planner.memory.estimate import estimate
 
         allocated = {phase: snap.total_bytes for phase, snap in phases.items()}
         peak_phase = max(allocated, key=allocated.get)
         snap = phases[peak_phase]
         breakdown = {k: v for k, v in snap.by_category.items() if v}
-        transient = sum(v for k, v in breakdown.items() if k.startswith(("activations/", "temporaries/")))
-        breakdown["cuda/context"] = overheads.CUDA_CONTEXT_BYTES
-        breakdown["cuda/cublas_workspace"] = overheads.cublas_workspace_bytes(setup.gpu.name)
-        breakdown["cuda/allocator_reserve"] = int(transient * overheads.ALLOCATOR_FRAGMENTATION)
+        # the device terms the tracer cannot see (CUDA context, cuBLAS workspaces, NCCL buffers, and the caching
+        # allocator's reserve from the estimator's replay of the full-depth step): the estimator's own, so the
+        # trace's device peak differs from the estimate's by the live tensors alone
+        breakdown.update({k: v for k, v in estimate(setup).breakdown_bytes.items() if k.startswith("cuda/")})
         by_category: dict[str, int] = {}
         for key, value in snap.by_category.items():
             by_category[key.split("/")[0]] = by_category.get(key.split("/")[0], 0) + value

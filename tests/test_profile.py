@@ -256,8 +256,7 @@ def test_calibration_derives_each_constant_from_its_measurement():
     assert c["CUDA_CONTEXT_BYTES"].current == overheads.CUDA_CONTEXT_BYTES and len(c["CUDA_CONTEXT_BYTES"].values) == 4
     assert c["CUBLAS_WORKSPACE_HOPPER_BYTES"].derived == 64 * MIB / overheads.CUBLAS_WORKSPACES
     assert c["CUBLAS_WORKSPACE_OTHER_BYTES"].derived == 17 * MIB / overheads.CUBLAS_WORKSPACES
-    assert c["ALLOCATOR_FRAGMENTATION"].derived == pytest.approx(0.25)  # (10 - 9) / 4 GiB
-    assert c["ALLOCATOR_FRAGMENTATION"].median == pytest.approx(0.25)  # 0.25, 0.125, 0.25, 0.25
+    assert "ALLOCATOR_FRAGMENTATION" not in c  # the reserve is replayed, not a constant: compared per term instead
     assert c["NCCL_BYTES"].derived == 901 * MIB
     assert c["PROCESS_HOST_BYTES"].derived == 5 * 2**30 + 64 * MIB
     calibration = calibrate(records)

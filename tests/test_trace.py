@@ -100,3 +100,18 @@ def test_trace_refuses_in_one_line(args, message):
     *warnings, err = result.stderr.strip().splitlines()  # an unverified registry spec is warned about first
     assert all(line.startswith("warning: ") for line in warnings)
     assert err.startswith("error: ") and message in err
+
+
+@pytest.mark.slow
+def test_trace_device_terms_are_the_estimates():
+    """What the tracer cannot see (context, cuBLAS workspaces, the caching allocator's reserve) is the estimate's own
+    term for the same setup, the replay included (no factor of its own): trace and estimate differ by live tensors."""
+    from vlplan.planner.memory.estimate import estimate
+
+    setup = make_setup(tiny_spec("qwen2-vl-2b"), method="lora", seq_len=512, image_size=(224, 224))
+    traced = trace(setup)
+    expected = estimate(setup)
+    device = {k: v for k, v in expected.breakdown_bytes.items() if k.startswith("cuda/")}
+    assert device["cuda/allocator_reserve"] > 0
+    assert {k: v for k, v in traced.breakdown_bytes.items() if k.startswith("cuda/")} == device
+    assert traced.peak_bytes - traced.allocated_peak_bytes == expected.peak_bytes - expected.allocated_peak_bytes

@@ -26,13 +26,9 @@ CUBLAS_WORKSPACE_HOPPER_BYTES = 32 * MIB
 CUBLAS_WORKSPACE_OTHER_BYTES = 8519680
 CUBLAS_WORKSPACES = 2
 
-# Caching-allocator reserve (memory_reserved - memory_allocated at the peak): the estimator no longer uses a factor
-# for it: `estimate` replays the step's allocation sequence through a model of the caching allocator
-# (planner/memory/allocator.py; estimate.py `reserved_replay`). The factor below remains only for the tracer's
-# breakdown (profiler/trace.py `TraceResult.from_snapshots`) and the calibration report (profiler/calibrate.py):
-# 8% of the transient (non-persistent) bytes at the peak, pytorch #40989 (reserved 11% above allocated at a
-# training step's peak); uncalibrated until `vlplan profile --sweep` runs on a GPU.
-ALLOCATOR_FRAGMENTATION = 0.08
+# Caching-allocator reserve (memory_reserved - memory_allocated at the peak): no constant. `estimate` replays the
+# step's allocation sequence through a model of the caching allocator (planner/memory/allocator.py; estimate.py
+# `_reserved`), and `vlplan trace` takes that term from the estimate (it replaced an 8% factor, pytorch #40989).
 
 # NCCL communicator buffers (outside the caching allocator): NCCL_BUFFSIZE 4 MiB per channel and peer; measured
 # 484-996 MiB at init on one GPU (NVIDIA/nccl PR #2366) and ~1.06 GiB on 8xH100 before all-to-all (NVIDIA/nccl #1685).
