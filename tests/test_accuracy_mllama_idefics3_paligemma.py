@@ -99,6 +99,29 @@ def test_mllama_refuses_training_the_image_path_with_reentrant_checkpointing():
         mllama_batch(setup, None)
 
 
+@pytest.mark.slow
+def test_mllama_lora_on_llamafactory_stack_fails_with_reentrant_checkpointing(monkeypatch):
+    """LLaMA-Factory's LoRA preparation (`enable_input_require_grads`, which hooks the vision tower's patch embedding
+    too) makes the image features require grad; under its reentrant checkpointing the real step (LLaMA-Factory's own
+    preparation, transformers' Mllama) fails at the second cross-attention layer's backward. The estimator refuses
+    the setup; without checkpointing, and on the stacks that do not hook the tower, it runs and matches the trace."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("llamafactory")
+    from vlplan.planner.families.mllama import memory as mllama_memory
+    from vlplan.profiler.trace import run_trace
+
+    counts = dict(MLLAMA_COUNTS, cross=2)
+    setup = make_setup(tiny("llama-3.2-11b-vision"), seq_len=64, image_size=(112, 56), stack="llamafactory")
+    with pytest.raises(VlplanError, match="fails at the first backward"):
+        simulate(setup, counts)
+    with monkeypatch.context() as patched:  # the real code, with the refusal out of its way
+        patched.setattr(mllama_memory, "check_setup", lambda setup: None)
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            run_trace(setup, counts)
+    for fine in (replace(setup, gradient_checkpointing=False), replace(setup, stack="vlplan")):
+        assert_phases_match(simulate(fine, counts), run_trace(fine, counts))
+
+
 def test_paligemma_text_attention_is_eager_under_sdpa():
     """Gemma 2 has no SDPA path: the default attention resolves to eager, with (batch, 1, seq, seq) masks."""
     pytest.importorskip("transformers")

@@ -32,6 +32,7 @@ from ...memory import ops
 from ...memory.blocks import Context, LlamaLayer, Params, apply_linear, gated_mlp
 from ...memory.model import BaseModel, ConditionalGenerationStep, LMAttention
 from ...memory.sim import Engine, Node, T
+from ...memory.stacks import checkpoint_reentrant, input_embeddings_hooked
 from ...modules import LANGUAGE, PROJECTOR, VISION
 from ...setup import Train, TrainSetup
 from ...spec import ModelSpec
@@ -68,16 +69,27 @@ def spec_with_layers(spec: ModelSpec, counts: dict[str, int]) -> ModelSpec:
 
 
 def check_setup(setup: TrainSetup) -> None:
-    """Reentrant gradient checkpointing (LLaMA-Factory's default) cannot train what produces the image features:
+    """Reentrant gradient checkpointing (LLaMA-Factory's default) cannot back-propagate into the image features:
     a checkpointed cross-attention layer gets them as a keyword argument, not as a checkpoint input, so its
     recomputed backward runs on into the projector and vision graph, and the second cross-attention layer's
     backward finds that graph freed ("Trying to backward through the graph a second time"; checked on a real tiny
-    model with two cross-attention layers)."""
-    if setup.gradient_checkpointing and (setup.vision is not Train.FROZEN or setup.projector is not Train.FROZEN):
+    model with two cross-attention layers). The features need a gradient when the tower or projector trains, and
+    under LLaMA-Factory's LoRA / OFT, whose `enable_input_require_grads` hooks the vision tower's patch embedding
+    too (traced with LLaMA-Factory 0.9.5's own preparation and transformers 5.23: tests/test_accuracy_mllama_*)."""
+    if not setup.gradient_checkpointing:
+        return
+    if setup.vision is not Train.FROZEN or setup.projector is not Train.FROZEN:
         raise VlplanError(
             "Llama 3.2 Vision cannot train the vision tower or projector with gradient checkpointing (reentrant, "
             "LLaMA-Factory's default): every cross-attention layer back-propagates into the same image features and "
             "PyTorch fails on the second; turn gradient checkpointing off or keep them frozen")
+    if checkpoint_reentrant(setup) and input_embeddings_hooked(setup):
+        raise VlplanError(
+            f"Llama 3.2 Vision {setup.method} on LLaMA-Factory's stack fails at the first backward with gradient "
+            "checkpointing: its enable_input_require_grads makes the image features require grad, and under its "
+            "reentrant checkpointing every cross-attention layer back-propagates into them, so PyTorch fails on the "
+            "second (LLaMA-Factory 0.9.5, transformers 5.23); turn gradient checkpointing off (LLaMA-Factory's "
+            "use_reentrant_gc: false would avoid it, but vlplan does not model that)")
 
 
 # Shared pieces ------------------------------------------------------------------------------------------------------
