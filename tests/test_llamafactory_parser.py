@@ -244,6 +244,10 @@ def test_preference_stages_reach_llamafactory(parsed):
     assert {k: cases["kto-full"][2][k] for k in (*fields, "finetuning_type")} == dict(
         stage="kto", pref_beta=0.1, pref_ftx=0.1, kto_chosen_weight=1.0, kto_rejected_weight=1.0,
         finetuning_type="full")
+    # the placeholder dataset is an entry of LLaMA-Factory's dataset_info.json in the stage's format (planner/io/
+    # llamafactory.py DEMO_DATASETS): its preference sets for dpo and kto, not the SFT demo those stages refuse
+    assert [cases[name][2]["dataset"] for name in ("dpo-full", "orpo-lora", "kto-lora")] == [
+        ["rlhf_v"], ["rlhf_v"], ["kto_en_demo"]]
     # the exported file read back by vlplan: the same setup (the round trip)
     for name in ("kto-lora", "kto-full"):
         plan_data, path, _ = cases[name]

@@ -1030,14 +1030,26 @@ def training_yaml(setup: TrainSetup, *, version: str = "latest", base: dict | No
     return out
 
 
+# The placeholder dataset per stage: a registered entry of LLaMA-Factory's data/dataset_info.json in the format the
+# stage reads (an SFT set is "not applicable in the current training stage" of dpo / kto, and back)
+DEMO_DATASETS = {
+    "sft": ("mllm_demo", "LLaMA-Factory's bundled multimodal demo, data/mllm_demo.json with images"),
+    "dpo": ("rlhf_v", "LLaMA-Factory's multimodal preference entry, ranking: chosen and rejected answers with "
+                      "images, llamafactory/RLHF-V on the Hugging Face Hub"),
+    "kto": ("kto_en_demo", "LLaMA-Factory's bundled KTO demo, text only: it registers no multimodal KTO set, and the "
+                           "plan counted images"),
+}
+
+
 def _add_missing_run_keys(out: TrainingYaml, setup: TrainSetup) -> None:
     """The dataset, chat template and output folder, where the file has none (LLaMA-Factory stops without a
     dataset: "Please specify dataset for training.")."""
     if "dataset" not in out.config:
-        # LLaMA-Factory's bundled multimodal demo (data/mllm_demo.json with images, registered in
-        # data/dataset_info.json) trains as is from the LLaMA-Factory repository root; a real run names its own
-        out.set("dataset", "mllm_demo", f"{FILL_IN}: your dataset's name in dataset_info.json (mllm_demo is "
-                "LLaMA-Factory's bundled multimodal demo)", "dataset")
+        # an entry of LLaMA-Factory's data/dataset_info.json of the stage's format, so the file runs as is from the
+        # LLaMA-Factory repository root; a real run names its own
+        name, what = DEMO_DATASETS[setup.stage]
+        out.set("dataset", name, f"{FILL_IN}: your dataset's name in dataset_info.json ({name} is {what})",
+                "dataset")
         out.placeholders.append("dataset")
         if "dataset_dir" not in out.config:
             out.set("dataset_dir", "data", "the folder holding dataset_info.json (LLaMA-Factory's default, "
