@@ -125,32 +125,18 @@ def _fewest_candidates(setup, budget: int, offload: bool, answer: tuple, below: 
     """The candidates of `compute._fewest_gpus` that a replay has to decide, each with its (GPU count, strategy):
     those before the answer (or all, when none fits) whose lower bound fits the budget, and the answer; with
     `below`, only GPU counts under it."""
-    from vlplan.planner.errors import VlplanError
     from vlplan.planner.memory.estimate import peak_floor_bytes
     from vlplan.tables import compute
 
     out = []
-    for count in compute.GPU_COUNTS:
+    for count, name, candidate in compute.fewest_gpu_candidates(setup, offload):
         if below is not None and count >= below:
             break
-        per_node = min(count, compute.GPUS_PER_NODE)
-        try:
-            sized = replace(setup, num_gpus=per_node, num_nodes=count // per_node)
-        except VlplanError:
+        if peak_floor_bytes(candidate) > budget:
             continue
-        for zero, where in compute._strategies(sized):
-            if (where != "none") != offload:
-                continue
-            try:
-                candidate = replace(sized, zero=zero, offload=where)
-            except VlplanError:
-                continue
-            if peak_floor_bytes(candidate) > budget:
-                continue
-            named = (count, compute.strategy_name(zero, where, count))
-            out.append((candidate, named))
-            if named == answer:
-                return out
+        out.append((candidate, (count, name)))
+        if (count, name) == answer:
+            break
     return out
 
 

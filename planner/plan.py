@@ -446,8 +446,12 @@ def _reasons(best: Candidate, fits: list[Candidate], budget: int, capacity: int,
             reasons.append(f"gradient checkpointing on: it allows micro-batch {s.batch_size} (without it "
                            f"{faster.setup.batch_size}), {faster.time.seconds / best.time.seconds:.2f}x the step time")
     else:
-        reasons.append("gradient checkpointing off: it fits without, saving the recomputation "
-                       f"(~{100 * _recompute_share(s):.0f}% more compute with it)")
+        refused = _refusal(s, gradient_checkpointing=True)
+        if refused:  # checkpointing is not an option here (e.g. Mllama LoRA on LLaMA-Factory's stack)
+            reasons.append(f"gradient checkpointing off: with it the setup is refused ({refused})")
+        else:
+            reasons.append("gradient checkpointing off: it fits without, saving the recomputation "
+                           f"(~{100 * _recompute_share(s):.0f}% more compute with it)")
     if s.sharding == "fsdp":
         reasons.append(f"FSDP {s.fsdp}{' with CPU offload' if s.offload != 'none' else ''}: {_fsdp_reason(best, fits)}")
     elif s.zero:
@@ -465,6 +469,16 @@ def _reasons(best: Candidate, fits: list[Candidate], budget: int, capacity: int,
         reasons.append(f"the GPU's throughput is unknown (given by its memory only): step times assume the tensor "
                        f"rate of a {best.time.assumed_throughput_of} (use --gpu NAME for a catalog GPU)")
     return reasons
+
+
+def _refusal(setup: TrainSetup, **changes) -> str | None:
+    """Why `setup` with `changes` is refused (by its validation, or a family's check at simulation time), or None when
+    the estimator takes it."""
+    try:
+        _cached_floor(replace(setup, **changes))
+    except VlplanError as err:
+        return str(err)
+    return None
 
 
 def _recompute_share(setup: TrainSetup) -> float:

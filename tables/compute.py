@@ -246,6 +246,18 @@ def _largest_under(peaks: dict[int, int], compute, budget: int, high: int) -> in
 def _fewest_gpus(setup: TrainSetup, budget: int, offload: bool) -> tuple[int | None, str | None, int | None]:
     """The fewest GPUs holding micro-batch 1 and the first strategy that does (plan's order: DDP, ZeRO-1/2/3; with
     `offload`, only the offloading ones: ZeRO-2/3 + optimizer, ZeRO-3 + all), with the host RAM per node it needs."""
+    for count, name, candidate in fewest_gpu_candidates(setup, offload):
+        if peak_floor_bytes(candidate) > budget:  # its lower bound is over: no replay needed to rule it out
+            continue
+        result = estimate(candidate)
+        if result.peak_bytes <= budget:
+            return count, name, result.cpu_ram_bytes
+    return None, None, None
+
+
+def fewest_gpu_candidates(setup: TrainSetup, offload: bool):
+    """The setups the fewest-GPU search tries, in its order, as (GPU count, strategy name, setup): every count of
+    GPU_COUNTS, and at each the strategies of plan's order (without or only with CPU offload) the setup accepts."""
     for count in GPU_COUNTS:
         per_node = min(count, GPUS_PER_NODE)
         try:
@@ -259,12 +271,7 @@ def _fewest_gpus(setup: TrainSetup, budget: int, offload: bool) -> tuple[int | N
                 candidate = replace(sized, zero=zero, offload=where)
             except VlplanError:
                 continue
-            if peak_floor_bytes(candidate) > budget:  # its lower bound is over: no replay needed to rule it out
-                continue
-            result = estimate(candidate)
-            if result.peak_bytes <= budget:
-                return count, strategy_name(zero, where, count), result.cpu_ram_bytes
-    return None, None, None
+            yield count, strategy_name(zero, where, count), candidate
 
 
 def strategy_name(zero: int, offload: str, count: int) -> str:

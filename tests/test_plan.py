@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vlplan.planner.errors import VlplanError
+from vlplan.planner.hardware import find_gpu
 from vlplan.planner.memory.estimate import estimate
 from vlplan.planner.plan import NothingFits, plan
 from vlplan.planner.registry import resolve
@@ -321,3 +322,15 @@ def test_the_micro_batch_search_stops_at_the_setups_size_bounds():
     result = plan(setup, global_batch_size=4096, host_ram_bytes=2**40, host_ram_source="test")
     assert result.setup.batch_size == MAX_IMAGES_PER_MICRO_BATCH // 16
     assert any("largest vlplan takes here" in r for r in result.reasons)
+
+
+def test_checkpointing_the_estimator_refuses_is_not_called_a_choice():
+    """Llama 3.2 Vision LoRA on LLaMA-Factory's stack cannot checkpoint (the real step fails: planner/families/mllama
+    /memory.py `check_setup`): the plan goes without it and says why, not that it merely fits without."""
+    setup = make_setup(resolve("llama-3.2-11b-vision"), method="lora", stack="llamafactory", gpu=find_gpu("a100-80g"))
+    result = plan(setup, global_batch_size=8)
+    assert not result.setup.gradient_checkpointing
+    reason = next(r for r in result.reasons if r.startswith("gradient checkpointing off"))
+    assert "refused" in reason and "cross-attention" in reason and "fits without" not in reason
+    plain = plan(replace(setup, stack="vlplan"), global_batch_size=8)
+    assert not any("refused" in r for r in plain.reasons)

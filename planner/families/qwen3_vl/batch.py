@@ -10,33 +10,9 @@ splits it per temporal patch to match the timestamps between them."""
 
 from __future__ import annotations
 
-from vlplan.planner.errors import VlplanError
 from vlplan.planner.setup import TrainSetup
-from vlplan.profiler.batch import TEXT_TOKEN_ID
 
-
-def _place(setup: TrainSetup, config) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and mm_token_type_ids (batch, seq): images (type 1), then each video's temporal patches (type 2),
-    each after its timestamp text."""
-    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
-
-    runs = [(0, config.image_token_id, t.llm_tokens, 1) for t in setup.image_tokens()]
-    for video in setup.video_tokens():
-        per_frame = video.llm_tokens // video.grid_t
-        runs += [(stamp, config.video_token_id, per_frame, 2) for stamp in video.timestamp_tokens]
-    ids = torch.full((setup.seq_len,), TEXT_TOKEN_ID, dtype=torch.long)
-    types = torch.zeros(setup.seq_len, dtype=torch.int32)
-    pos = 1
-    for text, token_id, count, kind in runs:
-        pos += text  # the timestamp's text tokens
-        ids[pos] = config.vision_start_token_id
-        ids[pos + 1:pos + 1 + count] = token_id
-        types[pos + 1:pos + 1 + count] = kind
-        ids[pos + 1 + count] = config.vision_end_token_id
-        pos += count + 2
-    if pos > setup.seq_len:
-        raise VlplanError(f"the images and videos need {pos} tokens but the sequence holds {setup.seq_len}")
-    return ids.repeat(setup.batch_size, 1), types.repeat(setup.batch_size, 1)
+from ..qwen2_vl.batch import place_media, vision_inputs
 
 
 def qwen3_vl_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
@@ -46,38 +22,28 @@ def qwen3_vl_batch(setup: TrainSetup, model) -> dict[str, torch.Tensor]:
     the bilinear interpolation indices/weights of the learned position embedding. They go in as `image_*` /
     `video_*` kwargs, which `accepts_precomputed_kwargs` strips to the names the vision_utils helpers pop
     (models/qwen3_vl/modeling_qwen3_vl.py Qwen3VLVisionModel.forward; transformers/vision_utils.py)."""
-    import torch  # lazily: the planner never imports torch (tests/test_layers.py)
-    from transformers.vision_utils import (
-        get_vision_cu_seqlens,
-        get_vision_interpolation_indices_and_weights,
-        get_vision_position_ids,
-    )
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
 
-    vision = setup.model.vision
+    vision, config = setup.model.vision, model.config
     images, videos = setup.image_tokens(), setup.video_tokens()
-    ids, types = _place(setup, model.config)
-    # No attention_mask: see qwen_vl.py (transformers drops an all-ones mask for sdpa)
+    # images (type 1), then each video's temporal patches (type 2), each after its timestamp text
+    runs = [(0, config.image_token_id, t.llm_tokens, 1) for t in images]
+    for video in videos:
+        per_frame = video.llm_tokens // video.grid_t
+        runs += [(stamp, config.video_token_id, per_frame, 2) for stamp in video.timestamp_tokens]
+    ids, types = place_media(setup, runs, (config.vision_start_token_id, config.vision_end_token_id))
+    # No attention_mask: see qwen2_vl/batch.py (transformers drops an all-ones mask for sdpa)
     batch = {"input_ids": ids, "labels": ids.clone(), "mm_token_type_ids": types}
-    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    grids = {}
-    for kind, pixels, rows in (
-            ("image", "pixel_values", [[1, t.resized_height // vision.patch_size,
-                                        t.resized_width // vision.patch_size] for t in images]),
-            ("video", "pixel_values_videos", [[t.grid_t, t.grid_h, t.grid_w] for t in videos])):
-        if not rows:
-            continue
-        grid = torch.tensor(rows * setup.batch_size, dtype=torch.long)
-        grids[kind] = grid
-        batch[pixels] = torch.empty(int(grid.prod(-1).sum()), patch_dim, dtype=torch.float32)
-        batch[f"{kind}_grid_thw"] = grid
-        batch[f"{kind}_position_ids"] = get_vision_position_ids(grid, vision.spatial_merge_size)
-        batch[f"{kind}_cu_seqlens"] = get_vision_cu_seqlens(grid)
+
+    def interpolation(kind: str, grid) -> None:
         # Qwen3VLVisionModel: bilinear, align_corners=True over the int(sqrt(num_position_embeddings)) grid
         indices, weights = get_vision_interpolation_indices_and_weights(
             grid, num_grid_per_side=int(vision.num_position_embeddings**0.5), mode="bilinear", align_corners=True,
             spatial_merge_size=vision.spatial_merge_size)
         batch[f"{kind}_interp_indices"] = indices
         batch[f"{kind}_interp_weights"] = weights
+
+    grids = vision_inputs(setup, batch, images, videos, interpolation)
     if grids:
         rope_model = model.get_base_model() if hasattr(model, "get_base_model") else model
         position_ids, _ = rope_model.model.get_rope_index(ids, types, image_grid_thw=grids.get("image"),
