@@ -40,9 +40,12 @@ CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[4])
 import replay_bound
+from vlplan.planner import cache
 from vlplan.planner.hardware import CATALOG
 from vlplan.planner.registry import names
 from vlplan.tables.compute import Conditions, compute_rows
+
+source = cache.source_hash()  # the persistent cache's entries live under it: a warm run has to see the same
 
 workers, time_work = int(sys.argv[1]), sys.argv[2] == "1"
 work = replay_bound.instrument() if time_work else None
@@ -57,6 +60,10 @@ if time_work:  # the work by kind, and the least any exact computation of these 
     before = time.process_time()
     out["work"] = replay_bound.summary(work, replay_bound.certificate(rows, Conditions()), len(rows))
     out["work"]["certificate_cpu_s"] = time.process_time() - before  # not the table's: the parent deducts it
+cache.source_hash.cache_clear()
+if cache.source_hash() != source:
+    sys.exit("the planner's or the tables' source changed during the run: its persistent cache entries are another's")
+out["source_hash"] = source
 print(json.dumps(out))
 """
 
@@ -73,10 +80,11 @@ def run_child(workers: int, time_simulations: bool, cache_dir: str, cache: str, 
     load_before = os.getloadavg()[0]
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, str(workers), "1" if time_simulations else "0", spec,
-                          str(Path(__file__).parent)],
-                         check=True, capture_output=True, text=True, cwd=ROOT, env=env).stdout
-    result = json.loads(out)
+    child = subprocess.run([sys.executable, "-c", CHILD, str(workers), "1" if time_simulations else "0", spec,
+                            str(Path(__file__).parent)], capture_output=True, text=True, cwd=ROOT, env=env)
+    if child.returncode:
+        sys.exit(f"the {cache} run with {workers} worker(s) failed: {(child.stderr.strip() or '?').splitlines()[-1]}")
+    result = json.loads(child.stdout)
     result["process_s"] = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the process and its worker processes, once reaped
     result["cpu_s"] = (after.ru_utime + after.ru_stime) - (usage.ru_utime + usage.ru_stime) - \
@@ -104,6 +112,8 @@ def main() -> None:
             for cache in ("cold", "warm"):
                 runs.append(run_child(int(w), time_simulations=int(w) == 1 and cache == "cold", cache_dir=folder, cache=cache,
                                       small=args.small))
+            if runs[-1]["source_hash"] != runs[-2]["source_hash"]:  # the warm run would have recomputed everything
+                sys.exit("the planner's or the tables' source changed between the cold and the warm run: run again")
     summary = {"python": platform.python_version(), "cpus": os.cpu_count(), "runs": runs,
                "target_s_per_10k_rows": TARGET_S_PER_10K}
     print(json.dumps(summary, indent=2))
