@@ -106,8 +106,8 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     if args.write:
         lines = [BEGIN, f"Measured {time.strftime('%Y-%m-%d')}, Python {summary['python']}, {summary['cpus']} CPUs "
-                 f"(1-minute load average {summary['load_average']:.1f}: the cores were shared, so the CPU time, "
-                 f"user + sys, is the figure to read); `import vlplan.planner` imports torch: "
+                 f"(1-minute load average {summary['load_average']:.1f}; where other work shares the cores, the "
+                 f"CPU time, user + sys, is the figure to read); `import vlplan.planner` imports torch: "
                  f"**{summary['imports_torch']}**. Medians of {args.repeats} fresh processes with Python's bytecode "
                  "caches written (as in an installed package; this machine sets PYTHONDONTWRITEBYTECODE=1, which "
                  "the benchmark removes for its runs); cold: persistent cache off, warm: read back from it.", "",
