@@ -43,7 +43,9 @@ def _setup(model: str, **kw):
     kw.setdefault("seq_len", 8192)
     kw.setdefault("image_size", (448, 448))
     try:
-        return make_setup(resolve(model), **kw)  # extra TrainSetup fields (videos, packing) pass through **settings
+        setup = make_setup(resolve(model), **kw)  # extra TrainSetup fields (videos, packing) pass through **settings
+        model_for(setup.model.family).check_setup(setup)  # what the family cannot train (BaseModel.check_setup)
+        return setup
     except VlplanError:  # e.g. a processor with a fixed tile grid that the sequence cannot hold: no such case
         return None
 

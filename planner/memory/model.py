@@ -133,6 +133,11 @@ class BaseModel:
         sizes (so one difference serves a table's image sizes)."""
         return True
 
+    @staticmethod
+    def check_setup(setup: TrainSetup) -> None:
+        """Raise VlplanError for a setup the family cannot train (the real step fails), before any simulation;
+        the model's construction runs it too."""
+
     def optimizer_order(self, params: list) -> list:
         """`params` in named_parameters order, as far as it matters for memory: by component (`param_rank`), in
         creation order within one."""

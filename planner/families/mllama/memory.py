@@ -414,6 +414,7 @@ class MllamaModel(ConditionalGenerationStep, BaseModel):
     # (`intermediate_layers_indices`) for the projector, and their positions move with the layer counts
     # (`spec_with_layers`); tests/test_speed_shortcuts.py shows the shortcut would be wrong here
     frozen_vision_layers_add_weights_only = False
+    check_setup = staticmethod(check_setup)
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         spec = setup.model
