@@ -233,6 +233,7 @@ def memory_levers(setup: TrainSetup) -> list[tuple[TrainSetup, str]]:
     when the setup switched that off, and LLaMA-Factory's offloaded checkpointing (inputs in host RAM, which
     the host budget then has to hold)."""
     from .memory import liger
+    from .memory.families import model_for
 
     out: list[tuple[TrainSetup, str]] = []
     current = setup
@@ -240,9 +241,11 @@ def memory_levers(setup: TrainSetup) -> list[tuple[TrainSetup, str]]:
     def switch(what: str, **changes) -> None:
         nonlocal current
         try:
-            current = replace(current, **changes)
+            changed = replace(current, **changes)
+            model_for(changed.model.family).check_setup(changed)  # a lever the family cannot train with is none
         except VlplanError:
             return
+        current = changed
         out.append((current, what))
 
     # not where the patch fails at load on the modelled versions (liger 0.8.5's Qwen2-VL/2.5-VL forwards)
@@ -541,10 +544,13 @@ def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_ran
     """Why nothing fits (the smallest peak found, or the host RAM when a setting fits the GPUs but not the host) and
     which changes would fit."""
     smallest = host_limited = None
+    # the smallest settings checkpoint, unless the setup cannot (e.g. Mllama LoRA on LLaMA-Factory's stack)
+    refused = _refusal(setup, batch_size=1, gradient_accumulation_steps=per_rank, gradient_checkpointing=True)
+    checkpointing = refused is None
     for sharding in _sharding_options(setup, shardings):
         try:
             e = _cached_estimate(replace(setup, batch_size=1, gradient_accumulation_steps=per_rank,
-                                         gradient_checkpointing=True, **sharding))
+                                         gradient_checkpointing=checkpointing, **sharding))
         except VlplanError:
             continue
         if smallest is None or e.peak_bytes < smallest.peak_bytes:
@@ -555,19 +561,22 @@ def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_ran
     parts = [f"nothing fits {setup.world_size} x {setup.gpu.name} within {budget / GIB:.1f} GiB "
              f"({100 * (1 - margin):.0f}% of capacity) and {host.bytes / GIB:.0f} GiB of host RAM per node "
              f"({host.source})"]
+    if refused is not None:
+        parts.append(f"gradient checkpointing is refused here ({refused})")
     suggestions = []
     if host_limited is not None:
         s, need = host_limited.setup, host_limited.cpu_ram_bytes
-        parts.append(f"host RAM is the limit: {_label(s)} with offload {s.offload} fits the GPUs (micro-batch 1, "
-                     f"checkpointing: peak {host_limited.peak_bytes / GIB:.1f} GiB) but needs "
+        parts.append(f"host RAM is the limit: {_label(s)} with offload {s.offload} fits the GPUs (micro-batch 1"
+                     f"{', checkpointing' if checkpointing else ''}: peak {host_limited.peak_bytes / GIB:.1f} GiB) but needs "
                      f"{need / GIB:.0f} GiB of host RAM per node ("
                      + ", ".join(f"{k} {v / GIB:.0f} GiB" for k, v in host_limited.cpu_breakdown_bytes.items()) + ")")
         suggestions.append(f"--host-ram-gib {math.ceil(need / GIB)} (nodes with that much RAM)")
     elif smallest is not None:
         s = smallest.setup
-        parts.append(f"the smallest setting (micro-batch 1, checkpointing, {_label(s)}, offload {s.offload}) needs "
+        parts.append(f"the smallest setting (micro-batch 1{', checkpointing' if checkpointing else ''}, {_label(s)}, "
+                     f"offload {s.offload}) needs "
                      f"{smallest.peak_bytes / GIB:.1f} GiB")
-    suggestions += _suggestions(setup, budget, per_rank, host)
+    suggestions += _suggestions(setup, budget, per_rank, host, checkpointing)
     if suggestions:
         parts.append("would fit: " + "; ".join(suggestions))
     else:
@@ -575,9 +584,13 @@ def _nothing_fits_message(setup: TrainSetup, budget: int, margin: float, per_ran
     return ". ".join(parts)
 
 
-def _suggestions(setup: TrainSetup, budget: int, per_rank: int, host: HostBudget) -> list[str]:
+def _suggestions(setup: TrainSetup, budget: int, per_rank: int, host: HostBudget,
+                 checkpointing: bool = True) -> list[str]:
     tries: list[tuple[str, object]] = []  # (label, a function making the changed setup)
-    base = replace(setup, batch_size=1, gradient_accumulation_steps=per_rank, gradient_checkpointing=True)
+    try:
+        base = replace(setup, batch_size=1, gradient_accumulation_steps=per_rank, gradient_checkpointing=checkpointing)
+    except VlplanError:  # e.g. offloaded checkpointing without checkpointing: nothing to suggest from here
+        return []
     for gpus in (2, 4, 8):
         if gpus > setup.num_gpus and setup.method != "qlora" and setup.precision != "pure-bf16":
             tries.append((f"--num-gpus {gpus} with ZeRO-3",
@@ -600,6 +613,8 @@ def _suggestions(setup: TrainSetup, budget: int, per_rank: int, host: HostBudget
             continue
         if candidate is None:
             continue
+        if not checkpointing and _refusal(candidate, gradient_checkpointing=True) is None:
+            candidate = replace(candidate, gradient_checkpointing=True)  # the change allows checkpointing (QLoRA)
         # an assumed budget is per GPU, so more GPUs per node come with more host RAM; a given one is the node's
         host_bytes = assumed_host_ram(candidate.gpu, candidate.num_gpus)[0] if host.assumed else host.bytes
         if _fits(candidate, budget, host_bytes):

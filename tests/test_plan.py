@@ -334,3 +334,18 @@ def test_checkpointing_the_estimator_refuses_is_not_called_a_choice():
     assert "refused" in reason and "cross-attention" in reason and "fits without" not in reason
     plain = plan(replace(setup, stack="vlplan"), global_batch_size=8)
     assert not any("refused" in r for r in plain.reasons)
+
+
+def test_nothing_fits_says_checkpointing_is_refused():
+    """Where the family refuses checkpointing, what the error reports and suggests goes without it (and QLoRA, which
+    LLaMA-Factory prepares without the input hook, with it), and no lever turns it back on."""
+    from vlplan.planner.plan import memory_levers
+
+    setup = make_setup(resolve("llama-3.2-11b-vision"), method="lora", stack="llamafactory", gpu=find_gpu("l4-24g"))
+    with pytest.raises(NothingFits) as err:
+        plan(setup, global_batch_size=4)
+    message = str(err.value)
+    assert "gradient checkpointing is refused here" in message
+    assert "the smallest setting (micro-batch 1, ZeRO" in message  # not "micro-batch 1, checkpointing"
+    assert "QLoRA 4-bit" in message
+    assert memory_levers(setup) == []  # offloaded checkpointing needs the checkpointing the setup cannot have
