@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -89,40 +88,6 @@ def group_key(setup, counts, logged) -> tuple:
     return key, None if counts is None else tuple(sorted(counts.items())), logged
 
 
-def canonical_log(log) -> list:
-    """The log with its keys (storage ids) renumbered by first use: equal for equal allocation sequences."""
-    numbers, out, n = {}, [], 0
-    for key, size in log:
-        if size:
-            numbers[key] = n
-            out.append((n, size))
-            n += 1
-        else:
-            out.append((numbers.pop(key), 0))
-    return out
-
-
-def concrete(setup, counts, logged):
-    """A fresh concrete pass; with `logged`, its log as it stands when the pass returns (gc off: the engine's
-    reference cycles are not collected meanwhile, as in the estimate's replay)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        if not logged:
-            return step.simulate(setup, counts), None
-        with sim.recording_allocations() as logs:
-            result = step.simulate(setup, counts)
-        return result, list(logs[0])
-    finally:
-        if was:
-            gc.enable()
-
-
-def same_result(a, b) -> bool:
-    return (a.phase_peaks == b.phase_peaks and a.phase_breakdown == b.phase_breakdown and a.segments == b.segments
-            and a.host_peak_bytes == b.host_peak_bytes)
-
-
 def analyse(table: dict, verify: bool = True) -> dict:
     groups: dict = {}
     for call in table["calls"]:
@@ -161,10 +126,10 @@ def analyse(table: dict, verify: bool = True) -> dict:
             log = chosen.evaluate_log(b, s) if logged else None
             evaluate_s += time.process_time() - start
             if verify:
-                expected, expected_log = concrete(setup, counts, logged)
+                expected, expected_log = symbolic.concrete_pass(setup, counts, logged)
                 checked += 1
-                if not same_result(result, expected) or (
-                        logged and canonical_log(log) != canonical_log(expected_log)):
+                if not symbolic.same_result(result, expected) or (
+                        logged and symbolic.canonical_log(log) != symbolic.canonical_log(expected_log)):
                     mismatches.append({"model": setup.model.name, "method": setup.method, "b": b, "s": s,
                                        "counts": counts, "logged": logged})
     for calls_of_group in groups.values():

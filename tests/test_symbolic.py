@@ -4,7 +4,6 @@ allocation log entry for entry); where a guard trips, evaluating anyway must be 
 
 from __future__ import annotations
 
-import gc
 import random
 from dataclasses import replace
 
@@ -12,6 +11,7 @@ import pytest
 from vlplan.planner.hardware import CATALOG
 from vlplan.planner.memory import estimate as estimate_module
 from vlplan.planner.memory import sim, step, symbolic
+from vlplan.planner.memory.symbolic import canonical_log, concrete_pass, same_result
 from vlplan.planner.memory.families import base_layer_counts, layer_counts
 from vlplan.planner.memory.model import _grouped_calls
 from vlplan.tables.compute import Conditions, compute_rows, row_setup
@@ -25,38 +25,6 @@ def gpu(prefix: str):
 
 def table_setup(method: str, image=(448, 448), gpu_prefix="h100", batch=1, seq=2048):
     return replace(row_setup(MODEL, method, seq, image, gpu(gpu_prefix), Conditions()), batch_size=batch, seq_len=seq)
-
-
-def concrete(setup, counts, logged=False):
-    """step.simulate and, with `logged`, its allocation log as it stands when the pass returns."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        if not logged:
-            return step.simulate(setup, counts), None
-        with sim.recording_allocations() as logs:
-            result = step.simulate(setup, counts)
-        return result, list(logs[0])
-    finally:
-        if was:
-            gc.enable()
-
-
-def canonical(log):
-    """Keys (storage ids) renumbered by first use."""
-    numbers, out = {}, []
-    for key, size in log:
-        if size:
-            numbers[key] = len(out)
-            out.append((numbers[key], size))
-        else:
-            out.append((numbers.pop(key), 0))
-    return out
-
-
-def same(result, expected) -> bool:
-    return (result.phase_peaks == expected.phase_peaks and result.phase_breakdown == expected.phase_breakdown
-            and result.segments == expected.segments and result.host_peak_bytes == expected.host_peak_bytes)
 
 
 # Polynomials ------------------------------------------------------------------------------------------------------
@@ -136,8 +104,8 @@ def test_symbolic_pass_equals_concrete_passes(method, image):
             for s in (2048, 8192):
                 if symbolic_pass.holds(b, s):
                     held.append((b, s))
-                    expected, _ = concrete(replace(setup, batch_size=b, seq_len=s), counts)
-                    assert same(symbolic_pass.evaluate(b, s), expected), (method, image, b0, b, s)
+                    expected, _ = concrete_pass(replace(setup, batch_size=b, seq_len=s), counts)
+                    assert same_result(symbolic_pass.evaluate(b, s), expected), (method, image, b0, b, s)
         expected_held = [(1, 2048), (1, 8192)] if b0 == 1 else [(b, s) for b in (2, 3, 7) for s in (2048, 8192)]
         assert held == expected_held
 
@@ -150,10 +118,10 @@ def test_full_depth_pass_and_allocation_log_are_exact():
     symbolic_pass = symbolic.symbolic_simulate(setup, None, log=True)
     for b, s in ((2, 2048), (5, 8192), (16, 2048)):
         assert symbolic_pass.holds(b, s)
-        expected, log = concrete(replace(setup, batch_size=b, seq_len=s), None, logged=True)
+        expected, log = concrete_pass(replace(setup, batch_size=b, seq_len=s), None, logged=True)
         evaluated = symbolic_pass.evaluate_log(b, s)
-        assert same(symbolic_pass.evaluate(b, s), expected)
-        assert canonical(evaluated) == canonical(log)
+        assert same_result(symbolic_pass.evaluate(b, s), expected)
+        assert canonical_log(evaluated) == canonical_log(log)
     assert estimate_module.replay(evaluated) == estimate_module.replay(log)
 
 
@@ -166,8 +134,8 @@ def test_tripped_guards_are_needed():
     symbolic_pass = symbolic.symbolic_simulate(setup, None, log=True)
     for b in (2, 3):
         assert not symbolic_pass.holds(b, 2048)
-        _, log = concrete(replace(setup, batch_size=b), None, logged=True)
-        assert canonical(symbolic_pass.evaluate_log(b, 2048)) != canonical(log)
+        _, log = concrete_pass(replace(setup, batch_size=b), None, logged=True)
+        assert canonical_log(symbolic_pass.evaluate_log(b, 2048)) != canonical_log(log)
 
 
 def test_sequence_lengths_off_the_granule_are_their_own_pass():
@@ -179,8 +147,8 @@ def test_sequence_lengths_off_the_granule_are_their_own_pass():
     symbolic_pass = symbolic.symbolic_simulate(replace(setup, seq_len=3000), counts)
     for b, s in ((2, 3000), (4, 5048), (3, 7096)):
         if symbolic_pass.holds(b, s):
-            expected, _ = concrete(replace(setup, batch_size=b, seq_len=s), counts)
-            assert same(symbolic_pass.evaluate(b, s), expected)
+            expected, _ = concrete_pass(replace(setup, batch_size=b, seq_len=s), counts)
+            assert same_result(symbolic_pass.evaluate(b, s), expected)
 
 
 @pytest.mark.slow
@@ -219,9 +187,9 @@ def test_table_subset_every_visited_pass_is_exact(monkeypatch):
             chosen = symbolic.symbolic_simulate(setup, counts, log=logged)
             passes.setdefault(key, []).append(chosen)
             built += 1
-        expected, log = concrete(setup, counts, logged)
-        assert same(chosen.evaluate(b, s), expected), (setup.method, setup.gpu.name, b, s, counts)
+        expected, log = concrete_pass(setup, counts, logged)
+        assert same_result(chosen.evaluate(b, s), expected), (setup.method, setup.gpu.name, b, s, counts)
         if logged:
-            assert canonical(chosen.evaluate_log(b, s)) == canonical(log)
+            assert canonical_log(chosen.evaluate_log(b, s)) == canonical_log(log)
     assert any(logged for *_, logged in calls)
     assert built * 2 < len(calls), (built, len(calls))

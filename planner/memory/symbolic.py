@@ -859,3 +859,40 @@ def symbolic_simulate(setup: TrainSetup, counts: dict[str, int] | None = None, l
                     "candidates": sum(len(c) for c in result.segments.values()), "atoms": len(result.atoms),
                     "equalities": sum(1 for g in result.guards if g[0] == "eq")}
     return result
+
+
+# Holding a symbolic pass to the concrete simulator (tests/test_symbolic.py, benchmarks/symbolic_speed.py) -----------
+
+
+def concrete_pass(setup: TrainSetup, counts: dict[str, int] | None = None, logged: bool = False):
+    """A fresh concrete `step.simulate(setup, counts)` and, with `logged`, its allocation log as it stands when the
+    pass returns (gc off: the engine's reference cycles are not collected meanwhile, as in the estimate's replay)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        if not logged:
+            return step.simulate(setup, counts), None
+        with sim.recording_allocations() as logs:
+            result = step.simulate(setup, counts)
+        return result, list(logs[0])
+    finally:
+        if was:
+            gc.enable()
+
+
+def canonical_log(log) -> list:
+    """The log with its keys (storage ids) renumbered by first use: equal for equal allocation sequences."""
+    numbers, out = {}, []
+    for key, size in log:
+        if size:
+            numbers[key] = len(out)
+            out.append((numbers[key], size))
+        else:
+            out.append((numbers.pop(key), 0))
+    return out
+
+
+def same_result(a, b) -> bool:
+    """Two simulations agree on every phase and segment peak, their breakdowns and the host peak."""
+    return (a.phase_peaks == b.phase_peaks and a.phase_breakdown == b.phase_breakdown and a.segments == b.segments
+            and a.host_peak_bytes == b.host_peak_bytes)
