@@ -20,6 +20,7 @@ from .errors import VlplanError
 from .hardware import assumed_host_ram
 from .memory.estimate import Estimate, estimate, peak_floor_bytes
 from .memory.estimate import host_ram_bytes as estimated_host_ram_bytes
+from .memory.families import model_for
 from .setup import TrainSetup
 from .throughput import StepTime, step_time
 from .units import GIB
@@ -233,20 +234,15 @@ def memory_levers(setup: TrainSetup) -> list[tuple[TrainSetup, str]]:
     when the setup switched that off, and LLaMA-Factory's offloaded checkpointing (inputs in host RAM, which
     the host budget then has to hold)."""
     from .memory import liger
-    from .memory.families import model_for
 
     out: list[tuple[TrainSetup, str]] = []
     current = setup
 
     def switch(what: str, **changes) -> None:
         nonlocal current
-        try:
-            changed = replace(current, **changes)
-            model_for(changed.model.family).check_setup(changed)  # a lever the family cannot train with is none
-        except VlplanError:
-            return
-        current = changed
-        out.append((current, what))
+        if _refusal(current, **changes) is None:  # a lever the family cannot train with is none
+            current = replace(current, **changes)
+            out.append((current, what))
 
     # not where the patch fails at load on the modelled versions (liger 0.8.5's Qwen2-VL/2.5-VL forwards)
     # (and only where the fused loss applies: Mllama's patch leaves the logits)
@@ -475,10 +471,11 @@ def _reasons(best: Candidate, fits: list[Candidate], budget: int, capacity: int,
 
 
 def _refusal(setup: TrainSetup, **changes) -> str | None:
-    """Why `setup` with `changes` is refused (by its validation, or a family's check at simulation time), or None when
-    the estimator takes it."""
+    """Why `setup` with `changes` is refused (by its validation, or by its family: `BaseModel.check_setup`, what the
+    real step cannot train), or None when the estimator takes it."""
     try:
-        _cached_floor(replace(setup, **changes))
+        changed = replace(setup, **changes)
+        model_for(changed.model.family).check_setup(changed)
     except VlplanError as err:
         return str(err)
     return None

@@ -135,8 +135,8 @@ class BaseModel:
 
     @staticmethod
     def check_setup(setup: TrainSetup) -> None:
-        """Raise VlplanError for a setup the family cannot train (the real step fails), before any simulation;
-        the model's construction runs it too."""
+        """Raise VlplanError for a setup the family cannot train (the real step fails): cheap, before any
+        simulation (plan asks it of the settings it considers); the model's construction runs it too."""
 
     def optimizer_order(self, params: list) -> list:
         """`params` in named_parameters order, as far as it matters for memory: by component (`param_rank`), in
@@ -148,6 +148,7 @@ class BaseModel:
         return len(rank) if p is getattr(self, "lm_head", None) else rank[p.component]
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
+        self.check_setup(setup)
         self.e, self.setup = e, setup
         self.p = Params(e, setup)
         spec = setup.model

@@ -418,7 +418,6 @@ class MllamaModel(ConditionalGenerationStep, BaseModel):
 
     def __init__(self, e: Engine, setup: TrainSetup, counts: dict[str, int] | None) -> None:
         spec = setup.model
-        check_setup(setup)
         counts = counts or layer_counts(spec)
         super().__init__(e, setup, {"text": 0})  # embedding, final norm, lm_head, RoPE buffers; layers below
         self.vision = MllamaVision(self, counts["vision"], counts["vision_global"])
